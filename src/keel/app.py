@@ -1,0 +1,136 @@
+"""Wires the three layers into one ASGI app with the embedded runtime in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import IO
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from keel.backends import open_store
+from keel.errors import ConfigError
+from keel.interaction import problems
+from keel.interaction.limits import BodyLimit
+from keel.interaction.routes import router
+from keel.interaction.webhooks import WebhookDispatcher
+from keel.memory.stores import Store
+from keel.netguard import AllowList
+from keel.orchestration.runtime import Notifier, Runtime
+from keel.orchestration.workflow import WorkflowRegistry, default_registry
+from keel.settings import Settings
+
+DESCRIPTION = """
+keel turns a slow, costly, non-deterministic reasoning engine into a plain REST contract:
+`POST /v1/tasks` answers **202** with a task id at once; poll `GET /v1/tasks/{id}` (with `Retry-After`),
+stream `GET /v1/tasks/{id}/events` (SSE, resumable with `Last-Event-ID`), or receive a signed webhook.
+Every terminal task carries a semantic envelope: `success | partial_success | failed | needs_clarification`
+plus `errors[]`. Every non-2xx response is RFC 9457 `application/problem+json`.
+
+**Idempotency.** Send `Idempotency-Key` on `POST /v1/tasks`. The same key with the same body returns the same
+task (`Idempotent-Replayed: true`); with a different body, 422; while the first is still in flight, 409.
+Keys are scoped to the API key's tenant and kept for `KEEL_IDEMPOTENCY_TTL_HOURS` (default and minimum 24 h).
+"""
+
+
+@dataclass(kw_only=True)
+class Keel:
+    """Everything a request handler needs, hung on ``app.state.keel``."""
+
+    settings: Settings
+    store: Store
+    registry: WorkflowRegistry
+    runtime: Runtime
+    notifier: Notifier
+    webhooks: WebhookDispatcher
+    webhook_allow: AllowList
+    clock: Callable[[], float] = time.time
+    in_flight: set[tuple[str, str]] = field(default_factory=set)
+
+
+def _lock_data_dir(settings: Settings) -> IO[str]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(settings.data_dir / "keel.lock", "w")  # noqa: SIM115 - held for the process lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"another keel process is serving {settings.data_dir}; the embedded runtime needs it to itself"
+        ) from None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def create_app(settings: Settings | None = None, registry: WorkflowRegistry | None = None) -> FastAPI:
+    settings = settings or Settings()
+    registry = registry or default_registry()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lock = _lock_data_dir(settings)
+        store = open_store(settings.resolved_store_url)
+        notifier = Notifier()
+        runtime = Runtime(
+            store,
+            registry,
+            workers=settings.workers,
+            lease_s=settings.lease_seconds,
+            max_attempts=settings.max_task_attempts,
+            poll_s=settings.poll_interval_s,
+            notifier=notifier,
+        )
+        allow = AllowList.parse(settings.webhook_allow_hosts)
+        webhooks = WebhookDispatcher(
+            store,
+            allow=allow,
+            max_attempts=settings.webhook_max_attempts,
+            backoff_base_s=settings.webhook_backoff_base_s,
+            backoff_max_s=settings.webhook_backoff_max_s,
+            timeout_s=settings.webhook_timeout_s,
+            poll_s=settings.poll_interval_s,
+        )
+        app.state.keel = Keel(
+            settings=settings,
+            store=store,
+            registry=registry,
+            runtime=runtime,
+            notifier=notifier,
+            webhooks=webhooks,
+            webhook_allow=allow,
+        )
+        # Only one process may own an embedded data dir, so whatever is still `running` belongs to a dead one.
+        await runtime.start(recover=True)
+        webhooks.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+            await webhooks.stop()
+            await store.aclose()
+            lock.close()
+
+    app = FastAPI(title="keel", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    problems.install(app)
+    app.include_router(router)
+
+    @app.get("/healthz", include_in_schema=True, tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        keel: Keel | None = getattr(app.state, "keel", None)
+        if keel is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        await keel.store.read("readyz", 0, limit=1)
+        return JSONResponse({"status": "ready"})
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

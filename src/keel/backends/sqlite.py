@@ -1,0 +1,630 @@
+"""The embedded default: SQLite in WAL mode with synchronous=FULL.
+
+All writes go through one writer thread (SQLite has one writer anyway); reads use a small pool of threads
+with their own connections, so the event loop never blocks on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from keel.errors import LeaseLost
+from keel.memory.types import (
+    ApiKey,
+    CreateOutcome,
+    CreateResult,
+    Event,
+    IdempotencyClaim,
+    Lease,
+    LeaseState,
+    NewTask,
+    OutboxMessage,
+    Task,
+    TaskStatus,
+    new_id,
+)
+
+T = TypeVar("T")
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        input TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress REAL NOT NULL DEFAULT 0,
+        current_step TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        envelope TEXT,
+        webhook_url TEXT,
+        webhook_secret TEXT,
+        budget TEXT NOT NULL DEFAULT '{}',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        estimated_duration_s REAL,
+        lease_owner TEXT,
+        lease_expires_at REAL,
+        fencing_token INTEGER NOT NULL DEFAULT 0,
+        dead_lettered INTEGER NOT NULL DEFAULT 0,
+        last_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX tasks_tenant ON tasks(tenant, id);
+    CREATE INDEX tasks_runnable ON tasks(status, lease_expires_at);
+    CREATE TABLE events (
+        task_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE idempotency_keys (
+        tenant TEXT NOT NULL,
+        key TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (tenant, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE checkpoints (
+        task_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        result TEXT NOT NULL,
+        PRIMARY KEY (task_id, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        status TEXT NOT NULL DEFAULT 'pending',
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        delivered_at REAL
+    );
+    CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
+    CREATE TABLE disabled_endpoints (
+        tenant TEXT NOT NULL,
+        url TEXT NOT NULL,
+        disabled_at REAL NOT NULL,
+        PRIMARY KEY (tenant, url)
+    ) WITHOUT ROWID;
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    """,
+]
+
+_TASK_COLS = (
+    "id, tenant, workflow, input, status, progress, current_step, created_at, updated_at, started_at, "
+    "finished_at, attempts, cancel_requested, envelope, webhook_url, webhook_secret, budget, metadata, "
+    "estimated_duration_s, dead_lettered"
+)
+
+
+def _task(row: sqlite3.Row) -> Task:
+    return Task(
+        id=row["id"],
+        tenant=row["tenant"],
+        workflow=row["workflow"],
+        input=json.loads(row["input"]),
+        status=TaskStatus(row["status"]),
+        progress=row["progress"],
+        current_step=row["current_step"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        attempts=row["attempts"],
+        cancel_requested=bool(row["cancel_requested"]),
+        envelope=json.loads(row["envelope"]) if row["envelope"] else None,
+        webhook_url=row["webhook_url"],
+        webhook_secret=row["webhook_secret"],
+        budget=json.loads(row["budget"]),
+        metadata=json.loads(row["metadata"]),
+        estimated_duration_s=row["estimated_duration_s"],
+        dead_lettered=bool(row["dead_lettered"]),
+    )
+
+
+def _outbox(row: sqlite3.Row) -> OutboxMessage:
+    return OutboxMessage(
+        id=row["id"],
+        tenant=row["tenant"],
+        task_id=row["task_id"],
+        url=row["url"],
+        secret=row["secret"],
+        event_type=row["event_type"],
+        payload=json.loads(row["payload"]),
+        attempts=row["attempts"],
+        status=row["status"],
+        last_error=row["last_error"],
+    )
+
+
+def hash_secret(secret: str) -> str:
+    # API keys carry 256 bits of entropy, so a fast hash is safe; no password-hashing work factor is needed.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class SQLiteStore:
+    """Implements TaskStore, EventLog, Outbox and KeyStore over one SQLite file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-sqlite-w")
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-sqlite-r")
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        self._migrate(conn)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def pragma(self, name: str) -> Any:
+        return self._conn().execute(f"PRAGMA {name}").fetchone()[0]
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+            done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            for version, sql in enumerate(MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations(version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, lambda: fn(self._conn()))
+
+    async def aclose(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+
+    # -- internal helpers (run inside the writer thread) -------------------------------------------
+
+    @staticmethod
+    def _fence(conn: sqlite3.Connection, lease: Lease) -> None:
+        row = conn.execute("SELECT fencing_token, status FROM tasks WHERE id = ?", (lease.task_id,)).fetchone()
+        if row is None or row["fencing_token"] != lease.token or row["status"] != TaskStatus.running.value:
+            raise LeaseLost(f"lease on task {lease.task_id} is no longer held (token {lease.token})")
+
+    @staticmethod
+    def _append(conn: sqlite3.Connection, task_id: str, type: str, data: dict[str, Any], now: float) -> Event:
+        seq = conn.execute(
+            "UPDATE tasks SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq", (task_id,)
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO events(task_id, seq, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
+            (task_id, seq, type, json.dumps(data, separators=(",", ":")), now),
+        )
+        return Event(task_id=task_id, seq=seq, type=type, data=data, created_at=now)
+
+    @staticmethod
+    def _get(conn: sqlite3.Connection, task_id: str) -> Task | None:
+        row = conn.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return _task(row) if row else None
+
+    def _finish_in(
+        self, conn: sqlite3.Connection, task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float
+    ) -> Event | None:
+        task = self._get(conn, task_id)
+        if task is None or task.status.terminal:
+            return None
+        conn.execute(
+            "UPDATE tasks SET status = ?, envelope = ?, finished_at = ?, updated_at = ?, lease_owner = NULL, "
+            "lease_expires_at = NULL, progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END "
+            "WHERE id = ?",
+            (status.value, json.dumps(envelope), now, now, status.value, task_id),
+        )
+        event = self._append(conn, task_id, "end", {"status": status.value, "envelope": envelope}, now)
+        if task.webhook_url and task.webhook_secret:
+            disabled = conn.execute(
+                "SELECT 1 FROM disabled_endpoints WHERE tenant = ? AND url = ?",
+                (task.tenant, task.webhook_url),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO outbox(id, tenant, task_id, url, secret, event_type, payload, status, "
+                "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    new_id("msg"),
+                    task.tenant,
+                    task_id,
+                    task.webhook_url,
+                    task.webhook_secret,
+                    f"task.{status.value}",
+                    json.dumps(
+                        {
+                            "type": f"task.{status.value}",
+                            "timestamp": now,
+                            "data": {"task_id": task_id, "status": status.value, "envelope": envelope},
+                        }
+                    ),
+                    "disabled" if disabled else "pending",
+                    now,
+                ),
+            )
+        return event
+
+    # -- TaskStore ---------------------------------------------------------------------------------
+
+    async def create_task(self, new: NewTask, claim: IdempotencyClaim | None, now: float) -> CreateResult:
+        def op(conn: sqlite3.Connection) -> CreateResult:
+            if claim is not None:
+                row = conn.execute(
+                    "SELECT request_hash, task_id, expires_at FROM idempotency_keys WHERE tenant = ? AND key = ?",
+                    (new.tenant, claim.key),
+                ).fetchone()
+                if row is not None and row["expires_at"] > now:
+                    if not hmac.compare_digest(row["request_hash"], claim.request_hash):
+                        return CreateResult(outcome=CreateOutcome.key_reused, task=None)
+                    return CreateResult(outcome=CreateOutcome.replayed, task=self._get(conn, row["task_id"]))
+            task_id = new_id("tsk")
+            conn.execute(
+                "INSERT INTO tasks(id, tenant, workflow, input, status, created_at, updated_at, webhook_url, "
+                "webhook_secret, budget, metadata, estimated_duration_s) "
+                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    new.tenant,
+                    new.workflow,
+                    json.dumps(new.input),
+                    now,
+                    now,
+                    new.webhook_url,
+                    new.webhook_secret,
+                    json.dumps(new.budget),
+                    json.dumps(new.metadata),
+                    new.estimated_duration_s,
+                ),
+            )
+            self._append(conn, task_id, "status", {"status": "queued"}, now)
+            if claim is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys(tenant, key, request_hash, task_id, created_at, "
+                    "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (new.tenant, claim.key, claim.request_hash, task_id, now, claim.expires_at),
+                )
+            return CreateResult(outcome=CreateOutcome.created, task=self._get(conn, task_id))
+
+        return await self._write(op)
+
+    async def get_task(self, task_id: str, tenant: str | None = None) -> Task | None:
+        def op(conn: sqlite3.Connection) -> Task | None:
+            task = self._get(conn, task_id)
+            if task is None or (tenant is not None and task.tenant != tenant):
+                return None
+            return task
+
+        return await self._read(op)
+
+    async def list_tasks(
+        self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, before: str | None = None
+    ) -> list[Task]:
+        def op(conn: sqlite3.Connection) -> list[Task]:
+            sql = f"SELECT {_TASK_COLS} FROM tasks WHERE tenant = ?"
+            args: list[Any] = [tenant]
+            if statuses:
+                sql += f" AND status IN ({','.join('?' * len(statuses))})"
+                args += [s.value for s in statuses]
+            if before:
+                sql += " AND id < ?"
+                args.append(before)
+            sql += " ORDER BY id DESC LIMIT ?"
+            args.append(limit)
+            return [_task(r) for r in conn.execute(sql, args)]
+
+        return await self._read(op)
+
+    async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
+        def op(conn: sqlite3.Connection) -> Lease | None:
+            while True:
+                row = conn.execute(
+                    "SELECT id, attempts FROM tasks WHERE status = 'queued' "
+                    "OR (status = 'running' AND lease_expires_at < ?) ORDER BY id LIMIT 1",
+                    (now,),
+                ).fetchone()
+                if row is None:
+                    return None
+                if row["attempts"] >= max_attempts:
+                    # A poison task: it has taken down its worker too often. Dead-letter it, do not retry.
+                    conn.execute("UPDATE tasks SET dead_lettered = 1 WHERE id = ?", (row["id"],))
+                    self._finish_in(conn, row["id"], TaskStatus.failed, _dead_letter(row["attempts"]), now)
+                    continue
+                new = conn.execute(
+                    "UPDATE tasks SET status = 'running', lease_owner = ?, lease_expires_at = ?, "
+                    "fencing_token = fencing_token + 1, attempts = attempts + 1, updated_at = ?, "
+                    "started_at = COALESCE(started_at, ?) WHERE id = ? RETURNING fencing_token, attempts",
+                    (owner, now + lease_s, now, now, row["id"]),
+                ).fetchone()
+                self._append(conn, row["id"], "status", {"status": "running", "attempt": new["attempts"]}, now)
+                return Lease(task_id=row["id"], owner=owner, token=new["fencing_token"], attempt=new["attempts"])
+
+        return await self._write(op)
+
+    async def renew_lease(self, lease: Lease, now: float, lease_s: float) -> LeaseState:
+        def op(conn: sqlite3.Connection) -> LeaseState:
+            row = conn.execute(
+                "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND fencing_token = ? AND status = 'running' "
+                "RETURNING cancel_requested",
+                (now + lease_s, lease.task_id, lease.token),
+            ).fetchone()
+            if row is None:
+                return LeaseState(held=False, cancel_requested=False)
+            return LeaseState(held=True, cancel_requested=bool(row[0]))
+
+        return await self._write(op)
+
+    async def release(self, lease: Lease) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+                "attempts = MAX(attempts - 1, 0) WHERE id = ? AND fencing_token = ? AND status = 'running'",
+                (lease.task_id, lease.token),
+            )
+
+        await self._write(op)
+
+    async def requeue_running(self) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE status = 'running'"
+            )
+            return cur.rowcount
+
+        return await self._write(op)
+
+    async def set_progress(self, lease: Lease, progress: float, current_step: str | None, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            self._fence(conn, lease)
+            conn.execute(
+                "UPDATE tasks SET progress = ?, current_step = ?, updated_at = ? WHERE id = ?",
+                (progress, current_step, now, lease.task_id),
+            )
+
+        await self._write(op)
+
+    async def finish(
+        self, lease: Lease | None, task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float
+    ) -> Event | None:
+        def op(conn: sqlite3.Connection) -> Event | None:
+            if lease is not None:
+                self._fence(conn, lease)
+            return self._finish_in(conn, task_id, status, envelope, now)
+
+        return await self._write(op)
+
+    async def request_cancel(self, task_id: str, tenant: str) -> Task | None:
+        def op(conn: sqlite3.Connection) -> Task | None:
+            task = self._get(conn, task_id)
+            if task is None or task.tenant != tenant:
+                return None
+            if not task.status.terminal:
+                conn.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,))
+            return self._get(conn, task_id)
+
+        return await self._write(op)
+
+    async def save_checkpoint(self, lease: Lease, name: str, result: Any) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            self._fence(conn, lease)
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints(task_id, name, result) VALUES (?, ?, ?)",
+                (lease.task_id, name, json.dumps(result)),
+            )
+
+        await self._write(op)
+
+    async def load_checkpoints(self, task_id: str) -> dict[str, Any]:
+        def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            rows = conn.execute("SELECT name, result FROM checkpoints WHERE task_id = ?", (task_id,))
+            return {r["name"]: json.loads(r["result"]) for r in rows}
+
+        return await self._read(op)
+
+    async def sweep_idempotency(self, now: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)).rowcount
+
+        return await self._write(op)
+
+    # -- EventLog ----------------------------------------------------------------------------------
+
+    async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
+        def op(conn: sqlite3.Connection) -> Event:
+            self._fence(conn, lease)
+            return self._append(conn, lease.task_id, type, data, now)
+
+        return await self._write(op)
+
+    async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
+        def op(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                "SELECT seq, type, data, created_at FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (task_id, after, limit),
+            )
+            return [Event(task_id=task_id, seq=r[0], type=r[1], data=json.loads(r[2]), created_at=r[3]) for r in rows]
+
+        return await self._read(op)
+
+    # -- Outbox ------------------------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int) -> list[OutboxMessage]:
+        def op(conn: sqlite3.Connection) -> list[OutboxMessage]:
+            rows = conn.execute(
+                "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at LIMIT ?",
+                (now, limit),
+            )
+            return [_outbox(r) for r in rows]
+
+        return await self._read(op)
+
+    async def delivered(self, msg_id: str, now: float) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = ?, "
+                "last_error = NULL WHERE id = ?",
+                (now, msg_id),
+            )
+        )
+
+    async def retry_at(self, msg_id: str, when: float, error: str) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                (when, error, msg_id),
+            )
+        )
+
+    async def dead(self, msg_id: str, error: str) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = ? WHERE id = ?",
+                (error, msg_id),
+            )
+        )
+
+    async def disable_endpoint(self, tenant: str, url: str, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO disabled_endpoints(tenant, url, disabled_at) VALUES (?, ?, ?)",
+                (tenant, url, now),
+            )
+            conn.execute(
+                "UPDATE outbox SET status = 'disabled', last_error = 'endpoint disabled (410 Gone)' "
+                "WHERE tenant = ? AND url = ? AND status = 'pending'",
+                (tenant, url),
+            )
+
+        await self._write(op)
+
+    async def messages(self, task_id: str) -> list[OutboxMessage]:
+        return await self._read(
+            lambda c: [_outbox(r) for r in c.execute("SELECT * FROM outbox WHERE task_id = ? ORDER BY id", (task_id,))]
+        )
+
+    # -- KeyStore ----------------------------------------------------------------------------------
+
+    async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO api_keys(id, tenant, secret_hash, scopes, created_at) VALUES (?, ?, ?, ?, ?)",
+                (key_id, tenant, hash_secret(secret), ",".join(sorted(scopes)), now),
+            )
+
+        await self._write(op)
+        return f"keel_{key_id}_{secret}"
+
+    async def verify_key(self, key: str) -> ApiKey | None:
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "keel":
+            return None
+        key_id, secret = parts[1], parts[2]
+
+        def op(conn: sqlite3.Connection) -> ApiKey | None:
+            row = conn.execute(
+                "SELECT tenant, secret_hash, scopes FROM api_keys WHERE id = ? AND revoked_at IS NULL",
+                (key_id,),
+            ).fetchone()
+            if row is None or not hmac.compare_digest(row["secret_hash"], hash_secret(secret)):
+                return None
+            return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
+
+        return await self._read(op)
+
+
+def _dead_letter(attempts: int) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "result": None,
+        "errors": [
+            {
+                "type": "dead_letter",
+                "message": f"the task crashed its worker {attempts} times and was moved to the dead-letter list",
+                "severity": "error",
+                "recovery_suggested": False,
+                "step": None,
+            }
+        ],
+        "metadata": {
+            "steps": [],
+            "tools_called": [],
+            "duration_ms": 0,
+            "model_ids": [],
+            "tokens": {},
+            "cost_usd": 0,
+        },
+    }

@@ -1,0 +1,217 @@
+"""The ``keel`` command: serve the API, manage keys, and act as a client of a running server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from httpx_sse import connect_sse
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="keel: a durable runtime for LLM-native REST APIs.", no_args_is_help=True)
+tasks_app = typer.Typer(help="Inspect and cancel tasks on a running server.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys (works directly on the data dir).", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(keys_app, name="keys")
+
+err = Console(stderr=True)
+out = Console()
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="State directory (default ./.keel).")]
+Url = Annotated[str, typer.Option("--url", envvar="KEEL_URL", help="Base URL of a keel server.")]
+ApiKeyOpt = Annotated[str, typer.Option("--api-key", envvar="KEEL_API_KEY", help="Bearer API key.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _settings(data_dir: Path | None, **overrides: Any) -> Any:
+    from keel.settings import Settings
+
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    return Settings(**values)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (loopback by default).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    data_dir: DataDir = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the HTTP API with the embedded runtime in-process."""
+    import uvicorn
+
+    from keel.app import create_app
+    from keel.errors import KeelError
+
+    settings = _settings(data_dir, host=host, port=port)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    except KeelError as exc:
+        _fail(exc.message)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant that owns the key's tasks.")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: tasks:read,tasks:write,admin.")] = (
+        "tasks:read,tasks:write"
+    ),
+    data_dir: DataDir = None,
+) -> None:
+    """Create an API key and print it on stdout (and nothing else). It is shown only once."""
+    from keel.backends import open_store
+    from keel.interaction.auth import SCOPES
+
+    wanted = frozenset(s.strip() for s in scopes.split(",") if s.strip())
+    unknown = wanted - SCOPES
+    if unknown or not wanted:
+        _fail(f"unknown or empty scopes {sorted(unknown)}; choose from {sorted(SCOPES)}", 2)
+    if not tenant.strip():
+        _fail("--tenant must not be empty", 2)
+    settings = _settings(data_dir)
+
+    async def create() -> str:
+        store = open_store(settings.resolved_store_url)
+        try:
+            return await store.create_key(tenant.strip(), wanted, time.time())
+        finally:
+            await store.aclose()
+
+    print(asyncio.run(create()))
+
+
+def _client(url: str, api_key: str) -> httpx.Client:
+    if not api_key:
+        _fail("no API key: pass --api-key or set KEEL_API_KEY (create one with `keel keys create`)", 2)
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+
+
+def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> httpx.Response:
+    try:
+        response = client.request(method, path, **kw)
+    except httpx.ConnectError:
+        _fail(f"cannot reach keel at {client.base_url}: is `keel serve` running?")
+    except httpx.HTTPError as exc:
+        _fail(f"request to {client.base_url} failed: {exc}")
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+            detail = body.get("detail") or body.get("title")
+            extra = body.get("errors") or body.get("context")
+        except ValueError:
+            detail, extra = response.text[:300], None
+        _fail(f"HTTP {response.status_code}: {detail}" + (f"\n{json.dumps(extra, indent=2)}" if extra else ""))
+    return response
+
+
+@app.command()
+def submit(
+    workflow: Annotated[str, typer.Argument(help="Workflow name, e.g. diagnostic.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="JSON input, or @file.json.")] = "{}",
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+    idempotency_key: Annotated[str | None, typer.Option(help="Idempotency-Key header.")] = None,
+    follow: Annotated[bool, typer.Option(help="Follow the event stream until the task ends.")] = True,
+) -> None:
+    """Submit a task, follow its stream with a live progress bar, then print the envelope."""
+    raw = Path(input[1:]).read_text() if input.startswith("@") else input
+    try:
+        payload = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        _fail(f"--input is not valid JSON: {exc}", 2)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with _client(url, api_key) as client:
+        accepted = _call(client, "POST", "/v1/tasks", json={"workflow": workflow, "input": payload}, headers=headers)
+        task = accepted.json()
+        err.print(f"[bold]submitted[/] {task['id']} ({task['status']})")
+        if not follow:
+            out.print_json(data=task)
+            return
+        envelope = _follow(client, task["id"])
+    out.print_json(data=envelope)
+    if envelope.get("status") == "failed":
+        raise typer.Exit(1)
+
+
+def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    last_id = ""
+    with Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        bar = progress.add_task("queued", total=1.0)
+        for _ in range(100):  # bounded reconnects; the log makes each one lossless
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with connect_sse(client, "GET", f"/v1/tasks/{task_id}/events", headers=headers, timeout=None) as source:
+                    if source.response.status_code == 204:
+                        break
+                    for sse in source.iter_sse():
+                        last_id = sse.id or last_id
+                        data = json.loads(sse.data) if sse.data else {}
+                        if sse.event == "progress":
+                            progress.update(bar, completed=data["progress"], description=str(data.get("step")))
+                        elif sse.event == "status":
+                            progress.update(bar, description=data["status"])
+                        elif sse.event == "end":
+                            progress.update(bar, completed=1.0, description=data["status"])
+                            return dict(data["envelope"])
+            except httpx.HTTPError:
+                progress.update(bar, description="reconnecting…")
+                time.sleep(1)
+    response = _call(client, "GET", f"/v1/tasks/{task_id}")
+    return dict(response.json().get("envelope") or {})
+
+
+@tasks_app.command("list")
+def tasks_list(
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+    status: Annotated[list[str] | None, typer.Option(help="Filter by status (repeatable).")] = None,
+    limit: int = 20,
+) -> None:
+    """List recent tasks."""
+    with _client(url, api_key) as client:
+        page = _call(client, "GET", "/v1/tasks", params={"status": status or [], "limit": limit}).json()
+    table = Table("id", "workflow", "status", "progress", "step")
+    for t in page["items"]:
+        table.add_row(t["id"], t["workflow"], t["status"], f"{t['progress']:.0%}", t["current_step"] or "")
+    out.print(table)
+
+
+@tasks_app.command("show")
+def tasks_show(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+    """Show one task, with its envelope once it is terminal."""
+    with _client(url, api_key) as client:
+        out.print_json(data=_call(client, "GET", f"/v1/tasks/{task_id}").json())
+
+
+@tasks_app.command("cancel")
+def tasks_cancel(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+    """Cancel a task (idempotent); it keeps its partial result."""
+    with _client(url, api_key) as client:
+        out.print_json(data=_call(client, "POST", f"/v1/tasks/{task_id}/cancel").json())
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+    sys.exit(0)

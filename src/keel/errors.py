@@ -1,0 +1,121 @@
+"""keel's single error root.
+
+Every exception keel raises on purpose derives from :class:`KeelError`. The tree separates a developer's
+mistakes (configuration, misuse of the API) from runtime failures (a task, a store, a network peer)::
+
+    KeelError
+    ├── ConfigError                 # bad settings or wiring; fix the code or the environment
+    ├── InputError                  # a caller's request is invalid (HTTP 4xx)
+    │   ├── NotFound                # no such resource for this tenant (404)
+    │   ├── IdempotencyKeyReused    # same Idempotency-Key, different body (422)
+    │   ├── IdempotencyInFlight     # same Idempotency-Key, original still being processed (409)
+    │   └── BlockedAddress          # a URL whose target the SSRF rules refuse (422)
+    ├── AuthError                   # missing or bad credentials (401)
+    │   └── Forbidden               # authenticated, but lacks a scope (403)
+    └── RuntimeFailure              # something failed while running work
+        ├── StoreError              # the durable store could not do what was asked
+        │   └── LeaseLost           # a fencing token no longer matches: another worker owns the task
+        ├── WorkflowError           # a workflow step failed (becomes an envelope error)
+        └── DeliveryError           # a webhook delivery attempt failed
+
+:mod:`keel.interaction.problems` maps this tree to RFC 9457 problem details in one place.
+"""
+
+from __future__ import annotations
+
+
+class KeelError(Exception):
+    """Root of every error keel raises on purpose."""
+
+    #: Stable, machine-readable slug; also the last segment of the problem ``type``.
+    code: str = "keel_error"
+    #: HTTP status used when the error crosses the HTTP edge.
+    status: int = 500
+
+    def __init__(self, message: str, *, detail: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or {}
+
+
+class ConfigError(KeelError):
+    code = "config_error"
+    status = 500
+
+
+class InputError(KeelError):
+    code = "invalid_request"
+    status = 422
+
+
+class NotFound(InputError):
+    code = "not_found"
+    status = 404
+
+
+class IdempotencyKeyReused(InputError):
+    code = "idempotency_key_reused"
+    status = 422
+
+
+class IdempotencyInFlight(InputError):
+    code = "idempotency_in_flight"
+    status = 409
+
+
+class BlockedAddress(InputError):
+    code = "blocked_address"
+    status = 422
+
+
+class AuthError(KeelError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(AuthError):
+    code = "forbidden"
+    status = 403
+
+
+class RuntimeFailure(KeelError):
+    code = "runtime_failure"
+    status = 500
+
+
+class StoreError(RuntimeFailure):
+    code = "store_error"
+    status = 503
+
+
+class LeaseLost(StoreError):
+    code = "lease_lost"
+
+
+class WorkflowError(RuntimeFailure):
+    """Raised by workflow code to fail a step with a typed, user-visible error."""
+
+    code = "workflow_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str = "workflow_error",
+        step: str | None = None,
+        recovery_suggested: bool = False,
+        detail: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.type = type
+        self.step = step
+        self.recovery_suggested = recovery_suggested
+
+
+class DeliveryError(RuntimeFailure):
+    code = "delivery_error"
+
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.retry_after = retry_after

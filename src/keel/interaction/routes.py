@@ -1,0 +1,224 @@
+"""The task API: submit (202), poll (Retry-After), list, stream (SSE), cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
+from keel.interaction.auth import require
+from keel.interaction.schemas import SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
+from keel.memory.types import ApiKey, CreateOutcome, IdempotencyClaim, NewTask, TaskStatus
+from keel.netguard import resolve_target
+
+router = APIRouter(prefix="/v1")
+PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid API key", **PROBLEM},
+    403: {"description": "The key lacks a scope", **PROBLEM},
+    404: {"description": "No such task for this tenant", **PROBLEM},
+}
+
+Reader = Annotated[ApiKey, Depends(require("tasks:read"))]
+Writer = Annotated[ApiKey, Depends(require("tasks:write"))]
+
+
+def _keel(request: Request) -> Any:
+    return request.app.state.keel
+
+
+def _request_hash(body: SubmitTask) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@router.post(
+    "/tasks",
+    status_code=202,
+    response_model=TaskAccepted,
+    responses={
+        **ERRORS,
+        409: {"description": "A request with this Idempotency-Key is still in flight", **PROBLEM},
+        413: {"description": "Body too large", **PROBLEM},
+        422: {"description": "Invalid body, or Idempotency-Key reused with a different body", **PROBLEM},
+    },
+    summary="Submit a task",
+)
+async def submit(
+    body: SubmitTask,
+    request: Request,
+    key: Writer,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=255, description="Retries with the same key return the same task.")
+    ] = None,
+) -> JSONResponse:
+    """Validate, store durably, and return 202 with the task's handle. Nothing is stored if validation fails."""
+    keel = _keel(request)
+    wf = keel.registry.get(body.workflow)
+    if wf is None:
+        raise InputError(f"unknown workflow {body.workflow!r}", detail={"known": keel.registry.names()})
+    try:
+        parsed = wf.input_model.model_validate(body.input)
+    except ValidationError as exc:
+        raise InputError(
+            "input does not match the workflow's schema",
+            detail={
+                "errors": [
+                    {"pointer": "/input/" + "/".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()
+                ]
+            },
+        ) from None
+    if body.webhook is not None:
+        await resolve_target(str(body.webhook.url), allow=keel.webhook_allow)
+
+    claim = None
+    if idempotency_key is not None:
+        claim = IdempotencyClaim(
+            key=idempotency_key,
+            request_hash=_request_hash(body),
+            expires_at=keel.clock() + keel.settings.idempotency_ttl_hours * 3600,
+        )
+        scope = (key.tenant, idempotency_key)
+        if scope in keel.in_flight:
+            raise IdempotencyInFlight("a request with this Idempotency-Key is still being processed; retry later")
+        keel.in_flight.add(scope)
+    try:
+        result = await keel.store.create_task(
+            NewTask(
+                tenant=key.tenant,
+                workflow=body.workflow,
+                input=parsed.model_dump(mode="json"),
+                webhook_url=str(body.webhook.url) if body.webhook else None,
+                webhook_secret=body.webhook.secret if body.webhook else None,
+                budget=body.budget,
+                metadata=body.metadata,
+                estimated_duration_s=wf.estimate(parsed),
+            ),
+            claim,
+            keel.clock(),
+        )
+    finally:
+        if claim is not None:
+            keel.in_flight.discard((key.tenant, claim.key))
+    if result.outcome is CreateOutcome.key_reused:
+        raise IdempotencyKeyReused("this Idempotency-Key was already used with a different request body")
+    task = result.task
+    assert task is not None
+    headers = {"Location": f"/v1/tasks/{task.id}"}
+    if result.outcome is CreateOutcome.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        keel.runtime.wake()
+    return JSONResponse(accepted(task).model_dump(mode="json"), status_code=202, headers=headers)
+
+
+@router.get("/tasks", response_model=TaskPage, responses=ERRORS, summary="List tasks")
+async def list_tasks(
+    request: Request,
+    key: Reader,
+    status: Annotated[list[TaskStatus] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> TaskPage:
+    tasks = await _keel(request).store.list_tasks(key.tenant, statuses=status or (), limit=limit + 1, before=cursor)
+    items = [view(t) for t in tasks[:limit]]
+    return TaskPage(items=items, next_cursor=items[-1].id if len(tasks) > limit else None)
+
+
+@router.get("/tasks/{task_id}", response_model=TaskView, responses=ERRORS, summary="Poll a task")
+async def get_task(task_id: str, request: Request, response: Response, key: Reader) -> TaskView:
+    """Status, progress and timestamps; `Retry-After` while running; the envelope once terminal."""
+    task = await _keel(request).store.get_task(task_id, key.tenant)
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    if not task.status.terminal:
+        response.headers["Retry-After"] = "1" if task.status is TaskStatus.running else "2"
+    return view(task)
+
+
+@router.post(
+    "/tasks/{task_id}/cancel",
+    response_model=TaskView,
+    responses={**ERRORS, 202: {"description": "Cancellation requested; the task is winding down"}},
+    summary="Cancel a task",
+)
+async def cancel(task_id: str, request: Request, key: Writer) -> JSONResponse:
+    """Idempotent. A running task stops at once and keeps its partial result."""
+    keel = _keel(request)
+    task = await keel.store.request_cancel(task_id, key.tenant)
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    if task.status is TaskStatus.queued:
+        envelope = {
+            "status": "failed",
+            "result": None,
+            "errors": [
+                {
+                    "type": "cancelled",
+                    "message": "cancelled before it started",
+                    "severity": "warning",
+                    "recovery_suggested": False,
+                    "step": None,
+                }
+            ],
+        }
+        await keel.store.finish(None, task.id, TaskStatus.cancelled, envelope, keel.clock())
+        keel.notifier.notify(task.id)
+    elif task.status is TaskStatus.running:
+        keel.runtime.cancel(task.id)
+    task = await keel.store.get_task(task_id, key.tenant)
+    assert task is not None
+    return JSONResponse(view(task).model_dump(mode="json"), status_code=200 if task.status.terminal else 202)
+
+
+@router.get(
+    "/tasks/{task_id}/events",
+    responses={
+        **ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "SSE from the durable event log"},
+        204: {"description": "The task is finished and nothing follows Last-Event-ID"},
+    },
+    summary="Stream a task's events (SSE)",
+)
+async def events(
+    task_id: str,
+    request: Request,
+    key: Reader,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_q: Annotated[int | None, Query(alias="last_event_id", ge=0)] = None,
+) -> Response:
+    """`id:` is the event's sequence number; resume with `Last-Event-ID` (header or query), even after a restart."""
+    keel = _keel(request)
+    task = await keel.store.get_task(task_id, key.tenant)
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    after = last_event_id_q or 0
+    if last_event_id:
+        if not last_event_id.strip().isdigit():
+            raise InputError("Last-Event-ID must be an event sequence number")
+        after = int(last_event_id)
+    if task.status.terminal and not await keel.store.read(task_id, after, limit=1):
+        return Response(status_code=204)
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        cursor = after
+        yield ServerSentEvent(comment="keel event stream", retry=keel.settings.sse_retry_ms)
+        while True:
+            batch = await keel.store.read(task_id, cursor)
+            for ev in batch:
+                cursor = ev.seq
+                yield ServerSentEvent(id=str(ev.seq), event=ev.type, data=json.dumps(ev.data))
+                if ev.type == "end":
+                    return
+            if not batch:
+                # Woken in-process at once; the poll interval catches writers in other processes.
+                await keel.notifier.wait(task_id, keel.settings.poll_interval_s)
+
+    return EventSourceResponse(stream(), ping=keel.settings.sse_heartbeat_s, send_timeout=30)

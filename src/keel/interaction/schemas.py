@@ -1,0 +1,128 @@
+"""Wire schemas (pydantic at the edge)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+from keel.memory.types import Task, TaskStatus
+from keel.orchestration.envelope import Envelope
+
+__all__ = ["Envelope", "SubmitTask", "TaskAccepted", "TaskView", "TaskPage", "WebhookSpec", "Links"]
+
+
+class WebhookSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: AnyHttpUrl = Field(description="Receiver; refused if it resolves to a private address (SSRF).")
+    secret: str = Field(
+        description="Standard Webhooks secret: `whsec_` + base64 of 24 to 64 random bytes.",
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    )
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: str) -> str:
+        raw = v.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(raw, validate=True)
+        except ValueError:
+            raise ValueError("secret must be 'whsec_' followed by base64") from None
+        if not 24 <= len(key) <= 64:
+            raise ValueError("secret must decode to 24..64 bytes")
+        return v
+
+
+class SubmitTask(BaseModel):
+    """Body of `POST /v1/tasks`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"workflow": "diagnostic", "input": {"steps": 3, "step_seconds": 0.5}},
+                {
+                    "workflow": "diagnostic",
+                    "input": {"steps": 5, "step_seconds": 1, "fail_at": 4},
+                    "webhook": {
+                        "url": "https://hooks.example.com/keel",
+                        "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                    },
+                    "metadata": {"ticket": "OPS-42"},
+                },
+            ]
+        },
+    )
+    workflow: str = Field(min_length=1, max_length=100, description="Registered workflow name.")
+    input: dict[str, Any] = Field(default_factory=dict, description="Validated against the workflow's schema.")
+    webhook: WebhookSpec | None = None
+    budget: dict[str, Any] = Field(default_factory=dict, description="Step, tool, token and cost caps.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Opaque to keel; returned as given.")
+
+
+class Links(BaseModel):
+    self: str
+    events: str
+    cancel: str
+
+
+class TaskAccepted(BaseModel):
+    id: str
+    status: TaskStatus
+    links: Links
+    estimated_duration_s: float | None = None
+
+
+class TaskView(BaseModel):
+    id: str
+    workflow: str
+    status: TaskStatus
+    progress: float = Field(ge=0, le=1)
+    current_step: str | None
+    attempts: int
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    estimated_duration_s: float | None
+    dead_lettered: bool
+    metadata: dict[str, Any]
+    links: Links
+    envelope: Envelope | None = Field(None, description="Present once the task is terminal.")
+
+
+class TaskPage(BaseModel):
+    items: list[TaskView]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+def links(task_id: str) -> Links:
+    base = f"/v1/tasks/{task_id}"
+    return Links(self=base, events=f"{base}/events", cancel=f"{base}/cancel")
+
+
+def view(task: Task) -> TaskView:
+    return TaskView(
+        id=task.id,
+        workflow=task.workflow,
+        status=task.status,
+        progress=task.progress,
+        current_step=task.current_step,
+        attempts=task.attempts,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        estimated_duration_s=task.estimated_duration_s,
+        dead_lettered=task.dead_lettered,
+        metadata=task.metadata,
+        links=links(task.id),
+        envelope=Envelope.model_validate(task.envelope) if task.envelope else None,
+    )
+
+
+def accepted(task: Task) -> TaskAccepted:
+    return TaskAccepted(
+        id=task.id, status=task.status, links=links(task.id), estimated_duration_s=task.estimated_duration_s
+    )

@@ -1,0 +1,145 @@
+"""Webhook delivery from the durable outbox, following the Standard Webhooks spec.
+
+``webhook-id`` is the outbox message id (stable across retries); ``webhook-timestamp`` is set per attempt;
+``webhook-signature`` is ``v1,`` + base64 HMAC-SHA256, computed by the ``standardwebhooks`` library.
+A 410 disables the endpoint; after ``max_attempts`` a message goes to the dead-letter list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+from standardwebhooks.webhooks import Webhook
+
+from keel.errors import BlockedAddress
+from keel.memory.stores import Outbox
+from keel.memory.types import OutboxMessage
+from keel.netguard import AllowList, guarded_request
+
+log = logging.getLogger("keel.webhooks")
+
+
+def sign(msg: OutboxMessage, body: str, timestamp: datetime) -> dict[str, str]:
+    signature = Webhook(msg.secret).sign(msg.id, timestamp, body)
+    return {
+        "webhook-id": msg.id,
+        "webhook-timestamp": str(int(timestamp.timestamp())),
+        "webhook-signature": signature,
+        "content-type": "application/json",
+        "user-agent": "keel-webhooks/0.1",
+    }
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
+    return None
+
+
+class WebhookDispatcher:
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        allow: AllowList,
+        max_attempts: int = 8,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 3600.0,
+        timeout_s: float = 10.0,
+        poll_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.outbox = outbox
+        self.allow = allow
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.poll_s = poll_s
+        self.clock = clock
+        self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False)
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._run(), name="keel-webhooks")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batch = await self.outbox.due(self.clock(), 20)
+                await asyncio.gather(*(self.deliver(m) for m in batch))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook dispatch loop error")
+                batch = []
+            if not batch:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+
+    def backoff(self, attempt: int) -> float:
+        # Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2^attempt)], never below base/2.
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
+        return max(self.backoff_base_s / 2, random.uniform(0, ceiling))
+
+    async def deliver(self, msg: OutboxMessage) -> None:
+        body = json.dumps(msg.payload, separators=(",", ":"))
+        attempt = msg.attempts + 1
+        now = self.clock()
+        try:
+            response = await guarded_request(
+                self._client,
+                "POST",
+                msg.url,
+                allow=self.allow,
+                max_redirects=0,
+                content=body.encode(),
+                headers=sign(msg, body, datetime.fromtimestamp(now, UTC)),
+            )
+        except BlockedAddress as exc:
+            await self.outbox.dead(msg.id, f"refused by SSRF rules: {exc.message}")
+            return
+        except httpx.HTTPError as exc:
+            await self._retry(msg, attempt, f"{type(exc).__name__}: {exc}", None)
+            return
+        if 200 <= response.status_code < 300:
+            await self.outbox.delivered(msg.id, self.clock())
+        elif response.status_code == 410:
+            await self.outbox.disable_endpoint(msg.tenant, msg.url, self.clock())
+        else:
+            hint = retry_after_seconds(response.headers.get("retry-after"), self.clock())
+            await self._retry(msg, attempt, f"HTTP {response.status_code}", hint)
+
+    async def _retry(self, msg: OutboxMessage, attempt: int, error: str, retry_after: float | None) -> None:
+        if attempt >= self.max_attempts:
+            log.warning("webhook %s dead-lettered after %d attempts: %s", msg.id, attempt, error)
+            await self.outbox.dead(msg.id, error)
+            return
+        delay = self.backoff(attempt)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max_s))
+        await self.outbox.retry_at(msg.id, self.clock() + delay, error)

@@ -1,0 +1,101 @@
+"""The store seams. One backend object usually implements all of them over one database, so that a
+task's status change, its event and its webhook message commit in one transaction (a transactional outbox).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from keel.memory.types import (
+    ApiKey,
+    CreateResult,
+    Event,
+    IdempotencyClaim,
+    Lease,
+    LeaseState,
+    NewTask,
+    OutboxMessage,
+    Task,
+    TaskStatus,
+)
+
+
+class TaskStore(Protocol):
+    async def create_task(self, new: NewTask, claim: IdempotencyClaim | None, now: float) -> CreateResult:
+        """Atomically check-and-set the idempotency key and insert the task with its first event."""
+        ...
+
+    async def get_task(self, task_id: str, tenant: str | None = None) -> Task | None: ...
+
+    async def list_tasks(
+        self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, before: str | None = None
+    ) -> list[Task]: ...
+
+    async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
+        """Claim the oldest runnable task (queued, or running with an expired lease)."""
+        ...
+
+    async def renew_lease(self, lease: Lease, now: float, lease_s: float) -> LeaseState: ...
+
+    async def release(self, lease: Lease) -> None:
+        """Give a task back to the queue (graceful shutdown) without finishing it."""
+        ...
+
+    async def requeue_running(self) -> int:
+        """Embedded start-up: every running task belongs to a dead process; queue them again."""
+        ...
+
+    async def set_progress(self, lease: Lease, progress: float, current_step: str | None, now: float) -> None: ...
+
+    async def finish(
+        self, lease: Lease | None, task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float
+    ) -> Event | None:
+        """Make the task terminal, append its ``end`` event and enqueue its webhook, in one transaction.
+
+        Fenced by ``lease`` when given; with no lease (cancelling a queued task) only a non-terminal task moves.
+        Returns the end event, or None when the task was already terminal.
+        """
+        ...
+
+    async def request_cancel(self, task_id: str, tenant: str) -> Task | None: ...
+
+    async def save_checkpoint(self, lease: Lease, name: str, result: Any) -> None: ...
+
+    async def load_checkpoints(self, task_id: str) -> dict[str, Any]: ...
+
+    async def sweep_idempotency(self, now: float) -> int: ...
+
+
+class EventLog(Protocol):
+    async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
+        """Append under the lease's fence; raises LeaseLost if another worker owns the task."""
+        ...
+
+    async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]: ...
+
+
+class Outbox(Protocol):
+    async def due(self, now: float, limit: int) -> list[OutboxMessage]: ...
+
+    async def delivered(self, msg_id: str, now: float) -> None: ...
+
+    async def retry_at(self, msg_id: str, when: float, error: str) -> None: ...
+
+    async def dead(self, msg_id: str, error: str) -> None: ...
+
+    async def disable_endpoint(self, tenant: str, url: str, now: float) -> None: ...
+
+    async def messages(self, task_id: str) -> list[OutboxMessage]: ...
+
+
+class KeyStore(Protocol):
+    async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
+        """Store a new key's hash and return the plaintext key (shown once)."""
+        ...
+
+    async def verify_key(self, key: str) -> ApiKey | None: ...
+
+
+class Store(TaskStore, EventLog, Outbox, KeyStore, Protocol):
+    async def aclose(self) -> None: ...

@@ -1,0 +1,129 @@
+"""Domain values carried across the store seams: plain dataclasses, no I/O."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class TaskStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    partial_success = "partial_success"
+    failed = "failed"
+    cancelled = "cancelled"
+    needs_clarification = "needs_clarification"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (TaskStatus.queued, TaskStatus.running)
+
+
+def new_id(prefix: str) -> str:
+    """A time-sortable id: 12 hex digits of milliseconds, then 16 random hex digits."""
+    return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(8).hex()}"
+
+
+@dataclass(kw_only=True, slots=True)
+class NewTask:
+    tenant: str
+    workflow: str
+    input: dict[str, Any]
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    estimated_duration_s: float | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class Task:
+    id: str
+    tenant: str
+    workflow: str
+    input: dict[str, Any]
+    status: TaskStatus
+    progress: float
+    current_step: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    cancel_requested: bool
+    envelope: dict[str, Any] | None
+    webhook_url: str | None
+    webhook_secret: str | None
+    budget: dict[str, Any]
+    metadata: dict[str, Any]
+    estimated_duration_s: float | None
+    dead_lettered: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class IdempotencyClaim:
+    key: str
+    request_hash: str
+    expires_at: float
+
+
+class CreateOutcome(StrEnum):
+    created = "created"
+    replayed = "replayed"
+    key_reused = "key_reused"
+
+
+@dataclass(kw_only=True, slots=True)
+class CreateResult:
+    outcome: CreateOutcome
+    task: Task | None
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Lease:
+    """A worker's claim on a running task. ``token`` fences every write made under it."""
+
+    task_id: str
+    owner: str
+    token: int
+    attempt: int
+
+
+@dataclass(kw_only=True, slots=True)
+class LeaseState:
+    held: bool
+    cancel_requested: bool
+
+
+@dataclass(kw_only=True, slots=True)
+class Event:
+    task_id: str
+    seq: int
+    type: str
+    data: dict[str, Any]
+    created_at: float
+
+
+@dataclass(kw_only=True, slots=True)
+class OutboxMessage:
+    id: str
+    tenant: str
+    task_id: str
+    url: str
+    secret: str
+    event_type: str
+    payload: dict[str, Any]
+    attempts: int
+    status: str
+    last_error: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ApiKey:
+    id: str
+    tenant: str
+    scopes: frozenset[str]

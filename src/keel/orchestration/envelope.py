@@ -1,0 +1,103 @@
+"""Builds the semantic envelope a terminal task carries."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from keel.memory.types import TaskStatus
+from keel.orchestration.workflow import EnvelopeError, WorkflowContext
+
+EnvelopeStatus = Literal["success", "partial_success", "failed", "needs_clarification"]
+
+
+class EnvelopeErrorModel(BaseModel):
+    """One problem with the output: its kind, how bad it is, and whether a retry may help."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="Machine-readable kind, e.g. `timeout`, `schema_violation`, `cancelled`.")
+    message: str = Field(description="Human-readable explanation.")
+    severity: Literal["info", "warning", "error"] = "error"
+    recovery_suggested: bool = Field(False, description="True when retrying or fixing the input may help.")
+    step: str | None = Field(None, description="The workflow step the error belongs to, if any.")
+
+
+class EnvelopeMetadata(BaseModel):
+    steps: list[dict[str, Any]] = Field(default_factory=list, description="Every step: name, status, duration.")
+    tools_called: list[dict[str, Any]] = Field(default_factory=list)
+    duration_ms: float = 0.0
+    model_ids: list[str] = Field(default_factory=list, description="Pinned model ids the providers returned.")
+    tokens: dict[str, int] = Field(default_factory=dict)
+    cost_usd: float = 0.0
+
+
+class Envelope(BaseModel):
+    """The semantic envelope: HTTP says the request was processed; `status` says whether the output is usable."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "partial_success",
+                    "result": {"summary": "..."},
+                    "errors": [
+                        {
+                            "type": "timeout",
+                            "message": "document 3 timed out after 30 s",
+                            "severity": "warning",
+                            "recovery_suggested": True,
+                            "step": "summarise-3",
+                        }
+                    ],
+                    "metadata": {
+                        "steps": [],
+                        "tools_called": [],
+                        "duration_ms": 21034.5,
+                        "model_ids": [],
+                        "tokens": {"input": 0, "output": 0, "total": 0},
+                        "cost_usd": 0.0,
+                    },
+                }
+            ]
+        },
+    )
+    status: EnvelopeStatus
+    result: Any = None
+    errors: list[EnvelopeErrorModel] = Field(default_factory=list)
+    metadata: EnvelopeMetadata = Field(default_factory=EnvelopeMetadata)
+
+
+_ENVELOPE_STATUS = {
+    TaskStatus.succeeded: "success",
+    TaskStatus.partial_success: "partial_success",
+    TaskStatus.failed: "failed",
+    TaskStatus.needs_clarification: "needs_clarification",
+}
+
+
+def build_envelope(
+    status: TaskStatus, ctx: WorkflowContext, result: Any, started: float, extra_errors: list[EnvelopeError]
+) -> dict[str, Any]:
+    errors = [asdict(e) for e in [*ctx.errors, *extra_errors]]
+    if status is TaskStatus.cancelled:
+        # A cancelled task's output is usable only as far as its partial result goes.
+        env_status = "partial_success" if result else "failed"
+    else:
+        env_status = _ENVELOPE_STATUS[status]
+    return {
+        "status": env_status,
+        "result": result,
+        "errors": errors,
+        "metadata": {
+            "steps": [asdict(s) for s in ctx.steps],
+            "tools_called": [],
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "model_ids": [],
+            "tokens": {**ctx.tokens, "total": sum(ctx.tokens.values())},
+            "cost_usd": 0.0,
+        },
+    }

@@ -1,0 +1,61 @@
+"""Settings from ``KEEL_*`` environment variables, an optional ``.env`` file, and an optional TOML file
+named by ``KEEL_CONFIG``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KEEL_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".keel"), description="All embedded state lives here.")
+    store_url: str | None = Field(None, description="Defaults to sqlite:///<data_dir>/keel.db.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = Field(1_048_576, description="Larger request bodies get 413.")
+    workers: int = Field(4, ge=1, description="Concurrent tasks run by the in-process worker pool.")
+    lease_seconds: float = Field(15.0, gt=0)
+    max_task_attempts: int = Field(5, ge=1, description="Leases before a crashing task is dead-lettered.")
+    poll_interval_s: float = Field(0.5, gt=0)
+    sse_heartbeat_s: float = Field(15.0, gt=0)
+    sse_retry_ms: int = 2000
+    idempotency_ttl_hours: float = Field(24.0, ge=24.0, description="Idempotency keys are kept at least 24 h.")
+    webhook_allow_hosts: str = Field("", description="Comma-separated hosts or CIDRs exempt from SSRF rules.")
+    webhook_max_attempts: int = Field(8, ge=1)
+    webhook_backoff_base_s: float = Field(1.0, gt=0)
+    webhook_backoff_max_s: float = Field(3600.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.data_dir / 'keel.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        config = os.environ.get("KEEL_CONFIG")
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)
