@@ -7,7 +7,6 @@ with their own connections, so the event loop never blocks on the database.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import os
@@ -32,6 +31,8 @@ from keel.memory.types import (
     OutboxMessage,
     Task,
     TaskStatus,
+    dead_letter_envelope,
+    hash_secret,
     new_id,
 )
 
@@ -167,11 +168,6 @@ def _outbox(row: sqlite3.Row) -> OutboxMessage:
         status=row["status"],
         last_error=row["last_error"],
     )
-
-
-def hash_secret(secret: str) -> str:
-    # API keys carry 256 bits of entropy, so a fast hash is safe; no password-hashing work factor is needed.
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class SQLiteStore:
@@ -397,7 +393,7 @@ class SQLiteStore:
                 if row["attempts"] >= max_attempts:
                     # A poison task: it has taken down its worker too often. Dead-letter it, do not retry.
                     conn.execute("UPDATE tasks SET dead_lettered = 1 WHERE id = ?", (row["id"],))
-                    self._finish_in(conn, row["id"], TaskStatus.failed, _dead_letter(row["attempts"]), now)
+                    self._finish_in(conn, row["id"], TaskStatus.failed, dead_letter_envelope(row["attempts"]), now)
                     continue
                 new = conn.execute(
                     "UPDATE tasks SET status = 'running', lease_owner = ?, lease_expires_at = ?, "
@@ -604,27 +600,3 @@ class SQLiteStore:
             return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
 
         return await self._read(op)
-
-
-def _dead_letter(attempts: int) -> dict[str, Any]:
-    return {
-        "status": "failed",
-        "result": None,
-        "errors": [
-            {
-                "type": "dead_letter",
-                "message": f"the task crashed its worker {attempts} times and was moved to the dead-letter list",
-                "severity": "error",
-                "recovery_suggested": False,
-                "step": None,
-            }
-        ],
-        "metadata": {
-            "steps": [],
-            "tools_called": [],
-            "duration_ms": 0,
-            "model_ids": [],
-            "tokens": {},
-            "cost_usd": 0,
-        },
-    }

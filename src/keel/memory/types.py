@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,9 +25,21 @@ class TaskStatus(StrEnum):
         return self not in (TaskStatus.queued, TaskStatus.running)
 
 
+_last_id = [0, 0]  # (milliseconds, counter) of the last id made by this process
+_id_lock = threading.Lock()
+
+
 def new_id(prefix: str) -> str:
-    """A time-sortable id: 12 hex digits of milliseconds, then 16 random hex digits."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(8).hex()}"
+    """A time-sortable id: milliseconds, a per-process counter (ids made in one millisecond still sort in
+    creation order), then random bits so that ids from different processes never collide."""
+    with _id_lock:
+        ms = int(time.time() * 1000)
+        if ms <= _last_id[0]:
+            _last_id[1] += 1
+        else:
+            _last_id[:] = [ms, 0]
+        ms, counter = _last_id
+    return f"{prefix}_{ms:012x}{counter:04x}{os.urandom(6).hex()}"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -127,3 +141,32 @@ class ApiKey:
     id: str
     tenant: str
     scopes: frozenset[str]
+
+
+def hash_secret(secret: str) -> str:
+    # API keys carry 256 bits of entropy, so a fast hash is safe; no password-hashing work factor is needed.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def dead_letter_envelope(attempts: int) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "result": None,
+        "errors": [
+            {
+                "type": "dead_letter",
+                "message": f"the task crashed its worker {attempts} times and was moved to the dead-letter list",
+                "severity": "error",
+                "recovery_suggested": False,
+                "step": None,
+            }
+        ],
+        "metadata": {
+            "steps": [],
+            "tools_called": [],
+            "duration_ms": 0,
+            "model_ids": [],
+            "tokens": {},
+            "cost_usd": 0,
+        },
+    }

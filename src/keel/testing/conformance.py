@@ -1,0 +1,185 @@
+"""The store conformance suite. Every backend must pass it: ``tests/test_store_conformance.py`` parametrizes
+it over the in-memory twin and SQLite, and the Postgres backend of a later issue only has to be added there.
+
+Each check is a plain ``async def check_*(store)`` so any test runner can drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from keel.errors import LeaseLost
+from keel.memory.stores import Store
+from keel.memory.types import CreateOutcome, IdempotencyClaim, NewTask, TaskStatus
+
+T0 = 1_000_000.0
+
+
+def _new(tenant: str = "t1", **kw: object) -> NewTask:
+    return NewTask(tenant=tenant, workflow="diagnostic", input={"steps": 1}, **kw)  # type: ignore[arg-type]
+
+
+def _claim(key: str, h: str, ttl: float = 86_400) -> IdempotencyClaim:
+    return IdempotencyClaim(key=key, request_hash=h, expires_at=T0 + ttl)
+
+
+async def check_create_and_get(store: Store) -> None:
+    res = await store.create_task(_new(), None, T0)
+    assert res.outcome is CreateOutcome.created and res.task is not None
+    task = await store.get_task(res.task.id, "t1")
+    assert task is not None and task.status is TaskStatus.queued and task.input == {"steps": 1}
+    assert await store.get_task(res.task.id, "other-tenant") is None
+    events = await store.read(res.task.id, 0)
+    assert [(e.seq, e.type, e.data) for e in events] == [(1, "status", {"status": "queued"})]
+
+
+async def check_idempotency(store: Store) -> None:
+    first = await store.create_task(_new(), _claim("k", "h1"), T0)
+    again = await store.create_task(_new(), _claim("k", "h1"), T0 + 1)
+    assert again.outcome is CreateOutcome.replayed and again.task and first.task
+    assert again.task.id == first.task.id
+    other = await store.create_task(_new(), _claim("k", "h2"), T0 + 2)
+    assert other.outcome is CreateOutcome.key_reused
+    # Keys are scoped by tenant.
+    elsewhere = await store.create_task(_new("t2"), _claim("k", "h2"), T0 + 3)
+    assert elsewhere.outcome is CreateOutcome.created
+    # An expired key may be reused, and the sweeper removes expired keys.
+    late = await store.create_task(_new(), _claim("k", "h3"), T0 + 86_401)
+    assert late.outcome is CreateOutcome.created
+    assert await store.sweep_idempotency(T0 + 10 * 86_400) >= 1
+
+
+async def check_concurrent_idempotent_creates(store: Store) -> None:
+    results = await asyncio.gather(*(store.create_task(_new(), _claim("same", "h"), T0) for _ in range(50)))
+    ids = {r.task.id for r in results if r.task}
+    assert len(ids) == 1
+    assert sum(r.outcome is CreateOutcome.created for r in results) == 1
+    assert len(await store.list_tasks("t1")) == 1
+
+
+async def check_list_pagination_and_filter(store: Store) -> None:
+    ids = []
+    for i in range(5):
+        res = await store.create_task(_new(), None, T0 + i)
+        assert res.task
+        ids.append(res.task.id)
+    page1 = await store.list_tasks("t1", limit=2)
+    assert [t.id for t in page1] == ids[::-1][:2]
+    page2 = await store.list_tasks("t1", limit=2, before=page1[-1].id)
+    assert [t.id for t in page2] == ids[::-1][2:4]
+    assert await store.list_tasks("t1", statuses=[TaskStatus.failed]) == []
+    assert len(await store.list_tasks("t1", statuses=[TaskStatus.queued])) == 5
+    assert await store.list_tasks("nobody") == []
+
+
+async def check_lease_fencing(store: Store) -> None:
+    res = await store.create_task(_new(), None, T0)
+    assert res.task
+    lease = await store.lease_next("w1", T0, 10, 5)
+    assert lease is not None and lease.task_id == res.task.id and lease.attempt == 1
+    assert await store.lease_next("w2", T0 + 1, 10, 5) is None  # held
+    ev = await store.append(lease, "progress", {"p": 0.5}, T0 + 1)
+    assert ev.seq == 3  # queued, running, progress
+    # The lease expires; another worker takes over with a higher token; the old one is fenced out.
+    lease2 = await store.lease_next("w2", T0 + 11, 10, 5)
+    assert lease2 is not None and lease2.token > lease.token and lease2.attempt == 2
+    for write in (
+        store.append(lease, "progress", {}, T0 + 12),
+        store.set_progress(lease, 0.9, "x", T0 + 12),
+        store.save_checkpoint(lease, "s", 1),
+        store.finish(lease, res.task.id, TaskStatus.succeeded, {"status": "success"}, T0 + 12),
+    ):
+        try:
+            await write
+        except LeaseLost:
+            continue
+        raise AssertionError("a write under an expired lease was committed")
+    assert not (await store.renew_lease(lease, T0 + 12, 10)).held
+    assert (await store.renew_lease(lease2, T0 + 12, 10)).held
+
+
+async def check_finish_outbox_and_end_event(store: Store) -> None:
+    res = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="whsec_x"), None, T0)
+    assert res.task
+    lease = await store.lease_next("w", T0, 10, 5)
+    assert lease
+    await store.save_checkpoint(lease, "step-1", {"ok": True})
+    assert await store.load_checkpoints(res.task.id) == {"step-1": {"ok": True}}
+    end = await store.finish(lease, res.task.id, TaskStatus.succeeded, {"status": "success"}, T0 + 1)
+    assert end is not None and end.type == "end"
+    task = await store.get_task(res.task.id)
+    assert task and task.status is TaskStatus.succeeded and task.progress == 1.0 and task.finished_at == T0 + 1
+    again = await store.finish(None, res.task.id, TaskStatus.failed, {"status": "failed"}, T0 + 2)
+    assert again is None  # terminal is final
+    msgs = await store.messages(res.task.id)
+    assert len(msgs) == 1 and msgs[0].event_type == "task.succeeded" and msgs[0].status == "pending"
+    assert [m.id for m in await store.due(T0 + 1, 10)] == [msgs[0].id]
+    await store.retry_at(msgs[0].id, T0 + 100, "HTTP 500")
+    assert await store.due(T0 + 50, 10) == []
+    await store.delivered(msgs[0].id, T0 + 101)
+    (msg,) = await store.messages(res.task.id)
+    assert msg.status == "delivered" and msg.attempts == 2
+
+
+async def check_disabled_endpoint(store: Store) -> None:
+    a = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="s"), None, T0)
+    assert a.task
+    await store.finish(None, a.task.id, TaskStatus.cancelled, {"status": "failed"}, T0)
+    await store.disable_endpoint("t1", "https://h.example/x", T0)
+    assert [m.status for m in await store.messages(a.task.id)] == ["disabled"]
+    b = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="s"), None, T0)
+    assert b.task
+    await store.finish(None, b.task.id, TaskStatus.cancelled, {"status": "failed"}, T0)
+    assert [m.status for m in await store.messages(b.task.id)] == ["disabled"]
+    assert await store.due(T0 + 1, 10) == []
+
+
+async def check_cancel_and_requeue(store: Store) -> None:
+    res = await store.create_task(_new(), None, T0)
+    assert res.task
+    lease = await store.lease_next("w", T0, 10, 5)
+    assert lease
+    cancelled = await store.request_cancel(res.task.id, "t1")
+    assert cancelled and cancelled.cancel_requested
+    assert (await store.renew_lease(lease, T0 + 1, 10)).cancel_requested
+    assert await store.request_cancel(res.task.id, "t2") is None
+    assert await store.requeue_running() == 1
+    task = await store.get_task(res.task.id)
+    assert task and task.status is TaskStatus.queued
+
+
+async def check_poison_dead_letter(store: Store) -> None:
+    res = await store.create_task(_new(), None, T0)
+    assert res.task
+    now = T0
+    for _ in range(3):
+        assert await store.lease_next("w", now, 1, 3) is not None
+        now += 2  # the worker "crashed": its lease expires
+    assert await store.lease_next("w", now, 1, 3) is None
+    task = await store.get_task(res.task.id)
+    assert task and task.status is TaskStatus.failed and task.dead_lettered
+    assert task.envelope and task.envelope["errors"][0]["type"] == "dead_letter"
+
+
+async def check_api_keys(store: Store) -> None:
+    key = await store.create_key("acme", frozenset({"tasks:read"}), T0)
+    found = await store.verify_key(key)
+    assert found and found.tenant == "acme" and found.scopes == {"tasks:read"}
+    assert await store.verify_key(key + "x") is None
+    assert await store.verify_key("keel_nope_nope") is None
+    assert await store.verify_key("garbage") is None
+
+
+CHECKS: list[Callable[[Store], Awaitable[None]]] = [
+    check_create_and_get,
+    check_idempotency,
+    check_concurrent_idempotent_creates,
+    check_list_pagination_and_filter,
+    check_lease_fencing,
+    check_finish_outbox_and_end_event,
+    check_disabled_endpoint,
+    check_cancel_and_requeue,
+    check_poison_dead_letter,
+    check_api_keys,
+]

@@ -1,0 +1,262 @@
+"""An in-memory twin of the SQLite store, for unit tests only: same semantics, no durability."""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from keel.errors import LeaseLost
+from keel.memory.types import (
+    ApiKey,
+    CreateOutcome,
+    CreateResult,
+    Event,
+    IdempotencyClaim,
+    Lease,
+    LeaseState,
+    NewTask,
+    OutboxMessage,
+    Task,
+    TaskStatus,
+    dead_letter_envelope,
+    hash_secret,
+    new_id,
+)
+
+
+@dataclass
+class _Row:
+    task: Task
+    token: int = 0
+    lease_expires_at: float | None = None
+    events: list[Event] = field(default_factory=list)
+
+
+class InMemoryStore:
+    def __init__(self) -> None:
+        self._tasks: dict[str, _Row] = {}
+        self._keys: dict[tuple[str, str], tuple[str, str, float]] = {}
+        self._checkpoints: dict[str, dict[str, Any]] = {}
+        self._outbox: dict[str, OutboxMessage] = {}
+        self._next_at: dict[str, float] = {}
+        self._disabled: set[tuple[str, str]] = set()
+        self._api_keys: dict[str, tuple[str, str, frozenset[str]]] = {}
+
+    async def aclose(self) -> None:
+        return None
+
+    def _fence(self, lease: Lease) -> _Row:
+        row = self._tasks.get(lease.task_id)
+        if row is None or row.token != lease.token or row.task.status is not TaskStatus.running:
+            raise LeaseLost(f"lease on task {lease.task_id} is no longer held (token {lease.token})")
+        return row
+
+    def _append(self, row: _Row, type: str, data: dict[str, Any], now: float) -> Event:
+        ev = Event(task_id=row.task.id, seq=len(row.events) + 1, type=type, data=copy.deepcopy(data), created_at=now)
+        row.events.append(ev)
+        return ev
+
+    async def create_task(self, new: NewTask, claim: IdempotencyClaim | None, now: float) -> CreateResult:
+        if claim is not None:
+            hit = self._keys.get((new.tenant, claim.key))
+            if hit is not None and hit[2] > now:
+                if not hmac.compare_digest(hit[0], claim.request_hash):
+                    return CreateResult(outcome=CreateOutcome.key_reused, task=None)
+                return CreateResult(outcome=CreateOutcome.replayed, task=copy.deepcopy(self._tasks[hit[1]].task))
+        task = Task(
+            id=new_id("tsk"),
+            tenant=new.tenant,
+            workflow=new.workflow,
+            input=copy.deepcopy(new.input),
+            status=TaskStatus.queued,
+            progress=0.0,
+            current_step=None,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+            attempts=0,
+            cancel_requested=False,
+            envelope=None,
+            webhook_url=new.webhook_url,
+            webhook_secret=new.webhook_secret,
+            budget=dict(new.budget),
+            metadata=dict(new.metadata),
+            estimated_duration_s=new.estimated_duration_s,
+        )
+        row = _Row(task=task)
+        self._tasks[task.id] = row
+        self._append(row, "status", {"status": "queued"}, now)
+        if claim is not None:
+            self._keys[(new.tenant, claim.key)] = (claim.request_hash, task.id, claim.expires_at)
+        return CreateResult(outcome=CreateOutcome.created, task=copy.deepcopy(task))
+
+    async def get_task(self, task_id: str, tenant: str | None = None) -> Task | None:
+        row = self._tasks.get(task_id)
+        if row is None or (tenant is not None and row.task.tenant != tenant):
+            return None
+        return copy.deepcopy(row.task)
+
+    async def list_tasks(
+        self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, before: str | None = None
+    ) -> list[Task]:
+        rows = sorted((r.task for r in self._tasks.values() if r.task.tenant == tenant), key=lambda t: t.id)
+        rows = [t for t in reversed(rows) if (not statuses or t.status in statuses) and (not before or t.id < before)]
+        return [copy.deepcopy(t) for t in rows[:limit]]
+
+    async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
+        for task_id in sorted(self._tasks):
+            row = self._tasks[task_id]
+            t = row.task
+            runnable = t.status is TaskStatus.queued or (
+                t.status is TaskStatus.running and (row.lease_expires_at or 0) < now
+            )
+            if not runnable:
+                continue
+            if t.attempts >= max_attempts:
+                t.dead_lettered = True
+                self._finish_in(row, TaskStatus.failed, dead_letter_envelope(t.attempts), now)
+                continue
+            row.token += 1
+            t.attempts += 1
+            t.status = TaskStatus.running
+            t.updated_at = now
+            t.started_at = t.started_at or now
+            row.lease_expires_at = now + lease_s
+            self._append(row, "status", {"status": "running", "attempt": t.attempts}, now)
+            return Lease(task_id=task_id, owner=owner, token=row.token, attempt=t.attempts)
+        return None
+
+    async def renew_lease(self, lease: Lease, now: float, lease_s: float) -> LeaseState:
+        row = self._tasks.get(lease.task_id)
+        if row is None or row.token != lease.token or row.task.status is not TaskStatus.running:
+            return LeaseState(held=False, cancel_requested=False)
+        row.lease_expires_at = now + lease_s
+        return LeaseState(held=True, cancel_requested=row.task.cancel_requested)
+
+    async def release(self, lease: Lease) -> None:
+        row = self._tasks.get(lease.task_id)
+        if row is not None and row.token == lease.token and row.task.status is TaskStatus.running:
+            row.task.status = TaskStatus.queued
+            row.task.attempts = max(row.task.attempts - 1, 0)
+            row.lease_expires_at = None
+
+    async def requeue_running(self) -> int:
+        n = 0
+        for row in self._tasks.values():
+            if row.task.status is TaskStatus.running:
+                row.task.status = TaskStatus.queued
+                row.lease_expires_at = None
+                n += 1
+        return n
+
+    async def set_progress(self, lease: Lease, progress: float, current_step: str | None, now: float) -> None:
+        row = self._fence(lease)
+        row.task.progress, row.task.current_step, row.task.updated_at = progress, current_step, now
+
+    def _finish_in(self, row: _Row, status: TaskStatus, envelope: dict[str, Any], now: float) -> Event | None:
+        t = row.task
+        if t.status.terminal:
+            return None
+        t.status, t.envelope, t.finished_at, t.updated_at = status, copy.deepcopy(envelope), now, now
+        row.lease_expires_at = None
+        if status is TaskStatus.succeeded:
+            t.progress = 1.0
+        event = self._append(row, "end", {"status": status.value, "envelope": envelope}, now)
+        if t.webhook_url and t.webhook_secret:
+            msg = OutboxMessage(
+                id=new_id("msg"),
+                tenant=t.tenant,
+                task_id=t.id,
+                url=t.webhook_url,
+                secret=t.webhook_secret,
+                event_type=f"task.{status.value}",
+                payload={
+                    "type": f"task.{status.value}",
+                    "timestamp": now,
+                    "data": {"task_id": t.id, "status": status.value, "envelope": envelope},
+                },
+                attempts=0,
+                status="disabled" if (t.tenant, t.webhook_url) in self._disabled else "pending",
+            )
+            self._outbox[msg.id] = msg
+            self._next_at[msg.id] = now
+        return event
+
+    async def finish(
+        self, lease: Lease | None, task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float
+    ) -> Event | None:
+        row = self._fence(lease) if lease is not None else self._tasks.get(task_id)
+        return None if row is None else self._finish_in(row, status, envelope, now)
+
+    async def request_cancel(self, task_id: str, tenant: str) -> Task | None:
+        row = self._tasks.get(task_id)
+        if row is None or row.task.tenant != tenant:
+            return None
+        if not row.task.status.terminal:
+            row.task.cancel_requested = True
+        return copy.deepcopy(row.task)
+
+    async def save_checkpoint(self, lease: Lease, name: str, result: Any) -> None:
+        self._fence(lease)
+        self._checkpoints.setdefault(lease.task_id, {})[name] = copy.deepcopy(result)
+
+    async def load_checkpoints(self, task_id: str) -> dict[str, Any]:
+        return copy.deepcopy(self._checkpoints.get(task_id, {}))
+
+    async def sweep_idempotency(self, now: float) -> int:
+        expired = [k for k, v in self._keys.items() if v[2] <= now]
+        for k in expired:
+            del self._keys[k]
+        return len(expired)
+
+    async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
+        return self._append(self._fence(lease), type, data, now)
+
+    async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
+        row = self._tasks.get(task_id)
+        return [] if row is None else copy.deepcopy(row.events[after : after + limit])
+
+    async def due(self, now: float, limit: int) -> list[OutboxMessage]:
+        due = [m for m in self._outbox.values() if m.status == "pending" and self._next_at[m.id] <= now]
+        return [replace(m) for m in sorted(due, key=lambda m: self._next_at[m.id])[:limit]]
+
+    async def delivered(self, msg_id: str, now: float) -> None:
+        m = self._outbox[msg_id]
+        m.status, m.attempts, m.last_error = "delivered", m.attempts + 1, None
+
+    async def retry_at(self, msg_id: str, when: float, error: str) -> None:
+        m = self._outbox[msg_id]
+        m.attempts, m.last_error = m.attempts + 1, error
+        self._next_at[msg_id] = when
+
+    async def dead(self, msg_id: str, error: str) -> None:
+        m = self._outbox[msg_id]
+        m.status, m.attempts, m.last_error = "dead", m.attempts + 1, error
+
+    async def disable_endpoint(self, tenant: str, url: str, now: float) -> None:
+        self._disabled.add((tenant, url))
+        for m in self._outbox.values():
+            if m.tenant == tenant and m.url == url and m.status == "pending":
+                m.status, m.last_error = "disabled", "endpoint disabled (410 Gone)"
+
+    async def messages(self, task_id: str) -> list[OutboxMessage]:
+        return [replace(m) for m in sorted(self._outbox.values(), key=lambda m: m.id) if m.task_id == task_id]
+
+    async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        self._api_keys[key_id] = (tenant, hash_secret(secret), scopes)
+        return f"keel_{key_id}_{secret}"
+
+    async def verify_key(self, key: str) -> ApiKey | None:
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "keel" or parts[1] not in self._api_keys:
+            return None
+        tenant, digest, scopes = self._api_keys[parts[1]]
+        if not hmac.compare_digest(digest, hash_secret(parts[2])):
+            return None
+        return ApiKey(id=parts[1], tenant=tenant, scopes=scopes)
