@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -23,7 +24,7 @@ def problem(
     detail: str | None = None,
     *,
     type: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
     body: dict[str, Any] = {"type": type or "about:blank", "title": title, "status": status}
@@ -70,7 +71,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail) if exc.detail else None)
+        slug = "body_too_large" if exc.status_code == 413 else None
+        return problem(
+            exc.status_code,
+            HTTPStatus(exc.status_code).phrase,
+            str(exc.detail) if exc.detail else None,
+            type=f"urn:keel:problem:{slug}" if slug else None,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
