@@ -85,6 +85,7 @@ class Runtime:
             if n:
                 log.info("re-queued %d task(s) left running by a dead process", n)
         self._loops = [asyncio.create_task(self._worker(i), name=f"keel-worker-{i}") for i in range(self.workers)]
+        self._loops.append(asyncio.create_task(self._sweeper(), name="keel-sweeper"))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -117,6 +118,17 @@ class Runtime:
                 continue
             self.notifier.notify(lease.task_id)
             await self._execute(lease)
+
+    async def _sweeper(self, every_s: float = 300.0) -> None:
+        """Expired idempotency keys are removed; they are never honoured past their expiry anyway."""
+        while True:
+            try:
+                removed = await self.store.sweep_idempotency(self.clock())
+                if removed:
+                    log.info("swept %d expired idempotency key(s)", removed)
+            except Exception:
+                log.exception("idempotency sweep failed")
+            await asyncio.sleep(every_s)
 
     async def _heartbeat(self, lease: Lease, run: asyncio.Task[Any]) -> None:
         while True:

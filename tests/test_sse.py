@@ -1,0 +1,62 @@
+"""The SSE edge: retry first, ids from the durable log, heartbeats, resumption, 204 when finished."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from conftest import LiveServer, wait_terminal
+from keel.settings import Settings
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    settings.sse_heartbeat_s = 0.2
+    return settings
+
+
+def test_stream_frames_and_resume(live: LiveServer) -> None:
+    with live.client() as c:
+        tid = c.post("/v1/tasks", json={"workflow": "diagnostic", "input": {"steps": 3, "step_seconds": 0.6}}).json()[
+            "id"
+        ]
+        with c.stream("GET", f"/v1/tasks/{tid}/events") as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if line == "" and "event: end" in lines:
+                    break
+        assert lines[0].startswith(": keel") or lines[0].startswith("retry:")
+        assert any(line.startswith("retry: ") for line in lines[:3]), "retry: must come first"
+        assert any(line.startswith(":") and "keel" not in line for line in lines), "heartbeat comments expected"
+        ids = [int(line.removeprefix("id: ")) for line in lines if line.startswith("id: ")]
+        assert ids == list(range(1, len(ids) + 1))
+        types = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+        assert types[0] == "status" and types[-1] == "end"
+        assert {"step_started", "step_completed", "token", "progress", "partial_result"} <= set(types)
+
+        # Resuming after id k replays exactly k+1.. from the durable log, by header or by query.
+        for kwargs in ({"headers": {"Last-Event-ID": "4"}}, {"params": {"last_event_id": 4}}):
+            with connect_sse(c, "GET", f"/v1/tasks/{tid}/events", **kwargs) as source:  # type: ignore[arg-type]
+                resumed = [int(e.id) for e in source.iter_sse() if e.id]
+            assert resumed == ids[4:]
+
+        # Finished and fully read: 204, so EventSource stops reconnecting.
+        assert c.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": str(ids[-1])}).status_code == 204
+        end = json.loads([line for line in lines if line.startswith("data: ")][-1].removeprefix("data: "))
+        assert end["envelope"]["status"] == "success"
+        assert wait_terminal(c, tid)["status"] == "succeeded"
+
+
+def test_bad_last_event_id_is_problem(live: LiveServer) -> None:
+    with live.client() as c:
+        tid = c.post("/v1/tasks", json={"workflow": "diagnostic", "input": {"steps": 1, "step_seconds": 0}}).json()[
+            "id"
+        ]
+        r = c.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": "abc"})
+        assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+        assert httpx.get(live.url + f"/v1/tasks/{tid}/events").status_code == 401
