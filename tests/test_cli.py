@@ -1,0 +1,68 @@
+"""The CLI as a user meets it: keys, submit with progress, tasks list/show/cancel, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import LiveServer, free_port
+from keel.cli import app
+
+runner = CliRunner()
+
+
+def test_keys_create_prints_only_the_key(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("\n") == 1 and r.stdout.startswith("keel_")
+    bad = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--scopes", "root", "--data-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown or empty scopes" in bad.output
+
+
+def test_submit_follows_stream_and_prints_envelope(live: LiveServer) -> None:
+    args = ["--url", live.url, "--api-key", live.key]
+    r = runner.invoke(app, ["submit", "diagnostic", "-i", '{"steps": 2, "step_seconds": 0.05}', *args])
+    assert r.exit_code == 0, r.output
+    envelope = json.loads(r.stdout)
+    assert envelope["status"] == "success"
+    listed = runner.invoke(app, ["tasks", "list", *args])
+    assert listed.exit_code == 0 and "diagnostic" in listed.stdout
+    with live.client() as c:
+        tid = c.get("/v1/tasks").json()["items"][0]["id"]
+    shown = runner.invoke(app, ["tasks", "show", tid, *args])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+    cancelled = runner.invoke(app, ["tasks", "cancel", tid, *args])
+    assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "succeeded"
+
+
+def test_failed_task_exits_nonzero(live: LiveServer) -> None:
+    r = runner.invoke(
+        app,
+        [
+            "submit",
+            "diagnostic",
+            "-i",
+            '{"steps": 2, "step_seconds": 0, "fail_at": 1}',
+            "--url",
+            live.url,
+            "--api-key",
+            live.key,
+        ],
+    )
+    assert r.exit_code == 1 and json.loads(r.stdout)["status"] == "failed"
+
+
+def test_clear_errors(live: LiveServer) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    r = runner.invoke(app, ["tasks", "list", "--url", dead, "--api-key", "keel_x_y"])
+    assert r.exit_code == 1 and "cannot reach keel" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["submit", "diagnostic", "-i", "{not json", "--url", live.url, "--api-key", live.key])
+    assert r.exit_code == 2 and "not valid JSON" in r.output
+    r = runner.invoke(app, ["submit", "nope", "--url", live.url, "--api-key", live.key])
+    assert r.exit_code == 1 and "HTTP 422" in r.output and "unknown workflow" in r.output
+    r = runner.invoke(app, ["tasks", "list", "--url", live.url, "--api-key", "keel_bad_key"])
+    assert r.exit_code == 1 and "HTTP 401" in r.output
+    r = runner.invoke(app, ["tasks", "list", "--url", live.url], env={"KEEL_API_KEY": ""})
+    assert r.exit_code == 2 and "no API key" in r.output
