@@ -84,7 +84,9 @@ def live(settings: Settings) -> Iterator[LiveServer]:
     key = make_key(settings.data_dir, "acme", frozenset({"tasks:read", "tasks:write"}))
     server, thread = start_server(settings)
     try:
-        yield LiveServer(url=f"http://127.0.0.1:{settings.port}", data_dir=settings.data_dir, settings=settings, key=key)
+        yield LiveServer(
+            url=f"http://127.0.0.1:{settings.port}", data_dir=settings.data_dir, settings=settings, key=key
+        )
     finally:
         server.should_exit = True
         thread.join(timeout=15)

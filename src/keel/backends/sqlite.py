@@ -470,15 +470,18 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def save_checkpoint(self, lease: Lease, name: str, result: Any) -> None:
-        def op(conn: sqlite3.Connection) -> None:
+    async def save_checkpoint(
+        self, lease: Lease, name: str, result: Any, event: tuple[str, dict[str, Any]] | None = None, now: float = 0.0
+    ) -> Event | None:
+        def op(conn: sqlite3.Connection) -> Event | None:
             self._fence(conn, lease)
             conn.execute(
                 "INSERT OR REPLACE INTO checkpoints(task_id, name, result) VALUES (?, ?, ?)",
                 (lease.task_id, name, json.dumps(result)),
             )
+            return self._append(conn, lease.task_id, event[0], event[1], now) if event else None
 
-        await self._write(op)
+        return await self._write(op)
 
     async def load_checkpoints(self, task_id: str) -> dict[str, Any]:
         def op(conn: sqlite3.Connection) -> dict[str, Any]:

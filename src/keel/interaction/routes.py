@@ -201,7 +201,7 @@ async def events(
         raise NotFound(f"no task {task_id}")
     after = last_event_id_q or 0
     if last_event_id:
-        if not last_event_id.strip().isdigit():
+        if not (last_event_id.strip().isascii() and last_event_id.strip().isdigit()):
             raise InputError("Last-Event-ID must be an event sequence number")
         after = int(last_event_id)
     if task.status.terminal and not await keel.store.read(task_id, after, limit=1):
@@ -218,6 +218,9 @@ async def events(
                 if ev.type == "end":
                     return
             if not batch:
+                latest = await keel.store.get_task(task_id)
+                if latest is None or (latest.status.terminal and not await keel.store.read(task_id, cursor, limit=1)):
+                    return  # a cursor past the end event: nothing more will ever come
                 # Woken in-process at once; the poll interval catches writers in other processes.
                 await keel.notifier.wait(task_id, keel.settings.poll_interval_s)
 

@@ -24,6 +24,8 @@ class WebhookSpec(BaseModel):
     @field_validator("secret")
     @classmethod
     def _secret(cls, v: str) -> str:
+        if not v.startswith("whsec_"):
+            raise ValueError("secret must start with 'whsec_'")
         raw = v.removeprefix("whsec_")
         try:
             key = base64.b64decode(raw, validate=True)

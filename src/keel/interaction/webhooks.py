@@ -42,10 +42,14 @@ def sign(msg: OutboxMessage, body: str, timestamp: datetime) -> dict[str, str]:
 def retry_after_seconds(value: str | None, now: float) -> float | None:
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
     with contextlib.suppress(TypeError, ValueError):
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:  # HTTP dates are always GMT (RFC 9110 §5.6.7)
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - now)
     return None
 
 
@@ -90,7 +94,12 @@ class WebhookDispatcher:
         while True:
             try:
                 batch = await self.outbox.due(self.clock(), 20)
-                await asyncio.gather(*(self.deliver(m) for m in batch))
+                outcomes = await asyncio.gather(*(self.deliver(m) for m in batch), return_exceptions=True)
+                for msg, outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        # Never leave a message pinned: an unexpected error still counts as an attempt.
+                        log.error("webhook %s delivery raised %r", msg.id, outcome)
+                        await self._retry(msg, msg.attempts + 1, f"internal error: {outcome!r}", None)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -121,7 +130,10 @@ class WebhookDispatcher:
                 headers=sign(msg, body, datetime.fromtimestamp(now, UTC)),
             )
         except BlockedAddress as exc:
-            await self.outbox.dead(msg.id, f"refused by SSRF rules: {exc.message}")
+            if "redirect" in exc.message:
+                await self.outbox.dead(msg.id, "the receiver answered with a redirect; webhooks do not follow them")
+            else:
+                await self.outbox.dead(msg.id, f"refused by SSRF rules: {exc.message}")
             return
         except httpx.HTTPError as exc:
             await self._retry(msg, attempt, f"{type(exc).__name__}: {exc}", None)

@@ -155,6 +155,7 @@ class Runtime:
             checkpoints=await self.store.load_checkpoints(task.id),
             clock=self.clock,
             on_event=self.notifier.notify,
+            progress=task.progress,
         )
         wf = self.registry.get(task.workflow)
         extra: list[EnvelopeError] = []

@@ -52,7 +52,9 @@ class WorkflowContext:
         checkpoints: dict[str, Any],
         clock: Callable[[], float],
         on_event: Callable[[str], None],
+        progress: float = 0.0,
     ) -> None:
+        self._progress = progress
         self.task_id = lease.task_id
         self._lease = lease
         self._store = store
@@ -74,6 +76,9 @@ class WorkflowContext:
 
     async def progress(self, fraction: float, step: str | None = None) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
+        if fraction < self._progress:
+            return  # replayed steps after a resume must not move the bar backwards
+        self._progress = fraction
         await self._store.set_progress(self._lease, fraction, step, self._clock())
         await self.emit("progress", {"progress": fraction, "step": step})
 
@@ -111,10 +116,11 @@ class WorkflowContext:
             if isinstance(exc, WorkflowError) and exc.step is None:
                 exc.step = name
             raise
-        await self._store.save_checkpoint(self._lease, name, result)
+        # The result and its step_completed event commit together: a crash leaves both or neither.
+        await self._store.save_checkpoint(self._lease, name, result, ("step_completed", {"step": name}), self.now())
+        self._on_event(self.task_id)
         self._checkpoints[name] = result
         self.steps.append(StepRecord(name=name, status="completed", duration_ms=_ms(start)))
-        await self.emit("step_completed", {"step": name})
         return result
 
 

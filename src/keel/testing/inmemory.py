@@ -201,9 +201,12 @@ class InMemoryStore:
             row.task.cancel_requested = True
         return copy.deepcopy(row.task)
 
-    async def save_checkpoint(self, lease: Lease, name: str, result: Any) -> None:
-        self._fence(lease)
+    async def save_checkpoint(
+        self, lease: Lease, name: str, result: Any, event: tuple[str, dict[str, Any]] | None = None, now: float = 0.0
+    ) -> Event | None:
+        row = self._fence(lease)
         self._checkpoints.setdefault(lease.task_id, {})[name] = copy.deepcopy(result)
+        return self._append(row, event[0], event[1], now) if event else None
 
     async def load_checkpoints(self, task_id: str) -> dict[str, Any]:
         return copy.deepcopy(self._checkpoints.get(task_id, {}))
