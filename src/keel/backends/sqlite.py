@@ -1,7 +1,10 @@
 """The embedded default: SQLite in WAL mode with synchronous=FULL.
 
-All writes go through one writer thread (SQLite has one writer anyway); reads use a small pool of threads
-with their own connections, so the event loop never blocks on the database.
+All writes go through one writer thread (SQLite has one writer anyway) that group-commits: it drains every
+write waiting in its queue into one transaction, each write in its own SAVEPOINT so that one failing write
+rolls back alone, and answers the callers only after the COMMIT's fsync. Under load, 32 concurrent submits
+cost one fsync instead of 32. Reads use a small pool of threads with their own connections, so the event
+loop never blocks on the database.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import asyncio
 import hmac
 import json
 import os
+import queue
 import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +42,24 @@ from keel.memory.types import (
 )
 
 T = TypeVar("T")
+MAX_BATCH = 128
+
+
+@dataclass(slots=True)
+class _Write:
+    fn: Callable[[sqlite3.Connection], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
 
 MIGRATIONS: list[str] = [
     """
@@ -121,6 +144,9 @@ MIGRATIONS: list[str] = [
         revoked_at REAL
     );
     """,
+    """
+    CREATE INDEX tasks_status_id ON tasks(status, id);
+    """,
 ]
 
 _TASK_COLS = (
@@ -177,12 +203,14 @@ class SQLiteStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-sqlite-w")
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._writer_loop, name="keel-sqlite-writer", daemon=True)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-sqlite-r")
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         conn = self._conn()
         self._migrate(conn)
+        self._writer.start()
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -221,24 +249,57 @@ class SQLiteStore:
             raise
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Write(fn=fn, loop=loop, future=future))
+        return await future
 
-        return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+    def _writer_loop(self) -> None:
+        conn = self._conn()
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._commit_batch(conn, batch)
+
+    @staticmethod
+    def _commit_batch(conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((job.fn(conn), None))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    outcomes.append((None, exc))
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing in the batch is durable
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(None, exc)] * len(batch)
+        for job, (result, error) in zip(batch, outcomes, strict=True):
+            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, lambda: fn(self._conn()))
 
     async def aclose(self) -> None:
-        self._writer.shutdown(wait=True)
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
         self._readers.shutdown(wait=True)
         with self._lock:
             for conn in self._conns:
@@ -383,11 +444,17 @@ class SQLiteStore:
     async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
         def op(conn: sqlite3.Connection) -> Lease | None:
             while True:
-                row = conn.execute(
-                    "SELECT id, attempts FROM tasks WHERE status = 'queued' "
-                    "OR (status = 'running' AND lease_expires_at < ?) ORDER BY id LIMIT 1",
-                    (now,),
-                ).fetchone()
+                # Two index lookups instead of one OR, which made SQLite sort the whole backlog per lease.
+                row = (
+                    conn.execute(
+                        "SELECT id, attempts FROM tasks WHERE status = 'queued' ORDER BY id LIMIT 1"
+                    ).fetchone()
+                    or conn.execute(
+                        "SELECT id, attempts FROM tasks WHERE status = 'running' AND lease_expires_at < ? "
+                        "ORDER BY id LIMIT 1",
+                        (now,),
+                    ).fetchone()
+                )
                 if row is None:
                     return None
                 if row["attempts"] >= max_attempts:
