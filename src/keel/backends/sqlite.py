@@ -445,14 +445,15 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> Lease | None:
             while True:
                 # Two index lookups instead of one OR, which made SQLite sort the whole backlog per lease.
+                # Orphans (expired leases) first, so that a busy queue cannot starve recovery.
                 row = (
                     conn.execute(
-                        "SELECT id, attempts FROM tasks WHERE status = 'queued' ORDER BY id LIMIT 1"
-                    ).fetchone()
-                    or conn.execute(
                         "SELECT id, attempts FROM tasks WHERE status = 'running' AND lease_expires_at < ? "
                         "ORDER BY id LIMIT 1",
                         (now,),
+                    ).fetchone()
+                    or conn.execute(
+                        "SELECT id, attempts FROM tasks WHERE status = 'queued' ORDER BY id LIMIT 1"
                     ).fetchone()
                 )
                 if row is None:
