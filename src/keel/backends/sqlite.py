@@ -39,6 +39,7 @@ from keel.memory.types import (
     dead_letter_envelope,
     hash_secret,
     new_id,
+    webhook_payload,
 )
 
 T = TypeVar("T")
@@ -358,13 +359,7 @@ class SQLiteStore:
                     task.webhook_url,
                     task.webhook_secret,
                     f"task.{status.value}",
-                    json.dumps(
-                        {
-                            "type": f"task.{status.value}",
-                            "timestamp": now,
-                            "data": {"task_id": task_id, "status": status.value, "envelope": envelope},
-                        }
-                    ),
+                    json.dumps(webhook_payload(task_id, status, envelope, now)),
                     "disabled" if disabled else "pending",
                     now,
                 ),

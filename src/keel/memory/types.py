@@ -170,3 +170,12 @@ def dead_letter_envelope(attempts: int) -> dict[str, Any]:
             "cost_usd": 0,
         },
     }
+
+
+def webhook_payload(task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float) -> dict[str, Any]:
+    """The body of a terminal task's webhook (Standard Webhooks shape: type, timestamp, data)."""
+    return {
+        "type": f"task.{status.value}",
+        "timestamp": now,
+        "data": {"task_id": task_id, "status": status.value, "envelope": envelope},
+    }

@@ -25,6 +25,7 @@ from keel.memory.types import (
     dead_letter_envelope,
     hash_secret,
     new_id,
+    webhook_payload,
 )
 
 
@@ -175,11 +176,7 @@ class InMemoryStore:
                 url=t.webhook_url,
                 secret=t.webhook_secret,
                 event_type=f"task.{status.value}",
-                payload={
-                    "type": f"task.{status.value}",
-                    "timestamp": now,
-                    "data": {"task_id": t.id, "status": status.value, "envelope": envelope},
-                },
+                payload=webhook_payload(t.id, status, envelope, now),
                 attempts=0,
                 status="disabled" if (t.tenant, t.webhook_url) in self._disabled else "pending",
             )
