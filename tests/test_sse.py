@@ -60,3 +60,8 @@ def test_bad_last_event_id_is_problem(live: LiveServer) -> None:
         r = c.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": "abc"})
         assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
         assert httpx.get(live.url + f"/v1/tasks/{tid}/events").status_code == 401
+        # A cursor the log never issued (past its end) is refused instead of streaming forever.
+        past = c.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": "9999"}, timeout=5)
+        assert past.status_code == 422 and past.headers["content-type"].startswith("application/problem+json")
+        sup = c.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": "²".encode()})  # non-ASCII digit
+        assert sup.status_code == 422

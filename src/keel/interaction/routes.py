@@ -204,6 +204,10 @@ async def events(
         if not (last_event_id.strip().isascii() and last_event_id.strip().isdigit()):
             raise InputError("Last-Event-ID must be an event sequence number")
         after = int(last_event_id)
+    if after and [e.seq for e in await keel.store.read(task_id, after - 1, limit=1)] != [after]:
+        # Ids come only from this log, so a cursor it never issued is a client bug; refusing it here keeps the
+        # stream loop below free of a per-poll "is the cursor past the end?" check.
+        raise InputError(f"Last-Event-ID {after} is not an event of task {task_id}")
     if task.status.terminal and not await keel.store.read(task_id, after, limit=1):
         return Response(status_code=204)
 
@@ -218,9 +222,6 @@ async def events(
                 if ev.type == "end":
                     return
             if not batch:
-                latest = await keel.store.get_task(task_id)
-                if latest is None or (latest.status.terminal and not await keel.store.read(task_id, cursor, limit=1)):
-                    return  # a cursor past the end event: nothing more will ever come
                 # Woken in-process at once; the poll interval catches writers in other processes.
                 await keel.notifier.wait(task_id, keel.settings.poll_interval_s)
 
