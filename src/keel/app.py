@@ -21,7 +21,8 @@ from keel.interaction.routes import router
 from keel.interaction.webhooks import WebhookDispatcher
 from keel.memory.stores import Store
 from keel.netguard import AllowList
-from keel.orchestration.runtime import Notifier, Runtime
+from keel.orchestration.engine import Engine
+from keel.orchestration.runtime import EmbeddedEngine, Notifier
 from keel.orchestration.workflow import WorkflowRegistry, default_registry
 from keel.settings import Settings
 
@@ -45,7 +46,7 @@ class Keel:
     settings: Settings
     store: Store
     registry: WorkflowRegistry
-    runtime: Runtime
+    runtime: Engine
     notifier: Notifier
     webhooks: WebhookDispatcher
     webhook_allow: AllowList
@@ -70,14 +71,17 @@ def _lock_data_dir(settings: Settings) -> IO[str]:
 
 def create_app(settings: Settings | None = None, registry: WorkflowRegistry | None = None) -> FastAPI:
     settings = settings or Settings()
-    registry = registry or default_registry()
+    if registry is None:
+        registry = default_registry()
+        for spec in settings.workflows:
+            registry.load(spec)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lock = _lock_data_dir(settings)
         store = open_store(settings.resolved_store_url)
         notifier = Notifier()
-        runtime = Runtime(
+        runtime = EmbeddedEngine(
             store,
             registry,
             workers=settings.workers,

@@ -16,6 +16,12 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
         ├── StoreError              # the durable store could not do what was asked
         │   └── LeaseLost           # a fencing token no longer matches: another worker owns the task
         ├── WorkflowError           # a workflow step failed (becomes an envelope error)
+        │   ├── StepFailed          # a durable step failed for good (after its retries); replays identically
+        │   ├── BranchesFailed      # fewer parallel branches succeeded than ``min_success``
+        │   ├── Nondeterminism      # the code took a different path than the recorded history
+        │   └── ClarificationNeeded # the plan is unsure or incomplete: ask the caller, run nothing expensive
+        ├── BudgetExceeded          # a per-task cap (steps, tool calls, tokens, cost, deadline) was crossed
+        ├── UpstreamError           # a model provider or tool endpoint answered with an error (429, 5xx, ...)
         └── DeliveryError           # a webhook delivery attempt failed
 
 :mod:`keel.interaction.problems` maps this tree to RFC 9457 problem details in one place.
@@ -110,6 +116,62 @@ class WorkflowError(RuntimeFailure):
         self.type = type
         self.step = step
         self.recovery_suggested = recovery_suggested
+
+
+class StepFailed(WorkflowError):
+    """A durable step failed after its retries. ``type`` classifies it (``timeout``, ``schema_violation``, ...).
+
+    The failure is checkpointed like a result, so a resumed or replayed run sees the same failure again.
+    """
+
+    code = "step_failed"
+
+
+class BranchesFailed(WorkflowError):
+    code = "min_success_not_met"
+
+
+class Nondeterminism(WorkflowError):
+    code = "nondeterminism"
+
+
+class ClarificationNeeded(WorkflowError):
+    """Ends the task as ``needs_clarification``; ``questions`` go to the caller in the envelope."""
+
+    code = "needs_clarification"
+
+    def __init__(self, message: str, *, questions: list[str], confidence: float | None = None) -> None:
+        super().__init__(message, type="needs_clarification", recovery_suggested=True)
+        self.questions = questions
+        self.confidence = confidence
+
+
+class BudgetExceeded(RuntimeFailure):
+    """A hard circuit breaker: the task stops, keeping what it finished."""
+
+    code = "budget_exceeded"
+
+    def __init__(self, budget: str, *, limit: float, used: float) -> None:
+        super().__init__(f"{budget} budget exceeded: used {used:g} of {limit:g}", detail={"budget": budget})
+        self.budget = budget
+        self.limit = limit
+        self.used = used
+
+
+class UpstreamError(RuntimeFailure):
+    """An HTTP-ish failure from a model provider or a tool endpoint. 429 and 5xx are retryable."""
+
+    code = "upstream_error"
+    status = 502
+
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, detail={"status_code": status_code})
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.status_code is None or self.status_code == 429 or self.status_code >= 500
 
 
 class DeliveryError(RuntimeFailure):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -35,6 +37,15 @@ class Settings(BaseSettings):
     webhook_backoff_base_s: float = Field(1.0, gt=0)
     webhook_backoff_max_s: float = Field(3600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    workflows: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra workflows to register, as comma-separated `package.module:attr` (a Workflow or a list).",
+    )
+
+    @field_validator("workflows", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
     @field_validator("data_dir")
     @classmethod

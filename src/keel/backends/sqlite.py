@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from keel.errors import LeaseLost
+from keel.errors import LeaseLost, StoreError
+from keel.memory.blobs import dumps, pack, unpack_blob
 from keel.memory.types import (
     ApiKey,
+    BlobRef,
     CreateOutcome,
     CreateResult,
     Event,
@@ -34,6 +36,8 @@ from keel.memory.types import (
     LeaseState,
     NewTask,
     OutboxMessage,
+    StepCheckpoint,
+    StepStatus,
     Task,
     TaskStatus,
     dead_letter_envelope,
@@ -147,6 +151,48 @@ MIGRATIONS: list[str] = [
     """,
     """
     CREATE INDEX tasks_status_id ON tasks(status, id);
+    """,
+    # v3: workflow memory. Steps get one row each (call order, attempt, tries, usage, error), large payloads
+    # move to a content-addressed blob table, and partial results become named workflow state.
+    """
+    CREATE TABLE steps (
+        task_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        fn TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        run_attempt INTEGER NOT NULL,
+        tries INTEGER NOT NULL,
+        result TEXT,
+        blob_id TEXT,
+        blob_size INTEGER,
+        error TEXT,
+        usage TEXT NOT NULL,
+        duration_ms REAL NOT NULL,
+        finished_at REAL NOT NULL,
+        PRIMARY KEY (task_id, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE workflow_state (
+        task_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT,
+        blob_id TEXT,
+        blob_size INTEGER,
+        PRIMARY KEY (task_id, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE blobs (
+        id TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        data BLOB NOT NULL
+    );
+    INSERT INTO workflow_state(task_id, key, value)
+        SELECT task_id, 'partial', result FROM checkpoints WHERE name = '__partial__';
+    INSERT INTO steps(task_id, key, seq, fn, kind, status, run_attempt, tries, result, usage, duration_ms,
+                      finished_at)
+        SELECT task_id, name, 0, '', 'step', 'completed', 1, 1, result, '{}', 0, 0
+        FROM checkpoints WHERE name != '__partial__';
+    DROP TABLE checkpoints;
     """,
 ]
 
@@ -533,31 +579,117 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def save_checkpoint(
-        self, lease: Lease, name: str, result: Any, event: tuple[str, dict[str, Any]] | None = None, now: float = 0.0
-    ) -> Event | None:
-        def op(conn: sqlite3.Connection) -> Event | None:
-            self._fence(conn, lease)
-            conn.execute(
-                "INSERT OR REPLACE INTO checkpoints(task_id, name, result) VALUES (?, ?, ?)",
-                (lease.task_id, name, json.dumps(result)),
-            )
-            return self._append(conn, lease.task_id, event[0], event[1], now) if event else None
-
-        return await self._write(op)
-
-    async def load_checkpoints(self, task_id: str) -> dict[str, Any]:
-        def op(conn: sqlite3.Connection) -> dict[str, Any]:
-            rows = conn.execute("SELECT name, result FROM checkpoints WHERE task_id = ?", (task_id,))
-            return {r["name"]: json.loads(r["result"]) for r in rows}
-
-        return await self._read(op)
-
     async def sweep_idempotency(self, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)).rowcount
 
         return await self._write(op)
+
+    # -- WorkflowStore -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _put(conn: sqlite3.Connection, value: Any) -> tuple[str | None, str | None, int | None]:
+        packed = pack(value)
+        if packed.blob_id is not None and packed.blob is not None:
+            conn.execute(
+                "INSERT OR IGNORE INTO blobs(id, size, data) VALUES (?, ?, ?)",
+                (packed.blob_id, packed.size, packed.blob),
+            )
+            return None, packed.blob_id, packed.size
+        return packed.inline, None, None
+
+    async def record_step(
+        self, lease: Lease, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]], now: float
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            self._fence(conn, lease)
+            inline, blob_id, blob_size = self._put(conn, step.result)
+            conn.execute(
+                "INSERT OR REPLACE INTO steps(task_id, key, seq, fn, kind, status, run_attempt, tries, result, "
+                "blob_id, blob_size, error, usage, duration_ms, finished_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    lease.task_id,
+                    step.key,
+                    step.seq,
+                    step.fn,
+                    step.kind,
+                    step.status.value,
+                    step.run_attempt,
+                    step.tries,
+                    inline,
+                    blob_id,
+                    blob_size,
+                    dumps(step.error) if step.error is not None else None,
+                    dumps(step.usage),
+                    step.duration_ms,
+                    step.finished_at,
+                ),
+            )
+            for type, data in events:
+                self._append(conn, lease.task_id, type, data, now)
+
+        await self._write(op)
+
+    async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
+        def op(conn: sqlite3.Connection) -> list[StepCheckpoint]:
+            rows = conn.execute("SELECT * FROM steps WHERE task_id = ? ORDER BY seq, key", (task_id,))
+            return [
+                StepCheckpoint(
+                    key=r["key"],
+                    seq=r["seq"],
+                    fn=r["fn"],
+                    kind=r["kind"],
+                    status=StepStatus(r["status"]),
+                    run_attempt=r["run_attempt"],
+                    tries=r["tries"],
+                    result=(BlobRef(id=r["blob_id"], size=r["blob_size"]) if r["blob_id"] else json.loads(r["result"])),
+                    error=json.loads(r["error"]) if r["error"] else None,
+                    usage=json.loads(r["usage"]),
+                    duration_ms=r["duration_ms"],
+                    finished_at=r["finished_at"],
+                )
+                for r in rows
+            ]
+
+        return await self._read(op)
+
+    async def load_blob(self, ref: BlobRef) -> Any:
+        def op(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute("SELECT data FROM blobs WHERE id = ?", (ref.id,)).fetchone()
+            if row is None:
+                raise StoreError(f"blob {ref.id} is missing")
+            return bytes(row[0])
+
+        return unpack_blob(await self._read(op))
+
+    async def set_state(
+        self, lease: Lease, key: str, value: Any, event: tuple[str, dict[str, Any]] | None, now: float
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            self._fence(conn, lease)
+            inline, blob_id, blob_size = self._put(conn, value)
+            conn.execute(
+                "INSERT OR REPLACE INTO workflow_state(task_id, key, value, blob_id, blob_size) VALUES (?, ?, ?, ?, ?)",
+                (lease.task_id, key, inline, blob_id, blob_size),
+            )
+            if event is not None:
+                self._append(conn, lease.task_id, event[0], event[1], now)
+
+        await self._write(op)
+
+    async def load_state(self, task_id: str) -> dict[str, Any]:
+        def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for r in conn.execute("SELECT key, value, blob_id FROM workflow_state WHERE task_id = ?", (task_id,)):
+                if r["blob_id"]:
+                    data = conn.execute("SELECT data FROM blobs WHERE id = ?", (r["blob_id"],)).fetchone()[0]
+                    out[r["key"]] = unpack_blob(bytes(data))
+                else:
+                    out[r["key"]] = json.loads(r["value"])
+            return out
+
+        return await self._read(op)
 
     # -- EventLog ----------------------------------------------------------------------------------
 

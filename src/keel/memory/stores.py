@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from keel.memory.types import (
     ApiKey,
+    BlobRef,
     CreateResult,
     Event,
     IdempotencyClaim,
@@ -16,6 +17,7 @@ from keel.memory.types import (
     LeaseState,
     NewTask,
     OutboxMessage,
+    StepCheckpoint,
     Task,
     TaskStatus,
 )
@@ -60,15 +62,34 @@ class TaskStore(Protocol):
 
     async def request_cancel(self, task_id: str, tenant: str) -> Task | None: ...
 
-    async def save_checkpoint(
-        self, lease: Lease, name: str, result: Any, event: tuple[str, dict[str, Any]] | None = None, now: float = 0.0
-    ) -> Event | None:
-        """Store a step's result, and append ``event`` (if any) in the same transaction, fenced by the lease."""
+    async def sweep_idempotency(self, now: float) -> int: ...
+
+
+class WorkflowStore(Protocol):
+    """Workflow memory: step checkpoints, named workflow state, and out-of-line blobs for large payloads."""
+
+    async def record_step(
+        self, lease: Lease, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]], now: float
+    ) -> None:
+        """Store a finished step and append ``events``, in one transaction fenced by the lease.
+
+        A result larger than :data:`keel.memory.blobs.INLINE_LIMIT` bytes of JSON goes to the blob table.
+        """
         ...
 
-    async def load_checkpoints(self, task_id: str) -> dict[str, Any]: ...
+    async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
+        """Every recorded step in call order; large results come back as :class:`BlobRef`."""
+        ...
 
-    async def sweep_idempotency(self, now: float) -> int: ...
+    async def load_blob(self, ref: BlobRef) -> Any: ...
+
+    async def set_state(
+        self, lease: Lease, key: str, value: Any, event: tuple[str, dict[str, Any]] | None, now: float
+    ) -> None:
+        """Set one named piece of workflow state (partial results), fenced, with its event."""
+        ...
+
+    async def load_state(self, task_id: str) -> dict[str, Any]: ...
 
 
 class EventLog(Protocol):
@@ -101,5 +122,5 @@ class KeyStore(Protocol):
     async def verify_key(self, key: str) -> ApiKey | None: ...
 
 
-class Store(TaskStore, EventLog, Outbox, KeyStore, Protocol):
+class Store(TaskStore, WorkflowStore, EventLog, Outbox, KeyStore, Protocol):
     async def aclose(self) -> None: ...

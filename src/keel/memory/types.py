@@ -122,6 +122,42 @@ class Event:
     created_at: float
 
 
+class StepStatus(StrEnum):
+    completed = "completed"
+    failed = "failed"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class BlobRef:
+    """A payload stored out of line (content-addressed), fetched only when a replay needs it."""
+
+    id: str
+    size: int
+
+
+@dataclass(kw_only=True, slots=True)
+class StepCheckpoint:
+    """One durable step's outcome, as the workflow store keeps it.
+
+    Only a finished attempt is ever written, in one transaction with its events and fenced by the run's lease:
+    a failed or crashed attempt leaves nothing a retry could read, and a zombie run from an older attempt cannot
+    overwrite a newer one.
+    """
+
+    key: str
+    seq: int
+    fn: str
+    kind: str = "step"
+    status: StepStatus = StepStatus.completed
+    run_attempt: int = 1
+    tries: int = 1
+    result: Any = None
+    error: dict[str, Any] | None = None
+    usage: dict[str, float] = field(default_factory=dict)
+    duration_ms: float = 0.0
+    finished_at: float = 0.0
+
+
 @dataclass(kw_only=True, slots=True)
 class OutboxMessage:
     id: str

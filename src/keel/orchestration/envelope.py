@@ -6,10 +6,11 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.memory.types import TaskStatus
-from keel.orchestration.workflow import EnvelopeError, WorkflowContext
+from keel.orchestration.context import EnvelopeError, WorkflowContext
 
 EnvelopeStatus = Literal["success", "partial_success", "failed", "needs_clarification"]
 
@@ -26,12 +27,21 @@ class EnvelopeErrorModel(BaseModel):
 
 
 class EnvelopeMetadata(BaseModel):
-    steps: list[dict[str, Any]] = Field(default_factory=list, description="Every step: name, status, duration.")
+    steps: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Every step in call order: name, kind, status, duration_ms, attempts, errors, and whether "
+        "it was replayed from its checkpoint after a resume.",
+    )
     tools_called: list[dict[str, Any]] = Field(default_factory=list)
     duration_ms: float = 0.0
     model_ids: list[str] = Field(default_factory=list, description="Pinned model ids the providers returned.")
     tokens: dict[str, int] = Field(default_factory=dict)
     cost_usd: float = 0.0
+    budget: dict[str, Any] = Field(default_factory=dict, description="Budget limits and what the task used.")
+    reductions: dict[str, Any] = Field(
+        default_factory=dict, description="Map-reduce trees: how inputs larger than a context window were combined."
+    )
+    plan: dict[str, Any] | None = Field(None, description="The validated task graph, when the workflow planned.")
 
 
 class Envelope(BaseModel):
@@ -88,16 +98,20 @@ def build_envelope(
         env_status = "partial_success" if result else "failed"
     else:
         env_status = _ENVELOPE_STATUS[status]
+    used = ctx.meter.used
     return {
         "status": env_status,
-        "result": result,
+        "result": pydantic_core.to_jsonable_python(result),
         "errors": errors,
         "metadata": {
             "steps": [asdict(s) for s in ctx.steps],
-            "tools_called": [],
+            "tools_called": ctx.metadata["tools_called"],
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "model_ids": [],
-            "tokens": {**ctx.tokens, "total": sum(ctx.tokens.values())},
-            "cost_usd": 0.0,
+            "model_ids": ctx.metadata["model_ids"],
+            "tokens": {"input": used.input_tokens, "output": used.output_tokens, "total": used.tokens},
+            "cost_usd": round(used.cost_usd, 6),
+            "budget": ctx.meter.snapshot(),
+            "reductions": ctx.metadata["reductions"],
+            "plan": ctx.metadata.get("plan"),
         },
     }

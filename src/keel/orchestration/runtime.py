@@ -1,4 +1,4 @@
-"""The embedded runtime: an in-process worker pool that leases tasks from the durable queue.
+"""The embedded engine: an in-process worker pool that leases tasks from the durable queue.
 
 Each run holds its lease with heartbeats; every write it makes is fenced by the lease's token, so a worker
 whose lease expired cannot commit. A cancel request reaches the running coroutine as asyncio cancellation.
@@ -11,14 +11,16 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from keel.errors import LeaseLost, WorkflowError
+from keel.errors import BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
 from keel.memory.stores import Store
-from keel.memory.types import Lease, TaskStatus
+from keel.memory.types import BlobRef, Lease, StepCheckpoint, Task, TaskStatus
+from keel.orchestration.budget import Budget
+from keel.orchestration.context import EnvelopeError, WorkflowContext
 from keel.orchestration.envelope import Envelope, build_envelope
-from keel.orchestration.workflow import EnvelopeError, WorkflowContext, WorkflowRegistry
+from keel.orchestration.workflow import WorkflowRegistry
 
 log = logging.getLogger("keel.runtime")
 
@@ -47,11 +49,38 @@ class Notifier:
                     del self._waiters[task_id]
 
 
-class _Cancelled(Exception):
-    pass
+class StoreJournal:
+    """A run's journal on the store: every write is fenced by the run's lease."""
+
+    def __init__(self, store: Store, lease: Lease, clock: Callable[[], float], notify: Callable[[str], None]) -> None:
+        self.task_id = lease.task_id
+        self.run_attempt = lease.attempt
+        self._store = store
+        self._lease = lease
+        self._clock = clock
+        self._notify = notify
+
+    async def emit(self, type: str, data: dict[str, Any]) -> None:
+        await self._store.append(self._lease, type, data, self._clock())
+        self._notify(self.task_id)
+
+    async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        await self._store.record_step(self._lease, step, events, self._clock())
+        self._notify(self.task_id)
+
+    async def set_state(self, key: str, value: Any, event: tuple[str, dict[str, Any]] | None) -> None:
+        await self._store.set_state(self._lease, key, value, event, self._clock())
+        self._notify(self.task_id)
+
+    async def set_progress(self, fraction: float, step: str | None) -> None:
+        await self._store.set_progress(self._lease, fraction, step, self._clock())
+        await self.emit("progress", {"progress": fraction, "step": step})
+
+    async def load_blob(self, ref: BlobRef) -> Any:
+        return await self._store.load_blob(ref)
 
 
-class Runtime:
+class EmbeddedEngine:
     def __init__(
         self,
         store: Store,
@@ -143,20 +172,25 @@ class Runtime:
                 run.cancel()
                 return
 
+    async def _context(self, task: Task, lease: Lease) -> WorkflowContext:
+        budget = Budget.from_dict(task.budget)
+        return WorkflowContext(
+            journal=StoreJournal(self.store, lease, self.clock, self.notifier.notify),
+            history=await self.store.load_steps(task.id),
+            state=await self.store.load_state(task.id),
+            budget=budget,
+            started_at=task.started_at or task.created_at,
+            deadline_at=task.created_at + budget.deadline_s if budget.deadline_s is not None else None,
+            clock=self.clock,
+            progress=task.progress,
+        )
+
     async def _execute(self, lease: Lease) -> None:
         task = await self.store.get_task(lease.task_id)
         if task is None:
             return
         started = time.perf_counter()
-        ctx = WorkflowContext(
-            lease=lease,
-            store=self.store,
-            events=self.store,
-            checkpoints=await self.store.load_checkpoints(task.id),
-            clock=self.clock,
-            on_event=self.notifier.notify,
-            progress=task.progress,
-        )
+        ctx = await self._context(task, lease)
         wf = self.registry.get(task.workflow)
         extra: list[EnvelopeError] = []
         result: Any = None
@@ -168,7 +202,9 @@ class Runtime:
         elif task.id in self._cancel_requested:
             status, result = TaskStatus.cancelled, ctx.partial or None
         else:
-            run: asyncio.Task[Any] = asyncio.create_task(wf.fn(ctx, wf.input_model.model_validate(task.input)))
+            run: asyncio.Task[Any] = asyncio.create_task(
+                self._run(ctx, wf.fn, wf.input_model.model_validate(task.input))
+            )
             self._runs[task.id] = run
             hb = asyncio.create_task(self._heartbeat(lease, run))
             try:
@@ -185,13 +221,11 @@ class Runtime:
                 extra.append(EnvelopeError(type="cancelled", message="the task was cancelled", severity="warning"))
             except LeaseLost:
                 return
-            except WorkflowError as exc:
-                status, result = TaskStatus.failed, ctx.partial or None
-                extra.append(EnvelopeError(type=exc.type, message=exc.message, step=exc.step))
             except Exception as exc:
-                log.exception("workflow %s crashed on task %s", task.workflow, task.id)
-                status, result = TaskStatus.failed, ctx.partial or None
-                extra.append(EnvelopeError(type="internal_error", message=f"{type(exc).__name__}: {exc}"))
+                status, result, error = _outcome(exc, ctx)
+                if error.type == "internal_error":
+                    log.exception("workflow %s crashed on task %s", task.workflow, task.id)
+                extra.append(error)
             finally:
                 hb.cancel()
                 self._runs.pop(task.id, None)
@@ -203,6 +237,42 @@ class Runtime:
             log.warning("lease on %s lost before finishing; another worker owns it", task.id)
             return
         self.notifier.notify(task.id)
+
+    @staticmethod
+    async def _run(ctx: WorkflowContext, fn: Callable[[WorkflowContext, Any], Any], inp: Any) -> Any:
+        """Run the workflow under its deadline; the deadline is a budget, so crossing it is a breaker."""
+        deadline = ctx.meter.deadline_at
+        if deadline is None:
+            return await fn(ctx, inp)
+        ctx.meter.check_deadline()
+        try:
+            async with asyncio.timeout(max(deadline - ctx.meter.clock(), 0.0)) as cm:
+                return await fn(ctx, inp)
+        except TimeoutError:
+            if cm.expired():
+                ctx.meter.check_deadline()
+                limit = ctx.meter.budget.deadline_s or 0.0
+                raise BudgetExceeded("deadline", limit=limit, used=limit) from None
+            raise
+
+
+def _outcome(exc: Exception, ctx: WorkflowContext) -> tuple[TaskStatus, Any, EnvelopeError]:
+    """How a run that raised ends: its status, its (partial) result and the envelope error that explains it."""
+    partial = ctx.partial or None
+    if isinstance(exc, BudgetExceeded):
+        # A breaker: keep what finished; usable output makes it a partial success.
+        status = TaskStatus.partial_success if partial else TaskStatus.failed
+        return status, partial, EnvelopeError(type="budget_exceeded", message=exc.message, recovery_suggested=True)
+    if isinstance(exc, ClarificationNeeded):
+        result = {"questions": exc.questions, "confidence": exc.confidence}
+        error = EnvelopeError(type=exc.type, message=exc.message, severity="info", recovery_suggested=True)
+        return TaskStatus.needs_clarification, result, error
+    if isinstance(exc, WorkflowError):
+        error = EnvelopeError(
+            type=exc.type, message=exc.message, step=exc.step, recovery_suggested=exc.recovery_suggested
+        )
+        return TaskStatus.failed, partial, error
+    return TaskStatus.failed, partial, EnvelopeError(type="internal_error", message=f"{type(exc).__name__}: {exc}")
 
 
 def _validated(envelope: dict[str, Any]) -> dict[str, Any]:

@@ -1,131 +1,27 @@
-"""Workflows: plain async functions taking a context and a validated input model.
+"""Workflows: plain async functions taking a context and a validated input model, and their registry.
 
-``ctx.step(name, fn, *args)`` is a durable step: its result is checkpointed, and on resume after a crash a
-completed step returns its stored result instead of running again.
+See :mod:`keel.orchestration.context` for what a workflow may do with its context.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+import importlib
+import inspect
+import typing
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import ConfigError, WorkflowError
-from keel.memory.stores import EventLog, TaskStore
-from keel.memory.types import Lease
+from keel.orchestration.context import WorkflowContext
+
+__all__ = ["Workflow", "WorkflowContext", "WorkflowRegistry", "default_registry", "workflow"]
 
 I = TypeVar("I", bound=BaseModel)  # noqa: E741
-R = TypeVar("R")
-
-
-@dataclass(kw_only=True, slots=True)
-class StepRecord:
-    name: str
-    status: str
-    duration_ms: float
-    attempts: int = 1
-    errors: list[str] = field(default_factory=list)
-
-
-@dataclass(kw_only=True, slots=True)
-class EnvelopeError:
-    type: str
-    message: str
-    severity: str = "error"
-    recovery_suggested: bool = False
-    step: str | None = None
-
-
-class WorkflowContext:
-    """What a workflow may touch. Nothing in a workflow reaches past it."""
-
-    def __init__(
-        self,
-        *,
-        lease: Lease,
-        store: TaskStore,
-        events: EventLog,
-        checkpoints: dict[str, Any],
-        clock: Callable[[], float],
-        on_event: Callable[[str], None],
-        progress: float = 0.0,
-    ) -> None:
-        self._progress = progress
-        self.task_id = lease.task_id
-        self._lease = lease
-        self._store = store
-        self._events = events
-        self._checkpoints = checkpoints
-        self._clock = clock
-        self._on_event = on_event
-        self.steps: list[StepRecord] = []
-        self.errors: list[EnvelopeError] = []
-        self.partial: dict[str, Any] = dict(checkpoints.get("__partial__", {}))
-        self.tokens = {"input": 0, "output": 0}
-
-    def now(self) -> float:
-        return self._clock()
-
-    async def emit(self, type: str, data: dict[str, Any]) -> None:
-        await self._events.append(self._lease, type, data, self._clock())
-        self._on_event(self.task_id)
-
-    async def progress(self, fraction: float, step: str | None = None) -> None:
-        fraction = min(max(fraction, 0.0), 1.0)
-        if fraction < self._progress:
-            return  # replayed steps after a resume must not move the bar backwards
-        self._progress = fraction
-        await self._store.set_progress(self._lease, fraction, step, self._clock())
-        await self.emit("progress", {"progress": fraction, "step": step})
-
-    async def partial_result(self, key: str, value: Any) -> None:
-        """Record a piece of the result that survives failure and cancellation."""
-        self.partial[key] = value
-        await self._store.save_checkpoint(self._lease, "__partial__", self.partial)
-        await self.emit("partial_result", {"key": key, "value": value})
-
-    def warn(self, type: str, message: str, *, step: str | None = None, recovery_suggested: bool = False) -> None:
-        self.errors.append(
-            EnvelopeError(
-                type=type,
-                message=message,
-                severity="warning",
-                step=step,
-                recovery_suggested=recovery_suggested,
-            )
-        )
-
-    async def step(self, name: str, fn: Callable[..., Awaitable[R]], *args: Any) -> R:
-        if name in self._checkpoints:
-            self.steps.append(StepRecord(name=name, status="replayed", duration_ms=0.0))
-            return self._checkpoints[name]  # type: ignore[no-any-return]
-        await self.emit("step_started", {"step": name})
-        start = time.perf_counter()
-        try:
-            result = await fn(*args)
-        except asyncio.CancelledError:
-            self.steps.append(StepRecord(name=name, status="cancelled", duration_ms=_ms(start)))
-            raise
-        except Exception as exc:
-            self.steps.append(StepRecord(name=name, status="failed", duration_ms=_ms(start), errors=[str(exc)]))
-            await self.emit("step_failed", {"step": name, "error": str(exc)})
-            if isinstance(exc, WorkflowError) and exc.step is None:
-                exc.step = name
-            raise
-        # The result and its step_completed event commit together: a crash leaves both or neither.
-        await self._store.save_checkpoint(self._lease, name, result, ("step_completed", {"step": name}), self.now())
-        self._on_event(self.task_id)
-        self._checkpoints[name] = result
-        self.steps.append(StepRecord(name=name, status="completed", duration_ms=_ms(start)))
-        return result
-
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)
+WorkflowFn = Callable[[WorkflowContext, Any], Coroutine[Any, Any, Any]]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -133,7 +29,38 @@ class Workflow(Generic[I]):
     name: str
     input_model: type[I]
     fn: Callable[[WorkflowContext, I], Coroutine[Any, Any, Any]]
-    estimate: Callable[[I], float | None]
+    estimate: Callable[[I], float | None] = lambda _: None
+    description: str = ""
+
+
+def workflow(
+    fn: WorkflowFn | None = None,
+    *,
+    name: str | None = None,
+    estimate: Callable[[Any], float | None] | None = None,
+) -> Any:
+    """Turn ``async def analyse(ctx: WorkflowContext, req: Request) -> Report`` into a registrable
+    :class:`Workflow`; the input model is read from the second parameter's annotation.
+
+    Usable bare (``@workflow``) or with options (``@workflow(name="analyse", estimate=lambda req: 30.0)``).
+    """
+
+    def wrap(f: WorkflowFn) -> Workflow[Any]:
+        params = list(inspect.signature(f).parameters.values())
+        if len(params) != 2:
+            raise ConfigError(f"workflow {f.__name__} must take (ctx, input), not {len(params)} parameter(s)")
+        hint = typing.get_type_hints(f).get(params[1].name)
+        if not (isinstance(hint, type) and issubclass(hint, BaseModel)):
+            raise ConfigError(f"workflow {f.__name__}: annotate its input with a pydantic model, got {hint!r}")
+        return Workflow(
+            name=name or f.__name__,
+            input_model=hint,
+            fn=f,
+            estimate=estimate or (lambda _: None),
+            description=inspect.getdoc(f) or "",
+        )
+
+    return wrap(fn) if fn is not None else wrap
 
 
 class WorkflowRegistry:
@@ -144,6 +71,20 @@ class WorkflowRegistry:
         if wf.name in self._workflows:
             raise ConfigError(f"workflow {wf.name!r} is registered twice")
         self._workflows[wf.name] = wf
+
+    def load(self, spec: str) -> None:
+        """Register workflows from ``package.module:attr``: a Workflow, or a list of them."""
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            obj = getattr(module, attr) if attr else None
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"cannot load workflows from {spec!r}: {exc}") from exc
+        items = obj if isinstance(obj, list | tuple) else [obj]
+        for item in items:
+            if not isinstance(item, Workflow):
+                raise ConfigError(f"{spec!r} is not a Workflow (decorate it with @keel.workflow)")
+            self.register(item)
 
     def get(self, name: str) -> Workflow[Any] | None:
         return self._workflows.get(name)
@@ -187,7 +128,7 @@ async def diagnostic(ctx: WorkflowContext, inp: DiagnosticInput) -> dict[str, An
     return {"steps": outputs, "message": f"diagnostic ran {inp.steps} steps"}
 
 
-DIAGNOSTIC = Workflow(
+DIAGNOSTIC: Workflow[DiagnosticInput] = Workflow(
     name="diagnostic",
     input_model=DiagnosticInput,
     fn=diagnostic,

@@ -10,8 +10,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from keel.errors import LeaseLost
+from keel.memory.blobs import INLINE_LIMIT
 from keel.memory.stores import Store
-from keel.memory.types import CreateOutcome, IdempotencyClaim, NewTask, TaskStatus
+from keel.memory.types import BlobRef, CreateOutcome, IdempotencyClaim, NewTask, StepCheckpoint, StepStatus, TaskStatus
 
 T0 = 1_000_000.0
 
@@ -87,7 +88,8 @@ async def check_lease_fencing(store: Store) -> None:
     for write in (
         store.append(lease, "progress", {}, T0 + 12),
         store.set_progress(lease, 0.9, "x", T0 + 12),
-        store.save_checkpoint(lease, "s", 1),
+        store.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f"), [], T0 + 12),
+        store.set_state(lease, "partial", 1, None, T0 + 12),
         store.finish(lease, res.task.id, TaskStatus.succeeded, {"status": "success"}, T0 + 12),
     ):
         try:
@@ -104,8 +106,6 @@ async def check_finish_outbox_and_end_event(store: Store) -> None:
     assert res.task
     lease = await store.lease_next("w", T0, 10, 5)
     assert lease
-    await store.save_checkpoint(lease, "step-1", {"ok": True})
-    assert await store.load_checkpoints(res.task.id) == {"step-1": {"ok": True}}
     end = await store.finish(lease, res.task.id, TaskStatus.succeeded, {"status": "success"}, T0 + 1)
     assert end is not None and end.type == "end"
     task = await store.get_task(res.task.id)
@@ -171,6 +171,43 @@ async def check_api_keys(store: Store) -> None:
     assert await store.verify_key("garbage") is None
 
 
+async def check_workflow_steps_and_blobs(store: Store) -> None:
+    res = await store.create_task(_new(), None, T0)
+    assert res.task
+    lease = await store.lease_next("w", T0, 10, 5)
+    assert lease
+    small = StepCheckpoint(key="a", seq=1, fn="mod.a", kind="tool", result={"n": 1}, usage={"tool_calls": 1})
+    big_value = {"text": "lorem ipsum " * (INLINE_LIMIT // 6)}
+    big = StepCheckpoint(key="b", seq=2, fn="mod.b", result=big_value, duration_ms=3.5, finished_at=T0 + 2)
+    failed = StepCheckpoint(
+        key="c", seq=3, fn="mod.c", status=StepStatus.failed, tries=3, error={"type": "timeout", "message": "slow"}
+    )
+    await store.record_step(lease, small, [("step_completed", {"step": "a"}), ("budget", {"steps": 1})], T0 + 1)
+    await store.record_step(lease, big, [("step_completed", {"step": "b"})], T0 + 2)
+    await store.record_step(lease, failed, [("step_failed", {"step": "c"})], T0 + 3)
+    steps = await store.load_steps(res.task.id)
+    assert [s.key for s in steps] == ["a", "b", "c"]
+    assert steps[0].result == {"n": 1} and steps[0].kind == "tool" and steps[0].usage == {"tool_calls": 1}
+    assert isinstance(steps[1].result, BlobRef) and steps[1].result.size > INLINE_LIMIT
+    assert await store.load_blob(steps[1].result) == big_value
+    assert steps[2].status is StepStatus.failed and steps[2].tries == 3 and steps[2].error == failed.error
+    types = [e.type for e in await store.read(res.task.id, 0)]
+    assert types[-4:] == ["step_completed", "budget", "step_completed", "step_failed"]
+    await store.set_state(lease, "partial", {"done": [1, 2]}, ("partial_result", {"key": "done"}), T0 + 4)
+    await store.set_state(lease, "big", big_value, None, T0 + 4)
+    assert await store.load_state(res.task.id) == {"partial": {"done": [1, 2]}, "big": big_value}
+    # A newer attempt takes over: the old run's writes are refused, so it cannot corrupt the retry's state.
+    lease2 = await store.lease_next("w2", T0 + 100, 10, 5)
+    assert lease2 is not None
+    try:
+        await store.record_step(lease, StepCheckpoint(key="d", seq=4, fn="mod.d"), [], T0 + 101)
+    except LeaseLost:
+        pass
+    else:
+        raise AssertionError("a zombie attempt recorded a step")
+    assert [s.key for s in await store.load_steps(res.task.id)] == ["a", "b", "c"]
+
+
 CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_create_and_get,
     check_idempotency,
@@ -182,4 +219,5 @@ CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_cancel_and_requeue,
     check_poison_dead_letter,
     check_api_keys,
+    check_workflow_steps_and_blobs,
 ]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 import hmac
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from keel.errors import LeaseLost
+from keel.errors import LeaseLost, StoreError
+from keel.memory.blobs import pack, unpack_blob
 from keel.memory.types import (
     ApiKey,
+    BlobRef,
     CreateOutcome,
     CreateResult,
     Event,
@@ -20,6 +23,7 @@ from keel.memory.types import (
     LeaseState,
     NewTask,
     OutboxMessage,
+    StepCheckpoint,
     Task,
     TaskStatus,
     dead_letter_envelope,
@@ -41,7 +45,9 @@ class InMemoryStore:
     def __init__(self) -> None:
         self._tasks: dict[str, _Row] = {}
         self._keys: dict[tuple[str, str], tuple[str, str, float]] = {}
-        self._checkpoints: dict[str, dict[str, Any]] = {}
+        self._steps: dict[str, dict[str, StepCheckpoint]] = {}
+        self._state: dict[str, dict[str, Any]] = {}
+        self._blobs: dict[str, bytes] = {}
         self._outbox: dict[str, OutboxMessage] = {}
         self._next_at: dict[str, float] = {}
         self._disabled: set[tuple[str, str]] = set()
@@ -198,15 +204,44 @@ class InMemoryStore:
             row.task.cancel_requested = True
         return copy.deepcopy(row.task)
 
-    async def save_checkpoint(
-        self, lease: Lease, name: str, result: Any, event: tuple[str, dict[str, Any]] | None = None, now: float = 0.0
-    ) -> Event | None:
-        row = self._fence(lease)
-        self._checkpoints.setdefault(lease.task_id, {})[name] = copy.deepcopy(result)
-        return self._append(row, event[0], event[1], now) if event else None
+    def _put(self, value: Any) -> Any:
+        packed = pack(value)
+        if packed.blob_id is not None and packed.blob is not None:
+            self._blobs[packed.blob_id] = packed.blob
+            return BlobRef(id=packed.blob_id, size=packed.size)
+        return json.loads(packed.inline or "null")  # a JSON round trip, exactly as the SQLite store does
 
-    async def load_checkpoints(self, task_id: str) -> dict[str, Any]:
-        return copy.deepcopy(self._checkpoints.get(task_id, {}))
+    async def record_step(
+        self, lease: Lease, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]], now: float
+    ) -> None:
+        row = self._fence(lease)
+        stored = replace(step, result=self._put(step.result), error=copy.deepcopy(step.error), usage=dict(step.usage))
+        self._steps.setdefault(lease.task_id, {})[step.key] = stored
+        for type, data in events:
+            self._append(row, type, data, now)
+
+    async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
+        steps = sorted(self._steps.get(task_id, {}).values(), key=lambda s: (s.seq, s.key))
+        return [replace(s, result=copy.deepcopy(s.result)) for s in steps]
+
+    async def load_blob(self, ref: BlobRef) -> Any:
+        if ref.id not in self._blobs:
+            raise StoreError(f"blob {ref.id} is missing")
+        return unpack_blob(self._blobs[ref.id])
+
+    async def set_state(
+        self, lease: Lease, key: str, value: Any, event: tuple[str, dict[str, Any]] | None, now: float
+    ) -> None:
+        row = self._fence(lease)
+        self._state.setdefault(lease.task_id, {})[key] = self._put(value)
+        if event is not None:
+            self._append(row, event[0], event[1], now)
+
+    async def load_state(self, task_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in self._state.get(task_id, {}).items():
+            out[key] = await self.load_blob(value) if isinstance(value, BlobRef) else copy.deepcopy(value)
+        return out
 
     async def sweep_idempotency(self, now: float) -> int:
         expired = [k for k, v in self._keys.items() if v[2] <= now]

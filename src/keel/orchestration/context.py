@@ -1,0 +1,630 @@
+"""The workflow context: everything a workflow may touch, and the only way it reaches the engine.
+
+A workflow is plain async Python. ``await ctx.step(name, fn, *args)`` is a durable step: a finished step's result
+(or its final failure) is recorded in the workflow store, and when the run resumes after a crash, or is replayed,
+the recorded outcome comes back instead of running ``fn`` again. Time, ids and randomness come from the context
+(``ctx.now()``, ``ctx.uuid()``, ``ctx.random()``), so that a replay takes the same path as the original run.
+
+The context talks to its engine through a :class:`Journal`, a handful of async methods. The embedded engine
+implements it on the store under a fenced lease; the replayer implements it on a recorded history; a
+distributed engine implements it on its own history. Workflow code never sees which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import copy
+import functools
+import random as _random
+import time
+import typing
+import uuid as _uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import httpx
+import pydantic
+import pydantic_core
+from pydantic import BaseModel, TypeAdapter
+
+from keel.errors import (
+    BranchesFailed,
+    BudgetExceeded,
+    ConfigError,
+    LeaseLost,
+    Nondeterminism,
+    StepFailed,
+    UpstreamError,
+    WorkflowError,
+)
+from keel.memory.types import BlobRef, StepCheckpoint, StepStatus
+from keel.orchestration.budget import Budget, BudgetMeter
+from keel.orchestration.models import Message, Model, ModelResponse, ModelSettings
+from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
+from keel.orchestration.tools import Tool
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+class Journal(Protocol):
+    """The engine side of a context: where steps, events and state go."""
+
+    task_id: str
+    run_attempt: int
+
+    async def emit(self, type: str, data: dict[str, Any]) -> None: ...
+
+    async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None: ...
+
+    async def set_state(self, key: str, value: Any, event: tuple[str, dict[str, Any]] | None) -> None: ...
+
+    async def set_progress(self, fraction: float, step: str | None) -> None: ...
+
+    async def load_blob(self, ref: BlobRef) -> Any: ...
+
+
+@dataclass(kw_only=True, slots=True)
+class StepCall:
+    """A step not yet run, for :meth:`WorkflowContext.gather`. Build it with :meth:`WorkflowContext.call`."""
+
+    name: str
+    fn: Callable[..., Awaitable[Any]]
+    args: tuple[Any, ...] = ()
+    kind: str = "step"
+    timeout: float | None = None
+    """Seconds for the whole step, retries included. On expiry the step fails with type ``timeout``."""
+    retry: RetryPolicy | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class StepInfo:
+    """One step as the envelope's metadata lists it."""
+
+    name: str
+    kind: str
+    status: str
+    duration_ms: float
+    attempts: int = 1
+    errors: list[str] = field(default_factory=list)
+    replayed: bool = False
+    run_attempt: int = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class EnvelopeError:
+    type: str
+    message: str
+    severity: str = "error"
+    recovery_suggested: bool = False
+    step: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class BranchError:
+    index: int
+    step: str
+    type: str
+    message: str
+
+
+@dataclass(kw_only=True, slots=True)
+class MapResult(Generic[T]):
+    """Outcome of parallel branches: ``results`` is aligned with the inputs, ``None`` where a branch failed."""
+
+    results: list[T | None]
+    errors: list[BranchError]
+
+    @property
+    def succeeded(self) -> list[T]:
+        failed = {e.index for e in self.errors}
+        return [r for i, r in enumerate(self.results) if i not in failed]  # type: ignore[misc]
+
+    @property
+    def ok(self) -> int:
+        return len(self.results) - len(self.errors)
+
+
+@dataclass(slots=True)
+class _Scope:
+    key: str
+    usage: dict[str, float]
+
+
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("keel_step_scope", default=None)
+
+
+class WorkflowContext:
+    """What a workflow may touch. Nothing in a workflow reaches past it."""
+
+    def __init__(
+        self,
+        *,
+        journal: Journal,
+        history: Sequence[StepCheckpoint] = (),
+        state: dict[str, Any] | None = None,
+        budget: Budget | None = None,
+        started_at: float,
+        deadline_at: float | None = None,
+        clock: Callable[[], float] = time.time,
+        progress: float = 0.0,
+        strict_replay: bool = False,
+    ) -> None:
+        self.task_id = journal.task_id
+        self.attempt = journal.run_attempt
+        self._journal = journal
+        self._history = {cp.key: cp for cp in history}
+        self._clock = clock
+        self._time = started_at
+        self._rng = _random.Random(f"keel:{self.task_id}")
+        self._names: dict[str, int] = {}
+        self._seq = 0
+        self._progress = progress
+        self._strict = strict_replay
+        self.meter = BudgetMeter(budget=budget or Budget(), deadline_at=deadline_at, clock=clock)
+        self.steps: list[StepInfo] = []
+        self.errors: list[EnvelopeError] = []
+        self.partial: dict[str, Any] = dict((state or {}).get("partial", {}))
+        self.metadata: dict[str, Any] = {"model_ids": [], "tools_called": [], "reductions": {}}
+        self.executed: list[str] = []
+        """Keys of the steps this run actually executed (not replayed): what a crash test counts."""
+
+    # -- deterministic sources -------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Workflow time: the start of the run, advanced to each step's recorded finish. Replays see the same."""
+        return self._time
+
+    def random(self) -> float:
+        return self._rng.random()
+
+    def uuid(self) -> _uuid.UUID:
+        return _uuid.UUID(int=self._rng.getrandbits(128), version=4)
+
+    @property
+    def rng(self) -> _random.Random:
+        """A deterministic ``random.Random`` for choices and shuffles."""
+        return self._rng
+
+    # -- events, progress, partial results ---------------------------------------------------------
+
+    async def emit(self, type: str, data: dict[str, Any]) -> None:
+        await self._journal.emit(type, data)
+
+    async def progress(self, fraction: float, step: str | None = None) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        if fraction < self._progress:
+            return  # replayed steps after a resume must not move the bar backwards
+        self._progress = fraction
+        await self._journal.set_progress(fraction, step)
+
+    async def partial_result(self, key: str, value: Any) -> None:
+        """Record a piece of the result that survives failure, cancellation and budget breakers."""
+        value = pydantic_core.to_jsonable_python(value)
+        self.partial[key] = value
+        event_value = value if len(repr(value)) <= 4096 else {"omitted": "large", "approx_chars": len(repr(value))}
+        await self._journal.set_state("partial", self.partial, ("partial_result", {"key": key, "value": event_value}))
+
+    def warn(self, type: str, message: str, *, step: str | None = None, recovery_suggested: bool = False) -> None:
+        self.errors.append(
+            EnvelopeError(
+                type=type, message=message, severity="warning", step=step, recovery_suggested=recovery_suggested
+            )
+        )
+
+    def error(self, type: str, message: str, *, step: str | None = None, recovery_suggested: bool = False) -> None:
+        self.errors.append(EnvelopeError(type=type, message=message, step=step, recovery_suggested=recovery_suggested))
+
+    # -- durable steps -----------------------------------------------------------------------------
+
+    def call(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> StepCall:
+        return StepCall(name=name, fn=fn, args=args, timeout=timeout, retry=retry)
+
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> T:
+        """Run ``fn(*args)`` once, durably. Raises :class:`StepFailed` when it fails for good."""
+        result: T = await self._run(StepCall(name=name, fn=fn, args=args, timeout=timeout, retry=retry))
+        return result
+
+    async def tool(
+        self,
+        tool: Tool,
+        args: dict[str, Any] | BaseModel,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Any:
+        """Call a tool as a durable step. Counts against the tool-call budget; bad arguments are never retried."""
+
+        async def invoke(raw: dict[str, Any]) -> Any:
+            result = await tool.fn(tool.input_model.model_validate(raw))
+            return pydantic_core.to_jsonable_python(result)
+
+        raw = args.model_dump(mode="json") if isinstance(args, BaseModel) else args
+        call = StepCall(name=name or f"tool:{tool.name}", fn=invoke, args=(raw,), kind="tool", timeout=timeout)
+        call.retry = retry or (NO_RETRY if tool.effect == "write" else DEFAULT_RETRY)
+        return await self._run(call, fn_id=f"tool:{tool.name}")
+
+    async def generate(
+        self,
+        name: str,
+        model: Model,
+        prompt: str | Sequence[Message],
+        *,
+        output_type: type[M] | None = None,
+        settings: ModelSettings | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Any:
+        """Ask a model, as a durable step. Tokens and cost are charged to the task's budget.
+
+        With ``output_type`` the answer must be JSON valid against it, or the step fails with
+        ``schema_violation`` (not retried: callers that want a repair loop, like :meth:`plan`, build one).
+        """
+        messages = [Message(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
+        schema = output_type.model_json_schema() if output_type is not None else None
+
+        async def ask(_: str) -> dict[str, Any]:
+            resp = await model.request(messages, output_schema=schema, settings=settings)
+            self.charge_model(model, messages, resp)
+            if output_type is not None:
+                return {"output": output_type.model_validate_json(resp.text).model_dump(mode="json")}
+            return {"output": resp.text, "finish_reason": resp.finish_reason}
+
+        call = StepCall(name=name, fn=ask, args=(model.name,), kind="model", timeout=timeout, retry=retry)
+        out: dict[str, Any] = await self._run(call, fn_id=f"model:{output_type.__name__ if output_type else 'text'}")
+        if output_type is not None:
+            return output_type.model_validate(out["output"])
+        return out["output"]
+
+    def charge_model(self, model: Model, messages: Sequence[Message], resp: ModelResponse) -> None:
+        """Charge a model call to the running step and the task (usage from the provider, else counted)."""
+        inp = resp.input_tokens or sum(model.count_tokens(m.content) for m in messages)
+        out = resp.output_tokens or model.count_tokens(resp.text)
+        self._charge({"model_calls": 1, "input_tokens": inp, "output_tokens": out, "cost_usd": resp.cost_usd})
+        model_id = resp.model_id or model.name
+        if model_id not in self.metadata["model_ids"]:
+            self.metadata["model_ids"].append(model_id)
+
+    def _charge(self, usage: dict[str, float]) -> None:
+        scope = _scope.get()
+        if scope is not None:
+            for k, v in usage.items():
+                scope.usage[k] = scope.usage.get(k, 0) + v
+        self.meter.used.add(usage)
+
+    # -- parallel branches -------------------------------------------------------------------------
+
+    async def map(
+        self,
+        fn: Callable[[Any], Awaitable[T]],
+        items: Sequence[Any],
+        *,
+        name: str | None = None,
+        timeout_per_item: float | None = None,
+        min_success: int | None = None,
+        concurrency: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> MapResult[T]:
+        """Run ``fn(item)`` for every item as its own durable step, concurrently, each with its own timeout.
+
+        With at least ``min_success`` successes (default: all) the run goes on and each failure becomes an
+        envelope error; below it, :class:`BranchesFailed` is raised after the successes are saved as partial
+        results under ``name``.
+        """
+        label = name or str(getattr(fn, "__name__", "map"))
+        calls = [
+            StepCall(name=f"{label}[{i}]", fn=fn, args=(item,), timeout=timeout_per_item, retry=retry)
+            for i, item in enumerate(items)
+        ]
+        return await self.gather(*calls, name=label, min_success=min_success, concurrency=concurrency)
+
+    async def gather(
+        self,
+        *calls: StepCall,
+        name: str = "gather",
+        min_success: int | None = None,
+        concurrency: int | None = None,
+    ) -> MapResult[Any]:
+        need = len(calls) if min_success is None else min_success
+        if not 0 <= need <= len(calls):
+            raise ConfigError(f"min_success={need} but there are {len(calls)} branches")
+        sem = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def branch(call: StepCall) -> Any:
+            async with sem if sem is not None else contextlib.nullcontext():
+                return await self._run(call)
+
+        outcomes = await _all_settled([branch(c) for c in calls], fatal=_FATAL)
+        results: list[Any] = []
+        errors: list[BranchError] = []
+        for i, (call, outcome) in enumerate(zip(calls, outcomes, strict=True)):
+            if isinstance(outcome, StepFailed):
+                results.append(None)
+                errors.append(
+                    BranchError(index=i, step=outcome.step or call.name, type=outcome.type, message=outcome.message)
+                )
+            else:
+                results.append(outcome)
+        out: MapResult[Any] = MapResult(results=results, errors=errors)
+        for e in errors:
+            self.error(e.type, e.message, step=e.step, recovery_suggested=e.type in _TRANSIENT)
+        if out.ok < need:
+            await self.partial_result(name, [r for i, r in enumerate(results) if i not in {e.index for e in errors}])
+            raise BranchesFailed(
+                f"{out.ok} of {len(calls)} branches of {name!r} succeeded; {need} required",
+                type="min_success_not_met",
+                step=name,
+            )
+        return out
+
+    # -- planning and map-reduce (see planner.py and reduce.py) ------------------------------------
+
+    async def plan(self, intent: str, catalog: Any, *, model: Model, **kwargs: Any) -> Any:
+        from keel.orchestration.planner import make_plan
+
+        return await make_plan(self, intent, catalog, model=model, **kwargs)
+
+    async def run_plan(self, plan: Any, catalog: Any, *, model: Model, **kwargs: Any) -> Any:
+        from keel.orchestration.planner import execute_plan
+
+        return await execute_plan(self, plan, catalog, model=model, **kwargs)
+
+    async def reduce_to_fit(self, texts: Sequence[str], model: Model, instruction: str, **kwargs: Any) -> Any:
+        from keel.orchestration.reduce import reduce_to_fit
+
+        return await reduce_to_fit(self, texts, model, instruction, **kwargs)
+
+    # -- the step machinery ------------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        n = self._names.get(name, 0) + 1
+        self._names[name] = n
+        return name if n == 1 else f"{name}#{n}"
+
+    async def _run(self, call: StepCall, fn_id: str | None = None) -> Any:
+        if _scope.get() is not None:
+            raise ConfigError(f"step {call.name!r} was started inside another step; steps do not nest")
+        key = self._key(call.name)
+        self._seq += 1
+        seq = self._seq
+        fn_id = fn_id or _fn_id(call.fn)
+        if call.kind == "tool":
+            self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": key})
+        recorded = self._history.get(key)
+        if recorded is not None:
+            return await self._replay(recorded, fn_id, call)
+        if self._strict:
+            raise Nondeterminism(f"step {key!r} ({fn_id}) is not in the recorded history", type="nondeterminism")
+        return await self._execute(call, key, seq, fn_id)
+
+    async def _replay(self, cp: StepCheckpoint, fn_id: str, call: StepCall) -> Any:
+        if cp.fn and cp.fn != fn_id:
+            raise Nondeterminism(
+                f"step {cp.key!r} was recorded as {cp.fn} but the code now calls {fn_id}",
+                type="nondeterminism",
+                step=cp.key,
+            )
+        self.meter.used.add(cp.usage)
+        self._time = max(self._time, cp.finished_at)
+        errors = [cp.error["message"]] if cp.error else []
+        self.steps.append(
+            StepInfo(
+                name=cp.key,
+                kind=cp.kind,
+                status=cp.status.value,
+                duration_ms=cp.duration_ms,
+                attempts=cp.tries,
+                errors=errors,
+                replayed=True,
+                run_attempt=cp.run_attempt,
+            )
+        )
+        if cp.status is StepStatus.failed:
+            err = cp.error or {}
+            raise StepFailed(err.get("message", "step failed"), type=err.get("type", "step_failed"), step=cp.key)
+        value = await self._journal.load_blob(cp.result) if isinstance(cp.result, BlobRef) else cp.result
+        return _revive(call.fn, value)
+
+    async def _execute(self, call: StepCall, key: str, seq: int, fn_id: str) -> Any:
+        self.meter.before_step(call.kind)
+        scope = _Scope(key=key, usage={"steps": 1, **({"tool_calls": 1} if call.kind == "tool" else {})})
+        self.meter.used.add(scope.usage)
+        await self._journal.emit("step_started", {"step": key, "kind": call.kind, "attempt": self.attempt})
+        policy = call.retry or DEFAULT_RETRY
+        tries = 0
+        started = time.perf_counter()
+        token = _scope.set(scope)
+        try:
+            async with asyncio.timeout(call.timeout):
+                async for attempt in policy.retrying():
+                    with attempt:
+                        tries += 1
+                        if tries > 1:
+                            await self._journal.emit("step_retrying", {"step": key, "try": tries})
+                        # Each try gets its own copy of the arguments: a failed try that mutated them must not
+                        # hand its partial state to the next one.
+                        value = await call.fn(*copy.deepcopy(call.args))
+        except asyncio.CancelledError:
+            self.steps.append(
+                StepInfo(name=key, kind=call.kind, status="cancelled", duration_ms=_ms(started), attempts=tries)
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._journal.emit("step_cancelled", {"step": key, "kind": call.kind}))
+            raise
+        except (BudgetExceeded, LeaseLost, Nondeterminism, ConfigError):
+            self.steps.append(
+                StepInfo(name=key, kind=call.kind, status="stopped", duration_ms=_ms(started), attempts=tries)
+            )
+            raise
+        except Exception as exc:
+            type_, message = classify(exc, call.timeout)
+            duration = _ms(started)
+            self.steps.append(
+                StepInfo(
+                    name=key, kind=call.kind, status="failed", duration_ms=duration, attempts=tries, errors=[message]
+                )
+            )
+            cp = StepCheckpoint(
+                key=key,
+                seq=seq,
+                fn=fn_id,
+                kind=call.kind,
+                status=StepStatus.failed,
+                run_attempt=self.attempt,
+                tries=tries,
+                error={"type": type_, "message": message},
+                usage=scope.usage,
+                duration_ms=duration,
+                finished_at=self._clock(),
+            )
+            await self._journal.record_step(
+                cp,
+                [
+                    ("step_failed", {"step": key, "kind": call.kind, "tries": tries, "error": cp.error}),
+                    ("budget", self.meter.snapshot()),
+                ],
+            )
+            self._time = max(self._time, cp.finished_at)
+            raise StepFailed(message, type=type_, step=key, recovery_suggested=type_ in _TRANSIENT) from exc
+        finally:
+            _scope.reset(token)
+        stored = pydantic_core.to_jsonable_python(value)
+        duration = _ms(started)
+        cp = StepCheckpoint(
+            key=key,
+            seq=seq,
+            fn=fn_id,
+            kind=call.kind,
+            run_attempt=self.attempt,
+            tries=tries,
+            result=stored,
+            usage=scope.usage,
+            duration_ms=duration,
+            finished_at=self._clock(),
+        )
+        await self._journal.record_step(
+            cp,
+            [
+                ("step_completed", {"step": key, "kind": call.kind, "tries": tries, "duration_ms": duration}),
+                ("budget", self.meter.snapshot()),
+            ],
+        )
+        self.executed.append(key)
+        self._time = max(self._time, cp.finished_at)
+        self.steps.append(StepInfo(name=key, kind=call.kind, status="completed", duration_ms=duration, attempts=tries))
+        self.meter.check_spend()
+        return _revive(call.fn, stored)
+
+
+_TRANSIENT = {"timeout", "rate_limited", "upstream_error", "connection_error"}
+_FATAL: tuple[type[BaseException], ...] = (BudgetExceeded, LeaseLost, Nondeterminism, ConfigError)
+
+
+def classify(exc: BaseException, timeout: float | None = None) -> tuple[str, str]:
+    """An exception as an envelope error: (type, message)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"timed out after {timeout:g} s" if timeout else "timed out"
+    if isinstance(exc, pydantic.ValidationError):
+        return "schema_violation", _validation_message(exc)
+    if isinstance(exc, UpstreamError):
+        return ("rate_limited" if exc.status_code == 429 else "upstream_error"), exc.message
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return ("rate_limited" if code == 429 else "upstream_error"), f"HTTP {code} from {exc.request.url}"
+    if isinstance(exc, httpx.TransportError):
+        return "connection_error", f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, WorkflowError):
+        return exc.type, exc.message
+    return "step_failed", f"{type(exc).__name__}: {exc}"
+
+
+def _validation_message(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        pointer = "/" + "/".join(str(p) for p in err["loc"])
+        parts.append(f"{pointer}: {err['msg']}")
+    return "; ".join(parts)
+
+
+async def _all_settled(coros: list[Awaitable[Any]], *, fatal: tuple[type[BaseException], ...]) -> list[Any]:
+    """Run branches concurrently; each yields its value or its StepFailed. A fatal error (a budget breaker, a lost
+    lease) or a cancellation of the caller cancels every branch, waits for all of them, then propagates:
+    no branch outlives the call."""
+
+    async def settle(c: Awaitable[Any]) -> Any:
+        try:
+            return await c
+        except StepFailed as exc:
+            return exc
+
+    tasks = [asyncio.ensure_future(settle(c)) for c in coros]
+    if not tasks:
+        return []
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    if pending:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            exc = t.exception()
+            assert exc is not None
+            raise exc
+    return [t.result() for t in tasks]
+
+
+def _fn_id(fn: Callable[..., Any]) -> str:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+
+
+@functools.lru_cache(maxsize=512)
+def _adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    try:
+        ret = typing.get_type_hints(target).get("return")
+    except Exception:
+        return None
+    if ret is None or ret is Any or ret is type(None):
+        return None
+    try:
+        return TypeAdapter(ret)
+    except Exception:
+        return None
+
+
+def _revive(fn: Callable[..., Any], value: Any) -> Any:
+    """Stored JSON back to the step's declared return type, so a fresh run and a replay return the same thing."""
+    try:
+        adapter = _adapter(fn)
+    except TypeError:  # unhashable callable
+        adapter = None
+    return adapter.validate_python(value) if adapter is not None else value
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
