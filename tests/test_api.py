@@ -45,7 +45,7 @@ def test_submit_poll_and_envelope(live: LiveServer) -> None:
         done = wait_terminal(c, body["id"])
         final = c.get(body["links"]["self"])
         assert "retry-after" not in final.headers
-        assert done["status"] == "succeeded" and done["progress"] == 1.0
+        assert done["status"] == "succeeded" and done["progress"] == 1.0, done["envelope"]
         env = done["envelope"]
         assert isinstance(env, dict)
         assert env["status"] == "success" and env["errors"] == []

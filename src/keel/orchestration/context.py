@@ -269,6 +269,7 @@ class WorkflowContext:
         prompt: str | Sequence[Message],
         *,
         output_type: type[M] | None = None,
+        json_schema: dict[str, Any] | None = None,
         settings: ModelSettings | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
@@ -277,9 +278,10 @@ class WorkflowContext:
 
         With ``output_type`` the answer must be JSON valid against it, or the step fails with
         ``schema_violation`` (not retried: callers that want a repair loop, like :meth:`plan`, build one).
+        ``json_schema`` asks the model for JSON of that shape but returns the raw text, unvalidated.
         """
         messages = [Message(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
-        schema = output_type.model_json_schema() if output_type is not None else None
+        schema = output_type.model_json_schema() if output_type is not None else json_schema
 
         async def ask(_: str) -> dict[str, Any]:
             resp = await model.request(messages, output_schema=schema, settings=settings)
@@ -374,6 +376,12 @@ class WorkflowContext:
                 step=name,
             )
         return out
+
+    async def concurrently(self, *aws: Awaitable[Any]) -> list[Any]:
+        """Run workflow-level coroutines (each may take steps) at once. Each yields its value, or the
+        :class:`StepFailed` that ended it; a breaker, a lost lease or a cancellation stops them all, and no
+        coroutine outlives the call."""
+        return await _all_settled(list(aws), fatal=_FATAL)
 
     # -- planning and map-reduce (see planner.py and reduce.py) ------------------------------------
 

@@ -83,7 +83,7 @@ def retry_after(exc: BaseException | None) -> float | None:
 class _RetryAfterOrBackoff(wait_base):
     def __init__(self, policy: RetryPolicy) -> None:
         self._backoff = tenacity.wait_exponential_jitter(
-            initial=policy.initial_interval,
+            multiplier=policy.initial_interval,
             max=policy.maximum_interval,
             exp_base=policy.backoff_coefficient,
             jitter=policy.jitter,

@@ -1,0 +1,91 @@
+"""Models for unit tests: ``FunctionModel`` answers with a function of the messages, ``FakeModel`` from a script.
+
+Both count tokens as whitespace-separated words, so tests can reason about context windows exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from keel.orchestration.models import Message, ModelResponse, ModelSettings
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class AgentInfo:
+    """What a FunctionModel's function sees besides the messages."""
+
+    output_schema: dict[str, Any] | None
+    settings: ModelSettings | None
+    call_index: int
+
+
+Reply = str | ModelResponse
+ModelFunction = Callable[[list[Message], AgentInfo], Reply | Awaitable[Reply]]
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+class FunctionModel:
+    def __init__(
+        self,
+        fn: ModelFunction,
+        *,
+        name: str = "test:function",
+        context_window: int = 8192,
+        cost_per_token_usd: float = 0.0,
+        delay_s: float = 0.0,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.context_window = context_window
+        self.cost_per_token_usd = cost_per_token_usd
+        self.delay_s = delay_s
+        self.calls: list[list[Message]] = []
+
+    def count_tokens(self, text: str) -> int:
+        return count_words(text)
+
+    async def request(
+        self,
+        messages: list[Message],
+        *,
+        output_schema: dict[str, Any] | None = None,
+        settings: ModelSettings | None = None,
+    ) -> ModelResponse:
+        self.calls.append(list(messages))
+        prompt_tokens = sum(count_words(m.content) for m in messages)
+        if prompt_tokens > self.context_window:
+            raise AssertionError(f"prompt of {prompt_tokens} tokens overflows the {self.context_window}-token window")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        info = AgentInfo(output_schema=output_schema, settings=settings, call_index=len(self.calls) - 1)
+        reply = self.fn(list(messages), info)
+        if inspect.isawaitable(reply):
+            reply = await reply
+        if isinstance(reply, ModelResponse):
+            return reply
+        out_tokens = count_words(reply)
+        return ModelResponse(
+            text=reply,
+            input_tokens=prompt_tokens,
+            output_tokens=out_tokens,
+            model_id=self.name,
+            cost_usd=(prompt_tokens + out_tokens) * self.cost_per_token_usd,
+        )
+
+
+class FakeModel(FunctionModel):
+    """Answers from ``script`` in order, repeating the last answer when the script runs out."""
+
+    def __init__(self, script: Sequence[Reply], **kwargs: Any) -> None:
+        if not script:
+            raise ValueError("FakeModel needs at least one scripted reply")
+        self.script = list(script)
+        kwargs.setdefault("name", "test:fake")
+        super().__init__(lambda _, info: self.script[min(info.call_index, len(self.script) - 1)], **kwargs)
