@@ -127,6 +127,11 @@ def submit(
     api_key: ApiKeyOpt = "",
     idempotency_key: Annotated[str | None, typer.Option(help="Idempotency-Key header.")] = None,
     follow: Annotated[bool, typer.Option(help="Follow the event stream until the task ends.")] = True,
+    max_steps: Annotated[int | None, typer.Option(help="Budget: durable steps.")] = None,
+    max_tool_calls: Annotated[int | None, typer.Option(help="Budget: tool calls (server default 20).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Budget: model tokens.")] = None,
+    max_cost_usd: Annotated[float | None, typer.Option(help="Budget: model spend in USD.")] = None,
+    deadline_s: Annotated[float | None, typer.Option(help="Budget: wall-clock seconds from submission.")] = None,
 ) -> None:
     """Submit a task, follow its stream with a live progress bar, then print the envelope."""
     raw = Path(input[1:]).read_text() if input.startswith("@") else input
@@ -134,9 +139,23 @@ def submit(
         payload = json.loads(raw)
     except json.JSONDecodeError as exc:
         _fail(f"--input is not valid JSON: {exc}", 2)
+    except OSError as exc:
+        _fail(f"cannot read --input file: {exc}", 2)
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    budget = {
+        k: v
+        for k, v in {
+            "max_steps": max_steps,
+            "max_tool_calls": max_tool_calls,
+            "max_tokens": max_tokens,
+            "max_cost_usd": max_cost_usd,
+            "deadline_s": deadline_s,
+        }.items()
+        if v is not None
+    }
+    body = {"workflow": workflow, "input": payload, **({"budget": budget} if budget else {})}
     with _client(url, api_key) as client:
-        accepted = _call(client, "POST", "/v1/tasks", json={"workflow": workflow, "input": payload}, headers=headers)
+        accepted = _call(client, "POST", "/v1/tasks", json=body, headers=headers)
         task = accepted.json()
         err.print(f"[bold]submitted[/] {task['id']} ({task['status']})")
         if not follow:
@@ -169,6 +188,10 @@ def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
                         data = json.loads(sse.data) if sse.data else {}
                         if sse.event == "progress":
                             progress.update(bar, completed=data["progress"], description=str(data.get("step")))
+                        elif sse.event == "step_started":
+                            progress.update(bar, description=f"{data['step']} …")
+                        elif sse.event == "budget":
+                            progress.update(bar, description=_budget_line(data))
                         elif sse.event == "status":
                             progress.update(bar, description=data["status"])
                         elif sse.event == "end":
@@ -179,6 +202,17 @@ def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
                 time.sleep(1)
     response = _call(client, "GET", f"/v1/tasks/{task_id}")
     return dict(response.json().get("envelope") or {})
+
+
+def _budget_line(data: dict[str, Any]) -> str:
+    used, limits = data.get("used", {}), data.get("limits", {})
+    parts = []
+    for key, label in (("steps", "steps"), ("tool_calls", "tools"), ("tokens", "tokens")):
+        if used.get(key) or key in limits:
+            parts.append(f"{label} {used.get(key, 0)}" + (f"/{limits[key]}" if key in limits else ""))
+    if used.get("cost_usd"):
+        parts.append(f"${used['cost_usd']:.4f}")
+    return " · ".join(parts)
 
 
 @tasks_app.command("list")
@@ -209,6 +243,47 @@ def tasks_cancel(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiK
     """Cancel a task (idempotent); it keeps its partial result."""
     with _client(url, api_key) as client:
         out.print_json(data=_call(client, "POST", f"/v1/tasks/{task_id}/cancel").json())
+
+
+@tasks_app.command("replay")
+def tasks_replay(task_id: str, data_dir: DataDir = None) -> None:
+    """Replay a task's recorded history against the current workflow code, executing nothing.
+
+    Exits 0 when the code makes the same decisions as the recorded run, 1 (with the divergence) when it does not:
+    run it before deploying a workflow change that in-flight tasks will resume under.
+    """
+    from keel.backends import open_store
+    from keel.errors import KeelError
+    from keel.orchestration.replay import load_history, replay
+    from keel.orchestration.workflow import default_registry
+
+    settings = _settings(data_dir)
+    registry = default_registry()
+    for spec in settings.workflows:
+        registry.load(spec)
+
+    async def run() -> dict[str, Any]:
+        store = open_store(settings.resolved_store_url)
+        try:
+            history = await load_history(store, task_id)
+            wf = registry.get(history.workflow)
+            if wf is None:
+                _fail(f"workflow {history.workflow!r} is not registered here (set KEEL_WORKFLOWS?)")
+            result = await replay(wf, history, store=store)
+            return {
+                "task_id": task_id,
+                "deterministic": True,
+                "replayed_steps": result.steps,
+                "reached_end": result.complete,
+                "error": result.error,
+            }
+        finally:
+            await store.aclose()
+
+    try:
+        out.print_json(data=asyncio.run(run()))
+    except KeelError as exc:
+        _fail(f"replay diverged: {exc.message}")
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ async def submit(
                 input=parsed.model_dump(mode="json"),
                 webhook_url=str(body.webhook.url) if body.webhook else None,
                 webhook_secret=body.webhook.secret if body.webhook else None,
-                budget=body.budget,
+                budget=body.budget.model_dump(),
                 metadata=body.metadata,
                 estimated_duration_s=wf.estimate(parsed),
             ),

@@ -10,7 +10,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 from keel.memory.types import Task, TaskStatus
 from keel.orchestration.envelope import Envelope
 
-__all__ = ["Envelope", "SubmitTask", "TaskAccepted", "TaskView", "TaskPage", "WebhookSpec", "Links"]
+__all__ = ["BudgetSpec", "Envelope", "SubmitTask", "TaskAccepted", "TaskView", "TaskPage", "WebhookSpec", "Links"]
 
 
 class WebhookSpec(BaseModel):
@@ -36,6 +36,17 @@ class WebhookSpec(BaseModel):
         return v
 
 
+class BudgetSpec(BaseModel):
+    """Per-task caps. Crossing any of them stops the task (`budget_exceeded`), keeping its partial result."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_steps: int | None = Field(None, ge=1, le=100_000, description="Durable steps, all kinds together.")
+    max_tool_calls: int | None = Field(20, ge=0, le=10_000, description="Tool calls (default 20).")
+    max_tokens: int | None = Field(None, ge=1, description="Model tokens, input and output together.")
+    max_cost_usd: float | None = Field(None, ge=0, description="Model spend in USD.")
+    deadline_s: float | None = Field(None, gt=0, le=7 * 86400, description="Wall-clock seconds from submission.")
+
+
 class SubmitTask(BaseModel):
     """Body of `POST /v1/tasks`."""
 
@@ -51,6 +62,7 @@ class SubmitTask(BaseModel):
                         "url": "https://hooks.example.com/keel",
                         "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
                     },
+                    "budget": {"max_tool_calls": 10, "max_cost_usd": 0.5, "deadline_s": 600},
                     "metadata": {"ticket": "OPS-42"},
                 },
             ]
@@ -59,7 +71,7 @@ class SubmitTask(BaseModel):
     workflow: str = Field(min_length=1, max_length=100, description="Registered workflow name.")
     input: dict[str, Any] = Field(default_factory=dict, description="Validated against the workflow's schema.")
     webhook: WebhookSpec | None = None
-    budget: dict[str, Any] = Field(default_factory=dict, description="Step, tool, token and cost caps.")
+    budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Step, tool, token, cost and time caps.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Opaque to keel; returned as given.")
 
 

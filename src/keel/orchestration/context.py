@@ -420,7 +420,9 @@ class WorkflowContext:
         if recorded is not None:
             return await self._replay(recorded, fn_id, call)
         if self._strict:
-            raise Nondeterminism(f"step {key!r} ({fn_id}) is not in the recorded history", type="nondeterminism")
+            # Either the code diverged, or the recorded run simply stopped here; the replayer tells which by
+            # checking that every recorded step was used.
+            raise HistoryExhausted(f"step {key!r} ({fn_id}) is not in the recorded history", type="nondeterminism")
         return await self._execute(call, key, seq, fn_id)
 
     async def _replay(self, cp: StepCheckpoint, fn_id: str, call: StepCall) -> Any:
@@ -540,6 +542,10 @@ class WorkflowContext:
         self.steps.append(StepInfo(name=key, kind=call.kind, status="completed", duration_ms=duration, attempts=tries))
         self.meter.check_spend()
         return _revive(call.fn, stored)
+
+
+class HistoryExhausted(Nondeterminism):
+    """A strict replay asked for a step the recorded history does not have."""
 
 
 _TRANSIENT = {"timeout", "rate_limited", "upstream_error", "connection_error"}

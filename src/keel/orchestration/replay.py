@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keel.errors import Nondeterminism
+from keel.errors import Nondeterminism, NotFound, WorkflowError
 from keel.memory.stores import Store
 from keel.memory.types import BlobRef, StepCheckpoint
 from keel.orchestration.budget import Budget
-from keel.orchestration.context import WorkflowContext
+from keel.orchestration.context import HistoryExhausted, WorkflowContext
 from keel.orchestration.workflow import Workflow
 
 
@@ -34,13 +34,18 @@ class ReplayResult:
     result: Any
     steps: list[str]
     """Keys of the steps the replay asked for, in order."""
+    complete: bool = True
+    """False when the recorded run stopped before the end (a crash, a breaker, a cancel): the replay followed
+    the whole history, then the workflow asked for a step the run never reached."""
+    error: tuple[str, str] | None = None
+    """(type, message) when the workflow failed the same way the recorded run did."""
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 async def load_history(store: Store, task_id: str) -> History:
     task = await store.get_task(task_id)
     if task is None:
-        raise Nondeterminism(f"no task {task_id}", type="not_found")
+        raise NotFound(f"no task {task_id}")
     return History(
         task_id=task.id,
         workflow=task.workflow,
@@ -87,11 +92,20 @@ async def replay(workflow: Workflow[Any], history: History, *, store: Store | No
         started_at=history.started_at,
         strict_replay=True,
     )
-    result = await workflow.fn(ctx, workflow.input_model.model_validate(history.input))
+    result: Any = None
+    complete, error = True, None
+    try:
+        result = await workflow.fn(ctx, workflow.input_model.model_validate(history.input))
+    except HistoryExhausted:
+        complete = False
+    except Nondeterminism:
+        raise
+    except WorkflowError as exc:
+        error = (exc.type, exc.message)
     used = [s.name for s in ctx.steps]
     unused = [s.key for s in history.steps if s.key not in set(used)]
     if unused:
         raise Nondeterminism(
             f"the code no longer takes recorded step(s) {', '.join(unused[:5])}", type="nondeterminism", step=unused[0]
         )
-    return ReplayResult(result=result, steps=used, events=journal.events)
+    return ReplayResult(result=result, steps=used, complete=complete, error=error, events=journal.events)
