@@ -287,12 +287,6 @@ async def test_completed_steps_are_not_reexecuted_on_resume(stores: Stores, how:
     assert events[-1].type == "end"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: WorkflowContext._execute builds StepInfo without run_attempt=self.attempt, so the envelope says "
-    "run_attempt 1 for a step executed by a later attempt (its checkpoint correctly says 2)",
-)
 async def test_envelope_reports_the_attempt_that_ran_a_step(mem: InMemoryStore) -> None:
     calls: Counter[str] = Counter()
     never = asyncio.Event()
@@ -1099,12 +1093,6 @@ async def test_looping_planner_is_stopped_by_tool_call_budget(mem: InMemoryStore
     assert len(of_type(events, "plan")) == 6 and len(model.calls) == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: WorkflowContext._run appends to metadata['tools_called'] before the budget check in _execute, "
-    "so a tool call refused by the tool-call budget is still listed as called",
-)
 async def test_tools_called_lists_only_tools_that_ran(mem: InMemoryStore) -> None:
     runs = Counter[str]()
 

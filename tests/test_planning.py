@@ -569,12 +569,6 @@ def test_split_to_fit_pieces_join_to_the_original_word_aligned(text: str, limit:
     assert all(count_words(p) <= limit for p in pieces)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: reduce.split_to_fit drops whitespace that starts a paragraph it splits into words "
-    "(_UNITS = r'\\S+\\s*' never matches leading whitespace), so the pieces no longer concatenate to the text",
-)
 @settings(max_examples=300, deadline=None)
 @example(text="  a b c d", limit=1, by_chars=False)
 @example(text="x\n\n  y z w", limit=2, by_chars=False)

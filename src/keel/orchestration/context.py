@@ -414,8 +414,6 @@ class WorkflowContext:
         self._seq += 1
         seq = self._seq
         fn_id = fn_id or _fn_id(call.fn)
-        if call.kind == "tool":
-            self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": key})
         recorded = self._history.get(key)
         if recorded is not None:
             return await self._replay(recorded, fn_id, call)
@@ -434,6 +432,8 @@ class WorkflowContext:
             )
         self.meter.used.add(cp.usage)
         self._time = max(self._time, cp.finished_at)
+        if cp.kind == "tool":
+            self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": cp.key})
         errors = [cp.error["message"]] if cp.error else []
         self.steps.append(
             StepInfo(
@@ -455,6 +455,8 @@ class WorkflowContext:
 
     async def _execute(self, call: StepCall, key: str, seq: int, fn_id: str) -> Any:
         self.meter.before_step(call.kind)
+        if call.kind == "tool":
+            self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": key})
         scope = _Scope(key=key, usage={"steps": 1, **({"tool_calls": 1} if call.kind == "tool" else {})})
         self.meter.used.add(scope.usage)
         await self._journal.emit("step_started", {"step": key, "kind": call.kind, "attempt": self.attempt})
@@ -474,14 +476,28 @@ class WorkflowContext:
                         value = await call.fn(*copy.deepcopy(call.args))
         except asyncio.CancelledError:
             self.steps.append(
-                StepInfo(name=key, kind=call.kind, status="cancelled", duration_ms=_ms(started), attempts=tries)
+                StepInfo(
+                    name=key,
+                    kind=call.kind,
+                    status="cancelled",
+                    duration_ms=_ms(started),
+                    attempts=tries,
+                    run_attempt=self.attempt,
+                )
             )
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._journal.emit("step_cancelled", {"step": key, "kind": call.kind}))
             raise
         except (BudgetExceeded, LeaseLost, Nondeterminism, ConfigError):
             self.steps.append(
-                StepInfo(name=key, kind=call.kind, status="stopped", duration_ms=_ms(started), attempts=tries)
+                StepInfo(
+                    name=key,
+                    kind=call.kind,
+                    status="stopped",
+                    duration_ms=_ms(started),
+                    attempts=tries,
+                    run_attempt=self.attempt,
+                )
             )
             raise
         except Exception as exc:
@@ -539,7 +555,16 @@ class WorkflowContext:
         )
         self.executed.append(key)
         self._time = max(self._time, cp.finished_at)
-        self.steps.append(StepInfo(name=key, kind=call.kind, status="completed", duration_ms=duration, attempts=tries))
+        self.steps.append(
+            StepInfo(
+                name=key,
+                kind=call.kind,
+                status="completed",
+                duration_ms=duration,
+                attempts=tries,
+                run_attempt=self.attempt,
+            )
+        )
         self.meter.check_spend()
         return _revive(call.fn, stored)
 

@@ -65,7 +65,7 @@ class Reduction:
         }
 
 
-_UNITS = re.compile(r"\S+\s*")
+_UNITS = re.compile(r"\s*\S+\s*")
 
 
 def split_to_fit(text: str, limit: int, count: Any) -> list[str]:
