@@ -157,7 +157,7 @@ class _Journal:
         self.run_attempt = 1
         self.recorded: list[str] = []
 
-    async def emit(self, type: str, data: dict[str, Any]) -> None:
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
         pass
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None:

@@ -395,7 +395,7 @@ async def test_failed_output_node_fails_the_plan() -> None:
     env = envelope(task)
     assert error_types(task) == ["step_failed", "dependency_failed", "plan_failed"]
     assert env["errors"][-1]["step"] == "plan" and "'c'" in env["errors"][-1]["message"]
-    assert env["result"] == {"plan": {"a": {"query": "a", "hits": 3}}}  # what finished is kept
+    assert env["result"] == {"plan:a": {"query": "a", "hits": 3}}  # what finished is kept, one key per node
     assert tools.calls["join"] == 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from keel.errors import LeaseLost, StoreError
-from keel.memory.blobs import dumps, pack, unpack_blob
+from keel.memory.blobs import Packed, dumps, pack, unpack_blob
 from keel.memory.types import (
     ApiKey,
     BlobRef,
@@ -186,6 +186,8 @@ MIGRATIONS: list[str] = [
         size INTEGER NOT NULL,
         data BLOB NOT NULL
     );
+    CREATE INDEX steps_blob ON steps(blob_id) WHERE blob_id IS NOT NULL;
+    CREATE INDEX workflow_state_blob ON workflow_state(blob_id) WHERE blob_id IS NOT NULL;
     INSERT INTO workflow_state(task_id, key, value)
         SELECT task_id, 'partial', result FROM checkpoints WHERE name = '__partial__';
     INSERT INTO steps(task_id, key, seq, fn, kind, status, run_attempt, tries, result, usage, duration_ms,
@@ -295,11 +297,20 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _enqueue(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue a write now (writes commit in queue order); the future resolves after its COMMIT."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Write(fn=fn, loop=loop, future=future))
-        return await future
+        return future
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._enqueue(fn)
+
+    async def _pack(self, value: Any) -> Packed:
+        # Serialising, hashing and compressing a large result is CPU work: keep it off the event loop and out of
+        # the writer thread, where it would stall every other task's writes.
+        return await asyncio.get_running_loop().run_in_executor(self._readers, pack, value)
 
     def _writer_loop(self) -> None:
         conn = self._conn()
@@ -588,8 +599,7 @@ class SQLiteStore:
     # -- WorkflowStore -----------------------------------------------------------------------------
 
     @staticmethod
-    def _put(conn: sqlite3.Connection, value: Any) -> tuple[str | None, str | None, int | None]:
-        packed = pack(value)
+    def _put(conn: sqlite3.Connection, packed: Packed) -> tuple[str | None, str | None, int | None]:
         if packed.blob_id is not None and packed.blob is not None:
             conn.execute(
                 "INSERT OR IGNORE INTO blobs(id, size, data) VALUES (?, ?, ?)",
@@ -598,12 +608,27 @@ class SQLiteStore:
             return None, packed.blob_id, packed.size
         return packed.inline, None, None
 
+    @staticmethod
+    def _drop_blob_if_unused(conn: sqlite3.Connection, old: str | None, new: str | None) -> None:
+        # Blobs are shared by content, so one is deleted only when no step or state row refers to it any more.
+        if old is not None and old != new:
+            conn.execute(
+                "DELETE FROM blobs WHERE id = ? AND NOT EXISTS (SELECT 1 FROM steps WHERE blob_id = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM workflow_state WHERE blob_id = ?)",
+                (old, old, old),
+            )
+
     async def record_step(
         self, lease: Lease, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]], now: float
     ) -> None:
+        packed = await self._pack(step.result)
+
         def op(conn: sqlite3.Connection) -> None:
             self._fence(conn, lease)
-            inline, blob_id, blob_size = self._put(conn, step.result)
+            old = conn.execute(
+                "SELECT blob_id FROM steps WHERE task_id = ? AND key = ?", (lease.task_id, step.key)
+            ).fetchone()
+            inline, blob_id, blob_size = self._put(conn, packed)
             conn.execute(
                 "INSERT OR REPLACE INTO steps(task_id, key, seq, fn, kind, status, run_attempt, tries, result, "
                 "blob_id, blob_size, error, usage, duration_ms, finished_at) "
@@ -626,6 +651,8 @@ class SQLiteStore:
                     step.finished_at,
                 ),
             )
+            if old is not None:
+                self._drop_blob_if_unused(conn, old[0], blob_id)
             for type, data in events:
                 self._append(conn, lease.task_id, type, data, now)
 
@@ -666,9 +693,16 @@ class SQLiteStore:
     async def set_state(
         self, lease: Lease, key: str, value: Any, event: tuple[str, dict[str, Any]] | None, now: float
     ) -> None:
+        packed = await self._pack(value)
+
         def op(conn: sqlite3.Connection) -> None:
             self._fence(conn, lease)
-            inline, blob_id, blob_size = self._put(conn, value)
+            old = conn.execute(
+                "SELECT blob_id FROM workflow_state WHERE task_id = ? AND key = ?", (lease.task_id, key)
+            ).fetchone()
+            inline, blob_id, blob_size = self._put(conn, packed)
+            if old is not None:
+                self._drop_blob_if_unused(conn, old[0], blob_id)
             conn.execute(
                 "INSERT OR REPLACE INTO workflow_state(task_id, key, value, blob_id, blob_size) VALUES (?, ?, ?, ?, ?)",
                 (lease.task_id, key, inline, blob_id, blob_size),
@@ -694,11 +728,14 @@ class SQLiteStore:
     # -- EventLog ----------------------------------------------------------------------------------
 
     async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
+        return await self.append_nowait(lease, type, data, now)
+
+    def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> asyncio.Future[Event]:
         def op(conn: sqlite3.Connection) -> Event:
             self._fence(conn, lease)
             return self._append(conn, lease.task_id, type, data, now)
 
-        return await self._write(op)
+        return self._enqueue(op)
 
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
         def op(conn: sqlite3.Connection) -> list[Event]:

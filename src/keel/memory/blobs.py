@@ -29,6 +29,7 @@ def dumps(value: Any) -> str:
 
 
 def pack(value: Any, limit: int = INLINE_LIMIT) -> Packed:
+    """Serialise, and compress + hash when large. CPU-bound for big values: call it off the event loop."""
     text = dumps(value)
     raw = text.encode()
     if len(raw) <= limit:

@@ -4,7 +4,7 @@ task's status change, its event and its webhook message commit in one transactio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from keel.memory.types import (
@@ -95,6 +95,12 @@ class WorkflowStore(Protocol):
 class EventLog(Protocol):
     async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
         """Append under the lease's fence; raises LeaseLost if another worker owns the task."""
+        ...
+
+    def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Awaitable[Event]:
+        """Start an append without waiting for it to be durable. Writes this process makes afterwards commit after
+        it (so a step's checkpoint can share its ``step_started`` event's commit); await the result to learn of
+        a lost lease."""
         ...
 
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]: ...

@@ -56,7 +56,9 @@ class Journal(Protocol):
     task_id: str
     run_attempt: int
 
-    async def emit(self, type: str, data: dict[str, Any]) -> None: ...
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
+        """Append an event. ``durable=False`` may return before the commit, which the next write then shares."""
+        ...
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None: ...
 
@@ -167,7 +169,9 @@ class WorkflowContext:
         self.meter = BudgetMeter(budget=budget or Budget(), deadline_at=deadline_at, clock=clock)
         self.steps: list[StepInfo] = []
         self.errors: list[EnvelopeError] = []
-        self.partial: dict[str, Any] = dict((state or {}).get("partial", {}))
+        state = state or {}
+        self.partial: dict[str, Any] = dict(state.get("partial", {}))  # written by keel before per-key rows
+        self.partial.update({k.removeprefix("partial:"): v for k, v in state.items() if k.startswith("partial:")})
         self.metadata: dict[str, Any] = {"model_ids": [], "tools_called": [], "reductions": {}}
         self.executed: list[str] = []
         """Keys of the steps this run actually executed (not replayed): what a crash test counts."""
@@ -204,9 +208,12 @@ class WorkflowContext:
     async def partial_result(self, key: str, value: Any) -> None:
         """Record a piece of the result that survives failure, cancellation and budget breakers."""
         value = pydantic_core.to_jsonable_python(value)
+        if key in self.partial and self.partial[key] == value:
+            return  # a resumed run re-deriving a partial result it already stored: nothing to write
         self.partial[key] = value
-        event_value = value if len(repr(value)) <= 4096 else {"omitted": "large", "approx_chars": len(repr(value))}
-        await self._journal.set_state("partial", self.partial, ("partial_result", {"key": key, "value": event_value}))
+        # Each key is its own row, so recording one more piece never rewrites the others (pydantic-ai #7157).
+        event_value = value if _small(value) else {"omitted": "large value; read the task's envelope"}
+        await self._journal.set_state(f"partial:{key}", value, ("partial_result", {"key": key, "value": event_value}))
 
     def warn(self, type: str, message: str, *, step: str | None = None, recovery_suggested: bool = False) -> None:
         self.errors.append(
@@ -459,7 +466,9 @@ class WorkflowContext:
             self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": key})
         scope = _Scope(key=key, usage={"steps": 1, **({"tool_calls": 1} if call.kind == "tool" else {})})
         self.meter.used.add(scope.usage)
-        await self._journal.emit("step_started", {"step": key, "kind": call.kind, "attempt": self.attempt})
+        await self._journal.emit(
+            "step_started", {"step": key, "kind": call.kind, "attempt": self.attempt}, durable=False
+        )
         policy = call.retry or DEFAULT_RETRY
         tries = 0
         started = time.perf_counter()
@@ -634,6 +643,27 @@ async def _all_settled(coros: list[Awaitable[Any]], *, fatal: tuple[type[BaseExc
             assert exc is not None
             raise exc
     return [t.result() for t in tasks]
+
+
+def _small(value: Any, budget: int = 4096) -> bool:
+    """Whether ``value`` is small enough to copy into an event, without serialising a large one to find out."""
+    stack, left = [value], budget
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            left -= len(item)
+        elif isinstance(item, dict):
+            left -= len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            left -= len(item)
+            stack.extend(item)
+        else:
+            left -= 8
+        if left < 0:
+            return False
+    return True
 
 
 def _fn_id(fn: Callable[..., Any]) -> str:

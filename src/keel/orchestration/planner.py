@@ -322,7 +322,7 @@ class _Executor:
                 raise exc
             else:
                 self.outputs[nid] = t.result()
-                await self.ctx.partial_result(self.name, self.outputs)
+                await self.ctx.partial_result(f"{self.name}:{nid}", self.outputs[nid])
 
     async def run(self, node: PlanNode) -> Any:
         key = f"{self.name}:{node.id}"

@@ -11,12 +11,12 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from keel.errors import BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
 from keel.memory.stores import Store
-from keel.memory.types import BlobRef, Lease, StepCheckpoint, Task, TaskStatus
+from keel.memory.types import BlobRef, Event, Lease, StepCheckpoint, Task, TaskStatus
 from keel.orchestration.budget import Budget
 from keel.orchestration.context import EnvelopeError, WorkflowContext
 from keel.orchestration.envelope import Envelope, build_envelope
@@ -59,13 +59,28 @@ class StoreJournal:
         self._lease = lease
         self._clock = clock
         self._notify = notify
+        self._pending: list[Awaitable[Event]] = []
 
-    async def emit(self, type: str, data: dict[str, Any]) -> None:
-        await self._store.append(self._lease, type, data, self._clock())
-        self._notify(self.task_id)
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
+        if durable:
+            await self._store.append(self._lease, type, data, self._clock())
+            self._notify(self.task_id)
+            return
+        # Queued now, committed with the next write (one fsync for a step's start and its checkpoint).
+        pending = self._store.append_nowait(self._lease, type, data, self._clock())
+        if isinstance(pending, asyncio.Future):
+            pending.add_done_callback(self._committed)
+        self._pending.append(pending)
+
+    def _committed(self, future: asyncio.Future[Event]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._notify(self.task_id)
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
         await self._store.record_step(self._lease, step, events, self._clock())
+        pending, self._pending = self._pending, []
+        for p in pending:
+            await p  # committed before the step's row; raises LeaseLost if the lease was lost meanwhile
         self._notify(self.task_id)
 
     async def set_state(self, key: str, value: Any, event: tuple[str, dict[str, Any]] | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hmac
 import json
@@ -251,6 +252,14 @@ class InMemoryStore:
 
     async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
         return self._append(self._fence(lease), type, data, now)
+
+    def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> asyncio.Future[Event]:
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self._append(self._fence(lease), type, data, now))
+        except LeaseLost as exc:
+            future.set_exception(exc)
+        return future
 
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
         row = self._tasks.get(task_id)
