@@ -42,3 +42,30 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     second = SQLiteStore(path)  # migrations are idempotent
     assert res.task and await second.get_task(res.task.id)
     await second.aclose()
+
+
+async def test_sqlite_replaced_state_blobs_are_collected_and_shared_ones_kept(tmp_path: Path) -> None:
+    """Overwriting a large partial result must not leave the old payload behind (the DB would grow with every
+    write); a blob still referenced by a step of the same content survives."""
+    import sqlite3
+
+    from keel.memory.blobs import INLINE_LIMIT
+    from keel.memory.types import StepCheckpoint
+    from keel.testing.conformance import _new
+
+    path = tmp_path / "k.db"
+    store = SQLiteStore(path)
+    res = await store.create_task(_new(), None, 1.0)
+    assert res.task
+    lease = await store.lease_next("w", 1.0, 30, 5)
+    assert lease
+    big = ["x" * (INLINE_LIMIT + i) for i in range(5)]
+    await store.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f", result=big[0]), [], 2.0)
+    for i, value in enumerate(big):
+        await store.set_state(lease, "partial:doc", value, None, 2.0 + i)
+    with sqlite3.connect(path) as conn:
+        sizes = sorted(r[0] for r in conn.execute("SELECT size FROM blobs"))
+    # big[0] is still the step's result; big[1..3] were replaced; big[4] is the current state.
+    assert sizes == sorted({len(big[0]) + 2, len(big[4]) + 2})
+    assert (await store.load_state(res.task.id))["partial:doc"] == big[4]
+    await store.aclose()

@@ -701,12 +701,12 @@ class SQLiteStore:
                 "SELECT blob_id FROM workflow_state WHERE task_id = ? AND key = ?", (lease.task_id, key)
             ).fetchone()
             inline, blob_id, blob_size = self._put(conn, packed)
-            if old is not None:
-                self._drop_blob_if_unused(conn, old[0], blob_id)
             conn.execute(
                 "INSERT OR REPLACE INTO workflow_state(task_id, key, value, blob_id, blob_size) VALUES (?, ?, ?, ?, ?)",
                 (lease.task_id, key, inline, blob_id, blob_size),
             )
+            if old is not None:  # after the row moved on, so it no longer counts as a reference
+                self._drop_blob_if_unused(conn, old[0], blob_id)
             if event is not None:
                 self._append(conn, lease.task_id, event[0], event[1], now)
 
