@@ -514,7 +514,13 @@ class WorkflowContext:
             duration = _ms(started)
             self.steps.append(
                 StepInfo(
-                    name=key, kind=call.kind, status="failed", duration_ms=duration, attempts=tries, errors=[message]
+                    name=key,
+                    kind=call.kind,
+                    status="failed",
+                    duration_ms=duration,
+                    attempts=tries,
+                    errors=[message],
+                    run_attempt=self.attempt,
                 )
             )
             cp = StepCheckpoint(
