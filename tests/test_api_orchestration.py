@@ -1,0 +1,69 @@
+"""Orchestration outcomes as a client sees them over HTTP: workflows loaded with KEEL_WORKFLOWS, a plan that
+needs clarification, and the plan on the event stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import api_workflows
+from conftest import LiveServer, make_key, start_server, wait_terminal
+from keel.settings import Settings
+
+
+@pytest.fixture
+def triage_server(settings: Settings) -> Iterator[LiveServer]:
+    settings.workflows = ["api_workflows:WORKFLOWS"]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = make_key(settings.data_dir, "acme", frozenset({"tasks:read", "tasks:write"}))
+    server, thread = start_server(settings)
+    try:
+        yield LiveServer(
+            url=f"http://127.0.0.1:{settings.port}", data_dir=settings.data_dir, settings=settings, key=key
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def test_low_confidence_plan_ends_needs_clarification_before_any_tool(triage_server: LiveServer) -> None:
+    api_workflows.TOOL_RUNS.clear()
+    with triage_server.client() as c:
+        r = c.post("/v1/tasks", json={"workflow": "triage", "input": {"intent": "do the thing", "confidence": 0.2}})
+        assert r.status_code == 202
+        task_id = r.json()["id"]
+        done = wait_terminal(c, task_id)
+        stream = c.get(f"/v1/tasks/{task_id}/events").text
+    assert done["status"] == "needs_clarification"
+    env: dict[str, Any] = done["envelope"]  # type: ignore[assignment]
+    assert env["status"] == "needs_clarification"
+    assert env["result"]["questions"] and env["result"]["confidence"] == 0.2
+    assert [e["type"] for e in env["errors"]] == ["needs_clarification"]
+    assert env["metadata"]["plan"]["confidence"] == 0.2
+    assert [s["kind"] for s in env["metadata"]["steps"]] == ["model"]  # the planner's call, and nothing else
+    assert api_workflows.TOOL_RUNS == []
+    assert "event: plan" in stream and "event: step_started" in stream
+
+
+def test_confident_plan_runs_its_tools(triage_server: LiveServer) -> None:
+    api_workflows.TOOL_RUNS.clear()
+    with triage_server.client() as c:
+        r = c.post("/v1/tasks", json={"workflow": "triage", "input": {"intent": "find risks"}})
+        done = wait_terminal(c, r.json()["id"])
+    env: dict[str, Any] = done["envelope"]  # type: ignore[assignment]
+    assert done["status"] == "succeeded" and env["status"] == "success"
+    assert env["result"] == {"answer": {"query": "find risks", "hits": 2}}
+    assert env["metadata"]["tools_called"] == [{"tool": "search", "step": "plan:s"}]
+    assert env["metadata"]["budget"]["used"]["tool_calls"] == 1
+    assert api_workflows.TOOL_RUNS == ["find risks"]
+
+
+def test_unknown_workflow_module_fails_at_startup(settings: Settings) -> None:
+    from keel.app import create_app
+    from keel.errors import ConfigError
+
+    settings.workflows = ["no_such_module:X"]
+    with pytest.raises(ConfigError, match="no_such_module"):
+        create_app(settings)
