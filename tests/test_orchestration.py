@@ -1380,3 +1380,42 @@ async def test_cancel_during_map_cancels_every_branch(store: Any) -> None:
     assert sorted(e.data["step"] for e in of_type(events, "step_cancelled")) == [f"dawdle[{i}]" for i in range(4)]
     assert of_type(events, "step_completed") == []
     assert events[-1].type == "end"
+
+
+# -- plain (sync) step functions run in a worker thread -----------------------------------------------------------
+
+
+def _parse_blocking(text: str) -> dict[str, Any]:
+    import threading
+
+    time.sleep(0.2)  # CPU-bound or blocking work: must not stall the event loop
+    return {"words": len(text.split()), "thread": threading.current_thread().name}
+
+
+@workflow(name="sync_steps")
+async def sync_steps(ctx: WorkflowContext, inp: Empty) -> dict[str, Any]:
+    out = await ctx.map(_parse_blocking, ["a b", "c d e", "f"], name="parse")
+    return {"words": [r["words"] for r in out.succeeded], "threads": sorted({r["thread"] for r in out.succeeded})}
+
+
+async def test_plain_step_functions_run_off_the_event_loop(mem: InMemoryStore) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beat = asyncio.create_task(ticker())
+    started = time.monotonic()
+    try:
+        task, _ = await run_workflow(mem, sync_steps)
+    finally:
+        beat.cancel()
+    assert task.status is TaskStatus.succeeded and task.envelope is not None
+    assert task.envelope["result"]["words"] == [2, 3, 1]
+    assert all(name != "MainThread" for name in task.envelope["result"]["threads"])
+    # Three 0.2 s blocking calls ran in threads, side by side, while the loop kept ticking.
+    assert time.monotonic() - started < 0.55
+    assert ticks >= 10

@@ -17,13 +17,14 @@ import contextlib
 import contextvars
 import copy
 import functools
+import inspect
 import random as _random
 import time
 import typing
 import uuid as _uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import httpx
 import pydantic
@@ -74,7 +75,8 @@ class StepCall:
     """A step not yet run, for :meth:`WorkflowContext.gather`. Build it with :meth:`WorkflowContext.call`."""
 
     name: str
-    fn: Callable[..., Awaitable[Any]]
+    fn: Callable[..., Any]
+    """Async, or plain (run in a worker thread)."""
     args: tuple[Any, ...] = ()
     kind: str = "step"
     timeout: float | None = None
@@ -230,13 +232,14 @@ class WorkflowContext:
     def call(
         self,
         name: str,
-        fn: Callable[..., Awaitable[Any]],
+        fn: Callable[..., Any],
         *args: Any,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
     ) -> StepCall:
         return StepCall(name=name, fn=fn, args=args, timeout=timeout, retry=retry)
 
+    @overload
     async def step(
         self,
         name: str,
@@ -244,10 +247,32 @@ class WorkflowContext:
         *args: Any,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
-    ) -> T:
-        """Run ``fn(*args)`` once, durably. Raises :class:`StepFailed` when it fails for good."""
-        result: T = await self._run(StepCall(name=name, fn=fn, args=args, timeout=timeout, retry=retry))
-        return result
+    ) -> T: ...
+
+    @overload
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., T],
+        *args: Any,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> T: ...
+
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Any:
+        """Run ``fn(*args)`` once, durably. Raises :class:`StepFailed` when it fails for good.
+
+        ``fn`` may be async, or a plain function, which then runs in a worker thread. ``timeout`` covers the
+        whole step, retries included.
+        """
+        return await self._run(StepCall(name=name, fn=fn, args=args, timeout=timeout, retry=retry))
 
     async def tool(
         self,
@@ -329,7 +354,7 @@ class WorkflowContext:
         name: str | None = None,
         timeout_per_item: float | None = None,
         min_success: int | None = None,
-        concurrency: int | None = None,
+        concurrency: int | None = 32,
         retry: RetryPolicy | None = None,
     ) -> MapResult[T]:
         """Run ``fn(item)`` for every item as its own durable step, concurrently, each with its own timeout.
@@ -482,7 +507,7 @@ class WorkflowContext:
                             await self._journal.emit("step_retrying", {"step": key, "try": tries})
                         # Each try gets its own copy of the arguments: a failed try that mutated them must not
                         # hand its partial state to the next one.
-                        value = await call.fn(*copy.deepcopy(call.args))
+                        value = await _call(call.fn, copy.deepcopy(call.args))
         except asyncio.CancelledError:
             self.steps.append(
                 StepInfo(
@@ -649,6 +674,16 @@ async def _all_settled(coros: list[Awaitable[Any]], *, fatal: tuple[type[BaseExc
             assert exc is not None
             raise exc
     return [t.result() for t in tasks]
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """Await an async step function; run a plain one (parsing, OCR, embedding: CPU work) in a worker thread so
+    it never blocks the event loop. A thread cannot be interrupted: on cancellation its result is discarded."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if inspect.iscoroutinefunction(target):
+        return await fn(*args)
+    result = await asyncio.to_thread(fn, *args)
+    return await result if inspect.isawaitable(result) else result
 
 
 def _small(value: Any, budget: int = 4096) -> bool:

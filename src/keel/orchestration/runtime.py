@@ -226,6 +226,14 @@ class EmbeddedEngine:
                 result = await run
                 status = TaskStatus.partial_success if ctx.errors else TaskStatus.succeeded
             except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # This worker itself is being cancelled, not just its run: stop, handing the task back on a
+                    # graceful stop (otherwise its lease expires, as after a crash).
+                    if self._stopping:
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(self.store.release(lease))
+                    raise
                 if task.id not in self._cancel_requested:
                     # Shutdown or a lost lease: leave the task for the next owner, write nothing terminal.
                     if self._stopping:
