@@ -66,3 +66,27 @@ def test_clear_errors(live: LiveServer) -> None:
     assert r.exit_code == 1 and "HTTP 401" in r.output
     r = runner.invoke(app, ["tasks", "list", "--url", live.url], env={"KEEL_API_KEY": ""})
     assert r.exit_code == 2 and "no API key" in r.output
+
+
+def test_budget_flags_and_replay(live: LiveServer) -> None:
+    args = ["--url", live.url, "--api-key", live.key]
+    r = runner.invoke(app, ["submit", "diagnostic", "-i", '{"steps": 4, "step_seconds": 0}', "--max-steps", "2", *args])
+    assert r.exit_code == 0, r.output
+    envelope = json.loads(r.stdout)
+    assert envelope["status"] == "partial_success"
+    assert [e["type"] for e in envelope["errors"]] == ["budget_exceeded"]
+    with live.client() as c:
+        tid = c.get("/v1/tasks").json()["items"][0]["id"]
+    # The recorded run stopped at its breaker; replaying it against the same code diverges nowhere.
+    replayed = runner.invoke(app, ["tasks", "replay", tid, "--data-dir", str(live.data_dir)])
+    assert replayed.exit_code == 0, replayed.output
+    report = json.loads(replayed.stdout)
+    assert report == {
+        "task_id": tid,
+        "deterministic": True,
+        "replayed_steps": ["step-1", "step-2"],
+        "reached_end": False,
+        "error": None,
+    }
+    missing = runner.invoke(app, ["tasks", "replay", "tsk_nope", "--data-dir", str(live.data_dir)])
+    assert missing.exit_code == 1 and "no task tsk_nope" in missing.output and "Traceback" not in missing.output

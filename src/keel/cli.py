@@ -253,7 +253,7 @@ def tasks_replay(task_id: str, data_dir: DataDir = None) -> None:
     run it before deploying a workflow change that in-flight tasks will resume under.
     """
     from keel.backends import open_store
-    from keel.errors import KeelError
+    from keel.errors import KeelError, NotFound
     from keel.orchestration.replay import load_history, replay
     from keel.orchestration.workflow import default_registry
 
@@ -282,6 +282,8 @@ def tasks_replay(task_id: str, data_dir: DataDir = None) -> None:
 
     try:
         out.print_json(data=asyncio.run(run()))
+    except NotFound as exc:
+        _fail(exc.message)
     except KeelError as exc:
         _fail(f"replay diverged: {exc.message}")
 
