@@ -40,3 +40,25 @@ def pack(value: Any, limit: int = INLINE_LIMIT) -> Packed:
 
 def unpack_blob(data: bytes) -> Any:
     return json.loads(zlib.decompress(data))
+
+
+def looks_small(value: Any, budget: int) -> bool:
+    """Whether ``value`` surely serialises to less than about ``budget`` characters, found without serialising a
+    large one (a walk that stops as soon as the budget is spent)."""
+    stack, left = [value], budget
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            left -= len(item)
+        elif isinstance(item, dict):
+            left -= len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            left -= len(item)
+            stack.extend(item)
+        else:
+            left -= 8
+        if left < 0:
+            return False
+    return True

@@ -41,6 +41,7 @@ from keel.errors import (
     UpstreamError,
     WorkflowError,
 )
+from keel.memory.blobs import looks_small
 from keel.memory.types import BlobRef, StepCheckpoint, StepStatus
 from keel.orchestration.budget import Budget, BudgetMeter
 from keel.orchestration.models import Message, Model, ModelResponse, ModelSettings
@@ -214,7 +215,7 @@ class WorkflowContext:
             return  # a resumed run re-deriving a partial result it already stored: nothing to write
         self.partial[key] = value
         # Each key is its own row, so recording one more piece never rewrites the others (pydantic-ai #7157).
-        event_value = value if _small(value) else {"omitted": "large value; read the task's envelope"}
+        event_value = value if looks_small(value, 4096) else {"omitted": "large value; read the task's envelope"}
         await self._journal.set_state(f"partial:{key}", value, ("partial_result", {"key": key, "value": event_value}))
 
     def warn(self, type: str, message: str, *, step: str | None = None, recovery_suggested: bool = False) -> None:
@@ -500,14 +501,20 @@ class WorkflowContext:
         token = _scope.set(scope)
         try:
             async with asyncio.timeout(call.timeout):
-                async for attempt in policy.retrying():
-                    with attempt:
-                        tries += 1
-                        if tries > 1:
+                # Each try gets its own copy of the arguments: a failed try that mutated them must not hand its
+                # partial state to the next one. The first try runs bare; tenacity takes over only on failure.
+                tries = 1
+                try:
+                    value = await _call(call.fn, copy.deepcopy(call.args))
+                except Exception as first:
+                    if policy.max_attempts <= 1 or not policy.is_retryable(first):
+                        raise
+                    await asyncio.sleep(policy.wait_after(1, first))
+                    async for attempt in policy.retrying(already=1):
+                        with attempt:
+                            tries += 1
                             await self._journal.emit("step_retrying", {"step": key, "try": tries})
-                        # Each try gets its own copy of the arguments: a failed try that mutated them must not
-                        # hand its partial state to the next one.
-                        value = await _call(call.fn, copy.deepcopy(call.args))
+                            value = await _call(call.fn, copy.deepcopy(call.args))
         except asyncio.CancelledError:
             self.steps.append(
                 StepInfo(
@@ -684,27 +691,6 @@ async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         return await fn(*args)
     result = await asyncio.to_thread(fn, *args)
     return await result if inspect.isawaitable(result) else result
-
-
-def _small(value: Any, budget: int = 4096) -> bool:
-    """Whether ``value`` is small enough to copy into an event, without serialising a large one to find out."""
-    stack, left = [value], budget
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            left -= len(item)
-        elif isinstance(item, dict):
-            left -= len(item)
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            left -= len(item)
-            stack.extend(item)
-        else:
-            left -= 8
-        if left < 0:
-            return False
-    return True
 
 
 def _fn_id(fn: Callable[..., Any]) -> str:

@@ -6,6 +6,7 @@ validation errors (a malformed input or output will not fix itself), budget brea
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import httpx
@@ -44,10 +45,18 @@ class RetryPolicy:
             return code == 429 or code >= 500
         return isinstance(exc, self.retryable)
 
-    def retrying(self) -> tenacity.AsyncRetrying:
+    def wait_after(self, attempt: int, exc: BaseException | None) -> float:
+        """Seconds to wait after failed try number ``attempt``: the backoff, or longer if the server asked."""
+        backoff = min(self.initial_interval * self.backoff_coefficient ** (attempt - 1), self.maximum_interval)
+        backoff += random.uniform(0, self.jitter) if self.jitter > 0 else 0.0
+        asked = retry_after(exc)
+        return max(asked, backoff) if asked is not None else backoff
+
+    def retrying(self, *, already: int = 0) -> tenacity.AsyncRetrying:
+        """The tries left after ``already`` failed ones (whose wait the caller has slept)."""
         return tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(max(self.max_attempts, 1)),
-            wait=_RetryAfterOrBackoff(self),
+            stop=tenacity.stop_after_attempt(max(self.max_attempts - already, 1)),
+            wait=_RetryAfterOrBackoff(self, already),
             retry=tenacity.retry_if_exception(self.is_retryable),
             reraise=True,
         )
@@ -81,16 +90,11 @@ def retry_after(exc: BaseException | None) -> float | None:
 
 
 class _RetryAfterOrBackoff(wait_base):
-    def __init__(self, policy: RetryPolicy) -> None:
-        self._backoff = tenacity.wait_exponential_jitter(
-            multiplier=policy.initial_interval,
-            max=policy.maximum_interval,
-            exp_base=policy.backoff_coefficient,
-            jitter=policy.jitter,
-        )
+    def __init__(self, policy: RetryPolicy, offset: int) -> None:
+        self._policy = policy
+        self._offset = offset
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        backoff: float = self._backoff(retry_state)
         outcome = retry_state.outcome
-        asked = retry_after(outcome.exception() if outcome is not None else None)
-        return max(asked, backoff) if asked is not None else backoff
+        exc = outcome.exception() if outcome is not None else None
+        return self._policy.wait_after(retry_state.attempt_number + self._offset, exc)
