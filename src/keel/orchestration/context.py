@@ -698,9 +698,7 @@ def _fn_id(fn: Callable[..., Any]) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
 
 
-@functools.lru_cache(maxsize=512)
-def _adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
-    target = fn.func if isinstance(fn, functools.partial) else fn
+def _adapter(target: Callable[..., Any]) -> TypeAdapter[Any] | None:
     try:
         ret = typing.get_type_hints(target).get("return")
     except Exception:
@@ -713,12 +711,24 @@ def _adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
         return None
 
 
+_ADAPTERS: dict[Any, TypeAdapter[Any] | None] = {}
+
+
 def _revive(fn: Callable[..., Any], value: Any) -> Any:
     """Stored JSON back to the step's declared return type, so a fresh run and a replay return the same thing."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    # Closures made anew on every call (a step defined inside a workflow) share their code object and globals:
+    # key on those, so the type adapter is built once per step function, not once per call.
+    code = getattr(target, "__code__", None)
+    key = (code, id(getattr(target, "__globals__", None))) if code is not None else target
     try:
-        adapter = _adapter(fn)
-    except TypeError:  # unhashable callable
-        adapter = None
+        if key not in _ADAPTERS:
+            if len(_ADAPTERS) > 4096:
+                _ADAPTERS.clear()
+            _ADAPTERS[key] = _adapter(target)
+        adapter = _ADAPTERS[key]
+    except TypeError:  # an unhashable callable
+        adapter = _adapter(target)
     return adapter.validate_python(value) if adapter is not None else value
 
 
