@@ -1419,3 +1419,45 @@ async def test_plain_step_functions_run_off_the_event_loop(mem: InMemoryStore) -
     # Three 0.2 s blocking calls ran in threads, side by side, while the loop kept ticking.
     assert time.monotonic() - started < 0.55
     assert ticks >= 10
+
+
+# -- step_started shares its checkpoint's commit, but keeps its own time and shows up during a long step ---------
+
+
+@workflow(name="short_and_long")
+async def short_and_long(ctx: WorkflowContext, inp: Empty) -> str:
+    async def quick() -> str:
+        return "q"
+
+    async def slow() -> str:
+        await asyncio.sleep(0.3)
+        return "s"
+
+    await ctx.step("quick", quick)
+    return await ctx.step("slow", slow)
+
+
+@pytest.mark.parametrize("stores", ["sqlite"], indirect=True)
+async def test_step_started_is_timely_and_keeps_its_time(store: Any) -> None:
+    engine = engine_for(store, short_and_long)
+    task_id = await submit(store, "short_and_long")
+    await engine.start()
+    try:
+        started = await wait_event(store, task_id, "step_started", step="slow")
+        seen_at = time.time()
+        # Readable while the step still runs (it is held at most ~50 ms before being written on its own)...
+        assert not [
+            e for e in await store.read(task_id, 0, 1000) if e.type == "step_completed" and e.data["step"] == "slow"
+        ]
+        task = await wait_terminal(store, task_id)
+    finally:
+        await engine.stop()
+    assert task.status is TaskStatus.succeeded
+    events = await store.read(task_id, 0, 1000)
+    by = {(e.type, e.data.get("step")): e for e in events}
+    # ...and stamped when the step started, not when it was written.
+    slow_done = by[("step_completed", "slow")]
+    assert slow_done.created_at - started.created_at >= 0.28
+    assert seen_at - started.created_at < 0.25
+    quick_started, quick_done = by[("step_started", "quick")], by[("step_completed", "quick")]
+    assert quick_started.seq < quick_done.seq and quick_started.created_at <= quick_done.created_at

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from keel.errors import LeaseLost, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
+from keel.memory.stores import EventSpec
 from keel.memory.types import (
     ApiKey,
     BlobRef,
@@ -621,9 +622,7 @@ class SQLiteStore:
                 (old, old, old),
             )
 
-    async def record_step(
-        self, lease: Lease, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]], now: float
-    ) -> None:
+    async def record_step(self, lease: Lease, step: StepCheckpoint, events: Sequence[EventSpec], now: float) -> None:
         packed = await self._pack(step.result)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -656,8 +655,8 @@ class SQLiteStore:
             )
             if old is not None:
                 self._drop_blob_if_unused(conn, old[0], blob_id)
-            for type, data in events:
-                self._append(conn, lease.task_id, type, data, now)
+            for ev in events:
+                self._append(conn, lease.task_id, ev[0], ev[1], ev[2] if len(ev) == 3 else now)
 
         await self._write(op)
 

@@ -57,8 +57,10 @@ def looks_small(value: Any, budget: int) -> bool:
         elif isinstance(item, list):
             left -= len(item)
             stack.extend(item)
-        else:
+        elif isinstance(item, int | float) or item is None:
             left -= 8
+        else:  # bytes, a model, anything unusual: do not guess, treat it as large
+            return False
         if left < 0:
             return False
     return True

@@ -65,13 +65,16 @@ class TaskStore(Protocol):
     async def sweep_idempotency(self, now: float) -> int: ...
 
 
+EventSpec = tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], float]
+"""An event to append: ``(type, data)``, or ``(type, data, created_at)``."""
+
+
 class WorkflowStore(Protocol):
     """Workflow memory: step checkpoints, named workflow state, and out-of-line blobs for large payloads."""
 
-    async def record_step(
-        self, lease: Lease, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]], now: float
-    ) -> None:
-        """Store a finished step and append ``events``, in one transaction fenced by the lease.
+    async def record_step(self, lease: Lease, step: StepCheckpoint, events: Sequence[EventSpec], now: float) -> None:
+        """Store a finished step and append ``events``, in one transaction fenced by the lease. An event given as
+        ``(type, data, at)`` keeps its own time (one emitted earlier and held back); others are stamped ``now``.
 
         A result larger than :data:`keel.memory.blobs.INLINE_LIMIT` bytes of JSON goes to the blob table.
         """

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from keel.errors import BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
-from keel.memory.stores import Store
+from keel.memory.stores import EventSpec, Store
 from keel.memory.types import BlobRef, Event, Lease, StepCheckpoint, Task, TaskStatus
 from keel.orchestration.budget import Budget
 from keel.orchestration.context import EnvelopeError, WorkflowContext
@@ -73,13 +73,13 @@ class StoreJournal:
         self._clock = clock
         self._notify = notify
         self._hold_s = hold_s
-        self._held: list[tuple[str, dict[str, Any]]] = []
+        self._held: list[tuple[str, dict[str, Any], float]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._queued: list[Awaitable[Event]] = []
 
     async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
         if not durable:
-            self._held.append((type, data))
+            self._held.append((type, data, self._clock()))
             if self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(self._hold_s, self._release_held)
             return
@@ -92,13 +92,13 @@ class StoreJournal:
             self._timer.cancel()
             self._timer = None
         held, self._held = self._held, []
-        for type, data in held:
-            queued = self._store.append_nowait(self._lease, type, data, self._clock())
+        for type, data, at in held:
+            queued = self._store.append_nowait(self._lease, type, data, at)
             if isinstance(queued, asyncio.Future):
                 queued.add_done_callback(self._committed)
             self._queued.append(queued)
 
-    def _take_held(self) -> list[tuple[str, dict[str, Any]]]:
+    def _take_held(self) -> list[tuple[str, dict[str, Any], float]]:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -116,7 +116,8 @@ class StoreJournal:
             await q  # raises LeaseLost if the lease was lost meanwhile
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        await self._store.record_step(self._lease, step, [*self._take_held(), *events], self._clock())
+        batch: list[EventSpec] = [*self._take_held(), *events]
+        await self._store.record_step(self._lease, step, batch, self._clock())
         await self._settle_queued()
         self._notify(self.task_id)
 
@@ -138,6 +139,10 @@ class StoreJournal:
         self._release_held()
         with contextlib.suppress(LeaseLost):
             await self._settle_queued()
+
+    def close(self) -> None:
+        """The run stopped without finishing (shutdown, lost lease): drop what is held; the next run re-emits it."""
+        self._take_held()
 
 
 class EmbeddedEngine:
@@ -251,8 +256,14 @@ class EmbeddedEngine:
         task = await self.store.get_task(lease.task_id)
         if task is None:
             return
-        started = time.perf_counter()
         ctx, journal = await self._context(task, lease)
+        try:
+            await self._execute_in(task, lease, ctx, journal)
+        finally:
+            journal.close()
+
+    async def _execute_in(self, task: Task, lease: Lease, ctx: WorkflowContext, journal: StoreJournal) -> None:
+        started = time.perf_counter()
         wf = self.registry.get(task.workflow)
         extra: list[EnvelopeError] = []
         result: Any = None

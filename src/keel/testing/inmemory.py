@@ -13,6 +13,7 @@ from typing import Any
 
 from keel.errors import LeaseLost, StoreError
 from keel.memory.blobs import pack, unpack_blob
+from keel.memory.stores import EventSpec
 from keel.memory.types import (
     ApiKey,
     BlobRef,
@@ -212,14 +213,12 @@ class InMemoryStore:
             return BlobRef(id=packed.blob_id, size=packed.size)
         return json.loads(packed.inline or "null")  # a JSON round trip, exactly as the SQLite store does
 
-    async def record_step(
-        self, lease: Lease, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]], now: float
-    ) -> None:
+    async def record_step(self, lease: Lease, step: StepCheckpoint, events: Sequence[EventSpec], now: float) -> None:
         row = self._fence(lease)
         stored = replace(step, result=self._put(step.result), error=copy.deepcopy(step.error), usage=dict(step.usage))
         self._steps.setdefault(lease.task_id, {})[step.key] = stored
-        for type, data in events:
-            self._append(row, type, data, now)
+        for ev in events:
+            self._append(row, ev[0], ev[1], ev[2] if len(ev) == 3 else now)
 
     async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
         steps = sorted(self._steps.get(task_id, {}).values(), key=lambda s: (s.seq, s.key))
