@@ -32,6 +32,7 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_api.py
+	$(BIN)/python bench/bench_workflow.py
 
 clean:
 	rm -rf $(VENV) .keel .pytest_cache .mypy_cache .ruff_cache
