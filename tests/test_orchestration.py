@@ -781,7 +781,7 @@ async def test_failed_step_is_recorded_and_replays_as_failure(mem: InMemoryStore
         try:
             await ctx.step("call", down)
         except Exception as exc:  # a StepFailed: the workflow decides what a failure means
-            ctx.warn("degraded", str(exc), step="call")
+            ctx.error("degraded", str(exc), step="call")  # part of the work failed: partial_success
             return {"fallback": type(exc).__name__}
         return {"fallback": "none"}
 
@@ -1461,3 +1461,15 @@ async def test_step_started_is_timely_and_keeps_its_time(store: Any) -> None:
     assert seen_at - started.created_at < 0.25
     quick_started, quick_done = by[("step_started", "quick")], by[("step_completed", "quick")]
     assert quick_started.seq < quick_done.seq and quick_started.created_at <= quick_done.created_at
+
+
+async def test_warnings_alone_leave_the_task_a_success(mem: InMemoryStore) -> None:
+    @workflow(name="noted")
+    async def wf(ctx: WorkflowContext, inp: Empty) -> str:
+        ctx.warn("floating_model_alias", "informational", step="x")
+        return "ok"
+
+    task, _ = await run_workflow(mem, wf)
+    assert task.status is TaskStatus.succeeded and task.envelope is not None
+    assert task.envelope["status"] == "success"
+    assert [(e["type"], e["severity"]) for e in task.envelope["errors"]] == [("floating_model_alias", "warning")]

@@ -19,9 +19,12 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
         │   ├── StepFailed          # a durable step failed for good (after its retries); replays identically
         │   ├── BranchesFailed      # fewer parallel branches succeeded than ``min_success``
         │   ├── Nondeterminism      # the code took a different path than the recorded history
-        │   └── ClarificationNeeded # the plan is unsure or incomplete: ask the caller, run nothing expensive
+        │   ├── ClarificationNeeded # the plan is unsure or incomplete: ask the caller, run nothing expensive
+        │   └── ModelOutputError    # a 200 that is not usable: schema_violation, truncation, refusal, schema_drift
         ├── BudgetExceeded          # a per-task cap (steps, tool calls, tokens, cost, deadline) was crossed
         ├── UpstreamError           # a model provider or tool endpoint answered with an error (429, 5xx, ...)
+        │   ├── ModelHTTPError      # a provider's HTTP error, mapped in one place per adapter
+        │   └── StreamCut           # a model stream broke off before its end: never passed off as complete
         └── DeliveryError           # a webhook delivery attempt failed
 
 :mod:`keel.interaction.problems` maps this tree to RFC 9457 problem details in one place.
@@ -110,12 +113,15 @@ class WorkflowError(RuntimeFailure):
         type: str = "workflow_error",
         step: str | None = None,
         recovery_suggested: bool = False,
+        pointer: str | None = None,
         detail: dict[str, object] | None = None,
     ) -> None:
         super().__init__(message, detail=detail)
         self.type = type
         self.step = step
         self.recovery_suggested = recovery_suggested
+        self.pointer = pointer
+        """A JSON pointer into the output the error is about, when there is one."""
 
 
 class StepFailed(WorkflowError):
@@ -172,6 +178,41 @@ class UpstreamError(RuntimeFailure):
     @property
     def retryable(self) -> bool:
         return self.status_code is None or self.status_code == 429 or self.status_code >= 500
+
+
+class ModelHTTPError(UpstreamError):
+    """A provider answered with an HTTP error. 429 and 5xx are retryable; 4xx are not."""
+
+    code = "model_http_error"
+
+    def __init__(
+        self, provider: str, status_code: int, body: str, *, retry_after: float | None = None, message: str = ""
+    ) -> None:
+        super().__init__(
+            f"{provider} returned HTTP {status_code}: {message or body[:300]}",
+            status_code=status_code,
+            retry_after=retry_after,
+        )
+        self.provider = provider
+        self.body = body[:2000]
+
+
+class StreamCut(UpstreamError):
+    """The stream ended or broke before the provider said it was finished. Retryable: a model call has no side
+    effects, so asking again is safe; once retries run out it is reported as ``truncation``."""
+
+    code = "stream_cut"
+
+    def __init__(self, provider: str, partial_text: str, reason: str) -> None:
+        super().__init__(f"{provider} stream was cut after {len(partial_text)} characters: {reason}")
+        self.partial_text = partial_text
+
+
+class ModelOutputError(WorkflowError):
+    """An answer that arrived but cannot be used. ``type`` is schema_violation, truncation, refusal or
+    schema_drift; ``pointer`` locates the problem in the output."""
+
+    code = "model_output_error"
 
 
 class DeliveryError(RuntimeFailure):

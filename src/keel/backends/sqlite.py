@@ -35,14 +35,19 @@ from keel.memory.types import (
     IdempotencyClaim,
     Lease,
     LeaseState,
+    ModelCallRecord,
+    ModelStats,
     NewTask,
     OutboxMessage,
     StepCheckpoint,
     StepStatus,
     Task,
     TaskStatus,
+    TenantUsage,
+    day_bucket,
     dead_letter_envelope,
     hash_secret,
+    hour_bucket,
     new_id,
     webhook_payload,
 )
@@ -196,6 +201,37 @@ MIGRATIONS: list[str] = [
         SELECT task_id, name, 0, '', 'step', 'completed', 1, 1, result, '{}', 0, 0
         FROM checkpoints WHERE name != '__partial__';
     DROP TABLE checkpoints;
+    """,
+    # v4: model accounting. Rolling per-model counters in hour buckets (for statistical SLAs) and per-tenant
+    # spend in day buckets.
+    """
+    CREATE TABLE model_stats (
+        model_id TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        provider TEXT NOT NULL,
+        calls INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        structured INTEGER NOT NULL DEFAULT 0,
+        json_valid INTEGER NOT NULL DEFAULT 0,
+        schema_valid INTEGER NOT NULL DEFAULT 0,
+        refusals INTEGER NOT NULL DEFAULT 0,
+        truncations INTEGER NOT NULL DEFAULT 0,
+        latency_ms_sum REAL NOT NULL DEFAULT 0,
+        latency_ms_max REAL NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (model_id, bucket)
+    ) WITHOUT ROWID;
+    CREATE TABLE tenant_usage (
+        tenant TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        calls INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, day)
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -724,6 +760,81 @@ class SQLiteStore:
                 else:
                     out[r["key"]] = json.loads(r["value"])
             return out
+
+        return await self._read(op)
+
+    # -- ModelStatsStore ---------------------------------------------------------------------------
+
+    async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None:
+        bucket, day = hour_bucket(call.at), day_bucket(call.at)
+        structured = call.json_valid is not None
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO model_stats(model_id, bucket, provider, calls, errors, structured, json_valid, "
+                "schema_valid, refusals, truncations, latency_ms_sum, latency_ms_max, input_tokens, output_tokens, "
+                "cost_usd) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(model_id, bucket) DO UPDATE SET calls = calls + 1, errors = errors + excluded.errors, "
+                "structured = structured + excluded.structured, json_valid = json_valid + excluded.json_valid, "
+                "schema_valid = schema_valid + excluded.schema_valid, refusals = refusals + excluded.refusals, "
+                "truncations = truncations + excluded.truncations, "
+                "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
+                "latency_ms_max = MAX(latency_ms_max, excluded.latency_ms_max), "
+                "input_tokens = input_tokens + excluded.input_tokens, "
+                "output_tokens = output_tokens + excluded.output_tokens, cost_usd = cost_usd + excluded.cost_usd",
+                (
+                    call.model_id,
+                    bucket,
+                    call.provider,
+                    int(call.error),
+                    int(structured),
+                    int(bool(call.json_valid)),
+                    int(bool(call.schema_valid)),
+                    int(call.refusal),
+                    int(call.truncated),
+                    call.latency_ms,
+                    call.latency_ms,
+                    call.input_tokens,
+                    call.output_tokens,
+                    call.cost_usd,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO tenant_usage(tenant, day, calls, input_tokens, output_tokens, cost_usd) "
+                "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT(tenant, day) DO UPDATE SET calls = calls + 1, "
+                "input_tokens = input_tokens + excluded.input_tokens, "
+                "output_tokens = output_tokens + excluded.output_tokens, cost_usd = cost_usd + excluded.cost_usd",
+                (tenant, day, call.input_tokens, call.output_tokens, call.cost_usd),
+            )
+
+        await self._write(op)
+
+    async def model_stats(self, model_id: str | None = None, since: float = 0.0) -> list[ModelStats]:
+        def op(conn: sqlite3.Connection) -> list[ModelStats]:
+            sql, args = "SELECT * FROM model_stats WHERE bucket >= ?", [str(hour_bucket(since))]
+            if model_id is not None:
+                sql += " AND model_id = ?"
+                args.append(model_id)
+            rows = conn.execute(sql + " ORDER BY model_id, bucket", args)
+            return [ModelStats(**{k: r[k] for k in r.keys()}) for r in rows]
+
+        return await self._read(op)
+
+    async def tenant_usage(self, tenant: str, since: float) -> TenantUsage:
+        def op(conn: sqlite3.Connection) -> TenantUsage:
+            row = conn.execute(
+                "SELECT COALESCE(SUM(calls), 0), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
+                "COALESCE(SUM(cost_usd), 0) FROM tenant_usage WHERE tenant = ? AND day >= ?",
+                (tenant, day_bucket(since)),
+            ).fetchone()
+            return TenantUsage(
+                tenant=tenant,
+                since=day_bucket(since),
+                calls=row[0],
+                input_tokens=row[1],
+                output_tokens=row[2],
+                cost_usd=row[3],
+            )
 
         return await self._read(op)
 

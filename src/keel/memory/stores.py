@@ -15,11 +15,14 @@ from keel.memory.types import (
     IdempotencyClaim,
     Lease,
     LeaseState,
+    ModelCallRecord,
+    ModelStats,
     NewTask,
     OutboxMessage,
     StepCheckpoint,
     Task,
     TaskStatus,
+    TenantUsage,
 )
 
 
@@ -95,6 +98,18 @@ class WorkflowStore(Protocol):
     async def load_state(self, task_id: str) -> dict[str, Any]: ...
 
 
+class ModelStatsStore(Protocol):
+    """Rolling per-model counters (hour buckets) and per-tenant spend (day buckets)."""
+
+    async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None: ...
+
+    async def model_stats(self, model_id: str | None = None, since: float = 0.0) -> list[ModelStats]: ...
+
+    async def tenant_usage(self, tenant: str, since: float) -> TenantUsage:
+        """Sum of the tenant's model calls from the start of ``since``'s UTC day."""
+        ...
+
+
 class EventLog(Protocol):
     async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
         """Append under the lease's fence; raises LeaseLost if another worker owns the task."""
@@ -131,5 +146,5 @@ class KeyStore(Protocol):
     async def verify_key(self, key: str) -> ApiKey | None: ...
 
 
-class Store(TaskStore, WorkflowStore, EventLog, Outbox, KeyStore, Protocol):
+class Store(TaskStore, WorkflowStore, ModelStatsStore, EventLog, Outbox, KeyStore, Protocol):
     async def aclose(self) -> None: ...

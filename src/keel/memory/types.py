@@ -159,6 +159,81 @@ class StepCheckpoint:
 
 
 @dataclass(kw_only=True, slots=True)
+class ModelCallRecord:
+    """One model call as keel accounts for it: what was asked of whom, what answered, what it cost and how it
+    went. Kept in the envelope and summed into rolling per-model counters (for statistical SLAs)."""
+
+    provider: str
+    requested_model: str
+    model_id: str
+    adapter_version: str = ""
+    at: float = 0.0
+    latency_ms: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    finish_reason: str = ""
+    json_valid: bool | None = None
+    """For a structured call: did the text parse as JSON (None for plain text)."""
+    schema_valid: bool | None = None
+    refusal: bool = False
+    truncated: bool = False
+    error: bool = False
+    """The call itself failed (HTTP error, cut stream, timeout): no usable response at all."""
+    outcome: str = "ok"
+    settings: dict[str, Any] = field(default_factory=dict)
+    usage_counted: bool = False
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "requested_model": self.requested_model,
+            "model_id": self.model_id,
+            "adapter_version": self.adapter_version,
+            "settings": self.settings,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "usage": "counted" if self.usage_counted else "provider",
+            "cost_usd": round(self.cost_usd, 8),
+            "latency_ms": self.latency_ms,
+            "finish_reason": self.finish_reason,
+            "outcome": self.outcome,
+        }
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelStats:
+    """Rolling counters of one pinned model over one hour bucket."""
+
+    model_id: str
+    provider: str
+    bucket: int
+    """Start of the hour, epoch seconds."""
+    calls: int = 0
+    errors: int = 0
+    structured: int = 0
+    json_valid: int = 0
+    schema_valid: int = 0
+    refusals: int = 0
+    truncations: int = 0
+    latency_ms_sum: float = 0.0
+    latency_ms_max: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class TenantUsage:
+    tenant: str
+    since: float
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
 class OutboxMessage:
     id: str
     tenant: str
@@ -177,6 +252,15 @@ class ApiKey:
     id: str
     tenant: str
     scopes: frozenset[str]
+
+
+def hour_bucket(at: float) -> int:
+    return int(at // 3600 * 3600)
+
+
+def day_bucket(at: float) -> int:
+    """Start of ``at``'s UTC day, epoch seconds."""
+    return int(at // 86400 * 86400)
 
 
 def hash_secret(secret: str) -> str:

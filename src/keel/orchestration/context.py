@@ -38,13 +38,15 @@ from keel.errors import (
     LeaseLost,
     Nondeterminism,
     StepFailed,
+    StreamCut,
     UpstreamError,
     WorkflowError,
 )
 from keel.memory.blobs import looks_small
-from keel.memory.types import BlobRef, StepCheckpoint, StepStatus
+from keel.memory.types import BlobRef, ModelCallRecord, StepCheckpoint, StepStatus
+from keel.orchestration import generation
 from keel.orchestration.budget import Budget, BudgetMeter
-from keel.orchestration.models import Message, Model, ModelResponse, ModelSettings
+from keel.orchestration.models import Message, Model, ModelSettings
 from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 from keel.orchestration.tools import Tool
 
@@ -69,6 +71,10 @@ class Journal(Protocol):
     async def set_progress(self, fraction: float, step: str | None) -> None: ...
 
     async def load_blob(self, ref: BlobRef) -> Any: ...
+
+    def record_model_call(self, call: ModelCallRecord) -> None:
+        """Count a model call in the per-model and per-tenant counters (not part of the run's history)."""
+        ...
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,6 +103,8 @@ class StepInfo:
     errors: list[str] = field(default_factory=list)
     replayed: bool = False
     run_attempt: int = 1
+    tokens: int = 0
+    cost_usd: float = 0.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -106,6 +114,7 @@ class EnvelopeError:
     severity: str = "error"
     recovery_suggested: bool = False
     step: str | None = None
+    pointer: str | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -114,6 +123,7 @@ class BranchError:
     step: str
     type: str
     message: str
+    pointer: str | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -175,7 +185,7 @@ class WorkflowContext:
         state = state or {}
         self.partial: dict[str, Any] = dict(state.get("partial", {}))  # written by keel before per-key rows
         self.partial.update({k.removeprefix("partial:"): v for k, v in state.items() if k.startswith("partial:")})
-        self.metadata: dict[str, Any] = {"model_ids": [], "tools_called": [], "reductions": {}}
+        self.metadata: dict[str, Any] = {"model_ids": [], "model_calls": [], "tools_called": [], "reductions": {}}
         self.executed: list[str] = []
         """Keys of the steps this run actually executed (not replayed): what a crash test counts."""
 
@@ -201,6 +211,13 @@ class WorkflowContext:
     async def emit(self, type: str, data: dict[str, Any]) -> None:
         await self._journal.emit(type, data)
 
+    async def emit_nowait(self, type: str, data: dict[str, Any]) -> None:
+        """Append an event that may share a later commit (tokens): readers see it within ~50 ms."""
+        await self._journal.emit(type, data, durable=False)
+
+    def record_model_call(self, call: ModelCallRecord) -> None:
+        self._journal.record_model_call(call)
+
     async def progress(self, fraction: float, step: str | None = None) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
         if fraction < self._progress:
@@ -218,15 +235,40 @@ class WorkflowContext:
         event_value = value if looks_small(value, 4096) else {"omitted": "large value; read the task's envelope"}
         await self._journal.set_state(f"partial:{key}", value, ("partial_result", {"key": key, "value": event_value}))
 
-    def warn(self, type: str, message: str, *, step: str | None = None, recovery_suggested: bool = False) -> None:
+    def warn(
+        self,
+        type: str,
+        message: str,
+        *,
+        step: str | None = None,
+        recovery_suggested: bool = False,
+        pointer: str | None = None,
+    ) -> None:
+        """An envelope warning: the output is usable, but the caller should know."""
         self.errors.append(
             EnvelopeError(
-                type=type, message=message, severity="warning", step=step, recovery_suggested=recovery_suggested
+                type=type,
+                message=message,
+                severity="warning",
+                step=step,
+                recovery_suggested=recovery_suggested,
+                pointer=pointer,
             )
         )
 
-    def error(self, type: str, message: str, *, step: str | None = None, recovery_suggested: bool = False) -> None:
-        self.errors.append(EnvelopeError(type=type, message=message, step=step, recovery_suggested=recovery_suggested))
+    def error(
+        self,
+        type: str,
+        message: str,
+        *,
+        step: str | None = None,
+        recovery_suggested: bool = False,
+        pointer: str | None = None,
+    ) -> None:
+        """An envelope error: part of the work failed, so the task ends partial_success at best."""
+        self.errors.append(
+            EnvelopeError(type=type, message=message, step=step, recovery_suggested=recovery_suggested, pointer=pointer)
+        )
 
     # -- durable steps -----------------------------------------------------------------------------
 
@@ -306,37 +348,45 @@ class WorkflowContext:
         settings: ModelSettings | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        repairs: int = 1,
+        stream: bool = True,
     ) -> Any:
-        """Ask a model, as a durable step. Tokens and cost are charged to the task's budget.
+        """Ask a model, as a durable step; tokens stream into the task's log as ``token`` events.
 
-        With ``output_type`` the answer must be JSON valid against it, or the step fails with
-        ``schema_violation`` (not retried: callers that want a repair loop, like :meth:`plan`, build one).
-        ``json_schema`` asks the model for JSON of that shape but returns the raw text, unvalidated.
+        With ``output_type`` the answer is validated before anything uses it: a refusal, a truncation, non-JSON,
+        the wrong shape or drifted field names become a ``ModelOutputError`` (an envelope error with a JSON
+        pointer); the wrong shape is re-asked ``repairs`` times first. ``json_schema`` asks for JSON of that shape
+        but returns the raw text. Rate limits, 5xx and cut streams are retried (``retry``). Tokens and cost are
+        charged to the task's budget; every call is recorded in the envelope and the per-model counters.
         """
-        messages = [Message(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
+        messages = generation.messages_of(prompt)
         schema = output_type.model_json_schema() if output_type is not None else json_schema
 
         async def ask(_: str) -> dict[str, Any]:
-            resp = await model.request(messages, output_schema=schema, settings=settings)
-            self.charge_model(model, messages, resp)
-            if output_type is not None:
-                return {"output": output_type.model_validate_json(resp.text).model_dump(mode="json")}
-            return {"output": resp.text, "finish_reason": resp.finish_reason}
+            scope = _scope.get()
+            key = scope.key if scope is not None else name
+            return await generation.ask(
+                self,
+                key,
+                model,
+                messages,
+                output_type=output_type,
+                schema=schema,
+                settings=settings,
+                repairs=repairs,
+                stream=stream,
+            )
 
         call = StepCall(name=name, fn=ask, args=(model.name,), kind="model", timeout=timeout, retry=retry)
         out: dict[str, Any] = await self._run(call, fn_id=f"model:{output_type.__name__ if output_type else 'text'}")
+        generation.absorb(self, model, out)
         if output_type is not None:
             return output_type.model_validate(out["output"])
         return out["output"]
 
-    def charge_model(self, model: Model, messages: Sequence[Message], resp: ModelResponse) -> None:
-        """Charge a model call to the running step and the task (usage from the provider, else counted)."""
-        inp = resp.input_tokens or sum(model.count_tokens(m.content) for m in messages)
-        out = resp.output_tokens or model.count_tokens(resp.text)
-        self._charge({"model_calls": 1, "input_tokens": inp, "output_tokens": out, "cost_usd": resp.cost_usd})
-        model_id = resp.model_id or model.name
-        if model_id not in self.metadata["model_ids"]:
-            self.metadata["model_ids"].append(model_id)
+    def charge_usage(self, usage: dict[str, float]) -> None:
+        """Charge usage (model calls, tokens, cost) to the running step and the task's budget."""
+        self._charge(usage)
 
     def _charge(self, usage: dict[str, float]) -> None:
         scope = _scope.get()
@@ -394,13 +444,19 @@ class WorkflowContext:
             if isinstance(outcome, StepFailed):
                 results.append(None)
                 errors.append(
-                    BranchError(index=i, step=outcome.step or call.name, type=outcome.type, message=outcome.message)
+                    BranchError(
+                        index=i,
+                        step=outcome.step or call.name,
+                        type=outcome.type,
+                        message=outcome.message,
+                        pointer=outcome.pointer,
+                    )
                 )
             else:
                 results.append(outcome)
         out: MapResult[Any] = MapResult(results=results, errors=errors)
         for e in errors:
-            self.error(e.type, e.message, step=e.step, recovery_suggested=e.type in _TRANSIENT)
+            self.error(e.type, e.message, step=e.step, recovery_suggested=e.type in _TRANSIENT, pointer=e.pointer)
         if out.ok < need:
             await self.partial_result(name, [r for i, r in enumerate(results) if i not in {e.index for e in errors}])
             raise BranchesFailed(
@@ -478,11 +534,17 @@ class WorkflowContext:
                 errors=errors,
                 replayed=True,
                 run_attempt=cp.run_attempt,
+                **_spend(cp.usage),
             )
         )
         if cp.status is StepStatus.failed:
             err = cp.error or {}
-            raise StepFailed(err.get("message", "step failed"), type=err.get("type", "step_failed"), step=cp.key)
+            raise StepFailed(
+                err.get("message", "step failed"),
+                type=err.get("type", "step_failed"),
+                step=cp.key,
+                pointer=err.get("pointer"),
+            )
         value = await self._journal.load_blob(cp.result) if isinstance(cp.result, BlobRef) else cp.result
         return _revive(call.fn, value)
 
@@ -543,6 +605,7 @@ class WorkflowContext:
             raise
         except Exception as exc:
             type_, message = classify(exc, call.timeout)
+            pointer = getattr(exc, "pointer", None)
             duration = _ms(started)
             self.steps.append(
                 StepInfo(
@@ -553,6 +616,7 @@ class WorkflowContext:
                     attempts=tries,
                     errors=[message],
                     run_attempt=self.attempt,
+                    **_spend(scope.usage),
                 )
             )
             cp = StepCheckpoint(
@@ -563,7 +627,7 @@ class WorkflowContext:
                 status=StepStatus.failed,
                 run_attempt=self.attempt,
                 tries=tries,
-                error={"type": type_, "message": message},
+                error={"type": type_, "message": message, **({"pointer": pointer} if pointer is not None else {})},
                 usage=scope.usage,
                 duration_ms=duration,
                 finished_at=self._clock(),
@@ -576,7 +640,9 @@ class WorkflowContext:
                 ],
             )
             self._time = max(self._time, cp.finished_at)
-            raise StepFailed(message, type=type_, step=key, recovery_suggested=type_ in _TRANSIENT) from exc
+            raise StepFailed(
+                message, type=type_, step=key, recovery_suggested=type_ in _TRANSIENT, pointer=pointer
+            ) from exc
         finally:
             _scope.reset(token)
         stored = pydantic_core.to_jsonable_python(value)
@@ -610,6 +676,7 @@ class WorkflowContext:
                 duration_ms=duration,
                 attempts=tries,
                 run_attempt=self.attempt,
+                **_spend(scope.usage),
             )
         )
         self.meter.check_spend()
@@ -628,6 +695,8 @@ def classify(exc: BaseException, timeout: float | None = None) -> tuple[str, str
     """An exception as an envelope error: (type, message)."""
     if isinstance(exc, TimeoutError):
         return "timeout", f"timed out after {timeout:g} s" if timeout else "timed out"
+    if isinstance(exc, StreamCut):
+        return "truncation", exc.message
     if isinstance(exc, pydantic.ValidationError):
         return "schema_violation", _validation_message(exc)
     if isinstance(exc, UpstreamError):
@@ -730,6 +799,13 @@ def _revive(fn: Callable[..., Any], value: Any) -> Any:
     except TypeError:  # an unhashable callable
         adapter = _adapter(target)
     return adapter.validate_python(value) if adapter is not None else value
+
+
+def _spend(usage: dict[str, float]) -> dict[str, Any]:
+    return {
+        "tokens": int(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)),
+        "cost_usd": round(float(usage.get("cost_usd", 0.0)), 8),
+    }
 
 
 def _ms(start: float) -> float:

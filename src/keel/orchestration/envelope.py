@@ -24,6 +24,7 @@ class EnvelopeErrorModel(BaseModel):
     severity: Literal["info", "warning", "error"] = "error"
     recovery_suggested: bool = Field(False, description="True when retrying or fixing the input may help.")
     step: str | None = Field(None, description="The workflow step the error belongs to, if any.")
+    pointer: str | None = Field(None, description="JSON pointer into the output the error is about, if any.")
 
 
 class EnvelopeMetadata(BaseModel):
@@ -35,6 +36,14 @@ class EnvelopeMetadata(BaseModel):
     tools_called: list[dict[str, Any]] = Field(default_factory=list)
     duration_ms: float = 0.0
     model_ids: list[str] = Field(default_factory=list, description="Pinned model ids the providers returned.")
+    model_calls: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Every model call: provider, requested model, the model id that answered, adapter version, "
+        "settings, tokens (from the provider, or counted), cost, latency, finish reason and outcome.",
+    )
+    tenant_usage: dict[str, Any] | None = Field(
+        None, description="The tenant's model calls and spend so far today (UTC), this task included."
+    )
     tokens: dict[str, int] = Field(default_factory=dict)
     cost_usd: float = 0.0
     budget: dict[str, Any] = Field(default_factory=dict, description="Budget limits and what the task used.")
@@ -90,7 +99,13 @@ _ENVELOPE_STATUS = {
 
 
 def build_envelope(
-    status: TaskStatus, ctx: WorkflowContext, result: Any, started: float, extra_errors: list[EnvelopeError]
+    status: TaskStatus,
+    ctx: WorkflowContext,
+    result: Any,
+    started: float,
+    extra_errors: list[EnvelopeError],
+    *,
+    tenant: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     errors = [asdict(e) for e in [*ctx.errors, *extra_errors]]
     if status is TaskStatus.cancelled:
@@ -108,6 +123,8 @@ def build_envelope(
             "tools_called": ctx.metadata["tools_called"],
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             "model_ids": ctx.metadata["model_ids"],
+            "model_calls": ctx.metadata["model_calls"],
+            "tenant_usage": tenant,
             "tokens": {"input": used.input_tokens, "output": used.output_tokens, "total": used.tokens},
             "cost_usd": round(used.cost_usd, 6),
             "budget": ctx.meter.snapshot(),

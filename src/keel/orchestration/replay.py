@@ -13,7 +13,7 @@ from typing import Any
 
 from keel.errors import Nondeterminism, NotFound, WorkflowError
 from keel.memory.stores import Store
-from keel.memory.types import BlobRef, StepCheckpoint
+from keel.memory.types import BlobRef, ModelCallRecord, StepCheckpoint
 from keel.orchestration.budget import Budget
 from keel.orchestration.context import HistoryExhausted, WorkflowContext
 from keel.orchestration.workflow import Workflow
@@ -75,6 +75,9 @@ class _ReplayJournal:
 
     async def set_progress(self, fraction: float, step: str | None) -> None:
         self.events.append(("progress", {"progress": fraction, "step": step}))
+
+    def record_model_call(self, call: ModelCallRecord) -> None:
+        return None  # a replay makes no calls
 
     async def load_blob(self, ref: BlobRef) -> Any:
         if self._store is None:

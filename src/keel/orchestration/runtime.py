@@ -16,7 +16,7 @@ from typing import Any
 
 from keel.errors import BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
 from keel.memory.stores import EventSpec, Store
-from keel.memory.types import BlobRef, Event, Lease, StepCheckpoint, Task, TaskStatus
+from keel.memory.types import BlobRef, Event, Lease, ModelCallRecord, StepCheckpoint, Task, TaskStatus
 from keel.orchestration.budget import Budget
 from keel.orchestration.context import EnvelopeError, WorkflowContext
 from keel.orchestration.envelope import Envelope, build_envelope
@@ -64,9 +64,12 @@ class StoreJournal:
         clock: Callable[[], float],
         notify: Callable[[str], None],
         *,
+        tenant: str = "",
         hold_s: float = 0.05,
     ) -> None:
         self.task_id = lease.task_id
+        self.tenant = tenant
+        self._stats: set[asyncio.Task[None]] = set()
         self.run_attempt = lease.attempt
         self._store = store
         self._lease = lease
@@ -134,11 +137,24 @@ class StoreJournal:
     async def load_blob(self, ref: BlobRef) -> Any:
         return await self._store.load_blob(ref)
 
+    def record_model_call(self, call: ModelCallRecord) -> None:
+        # Counters are not part of the run's history: written alongside, never awaited by the step.
+        task = asyncio.create_task(self._store.record_model_call(self.tenant, call))
+        self._stats.add(task)
+        task.add_done_callback(self._stat_written)
+
+    def _stat_written(self, task: asyncio.Task[None]) -> None:
+        self._stats.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not record a model call: %s", task.exception())
+
     async def drain(self) -> None:
         """Before the run's end is written: nothing held back may land after it."""
         self._release_held()
         with contextlib.suppress(LeaseLost):
             await self._settle_queued()
+        if self._stats:
+            await asyncio.gather(*self._stats, return_exceptions=True)
 
     def close(self) -> None:
         """The run stopped without finishing (shutdown, lost lease): drop what is held; the next run re-emits it."""
@@ -239,7 +255,7 @@ class EmbeddedEngine:
 
     async def _context(self, task: Task, lease: Lease) -> tuple[WorkflowContext, StoreJournal]:
         budget = Budget.from_dict(task.budget)
-        journal = StoreJournal(self.store, lease, self.clock, self.notifier.notify)
+        journal = StoreJournal(self.store, lease, self.clock, self.notifier.notify, tenant=task.tenant)
         ctx = WorkflowContext(
             journal=journal,
             history=await self.store.load_steps(task.id),
@@ -282,7 +298,8 @@ class EmbeddedEngine:
             hb = asyncio.create_task(self._heartbeat(lease, run))
             try:
                 result = await run
-                status = TaskStatus.partial_success if ctx.errors else TaskStatus.succeeded
+                failed_parts = any(e.severity == "error" for e in ctx.errors)
+                status = TaskStatus.partial_success if failed_parts else TaskStatus.succeeded
             except asyncio.CancelledError:
                 verdict = await self._interrupted(task.id, lease)
                 if verdict == "raise":
@@ -303,13 +320,22 @@ class EmbeddedEngine:
                 self._runs.pop(task.id, None)
         self._cancel_requested.discard(task.id)
         await journal.drain()
-        envelope = build_envelope(status, ctx, result, started, extra)
+        tenant = await self._tenant_usage(task.tenant)
+        envelope = build_envelope(status, ctx, result, started, extra, tenant=tenant)
         try:
             await self.store.finish(lease, task.id, status, _validated(envelope), self.clock())
         except LeaseLost:
             log.warning("lease on %s lost before finishing; another worker owns it", task.id)
             return
         self.notifier.notify(task.id)
+
+    async def _tenant_usage(self, tenant: str) -> dict[str, Any] | None:
+        try:
+            usage = await self.store.tenant_usage(tenant, self.clock())
+        except Exception:  # accounting must not fail a finished task
+            log.exception("could not read tenant usage")
+            return None
+        return {"since": usage.since, "model_calls": usage.calls, "cost_usd": round(usage.cost_usd, 6)}
 
     async def _interrupted(self, task_id: str, lease: Lease) -> str:
         """A run was cancelled: by its user ("cancelled": write it so), by a graceful stop or a lost lease

