@@ -194,7 +194,7 @@ class ModelCallRecord:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "usage": "counted" if self.usage_counted else "provider",
-            "cost_usd": round(self.cost_usd, 8),
+            "cost_usd": round(self.cost_usd, 10),
             "latency_ms": self.latency_ms,
             "finish_reason": self.finish_reason,
             "outcome": self.outcome,

@@ -94,7 +94,7 @@ class BudgetMeter:
             "tool_calls": self.used.tool_calls,
             "model_calls": self.used.model_calls,
             "tokens": self.used.tokens,
-            "cost_usd": round(self.used.cost_usd, 6),
+            "cost_usd": round(self.used.cost_usd, 10),
         }
         if self.deadline_at is not None:
             used["remaining_s"] = round(max(self.deadline_at - self.clock(), 0.0), 3)

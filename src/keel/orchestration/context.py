@@ -804,7 +804,7 @@ def _revive(fn: Callable[..., Any], value: Any) -> Any:
 def _spend(usage: dict[str, float]) -> dict[str, Any]:
     return {
         "tokens": int(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)),
-        "cost_usd": round(float(usage.get("cost_usd", 0.0)), 8),
+        "cost_usd": round(float(usage.get("cost_usd", 0.0)), 10),
     }
 
 

@@ -126,7 +126,7 @@ def build_envelope(
             "model_calls": ctx.metadata["model_calls"],
             "tenant_usage": tenant,
             "tokens": {"input": used.input_tokens, "output": used.output_tokens, "total": used.tokens},
-            "cost_usd": round(used.cost_usd, 6),
+            "cost_usd": round(used.cost_usd, 10),
             "budget": ctx.meter.snapshot(),
             "reductions": ctx.metadata["reductions"],
             "plan": ctx.metadata.get("plan"),

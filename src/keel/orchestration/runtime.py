@@ -335,7 +335,7 @@ class EmbeddedEngine:
         except Exception:  # accounting must not fail a finished task
             log.exception("could not read tenant usage")
             return None
-        return {"since": usage.since, "model_calls": usage.calls, "cost_usd": round(usage.cost_usd, 6)}
+        return {"since": usage.since, "model_calls": usage.calls, "cost_usd": round(usage.cost_usd, 10)}
 
     async def _interrupted(self, task_id: str, lease: Lease) -> str:
         """A run was cancelled: by its user ("cancelled": write it so), by a graceful stop or a lost lease
@@ -384,7 +384,11 @@ def _outcome(exc: Exception, ctx: WorkflowContext) -> tuple[TaskStatus, Any, Env
         return TaskStatus.needs_clarification, result, error
     if isinstance(exc, WorkflowError):
         error = EnvelopeError(
-            type=exc.type, message=exc.message, step=exc.step, recovery_suggested=exc.recovery_suggested
+            type=exc.type,
+            message=exc.message,
+            step=exc.step,
+            recovery_suggested=exc.recovery_suggested,
+            pointer=exc.pointer,
         )
         return TaskStatus.failed, partial, error
     return TaskStatus.failed, partial, EnvelopeError(type="internal_error", message=f"{type(exc).__name__}: {exc}")

