@@ -47,4 +47,16 @@ async def triage(ctx: WorkflowContext, req: Ask) -> dict[str, Any]:
     return {"answer": run.output}
 
 
-WORKFLOWS = [triage]
+class Question(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str
+
+
+@workflow(name="ask_default")
+async def ask_default(ctx: WorkflowContext, q: Question) -> str:
+    """Asks whatever model the server is configured with (KEEL_DEFAULT_MODEL)."""
+    answer: str = await ctx.generate("answer", ctx.model(), q.question)
+    return answer
+
+
+WORKFLOWS = [triage, ask_default]

@@ -67,3 +67,41 @@ def test_unknown_workflow_module_fails_at_startup(settings: Settings) -> None:
     settings.workflows = ["no_such_module:X"]
     with pytest.raises(ConfigError, match="no_such_module"):
         create_app(settings)
+
+
+def test_default_model_answers_and_model_stats_are_served(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keel.testing.fake_llm import FakeOpenAIServer, Reply
+
+    with FakeOpenAIServer() as llm:
+        llm.script(Reply(text="Currency risk.", model="gpt-4o-mini-2024-07-18", input_tokens=40, output_tokens=3))
+        monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", "sk-test")
+        settings.default_model = f"openai-compatible:{llm.base_url}#gpt-4o-mini-2024-07-18"
+        settings.workflows = ["api_workflows:WORKFLOWS"]
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        key = make_key(settings.data_dir, "acme", frozenset({"tasks:read", "tasks:write"}))
+        admin = make_key(settings.data_dir, "ops", frozenset({"admin"}))
+        server, thread = start_server(settings)
+        live = LiveServer(
+            url=f"http://127.0.0.1:{settings.port}", data_dir=settings.data_dir, settings=settings, key=key
+        )
+        try:
+            with live.client() as c:
+                r = c.post("/v1/tasks", json={"workflow": "ask_default", "input": {"question": "Risks?"}})
+                done = wait_terminal(c, r.json()["id"])
+                assert c.get("/v1/models/stats").status_code == 403  # admin only
+            with live.client(admin) as c:
+                stats = c.get("/v1/models/stats").json()
+                one = c.get("/v1/models/stats", params={"model_id": "nope"}).json()
+        finally:
+            server.should_exit = True
+            thread.join(timeout=15)
+    env: dict[str, Any] = done["envelope"]  # type: ignore[assignment]
+    assert done["status"] == "succeeded" and env["result"] == "Currency risk."
+    assert env["metadata"]["model_ids"] == ["gpt-4o-mini-2024-07-18"]
+    assert env["metadata"]["tokens"] == {"input": 40, "output": 3, "total": 43}
+    assert llm.requests[0]["model"] == "gpt-4o-mini-2024-07-18"
+    [row] = stats
+    assert row["model_id"] == "gpt-4o-mini-2024-07-18" and row["provider"] == "openai-compatible"
+    assert (row["calls"], row["errors"], row["input_tokens"], row["output_tokens"]) == (1, 0, 40, 3)
+    assert row["json_valid_rate"] is None and row["latency_ms_mean"] > 0
+    assert one == []

@@ -396,3 +396,22 @@ def test_infer_model(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(infer_model("anthropic:claude-3-5-haiku-20241022"), AnthropicModel)
     with pytest.raises(ConfigError, match="unknown model"):
         infer_model("gemini:pro")
+
+
+async def test_fallback_chain_moves_on_after_a_provider_error(openai_server: FakeOpenAIServer) -> None:
+    from keel.orchestration.models.fallback import FallbackModel
+
+    openai_server.reset()
+    primary = OpenAIModel("gpt-4o-2024-08-06", base_url=openai_server.base_url, api_key="sk-test")
+    backup = OpenAIModel(OPENAI_ID, base_url=openai_server.base_url, api_key="sk-test")
+    chain = FallbackModel([primary, backup])
+    openai_server.script(Fail(status=503), Reply(text="from the backup", model=OPENAI_ID))
+    resp = await chain.request(USER)
+    assert resp.text == "from the backup" and resp.model_id == OPENAI_ID
+    assert [r["model"] for r in openai_server.requests] == ["gpt-4o-2024-08-06", OPENAI_ID]
+    openai_server.script(Fail(status=400), Reply(text="unused", model=OPENAI_ID))
+    with pytest.raises(ModelHTTPError):  # a bad request would be bad anywhere: no fallback on 4xx
+        await chain.request(USER)
+    assert openai_server.pending == 1
+    await primary.aclose()
+    await backup.aclose()

@@ -22,6 +22,7 @@ from keel.interaction.webhooks import WebhookDispatcher
 from keel.memory.stores import Store
 from keel.netguard import AllowList
 from keel.orchestration.engine import Engine
+from keel.orchestration.models import ModelRegistry
 from keel.orchestration.runtime import EmbeddedEngine, Notifier
 from keel.orchestration.workflow import WorkflowRegistry, default_registry
 from keel.settings import Settings
@@ -89,6 +90,9 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             max_attempts=settings.max_task_attempts,
             poll_s=settings.poll_interval_s,
             notifier=notifier,
+            models=ModelRegistry(
+                settings.default_model, prices=settings.model_prices, allow_floating=settings.allow_floating_models
+            ),
         )
         allow = AllowList.parse(settings.webhook_allow_hosts)
         webhooks = WebhookDispatcher(

@@ -37,6 +37,19 @@ class Settings(BaseSettings):
     webhook_backoff_base_s: float = Field(1.0, gt=0)
     webhook_backoff_max_s: float = Field(3600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    default_model: str = Field(
+        "local:smollm2",
+        description="What `ctx.model()` answers with: openai:<model>, openai-compatible:<url>#<model>, "
+        "anthropic:<model>, local:<name>, or a comma-separated fallback chain.",
+    )
+    model_prices: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description='Extra or corrected model prices and windows: {"model-prefix": {"input": USD per 1M, '
+        '"output": USD per 1M, "context_window": tokens}}.',
+    )
+    allow_floating_models: bool = Field(
+        False, description="Accept floating model aliases (e.g. gpt-4o) without a warning in the envelope."
+    )
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Extra workflows to register, as comma-separated `package.module:attr` (a Workflow or a list).",

@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
 from keel.interaction.auth import require
-from keel.interaction.schemas import SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
+from keel.interaction.schemas import ModelStatsView, SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
 from keel.memory.types import ApiKey, CreateOutcome, IdempotencyClaim, NewTask, TaskStatus
 from keel.netguard import resolve_target
 
@@ -226,3 +226,26 @@ async def events(
                 await keel.notifier.wait(task_id, keel.settings.poll_interval_s)
 
     return EventSourceResponse(stream(), ping=keel.settings.sse_heartbeat_s, send_timeout=30)
+
+
+Admin = Annotated[ApiKey, Depends(require("admin"))]
+
+
+@router.get(
+    "/models/stats",
+    response_model=list[ModelStatsView],
+    responses={401: ERRORS[401], 403: ERRORS[403]},
+    summary="Rolling per-model counters",
+    tags=["models"],
+)
+async def model_stats(
+    request: Request,
+    key: Admin,
+    model_id: Annotated[str | None, Query(description="One pinned model id; all models when omitted.")] = None,
+    hours: Annotated[float, Query(gt=0, le=24 * 90, description="How far back, in hours.")] = 24,
+) -> list[ModelStatsView]:
+    """Per pinned model and hour: calls, errors, JSON- and schema-valid rates, refusals, truncations, latency,
+    tokens and cost. The raw material for statistical SLAs on a model that may drift under a stable name."""
+    keel = _keel(request)
+    rows = await keel.store.model_stats(model_id, keel.clock() - hours * 3600)
+    return [ModelStatsView.of(r) for r in rows]

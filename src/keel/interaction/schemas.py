@@ -7,10 +7,20 @@ from typing import Any
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
-from keel.memory.types import Task, TaskStatus
+from keel.memory.types import ModelStats, Task, TaskStatus
 from keel.orchestration.envelope import Envelope
 
-__all__ = ["BudgetSpec", "Envelope", "SubmitTask", "TaskAccepted", "TaskView", "TaskPage", "WebhookSpec", "Links"]
+__all__ = [
+    "BudgetSpec",
+    "Envelope",
+    "ModelStatsView",
+    "SubmitTask",
+    "TaskAccepted",
+    "TaskView",
+    "TaskPage",
+    "WebhookSpec",
+    "Links",
+]
 
 
 class WebhookSpec(BaseModel):
@@ -140,3 +150,43 @@ def accepted(task: Task) -> TaskAccepted:
     return TaskAccepted(
         id=task.id, status=task.status, links=links(task.id), estimated_duration_s=task.estimated_duration_s
     )
+
+
+class ModelStatsView(BaseModel):
+    """One model's counters over one hour."""
+
+    model_id: str
+    provider: str
+    hour_start: float
+    calls: int
+    errors: int
+    structured_calls: int
+    json_valid_rate: float | None = Field(description="Of structured calls, the share that parsed as JSON.")
+    schema_valid_rate: float | None = Field(description="Of structured calls, the share valid against the schema.")
+    refusals: int
+    truncations: int
+    latency_ms_mean: float | None
+    latency_ms_max: float
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+    @classmethod
+    def of(cls, s: ModelStats) -> ModelStatsView:
+        return cls(
+            model_id=s.model_id,
+            provider=s.provider,
+            hour_start=s.bucket,
+            calls=s.calls,
+            errors=s.errors,
+            structured_calls=s.structured,
+            json_valid_rate=round(s.json_valid / s.structured, 4) if s.structured else None,
+            schema_valid_rate=round(s.schema_valid / s.structured, 4) if s.structured else None,
+            refusals=s.refusals,
+            truncations=s.truncations,
+            latency_ms_mean=round(s.latency_ms_sum / s.calls, 3) if s.calls else None,
+            latency_ms_max=s.latency_ms_max,
+            input_tokens=s.input_tokens,
+            output_tokens=s.output_tokens,
+            cost_usd=round(s.cost_usd, 10),
+        )

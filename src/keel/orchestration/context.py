@@ -46,7 +46,7 @@ from keel.memory.blobs import looks_small
 from keel.memory.types import BlobRef, ModelCallRecord, StepCheckpoint, StepStatus
 from keel.orchestration import generation
 from keel.orchestration.budget import Budget, BudgetMeter
-from keel.orchestration.models import Message, Model, ModelSettings
+from keel.orchestration.models import Message, Model, ModelRegistry, ModelSettings
 from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 from keel.orchestration.tools import Tool
 
@@ -167,8 +167,10 @@ class WorkflowContext:
         clock: Callable[[], float] = time.time,
         progress: float = 0.0,
         strict_replay: bool = False,
+        models: ModelRegistry | None = None,
     ) -> None:
         self.task_id = journal.task_id
+        self._models = models
         self.attempt = journal.run_attempt
         self._journal = journal
         self._history = {cp.key: cp for cp in history}
@@ -383,6 +385,12 @@ class WorkflowContext:
         if output_type is not None:
             return output_type.model_validate(out["output"])
         return out["output"]
+
+    def model(self, spec: str | None = None) -> Model:
+        """The configured model (``KEEL_DEFAULT_MODEL``), or the one ``spec`` names, built once per process."""
+        if self._models is None:
+            self._models = ModelRegistry("test")
+        return self._models.get(spec)
 
     def charge_usage(self, usage: dict[str, float]) -> None:
         """Charge usage (model calls, tokens, cost) to the running step and the task's budget."""

@@ -53,7 +53,7 @@ async def ask(
         try:
             value = check_output(resp, output_type)
         except ModelOutputError as exc:
-            calls.append(_record(ctx, model, resp, settings, outcome=exc.type))
+            calls.append(_record(ctx, model, resp, settings, outcome=exc.type, structured=output_type is not None))
             if exc.type in REPAIRABLE and attempt < repairs and schema is not None:
                 conversation += [
                     Message(role="assistant", content=resp.text),
@@ -64,7 +64,7 @@ async def ask(
             exc.step = key
             exc.detail["calls"] = calls
             raise
-        calls.append(_record(ctx, model, resp, settings, outcome="ok"))
+        calls.append(_record(ctx, model, resp, settings, outcome="ok", structured=output_type is not None))
         return {
             "step": key,
             "output": pydantic_core.to_jsonable_python(value),
@@ -128,9 +128,16 @@ def _is_json(text: str) -> bool:
 
 
 def _record(
-    ctx: WorkflowContext, model: Model, resp: ModelResponse, settings: ModelSettings | None, *, outcome: str
+    ctx: WorkflowContext,
+    model: Model,
+    resp: ModelResponse,
+    settings: ModelSettings | None,
+    *,
+    outcome: str,
+    structured: bool,
 ) -> dict[str, Any]:
-    structured = outcome in ("ok", *REPAIRABLE) and resp.finish_reason != "refusal"
+    # Validity rates are about answers that came back as text to validate: not refusals, not cut-offs.
+    structured = structured and outcome in ("ok", *REPAIRABLE)
     rec = ModelCallRecord(
         provider=resp.provider or getattr(model, "provider", ""),
         requested_model=resp.requested_model or getattr(model, "model", model.name),

@@ -20,6 +20,7 @@ from keel.memory.types import BlobRef, Event, Lease, ModelCallRecord, StepCheckp
 from keel.orchestration.budget import Budget
 from keel.orchestration.context import EnvelopeError, WorkflowContext
 from keel.orchestration.envelope import Envelope, build_envelope
+from keel.orchestration.models import ModelRegistry
 from keel.orchestration.workflow import WorkflowRegistry
 
 log = logging.getLogger("keel.runtime")
@@ -173,8 +174,10 @@ class EmbeddedEngine:
         poll_s: float = 0.5,
         clock: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
+        models: ModelRegistry | None = None,
     ) -> None:
         self.store = store
+        self.models = models
         self.registry = registry
         self.workers = workers
         self.lease_s = lease_s
@@ -265,6 +268,7 @@ class EmbeddedEngine:
             deadline_at=task.created_at + budget.deadline_s if budget.deadline_s is not None else None,
             clock=self.clock,
             progress=task.progress,
+            models=self.models,
         )
         return ctx, journal
 

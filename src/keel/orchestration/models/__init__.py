@@ -46,6 +46,7 @@ __all__ = [
     "ToolCallDelta",
     "ToolSpec",
     "UsageEvent",
+    "ModelRegistry",
     "infer_model",
     "stream_response",
     "supports_streaming",
@@ -53,7 +54,16 @@ __all__ = [
 
 
 def infer_model(spec: str, *, prices: dict[str, Any] | None = None, allow_floating: bool = False) -> Model:
-    """Build the adapter that ``spec`` names. API keys come from the usual environment variables."""
+    """Build the adapter that ``spec`` names. API keys come from the usual environment variables.
+
+    A comma-separated list (``anthropic:claude-…,openai:gpt-…``) is a fallback chain, tried in order.
+    """
+    if "," in spec and not spec.startswith("openai-compatible:"):
+        from keel.orchestration.models.fallback import FallbackModel
+
+        return FallbackModel(
+            [infer_model(s.strip(), prices=prices, allow_floating=allow_floating) for s in spec.split(",") if s.strip()]
+        )
     provider, _, rest = spec.partition(":")
     model: Any
     if spec == "test" or provider == "test":
@@ -111,3 +121,23 @@ def _key(var: str, spec: str) -> str:
     if not value:
         raise ConfigError(f"model {spec!r} needs an API key: set {var}")
     return value
+
+
+class ModelRegistry:
+    """Builds each model spec once and shares it: what ``ctx.model()`` draws from."""
+
+    def __init__(self, default: str, *, prices: dict[str, Any] | None = None, allow_floating: bool = False) -> None:
+        self.default = default
+        self._prices = prices or {}
+        self._allow_floating = allow_floating
+        self._models: dict[str, Model] = {}
+
+    def get(self, spec: str | None = None) -> Model:
+        key = spec or self.default
+        if key not in self._models:
+            self._models[key] = infer_model(key, prices=self._prices, allow_floating=self._allow_floating)
+        return self._models[key]
+
+    def add(self, spec: str, model: Model) -> None:
+        """Register a ready-made model under a name (tests, custom adapters)."""
+        self._models[spec] = model
