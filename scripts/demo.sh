@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make demo: start a keel server on a private data dir, submit a task through the HTTP API with
 # `keel submit` (live progress bar, then the envelope), and stop the server cleanly.
-# Until the flagship workflow lands (issue 7) the task is the built-in `diagnostic` workflow.
+# Until the flagship workflow lands (issue 7) it runs the built-in `diagnostic` workflow (durable steps, no model),
+# then `ask`: one question to the embedded local model (llama.cpp on a GGUF from PyPI), tokens streaming.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -27,3 +28,6 @@ done
 echo "keel is serving on http://127.0.0.1:$PORT (data in $DATA)"
 "$BIN/keel" submit diagnostic --url "http://127.0.0.1:$PORT" --api-key "$KEY" \
   --input '{"steps": 5, "step_seconds": 0.4}'
+
+"$BIN/keel" submit ask --url "http://127.0.0.1:$PORT" --api-key "$KEY" \
+  --input '{"question": "In two sentences: what is the main risk of relying on a single supplier?", "max_tokens": 120}'

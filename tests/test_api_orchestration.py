@@ -105,3 +105,16 @@ def test_default_model_answers_and_model_stats_are_served(settings: Settings, mo
     assert (row["calls"], row["errors"], row["input_tokens"], row["output_tokens"]) == (1, 0, 40, 3)
     assert row["json_valid_rate"] is None and row["latency_ms_mean"] > 0
     assert one == []
+
+
+def test_builtin_ask_streams_tokens(live: LiveServer) -> None:
+    with live.client() as c:
+        r = c.post("/v1/tasks", json={"workflow": "ask", "input": {"question": "echo these words", "model": "test"}})
+        task_id = r.json()["id"]
+        done = wait_terminal(c, task_id)
+        stream = c.get(f"/v1/tasks/{task_id}/events").text
+    env: dict[str, Any] = done["envelope"]  # type: ignore[assignment]
+    assert done["status"] == "succeeded" and env["result"] == {"answer": "echo these words"}
+    assert stream.count("event: token") == 3
+    bad = live.client().post("/v1/tasks", json={"workflow": "ask", "input": {"question": ""}})
+    assert bad.status_code == 422

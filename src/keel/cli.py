@@ -169,6 +169,7 @@ def submit(
 
 def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
     last_id = ""
+    streamed = ""
     with Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
@@ -190,6 +191,10 @@ def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
                             progress.update(bar, completed=data["progress"], description=str(data.get("step")))
                         elif sse.event == "step_started":
                             progress.update(bar, description=f"{data['step']} …")
+                        elif sse.event == "token":
+                            streamed = (streamed + data.get("text", ""))[-2000:]
+                            tail = " ".join(streamed.split())[-48:]
+                            progress.update(bar, description=f"{data.get('step', '')}: …{tail}")
                         elif sse.event == "budget":
                             progress.update(bar, description=_budget_line(data))
                         elif sse.event == "status":

@@ -136,7 +136,46 @@ DIAGNOSTIC: Workflow[DiagnosticInput] = Workflow(
 )
 
 
+# -- the built-in ask workflow ---------------------------------------------------------------------------
+
+
+class AskInput(BaseModel):
+    """Input of the built-in ``ask`` workflow: one question to the configured model, streamed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, max_length=20_000, description="What to ask.")
+    system: str | None = Field(None, max_length=20_000, description="An optional system prompt.")
+    max_tokens: int = Field(256, ge=1, le=8192, description="Cap on the answer's length, in tokens.")
+    model: str | None = Field(
+        None, max_length=500, description="A model spec; the server's KEEL_DEFAULT_MODEL when omitted."
+    )
+
+
+async def ask(ctx: WorkflowContext, inp: AskInput) -> dict[str, Any]:
+    from keel.orchestration.models import Message, ModelSettings
+
+    model = ctx.model(inp.model)
+    messages = [Message(role="system", content=inp.system)] if inp.system else []
+    messages.append(Message(role="user", content=inp.question))
+    answer = await ctx.generate(
+        "answer", model, messages, settings=ModelSettings(max_tokens=inp.max_tokens, temperature=0.2)
+    )
+    await ctx.progress(1.0, "answer")
+    return {"answer": answer}
+
+
+ASK: Workflow[AskInput] = Workflow(
+    name="ask",
+    input_model=AskInput,
+    fn=ask,
+    estimate=lambda inp: 1.0 + inp.max_tokens / 50,
+    description="Ask the configured model one question; tokens stream as `token` events.",
+)
+
+
 def default_registry() -> WorkflowRegistry:
     registry = WorkflowRegistry()
     registry.register(DIAGNOSTIC)
+    registry.register(ASK)
     return registry
