@@ -11,6 +11,8 @@ import time
 import httpx
 
 from keel.errors import ModelHTTPError
+from keel.orchestration.models.base import ModelResponse
+from keel.orchestration.models.catalog import ModelInfo
 
 
 def retry_after(headers: httpx.Headers) -> float | None:
@@ -54,3 +56,17 @@ async def raise_for_status(provider: str, response: httpx.Response) -> None:
 def estimate_tokens(text: str) -> int:
     """Without the provider's tokenizer at hand (offline), about 4 characters a token for English text."""
     return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def stamp(
+    resp: ModelResponse, *, provider: str, model: str, adapter_version: str, info: ModelInfo, started: float
+) -> ModelResponse:
+    """What every response records for the envelope: provider, the model asked for and the one that answered
+    (the provider's id, else the name asked for), adapter version, latency and cost at the model's price."""
+    resp.provider = provider
+    resp.requested_model = model
+    resp.adapter_version = adapter_version
+    resp.latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    resp.model_id = resp.model_id or model
+    resp.cost_usd = info.cost(resp.input_tokens, resp.output_tokens)
+    return resp

@@ -15,7 +15,7 @@ import httpx
 from httpx_sse import EventSource
 
 from keel.errors import ModelHTTPError, StreamCut
-from keel.orchestration.models._http import estimate_tokens, raise_for_status
+from keel.orchestration.models._http import estimate_tokens, raise_for_status, stamp
 from keel.orchestration.models.base import (
     FinishEvent,
     FinishReason,
@@ -118,17 +118,16 @@ class AnthropicModel:
             resp.tool_calls = [c for c in resp.tool_calls if c.name != OUTPUT_TOOL]
             if resp.finish_reason == "tool_calls":
                 resp.finish_reason = "stop"
-        if not resp.input_tokens and not resp.output_tokens:
-            resp.usage_counted = True
-        resp.provider = self.provider
-        resp.requested_model = self.model
-        resp.adapter_version = ADAPTER_VERSION
-        resp.latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        resp.model_id = resp.model_id or self.model
-        resp.cost_usd = self.info.cost(resp.input_tokens, resp.output_tokens)
         if resp.finish_reason == "refusal":
             resp.refusal = resp.refusal or resp.text or "the model refused"
-        return resp
+        return stamp(
+            resp,
+            provider=self.provider,
+            model=self.model,
+            adapter_version=ADAPTER_VERSION,
+            info=self.info,
+            started=started,
+        )
 
     async def request(
         self,

@@ -13,7 +13,7 @@ import httpx
 from httpx_sse import EventSource
 
 from keel.errors import StreamCut
-from keel.orchestration.models._http import estimate_tokens, raise_for_status
+from keel.orchestration.models._http import estimate_tokens, raise_for_status, stamp
 from keel.orchestration.models.base import (
     FinishEvent,
     FinishReason,
@@ -113,17 +113,16 @@ class OpenAIModel:
 
     def complete(self, resp: ModelResponse, started: float) -> ModelResponse:
         """Stamp a response with what the envelope records: provider, models, adapter, latency, cost."""
-        if not resp.input_tokens and not resp.output_tokens:
-            resp.usage_counted = True
-        resp.provider = self.provider
-        resp.requested_model = self.model
-        resp.adapter_version = ADAPTER_VERSION
-        resp.latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        resp.model_id = resp.model_id or self.model
-        resp.cost_usd = self.info.cost(resp.input_tokens, resp.output_tokens)
         if resp.refusal:
             resp.finish_reason = "refusal"
-        return resp
+        return stamp(
+            resp,
+            provider=self.provider,
+            model=self.model,
+            adapter_version=ADAPTER_VERSION,
+            info=self.info,
+            started=started,
+        )
 
     # -- the seam ----------------------------------------------------------------------------------------------
 
