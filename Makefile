@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: demo test serve bench lint venv clean
+.PHONY: demo test serve bench bench-local lint venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,10 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_api.py
 	$(BIN)/python bench/bench_workflow.py
+
+bench-local: $(LOCAL_STAMP)
+	$(BIN)/python bench/bench_local_model.py
+	$(BIN)/python bench/eval_local_models.py
 
 clean:
 	rm -rf $(VENV) .keel .pytest_cache .mypy_cache .ruff_cache
