@@ -17,6 +17,7 @@ import uvicorn
 from keel.app import create_app
 from keel.backends import open_store
 from keel.settings import Settings
+from keel_processes import servers  # noqa: F401 - a fixture for the crash tests
 
 
 def free_port() -> int:

@@ -13,11 +13,8 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,84 +26,25 @@ from boundary_workflows import BoundaryInput, boundary
 from conftest import free_port, make_key, wait_terminal
 from keel.memory.types import BlobRef, StepCheckpoint
 from keel.orchestration.context import WorkflowContext
+from keel_processes import KeelProcess, Servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-KEEL = Path(sys.executable).parent / "keel"
 TESTS_DIR = Path(__file__).resolve().parent
 SCOPES = frozenset({"tasks:read", "tasks:write"})
 STEPS = 10
 BOUNDARIES = list(range(STEPS + 1))  # 0: before step 1; k: right after step k's checkpoint
 
 
-@dataclass
-class KeelProcess:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def kill9(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+BOUNDARY_ENV = {
+    "KEEL_MAX_TASK_ATTEMPTS": "50",  # one lease per process: 12 here, well over the default of 5
+    "KEEL_WORKFLOWS": "boundary_workflows:boundary",
+    "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]),
+}
 
 
-class Servers:
-    """Starts `keel serve` subprocesses that load the test workflows; all are gone when the test ends."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.started: list[KeelProcess] = []
-
-    def start(self, data_dir: Path, timeout: float = 20) -> KeelProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
-        pythonpath = [str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])]
-        env.update(
-            KEEL_POLL_INTERVAL_S="0.05",
-            KEEL_LEASE_SECONDS="3",
-            KEEL_MAX_TASK_ATTEMPTS="50",  # one lease per process: 12 here, well over the default of 5
-            KEEL_WORKFLOWS="boundary_workflows:boundary",
-            PYTHONPATH=os.pathsep.join(pythonpath),
-            PYTHONUNBUFFERED="1",
-        )
-        port = free_port()
-        log = self.tmp_path / f"serve-{len(self.started)}.log"
-        cmd = [str(KEEL), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [*cmd, "--log-level", "warning"], env=env, cwd=self.tmp_path, stdout=out, stderr=subprocess.STDOUT
-            )
-        server = KeelProcess(proc=proc, url=f"http://127.0.0.1:{port}", log=log)
-        self.started.append(server)
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=server.url, timeout=2) as client:
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise AssertionError(f"keel serve exited with {proc.returncode}:\n{server.output()}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        return server
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        raise AssertionError(f"keel serve not ready within {timeout}s:\n{server.output()}")
-
-    def stop_all(self) -> None:
-        for server in self.started:
-            if server.proc.poll() is None:
-                server.proc.kill()
-            server.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    s = Servers(tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop_all()
+def start(servers: Servers, data_dir: Path) -> KeelProcess:
+    return servers.start(free_port(), data_dir, env=BOUNDARY_ENV, timeout=20)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, server: KeelProcess) -> None:
@@ -194,7 +132,7 @@ def test_kill9_at_every_step_boundary_runs_each_step_once(servers: Servers, tmp_
     base_ledger, base_control = tmp_path / "baseline-ledger.txt", tmp_path / "baseline-control"
     base_control.mkdir()  # no pause files: this task runs straight through
 
-    server = servers.start(data_dir)
+    server = start(servers, data_dir)
     with api(server.url, key) as c:
         task_id = submit(c, ledger, control)
         baseline_id = submit(c, base_ledger, base_control)
@@ -209,17 +147,17 @@ def test_kill9_at_every_step_boundary_runs_each_step_once(servers: Servers, tmp_
         # Exactly steps 1..k have run, each once, the last of them in this process.
         rows = read_ledger(ledger)
         assert [r["step"] for r in rows] == [f"step-{i}" for i in range(1, k + 1)]
-        assert all(r["pid"] == str(servers.started[i].proc.pid) for i, r in enumerate(rows, start=1))
+        assert all(r["pid"] == str(servers.running[i].proc.pid) for i, r in enumerate(rows, start=1))
         assert server.proc.poll() is None, server.output()
         server.kill9()
-        server = servers.start(data_dir)
+        server = start(servers, data_dir)
 
     with api(server.url, key) as c:
         body = wait_terminal(c, task_id, timeout=30)
     assert server.proc.poll() is None, server.output()
     kills = len(BOUNDARIES)
-    assert len(servers.started) == kills + 1
-    assert [s.proc.returncode for s in servers.started[:-1]] == [-signal.SIGKILL] * kills
+    assert len(servers.running) == kills + 1
+    assert [s.proc.returncode for s in servers.running[:-1]] == [-signal.SIGKILL] * kills
 
     # The task finished once, in the last process, on its (kills + 1)-th lease.
     assert body["status"] == "succeeded", body
@@ -232,7 +170,7 @@ def test_kill9_at_every_step_boundary_runs_each_step_once(servers: Servers, tmp_
     # step 1, the last one only replayed and finished). All of them saw the same context-drawn token.
     rows = read_ledger(ledger)
     assert [r["step"] for r in rows] == [f"step-{i}" for i in range(1, STEPS + 1)]
-    assert [r["pid"] for r in rows] == [str(servers.started[i].proc.pid) for i in range(1, STEPS + 1)]
+    assert [r["pid"] for r in rows] == [str(servers.running[i].proc.pid) for i in range(1, STEPS + 1)]
     result = envelope["result"]
     assert {r["token"] for r in rows} == {result["token"]}
 
@@ -263,5 +201,5 @@ def test_kill9_at_every_step_boundary_runs_each_step_once(servers: Servers, tmp_
     assert base_result["token"] != result["token"]  # the seeded part is per task, so the exact check above counts
     base_rows = read_ledger(base_ledger)
     assert [r["step"] for r in base_rows] == [f"step-{i}" for i in range(1, STEPS + 1)]
-    assert {r["pid"] for r in base_rows} == {str(servers.started[0].proc.pid)}
+    assert {r["pid"] for r in base_rows} == {str(servers.running[0].proc.pid)}
     assert all(s["replayed"] is False for s in baseline["envelope"]["metadata"]["steps"])  # type: ignore[index]
