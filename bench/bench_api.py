@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _doc import write_section
 from httpx_sse import aconnect_sse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -793,14 +794,7 @@ def render(report: Report, elapsed: float) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START_MARK) + r".*?" + re.escape(END_MARK), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    write_section(section, START_MARK, END_MARK, DOC)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from _doc import write_section
 
 from keel.memory.types import NewTask
 from keel.orchestration.context import WorkflowContext
@@ -476,13 +476,7 @@ def render(r: dict[str, Any], elapsed: float) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START_MARK) + r".*?" + re.escape(END_MARK), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section(section, START_MARK, END_MARK, DOC)
 
 
 def main() -> None:

@@ -40,7 +40,6 @@ import inspect
 import os
 import platform
 import random
-import re
 import sqlite3
 import statistics
 import string
@@ -56,6 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from _doc import write_section
 from pydantic import BaseModel
 
 from keel.backends.sqlite import SQLiteStore
@@ -1711,14 +1711,7 @@ def render(r: Report, elapsed: float, fs: str) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START_MARK) + r".*?" + re.escape(END_MARK), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    write_section(section, START_MARK, END_MARK, DOC)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any
 
 import llama_cpp
 import pydantic
+from _doc import write_section
 from pydantic import BaseModel, Field
 
 from keel.orchestration.models import Message, ModelSettings
@@ -535,13 +536,7 @@ def render(results: list[ModelResult], elapsed: float) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START_MARK) + r".*?" + re.escape(END_MARK), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section(section, START_MARK, END_MARK, DOC)
 
 
 def main() -> None:
