@@ -118,3 +118,14 @@ def test_builtin_ask_streams_tokens(live: LiveServer) -> None:
     assert done["status"] == "succeeded" and env["result"] == {"answer": "echo these words"}
     assert stream.count("event: token") == 3
     assert bad.status_code == 422
+
+
+def test_unavailable_model_is_a_typed_envelope_error(live: LiveServer) -> None:
+    with live.client() as c:
+        r = c.post("/v1/tasks", json={"workflow": "ask", "input": {"question": "hi", "model": "gemini:pro"}})
+        done = wait_terminal(c, r.json()["id"])
+    env: dict[str, Any] = done["envelope"]  # type: ignore[assignment]
+    assert done["status"] == "failed"
+    assert [e["type"] for e in env["errors"]] == ["model_unavailable"] and "unknown model" in env["errors"][0][
+        "message"
+    ]

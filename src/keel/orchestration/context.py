@@ -390,7 +390,10 @@ class WorkflowContext:
         """The configured model (``KEEL_DEFAULT_MODEL``), or the one ``spec`` names, built once per process."""
         if self._models is None:
             self._models = ModelRegistry("test")
-        return self._models.get(spec)
+        try:
+            return self._models.get(spec)
+        except ConfigError as exc:  # e.g. the local extra is not installed: say so in the envelope
+            raise WorkflowError(exc.message, type="model_unavailable") from exc
 
     def charge_usage(self, usage: dict[str, float]) -> None:
         """Charge usage (model calls, tokens, cost) to the running step and the task's budget."""
