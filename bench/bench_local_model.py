@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from _doc import write_section
+from _doc import cpu_model, write_section
 
 from keel.memory.types import NewTask
 from keel.orchestration.context import WorkflowContext
@@ -336,12 +336,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     return (
         f"nproc={os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {cpu}; Python {platform.python_version()} "
         f"on {platform.system()} {platform.release()}; llama-cpp-python {llama_cpp.__version__}"

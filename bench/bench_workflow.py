@@ -55,7 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _doc import write_section
+from _doc import cpu_model, write_section
 from pydantic import BaseModel
 
 from keel.backends.sqlite import SQLiteStore
@@ -1035,12 +1035,7 @@ def filesystem(path: Path) -> str:
 
 
 def machine(fs: str) -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     versions = []
     for module in ("pydantic", "uvloop"):
         with contextlib.suppress(Exception):

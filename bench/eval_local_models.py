@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -40,7 +39,7 @@ from typing import Any
 
 import llama_cpp
 import pydantic
-from _doc import write_section
+from _doc import cpu_model, write_section
 from pydantic import BaseModel, Field
 
 from keel.orchestration.models import Message, ModelSettings
@@ -375,12 +374,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     return (
         f"nproc={os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {cpu}; Python {platform.python_version()}; "
         f"llama-cpp-python {llama_cpp.__version__}"

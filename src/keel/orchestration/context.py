@@ -397,9 +397,6 @@ class WorkflowContext:
 
     def charge_usage(self, usage: dict[str, float]) -> None:
         """Charge usage (model calls, tokens, cost) to the running step and the task's budget."""
-        self._charge(usage)
-
-    def _charge(self, usage: dict[str, float]) -> None:
         scope = _scope.get()
         if scope is not None:
             for k, v in usage.items():

@@ -92,11 +92,7 @@ class StoreJournal:
         self._notify(self.task_id)
 
     def _release_held(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        held, self._held = self._held, []
-        for type, data, at in held:
+        for type, data, at in self._take_held():
             queued = self._store.append_nowait(self._lease, type, data, at)
             if isinstance(queued, asyncio.Future):
                 queued.add_done_callback(self._committed)

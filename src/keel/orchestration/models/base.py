@@ -174,17 +174,18 @@ async def stream_response(
     model: StreamingModel,
     messages: list[Message],
     *,
-    on_event: Callable[[StreamEvent], Awaitable[None]],
+    on_event: Callable[[StreamEvent], Awaitable[None]] | None = None,
     tools: Sequence[ToolSpec] = (),
     output_schema: dict[str, Any] | None = None,
     settings: ModelSettings | None = None,
 ) -> ModelResponse:
-    """Stream a call, hand every event to ``on_event`` as it arrives, and return the whole response."""
+    """Stream a call, hand every event to ``on_event`` (if any) as it arrives, and return the whole response."""
     started = time.perf_counter()
     built = ResponseBuilder()
     async for event in model.stream(messages, tools=tools, output_schema=output_schema, settings=settings):
         built.add(event)
-        await on_event(event)
+        if on_event is not None:
+            await on_event(event)
     return model.complete(built.build(), started)
 
 

@@ -46,11 +46,11 @@ from keel.orchestration.models.base import (
     Message,
     ModelResponse,
     ModelSettings,
-    ResponseBuilder,
     StreamEvent,
     TextDelta,
     ToolSpec,
     UsageEvent,
+    stream_response,
 )
 
 ADAPTER_VERSION = f"keel-llama-cpp/2 llama-cpp-python/{llama_cpp.__version__}"
@@ -186,11 +186,7 @@ class LocalModel:
         output_schema: dict[str, Any] | None = None,
         settings: ModelSettings | None = None,
     ) -> ModelResponse:
-        started = time.perf_counter()
-        built = ResponseBuilder()
-        async for event in self.stream(messages, tools=tools, output_schema=output_schema, settings=settings):
-            built.add(event)
-        return self.complete(built.build(), started)
+        return await stream_response(self, messages, tools=tools, output_schema=output_schema, settings=settings)
 
     async def stream(
         self,
