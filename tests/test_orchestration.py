@@ -120,7 +120,7 @@ async def wait_terminal(store: Any, task_id: str, timeout: float = 10.0) -> Task
     while True:
         task = await store.get_task(task_id)
         assert task is not None
-        if task.status.terminal:
+        if task.status.terminal or task.status is TaskStatus.waiting_for_approval:
             return task
         if time.monotonic() > deadline:
             raise AssertionError(f"task {task_id} still {task.status} after {timeout}s")
@@ -817,12 +817,14 @@ async def test_write_tools_are_not_retried_read_tools_are(mem: InMemoryStore) ->
         return {"read": got, "write": "ok"}
 
     task, _ = await run_workflow(mem, wf)
-    assert task.envelope is not None and task.envelope["result"] == {"read": "r", "write": "StepFailed"}
+    # A 503 from a write may or may not have been applied: no blind retry, and with no reconcile hook the task
+    # waits for a person (the pause is not an Exception, so the workflow's except cannot swallow it).
+    assert task.status is TaskStatus.waiting_for_approval
     assert tries == Counter({"r": 2, "w": 1})  # a write must not be applied twice by a blind retry
-    assert [(s["name"], s["kind"], s["attempts"]) for s in steps_of(task)] == [
-        ("tool:read", "tool", 2),
-        ("tool:write", "tool", 1),
-    ]
+    [decision] = await mem.load_decisions(task.id)
+    assert decision.kind.value == "outcome_unknown" and decision.tool == "write"
+    [effect] = await mem.list_effects(task.id)
+    assert effect.status.value == "outcome_unknown" and effect.executions == 1
     assert task.envelope["metadata"]["tools_called"] == [
         {"tool": "read", "step": "tool:read"},
         {"tool": "write", "step": "tool:write"},

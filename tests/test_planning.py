@@ -399,7 +399,7 @@ async def test_failed_output_node_fails_the_plan() -> None:
     assert tools.calls["join"] == 0
 
 
-async def test_ref_with_wrong_shape_is_a_schema_violation_at_run_time() -> None:
+async def test_ref_with_wrong_shape_is_invalid_tool_args_at_run_time() -> None:
     tools = Tools()
     plan = plan_json(
         [tool_node("a"), tool_node("b", args={"query": {"$ref": "a"}}, deps=["a"])],
@@ -407,8 +407,9 @@ async def test_ref_with_wrong_shape_is_a_schema_violation_at_run_time() -> None:
     )
     task, _ = await run_workflow(planner(tools.catalog, FakeModel([plan])), {})
     assert task.status is TaskStatus.failed
-    assert error_types(task) == ["schema_violation", "plan_failed"]
-    assert envelope(task)["errors"][0]["message"].startswith("/query:")
+    assert error_types(task) == ["invalid_tool_args", "plan_failed"]
+    assert envelope(task)["errors"][0]["message"].startswith("search: /query:")
+    assert envelope(task)["errors"][0]["pointer"] == "/query"
     assert tools.calls["search"] == 1
 
 

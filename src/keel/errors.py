@@ -20,12 +20,20 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
         │   ├── BranchesFailed      # fewer parallel branches succeeded than ``min_success``
         │   ├── Nondeterminism      # the code took a different path than the recorded history
         │   ├── ClarificationNeeded # the plan is unsure or incomplete: ask the caller, run nothing expensive
-        │   └── ModelOutputError    # a 200 that is not usable: schema_violation, truncation, refusal, schema_drift
+        │   ├── ModelOutputError    # a 200 that is not usable: schema_violation, truncation, refusal, schema_drift
+        │   └── ToolError           # a tool call failed; its message goes back to the model
+        │       ├── ToolArgsInvalid # the arguments do not match the tool's schema (never retried)
+        │       ├── ToolNotAllowed  # not in the task's allowlist, or the key lacks the tool's scopes
+        │       └── ApprovalDenied  # a person denied the call
         ├── BudgetExceeded          # a per-task cap (steps, tool calls, tokens, cost, deadline) was crossed
         ├── UpstreamError           # a model provider or tool endpoint answered with an error (429, 5xx, ...)
         │   ├── ModelHTTPError      # a provider's HTTP error, mapped in one place per adapter
         │   └── StreamCut           # a model stream broke off before its end: never passed off as complete
         └── DeliveryError           # a webhook delivery attempt failed
+
+Outside the tree, on purpose: :class:`AwaitingDecision` derives from ``BaseException`` (as
+``asyncio.CancelledError`` does), because it is control flow, not failure: a workflow's ``except Exception``
+must not swallow the pause that waits for a person's approval.
 
 :mod:`keel.interaction.problems` maps this tree to RFC 9457 problem details in one place.
 """
@@ -150,6 +158,60 @@ class ClarificationNeeded(WorkflowError):
         super().__init__(message, type="needs_clarification", recovery_suggested=True)
         self.questions = questions
         self.confidence = confidence
+
+
+class ToolError(WorkflowError):
+    """A tool call failed. In an agent loop the message goes back to the model as the tool's result."""
+
+    code = "tool_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str = "tool_error",
+        tool: str | None = None,
+        step: str | None = None,
+        pointer: str | None = None,
+        recovery_suggested: bool = False,
+    ) -> None:
+        super().__init__(message, type=type, step=step, pointer=pointer, recovery_suggested=recovery_suggested)
+        self.tool = tool
+
+
+class ToolArgsInvalid(ToolError):
+    code = "invalid_tool_args"
+
+    def __init__(
+        self, message: str, *, tool: str, pointer: str | None = None, issues: list[tuple[str, str]] | None = None
+    ) -> None:
+        super().__init__(message, type="invalid_tool_args", tool=tool, pointer=pointer)
+        self.issues = issues or []
+        """Every problem as (JSON pointer into the arguments, message)."""
+
+
+class ToolNotAllowed(ToolError):
+    code = "tool_not_allowed"
+
+    def __init__(self, message: str, *, tool: str) -> None:
+        super().__init__(message, type="tool_not_allowed", tool=tool)
+
+
+class ApprovalDenied(ToolError):
+    code = "approval_denied"
+
+    def __init__(self, message: str, *, tool: str) -> None:
+        super().__init__(message, type="approval_denied", tool=tool)
+
+
+class AwaitingDecision(BaseException):  # noqa: N818 - control flow, not an error
+    """Not a failure: the run stops here until a person decides on ``requests`` (an approval, or a write whose
+    outcome is unknown). The engine parks the task as ``waiting_for_approval``; a decision queues it again and
+    the run resumes from its checkpoints."""
+
+    def __init__(self, requests: list[object]) -> None:
+        super().__init__(f"waiting for {len(requests)} decision(s)")
+        self.requests = requests
 
 
 class BudgetExceeded(RuntimeFailure):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from keel.errors import LeaseLost, StoreError
+from keel.errors import InputError, LeaseLost, NotFound, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
@@ -31,6 +31,11 @@ from keel.memory.types import (
     BlobRef,
     CreateOutcome,
     CreateResult,
+    Decision,
+    DecisionKind,
+    EffectRecord,
+    EffectStatus,
+    EmailMessage,
     Event,
     IdempotencyClaim,
     Lease,
@@ -44,6 +49,7 @@ from keel.memory.types import (
     Task,
     TaskStatus,
     TenantUsage,
+    Verdict,
     day_bucket,
     dead_letter_envelope,
     hash_secret,
@@ -233,12 +239,63 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant, day)
     ) WITHOUT ROWID;
     """,
+    # v5: tools. A task's policy (tool allowlist, the submitter's scopes, approval mode); the effect ledger of
+    # write-tool calls; the decisions a paused task waits on; the email outbox of the send_email tool.
+    """
+    ALTER TABLE tasks ADD COLUMN policy TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE effects (
+        key TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        step TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        args TEXT NOT NULL,
+        status TEXT NOT NULL,
+        result TEXT,
+        error TEXT,
+        executions INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX effects_by_task ON effects(task_id, created_at);
+    CREATE TABLE decisions (
+        task_id TEXT NOT NULL,
+        call_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        args TEXT NOT NULL,
+        step TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        effect_key TEXT,
+        verdict TEXT,
+        result TEXT,
+        note TEXT,
+        decided_by TEXT,
+        requested_at REAL NOT NULL,
+        decided_at REAL,
+        PRIMARY KEY (task_id, call_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE emails (
+        key TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        task_id TEXT,
+        recipients TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        body TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'queued',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        error TEXT
+    );
+    CREATE INDEX emails_due ON emails(status, next_at);
+    """,
 ]
 
 _TASK_COLS = (
     "id, tenant, workflow, input, status, progress, current_step, created_at, updated_at, started_at, "
     "finished_at, attempts, cancel_requested, envelope, webhook_url, webhook_secret, budget, metadata, "
-    "estimated_duration_s, dead_lettered"
+    "estimated_duration_s, dead_lettered, policy"
 )
 
 
@@ -264,6 +321,7 @@ def _task(row: sqlite3.Row) -> Task:
         metadata=json.loads(row["metadata"]),
         estimated_duration_s=row["estimated_duration_s"],
         dead_lettered=bool(row["dead_lettered"]),
+        policy=json.loads(row["policy"]),
     )
 
 
@@ -479,8 +537,8 @@ class SQLiteStore:
             task_id = new_id("tsk")
             conn.execute(
                 "INSERT INTO tasks(id, tenant, workflow, input, status, created_at, updated_at, webhook_url, "
-                "webhook_secret, budget, metadata, estimated_duration_s) "
-                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                "webhook_secret, budget, metadata, estimated_duration_s, policy) "
+                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task_id,
                     new.tenant,
@@ -493,6 +551,7 @@ class SQLiteStore:
                     json.dumps(new.budget),
                     json.dumps(new.metadata),
                     new.estimated_duration_s,
+                    json.dumps(new.policy),
                 ),
             )
             self._append(conn, task_id, "status", {"status": "queued"}, now)
@@ -948,3 +1007,283 @@ class SQLiteStore:
             return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
 
         return await self._read(op)
+
+    # -- EffectLedger ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _effect_row(conn: sqlite3.Connection, key: str) -> EffectRecord | None:
+        row = conn.execute("SELECT * FROM effects WHERE key = ?", (key,)).fetchone()
+        return _effect(row) if row else None
+
+    async def begin_effect(self, lease: Lease, effect: EffectRecord, now: float) -> tuple[EffectRecord, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[EffectRecord, bool]:
+            self._fence(conn, lease)
+            existing = self._effect_row(conn, effect.key)
+            if existing is not None:
+                return existing, False
+            conn.execute(
+                "INSERT INTO effects(key, task_id, step, tool, args, status, executions, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    effect.key,
+                    effect.task_id,
+                    effect.step,
+                    effect.tool,
+                    json.dumps(effect.args),
+                    effect.status.value,
+                    effect.executions,
+                    now,
+                    now,
+                ),
+            )
+            stored = self._effect_row(conn, effect.key)
+            assert stored is not None
+            return stored, True
+
+        return await self._write(op)
+
+    async def settle_effect(
+        self,
+        lease: Lease,
+        key: str,
+        status: EffectStatus,
+        now: float,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        executions: int | None = None,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            self._fence(conn, lease)
+            conn.execute(
+                "UPDATE effects SET status = ?, result = ?, error = ?, executions = COALESCE(?, executions), "
+                "updated_at = ? WHERE key = ?",
+                (
+                    status.value,
+                    json.dumps(result) if result is not None else None,
+                    json.dumps(error) if error is not None else None,
+                    executions,
+                    now,
+                    key,
+                ),
+            )
+
+        await self._write(op)
+
+    async def get_effect(self, key: str) -> EffectRecord | None:
+        return await self._read(lambda conn: self._effect_row(conn, key))
+
+    async def list_effects(self, task_id: str) -> list[EffectRecord]:
+        def op(conn: sqlite3.Connection) -> list[EffectRecord]:
+            rows = conn.execute("SELECT * FROM effects WHERE task_id = ? ORDER BY created_at, key", (task_id,))
+            return [_effect(r) for r in rows]
+
+        return await self._read(op)
+
+    # -- DecisionStore -----------------------------------------------------------------------------
+
+    async def request_decisions(
+        self, lease: Lease, decisions: Sequence[Decision], envelope: dict[str, Any], now: float
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            self._fence(conn, lease)
+            for d in decisions:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO decisions(task_id, call_id, kind, tool, args, step, reason, effect_key, "
+                    "requested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        d.task_id,
+                        d.call_id,
+                        d.kind.value,
+                        d.tool,
+                        json.dumps(d.args),
+                        d.step,
+                        d.reason,
+                        d.effect_key,
+                        now,
+                    ),
+                )
+                if cur.rowcount:
+                    self._append(conn, d.task_id, "decision_requested", {**d.public(), "requested_at": now}, now)
+            pending = conn.execute(
+                "SELECT count(*) FROM decisions WHERE task_id = ? AND verdict IS NULL", (lease.task_id,)
+            ).fetchone()[0]
+            status = TaskStatus.waiting_for_approval if pending else TaskStatus.queued
+            # Parking is not a crash: the attempt is given back, as on a graceful release.
+            conn.execute(
+                "UPDATE tasks SET status = ?, envelope = ?, lease_owner = NULL, lease_expires_at = NULL, "
+                "attempts = MAX(attempts - 1, 0), updated_at = ? WHERE id = ?",
+                (status.value, json.dumps(envelope) if pending else None, now, lease.task_id),
+            )
+            self._append(conn, lease.task_id, "status", {"status": status.value, "pending_decisions": pending}, now)
+
+        await self._write(op)
+
+    async def decide(self, task_id: str, tenant: str, decision: Decision, now: float) -> Decision:
+        def op(conn: sqlite3.Connection) -> Decision:
+            task = self._get(conn, task_id)
+            if task is None or task.tenant != tenant:
+                raise NotFound(f"no task {task_id}")
+            row = conn.execute(
+                "SELECT * FROM decisions WHERE task_id = ? AND call_id = ?", (task_id, decision.call_id)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"task {task_id} has no call {decision.call_id} awaiting a decision")
+            current = _decision(row)
+            assert decision.verdict is not None
+            current.check(decision.verdict)
+            if current.verdict is not None:
+                if current.verdict is decision.verdict:
+                    return current
+                raise InputError(
+                    f"call {decision.call_id} was already decided ({current.verdict.value})",
+                    detail={"decision": current.public()},
+                )
+            if task.status.terminal:
+                raise InputError(f"task {task_id} is already {task.status.value}")
+            conn.execute(
+                "UPDATE decisions SET verdict = ?, result = ?, note = ?, decided_by = ?, decided_at = ? "
+                "WHERE task_id = ? AND call_id = ?",
+                (
+                    decision.verdict.value,
+                    json.dumps(decision.result) if decision.result is not None else None,
+                    decision.note,
+                    decision.decided_by,
+                    now,
+                    task_id,
+                    decision.call_id,
+                ),
+            )
+            updated = _decision(
+                conn.execute(
+                    "SELECT * FROM decisions WHERE task_id = ? AND call_id = ?", (task_id, decision.call_id)
+                ).fetchone()
+            )
+            self._append(conn, task_id, "decision_made", updated.public(), now)
+            pending = conn.execute(
+                "SELECT count(*) FROM decisions WHERE task_id = ? AND verdict IS NULL", (task_id,)
+            ).fetchone()[0]
+            if not pending and task.status is TaskStatus.waiting_for_approval:
+                conn.execute(
+                    "UPDATE tasks SET status = 'queued', envelope = NULL, updated_at = ? WHERE id = ?", (now, task_id)
+                )
+                self._append(conn, task_id, "status", {"status": "queued"}, now)
+            return updated
+
+        return await self._write(op)
+
+    async def load_decisions(self, task_id: str) -> list[Decision]:
+        def op(conn: sqlite3.Connection) -> list[Decision]:
+            rows = conn.execute("SELECT * FROM decisions WHERE task_id = ? ORDER BY requested_at, call_id", (task_id,))
+            return [_decision(r) for r in rows]
+
+        return await self._read(op)
+
+    # -- EmailOutbox -------------------------------------------------------------------------------
+
+    async def enqueue_email(self, message: EmailMessage, now: float) -> tuple[EmailMessage, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[EmailMessage, bool]:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO emails(key, tenant, task_id, recipients, subject, body, status, next_at, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (
+                    message.key,
+                    message.tenant,
+                    message.task_id,
+                    json.dumps(message.to),
+                    message.subject,
+                    message.body,
+                    now,
+                    now,
+                ),
+            )
+            row = conn.execute("SELECT * FROM emails WHERE key = ?", (message.key,)).fetchone()
+            return _email(row), bool(cur.rowcount)
+
+        return await self._write(op)
+
+    async def get_email(self, key: str) -> EmailMessage | None:
+        def op(conn: sqlite3.Connection) -> EmailMessage | None:
+            row = conn.execute("SELECT * FROM emails WHERE key = ?", (key,)).fetchone()
+            return _email(row) if row else None
+
+        return await self._read(op)
+
+    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]:
+        def op(conn: sqlite3.Connection) -> list[EmailMessage]:
+            rows = conn.execute(
+                "SELECT * FROM emails WHERE status = 'queued' AND next_at <= ? ORDER BY next_at LIMIT ?", (now, limit)
+            )
+            return [_email(r) for r in rows]
+
+        return await self._read(op)
+
+    async def email_sent(self, key: str, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE emails SET status = 'sent', sent_at = ?, attempts = attempts + 1, error = NULL WHERE key = ?",
+                (now, key),
+            )
+
+        await self._write(op)
+
+    async def email_retry(self, key: str, when: float, error: str, *, give_up: bool = False) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE emails SET status = ?, next_at = ?, attempts = attempts + 1, error = ? WHERE key = ?",
+                ("failed" if give_up else "queued", when, error[:2000], key),
+            )
+
+        await self._write(op)
+
+
+def _effect(row: sqlite3.Row) -> EffectRecord:
+    return EffectRecord(
+        key=row["key"],
+        task_id=row["task_id"],
+        step=row["step"],
+        tool=row["tool"],
+        args=json.loads(row["args"]),
+        status=EffectStatus(row["status"]),
+        result=json.loads(row["result"]) if row["result"] is not None else None,
+        error=json.loads(row["error"]) if row["error"] is not None else None,
+        executions=row["executions"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _decision(row: sqlite3.Row) -> Decision:
+    return Decision(
+        task_id=row["task_id"],
+        call_id=row["call_id"],
+        kind=DecisionKind(row["kind"]),
+        tool=row["tool"],
+        args=json.loads(row["args"]),
+        step=row["step"],
+        reason=row["reason"],
+        effect_key=row["effect_key"],
+        verdict=Verdict(row["verdict"]) if row["verdict"] else None,
+        result=json.loads(row["result"]) if row["result"] is not None else None,
+        note=row["note"],
+        decided_by=row["decided_by"],
+        requested_at=row["requested_at"],
+        decided_at=row["decided_at"],
+    )
+
+
+def _email(row: sqlite3.Row) -> EmailMessage:
+    return EmailMessage(
+        key=row["key"],
+        tenant=row["tenant"],
+        task_id=row["task_id"],
+        to=json.loads(row["recipients"]),
+        subject=row["subject"],
+        body=row["body"],
+        status=row["status"],
+        attempts=row["attempts"],
+        next_at=row["next_at"],
+        created_at=row["created_at"],
+        sent_at=row["sent_at"],
+        error=row["error"],
+    )

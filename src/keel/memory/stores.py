@@ -11,6 +11,10 @@ from keel.memory.types import (
     ApiKey,
     BlobRef,
     CreateResult,
+    Decision,
+    EffectRecord,
+    EffectStatus,
+    EmailMessage,
     Event,
     IdempotencyClaim,
     Lease,
@@ -146,5 +150,75 @@ class KeyStore(Protocol):
     async def verify_key(self, key: str) -> ApiKey | None: ...
 
 
-class Store(TaskStore, WorkflowStore, ModelStatsStore, EventLog, Outbox, KeyStore, Protocol):
+class EffectLedger(Protocol):
+    """Write-tool calls keyed by idempotency key: recorded durably before the call and after it."""
+
+    async def begin_effect(self, lease: Lease, effect: EffectRecord, now: float) -> tuple[EffectRecord, bool]:
+        """Insert ``effect`` as pending unless its key exists; return the stored row and whether it is new.
+        Fenced by the lease, so a superseded worker cannot start an effect."""
+        ...
+
+    async def settle_effect(
+        self,
+        lease: Lease,
+        key: str,
+        status: EffectStatus,
+        now: float,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        executions: int | None = None,
+    ) -> None: ...
+
+    async def get_effect(self, key: str) -> EffectRecord | None: ...
+
+    async def list_effects(self, task_id: str) -> list[EffectRecord]: ...
+
+
+class DecisionStore(Protocol):
+    """Approvals and unknown outcomes a paused task waits on."""
+
+    async def request_decisions(
+        self, lease: Lease, decisions: Sequence[Decision], envelope: dict[str, Any], now: float
+    ) -> None:
+        """Park the task: store the pending decisions (one ``decision_requested`` event each, existing call ids
+        kept as they are), set it ``waiting_for_approval`` with a provisional ``envelope`` and end the lease.
+        If every decision is already made (a person answered while the run was stopping), queue it again."""
+        ...
+
+    async def decide(self, task_id: str, tenant: str, decision: Decision, now: float) -> Decision:
+        """Record a verdict (``decision`` carries call_id, verdict, note, result, decided_by). Queues the task
+        again once nothing it waits on is undecided. Raises NotFound for an unknown call, and InputError when
+        the call was already decided otherwise; repeating the same verdict returns the stored decision."""
+        ...
+
+    async def load_decisions(self, task_id: str) -> list[Decision]: ...
+
+
+class EmailOutbox(Protocol):
+    async def enqueue_email(self, message: EmailMessage, now: float) -> tuple[EmailMessage, bool]:
+        """Insert unless ``message.key`` exists; return the stored row and whether it is new."""
+        ...
+
+    async def get_email(self, key: str) -> EmailMessage | None: ...
+
+    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]: ...
+
+    async def email_sent(self, key: str, now: float) -> None: ...
+
+    async def email_retry(self, key: str, when: float, error: str, *, give_up: bool = False) -> None: ...
+
+
+class Store(
+    TaskStore,
+    WorkflowStore,
+    ModelStatsStore,
+    EventLog,
+    Outbox,
+    KeyStore,
+    EffectLedger,
+    DecisionStore,
+    EmailOutbox,
+    Protocol,
+):
     async def aclose(self) -> None: ...

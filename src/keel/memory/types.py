@@ -19,10 +19,12 @@ class TaskStatus(StrEnum):
     failed = "failed"
     cancelled = "cancelled"
     needs_clarification = "needs_clarification"
+    waiting_for_approval = "waiting_for_approval"
+    """Parked until a person decides on a tool call (an approval, or a write whose outcome is unknown)."""
 
     @property
     def terminal(self) -> bool:
-        return self not in (TaskStatus.queued, TaskStatus.running)
+        return self not in (TaskStatus.queued, TaskStatus.running, TaskStatus.waiting_for_approval)
 
 
 _last_id = [0, 0]  # (milliseconds, counter) of the last id made by this process
@@ -52,6 +54,9 @@ class NewTask:
     budget: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     estimated_duration_s: float | None = None
+    policy: dict[str, Any] = field(default_factory=dict)
+    """What the task may do: ``tools`` (allowlist, None = all), ``scopes`` (of the submitting key) and
+    ``approval`` (``auto``: writes need approval once untrusted content was read; ``always``)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -76,6 +81,7 @@ class Task:
     metadata: dict[str, Any]
     estimated_duration_s: float | None
     dead_lettered: bool = False
+    policy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -299,3 +305,109 @@ def webhook_payload(task_id: str, status: TaskStatus, envelope: dict[str, Any], 
         "timestamp": now,
         "data": {"task_id": task_id, "status": status.value, "envelope": envelope},
     }
+
+
+# -- tool effects and decisions --------------------------------------------------------------------------------
+
+
+class EffectStatus(StrEnum):
+    pending = "pending"
+    """Recorded before the call: if this is all a restart finds, the call may or may not have happened."""
+    applied = "applied"
+    failed = "failed"
+    """The tool said no, or its arguments were refused: nothing happened."""
+    outcome_unknown = "outcome_unknown"
+    """The call was interrupted (crash, timeout, lost connection): ``reconcile`` or a person settles it."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EffectRecord:
+    """One write-tool call in the effect ledger, keyed by its idempotency key."""
+
+    key: str
+    task_id: str
+    step: str
+    tool: str
+    args: dict[str, Any]
+    status: EffectStatus = EffectStatus.pending
+    result: Any = None
+    error: dict[str, Any] | None = None
+    executions: int = 0
+    """How many times keel started the tool's body for this key (1 unless a person asked for a retry)."""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class DecisionKind(StrEnum):
+    approval = "approval"
+    outcome_unknown = "outcome_unknown"
+
+
+class Verdict(StrEnum):
+    approve = "approve"
+    """An approval: run the call. An unknown outcome: run it again with the same idempotency key."""
+    deny = "deny"
+    """Do not run it; the call fails as ``approval_denied`` (for an unknown outcome: treated as not applied)."""
+    applied = "applied"
+    """Only for an unknown outcome: it did happen; go on (with ``result`` as the call's result)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Decision:
+    """A question a paused task puts to a person, and (once decided) the answer."""
+
+    task_id: str
+    call_id: str
+    kind: DecisionKind
+    tool: str
+    args: dict[str, Any]
+    step: str
+    reason: str
+    effect_key: str | None = None
+    verdict: Verdict | None = None
+    result: Any = None
+    note: str | None = None
+    decided_by: str | None = None
+    requested_at: float = 0.0
+    decided_at: float | None = None
+
+    def check(self, verdict: Verdict) -> None:
+        """Refuse a verdict that does not fit this kind of question."""
+        from keel.errors import InputError
+
+        if verdict is Verdict.applied and self.kind is not DecisionKind.outcome_unknown:
+            raise InputError("'applied' only settles a call whose outcome is unknown; approve or deny an approval")
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "call_id": self.call_id,
+            "kind": self.kind.value,
+            "tool": self.tool,
+            "args": self.args,
+            "step": self.step,
+            "reason": self.reason,
+            "effect_key": self.effect_key,
+            "verdict": self.verdict.value if self.verdict else None,
+            "note": self.note,
+            "decided_by": self.decided_by,
+            "requested_at": self.requested_at,
+            "decided_at": self.decided_at,
+        }
+
+
+@dataclass(kw_only=True, slots=True)
+class EmailMessage:
+    """One message in the email outbox; ``key`` is the sending call's idempotency key (one row per key)."""
+
+    key: str
+    tenant: str
+    task_id: str | None
+    to: list[str]
+    subject: str
+    body: str
+    status: str = "queued"  # queued | sent | failed
+    attempts: int = 0
+    next_at: float = 0.0
+    created_at: float = 0.0
+    sent_at: float | None = None
+    error: str | None = None

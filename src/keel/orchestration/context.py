@@ -32,6 +32,7 @@ import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
 from keel.errors import (
+    AwaitingDecision,
     BranchesFailed,
     BudgetExceeded,
     ConfigError,
@@ -39,16 +40,26 @@ from keel.errors import (
     Nondeterminism,
     StepFailed,
     StreamCut,
+    ToolArgsInvalid,
+    ToolNotAllowed,
     UpstreamError,
     WorkflowError,
 )
 from keel.memory.blobs import looks_small
-from keel.memory.types import BlobRef, ModelCallRecord, StepCheckpoint, StepStatus
+from keel.memory.types import (
+    BlobRef,
+    Decision,
+    EffectRecord,
+    EffectStatus,
+    ModelCallRecord,
+    StepCheckpoint,
+    StepStatus,
+)
 from keel.orchestration import generation
 from keel.orchestration.budget import Budget, BudgetMeter
 from keel.orchestration.models import Message, Model, ModelRegistry, ModelSettings
 from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
-from keel.orchestration.tools import Tool
+from keel.orchestration.tools import Tool, ToolCatalog, ToolContext, call_id_of, effect_key, permitted
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -75,6 +86,20 @@ class Journal(Protocol):
     def record_model_call(self, call: ModelCallRecord) -> None:
         """Count a model call in the per-model and per-tenant counters (not part of the run's history)."""
         ...
+
+    async def begin_effect(self, effect: EffectRecord) -> tuple[EffectRecord, bool]:
+        """The write's ledger row, inserted as pending unless its key exists (see :mod:`effects`)."""
+        ...
+
+    async def settle_effect(
+        self,
+        key: str,
+        status: EffectStatus,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        executions: int | None = None,
+    ) -> None: ...
 
 
 @dataclass(kw_only=True, slots=True)
@@ -168,8 +193,20 @@ class WorkflowContext:
         progress: float = 0.0,
         strict_replay: bool = False,
         models: ModelRegistry | None = None,
+        tools: ToolCatalog | None = None,
+        policy: dict[str, Any] | None = None,
+        decisions: Sequence[Decision] = (),
+        services: Any = None,
+        tenant: str = "",
     ) -> None:
         self.task_id = journal.task_id
+        self.tenant = tenant
+        self.policy: dict[str, Any] = dict(policy or {})
+        self._catalog = tools or ToolCatalog()
+        self.decisions: dict[str, Decision] = {d.call_id: d for d in decisions}
+        self.services = services
+        self.tainted: list[str] = []
+        """Why the task counts as having read untrusted content (documents, fetched pages, other systems)."""
         self._models = models
         self.attempt = journal.run_attempt
         self._journal = journal
@@ -319,25 +356,125 @@ class WorkflowContext:
         """
         return await self._run(StepCall(name=name, fn=fn, args=args, timeout=timeout, retry=retry))
 
+    @property
+    def tools(self) -> ToolCatalog:
+        """The tools this task may call: the registered ones, narrowed by the task's allowlist and scopes."""
+        allowed = self.policy.get("tools")
+        scopes = self.policy.get("scopes")
+        narrowed = self._catalog.only(allowed)
+        if scopes is None:
+            return narrowed
+        return ToolCatalog(t for t in narrowed if permitted(t, scopes))
+
+    def taint(self, reason: str) -> None:
+        """Note that the task has read untrusted content: from now on its writes need approval (``auto`` tools).
+
+        Call it from workflow code, not inside a step, so that a replay taints at the same point."""
+        if reason not in self.tainted:
+            self.tainted.append(reason)
+
+    def _permit(self, tool: Tool | str) -> Tool:
+        name = tool if isinstance(tool, str) else tool.name
+        allowed = self.policy.get("tools")
+        if allowed is not None and name not in allowed:
+            raise ToolNotAllowed(f"{name} is not in this task's tool allowlist", tool=name)
+        found = self._catalog.get(name) if isinstance(tool, str) else tool
+        if found is None:
+            raise ToolNotAllowed(f"no tool named {name!r}; known: {', '.join(self._catalog.names())}", tool=name)
+        scopes = self.policy.get("scopes")
+        if scopes is not None and not permitted(found, scopes):
+            missing = ", ".join(sorted(found.scopes - set(scopes)))
+            raise ToolNotAllowed(f"{name} needs the scope(s) {missing}, which the submitting key lacks", tool=name)
+        return found
+
     async def tool(
         self,
-        tool: Tool,
+        tool: Tool | str,
         args: dict[str, Any] | BaseModel,
         *,
         name: str | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
     ) -> Any:
-        """Call a tool as a durable step. Counts against the tool-call budget; bad arguments are never retried."""
+        """Call a tool as a durable step, and return its (JSON) result.
 
-        async def invoke(raw: dict[str, Any]) -> Any:
-            result = await tool.fn(tool.input_model.model_validate(raw))
-            return pydantic_core.to_jsonable_python(result)
-
+        The tool must be allowed (the task's allowlist and the submitter's scopes) and its arguments valid;
+        otherwise the call fails as a recorded step (``tool_not_allowed``, ``invalid_tool_args``), never retried.
+        Read tools are retried like any step. Write tools go through the effect ledger (their effect happens
+        once) and, when they need one, wait for a person's approval: the task is parked as
+        ``waiting_for_approval`` and resumes here once someone decides.
+        """
         raw = args.model_dump(mode="json") if isinstance(args, BaseModel) else args
-        call = StepCall(name=name or f"tool:{tool.name}", fn=invoke, args=(raw,), kind="tool", timeout=timeout)
-        call.retry = retry or (NO_RETRY if tool.effect == "write" else DEFAULT_RETRY)
-        return await self._run(call, fn_id=f"tool:{tool.name}")
+        label = name or f"tool:{tool if isinstance(tool, str) else tool.name}"
+        key = self._key(label)
+        fn_id = f"tool:{tool if isinstance(tool, str) else tool.name}"
+        recorded = self._history.get(key)
+        if recorded is not None:
+            value = await self._replay(recorded, fn_id, StepCall(name=label, fn=_tool_body, kind="tool"))
+            found = self._catalog.get(fn_id.removeprefix("tool:")) if isinstance(tool, str) else tool
+            if found is not None and found.untrusted_output:
+                self.taint(f"{found.name} output")
+            return value
+        try:
+            resolved = self._permit(tool)
+            parsed = resolved.validate(raw)
+        except (ToolNotAllowed, ToolArgsInvalid) as exc:
+            # Recorded like any failed step, so the model (or the caller) sees it and a replay sees it again.
+            refused = exc
+
+            async def refuse(_: Any) -> Any:
+                raise refused
+
+            return await self._run(StepCall(name=label, fn=refuse, args=(raw,), kind="tool"), fn_id=fn_id, key=key)
+        tc = ToolContext(
+            tool=resolved.name,
+            call_id=call_id_of(effect_key(self.task_id, key, resolved.name, raw)),
+            task_id=self.task_id,
+            tenant=self.tenant,
+            idempotency_key=None,
+            services=self.services,
+        )
+        if resolved.effect == "write":
+            from keel.orchestration.effects import apply_write, approval_request
+
+            ekey = effect_key(self.task_id, key, resolved.name, raw)
+            tc = ToolContext(
+                tool=tc.tool,
+                call_id=tc.call_id,
+                task_id=tc.task_id,
+                tenant=tc.tenant,
+                idempotency_key=ekey,
+                services=tc.services,
+            )
+            try:
+                request = approval_request(self, resolved, raw, key, ekey)
+            except WorkflowError as denied:
+                refused_ = denied
+
+                async def deny(_: Any) -> Any:
+                    raise refused_
+
+                return await self._run(StepCall(name=label, fn=deny, args=(raw,), kind="tool"), fn_id=fn_id, key=key)
+            if request is not None:
+                raise AwaitingDecision([request])
+
+            async def write(_: Any) -> Any:
+                return await apply_write(self, resolved, parsed, raw, key, ekey, tc)
+
+            body: Callable[[Any], Awaitable[Any]] = write
+            policy = retry or NO_RETRY
+        else:
+
+            async def read(_: Any) -> Any:
+                return pydantic_core.to_jsonable_python(await resolved.invoke(parsed, tc))
+
+            body = read
+            policy = retry or DEFAULT_RETRY
+        call = StepCall(name=label, fn=body, args=(raw,), kind="tool", timeout=timeout, retry=policy)
+        value = await self._run(call, fn_id=fn_id, key=key)
+        if resolved.untrusted_output:
+            self.taint(f"{resolved.name} output")
+        return value
 
     async def generate(
         self,
@@ -504,10 +641,10 @@ class WorkflowContext:
         self._names[name] = n
         return name if n == 1 else f"{name}#{n}"
 
-    async def _run(self, call: StepCall, fn_id: str | None = None) -> Any:
+    async def _run(self, call: StepCall, fn_id: str | None = None, key: str | None = None) -> Any:
         if _scope.get() is not None:
             raise ConfigError(f"step {call.name!r} was started inside another step; steps do not nest")
-        key = self._key(call.name)
+        key = key or self._key(call.name)
         self._seq += 1
         seq = self._seq
         fn_id = fn_id or _fn_id(call.fn)
@@ -599,7 +736,7 @@ class WorkflowContext:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._journal.emit("step_cancelled", {"step": key, "kind": call.kind}))
             raise
-        except (BudgetExceeded, LeaseLost, Nondeterminism, ConfigError):
+        except (BudgetExceeded, LeaseLost, Nondeterminism, ConfigError, AwaitingDecision):
             self.steps.append(
                 StepInfo(
                     name=key,
@@ -735,7 +872,8 @@ async def _all_settled(coros: list[Awaitable[Any]], *, fatal: tuple[type[BaseExc
     async def settle(c: Awaitable[Any]) -> Any:
         try:
             return await c
-        except StepFailed as exc:
+        except (StepFailed, AwaitingDecision) as exc:
+            # A branch waiting for a person does not stop its siblings: they finish, then the run parks once.
             return exc
 
     tasks = [asyncio.ensure_future(settle(c)) for c in coros]
@@ -757,7 +895,11 @@ async def _all_settled(coros: list[Awaitable[Any]], *, fatal: tuple[type[BaseExc
             exc = t.exception()
             assert exc is not None
             raise exc
-    return [t.result() for t in tasks]
+    results = [t.result() for t in tasks]
+    waiting = [r for r in results if isinstance(r, AwaitingDecision)]
+    if waiting:
+        raise AwaitingDecision([req for w in waiting for req in w.requests])
+    return results
 
 
 async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -768,6 +910,11 @@ async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         return await fn(*args)
     result = await asyncio.to_thread(fn, *args)
     return await result if inspect.isawaitable(result) else result
+
+
+async def _tool_body(_: Any) -> Any:
+    """Stands for a tool's body when its step replays (the recorded result is returned as stored JSON)."""
+    raise AssertionError("a replayed tool step never runs its body")
 
 
 def _fn_id(fn: Callable[..., Any]) -> str:

@@ -95,6 +95,7 @@ _ENVELOPE_STATUS = {
     TaskStatus.partial_success: "partial_success",
     TaskStatus.failed: "failed",
     TaskStatus.needs_clarification: "needs_clarification",
+    TaskStatus.waiting_for_approval: "needs_clarification",  # provisional: a person must answer before it goes on
 }
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.errors import ClarificationNeeded, StepFailed, WorkflowError
+from keel.errors import ClarificationNeeded, StepFailed, ToolArgsInvalid, WorkflowError
 from keel.orchestration.models import Message, Model, ModelSettings
 from keel.orchestration.tools import ToolCatalog
 
@@ -130,12 +130,9 @@ def _check_tool_node(node: PlanNode, at: str, catalog: ToolCatalog) -> list[Plan
     if _refs(node.args):
         return []  # arguments fed by other nodes are validated when the node runs
     try:
-        tool.input_model.model_validate(node.args)
-    except pydantic.ValidationError as exc:
-        return [
-            PlanIssue(pointer=f"{at}/args/" + "/".join(str(p) for p in e["loc"]), message=e["msg"])
-            for e in exc.errors()
-        ]
+        tool.validate(node.args)
+    except ToolArgsInvalid as exc:
+        return [PlanIssue(pointer=f"{at}/args{pointer}", message=message) for pointer, message in exc.issues]
     return []
 
 
@@ -317,7 +314,7 @@ class _Executor:
             exc = t.exception()
             if isinstance(exc, StepFailed):
                 self.failed[nid] = exc.message
-                self.ctx.error(exc.type, exc.message, step=exc.step)
+                self.ctx.error(exc.type, exc.message, step=exc.step, pointer=exc.pointer)
             elif exc is not None:
                 raise exc
             else:

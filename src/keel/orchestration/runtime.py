@@ -14,13 +14,25 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from keel.errors import BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
+from keel.errors import AwaitingDecision, BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
 from keel.memory.stores import EventSpec, Store
-from keel.memory.types import BlobRef, Event, Lease, ModelCallRecord, StepCheckpoint, Task, TaskStatus
+from keel.memory.types import (
+    BlobRef,
+    Decision,
+    EffectRecord,
+    EffectStatus,
+    Event,
+    Lease,
+    ModelCallRecord,
+    StepCheckpoint,
+    Task,
+    TaskStatus,
+)
 from keel.orchestration.budget import Budget
 from keel.orchestration.context import EnvelopeError, WorkflowContext
 from keel.orchestration.envelope import Envelope, build_envelope
 from keel.orchestration.models import ModelRegistry
+from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry
 
 log = logging.getLogger("keel.runtime")
@@ -134,6 +146,24 @@ class StoreJournal:
     async def load_blob(self, ref: BlobRef) -> Any:
         return await self._store.load_blob(ref)
 
+    async def begin_effect(self, effect: EffectRecord) -> tuple[EffectRecord, bool]:
+        self._release_held()
+        return await self._store.begin_effect(self._lease, effect, self._clock())
+
+    async def settle_effect(
+        self,
+        key: str,
+        status: EffectStatus,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        executions: int | None = None,
+    ) -> None:
+        self._release_held()
+        await self._store.settle_effect(
+            self._lease, key, status, self._clock(), result=result, error=error, executions=executions
+        )
+
     def record_model_call(self, call: ModelCallRecord) -> None:
         # Counters are not part of the run's history: written alongside, never awaited by the step.
         task = asyncio.create_task(self._store.record_model_call(self.tenant, call))
@@ -171,9 +201,13 @@ class EmbeddedEngine:
         clock: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
         models: ModelRegistry | None = None,
+        tools: ToolCatalog | None = None,
+        services: Any = None,
     ) -> None:
         self.store = store
         self.models = models
+        self.tools = tools or ToolCatalog()
+        self.services = services
         self.registry = registry
         self.workers = workers
         self.lease_s = lease_s
@@ -265,6 +299,11 @@ class EmbeddedEngine:
             clock=self.clock,
             progress=task.progress,
             models=self.models,
+            tools=self.tools,
+            policy=task.policy,
+            decisions=await self.store.load_decisions(task.id),
+            services=self.services,
+            tenant=task.tenant,
         )
         return ctx, journal
 
@@ -310,6 +349,9 @@ class EmbeddedEngine:
                 extra.append(EnvelopeError(type="cancelled", message="the task was cancelled", severity="warning"))
             except LeaseLost:
                 return
+            except AwaitingDecision as exc:
+                await self._park(task, lease, ctx, journal, exc, started)
+                return
             except Exception as exc:
                 status, result, error = _outcome(exc, ctx)
                 if error.type == "internal_error":
@@ -328,6 +370,42 @@ class EmbeddedEngine:
             log.warning("lease on %s lost before finishing; another worker owns it", task.id)
             return
         self.notifier.notify(task.id)
+
+    async def _park(
+        self,
+        task: Task,
+        lease: Lease,
+        ctx: WorkflowContext,
+        journal: StoreJournal,
+        exc: AwaitingDecision,
+        started: float,
+    ) -> None:
+        """Stop the run until a person decides: the task waits as ``waiting_for_approval`` (holding no worker),
+        its envelope says what is asked, and a decision queues it again to resume from its checkpoints."""
+        requests = [r for r in exc.requests if isinstance(r, Decision)]
+        await journal.drain()
+        asked = EnvelopeError(
+            type="approval_required",
+            message=f"waiting for {len(requests)} decision(s): "
+            + "; ".join(f"{r.tool} ({r.kind.value}): {r.reason}" for r in requests[:3])
+            + f". POST /v1/tasks/{task.id}/approvals/<call_id> with approve or deny.",
+            severity="info",
+            recovery_suggested=True,
+        )
+        envelope = build_envelope(
+            TaskStatus.waiting_for_approval,
+            ctx,
+            {"pending_decisions": [r.public() for r in requests], "partial": ctx.partial or None},
+            started,
+            [asked],
+        )
+        try:
+            await self.store.request_decisions(lease, requests, _validated(envelope), self.clock())
+        except LeaseLost:
+            log.warning("lease on %s lost before parking it; another worker owns it", task.id)
+            return
+        self.notifier.notify(task.id)
+        self._cancel_requested.discard(task.id)
 
     async def _tenant_usage(self, tenant: str) -> dict[str, Any] | None:
         try:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from keel.errors import LeaseLost, StoreError
+from keel.errors import InputError, LeaseLost, NotFound, StoreError
 from keel.memory.blobs import pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
@@ -19,6 +19,10 @@ from keel.memory.types import (
     BlobRef,
     CreateOutcome,
     CreateResult,
+    Decision,
+    EffectRecord,
+    EffectStatus,
+    EmailMessage,
     Event,
     IdempotencyClaim,
     Lease,
@@ -61,6 +65,9 @@ class InMemoryStore:
         self._next_at: dict[str, float] = {}
         self._disabled: set[tuple[str, str]] = set()
         self._api_keys: dict[str, tuple[str, str, frozenset[str]]] = {}
+        self._effects: dict[str, EffectRecord] = {}
+        self._decisions: dict[tuple[str, str], Decision] = {}
+        self._emails: dict[str, EmailMessage] = {}
 
     async def aclose(self) -> None:
         return None
@@ -103,6 +110,7 @@ class InMemoryStore:
             budget=dict(new.budget),
             metadata=dict(new.metadata),
             estimated_duration_s=new.estimated_duration_s,
+            policy=copy.deepcopy(new.policy),
         )
         row = _Row(task=task)
         self._tasks[task.id] = row
@@ -352,3 +360,124 @@ class InMemoryStore:
         if not hmac.compare_digest(digest, hash_secret(parts[2])):
             return None
         return ApiKey(id=parts[1], tenant=tenant, scopes=scopes)
+
+    # -- EffectLedger ------------------------------------------------------------------------------
+
+    async def begin_effect(self, lease: Lease, effect: EffectRecord, now: float) -> tuple[EffectRecord, bool]:
+        self._fence(lease)
+        existing = self._effects.get(effect.key)
+        if existing is not None:
+            return copy.deepcopy(existing), False
+        stored = replace(copy.deepcopy(effect), created_at=now, updated_at=now)
+        self._effects[effect.key] = stored
+        return copy.deepcopy(stored), True
+
+    async def settle_effect(
+        self,
+        lease: Lease,
+        key: str,
+        status: EffectStatus,
+        now: float,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        executions: int | None = None,
+    ) -> None:
+        self._fence(lease)
+        rec = self._effects.get(key)
+        if rec is None:
+            return
+        rec.status, rec.result, rec.error, rec.updated_at = status, copy.deepcopy(result), copy.deepcopy(error), now
+        if executions is not None:
+            rec.executions = executions
+
+    async def get_effect(self, key: str) -> EffectRecord | None:
+        rec = self._effects.get(key)
+        return copy.deepcopy(rec) if rec else None
+
+    async def list_effects(self, task_id: str) -> list[EffectRecord]:
+        found = [copy.deepcopy(e) for e in self._effects.values() if e.task_id == task_id]
+        return sorted(found, key=lambda e: (e.created_at, e.key))
+
+    # -- DecisionStore -----------------------------------------------------------------------------
+
+    def _pending(self, task_id: str) -> int:
+        return sum(1 for (t, _), d in self._decisions.items() if t == task_id and d.verdict is None)
+
+    async def request_decisions(
+        self, lease: Lease, decisions: Sequence[Decision], envelope: dict[str, Any], now: float
+    ) -> None:
+        row = self._fence(lease)
+        for d in decisions:
+            if (d.task_id, d.call_id) not in self._decisions:
+                self._decisions[(d.task_id, d.call_id)] = replace(copy.deepcopy(d), requested_at=now)
+                self._append(row, "decision_requested", {**d.public(), "requested_at": now}, now)
+        pending = self._pending(lease.task_id)
+        row.task.status = TaskStatus.waiting_for_approval if pending else TaskStatus.queued
+        row.task.envelope = copy.deepcopy(envelope) if pending else None
+        row.task.attempts = max(row.task.attempts - 1, 0)
+        row.task.updated_at = now
+        row.lease_expires_at = None
+        self._append(row, "status", {"status": row.task.status.value, "pending_decisions": pending}, now)
+
+    async def decide(self, task_id: str, tenant: str, decision: Decision, now: float) -> Decision:
+        row = self._tasks.get(task_id)
+        if row is None or row.task.tenant != tenant:
+            raise NotFound(f"no task {task_id}")
+        current = self._decisions.get((task_id, decision.call_id))
+        if current is None:
+            raise NotFound(f"task {task_id} has no call {decision.call_id} awaiting a decision")
+        assert decision.verdict is not None
+        current.check(decision.verdict)
+        if current.verdict is not None:
+            if current.verdict is decision.verdict:
+                return copy.deepcopy(current)
+            raise InputError(
+                f"call {decision.call_id} was already decided ({current.verdict.value})",
+                detail={"decision": current.public()},
+            )
+        if row.task.status.terminal:
+            raise InputError(f"task {task_id} is already {row.task.status.value}")
+        current.verdict, current.result, current.note = decision.verdict, decision.result, decision.note
+        current.decided_by, current.decided_at = decision.decided_by, now
+        self._append(row, "decision_made", current.public(), now)
+        if not self._pending(task_id) and row.task.status is TaskStatus.waiting_for_approval:
+            row.task.status = TaskStatus.queued
+            row.task.envelope = None
+            self._append(row, "status", {"status": "queued"}, now)
+        return copy.deepcopy(current)
+
+    async def load_decisions(self, task_id: str) -> list[Decision]:
+        found = [copy.deepcopy(d) for (t, _), d in self._decisions.items() if t == task_id]
+        return sorted(found, key=lambda d: (d.requested_at, d.call_id))
+
+    # -- EmailOutbox -------------------------------------------------------------------------------
+
+    async def enqueue_email(self, message: EmailMessage, now: float) -> tuple[EmailMessage, bool]:
+        existing = self._emails.get(message.key)
+        if existing is not None:
+            return copy.deepcopy(existing), False
+        stored = replace(copy.deepcopy(message), status="queued", next_at=now, created_at=now)
+        self._emails[message.key] = stored
+        return copy.deepcopy(stored), True
+
+    async def get_email(self, key: str) -> EmailMessage | None:
+        msg = self._emails.get(key)
+        return copy.deepcopy(msg) if msg else None
+
+    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]:
+        due = [m for m in self._emails.values() if m.status == "queued" and m.next_at <= now]
+        return [copy.deepcopy(m) for m in sorted(due, key=lambda m: m.next_at)[:limit]]
+
+    async def email_sent(self, key: str, now: float) -> None:
+        msg = self._emails[key]
+        msg.status, msg.sent_at, msg.attempts, msg.error = "sent", now, msg.attempts + 1, None
+
+    async def email_retry(self, key: str, when: float, error: str, *, give_up: bool = False) -> None:
+        msg = self._emails[key]
+        msg.status, msg.next_at, msg.attempts, msg.error = (
+            "failed" if give_up else "queued",
+            when,
+            msg.attempts + 1,
+            error[:2000],
+        )

@@ -1,0 +1,24 @@
+"""keel's built-in tools: ``fetch_url``, ``read_document``, ``send_email`` and ``search_memory``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keel.netguard import AllowList
+
+
+@dataclass(kw_only=True, slots=True)
+class Services:
+    """What built-in tools reach at run time (``ToolContext.services``)."""
+
+    store: Any = None
+    """The store (the email outbox lives there)."""
+    documents_dir: Path | None = None
+    """``read_document`` reads local paths only under this folder (None: URLs only)."""
+    fetch_allow: AllowList = field(default_factory=lambda: AllowList.parse(""))
+    """Hosts exempt from the SSRF rules (tests and local development only)."""
+    fetch_max_bytes: int = 5_000_000
+    fetch_timeout_s: float = 20.0
+    clock: Any = None
