@@ -185,12 +185,14 @@ def test_auth_matrix(live: LiveServer) -> None:
     assert len(routes) >= 5
     with live.client() as c:
         tid = c.post("/v1/tasks", json=DIAG).json()["id"]
-    other = live.new_key("globex")
+    other = live.new_key("globex", "tasks:read,tasks:write,tasks:approve")
     readonly = live.new_key("acme", "tasks:read")
     writeonly = live.new_key("acme", "tasks:write")
     for method, path in routes:
         url = live.url + path.replace("{task_id}", tid)
         body = json.dumps(DIAG) if method == "POST" else None
+        if path.endswith("/approvals/{call_id}"):
+            body = json.dumps({"decision": "approve"})
         cases = {
             "no key": ({}, {401}),
             "bad key": ({"Authorization": "Bearer keel_0000_nope"}, {401}),
@@ -199,6 +201,8 @@ def test_auth_matrix(live: LiveServer) -> None:
         if "{task_id}" in path:
             cases["other tenant"] = ({"Authorization": f"Bearer {other}"}, {404})
         needed = "tasks:write" if method == "POST" else "tasks:read"
+        if path.endswith("/approvals/{call_id}"):
+            needed = "tasks:approve"
         wrong = writeonly if needed == "tasks:read" else readonly
         cases["missing scope"] = ({"Authorization": f"Bearer {wrong}"}, {403})
         for name, (headers, expected) in cases.items():

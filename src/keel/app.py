@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -18,12 +18,17 @@ from keel.errors import ConfigError
 from keel.interaction import problems
 from keel.interaction.limits import BodyLimit
 from keel.interaction.routes import router
+from keel.interaction.tool_routes import router as tool_router
 from keel.interaction.webhooks import WebhookDispatcher
 from keel.memory.stores import Store
 from keel.netguard import AllowList
 from keel.orchestration.engine import Engine
 from keel.orchestration.models import ModelRegistry
 from keel.orchestration.runtime import EmbeddedEngine, Notifier
+from keel.orchestration.toolbox import Services
+from keel.orchestration.toolbox.builtins import builtin_tools, load_tools
+from keel.orchestration.toolbox.email import EmailRelay
+from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry, default_registry
 from keel.settings import Settings
 
@@ -51,6 +56,7 @@ class Keel:
     notifier: Notifier
     webhooks: WebhookDispatcher
     webhook_allow: AllowList
+    tools: ToolCatalog
     clock: Callable[[], float] = time.time
     in_flight: set[tuple[str, str]] = field(default_factory=set)
 
@@ -70,6 +76,27 @@ def _lock_data_dir(settings: Settings) -> IO[str]:
     return handle
 
 
+async def _tools(settings: Settings, stack: contextlib.AsyncExitStack) -> ToolCatalog:
+    """Built-ins, then ``KEEL_TOOLS``, then the tools of every mounted MCP server (sessions kept on ``stack``)."""
+    catalog = ToolCatalog([*builtin_tools(), *load_tools(settings.tools)])
+    if settings.mcp_servers:
+        from keel.orchestration.mcp_client import McpMounts, McpServerConfig
+
+        mounts = McpMounts(McpServerConfig.parse_many(settings.mcp_servers))
+        stack.push_async_callback(mounts.aclose)
+        for tool in await mounts.start():
+            catalog.add(tool)
+    return catalog
+
+
+def _smtp(settings: Settings) -> Any:
+    if not settings.smtp_url:
+        return None
+    from keel.backends.smtp import SmtpSender
+
+    return SmtpSender(settings.smtp_url, sender=settings.smtp_sender)
+
+
 def create_app(settings: Settings | None = None, registry: WorkflowRegistry | None = None) -> FastAPI:
     settings = settings or Settings()
     if registry is None:
@@ -82,6 +109,15 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
         lock = _lock_data_dir(settings)
         store = open_store(settings.resolved_store_url)
         notifier = Notifier()
+        stack = contextlib.AsyncExitStack()
+        tools = await _tools(settings, stack)
+        services = Services(
+            store=store,
+            documents_dir=settings.documents_dir,
+            fetch_allow=AllowList.parse(settings.fetch_allow_hosts),
+            fetch_max_bytes=settings.fetch_max_bytes,
+            fetch_timeout_s=settings.fetch_timeout_s,
+        )
         runtime = EmbeddedEngine(
             store,
             registry,
@@ -93,7 +129,10 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             models=ModelRegistry(
                 settings.default_model, prices=settings.model_prices, allow_floating=settings.allow_floating_models
             ),
+            tools=tools,
+            services=services,
         )
+        relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
         allow = AllowList.parse(settings.webhook_allow_hosts)
         webhooks = WebhookDispatcher(
             store,
@@ -112,21 +151,26 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             notifier=notifier,
             webhooks=webhooks,
             webhook_allow=allow,
+            tools=tools,
         )
         # Only one process may own an embedded data dir, so whatever is still `running` belongs to a dead one.
         await runtime.start(recover=True)
         webhooks.start()
+        relay.start()
         try:
             yield
         finally:
             await runtime.stop()
             await webhooks.stop()
+            await relay.stop()
+            await stack.aclose()
             await store.aclose()
             lock.close()
 
     app = FastAPI(title="keel", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     problems.install(app)
     app.include_router(router)
+    app.include_router(tool_router)
 
     @app.get("/healthz", include_in_schema=True, tags=["ops"])
     async def healthz() -> dict[str, str]:

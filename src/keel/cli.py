@@ -68,9 +68,10 @@ def serve(
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant that owns the key's tasks.")],
-    scopes: Annotated[str, typer.Option(help="Comma-separated: tasks:read,tasks:write,admin.")] = (
-        "tasks:read,tasks:write"
-    ),
+    scopes: Annotated[
+        str,
+        typer.Option(help="Comma-separated: tasks:read, tasks:write, tasks:approve, tools:net, tools:email, admin."),
+    ] = "tasks:read,tasks:write,tasks:approve,tools:net",
     data_dir: DataDir = None,
 ) -> None:
     """Create an API key and print it on stdout (and nothing else). It is shown only once."""

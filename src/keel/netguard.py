@@ -271,6 +271,26 @@ def _next_method(method: str, status: int, kwargs: dict[str, Any], headers: http
     return method
 
 
+async def _send(
+    client: httpx.AsyncClient,
+    method: str,
+    url: httpx.URL,
+    headers: httpx.Headers,
+    extensions: dict[str, Any],
+    *,
+    stream: bool,
+    **kwargs: Any,
+) -> httpx.Response:
+    """One hop, never following redirects; ``stream=True`` leaves the body unread (what ``client.stream`` does)."""
+    if not stream:
+        return await client.request(
+            method, url, headers=headers, extensions=extensions, follow_redirects=False, **kwargs
+        )
+    auth = kwargs.pop("auth", httpx.USE_CLIENT_DEFAULT)
+    request = client.build_request(method, url, headers=headers, extensions=extensions, **kwargs)
+    return await client.send(request, stream=True, auth=auth, follow_redirects=False)
+
+
 async def guarded_request(
     client: httpx.AsyncClient,
     method: str,
@@ -278,12 +298,15 @@ async def guarded_request(
     *,
     allow: AllowList = NO_ALLOW,
     max_redirects: int = 5,
+    stream: bool = False,
     **kwargs: Any,
 ) -> httpx.Response:
     """Send a request through the SSRF rules, following up to ``max_redirects`` redirects, each re-checked.
 
     ``kwargs`` go to :meth:`httpx.AsyncClient.request` (``follow_redirects`` is always False). Credentials
-    (``Authorization``, ``Cookie``) are dropped when a redirect leaves the original origin.
+    (``Authorization``, ``Cookie``) are dropped when a redirect leaves the original origin. With ``stream=True``
+    the final response's body is not read: the caller reads it (``aiter_bytes``/``aiter_raw``) and must
+    ``await response.aclose()``, as with :meth:`httpx.AsyncClient.send`.
     """
     current = _parse_url(url)
     if params := kwargs.pop("params", None):
@@ -299,14 +322,14 @@ async def guarded_request(
                 headers.pop(name, None)
         hop_headers = headers.copy()
         hop_headers.update(host_header)
-        response = await client.request(
-            method,
-            pinned_url,
-            headers=hop_headers,
-            extensions={**user_extensions, **extensions},
-            follow_redirects=False,
-            **kwargs,
-        )
+        try:
+            response = await _send(
+                client, method, pinned_url, hop_headers, {**user_extensions, **extensions}, stream=stream, **kwargs
+            )
+        except httpx.RemoteProtocolError as exc:  # httpx parses Location even when not following it
+            if not str(exc).startswith("Invalid URL in location header"):
+                raise
+            raise _blocked(current, f"invalid redirect location ({exc})") from exc
         if not response.is_redirect:  # a 3xx with a Location header
             return response
         await response.aclose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -54,8 +54,32 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Extra workflows to register, as comma-separated `package.module:attr` (a Workflow or a list).",
     )
+    tools: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra tools to register, as comma-separated `package.module:attr` (a Tool or a list).",
+    )
+    mcp_servers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='External MCP servers mounted as tools: {"name": {"command": ["python", "srv.py"]}} for stdio '
+        'or {"name": {"url": "https://.../mcp", "headers": {...}}} for streamable HTTP. Their tools are named '
+        '`<name>__<tool>`; a tool is a write unless it says readOnlyHint (override with "effect").',
+    )
+    mcp_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call /mcp besides the server's own (comma-separated).",
+    )
+    documents_dir: Path | None = Field(None, description="read_document may read local files under this folder.")
+    fetch_allow_hosts: str = Field(
+        "", description="Comma-separated hosts or CIDRs fetch_url may reach despite the SSRF rules (development)."
+    )
+    fetch_max_bytes: int = Field(5_000_000, ge=1, description="fetch_url and read_document body cap.")
+    fetch_timeout_s: float = Field(20.0, gt=0, description="fetch_url total time cap, redirects included.")
+    smtp_url: str | None = Field(
+        None, description="smtp://user:pass@host:port or smtps://...; without it emails stay queued in the outbox."
+    )
+    smtp_sender: str = Field("keel@localhost", description="From address of send_email messages.")
 
-    @field_validator("workflows", mode="before")
+    @field_validator("workflows", "tools", "mcp_allowed_origins", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v

@@ -9,7 +9,16 @@ from fastapi import Request
 from keel.errors import AuthError, Forbidden
 from keel.memory.types import ApiKey
 
-SCOPES = frozenset({"tasks:read", "tasks:write", "admin"})
+SCOPES = frozenset(
+    {
+        "tasks:read",
+        "tasks:write",
+        "tasks:approve",  # decide on a paused task's tool calls
+        "tools:net",  # fetch_url: outbound HTTP to public addresses
+        "tools:email",  # send_email
+        "admin",
+    }
+)
 
 
 def require(scope: str) -> Callable[[Request], Awaitable[ApiKey]]:

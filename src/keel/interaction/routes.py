@@ -17,6 +17,7 @@ from keel.interaction.auth import require
 from keel.interaction.schemas import ModelStatsView, SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
 from keel.memory.types import ApiKey, CreateOutcome, IdempotencyClaim, NewTask, TaskStatus
 from keel.netguard import resolve_target
+from keel.orchestration.tools import ToolCatalog, permitted
 
 router = APIRouter(prefix="/v1")
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
@@ -77,6 +78,7 @@ async def submit(
         ) from None
     if body.webhook is not None:
         await resolve_target(str(body.webhook.url), allow=keel.webhook_allow)
+    policy = _policy(body, key, keel.tools)
 
     claim = None
     if idempotency_key is not None:
@@ -100,6 +102,7 @@ async def submit(
                 budget=body.budget.model_dump(),
                 metadata=body.metadata,
                 estimated_duration_s=wf.estimate(parsed),
+                policy=policy,
             ),
             claim,
             keel.clock(),
@@ -117,6 +120,22 @@ async def submit(
     else:
         keel.runtime.wake()
     return JSONResponse(accepted(task).model_dump(mode="json"), status_code=202, headers=headers)
+
+
+def _policy(body: SubmitTask, key: ApiKey, catalog: ToolCatalog) -> dict[str, Any]:
+    """What the task may do, fixed at submission: its tool allowlist, the submitting key's scopes, approvals."""
+    if body.tools is not None:
+        problems = []
+        for i, name in enumerate(body.tools):
+            tool = catalog.get(name)
+            if tool is None:
+                problems.append({"pointer": f"/tools/{i}", "message": f"no tool named {name!r}"})
+            elif not permitted(tool, key.scopes):
+                missing = ", ".join(sorted(tool.scopes - key.scopes))
+                problems.append({"pointer": f"/tools/{i}", "message": f"{name} needs the scope(s) {missing}"})
+        if problems:
+            raise InputError("the tool allowlist names tools this key cannot use", detail={"errors": problems})
+    return {"tools": body.tools, "scopes": sorted(key.scopes), "approval": body.approval}
 
 
 @router.get("/tasks", response_model=TaskPage, responses=ERRORS, summary="List tasks")
@@ -139,7 +158,9 @@ async def get_task(task_id: str, request: Request, response: Response, key: Read
     if task is None:
         raise NotFound(f"no task {task_id}")
     if not task.status.terminal:
-        response.headers["Retry-After"] = "1" if task.status is TaskStatus.running else "2"
+        # A task waiting for a person will not move by itself soon: poll slowly.
+        wait = {TaskStatus.running: "1", TaskStatus.waiting_for_approval: "30"}
+        response.headers["Retry-After"] = wait.get(task.status, "2")
     return view(task)
 
 
@@ -155,14 +176,17 @@ async def cancel(task_id: str, request: Request, key: Writer) -> JSONResponse:
     task = await keel.store.request_cancel(task_id, key.tenant)
     if task is None:
         raise NotFound(f"no task {task_id}")
-    if task.status is TaskStatus.queued:
+    if task.status in (TaskStatus.queued, TaskStatus.waiting_for_approval):
+        waiting = task.status is TaskStatus.waiting_for_approval
+        # A parked task keeps what it finished: its provisional envelope carries the partial result.
+        partial = ((task.envelope or {}).get("result") or {}).get("partial") if waiting else None
         envelope = {
-            "status": "failed",
-            "result": None,
+            "status": "partial_success" if partial else "failed",
+            "result": partial,
             "errors": [
                 {
                     "type": "cancelled",
-                    "message": "cancelled before it started",
+                    "message": "cancelled while waiting for approval" if waiting else "cancelled before it started",
                     "severity": "warning",
                     "recovery_suggested": False,
                     "step": None,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
-from keel.memory.types import ModelStats, Task, TaskStatus
+from keel.memory.types import EffectStatus, ModelStats, Task, TaskStatus, Verdict
 from keel.orchestration.envelope import Envelope
 
 __all__ = [
@@ -83,6 +83,73 @@ class SubmitTask(BaseModel):
     webhook: WebhookSpec | None = None
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Step, tool, token, cost and time caps.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Opaque to keel; returned as given.")
+    tools: list[str] | None = Field(
+        None,
+        max_length=200,
+        description="Allowlist of tools the task may call (see `GET /v1/tools`); all the key may use when omitted.",
+        examples=[["fetch_url", "read_document"]],
+    )
+    approval: Literal["auto", "always"] = Field(
+        "auto",
+        description="`auto`: a write tool needs a person's approval once the task has read untrusted content "
+        "(documents, fetched pages); `always`: every write does.",
+    )
+
+
+class DecisionBody(BaseModel):
+    """Body of `POST /v1/tasks/{id}/approvals/{call_id}`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"decision": "approve"}, {"decision": "deny", "note": "not to that address"}]},
+    )
+    decision: Verdict = Field(
+        description="`approve` runs the call (for an unknown outcome: again, with the same idempotency key); "
+        "`deny` does not (the call fails as `approval_denied`); `applied` says an interrupted call did happen."
+    )
+    note: str | None = Field(None, max_length=2000, description="Why; recorded with the decision.")
+    result: Any = Field(None, description="With `applied`: the call's result, as the workflow should see it.")
+
+
+class DecisionView(BaseModel):
+    call_id: str
+    kind: Literal["approval", "outcome_unknown"]
+    tool: str
+    args: dict[str, Any]
+    step: str
+    reason: str
+    effect_key: str | None
+    verdict: Verdict | None
+    note: str | None
+    decided_by: str | None
+    requested_at: float
+    decided_at: float | None
+
+
+class EffectView(BaseModel):
+    key: str = Field(description="The idempotency key: hash of task id, step path, tool name and arguments.")
+    step: str
+    tool: str
+    args: dict[str, Any]
+    status: EffectStatus
+    result: Any
+    error: dict[str, Any] | None
+    executions: int
+    created_at: float
+    updated_at: float
+
+
+class ToolView(BaseModel):
+    name: str
+    description: str
+    effect: Literal["read", "write"]
+    scopes: list[str]
+    approval: Literal["auto", "always", "never"]
+    untrusted_output: bool
+    reconcile: bool = Field(description="Whether the tool can tell, after a crash, if a write happened.")
+    source: str
+    input_schema: dict[str, Any]
+    permitted: bool = Field(description="Whether this API key holds the scopes the tool needs.")
 
 
 class Links(BaseModel):
@@ -113,7 +180,11 @@ class TaskView(BaseModel):
     dead_lettered: bool
     metadata: dict[str, Any]
     links: Links
-    envelope: Envelope | None = Field(None, description="Present once the task is terminal.")
+    envelope: Envelope | None = Field(
+        None,
+        description="Present once the task is terminal; while it is `waiting_for_approval`, a provisional one "
+        "(status `needs_clarification`) lists the pending decisions in `result.pending_decisions`.",
+    )
 
 
 class TaskPage(BaseModel):

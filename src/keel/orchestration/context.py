@@ -58,6 +58,7 @@ from keel.memory.types import (
 from keel.orchestration import generation
 from keel.orchestration.budget import Budget, BudgetMeter
 from keel.orchestration.models import Message, Model, ModelRegistry, ModelSettings
+from keel.orchestration.models.base import ToolCall, ToolSpec
 from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 from keel.orchestration.tools import Tool, ToolCatalog, ToolContext, call_id_of, effect_key, permitted
 
@@ -114,6 +115,14 @@ class StepCall:
     timeout: float | None = None
     """Seconds for the whole step, retries included. On expiry the step fails with type ``timeout``."""
     retry: RetryPolicy | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelTurn:
+    """A model's answer when it was offered tools: its text, and the calls it asked for (not yet run)."""
+
+    text: str
+    tool_calls: list[ToolCall]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -489,6 +498,7 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         repairs: int = 1,
         stream: bool = True,
+        tools: Sequence[ToolSpec] = (),
     ) -> Any:
         """Ask a model, as a durable step; tokens stream into the task's log as ``token`` events.
 
@@ -497,6 +507,8 @@ class WorkflowContext:
         pointer); the wrong shape is re-asked ``repairs`` times first. ``json_schema`` asks for JSON of that shape
         but returns the raw text. Rate limits, 5xx and cut streams are retried (``retry``). Tokens and cost are
         charged to the task's budget; every call is recorded in the envelope and the per-model counters.
+        With ``tools`` the model may answer with tool calls: the result is then a :class:`ModelTurn` (text and
+        calls; nothing is executed here, see :func:`keel.orchestration.agent.run_agent`).
         """
         messages = generation.messages_of(prompt)
         schema = output_type.model_json_schema() if output_type is not None else json_schema
@@ -514,11 +526,15 @@ class WorkflowContext:
                 settings=settings,
                 repairs=repairs,
                 stream=stream,
+                tools=tools,
             )
 
         call = StepCall(name=name, fn=ask, args=(model.name,), kind="model", timeout=timeout, retry=retry)
         out: dict[str, Any] = await self._run(call, fn_id=f"model:{output_type.__name__ if output_type else 'text'}")
         generation.absorb(self, model, out)
+        if tools:
+            calls = [ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in out["tool_calls"]]
+            return ModelTurn(text=out["output"] if isinstance(out["output"], str) else "", tool_calls=calls)
         if output_type is not None:
             return output_type.model_validate(out["output"])
         return out["output"]

@@ -22,6 +22,7 @@ from keel.orchestration.models.base import (
     StreamEvent,
     StreamingModel,
     TextDelta,
+    ToolSpec,
     stream_response,
     supports_streaming,
 )
@@ -43,13 +44,14 @@ async def ask(
     settings: ModelSettings | None,
     repairs: int,
     stream: bool,
+    tools: Sequence[ToolSpec] = (),
 ) -> dict[str, Any]:
     """One durable model step's body. Returns what the checkpoint keeps; raises ModelOutputError when the
     answer stays unusable after ``repairs`` re-asks."""
     conversation = list(messages)
     calls: list[dict[str, Any]] = []
     for attempt in range(repairs + 1):
-        resp = await _call(ctx, key, model, conversation, schema, settings, stream)
+        resp = await _call(ctx, key, model, conversation, schema, settings, stream, tools)
         try:
             value = check_output(resp, output_type)
         except ModelOutputError as exc:
@@ -83,6 +85,7 @@ async def _call(
     schema: dict[str, Any] | None,
     settings: ModelSettings | None,
     stream: bool,
+    tools: Sequence[ToolSpec] = (),
 ) -> ModelResponse:
     started = time.time()
 
@@ -95,10 +98,10 @@ async def _call(
         if stream and supports_streaming(model):
             streaming: StreamingModel = model  # type: ignore[assignment]
             resp = await stream_response(
-                streaming, messages, on_event=on_event, output_schema=schema, settings=settings
+                streaming, messages, on_event=on_event, tools=tools, output_schema=schema, settings=settings
             )
         else:
-            resp = await model.request(messages, output_schema=schema, settings=settings)
+            resp = await model.request(messages, tools=tools, output_schema=schema, settings=settings)
     except (UpstreamError, TimeoutError) as exc:
         ctx.record_model_call(_failed_call(model, exc, started))
         raise

@@ -1,0 +1,214 @@
+"""The body of the built-in ``fetch_url`` tool: one HTTP(S) GET through the SSRF guard, within hard caps.
+
+Every hop goes through :func:`keel.netguard.guarded_request`: the host is resolved once and checked, the
+connection is pinned to the checked address (so a second DNS answer cannot move it), and each redirect target
+is checked again. The client never uses a proxy (a proxy would resolve the name by itself).
+
+The caps are enforced, never silently: a body over ``max_bytes`` (declared or streamed), a content type that
+is not allowed, or a fetch that takes longer than ``timeout_s`` end in :class:`FetchRefused`; an HTTP error from
+the final hop ends in :class:`keel.errors.UpstreamError`; an address the SSRF rules refuse ends in
+:class:`keel.errors.BlockedAddress`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import ssl
+from dataclasses import dataclass
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from keel.errors import KeelError, UpstreamError
+from keel.netguard import NO_ALLOW, AllowList, guarded_request
+
+_TEXT_TYPES = frozenset({"application/json", "application/xml", "application/xhtml+xml", "application/javascript"})
+
+
+class FetchRefused(KeelError):
+    """A fetch was stopped by one of its caps: size, content type or time."""
+
+    code = "fetch_refused"
+    status = 422
+
+
+class FetchArgs(BaseModel):
+    """Fetch one web page or document over HTTP(S)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        max_length=4096,
+        description="The absolute http:// or https:// URL to fetch. Private and internal addresses are refused.",
+    )
+    max_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Refuse bodies larger than this many bytes. Can only lower the configured limit.",
+    )
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class FetchLimits:
+    """The operator's caps for ``fetch_url``."""
+
+    max_bytes: int = 5_000_000
+    """Largest body accepted; a larger one is refused, never truncated."""
+    timeout_s: float = 20.0
+    """Wall-clock limit for the whole fetch: every redirect hop and the body."""
+    max_redirects: int = 5
+    content_types: tuple[str, ...] = (
+        "text/",
+        "application/json",
+        "application/pdf",
+        "application/xml",
+        "application/xhtml+xml",
+    )
+    """Allowed media types (parameters ignored): an entry ending in ``/`` allows the whole top-level type,
+    any other entry exactly that media type."""
+    allow: AllowList = NO_ALLOW
+    """Hosts and networks exempt from the SSRF rules (tests and local development only)."""
+
+
+class FetchResult(BaseModel):
+    """What ``fetch_url`` returns."""
+
+    url: str = Field(description="The final URL, after redirects.")
+    status: int = Field(description="The HTTP status of the final response.")
+    content_type: str = Field(description="The Content-Type header of the final response.")
+    text: str | None = Field(default=None, description="The body as text, for text-like content types.")
+    content_b64: str | None = Field(default=None, description="The body, base64-encoded, for binary types (PDF).")
+    bytes: int = Field(description="Size of the body in bytes.")
+    truncated: bool = Field(
+        default=False, description="Always false: a body over the size limit is refused, never cut off."
+    )
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """Built once: loading the CA bundle costs ~25 ms, and every fetch gets a fresh client."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.partition(";")[0].strip().lower()
+
+
+def _type_allowed(media: str, allowed: tuple[str, ...]) -> bool:
+    for entry in (a.strip().lower() for a in allowed):
+        if media == entry or (entry.endswith("/") and media.startswith(entry) and len(media) > len(entry)):
+            return True
+    return False
+
+
+def _is_text(media: str) -> bool:
+    return media.startswith("text/") or media in _TEXT_TYPES or media.endswith(("+json", "+xml"))
+
+
+def _logical_url(response: httpx.Response) -> str:
+    """The URL as the caller would write it: the pinned IP swapped back for the name in the Host header."""
+    request = response.request
+    try:
+        named = httpx.URL(f"{request.url.scheme}://{request.headers['Host']}")
+        return str(request.url.copy_with(host=named.host, port=named.port))
+    except (KeyError, httpx.InvalidURL):
+        return str(request.url)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
+
+
+def _refused(url: str, reason: str, message: str) -> FetchRefused:
+    return FetchRefused(f"refused to fetch {url!r}: {message}", detail={"url": url, "reason": reason})
+
+
+def _check_head(response: httpx.Response, url: str, cap: int, allowed: tuple[str, ...]) -> str:
+    """Status, type, encoding and declared size, before any of the body is read. Returns the media type."""
+    if not response.is_success:
+        raise UpstreamError(
+            f"fetching {url!r} returned HTTP {response.status_code}",
+            status_code=response.status_code,
+            retry_after=_retry_after(response),
+        )
+    content_type = response.headers.get("Content-Type", "")
+    media = _media_type(content_type)
+    if not _type_allowed(media, allowed):
+        raise _refused(url, "content_type", f"content type {content_type or '(none)'!r} is not allowed")
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _refused(url, "content_encoding", f"content encoding {encoding!r} is not supported")
+    try:
+        declared = int(response.headers.get("Content-Length", ""))
+    except ValueError:
+        declared = None
+    if declared is not None and declared > cap:
+        raise _refused(url, "too_large", f"body is larger than {cap} bytes (Content-Length {declared})")
+    return media
+
+
+async def _read_capped(response: httpx.Response, url: str, cap: int) -> bytes:
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) > cap:
+            raise _refused(url, "too_large", f"body is larger than {cap} bytes")
+    return bytes(body)
+
+
+async def _fetch(client: httpx.AsyncClient, url: str, cap: int, limits: FetchLimits) -> FetchResult:
+    response = await guarded_request(
+        client,
+        "GET",
+        url,
+        allow=limits.allow,
+        max_redirects=limits.max_redirects,
+        stream=True,
+        headers={"Accept-Encoding": "identity"},  # the size cap counts what is buffered: no compression bombs
+    )
+    try:
+        final_url = _logical_url(response)
+        media = _check_head(response, final_url, cap, limits.content_types)
+        body = await _read_capped(response, final_url, cap)
+    finally:
+        await response.aclose()
+    result = FetchResult(
+        url=final_url,
+        status=response.status_code,
+        content_type=response.headers.get("Content-Type", ""),
+        bytes=len(body),
+    )
+    if _is_text(media):
+        try:
+            result.text = body.decode(response.charset_encoding or "utf-8", errors="replace")
+        except LookupError:  # an unknown charset name
+            result.text = body.decode("utf-8", errors="replace")
+    else:
+        result.content_b64 = base64.b64encode(body).decode("ascii")
+    return result
+
+
+async def fetch(args: FetchArgs, limits: FetchLimits, *, client: httpx.AsyncClient | None = None) -> FetchResult:
+    """Fetch ``args.url`` within ``limits``. Raises BlockedAddress, FetchRefused or UpstreamError.
+
+    Without ``client`` a fresh one is used for this call (no proxy, no environment settings): connections are
+    pooled by IP, so a shared client could reuse a TLS connection opened for another name on the same address.
+    """
+    cap = min(limits.max_bytes, args.max_bytes) if args.max_bytes is not None else limits.max_bytes
+    try:
+        async with asyncio.timeout(limits.timeout_s):
+            if client is not None:
+                return await _fetch(client, args.url, cap, limits)
+            async with httpx.AsyncClient(
+                trust_env=False, verify=_ssl_context(), timeout=limits.timeout_s, follow_redirects=False
+            ) as own:
+                return await _fetch(own, args.url, cap, limits)
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        raise _refused(args.url, "timeout", f"took longer than {limits.timeout_s:g} s") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"fetching {args.url!r} failed: {type(exc).__name__}: {exc}") from exc
