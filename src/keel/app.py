@@ -12,12 +12,15 @@ from typing import IO, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.routing import Route
 
 from keel.backends import open_store
 from keel.errors import ConfigError
 from keel.interaction import problems
 from keel.interaction.limits import BodyLimit
+from keel.interaction.mcp import build_mcp
 from keel.interaction.routes import router
+from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
 from keel.interaction.webhooks import WebhookDispatcher
 from keel.memory.stores import Store
@@ -104,6 +107,14 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
         for spec in settings.workflows:
             registry.load(spec)
 
+    # keel's tools over MCP, behind the same API keys; built now (the route must exist), served once the
+    # lifespan has opened the store.
+    mcp = build_mcp(
+        TaskToolBackend(lambda: app.state.keel),
+        lambda token: app.state.keel.store.verify_key(token),
+        allowed_origins=settings.mcp_allowed_origins,
+    )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lock = _lock_data_dir(settings)
@@ -157,6 +168,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
         await runtime.start(recover=True)
         webhooks.start()
         relay.start()
+        await stack.enter_async_context(mcp.running())
         try:
             yield
         finally:
@@ -171,6 +183,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
     problems.install(app)
     app.include_router(router)
     app.include_router(tool_router)
+    app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
 
     @app.get("/healthz", include_in_schema=True, tags=["ops"])
     async def healthz() -> dict[str, str]:

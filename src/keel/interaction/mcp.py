@@ -3,27 +3,35 @@
 Built on the official ``mcp`` SDK (2.x) low-level :class:`~mcp.server.lowlevel.Server`; listing and calling
 tools are delegated to a :class:`ToolBackend`, so this module knows nothing of tasks, ledgers or stores.
 
-**Wiring** (in :func:`keel.app.create_app`)::
+**Wiring** (in :func:`keel.app.create_app`). The route must exist when the app is built, the store and the
+runtime only once the lifespan has run, so build the endpoint in ``create_app`` over callables that read
+``app.state.keel`` when a request comes (none comes before the lifespan has started), and run it in the lifespan::
 
-    endpoint = build_mcp(backend, store.verify_key, allowed_origins=settings.mcp_allowed_origins)
-    app.add_route("/mcp", endpoint.asgi, include_in_schema=False)   # exactly /mcp: no redirect to /mcp/
-
-    async with endpoint.running():                                  # inside the FastAPI lifespan
+    endpoint = build_mcp(YourBackend(lambda: app.state.keel), lambda token: app.state.keel.store.verify_key(token),
+                         allowed_origins=settings.mcp_allowed_origins)
+    app.add_route("/mcp", endpoint.asgi, include_in_schema=False)  # exactly /mcp; not app.mount (see below)
+    # in lifespan(), after `app.state.keel = Keel(...)`: replace the bare `yield` in its try/finally with
+    async with endpoint.running():
         yield
 
-``endpoint.asgi`` may be routed before the lifespan runs (``add_route`` at app-build time, ``running()``
-inside the lifespan); until ``running()`` is entered, and after it exits, ``/mcp`` answers 503. ``running()``
-may be entered again after it exits (each run gets a fresh SDK session manager), but not twice at once. Do not
-``app.mount("/mcp", ...)``: Starlette only matches a mount below ``/mcp/``, so ``/mcp`` itself would be redirected.
+So MCP stops (its in-flight calls are cancelled) before the ``finally`` stops the runtime and closes the store.
+Until ``running()`` is entered (and after it exits) ``/mcp`` answers 503 problem+json. ``running()`` may be
+entered again after it exits (each run gets a fresh SDK session manager, which is single-use), not twice at once,
+and must be exited in the task that entered it (it holds an anyio task group). Do not
+``app.mount("/mcp", ...)``: a Starlette mount matches only paths below ``/mcp/``, so a client POSTing to ``/mcp``
+would get a 307 to ``/mcp/``. ``add_route`` with the endpoint object (not a bound method or function, which
+Starlette would treat as a GET-only request handler) routes every method of exactly ``/mcp`` to it.
 
 **Every request** to the endpoint, before the SDK sees it:
 
-1. ``Origin``: absent (a non-browser client) is fine; otherwise it must be in ``allowed_origins`` (exact, or
-   ``scheme://host:*`` for any port, or ``*``), or be a same-origin loopback origin (``http://127.0.0.1:<port>``,
-   ``http://localhost:<port>``, ``http://[::1]:<port>`` whose host and port are the request's ``Host``).
-   Anything else: 403 problem+json. The SDK's own Host/Origin check (DNS-rebinding protection) is off here (it
-   is off by default when a session manager is built without ``security_settings``, and when on it answers a
-   bad Origin with a plain-text 403 and a bad Host with 421), so this is the one check.
+1. ``Origin``: absent (a non-browser client) is fine; otherwise it must be the server's own origin (the Origin's
+   ``host[:port]`` is the request's ``Host``: e.g. ``http://127.0.0.1:8000`` for ``Host: 127.0.0.1:8000``) or be
+   in ``allowed_origins`` (exact, ``scheme://host:*`` for any port, or ``*``); anything else gets 403
+   problem+json, before the key is looked at. (DNS rebinding, where a hostile name resolves to keel's address
+   so that Origin and Host agree, gains a page nothing: every request needs a bearer key, which browsers never
+   attach on their own.) The SDK's own Host/Origin check (``TransportSecuritySettings``) is not used: it is off
+   by default when a session manager is built without ``security_settings``, and when on it answers a bad
+   Origin with a plain-text 403 and a Host outside its list with 421, so this is the one check.
 2. ``Authorization: Bearer <key>``, checked with ``verify_key``: missing or unknown, 401 problem+json with
    ``WWW-Authenticate: Bearer``; a key with neither ``tasks:write`` nor ``admin``, 403 problem+json.
 3. The :class:`ApiKey` is put into the request's ASGI scope (``scope["keel.api_key"]``). The SDK hands every
@@ -72,7 +80,6 @@ SCOPE_KEY = "keel.api_key"
 TASK_ID_META = "keel/task_id"
 """``_meta`` key of a ``tools/call`` result: the keel task that ran the call, when there is one."""
 REQUIRED_SCOPE = "tasks:write"
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 Progress = Callable[[float, str | None], Awaitable[None]]
 VerifyKey = Callable[[str], Awaitable[ApiKey | None]]
@@ -124,7 +131,13 @@ def _problem(exc: KeelError) -> Response:
     )
 
 
-def _origin_allowed(origin: str, host: str | None, allowed: Sequence[str]) -> bool:
+def origin_allowed(origin: str, host: str | None, allowed: Sequence[str] = ()) -> bool:
+    """Whether a request with this ``Origin`` (a browser page's) may reach the endpoint.
+
+    Allowed: an origin listed in ``allowed`` (exactly, ``scheme://host:*`` for any port, or ``*`` for all), or
+    the server's own origin, i.e. the Origin's ``host[:port]`` is the request's ``Host`` (scheme not compared:
+    TLS may end at a proxy). A request without an Origin is not a browser's and never comes here.
+    """
     origin = origin.strip().rstrip("/").lower()
     for pattern in allowed:
         pattern = pattern.strip().rstrip("/").lower()
@@ -135,8 +148,7 @@ def _origin_allowed(origin: str, host: str | None, allowed: Sequence[str]) -> bo
     parts = urlsplit(origin)
     if parts.scheme not in ("http", "https") or not parts.netloc or host is None:
         return False
-    hostname = parts.netloc.rsplit(":", 1)[0] if not parts.netloc.endswith("]") else parts.netloc
-    return hostname in _LOOPBACK and parts.netloc == host.strip().lower()
+    return parts.netloc == host.strip().lower()
 
 
 def tool_to_mcp(tool: Tool) -> types.Tool:
@@ -250,8 +262,11 @@ class McpEndpoint:
 
     @property
     def asgi(self) -> ASGIApp:
-        """The ASGI app; route it at exactly ``/mcp`` (``app.add_route("/mcp", endpoint.asgi)``)."""
-        return self.__call__
+        """The ASGI app; route it at exactly ``/mcp`` (``app.add_route("/mcp", endpoint.asgi)``).
+
+        The endpoint object itself: Starlette routes a bound method or a function as a request/response
+        handler (GET only), an object with ``__call__`` as a raw ASGI app (every method)."""
+        return self
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[McpEndpoint]:
@@ -287,7 +302,7 @@ class McpEndpoint:
             return
         headers = Headers(scope=scope)
         origin = headers.get("origin")
-        if origin is not None and not _origin_allowed(origin, headers.get("host"), self.allowed_origins):
+        if origin is not None and not origin_allowed(origin, headers.get("host"), self.allowed_origins):
             log.warning("MCP request refused: Origin %r is not allowed", origin[:200])
             await _problem(Forbidden(f"the Origin {origin[:200]!r} is not allowed"))(scope, receive, send)
             return

@@ -174,8 +174,35 @@ ASK: Workflow[AskInput] = Workflow(
 )
 
 
+# -- the built-in tool_call workflow ----------------------------------------------------------------------
+
+
+class ToolCallInput(BaseModel):
+    """Input of the built-in ``tool_call`` workflow: one tool call, run as a durable task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str = Field(min_length=1, max_length=64, description="A tool name from `GET /v1/tools`.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Arguments, checked against the tool's schema.")
+
+
+async def tool_call(ctx: WorkflowContext, inp: ToolCallInput) -> dict[str, Any]:
+    # A caller-supplied call is the caller's own decision, not a model's: it is not tainted by default, so a
+    # write runs without approval unless the tool (or the task's policy) always asks for one.
+    return {"tool": inp.tool, "result": await ctx.tool(inp.tool, inp.args)}
+
+
+TOOL_CALL: Workflow[ToolCallInput] = Workflow(
+    name="tool_call",
+    input_model=ToolCallInput,
+    fn=tool_call,
+    description="Call one tool through the ledger (writes apply once) and the approval rules. MCP calls run so.",
+)
+
+
 def default_registry() -> WorkflowRegistry:
     registry = WorkflowRegistry()
     registry.register(DIAGNOSTIC)
     registry.register(ASK)
+    registry.register(TOOL_CALL)
     return registry

@@ -21,6 +21,7 @@ from keel.orchestration.models import (
     RefusalDelta,
     StreamEvent,
     TextDelta,
+    ToolCallDelta,
     ToolSpec,
     UsageEvent,
 )
@@ -33,6 +34,7 @@ class AgentInfo:
     output_schema: dict[str, Any] | None
     settings: ModelSettings | None
     call_index: int
+    tools: Sequence[ToolSpec] = ()
 
 
 Reply = str | ModelResponse
@@ -80,7 +82,9 @@ class FunctionModel:
             raise AssertionError(f"prompt of {prompt_tokens} tokens overflows the {self.context_window}-token window")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        info = AgentInfo(output_schema=output_schema, settings=settings, call_index=len(self.calls) - 1)
+        info = AgentInfo(
+            output_schema=output_schema, settings=settings, call_index=len(self.calls) - 1, tools=tuple(tools)
+        )
         reply = self.fn(list(messages), info)
         if inspect.isawaitable(reply):
             reply = await reply
@@ -120,6 +124,8 @@ class FunctionModel:
         resp = await self.request(messages, tools=tools, output_schema=output_schema, settings=settings)
         for piece in re.findall(r"\S+\s*|\s+", resp.text):
             yield TextDelta(text=piece)
+        for i, call in enumerate(resp.tool_calls):
+            yield ToolCallDelta(index=i, id=call.id, name=call.name, arguments=call.arguments)
         if resp.refusal:
             yield RefusalDelta(text=resp.refusal)
         yield UsageEvent(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens)

@@ -1,0 +1,1 @@
+"""Small MCP servers the MCP-client tests run as subprocesses."""
