@@ -32,7 +32,7 @@ class SmtpSender:
         mime["To"] = ", ".join(message.to)
         mime["Subject"] = message.subject
         # The idempotency key makes the Message-ID: a relay retry after a lost reply is recognisable downstream.
-        mime["Message-ID"] = f"<{message.key}@keel>"
+        mime["Message-ID"] = message.message_id
         mime.set_content(message.body)
         try:
             await aiosmtplib.send(

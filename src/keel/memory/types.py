@@ -411,3 +411,8 @@ class EmailMessage:
     created_at: float = 0.0
     sent_at: float | None = None
     error: str | None = None
+
+    @property
+    def message_id(self) -> str:
+        """Derived from the idempotency key (128 bits of it: the header stays on one line)."""
+        return f"<{self.key[:32]}@keel>"

@@ -58,7 +58,7 @@ async def reconcile_email(key: str, tc: ToolContext) -> Reconciled:
 
 
 def _receipt(message: EmailMessage) -> dict[str, Any]:
-    return {"queued": True, "message_id": f"<{message.key}@keel>", "to": message.to, "subject": message.subject}
+    return {"queued": True, "message_id": message.message_id, "to": message.to, "subject": message.subject}
 
 
 SEND_EMAIL = Tool(
