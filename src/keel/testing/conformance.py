@@ -7,12 +7,27 @@ Each check is a plain ``async def check_*(store)`` so any test runner can drive 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 
-from keel.errors import LeaseLost
+from keel.errors import InputError, LeaseLost, NotFound
 from keel.memory.blobs import INLINE_LIMIT
 from keel.memory.stores import Store
-from keel.memory.types import BlobRef, CreateOutcome, IdempotencyClaim, NewTask, StepCheckpoint, StepStatus, TaskStatus
+from keel.memory.types import (
+    BlobRef,
+    CreateOutcome,
+    Decision,
+    DecisionKind,
+    EffectRecord,
+    EffectStatus,
+    EmailMessage,
+    IdempotencyClaim,
+    NewTask,
+    StepCheckpoint,
+    StepStatus,
+    TaskStatus,
+    Verdict,
+)
 
 T0 = 1_000_000.0
 
@@ -208,6 +223,79 @@ async def check_workflow_steps_and_blobs(store: Store) -> None:
     assert [s.key for s in await store.load_steps(res.task.id)] == ["a", "b", "c"]
 
 
+async def check_effect_ledger(store: Store) -> None:
+    res = await store.create_task(_new(), None, T0)
+    assert res.task is not None
+    lease = await store.lease_next("w1", T0, 30, 5)
+    assert lease is not None
+    rec = EffectRecord(key="k1", task_id=res.task.id, step="tool:x", tool="x", args={"a": 1}, executions=1)
+    stored, created = await store.begin_effect(lease, rec, T0)
+    assert created and stored.status is EffectStatus.pending and stored.args == {"a": 1}
+    again, created = await store.begin_effect(lease, rec, T0 + 1)
+    assert not created and again.status is EffectStatus.pending  # the key is claimed once
+    await store.settle_effect(lease, "k1", EffectStatus.applied, T0 + 2, result={"ok": True}, executions=1)
+    got = await store.get_effect("k1")
+    assert got is not None and got.status is EffectStatus.applied and got.result == {"ok": True}
+    assert [e.key for e in await store.list_effects(res.task.id)] == ["k1"]
+    stale = await store.lease_next("w2", T0 + 60, 30, 5)  # the first lease expired: a new owner
+    assert stale is not None
+    try:
+        await store.settle_effect(lease, "k1", EffectStatus.failed, T0 + 61)
+        raise AssertionError("a superseded lease settled an effect")
+    except LeaseLost:
+        pass
+
+
+async def check_decisions_park_and_requeue(store: Store) -> None:
+    res = await store.create_task(_new(), None, T0)
+    assert res.task is not None
+    tid = res.task.id
+    lease = await store.lease_next("w1", T0, 30, 5)
+    assert lease is not None
+    asks = [
+        Decision(task_id=tid, call_id=c, kind=DecisionKind.approval, tool="send", args={}, step=c, reason="r")
+        for c in ("c1", "c2")
+    ]
+    await store.request_decisions(lease, asks, {"status": "needs_clarification"}, T0 + 1)
+    task = await store.get_task(tid)
+    assert task is not None and task.status is TaskStatus.waiting_for_approval and task.envelope is not None
+    assert await store.lease_next("w1", T0 + 2, 30, 5) is None  # a parked task holds no worker
+    answer = dataclasses.replace(asks[0], verdict=Verdict.approve, decided_by="p")
+    assert (await store.decide(tid, "t1", answer, T0 + 3)).verdict is Verdict.approve
+    assert (await store.decide(tid, "t1", answer, T0 + 4)).verdict is Verdict.approve  # repeatable
+    try:
+        await store.decide(tid, "t1", dataclasses.replace(asks[0], verdict=Verdict.deny), T0 + 5)
+        raise AssertionError("a decided call was decided otherwise")
+    except InputError:
+        pass
+    try:
+        await store.decide(tid, "other", answer, T0 + 5)
+        raise AssertionError("another tenant decided")
+    except NotFound:
+        pass
+    task = await store.get_task(tid)
+    assert task is not None and task.status is TaskStatus.waiting_for_approval  # c2 is still open
+    await store.decide(tid, "t1", dataclasses.replace(asks[1], verdict=Verdict.deny), T0 + 6)
+    task = await store.get_task(tid)
+    assert task is not None and task.status is TaskStatus.queued and task.envelope is None
+    types = [e.type for e in await store.read(tid, 0)]
+    assert types.count("decision_requested") == 2 and types.count("decision_made") == 2
+
+
+async def check_email_outbox(store: Store) -> None:
+    msg = EmailMessage(key="e1", tenant="t1", task_id=None, to=["a@example.com"], subject="s", body="b")
+    stored, created = await store.enqueue_email(msg, T0)
+    assert created and stored.status == "queued"
+    _, created = await store.enqueue_email(msg, T0 + 1)
+    assert not created  # one row per key
+    assert [m.key for m in await store.due_emails(T0 + 1, 10)] == ["e1"]
+    await store.email_retry("e1", T0 + 100, "421 try later")
+    assert await store.due_emails(T0 + 2, 10) == []
+    await store.email_sent("e1", T0 + 101)
+    got = await store.get_email("e1")
+    assert got is not None and got.status == "sent" and got.attempts == 2
+
+
 CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_create_and_get,
     check_idempotency,
@@ -220,4 +308,7 @@ CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_poison_dead_letter,
     check_api_keys,
     check_workflow_steps_and_blobs,
+    check_effect_ledger,
+    check_decisions_park_and_requeue,
+    check_email_outbox,
 ]
