@@ -435,26 +435,18 @@ class WorkflowContext:
                 raise refused
 
             return await self._run(StepCall(name=label, fn=refuse, args=(raw,), kind="tool"), fn_id=fn_id, key=key)
+        ekey = effect_key(self.task_id, key, resolved.name, raw)
         tc = ToolContext(
             tool=resolved.name,
-            call_id=call_id_of(effect_key(self.task_id, key, resolved.name, raw)),
+            call_id=call_id_of(ekey),
             task_id=self.task_id,
             tenant=self.tenant,
-            idempotency_key=None,
+            idempotency_key=ekey if resolved.effect == "write" else None,
             services=self.services,
         )
         if resolved.effect == "write":
             from keel.orchestration.effects import apply_write, approval_request
 
-            ekey = effect_key(self.task_id, key, resolved.name, raw)
-            tc = ToolContext(
-                tool=tc.tool,
-                call_id=tc.call_id,
-                task_id=tc.task_id,
-                tenant=tc.tenant,
-                idempotency_key=ekey,
-                services=tc.services,
-            )
             try:
                 request = approval_request(self, resolved, raw, key, ekey)
             except WorkflowError as denied:
