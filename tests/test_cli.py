@@ -90,3 +90,28 @@ def test_budget_flags_and_replay(live: LiveServer) -> None:
     }
     missing = runner.invoke(app, ["tasks", "replay", "tsk_nope", "--data-dir", str(live.data_dir)])
     assert missing.exit_code == 1 and "no task tsk_nope" in missing.output and "Traceback" not in missing.output
+
+
+def test_a_task_waiting_for_approval_exits_3_and_tasks_approve_resumes_it(live: LiveServer) -> None:
+    key = live.new_key("acme", "tasks:read,tasks:write,tasks:approve,tools:email")
+    args = ["--url", live.url, "--api-key", key]
+    email = {"tool": "send_email", "args": {"to": ["ops@example.com"], "subject": "hi", "body": "hello"}}
+    r = runner.invoke(
+        app, ["submit", "tool_call", "-i", json.dumps(email), "--tool", "send_email", "--approve-every-write", *args]
+    )
+    assert r.exit_code == 3, r.output
+    envelope = json.loads(r.stdout)
+    [pending] = envelope["result"]["pending_decisions"]
+    assert envelope["status"] == "needs_clarification" and pending["tool"] == "send_email"
+    assert "keel tasks approve" in r.stderr and pending["call_id"] in r.stderr
+    with live.client(key) as c:
+        tid = c.get("/v1/tasks").json()["items"][0]["id"]
+    listed = runner.invoke(app, ["tasks", "approvals", tid, *args])
+    assert listed.exit_code == 0 and "pending" in listed.stdout and "send_email" in listed.stdout
+    approved = runner.invoke(app, ["tasks", "approve", tid, pending["call_id"], "--note", "fine", *args])
+    assert approved.exit_code == 0, approved.output
+    assert json.loads(approved.stdout)["result"]["result"]["queued"] is True
+    again = runner.invoke(app, ["tasks", "approve", tid, pending["call_id"], "--deny", *args])
+    assert again.exit_code == 1 and "already decided" in again.output
+    tools = runner.invoke(app, ["tools", "list", *args])
+    assert tools.exit_code == 0 and "send_email" in tools.stdout and "write" in tools.stdout

@@ -15,13 +15,18 @@ import typer
 from httpx_sse import connect_sse
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 app = typer.Typer(help="keel: a durable runtime for LLM-native REST APIs.", no_args_is_help=True)
-tasks_app = typer.Typer(help="Inspect and cancel tasks on a running server.", no_args_is_help=True)
+tasks_app = typer.Typer(help="Inspect, cancel and approve tasks on a running server.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys (works directly on the data dir).", no_args_is_help=True)
+tools_app = typer.Typer(help="The tools a running server offers.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tools_app, name="tools")
+
+WAITING_EXIT = 3
+"""Exit status of `submit` and `tasks approve` when the task stopped to wait for a person's decision."""
 
 err = Console(stderr=True)
 out = Console()
@@ -133,8 +138,17 @@ def submit(
     max_tokens: Annotated[int | None, typer.Option(help="Budget: model tokens.")] = None,
     max_cost_usd: Annotated[float | None, typer.Option(help="Budget: model spend in USD.")] = None,
     deadline_s: Annotated[float | None, typer.Option(help="Budget: wall-clock seconds from submission.")] = None,
+    tool: Annotated[
+        list[str] | None, typer.Option("--tool", help="Allow only these tools (repeatable; see `keel tools list`).")
+    ] = None,
+    approve_writes: Annotated[
+        bool, typer.Option("--approve-every-write", help="Every write tool call waits for a person's approval.")
+    ] = False,
 ) -> None:
-    """Submit a task, follow its stream with a live progress bar, then print the envelope."""
+    """Submit a task, follow its stream with a live progress bar, then print the envelope.
+
+    Exits 1 when the task failed, and 3 when it stopped to wait for a person's approval (the command to answer
+    is printed; `keel tasks approve` resumes it)."""
     raw = Path(input[1:]).read_text() if input.startswith("@") else input
     try:
         payload = json.loads(raw)
@@ -154,7 +168,11 @@ def submit(
         }.items()
         if v is not None
     }
-    body = {"workflow": workflow, "input": payload, **({"budget": budget} if budget else {})}
+    body: dict[str, Any] = {"workflow": workflow, "input": payload, **({"budget": budget} if budget else {})}
+    if tool:
+        body["tools"] = tool
+    if approve_writes:
+        body["approval"] = "always"
     with _client(url, api_key) as client:
         accepted = _call(client, "POST", "/v1/tasks", json=body, headers=headers)
         task = accepted.json()
@@ -162,15 +180,28 @@ def submit(
         if not follow:
             out.print_json(data=task)
             return
-        envelope = _follow(client, task["id"])
+        _finish(client, task["id"])
+
+
+def _finish(client: httpx.Client, task_id: str) -> None:
+    """Follow to the end (or to a pause for approval), print the envelope, exit with the matching status."""
+    envelope, waiting = _follow(client, task_id)
     out.print_json(data=envelope)
+    if waiting:
+        pending = (envelope.get("result") or {}).get("pending_decisions") or []
+        err.print(f"[bold yellow]waiting for approval[/]: {len(pending)} call(s) need a person's decision")
+        for d in pending:
+            err.print(f"  {d['tool']} {json.dumps(d['args'])[:200]}\n    why: {d['reason']}")
+            verdicts = "--deny" if d["kind"] == "approval" else "--deny | --applied"
+            err.print(f"    keel tasks approve {task_id} {d['call_id']}   [dim](or {verdicts})[/]")
+        raise typer.Exit(WAITING_EXIT)
     if envelope.get("status") == "failed":
         raise typer.Exit(1)
 
 
-def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
+def _follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], bool]:
+    """The task's envelope, and whether it is a provisional one (the task waits for a decision)."""
     last_id = ""
-    streamed = ""
     with Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
@@ -178,7 +209,7 @@ def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
         TimeElapsedColumn(),
         console=err,
     ) as progress:
-        bar = progress.add_task("queued", total=1.0)
+        view = _StreamView(progress)
         for _ in range(100):  # bounded reconnects; the log makes each one lossless
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
@@ -188,26 +219,55 @@ def _follow(client: httpx.Client, task_id: str) -> dict[str, Any]:
                     for sse in source.iter_sse():
                         last_id = sse.id or last_id
                         data = json.loads(sse.data) if sse.data else {}
-                        if sse.event == "progress":
-                            progress.update(bar, completed=data["progress"], description=str(data.get("step")))
-                        elif sse.event == "step_started":
-                            progress.update(bar, description=f"{data['step']} …")
-                        elif sse.event == "token":
-                            streamed = (streamed + data.get("text", ""))[-2000:]
-                            tail = " ".join(streamed.split())[-48:]
-                            progress.update(bar, description=f"{data.get('step', '')}: …{tail}")
-                        elif sse.event == "budget":
-                            progress.update(bar, description=_budget_line(data))
-                        elif sse.event == "status":
-                            progress.update(bar, description=data["status"])
-                        elif sse.event == "end":
-                            progress.update(bar, completed=1.0, description=data["status"])
-                            return dict(data["envelope"])
+                        seen = view.show(sse.event, data)
+                        if seen == "end":
+                            return dict(data["envelope"]), False
+                        if seen == "parked" and _status(client, task_id) == "waiting_for_approval":
+                            break  # parked now (not an old pause read back from the log): wait for a decision
+                    else:
+                        continue
+                    break
             except httpx.HTTPError:
-                progress.update(bar, description="reconnecting…")
+                progress.update(view.bar, description="reconnecting…")
                 time.sleep(1)
-    response = _call(client, "GET", f"/v1/tasks/{task_id}")
-    return dict(response.json().get("envelope") or {})
+    task = _call(client, "GET", f"/v1/tasks/{task_id}").json()
+    return dict(task.get("envelope") or {}), task["status"] == "waiting_for_approval"
+
+
+def _status(client: httpx.Client, task_id: str) -> str:
+    return str(_call(client, "GET", f"/v1/tasks/{task_id}").json()["status"])
+
+
+class _StreamView:
+    """Turns a task's events into the progress bar's state."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.bar = progress.add_task("queued", total=1.0)
+        self.streamed = ""
+
+    def show(self, event: str, data: dict[str, Any]) -> str | None:
+        update = self.progress.update
+        if event == "progress":
+            update(self.bar, completed=data["progress"], description=str(data.get("step")))
+        elif event == "step_started":
+            update(self.bar, description=f"{data['step']} …")
+        elif event == "token":
+            self.streamed = (self.streamed + data.get("text", ""))[-2000:]
+            tail = " ".join(self.streamed.split())[-48:]
+            update(self.bar, description=f"{data.get('step', '')}: …{tail}")
+        elif event == "budget":
+            update(self.bar, description=_budget_line(data))
+        elif event == "decision_requested":
+            update(self.bar, description=f"approval needed: {data.get('tool')}")
+        elif event == "status":
+            update(self.bar, description=data["status"])
+            if data["status"] == "waiting_for_approval":
+                return "parked"
+        elif event == "end":
+            update(self.bar, completed=1.0, description=data["status"])
+            return "end"
+        return None
 
 
 def _budget_line(data: dict[str, Any]) -> str:
@@ -249,6 +309,64 @@ def tasks_cancel(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiK
     """Cancel a task (idempotent); it keeps its partial result."""
     with _client(url, api_key) as client:
         out.print_json(data=_call(client, "POST", f"/v1/tasks/{task_id}/cancel").json())
+
+
+@tasks_app.command("approvals")
+def tasks_approvals(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+    """The tool calls a task asked a person about, pending and decided."""
+    with _client(url, api_key) as client:
+        rows = _call(client, "GET", f"/v1/tasks/{task_id}/approvals").json()
+    table = Table("call id", "kind", "tool", "args", "verdict", "reason")
+    for d in rows:
+        args = json.dumps(d["args"])
+        table.add_row(d["call_id"], d["kind"], d["tool"], args[:60], d["verdict"] or "pending", d["reason"][:80])
+    out.print(table)
+
+
+@tasks_app.command("approve")
+def tasks_approve(
+    task_id: str,
+    call_id: str,
+    deny: Annotated[bool, typer.Option("--deny", help="Do not run the call; it fails as approval_denied.")] = False,
+    applied: Annotated[
+        bool, typer.Option("--applied", help="An interrupted call whose outcome was unknown did happen.")
+    ] = False,
+    note: Annotated[str | None, typer.Option(help="Why; recorded with the decision.")] = None,
+    follow: Annotated[bool, typer.Option(help="Follow the task until it ends or waits again.")] = True,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+) -> None:
+    """Approve (or deny) a call a paused task waits on; the task resumes once nothing it waits on is open.
+
+    Needs a key with the tasks:approve scope."""
+    if deny and applied:
+        _fail("choose one of --deny and --applied", 2)
+    decision = "deny" if deny else "applied" if applied else "approve"
+    body = {"decision": decision, **({"note": note} if note else {})}
+    with _client(url, api_key) as client:
+        made = _call(client, "POST", f"/v1/tasks/{task_id}/approvals/{call_id}", json=body).json()
+        err.print(f"[bold]{made['verdict']}[/] {made['tool']} ({call_id})")
+        if follow:
+            _finish(client, task_id)
+
+
+@tools_app.command("list")
+def tools_list(url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+    """Every tool the server offers: effect, scopes, approval rule, and whether this key may use it."""
+    with _client(url, api_key) as client:
+        rows = _call(client, "GET", "/v1/tools").json()
+    table = Table(Column("name", no_wrap=True), "effect", "scopes", "approval", "permitted", "source", "description")
+    for t in rows:
+        table.add_row(
+            t["name"],
+            t["effect"],
+            ",".join(t["scopes"]),
+            t["approval"],
+            "yes" if t["permitted"] else "no",
+            t["source"],
+            t["description"][:60],
+        )
+    out.print(table)
 
 
 @tasks_app.command("replay")
