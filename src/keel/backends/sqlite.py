@@ -499,6 +499,14 @@ class SQLiteStore:
             (status.value, json.dumps(envelope), now, now, status.value, task_id),
         )
         event = self._append(conn, task_id, "end", {"status": status.value, "envelope": envelope}, now)
+        self._webhook(conn, task, status, envelope, now)
+        return event
+
+    @staticmethod
+    def _webhook(
+        conn: sqlite3.Connection, task: Task, status: TaskStatus, envelope: dict[str, Any], now: float
+    ) -> None:
+        """Queue the task's webhook (if it has one) in the caller's transaction: the transactional outbox."""
         if task.webhook_url and task.webhook_secret:
             disabled = conn.execute(
                 "SELECT 1 FROM disabled_endpoints WHERE tenant = ? AND url = ?",
@@ -510,16 +518,15 @@ class SQLiteStore:
                 (
                     new_id("msg"),
                     task.tenant,
-                    task_id,
+                    task.id,
                     task.webhook_url,
                     task.webhook_secret,
                     f"task.{status.value}",
-                    json.dumps(webhook_payload(task_id, status, envelope, now)),
+                    json.dumps(webhook_payload(task.id, status, envelope, now)),
                     "disabled" if disabled else "pending",
                     now,
                 ),
             )
-        return event
 
     # -- TaskStore ---------------------------------------------------------------------------------
 
@@ -1116,6 +1123,9 @@ class SQLiteStore:
                 (status.value, json.dumps(envelope) if pending else None, now, lease.task_id),
             )
             self._append(conn, lease.task_id, "status", {"status": status.value, "pending_decisions": pending}, now)
+            task = self._get(conn, lease.task_id)
+            if pending and task is not None:
+                self._webhook(conn, task, status, envelope, now)  # tell whoever decides
 
         await self._write(op)
 

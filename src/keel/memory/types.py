@@ -299,7 +299,8 @@ def dead_letter_envelope(attempts: int) -> dict[str, Any]:
 
 
 def webhook_payload(task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float) -> dict[str, Any]:
-    """The body of a terminal task's webhook (Standard Webhooks shape: type, timestamp, data)."""
+    """The body of a task's webhook (Standard Webhooks shape: type, timestamp, data): sent when it ends, and
+    when it parks to wait for approval (``task.waiting_for_approval``, with the provisional envelope)."""
     return {
         "type": f"task.{status.value}",
         "timestamp": now,

@@ -247,7 +247,7 @@ async def check_effect_ledger(store: Store) -> None:
 
 
 async def check_decisions_park_and_requeue(store: Store) -> None:
-    res = await store.create_task(_new(), None, T0)
+    res = await store.create_task(_new(webhook_url="https://hooks.example/k", webhook_secret="whsec_x"), None, T0)
     assert res.task is not None
     tid = res.task.id
     lease = await store.lease_next("w1", T0, 30, 5)
@@ -260,6 +260,8 @@ async def check_decisions_park_and_requeue(store: Store) -> None:
     task = await store.get_task(tid)
     assert task is not None and task.status is TaskStatus.waiting_for_approval and task.envelope is not None
     assert await store.lease_next("w1", T0 + 2, 30, 5) is None  # a parked task holds no worker
+    [told] = await store.messages(tid)  # whoever decides hears of it, from the same transaction
+    assert told.event_type == "task.waiting_for_approval" and told.payload["data"]["status"] == "waiting_for_approval"
     answer = dataclasses.replace(asks[0], verdict=Verdict.approve, decided_by="p")
     assert (await store.decide(tid, "t1", answer, T0 + 3)).verdict is Verdict.approve
     assert (await store.decide(tid, "t1", answer, T0 + 4)).verdict is Verdict.approve  # repeatable

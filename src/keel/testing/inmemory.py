@@ -182,15 +182,7 @@ class InMemoryStore:
         row = self._fence(lease)
         row.task.progress, row.task.current_step, row.task.updated_at = progress, current_step, now
 
-    def _finish_in(self, row: _Row, status: TaskStatus, envelope: dict[str, Any], now: float) -> Event | None:
-        t = row.task
-        if t.status.terminal:
-            return None
-        t.status, t.envelope, t.finished_at, t.updated_at = status, copy.deepcopy(envelope), now, now
-        row.lease_expires_at = None
-        if status is TaskStatus.succeeded:
-            t.progress = 1.0
-        event = self._append(row, "end", {"status": status.value, "envelope": envelope}, now)
+    def _webhook(self, t: Task, status: TaskStatus, envelope: dict[str, Any], now: float) -> None:
         if t.webhook_url and t.webhook_secret:
             msg = OutboxMessage(
                 id=new_id("msg"),
@@ -205,6 +197,17 @@ class InMemoryStore:
             )
             self._outbox[msg.id] = msg
             self._next_at[msg.id] = now
+
+    def _finish_in(self, row: _Row, status: TaskStatus, envelope: dict[str, Any], now: float) -> Event | None:
+        t = row.task
+        if t.status.terminal:
+            return None
+        t.status, t.envelope, t.finished_at, t.updated_at = status, copy.deepcopy(envelope), now, now
+        row.lease_expires_at = None
+        if status is TaskStatus.succeeded:
+            t.progress = 1.0
+        event = self._append(row, "end", {"status": status.value, "envelope": envelope}, now)
+        self._webhook(t, status, envelope, now)
         return event
 
     async def finish(
@@ -419,6 +422,8 @@ class InMemoryStore:
         row.task.updated_at = now
         row.lease_expires_at = None
         self._append(row, "status", {"status": row.task.status.value, "pending_decisions": pending}, now)
+        if pending:
+            self._webhook(row.task, row.task.status, envelope, now)  # tell whoever decides
 
     async def decide(self, task_id: str, tenant: str, decision: Decision, now: float) -> Decision:
         row = self._tasks.get(task_id)
