@@ -363,3 +363,50 @@ async def test_too_many_bad_tool_calls_end_the_loop_with_a_typed_error() -> None
     task = await run_agent_task(model, [charge_tool(Sink())])
     assert task.status is TaskStatus.failed
     assert task.envelope is not None and task.envelope["errors"][-1]["type"] == "invalid_tool_calls"
+
+
+async def test_a_plan_node_waiting_for_approval_lets_independent_nodes_finish() -> None:
+    from keel.orchestration.planner import Plan
+
+    store, sink = InMemoryStore(), Sink()
+    looked: list[str] = []
+
+    async def lookup(args: Query) -> str:
+        looked.append(args.q)
+        return f"facts about {args.q}"
+
+    facts = Tool(name="lookup", description="Look up.", fn=lookup, input_model=Query)
+    plan = Plan.model_validate(
+        {
+            "goal": "pay after reading",
+            "confidence": 0.9,
+            "nodes": [
+                {"id": "page", "kind": "tool", "tool": "read_page", "args": {"q": "invoice"}},
+                {"id": "facts", "kind": "tool", "tool": "lookup", "args": {"q": "acme"}},
+                {
+                    "id": "pay",
+                    "kind": "tool",
+                    "tool": "charge",
+                    "args": {"account": "a", "amount": 9},
+                    "depends_on": ["page"],
+                },
+                {"id": "more", "kind": "tool", "tool": "lookup", "args": {"q": "later"}, "depends_on": ["facts"]},
+            ],
+            "output": "pay",
+        }
+    )
+
+    @workflow(name="planned")
+    async def planned(ctx: WorkflowContext, inp: Query) -> Any:
+        run = await ctx.run_plan(plan, ctx.tools, model=FunctionModel(lambda m, i: "unused"))
+        return run.outputs
+
+    tools = [PAGE, facts, charge_tool(sink)]
+    task, _ = await run(store, planned, tools, {"q": "x"})
+    assert task.status is TaskStatus.waiting_for_approval and not sink.hits
+    assert sorted(looked) == ["acme", "later"]  # the branch that needs nobody's approval ran to its end
+    assert task.envelope is not None and set(task.envelope["result"]["partial"]) >= {"plan:facts", "plan:more"}
+    await decide(store, task, Verdict.approve)
+    task = await resume(store, planned, tools, task.id)
+    assert task.status is TaskStatus.succeeded and sum(sink.hits.values()) == 1
+    assert sorted(looked) == ["acme", "later"]  # finished nodes replay; nothing ran twice

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.errors import ClarificationNeeded, StepFailed, ToolArgsInvalid, WorkflowError
+from keel.errors import AwaitingDecision, ClarificationNeeded, StepFailed, ToolArgsInvalid, WorkflowError
 from keel.orchestration.models import Message, Model, ModelSettings
 from keel.orchestration.tools import ToolCatalog
 
@@ -257,10 +257,12 @@ async def execute_plan(
     parallel. A failed node fails its dependents (as envelope errors); outputs so far are partial results."""
     ex = _Executor(ctx, plan, catalog, model, name, timeout_per_node)
     try:
-        while len(ex.outputs) + len(ex.failed) < len(ex.nodes):
+        while len(ex.outputs) + len(ex.failed) + len(ex.waiting) < len(ex.nodes):
             settled = len(ex.failed)
             ex.schedule()
             if not ex.running:
+                if ex.waiting:
+                    break  # what could run has run; the rest waits on a person's decision
                 if len(ex.failed) == settled:  # nothing can start and nothing runs: a cycle nobody validated
                     raise WorkflowError("the plan's dependencies form a cycle", type="invalid_plan", step=name)
                 continue
@@ -270,6 +272,8 @@ async def execute_plan(
         for t in ex.running:
             t.cancel()
         await asyncio.gather(*ex.running, return_exceptions=True)
+    if ex.waiting:
+        raise AwaitingDecision([r for w in ex.waiting.values() for r in w.requests])
     out = plan.output_node
     if out is None or out not in ex.outputs:
         raise WorkflowError(
@@ -294,12 +298,13 @@ class _Executor:
         self.nodes = {n.id: n for n in plan.nodes}
         self.outputs: dict[str, Any] = {}
         self.failed: dict[str, str] = {}
+        self.waiting: dict[str, AwaitingDecision] = {}
         self.running: dict[asyncio.Task[Any], str] = {}
 
     def schedule(self) -> None:
         busy = set(self.running.values())
         for nid, node in self.nodes.items():
-            if nid in self.outputs or nid in self.failed or nid in busy:
+            if nid in self.outputs or nid in self.failed or nid in self.waiting or nid in busy:
                 continue
             broken = [d for d in node.depends_on if d in self.failed]
             if broken:
@@ -312,7 +317,9 @@ class _Executor:
         for t in done:
             nid = self.running.pop(t)
             exc = t.exception()
-            if isinstance(exc, StepFailed):
+            if isinstance(exc, AwaitingDecision):
+                self.waiting[nid] = exc  # its siblings go on; the run parks once they are done
+            elif isinstance(exc, StepFailed):
                 self.failed[nid] = exc.message
                 self.ctx.error(exc.type, exc.message, step=exc.step, pointer=exc.pointer)
             elif exc is not None:
