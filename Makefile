@@ -40,6 +40,7 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_api.py
 	$(BIN)/python bench/bench_workflow.py
+	$(BIN)/python bench/bench_tools.py
 
 bench-local: $(LOCAL_STAMP)
 	$(BIN)/python bench/bench_local_model.py
