@@ -125,6 +125,7 @@ async def main(reps: int) -> dict[str, float]:
 
 def section(fig: dict[str, float], reps: int) -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d")
+    read_ratio, write_ratio = f"{fig['read_over_step']:.2f}x", f"{fig['write_over_read']:.2f}x"
     return f"""{START}
 ## Tools: what the effect ledger costs (`bench/bench_tools.py`)
 
@@ -134,8 +135,8 @@ repetitions of {CALLS} calls of each kind, interleaved in one workflow. No-op bo
 | call | median per call | ratio |
 |---|---|---|
 | plain durable step | {fig["step_ms"]:.3f} ms | 1 |
-| read tool (`ctx.tool`: permission, validation, checkpoint) | {fig["read_ms"]:.3f} ms | {fig["read_over_step"]:.2f}x the step |
-| write tool (plus ledger row pending before, applied after) | {fig["write_ms"]:.3f} ms | {fig["write_over_read"]:.2f}x the read |
+| read tool (`ctx.tool`: permission, validation, checkpoint) | {fig["read_ms"]:.3f} ms | {read_ratio} the step |
+| write tool (plus ledger row pending before, applied after) | {fig["write_ms"]:.3f} ms | {write_ratio} the read |
 
 fsync'd commits per write call: {fig["commits"]:.0f} (pending row, applied row, checkpoint). The pending row must be
 durable before the tool runs, and the applied row before anything else depends on it, so these commits are the
