@@ -56,7 +56,13 @@ class FakeBackend:
         return [ADD, NOTE] if key.tenant == "t1" else [ADD]
 
     async def call(
-        self, key: ApiKey, name: str, args: dict[str, Any], *, progress: Progress | None = None
+        self,
+        key: ApiKey,
+        name: str,
+        args: dict[str, Any],
+        *,
+        progress: Progress | None = None,
+        idempotency_key: str | None = None,
     ) -> ToolOutcome:
         tool = {"add": ADD, "note": NOTE}[name]
         parsed = tool.validate(args)  # raises ToolArgsInvalid

@@ -181,11 +181,16 @@ async def test_mcp_endpoint_lists_and_calls_keel_tools(live: LiveServer, mailer:
         assert found.structured_content is not None and found.structured_content["stub"] is True
 
         args = {"to": ["ops@example.com"], "subject": "hello", "body": "from MCP"}
-        sent = await client.call_tool("send_email", args)
+        sent = await client.call_tool("send_email", args, meta={"idempotency_key": "retry-me"})
         assert not sent.is_error, text_of(sent)
         assert sent.structured_content is not None and sent.structured_content["queued"] is True
         assert sent.meta is not None
         sent_task = sent.meta[TASK_ID_META]
+        # A client retrying the same call with its idempotency key gets the first call back: no second email.
+        again = await client.call_tool("send_email", args, meta={"idempotency_key": "retry-me"})
+        assert not again.is_error and again.meta is not None and again.meta[TASK_ID_META] == sent_task
+        other = await client.call_tool("send_email", {**args, "body": "else"}, meta={"idempotency_key": "retry-me"})
+        assert other.is_error and "idempotency_key was already used" in text_of(other)
 
         bad = await client.call_tool("send_email", {"to": ["not-an-email"], "subject": "x", "body": "y"})
         assert bad.is_error and "/to" in text_of(bad)

@@ -106,10 +106,18 @@ class ToolBackend(Protocol):
         ...
 
     async def call(
-        self, key: ApiKey, name: str, args: dict[str, Any], *, progress: Progress | None = None
+        self,
+        key: ApiKey,
+        name: str,
+        args: dict[str, Any],
+        *,
+        progress: Progress | None = None,
+        idempotency_key: str | None = None,
     ) -> ToolOutcome:
-        """Run one call. May raise :class:`KeelError` (e.g. ``ToolArgsInvalid``): the caller gets an
-        ``isError`` result with its message. ``progress`` is given only when the client asked for progress."""
+        """Run one call. May raise :class:`KeelError` (e.g. ``ToolArgsInvalid``): the caller gets an ``isError``
+        result with its message. ``progress`` is given only when the client asked for progress.
+        ``idempotency_key`` (the client's ``_meta.idempotency_key``) makes a retried call return the first
+        call's outcome instead of running again."""
         ...
 
 
@@ -198,6 +206,12 @@ def _key_of(ctx: ServerRequestContext[Any, Any]) -> ApiKey:
     return key
 
 
+def _idempotency_key(params: Mapping[str, Any] | None) -> str | None:
+    meta = (params or {}).get("_meta")
+    key = meta.get("idempotency_key") if isinstance(meta, Mapping) else None
+    return key if isinstance(key, str) and 0 < len(key) <= 255 else None
+
+
 def _progress_token(params: Mapping[str, Any] | None) -> str | int | None:
     meta = (params or {}).get("_meta")
     token = meta.get("progressToken") if isinstance(meta, Mapping) else None
@@ -226,7 +240,13 @@ def build_server(backend: ToolBackend) -> Server[Any]:
 
         progress = report if _progress_token(ctx.params) is not None else None
         try:
-            outcome = await backend.call(key, name, dict(params.arguments or {}), progress=progress)
+            outcome = await backend.call(
+                key,
+                name,
+                dict(params.arguments or {}),
+                progress=progress,
+                idempotency_key=_idempotency_key(ctx.params),
+            )
         except KeelError as exc:
             return _error_result(exc.message)
         except Exception:
@@ -237,7 +257,8 @@ def build_server(backend: ToolBackend) -> Server[Any]:
     return Server(
         "keel",
         version=_version(),
-        instructions="keel's tools. Write tools are applied once per identical call (keel's effect ledger).",
+        instructions="keel's tools. A write tool's effect is applied once per call (keel's effect ledger); send "
+        "_meta.idempotency_key so that a retried call returns the first call's result instead of running again.",
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from keel.errors import ToolNotAllowed
+from keel.errors import IdempotencyKeyReused, ToolNotAllowed
 from keel.interaction.mcp import ToolOutcome
-from keel.memory.types import ApiKey, NewTask, Task, TaskStatus
-from keel.orchestration.tools import Tool, permitted
+from keel.memory.types import ApiKey, CreateOutcome, IdempotencyClaim, NewTask, Task, TaskStatus
+from keel.orchestration.tools import Tool, canonical_json, permitted
 
 Progress = Callable[[float, str | None], Awaitable[None]]
 
@@ -26,13 +27,27 @@ class TaskToolBackend:
         return [t for t in self._keel().tools if permitted(t, key.scopes)]
 
     async def call(
-        self, key: ApiKey, name: str, args: dict[str, Any], *, progress: Progress | None = None
+        self,
+        key: ApiKey,
+        name: str,
+        args: dict[str, Any],
+        *,
+        progress: Progress | None = None,
+        idempotency_key: str | None = None,
     ) -> ToolOutcome:
         keel = self._keel()
         tool = keel.tools.get(name)
         if tool is None or not permitted(tool, key.scopes):
             raise ToolNotAllowed(f"no tool {name!r} for this key", tool=name)
         tool.validate(args)  # a bad call is refused before a task exists
+        claim = None
+        if idempotency_key is not None:
+            # The same key as a REST Idempotency-Key: a retried call gets the first call's task (and its one effect).
+            claim = IdempotencyClaim(
+                key=f"mcp:{idempotency_key}",
+                request_hash=hashlib.sha256(canonical_json({"tool": name, "args": args}).encode()).hexdigest(),
+                expires_at=keel.clock() + keel.settings.idempotency_ttl_hours * 3600,
+            )
         created = await keel.store.create_task(
             NewTask(
                 tenant=key.tenant,
@@ -41,9 +56,11 @@ class TaskToolBackend:
                 policy={"tools": [name], "scopes": sorted(key.scopes), "approval": "auto"},
                 metadata={"via": "mcp"},
             ),
-            None,
+            claim,
             keel.clock(),
         )
+        if created.outcome is CreateOutcome.key_reused:
+            raise IdempotencyKeyReused("this idempotency_key was already used for a different call")
         task: Task = created.task
         keel.runtime.wake()
         try:
