@@ -2,7 +2,8 @@
 # make demo: start a keel server on a private data dir, submit a task through the HTTP API with
 # `keel submit` (live progress bar, then the envelope), and stop the server cleanly.
 # Until the flagship workflow lands (issue 7) it runs the built-in `diagnostic` workflow (durable steps, no model),
-# then `ask`: one question to the embedded local model (llama.cpp on a GGUF from PyPI), tokens streaming.
+# then `ask`: one question to the embedded local model (llama.cpp on a GGUF from PyPI), tokens streaming,
+# then a write tool (send_email) that waits for a person's approval before it runs, exactly once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -11,10 +12,10 @@ PORT=${KEEL_DEMO_PORT:-8765}
 mkdir -p "$DATA"
 export KEEL_DATA_DIR="$DATA"
 
-if [ ! -s "$DATA/demo.key" ]; then
-  "$BIN/keel" keys create --tenant demo --scopes tasks:read,tasks:write > "$DATA/demo.key"
+if [ ! -s "$DATA/demo-v2.key" ]; then
+  "$BIN/keel" keys create --tenant demo --scopes tasks:read,tasks:write,tasks:approve,tools:email > "$DATA/demo-v2.key"
 fi
-KEY=$(cat "$DATA/demo.key")
+KEY=$(cat "$DATA/demo-v2.key")
 
 "$BIN/keel" serve --port "$PORT" --log-level warning > "$DATA/server.log" 2>&1 &
 SERVER=$!
@@ -31,3 +32,21 @@ echo "keel is serving on http://127.0.0.1:$PORT (data in $DATA)"
 
 "$BIN/keel" submit ask --url "http://127.0.0.1:$PORT" --api-key "$KEY" \
   --input '{"question": "In two sentences: what is the main risk of relying on a single supplier?", "max_tokens": 120}'
+
+echo
+echo "A write tool waits for a person: send_email, submitted with --approve-every-write (exit 3 = waiting)"
+URL="http://127.0.0.1:$PORT"
+EMAIL='{"tool": "send_email", "args": {"to": ["ops@example.com"], "subject": "keel demo", "body": "Approved by a person."}}'
+set +e
+"$BIN/keel" submit tool_call --url "$URL" --api-key "$KEY" --input "$EMAIL" --tool send_email --approve-every-write \
+  > "$DATA/waiting.json"
+CODE=$?
+set -e
+[ "$CODE" -eq 3 ] || { echo "expected the task to wait for approval (exit 3), got $CODE"; exit 1; }
+read -r TASK CALL < <(curl -fs -H "Authorization: Bearer $KEY" "$URL/v1/tasks?status=waiting_for_approval&limit=1" |
+  "$BIN/python" -c 'import json,sys; t=json.load(sys.stdin)["items"][0]; print(t["id"], t["envelope"]["result"]["pending_decisions"][0]["call_id"])')
+echo "approving $CALL of $TASK"
+"$BIN/keel" tasks approve "$TASK" "$CALL" --url "$URL" --api-key "$KEY" --note "demo" > "$DATA/approved.json"
+"$BIN/python" -c 'import json,sys; e=json.load(open(sys.argv[1])); print("email:", e["status"], e["result"]["result"])' \
+  "$DATA/approved.json"
+echo "(queued once in keel's outbox under its idempotency key; set KEEL_SMTP_URL to deliver it)"

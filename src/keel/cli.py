@@ -193,7 +193,7 @@ def _finish(client: httpx.Client, task_id: str) -> None:
         for d in pending:
             err.print(f"  {d['tool']} {json.dumps(d['args'])[:200]}\n    why: {d['reason']}")
             verdicts = "--deny" if d["kind"] == "approval" else "--deny | --applied"
-            err.print(f"    keel tasks approve {task_id} {d['call_id']}   [dim](or {verdicts})[/]")
+            err.print(f"    keel tasks approve {task_id} {d['call_id']}   [dim](or {verdicts})[/]", soft_wrap=True)
         raise typer.Exit(WAITING_EXIT)
     if envelope.get("status") == "failed":
         raise typer.Exit(1)
@@ -345,7 +345,8 @@ def tasks_approve(
     body = {"decision": decision, **({"note": note} if note else {})}
     with _client(url, api_key) as client:
         made = _call(client, "POST", f"/v1/tasks/{task_id}/approvals/{call_id}", json=body).json()
-        err.print(f"[bold]{made['verdict']}[/] {made['tool']} ({call_id})")
+        said = {"approve": "approved", "deny": "denied", "applied": "marked as applied"}[made["verdict"]]
+        err.print(f"[bold]{said}[/] {made['tool']} ({call_id})")
         if follow:
             _finish(client, task_id)
 
