@@ -3,7 +3,9 @@ loop's handling of bad calls. In-memory store; the real-process crash test is in
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -410,3 +412,34 @@ async def test_a_plan_node_waiting_for_approval_lets_independent_nodes_finish() 
     task = await resume(store, planned, tools, task.id)
     assert task.status is TaskStatus.succeeded and sum(sink.hits.values()) == 1
     assert sorted(looked) == ["acme", "later"]  # finished nodes replay; nothing ran twice
+
+
+async def test_an_approval_nobody_gives_in_time_is_denied_and_the_task_goes_on() -> None:
+    store, sink = InMemoryStore(), Sink()
+    tools = [PAGE, charge_tool(sink)]
+    engine = EmbeddedEngine(
+        store,
+        registry_of(read_then_pay),
+        poll_s=0.02,
+        lease_s=5,
+        tools=ToolCatalog(tools),
+        approval_ttl_s=0.3,
+        sweep_s=0.05,
+    )
+    res = await store.create_task(
+        NewTask(tenant=TENANT, workflow="read_then_pay", input={"account": "a", "amount": 1}), None, time.time()
+    )
+    assert res.task is not None
+    await engine.start()
+    try:
+        task = await wait_terminal(store, res.task.id)
+        assert task.status is TaskStatus.waiting_for_approval
+        while task.status is TaskStatus.waiting_for_approval:
+            await asyncio.sleep(0.05)
+            task = await wait_terminal(store, res.task.id)
+    finally:
+        await engine.stop()
+    assert task.status is TaskStatus.succeeded and not sink.hits
+    assert task.envelope is not None and task.envelope["result"]["refused"] == "approval_denied"
+    [d] = await store.load_decisions(task.id)
+    assert d.decided_by == "keel" and d.note is not None and "expired" in d.note

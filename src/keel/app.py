@@ -142,6 +142,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             ),
             tools=tools,
             services=services,
+            approval_ttl_s=settings.approval_ttl_hours * 3600 or None,
         )
         relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
         allow = AllowList.parse(settings.webhook_allow_hosts)

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Browser origins allowed to call /mcp besides the server's own (comma-separated).",
     )
+    approval_ttl_hours: float = Field(
+        72.0, ge=0, description="A call nobody approves within this many hours is denied (0: wait forever)."
+    )
     documents_dir: Path | None = Field(None, description="read_document may read local files under this folder.")
     fetch_allow_hosts: str = Field(
         "", description="Comma-separated hosts or CIDRs fetch_url may reach despite the SSRF rules (development)."

@@ -27,6 +27,7 @@ from keel.errors import InputError, LeaseLost, NotFound, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
+    EXPIRED_NOTE,
     ApiKey,
     BlobRef,
     CreateOutcome,
@@ -1188,6 +1189,41 @@ class SQLiteStore:
             return [_decision(r) for r in rows]
 
         return await self._read(op)
+
+    async def expire_decisions(self, requested_before: float, now: float) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT * FROM decisions WHERE verdict IS NULL AND requested_at < ? ORDER BY task_id",
+                (requested_before,),
+            ).fetchall()
+            touched: list[str] = []
+            for row in rows:
+                d = _decision(row)
+                conn.execute(
+                    "UPDATE decisions SET verdict = 'deny', note = ?, decided_by = 'keel', decided_at = ? "
+                    "WHERE task_id = ? AND call_id = ?",
+                    (EXPIRED_NOTE, now, d.task_id, d.call_id),
+                )
+                d.verdict, d.note, d.decided_by, d.decided_at = Verdict.deny, EXPIRED_NOTE, "keel", now
+                self._append(conn, d.task_id, "decision_made", d.public(), now)
+                if d.task_id not in touched:
+                    touched.append(d.task_id)
+            queued = []
+            for task_id in touched:
+                open_ = conn.execute(
+                    "SELECT count(*) FROM decisions WHERE task_id = ? AND verdict IS NULL", (task_id,)
+                ).fetchone()[0]
+                moved = conn.execute(
+                    "UPDATE tasks SET status = 'queued', envelope = NULL, updated_at = ? "
+                    "WHERE id = ? AND status = 'waiting_for_approval' AND ? = 0",
+                    (now, task_id, open_),
+                ).rowcount
+                if moved:
+                    self._append(conn, task_id, "status", {"status": "queued"}, now)
+                    queued.append(task_id)
+            return queued
+
+        return await self._write(op)
 
     # -- EmailOutbox -------------------------------------------------------------------------------
 

@@ -194,6 +194,12 @@ class DecisionStore(Protocol):
 
     async def load_decisions(self, task_id: str) -> list[Decision]: ...
 
+    async def expire_decisions(self, requested_before: float, now: float) -> list[str]:
+        """Deny every decision still open that was asked before ``requested_before`` (nobody answered in time:
+        the safe answer to "may this write run?" is no), and queue the tasks left with nothing open. Returns
+        the ids of the tasks queued again."""
+        ...
+
 
 class EmailOutbox(Protocol):
     async def enqueue_email(self, message: EmailMessage, now: float) -> tuple[EmailMessage, bool]:

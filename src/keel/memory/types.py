@@ -339,6 +339,9 @@ class EffectRecord:
     updated_at: float = 0.0
 
 
+EXPIRED_NOTE = "expired: nobody decided in time, so the call was not run"
+
+
 class DecisionKind(StrEnum):
     approval = "approval"
     outcome_unknown = "outcome_unknown"

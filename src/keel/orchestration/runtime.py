@@ -203,8 +203,12 @@ class EmbeddedEngine:
         models: ModelRegistry | None = None,
         tools: ToolCatalog | None = None,
         services: Any = None,
+        approval_ttl_s: float | None = 72 * 3600,
+        sweep_s: float = 60.0,
     ) -> None:
         self.store = store
+        self.approval_ttl_s = approval_ttl_s
+        self.sweep_s = sweep_s
         self.models = models
         self.tools = tools or ToolCatalog()
         self.services = services
@@ -262,16 +266,29 @@ class EmbeddedEngine:
             self.notifier.notify(lease.task_id)
             await self._execute(lease)
 
-    async def _sweeper(self, every_s: float = 300.0) -> None:
-        """Expired idempotency keys are removed; they are never honoured past their expiry anyway."""
+    async def _sweeper(self) -> None:
         while True:
             try:
-                removed = await self.store.sweep_idempotency(self.clock())
-                if removed:
-                    log.info("swept %d expired idempotency key(s)", removed)
+                await self.sweep_once()
             except Exception:
-                log.exception("idempotency sweep failed")
-            await asyncio.sleep(every_s)
+                log.exception("sweep failed")
+            await asyncio.sleep(self.sweep_s)
+
+    async def sweep_once(self) -> None:
+        """Expired idempotency keys are removed (they are never honoured past their expiry anyway), and calls
+        nobody approved within ``approval_ttl_s`` are denied, so their tasks go on (the call fails as
+        ``approval_denied``) instead of waiting forever."""
+        now = self.clock()
+        removed = await self.store.sweep_idempotency(now)
+        if removed:
+            log.info("swept %d expired idempotency key(s)", removed)
+        if self.approval_ttl_s:
+            requeued = await self.store.expire_decisions(now - self.approval_ttl_s, now)
+            if requeued:
+                log.info("denied the expired approvals of %d task(s)", len(requeued))
+                for task_id in requeued:
+                    self.notifier.notify(task_id)
+                self.wake()
 
     async def _heartbeat(self, lease: Lease, run: asyncio.Task[Any]) -> None:
         while True:

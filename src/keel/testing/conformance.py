@@ -284,6 +284,23 @@ async def check_decisions_park_and_requeue(store: Store) -> None:
     assert types.count("decision_requested") == 2 and types.count("decision_made") == 2
 
 
+async def check_expired_decisions_are_denied(store: Store) -> None:
+    res = await store.create_task(_new(), None, T0)
+    assert res.task is not None
+    tid = res.task.id
+    lease = await store.lease_next("w1", T0, 30, 5)
+    assert lease is not None
+    ask = Decision(task_id=tid, call_id="c1", kind=DecisionKind.approval, tool="send", args={}, step="s", reason="r")
+    await store.request_decisions(lease, [ask], {"status": "needs_clarification"}, T0 + 10)
+    assert await store.expire_decisions(T0 + 5, T0 + 20) == []  # asked after the cut-off: left alone
+    assert await store.expire_decisions(T0 + 11, T0 + 20) == [tid]
+    [d] = await store.load_decisions(tid)
+    assert d.verdict is Verdict.deny and d.decided_by == "keel" and d.note and "expired" in d.note
+    task = await store.get_task(tid)
+    assert task is not None and task.status is TaskStatus.queued
+    assert await store.expire_decisions(T0 + 100, T0 + 100) == []  # nothing open any more
+
+
 async def check_email_outbox(store: Store) -> None:
     msg = EmailMessage(key="e1", tenant="t1", task_id=None, to=["a@example.com"], subject="s", body="b")
     stored, created = await store.enqueue_email(msg, T0)
@@ -312,5 +329,6 @@ CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_workflow_steps_and_blobs,
     check_effect_ledger,
     check_decisions_park_and_requeue,
+    check_expired_decisions_are_denied,
     check_email_outbox,
 ]

@@ -15,6 +15,7 @@ from keel.errors import InputError, LeaseLost, NotFound, StoreError
 from keel.memory.blobs import pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
+    EXPIRED_NOTE,
     ApiKey,
     BlobRef,
     CreateOutcome,
@@ -35,6 +36,7 @@ from keel.memory.types import (
     Task,
     TaskStatus,
     TenantUsage,
+    Verdict,
     day_bucket,
     dead_letter_envelope,
     hash_secret,
@@ -455,6 +457,23 @@ class InMemoryStore:
     async def load_decisions(self, task_id: str) -> list[Decision]:
         found = [copy.deepcopy(d) for (t, _), d in self._decisions.items() if t == task_id]
         return sorted(found, key=lambda d: (d.requested_at, d.call_id))
+
+    async def expire_decisions(self, requested_before: float, now: float) -> list[str]:
+        touched: list[str] = []
+        for (task_id, _), d in sorted(self._decisions.items()):
+            if d.verdict is None and d.requested_at < requested_before:
+                d.verdict, d.note, d.decided_by, d.decided_at = Verdict.deny, EXPIRED_NOTE, "keel", now
+                self._append(self._tasks[task_id], "decision_made", d.public(), now)
+                if task_id not in touched:
+                    touched.append(task_id)
+        queued = []
+        for task_id in touched:
+            row = self._tasks[task_id]
+            if not self._pending(task_id) and row.task.status is TaskStatus.waiting_for_approval:
+                row.task.status, row.task.envelope, row.task.updated_at = TaskStatus.queued, None, now
+                self._append(row, "status", {"status": "queued"}, now)
+                queued.append(task_id)
+        return queued
 
     # -- EmailOutbox -------------------------------------------------------------------------------
 
