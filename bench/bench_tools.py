@@ -138,9 +138,11 @@ repetitions of {CALLS} calls of each kind, interleaved in one workflow. No-op bo
 | read tool (`ctx.tool`: permission, validation, checkpoint) | {fig["read_ms"]:.3f} ms | {read_ratio} the step |
 | write tool (plus ledger row pending before, applied after) | {fig["write_ms"]:.3f} ms | {write_ratio} the read |
 
-fsync'd commits per write call: {fig["commits"]:.0f} (pending row, applied row, checkpoint). The pending row must be
-durable before the tool runs, and the applied row before anything else depends on it, so these commits are the
-price of exactly-once; against a real downstream call (tens of ms) it is small.
+fsync'd commits per write call: {fig["commits"]:.0f}. The pending row must be durable before the tool runs (its own
+commit); the applied row shares the step checkpoint's commit (before this run, a commit of its own: 3 per write,
+2.90 ms, 2.86x the read). A crash between the call and that commit leaves the row pending, which the next run
+settles through `reconcile` like any other interrupted write. Against a real downstream call (tens of ms) the
+ledger's cost is small.
 {END}"""
 
 

@@ -576,9 +576,9 @@ class SpyStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def record_step(self, lease: Any, step: StepCheckpoint, events: Any, now: float) -> None:
+    async def record_step(self, lease: Any, step: StepCheckpoint, events: Any, now: float, **kw: Any) -> None:
         try:
-            await self._inner.record_step(lease, step, events, now)
+            await self._inner.record_step(lease, step, events, now, **kw)
         except LeaseLost:
             self.lost.append(step.key)
             raise

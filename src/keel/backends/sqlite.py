@@ -35,6 +35,7 @@ from keel.memory.types import (
     Decision,
     DecisionKind,
     EffectRecord,
+    EffectSettlement,
     EffectStatus,
     EmailMessage,
     Event,
@@ -725,7 +726,15 @@ class SQLiteStore:
                 (old, old, old),
             )
 
-    async def record_step(self, lease: Lease, step: StepCheckpoint, events: Sequence[EventSpec], now: float) -> None:
+    async def record_step(
+        self,
+        lease: Lease,
+        step: StepCheckpoint,
+        events: Sequence[EventSpec],
+        now: float,
+        *,
+        effect: EffectSettlement | None = None,
+    ) -> None:
         packed = await self._pack(step.result)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -758,6 +767,8 @@ class SQLiteStore:
             )
             if old is not None:
                 self._drop_blob_if_unused(conn, old[0], blob_id)
+            if effect is not None:
+                self._settle(conn, effect, now)
             for ev in events:
                 self._append(conn, lease.task_id, ev[0], ev[1], ev[2] if len(ev) == 3 else now)
 
@@ -1061,22 +1072,28 @@ class SQLiteStore:
         error: dict[str, Any] | None = None,
         executions: int | None = None,
     ) -> None:
+        settlement = EffectSettlement(key=key, status=status, result=result, error=error, executions=executions)
+
         def op(conn: sqlite3.Connection) -> None:
             self._fence(conn, lease)
-            conn.execute(
-                "UPDATE effects SET status = ?, result = ?, error = ?, executions = COALESCE(?, executions), "
-                "updated_at = ? WHERE key = ?",
-                (
-                    status.value,
-                    json.dumps(result) if result is not None else None,
-                    json.dumps(error) if error is not None else None,
-                    executions,
-                    now,
-                    key,
-                ),
-            )
+            self._settle(conn, settlement, now)
 
         await self._write(op)
+
+    @staticmethod
+    def _settle(conn: sqlite3.Connection, s: EffectSettlement, now: float) -> None:
+        conn.execute(
+            "UPDATE effects SET status = ?, result = ?, error = ?, executions = COALESCE(?, executions), "
+            "updated_at = ? WHERE key = ?",
+            (
+                s.status.value,
+                json.dumps(s.result) if s.result is not None else None,
+                json.dumps(s.error) if s.error is not None else None,
+                s.executions,
+                now,
+                s.key,
+            ),
+        )
 
     async def get_effect(self, key: str) -> EffectRecord | None:
         return await self._read(lambda conn: self._effect_row(conn, key))

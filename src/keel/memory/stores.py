@@ -13,6 +13,7 @@ from keel.memory.types import (
     CreateResult,
     Decision,
     EffectRecord,
+    EffectSettlement,
     EffectStatus,
     EmailMessage,
     Event,
@@ -79,8 +80,17 @@ EventSpec = tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], float]
 class WorkflowStore(Protocol):
     """Workflow memory: step checkpoints, named workflow state, and out-of-line blobs for large payloads."""
 
-    async def record_step(self, lease: Lease, step: StepCheckpoint, events: Sequence[EventSpec], now: float) -> None:
-        """Store a finished step and append ``events``, in one transaction fenced by the lease. An event given as
+    async def record_step(
+        self,
+        lease: Lease,
+        step: StepCheckpoint,
+        events: Sequence[EventSpec],
+        now: float,
+        *,
+        effect: EffectSettlement | None = None,
+    ) -> None:
+        """Store a finished step and append ``events`` (and settle ``effect``, a write tool's ledger row), in one
+        transaction fenced by the lease. An event given as
         ``(type, data, at)`` keeps its own time (one emitted earlier and held back); others are stamped ``now``.
 
         A result larger than :data:`keel.memory.blobs.INLINE_LIMIT` bytes of JSON goes to the blob table.

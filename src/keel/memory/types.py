@@ -339,6 +339,17 @@ class EffectRecord:
     updated_at: float = 0.0
 
 
+@dataclass(kw_only=True, slots=True, frozen=True)
+class EffectSettlement:
+    """A ledger row's new state, written with a step's checkpoint (one commit for both)."""
+
+    key: str
+    status: EffectStatus
+    result: Any = None
+    error: dict[str, Any] | None = None
+    executions: int | None = None
+
+
 EXPIRED_NOTE = "expired: nobody decided in time, so the call was not run"
 
 

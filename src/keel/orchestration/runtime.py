@@ -20,6 +20,7 @@ from keel.memory.types import (
     BlobRef,
     Decision,
     EffectRecord,
+    EffectSettlement,
     EffectStatus,
     Event,
     Lease,
@@ -90,6 +91,7 @@ class StoreJournal:
         self._notify = notify
         self._hold_s = hold_s
         self._held: list[tuple[str, dict[str, Any], float]] = []
+        self._held_effect: EffectSettlement | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._queued: list[Awaitable[Event]] = []
 
@@ -100,6 +102,7 @@ class StoreJournal:
                 self._timer = asyncio.get_running_loop().call_later(self._hold_s, self._release_held)
             return
         self._release_held()  # held events go first: the log keeps the order they happened in
+        await self._flush_effect()
         await self._store.append(self._lease, type, data, self._clock())
         self._notify(self.task_id)
 
@@ -129,12 +132,14 @@ class StoreJournal:
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
         batch: list[EventSpec] = [*self._take_held(), *events]
-        await self._store.record_step(self._lease, step, batch, self._clock())
+        effect, self._held_effect = self._held_effect, None
+        await self._store.record_step(self._lease, step, batch, self._clock(), effect=effect)
         await self._settle_queued()
         self._notify(self.task_id)
 
     async def set_state(self, key: str, value: Any, event: tuple[str, dict[str, Any]] | None) -> None:
         self._release_held()
+        await self._flush_effect()
         await self._store.set_state(self._lease, key, value, event, self._clock())
         self._notify(self.task_id)
 
@@ -148,6 +153,7 @@ class StoreJournal:
 
     async def begin_effect(self, effect: EffectRecord) -> tuple[EffectRecord, bool]:
         self._release_held()
+        await self._flush_effect()
         return await self._store.begin_effect(self._lease, effect, self._clock())
 
     async def settle_effect(
@@ -160,9 +166,28 @@ class StoreJournal:
         executions: int | None = None,
     ) -> None:
         self._release_held()
+        await self._flush_effect()
+        if status is EffectStatus.applied:
+            # Held for the step's checkpoint, which follows at once: one commit for both. If the process dies
+            # first, the row is still pending, which the next run settles through reconcile like any crash
+            # between the call and its record.
+            self._held_effect = EffectSettlement(key=key, status=status, result=result, executions=executions)
+            return
         await self._store.settle_effect(
             self._lease, key, status, self._clock(), result=result, error=error, executions=executions
         )
+
+    async def _flush_effect(self) -> None:
+        effect, self._held_effect = self._held_effect, None
+        if effect is not None:
+            await self._store.settle_effect(
+                self._lease,
+                effect.key,
+                effect.status,
+                self._clock(),
+                result=effect.result,
+                executions=effect.executions,
+            )
 
     def record_model_call(self, call: ModelCallRecord) -> None:
         # Counters are not part of the run's history: written alongside, never awaited by the step.
@@ -178,6 +203,8 @@ class StoreJournal:
     async def drain(self) -> None:
         """Before the run's end is written: nothing held back may land after it."""
         self._release_held()
+        with contextlib.suppress(LeaseLost):
+            await self._flush_effect()
         with contextlib.suppress(LeaseLost):
             await self._settle_queued()
         if self._stats:

@@ -22,6 +22,7 @@ from keel.memory.types import (
     CreateResult,
     Decision,
     EffectRecord,
+    EffectSettlement,
     EffectStatus,
     EmailMessage,
     Event,
@@ -233,10 +234,20 @@ class InMemoryStore:
             return BlobRef(id=packed.blob_id, size=packed.size)
         return json.loads(packed.inline or "null")  # a JSON round trip, exactly as the SQLite store does
 
-    async def record_step(self, lease: Lease, step: StepCheckpoint, events: Sequence[EventSpec], now: float) -> None:
+    async def record_step(
+        self,
+        lease: Lease,
+        step: StepCheckpoint,
+        events: Sequence[EventSpec],
+        now: float,
+        *,
+        effect: EffectSettlement | None = None,
+    ) -> None:
         row = self._fence(lease)
         stored = replace(step, result=self._put(step.result), error=copy.deepcopy(step.error), usage=dict(step.usage))
         self._steps.setdefault(lease.task_id, {})[step.key] = stored
+        if effect is not None:
+            self._settle(effect, now)
         for ev in events:
             self._append(row, ev[0], ev[1], ev[2] if len(ev) == 3 else now)
 
@@ -389,12 +400,20 @@ class InMemoryStore:
         executions: int | None = None,
     ) -> None:
         self._fence(lease)
-        rec = self._effects.get(key)
+        self._settle(EffectSettlement(key=key, status=status, result=result, error=error, executions=executions), now)
+
+    def _settle(self, s: EffectSettlement, now: float) -> None:
+        rec = self._effects.get(s.key)
         if rec is None:
             return
-        rec.status, rec.result, rec.error, rec.updated_at = status, copy.deepcopy(result), copy.deepcopy(error), now
-        if executions is not None:
-            rec.executions = executions
+        rec.status, rec.result, rec.error, rec.updated_at = (
+            s.status,
+            copy.deepcopy(s.result),
+            copy.deepcopy(s.error),
+            now,
+        )
+        if s.executions is not None:
+            rec.executions = s.executions
 
     async def get_effect(self, key: str) -> EffectRecord | None:
         rec = self._effects.get(key)
