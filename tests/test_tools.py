@@ -443,3 +443,19 @@ async def test_an_approval_nobody_gives_in_time_is_denied_and_the_task_goes_on()
     assert task.envelope is not None and task.envelope["result"]["refused"] == "approval_denied"
     [d] = await store.load_decisions(task.id)
     assert d.decided_by == "keel" and d.note is not None and "expired" in d.note
+
+
+async def test_a_read_tool_can_demand_approval_too() -> None:
+    store = InMemoryStore()
+    guarded = Tool(name="read_page", description="r", fn=read_page, input_model=Query, approval="always")
+
+    @workflow(name="peek")
+    async def peek(ctx: WorkflowContext, inp: Query) -> Any:
+        return await ctx.tool("read_page", inp)
+
+    task, _ = await run(store, peek, [guarded], {"q": "secrets"})
+    assert task.status is TaskStatus.waiting_for_approval
+    await decide(store, task, Verdict.approve)
+    task = await resume(store, peek, [guarded], task.id)
+    assert task.status is TaskStatus.succeeded and task.envelope is not None
+    assert task.envelope["result"].startswith("page about secrets")

@@ -428,13 +428,7 @@ class WorkflowContext:
             resolved = self._permit(tool)
             parsed = resolved.validate(raw)
         except (ToolNotAllowed, ToolArgsInvalid) as exc:
-            # Recorded like any failed step, so the model (or the caller) sees it and a replay sees it again.
-            refused = exc
-
-            async def refuse(_: Any) -> Any:
-                raise refused
-
-            return await self._run(StepCall(name=label, fn=refuse, args=(raw,), kind="tool"), fn_id=fn_id, key=key)
+            return await self._refuse(exc, label, raw, fn_id, key)
         ekey = effect_key(self.task_id, key, resolved.name, raw)
         tc = ToolContext(
             tool=resolved.name,
@@ -444,20 +438,15 @@ class WorkflowContext:
             idempotency_key=ekey if resolved.effect == "write" else None,
             services=self.services,
         )
+        from keel.orchestration.effects import apply_write, approval_request
+
+        try:
+            request = approval_request(self, resolved, raw, key, ekey)
+        except WorkflowError as denied:
+            return await self._refuse(denied, label, raw, fn_id, key)
+        if request is not None:
+            raise AwaitingDecision([request])
         if resolved.effect == "write":
-            from keel.orchestration.effects import apply_write, approval_request
-
-            try:
-                request = approval_request(self, resolved, raw, key, ekey)
-            except WorkflowError as denied:
-                refused_ = denied
-
-                async def deny(_: Any) -> Any:
-                    raise refused_
-
-                return await self._run(StepCall(name=label, fn=deny, args=(raw,), kind="tool"), fn_id=fn_id, key=key)
-            if request is not None:
-                raise AwaitingDecision([request])
 
             async def write(_: Any) -> Any:
                 return await apply_write(self, resolved, parsed, raw, key, ekey, tc)
@@ -476,6 +465,15 @@ class WorkflowContext:
         if resolved.untrusted_output:
             self.taint(f"{resolved.name} output")
         return value
+
+    async def _refuse(self, exc: WorkflowError, label: str, raw: Any, fn_id: str, key: str) -> Any:
+        """A call keel refused (not allowed, invalid, denied): recorded like any failed step, so the model (or the
+        caller) sees it, and a replay sees it again."""
+
+        async def refuse(_: Any) -> Any:
+            raise exc
+
+        return await self._run(StepCall(name=label, fn=refuse, args=(raw,), kind="tool"), fn_id=fn_id, key=key)
 
     async def generate(
         self,
