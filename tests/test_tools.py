@@ -459,3 +459,16 @@ async def test_a_read_tool_can_demand_approval_too() -> None:
     task = await resume(store, peek, [guarded], task.id)
     assert task.status is TaskStatus.succeeded and task.envelope is not None
     assert task.envelope["result"].startswith("page about secrets")
+
+
+async def test_a_huge_tool_result_reaches_the_model_cut_with_a_marker_and_a_warning() -> None:
+    async def dump(args: Query) -> str:
+        return "x" * 50_000
+
+    big = Tool(name="dump", description="d", fn=dump, input_model=Query)
+    model = scripted_agent([[("dump", '{"q": "all"}')]])
+    task = await run_agent_task(model, [big])
+    assert task.status is TaskStatus.succeeded and task.envelope is not None
+    [fed] = [m.content for m in model.calls[1] if m.role == "tool"]
+    assert len(fed) < 20_200 and "[truncated: 20000 of 50002 characters shown" in fed
+    assert [e["type"] for e in task.envelope["errors"]] == ["tool_result_truncated"]

@@ -44,9 +44,14 @@ async def run_agent(
     system: str | None = None,
     max_turns: int = 8,
     max_invalid: int = 3,
+    max_result_chars: int = 20_000,
 ) -> AgentResult:
     """Converse until the model answers without calling a tool. Raises WorkflowError (``max_turns``,
-    ``invalid_tool_calls``) when the conversation does not settle within its bounds."""
+    ``invalid_tool_calls``) when the conversation does not settle within its bounds.
+
+    A tool result longer than ``max_result_chars`` reaches the model cut, with a marker saying so (and an envelope
+    warning); the whole result stays in the step's checkpoint. Whole documents belong in a map-reduce
+    (``ctx.reduce_to_fit``), not in one tool message."""
     offered = _offered(ctx, tools)
     specs = [ToolSpec(name=t.name, description=t.description, parameters=t.input_schema) for t in offered]
     messages: list[Message] = [Message(role="system", content=system)] if system else []
@@ -61,6 +66,18 @@ async def run_agent(
         messages.append(Message(role="assistant", content=answer.text, tool_calls=tuple(answer.tool_calls)))
         for call in answer.tool_calls:
             content = await _run_call(ctx, name, call.name, call.arguments, call.parsed(), result)
+            if len(content) > max_result_chars:
+                step = result.tool_calls[-1]["step"]
+                ctx.warn(
+                    "tool_result_truncated",
+                    f"{call.name} returned {len(content)} characters; the model saw the first {max_result_chars}",
+                    step=step,
+                )
+                content = (
+                    content[:max_result_chars]
+                    + f"\n[truncated: {max_result_chars} of {len(content)} characters shown; the whole result is"
+                    + f" kept in step {step}]"
+                )
             messages.append(Message(role="tool", content=content, tool_call_id=call.id))
         if result.invalid_calls > max_invalid:
             raise WorkflowError(
