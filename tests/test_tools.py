@@ -472,3 +472,18 @@ async def test_a_huge_tool_result_reaches_the_model_cut_with_a_marker_and_a_warn
     [fed] = [m.content for m in model.calls[1] if m.role == "tool"]
     assert len(fed) < 20_200 and "[truncated: 20000 of 50002 characters shown" in fed
     assert [e["type"] for e in task.envelope["errors"]] == ["tool_result_truncated"]
+
+
+async def test_a_reconcile_that_cannot_answer_puts_the_question_to_a_person() -> None:
+    store, sink = InMemoryStore(), Sink()
+
+    async def unreachable(key: str, tc: ToolContext) -> Reconciled:
+        raise ConnectionError("the ledger of record is down")
+
+    t = charge_tool(sink)
+    t.reconcile = unreachable
+    task_id, key = await crashed_task(store, sink, applied_downstream=True)
+    task = await resume(store, pay, [t], task_id)
+    assert task.status is TaskStatus.waiting_for_approval and sink.hits[key] == 1
+    [asked] = await store.load_decisions(task_id)
+    assert asked.kind is DecisionKind.outcome_unknown

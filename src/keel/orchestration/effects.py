@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 import pydantic
@@ -31,7 +32,9 @@ from keel.errors import (
     UpstreamError,
 )
 from keel.memory.types import Decision, DecisionKind, EffectRecord, EffectStatus, Verdict
-from keel.orchestration.tools import Tool, ToolContext, call_id_of
+from keel.orchestration.tools import Reconciled, Tool, ToolContext, call_id_of
+
+log = logging.getLogger("keel.effects")
 
 if TYPE_CHECKING:
     from keel.orchestration.context import WorkflowContext
@@ -124,7 +127,11 @@ async def _settle_unknown(
     run now. Otherwise the task waits for a person (raises AwaitingDecision)."""
     journal = ctx._journal
     if tool.reconcile is not None:
-        verdict = await tool.reconcile(key, tc)
+        try:
+            verdict = await tool.reconcile(key, tc)
+        except Exception as exc:  # the downstream cannot say right now: that is "cannot tell", not a failed call
+            log.warning("reconcile of %s (%s) failed: %s", tool.name, key, exc)
+            verdict = Reconciled(applied=None)
         await ctx.emit("effect_reconciled", {"step": step, "tool": tool.name, "key": key, "applied": verdict.applied})
         if verdict.applied is True:
             stored = pydantic.TypeAdapter(Any).dump_python(verdict.result, mode="json")
