@@ -57,6 +57,7 @@ from keel.memory.types import (
 )
 from keel.orchestration import generation
 from keel.orchestration.budget import Budget, BudgetMeter
+from keel.orchestration.effects import apply_write, approval_request
 from keel.orchestration.models import Message, Model, ModelRegistry, ModelSettings
 from keel.orchestration.models.base import ToolCall, ToolSpec
 from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
@@ -293,16 +294,7 @@ class WorkflowContext:
         pointer: str | None = None,
     ) -> None:
         """An envelope warning: the output is usable, but the caller should know."""
-        self.errors.append(
-            EnvelopeError(
-                type=type,
-                message=message,
-                severity="warning",
-                step=step,
-                recovery_suggested=recovery_suggested,
-                pointer=pointer,
-            )
-        )
+        self._note("warning", type, message, step, recovery_suggested, pointer)
 
     def error(
         self,
@@ -314,8 +306,20 @@ class WorkflowContext:
         pointer: str | None = None,
     ) -> None:
         """An envelope error: part of the work failed, so the task ends partial_success at best."""
+        self._note("error", type, message, step, recovery_suggested, pointer)
+
+    def _note(
+        self, severity: str, type: str, message: str, step: str | None, recovery: bool, pointer: str | None
+    ) -> None:
         self.errors.append(
-            EnvelopeError(type=type, message=message, step=step, recovery_suggested=recovery_suggested, pointer=pointer)
+            EnvelopeError(
+                type=type,
+                message=message,
+                severity=severity,
+                step=step,
+                recovery_suggested=recovery,
+                pointer=pointer,
+            )
         )
 
     # -- durable steps -----------------------------------------------------------------------------
@@ -438,8 +442,6 @@ class WorkflowContext:
             idempotency_key=ekey if resolved.effect == "write" else None,
             services=self.services,
         )
-        from keel.orchestration.effects import apply_write, approval_request
-
         try:
             request = approval_request(self, resolved, raw, key, ekey)
         except WorkflowError as denied:

@@ -23,6 +23,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import pydantic
+import pydantic_core
 
 from keel.errors import (
     ApprovalDenied,
@@ -87,7 +88,6 @@ async def _execute(
     await ctx.emit_nowait("effect_started", {"step": step, "tool": tool.name, "key": key, "execution": executions})
     try:
         result = await tool.invoke(args, tc)
-        stored = pydantic.TypeAdapter(Any).dump_python(result, mode="json")
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
             await asyncio.shield(journal.settle_effect(key, EffectStatus.outcome_unknown))
@@ -107,8 +107,15 @@ async def _execute(
         # reconcile says it did not happen: the call failed cleanly, with the error it raised.
         await journal.settle_effect(key, EffectStatus.failed, error={"type": "tool_error", "message": str(exc)})
         raise
-    await journal.settle_effect(key, EffectStatus.applied, result=stored)
+    stored = await _applied(ctx, key, result)
     await ctx.emit_nowait("effect_applied", {"step": step, "tool": tool.name, "key": key})
+    return stored
+
+
+async def _applied(ctx: WorkflowContext, key: str, result: Any) -> Any:
+    """Settle the row as applied with ``result`` (the tool's, reconcile's or a person's), as the step stores it."""
+    stored = pydantic_core.to_jsonable_python(result)
+    await ctx._journal.settle_effect(key, EffectStatus.applied, result=stored)
     return stored
 
 
@@ -134,9 +141,7 @@ async def _settle_unknown(
             verdict = Reconciled(applied=None)
         await ctx.emit("effect_reconciled", {"step": step, "tool": tool.name, "key": key, "applied": verdict.applied})
         if verdict.applied is True:
-            stored = pydantic.TypeAdapter(Any).dump_python(verdict.result, mode="json")
-            await journal.settle_effect(key, EffectStatus.applied, result=stored)
-            return True, stored
+            return True, await _applied(ctx, key, verdict.result)
         if verdict.applied is False:
             return False, None
     call_id = unknown_call_id(key, executions)
@@ -158,9 +163,7 @@ async def _settle_unknown(
             ]
         )
     if decision.verdict is Verdict.applied:
-        stored = pydantic.TypeAdapter(Any).dump_python(decision.result, mode="json")
-        await journal.settle_effect(key, EffectStatus.applied, result=stored)
-        return True, stored
+        return True, await _applied(ctx, key, decision.result)
     if decision.verdict is Verdict.deny:
         await journal.settle_effect(
             key, EffectStatus.failed, error={"type": "approval_denied", "message": "a person abandoned the call"}
