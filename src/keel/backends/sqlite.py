@@ -10,6 +10,7 @@ loop never blocks on the database.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -1169,36 +1170,47 @@ class SQLiteStore:
                 )
             if task.status.terminal:
                 raise InputError(f"task {task_id} is already {task.status.value}")
-            conn.execute(
-                "UPDATE decisions SET verdict = ?, result = ?, note = ?, decided_by = ?, decided_at = ? "
-                "WHERE task_id = ? AND call_id = ?",
-                (
-                    decision.verdict.value,
-                    json.dumps(decision.result) if decision.result is not None else None,
-                    decision.note,
-                    decision.decided_by,
-                    now,
-                    task_id,
-                    decision.call_id,
-                ),
+            updated = dataclasses.replace(
+                current,
+                verdict=decision.verdict,
+                result=decision.result,
+                note=decision.note,
+                decided_by=decision.decided_by,
+                decided_at=now,
             )
-            updated = _decision(
-                conn.execute(
-                    "SELECT * FROM decisions WHERE task_id = ? AND call_id = ?", (task_id, decision.call_id)
-                ).fetchone()
-            )
-            self._append(conn, task_id, "decision_made", updated.public(), now)
-            pending = conn.execute(
-                "SELECT count(*) FROM decisions WHERE task_id = ? AND verdict IS NULL", (task_id,)
-            ).fetchone()[0]
-            if not pending and task.status is TaskStatus.waiting_for_approval:
-                conn.execute(
-                    "UPDATE tasks SET status = 'queued', envelope = NULL, updated_at = ? WHERE id = ?", (now, task_id)
-                )
-                self._append(conn, task_id, "status", {"status": "queued"}, now)
+            self._record_verdict(conn, updated, now)
             return updated
 
         return await self._write(op)
+
+    def _record_verdict(self, conn: sqlite3.Connection, d: Decision, now: float) -> bool:
+        """Store ``d``'s verdict and its event; queue the task once nothing it waits on is open (True if so)."""
+        conn.execute(
+            "UPDATE decisions SET verdict = ?, result = ?, note = ?, decided_by = ?, decided_at = ? "
+            "WHERE task_id = ? AND call_id = ?",
+            (
+                d.verdict.value if d.verdict else None,
+                json.dumps(d.result) if d.result is not None else None,
+                d.note,
+                d.decided_by,
+                d.decided_at,
+                d.task_id,
+                d.call_id,
+            ),
+        )
+        self._append(conn, d.task_id, "decision_made", d.public(), now)
+        if conn.execute(
+            "SELECT 1 FROM decisions WHERE task_id = ? AND verdict IS NULL LIMIT 1", (d.task_id,)
+        ).fetchone():
+            return False
+        moved = conn.execute(
+            "UPDATE tasks SET status = 'queued', envelope = NULL, updated_at = ? "
+            "WHERE id = ? AND status = 'waiting_for_approval'",
+            (now, d.task_id),
+        ).rowcount
+        if moved:
+            self._append(conn, d.task_id, "status", {"status": "queued"}, now)
+        return bool(moved)
 
     async def load_decisions(self, task_id: str) -> list[Decision]:
         def op(conn: sqlite3.Connection) -> list[Decision]:
@@ -1213,31 +1225,13 @@ class SQLiteStore:
                 "SELECT * FROM decisions WHERE verdict IS NULL AND requested_at < ? ORDER BY task_id",
                 (requested_before,),
             ).fetchall()
-            touched: list[str] = []
-            for row in rows:
-                d = _decision(row)
-                conn.execute(
-                    "UPDATE decisions SET verdict = 'deny', note = ?, decided_by = 'keel', decided_at = ? "
-                    "WHERE task_id = ? AND call_id = ?",
-                    (EXPIRED_NOTE, now, d.task_id, d.call_id),
-                )
-                d.verdict, d.note, d.decided_by, d.decided_at = Verdict.deny, EXPIRED_NOTE, "keel", now
-                self._append(conn, d.task_id, "decision_made", d.public(), now)
-                if d.task_id not in touched:
-                    touched.append(d.task_id)
             queued = []
-            for task_id in touched:
-                open_ = conn.execute(
-                    "SELECT count(*) FROM decisions WHERE task_id = ? AND verdict IS NULL", (task_id,)
-                ).fetchone()[0]
-                moved = conn.execute(
-                    "UPDATE tasks SET status = 'queued', envelope = NULL, updated_at = ? "
-                    "WHERE id = ? AND status = 'waiting_for_approval' AND ? = 0",
-                    (now, task_id, open_),
-                ).rowcount
-                if moved:
-                    self._append(conn, task_id, "status", {"status": "queued"}, now)
-                    queued.append(task_id)
+            for row in rows:
+                d = dataclasses.replace(
+                    _decision(row), verdict=Verdict.deny, note=EXPIRED_NOTE, decided_by="keel", decided_at=now
+                )
+                if self._record_verdict(conn, d, now):
+                    queued.append(d.task_id)
             return queued
 
         return await self._write(op)

@@ -466,32 +466,30 @@ class InMemoryStore:
             raise InputError(f"task {task_id} is already {row.task.status.value}")
         current.verdict, current.result, current.note = decision.verdict, decision.result, decision.note
         current.decided_by, current.decided_at = decision.decided_by, now
-        self._append(row, "decision_made", current.public(), now)
-        if not self._pending(task_id) and row.task.status is TaskStatus.waiting_for_approval:
-            row.task.status = TaskStatus.queued
-            row.task.envelope = None
-            self._append(row, "status", {"status": "queued"}, now)
+        self._recorded_verdict(current, now)
         return copy.deepcopy(current)
+
+    def _recorded_verdict(self, d: Decision, now: float) -> bool:
+        """Log ``d``'s verdict; queue the task once nothing it waits on is open (True if so)."""
+        row = self._tasks[d.task_id]
+        self._append(row, "decision_made", d.public(), now)
+        if self._pending(d.task_id) or row.task.status is not TaskStatus.waiting_for_approval:
+            return False
+        row.task.status, row.task.envelope, row.task.updated_at = TaskStatus.queued, None, now
+        self._append(row, "status", {"status": "queued"}, now)
+        return True
 
     async def load_decisions(self, task_id: str) -> list[Decision]:
         found = [copy.deepcopy(d) for (t, _), d in self._decisions.items() if t == task_id]
         return sorted(found, key=lambda d: (d.requested_at, d.call_id))
 
     async def expire_decisions(self, requested_before: float, now: float) -> list[str]:
-        touched: list[str] = []
+        queued = []
         for (task_id, _), d in sorted(self._decisions.items()):
             if d.verdict is None and d.requested_at < requested_before:
                 d.verdict, d.note, d.decided_by, d.decided_at = Verdict.deny, EXPIRED_NOTE, "keel", now
-                self._append(self._tasks[task_id], "decision_made", d.public(), now)
-                if task_id not in touched:
-                    touched.append(task_id)
-        queued = []
-        for task_id in touched:
-            row = self._tasks[task_id]
-            if not self._pending(task_id) and row.task.status is TaskStatus.waiting_for_approval:
-                row.task.status, row.task.envelope, row.task.updated_at = TaskStatus.queued, None, now
-                self._append(row, "status", {"status": "queued"}, now)
-                queued.append(task_id)
+                if self._recorded_verdict(d, now):
+                    queued.append(task_id)
         return queued
 
     # -- EmailOutbox -------------------------------------------------------------------------------
