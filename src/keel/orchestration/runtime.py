@@ -101,8 +101,7 @@ class StoreJournal:
             if self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(self._hold_s, self._release_held)
             return
-        self._release_held()  # held events go first: the log keeps the order they happened in
-        await self._flush_effect()
+        await self._write_held()
         await self._store.append(self._lease, type, data, self._clock())
         self._notify(self.task_id)
 
@@ -138,8 +137,7 @@ class StoreJournal:
         self._notify(self.task_id)
 
     async def set_state(self, key: str, value: Any, event: tuple[str, dict[str, Any]] | None) -> None:
-        self._release_held()
-        await self._flush_effect()
+        await self._write_held()
         await self._store.set_state(self._lease, key, value, event, self._clock())
         self._notify(self.task_id)
 
@@ -152,8 +150,7 @@ class StoreJournal:
         return await self._store.load_blob(ref)
 
     async def begin_effect(self, effect: EffectRecord) -> tuple[EffectRecord, bool]:
-        self._release_held()
-        await self._flush_effect()
+        await self._write_held()
         return await self._store.begin_effect(self._lease, effect, self._clock())
 
     async def settle_effect(
@@ -165,8 +162,7 @@ class StoreJournal:
         error: dict[str, Any] | None = None,
         executions: int | None = None,
     ) -> None:
-        self._release_held()
-        await self._flush_effect()
+        await self._write_held()
         if status is EffectStatus.applied:
             # Held for the step's checkpoint, which follows at once: one commit for both. If the process dies
             # first, the row is still pending, which the next run settles through reconcile like any crash
@@ -176,6 +172,11 @@ class StoreJournal:
         await self._store.settle_effect(
             self._lease, key, status, self._clock(), result=result, error=error, executions=executions
         )
+
+    async def _write_held(self) -> None:
+        """What is held back goes before any other write: the log and the ledger keep the order it happened in."""
+        self._release_held()
+        await self._flush_effect()
 
     async def _flush_effect(self) -> None:
         effect, self._held_effect = self._held_effect, None
