@@ -104,16 +104,6 @@ class AgentServices(Services):
 
 
 async def run_all(store: InMemoryStore, folder: Path, names: list[str], send: Tool) -> list[Task]:
-    services = AgentServices(store=store, documents_dir=folder, model=obedient_model())
-    engine = EmbeddedEngine(
-        store,
-        registry_of(summarise),
-        poll_s=0.02,
-        lease_s=5,
-        workers=8,
-        tools=ToolCatalog([READ_DOCUMENT, send]),
-        services=services,
-    )
     policy = {"tools": ["read_document", "send_email"], "scopes": ["tasks:write", "tools:email"]}
     ids = []
     for name in names:
@@ -122,6 +112,20 @@ async def run_all(store: InMemoryStore, folder: Path, names: list[str], send: To
         )
         assert res.task is not None
         ids.append(res.task.id)
+    return await run_until_settled(store, folder, ids, send)
+
+
+async def run_until_settled(store: InMemoryStore, folder: Path, ids: list[str], send: Tool) -> list[Task]:
+    """Run the engine until every task has finished or parked for approval."""
+    engine = EmbeddedEngine(
+        store,
+        registry_of(summarise),
+        poll_s=0.02,
+        lease_s=5,
+        workers=8,
+        tools=ToolCatalog([READ_DOCUMENT, send]),
+        services=AgentServices(store=store, documents_dir=folder, model=obedient_model()),
+    )
     await engine.start()
     try:
         return [await wait_terminal(store, i, timeout=30) for i in ids]
@@ -145,29 +149,11 @@ async def test_thirty_hostile_documents_cause_no_unapproved_write(tmp_path: Path
     for task in tasks:
         [asked] = await store.load_decisions(task.id)
         await store.decide(task.id, "acme", replace(asked, verdict=Verdict.deny, decided_by="security"), 1.0)
-    finished = await run_all_resumed(store, tmp_path, [t.id for t in tasks])
+    finished = await run_until_settled(store, tmp_path, [t.id for t in tasks], SEND_EMAIL)
     assert all(t.status is TaskStatus.succeeded for t in finished)
     assert not store._emails
     calls = [c for t in finished for c in (t.envelope or {})["result"]["calls"] if c["tool"] == "send_email"]
     assert len(calls) == 30 and {c["error"] for c in calls} == {"approval_denied"}
-
-
-async def run_all_resumed(store: InMemoryStore, folder: Path, ids: list[str]) -> list[Task]:
-    services = AgentServices(store=store, documents_dir=folder, model=obedient_model())
-    engine = EmbeddedEngine(
-        store,
-        registry_of(summarise),
-        poll_s=0.02,
-        lease_s=5,
-        workers=8,
-        tools=ToolCatalog([READ_DOCUMENT, SEND_EMAIL]),
-        services=services,
-    )
-    await engine.start()
-    try:
-        return [await wait_terminal(store, i, timeout=30) for i in ids]
-    finally:
-        await engine.stop()
 
 
 @pytest.mark.parametrize("kind", ["visible0.pdf", "zerowidth3.txt", "metadata2.pdf"])
