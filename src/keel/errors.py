@@ -21,6 +21,7 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
         │   ├── Nondeterminism      # the code took a different path than the recorded history
         │   ├── ClarificationNeeded # the plan is unsure or incomplete: ask the caller, run nothing expensive
         │   ├── ModelOutputError    # a 200 that is not usable: schema_violation, truncation, refusal, schema_drift
+        │   ├── DocumentRejected    # one document could not be ingested (encrypted, corrupt, a bomb, unreachable)
         │   └── ToolError           # a tool call failed; its message goes back to the model
         │       ├── ToolArgsInvalid # the arguments do not match the tool's schema (never retried)
         │       ├── ToolNotAllowed  # not in the task's allowlist, or the key lacks the tool's scopes
@@ -268,6 +269,35 @@ class StreamCut(UpstreamError):
     def __init__(self, provider: str, partial_text: str, reason: str) -> None:
         super().__init__(f"{provider} stream was cut after {len(partial_text)} characters: {reason}")
         self.partial_text = partial_text
+
+
+class DocumentRejected(WorkflowError):
+    """One document could not be ingested; the others go on. ``reason`` is one of :data:`DOCUMENT_REASONS`, and
+    the envelope error's ``type`` is ``document_<reason>``."""
+
+    code = "document_rejected"
+    status = 422
+
+    def __init__(
+        self, message: str, *, reason: str, document: str | None = None, detail: dict[str, object] | None = None
+    ) -> None:
+        super().__init__(message, type=f"document_{reason}", detail=detail)
+        self.reason = reason
+        self.document = document
+
+
+DOCUMENT_REASONS = (
+    "encrypted",  # needs a password and none was given
+    "wrong_password",  # a password was given and does not open it
+    "corrupt",  # not a readable PDF (or not the type it claims)
+    "too_many_pages",  # over the page cap
+    "too_large",  # over the byte cap, or decompresses past the decompressed-bytes cap
+    "limit_exceeded",  # the parser hit its memory or CPU limit (a PDF bomb, usually)
+    "timeout",  # parsing took longer than the wall-clock cap
+    "unsupported_type",  # neither PDF nor text
+    "unreachable",  # a URL that could not be fetched after its retries
+    "empty",  # no text at all, even after OCR
+)
 
 
 class ModelOutputError(WorkflowError):
