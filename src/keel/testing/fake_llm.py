@@ -6,7 +6,9 @@ Two real HTTP servers on ``127.0.0.1`` (uvicorn in a daemon thread), speaking th
   server and LM Studio) -- :class:`FakeOpenAIServer`, and
 * the Anthropic Messages API (``POST /v1/messages``) -- :class:`FakeAnthropicServer`,
 
-both non-streamed and streamed (SSE), so that keel's real HTTP adapters can be exercised end to end.
+both non-streamed and streamed (SSE), so that keel's real HTTP adapters can be exercised end to end. The OpenAI fake
+also serves ``POST /v1/embeddings`` (deterministic vectors from :class:`~keel.testing.embedders.HashEmbedder`, with
+its own script queue: see :meth:`FakeOpenAIServer.script_embeddings`).
 
 The fakes are scripted: every request that passes the auth/shape checks consumes the next behaviour queued with
 :meth:`script` -- a :class:`Reply`, a :class:`Fail` (provider-shaped error), a :class:`Cut` (the connection dies
@@ -20,9 +22,11 @@ raises ``httpx.RemoteProtocolError`` ("peer closed connection without sending co
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -32,13 +36,25 @@ from types import TracebackType
 from typing import Any, ClassVar, Literal, Self
 
 import anyio
+import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-__all__ = ["Cut", "Fail", "FakeAnthropicServer", "FakeOpenAIServer", "Hang", "Reply", "ToolCallSpec"]
+from keel.testing.embedders import HashEmbedder
+
+__all__ = [
+    "Cut",
+    "EmbeddingReply",
+    "Fail",
+    "FakeAnthropicServer",
+    "FakeOpenAIServer",
+    "Hang",
+    "Reply",
+    "ToolCallSpec",
+]
 
 
 @dataclass(kw_only=True)
@@ -93,10 +109,11 @@ class Cut:
     Streamed: the preamble and ``after_chunks`` content deltas are sent, then the TCP connection is closed without
     the final chunk, ``[DONE]`` / ``message_stop`` or the chunked-encoding terminator. Non-streamed: the headers
     (with the full ``Content-Length``) and the first half of the JSON body are sent, then the connection is closed.
-    Either way httpx raises ``httpx.RemoteProtocolError`` while reading the body.
+    Either way httpx raises ``httpx.RemoteProtocolError`` while reading the body. On the embeddings endpoint the
+    embeddings body is cut in half and ``reply`` is ignored.
     """
 
-    reply: Reply
+    reply: Reply = field(default_factory=Reply)
     after_chunks: int = 2
 
 
@@ -114,11 +131,26 @@ class Hang:
     reply: Reply | None = None
 
 
+@dataclass(kw_only=True)
+class EmbeddingReply:
+    """A successful scripted ``/v1/embeddings`` answer (also what an empty embeddings queue answers).
+
+    Vectors are :class:`~keel.testing.embedders.HashEmbedder`'s for the requested model and dimension, so they are
+    deterministic and lexically meaningful. ``reverse`` lists ``data`` in reverse order (each item keeps its
+    ``index``), to check that clients reorder by ``index``; ``model`` overrides the model name in the answer.
+    """
+
+    reverse: bool = False
+    model: str | None = None
+
+
 Behaviour = Reply | Fail | Cut | Hang
+EmbeddingBehaviour = EmbeddingReply | Fail | Cut | Hang
 
 _EventKind = Literal["meta", "content", "end"]
 _Event = tuple[bytes, _EventKind]
 _STALL_TICK = 0.02
+_WORDS = re.compile(r"\w+")
 
 
 class _CutConnection(Exception):
@@ -293,6 +325,7 @@ class _FakeServer:
         return Starlette(
             routes=[
                 Route(self._route, self._handle, methods=["POST"]),
+                *self._extra_routes(),
                 Route("/{path:path}", self._not_found, methods=methods),
             ]
         )
@@ -393,6 +426,9 @@ class _FakeServer:
     def _extra_headers(self) -> dict[str, str]:
         return {}
 
+    def _extra_routes(self) -> list[Route]:
+        return []
+
     def _check_headers(self, headers: Mapping[str, str]) -> Response | None:
         raise NotImplementedError
 
@@ -422,17 +458,142 @@ class FakeOpenAIServer(_FakeServer):
     ``base_url`` is ``http://127.0.0.1:<port>/v1``. If ``api_key`` is set, requests without
     ``Authorization: Bearer <api_key>`` get 401 ``invalid_api_key``; bodies missing ``model`` or ``messages`` get
     400. Neither consumes the script. Streamed replies honour ``stream_options.include_usage``.
+
+    ``POST {base_url}/embeddings`` answers OpenAI-shaped embeddings (``data[].embedding``, ``index``, ``usage``), as
+    floats or, with ``encoding_format="base64"``, little-endian float32. Vectors have ``dimensions`` entries if the
+    request asks, else ``embedding_dim``. It has its own queue (:meth:`script_embeddings`) and log
+    (:attr:`embedding_requests`, :attr:`embedding_headers`); unlike chat, an empty queue answers normally. The same
+    auth check applies; a body without ``model``, with an ``input`` that is not a non-empty string or list of
+    non-empty strings, or with a bad ``dimensions`` gets 400 without consuming the queue.
     """
 
     _route = "/v1/chat/completions"
     _tool_id_prefix = "call_"
 
-    def __init__(self, *, api_key: str | None = "sk-test") -> None:
+    def __init__(self, *, api_key: str | None = "sk-test", embedding_dim: int = 64) -> None:
         super().__init__(api_key=api_key)
+        self.embedding_dim = embedding_dim
+        self.embedding_requests: list[dict[str, Any]] = []
+        self.embedding_headers: list[dict[str, str]] = []
+        self._embedding_queue: collections.deque[EmbeddingBehaviour] = collections.deque()
+        self._embedders: dict[tuple[str, int], HashEmbedder] = {}
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- embeddings ----------------------------------------------------------------------------------------------
+
+    def script_embeddings(self, *behaviours: EmbeddingBehaviour) -> None:
+        """Queue behaviours for ``/v1/embeddings``: each accepted request consumes the next one; once the queue is
+        empty, requests get a normal :class:`EmbeddingReply`. E.g. ``Fail(status=429, retry_after=0.01)`` twice,
+        then success."""
+        for b in behaviours:
+            if not isinstance(b, EmbeddingReply | Fail | Cut | Hang):
+                raise TypeError(f"not a scripted embeddings behaviour: {b!r}")
+        with self._lock:
+            self._embedding_queue.extend(behaviours)
+
+    @property
+    def embedding_pending(self) -> int:
+        """How many scripted embeddings behaviours are still queued."""
+        with self._lock:
+            return len(self._embedding_queue)
+
+    def reset(self) -> None:
+        """Forget the queued scripts and the recorded requests/headers (chat and embeddings)."""
+        super().reset()
+        with self._lock:
+            self._embedding_queue.clear()
+            self.embedding_requests.clear()
+            self.embedding_headers.clear()
+
+    def expected_embeddings(self, texts: list[str], *, model: str, dimensions: int | None = None) -> np.ndarray:
+        """The unit vectors this fake answers for ``texts`` (before any client-side processing)."""
+        return self._embedder(model, dimensions or self.embedding_dim).embed_sync(texts)
+
+    def _embedder(self, model: str, dim: int) -> HashEmbedder:
+        with self._lock:
+            embedder = self._embedders.get((model, dim))
+            if embedder is None:
+                embedder = self._embedders[(model, dim)] = HashEmbedder(dim=dim, model=model)
+            return embedder
+
+    def _extra_routes(self) -> list[Route]:
+        return [Route("/v1/embeddings", self._handle_embeddings, methods=["POST"])]
+
+    @staticmethod
+    def _validate_embeddings(body: dict[str, Any]) -> str | None:
+        if not isinstance(body.get("model"), str):
+            return "you must provide a model parameter"
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            return (
+                "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+            )
+        dims = body.get("dimensions")
+        if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
+            return "Invalid value for 'dimensions': must be a positive integer."
+        if body.get("encoding_format", "float") not in ("float", "base64"):
+            return "Invalid value for 'encoding_format': expected 'float' or 'base64'."
+        return None
+
+    async def _handle_embeddings(self, request: Request) -> Response:
+        raw = await request.body()
+        body: Any
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        with self._lock:
+            self.embedding_requests.append(body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")})
+            self.embedding_headers.append({k.lower(): v for k, v in request.headers.items()})
+        rejected = self._check_headers(request.headers)
+        if rejected is not None:
+            return rejected
+        if not isinstance(body, dict):
+            return self._error(400, "fake server: request body is not a JSON object")
+        problem = self._validate_embeddings(body)
+        if problem is not None:
+            return self._error(400, problem)
+        with self._lock:
+            behaviour = self._embedding_queue.popleft() if self._embedding_queue else EmbeddingReply()
+        if isinstance(behaviour, Fail):
+            return self._error(behaviour.status, behaviour.message, behaviour.retry_after)
+        if isinstance(behaviour, Hang):
+            try:
+                await self._stall(behaviour.seconds)
+            except _CutConnection:
+                return self._error(503, "fake server: stopped during a scripted hang")
+        payload = self._embeddings_body(body, behaviour if isinstance(behaviour, EmbeddingReply) else EmbeddingReply())
+        if isinstance(behaviour, Cut):
+            return self._truncated(payload)
+        return JSONResponse(payload, headers=self._extra_headers())
+
+    def _embeddings_body(self, request: dict[str, Any], reply: EmbeddingReply) -> dict[str, Any]:
+        inputs = request["input"]
+        texts: list[str] = [inputs] if isinstance(inputs, str) else list(inputs)
+        model: str = request["model"]
+        vectors = self.expected_embeddings(texts, model=model, dimensions=request.get("dimensions"))
+        as_base64 = request.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if as_base64 else v.tolist(),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        if reply.reverse:
+            data.reverse()
+        tokens = sum(max(1, len(_WORDS.findall(t))) for t in texts)
+        return {
+            "object": "list",
+            "data": data,
+            "model": reply.model or model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     def _extra_headers(self) -> dict[str, str]:
         return {"x-request-id": f"req_fake_{self._next_n()}", "openai-processing-ms": "1"}
