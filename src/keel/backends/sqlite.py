@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from keel.backends.sqlite_memory import MEMORY_MIGRATION, SQLiteMemory
 from keel.errors import InputError, LeaseLost, NotFound, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
 from keel.memory.stores import EventSpec
@@ -293,12 +294,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX emails_due ON emails(status, next_at);
     """,
+    MEMORY_MIGRATION,
 ]
 
 _TASK_COLS = (
     "id, tenant, workflow, input, status, progress, current_step, created_at, updated_at, started_at, "
     "finished_at, attempts, cancel_requested, envelope, webhook_url, webhook_secret, budget, metadata, "
-    "estimated_duration_s, dead_lettered, policy"
+    "estimated_duration_s, dead_lettered, policy, cache_key"
 )
 
 
@@ -325,6 +327,7 @@ def _task(row: sqlite3.Row) -> Task:
         estimated_duration_s=row["estimated_duration_s"],
         dead_lettered=bool(row["dead_lettered"]),
         policy=json.loads(row["policy"]),
+        cache_key=row["cache_key"],
     )
 
 
@@ -343,8 +346,8 @@ def _outbox(row: sqlite3.Row) -> OutboxMessage:
     )
 
 
-class SQLiteStore:
-    """Implements TaskStore, EventLog, Outbox and KeyStore over one SQLite file."""
+class SQLiteStore(SQLiteMemory):
+    """Implements every store seam over one SQLite file (the memory tiers through :class:`SQLiteMemory`)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -355,6 +358,7 @@ class SQLiteStore:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-sqlite-r")
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._memory_init()
         conn = self._conn()
         self._migrate(conn)
         self._writer.start()
@@ -459,6 +463,7 @@ class SQLiteStore:
     async def aclose(self) -> None:
         self._queue.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        await asyncio.get_running_loop().run_in_executor(self._readers, self._save_indexes)
         self._readers.shutdown(wait=True)
         with self._lock:
             for conn in self._conns:
@@ -547,8 +552,8 @@ class SQLiteStore:
             task_id = new_id("tsk")
             conn.execute(
                 "INSERT INTO tasks(id, tenant, workflow, input, status, created_at, updated_at, webhook_url, "
-                "webhook_secret, budget, metadata, estimated_duration_s, policy) "
-                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                "webhook_secret, budget, metadata, estimated_duration_s, policy, cache_key) "
+                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task_id,
                     new.tenant,
@@ -562,6 +567,7 @@ class SQLiteStore:
                     json.dumps(new.metadata),
                     new.estimated_duration_s,
                     json.dumps(new.policy),
+                    new.cache_key,
                 ),
             )
             self._append(conn, task_id, "status", {"status": "queued"}, now)

@@ -10,8 +10,11 @@ from typing import Any, Protocol
 from keel.memory.types import (
     ApiKey,
     BlobRef,
+    ChunkHit,
+    ChunkRecord,
     CreateResult,
     Decision,
+    DocumentRecord,
     EffectRecord,
     EffectSettlement,
     EffectStatus,
@@ -24,6 +27,8 @@ from keel.memory.types import (
     ModelStats,
     NewTask,
     OutboxMessage,
+    Session,
+    SessionTurn,
     StepCheckpoint,
     Task,
     TaskStatus,
@@ -225,6 +230,99 @@ class EmailOutbox(Protocol):
     async def email_retry(self, key: str, when: float, error: str, *, give_up: bool = False) -> None: ...
 
 
+class SessionStore(Protocol):
+    """Short-term memory: per-session turns and context with a sliding TTL, scoped to a tenant."""
+
+    async def append_turns(
+        self, tenant: str, session_id: str, turns: Sequence[SessionTurn], ttl_s: float, now: float
+    ) -> Session:
+        """Append ``turns`` (numbered on from the last) and push ``expires_at`` to ``now + ttl_s``. A session that
+        has expired is started afresh: its old turns and context are never seen again."""
+        ...
+
+    async def set_session_context(
+        self, tenant: str, session_id: str, context: dict[str, Any], ttl_s: float, now: float
+    ) -> Session: ...
+
+    async def get_session(self, tenant: str, session_id: str, now: float, *, last: int | None = None) -> Session | None:
+        """The session with its last ``last`` turns (all when None); None when missing, expired or another
+        tenant's."""
+        ...
+
+    async def delete_session(self, tenant: str, session_id: str) -> bool: ...
+
+    async def sweep_sessions(self, now: float) -> int:
+        """Delete expired sessions and their turns; return how many."""
+        ...
+
+
+class DocumentStore(Protocol):
+    async def save_document(self, doc: DocumentRecord, now: float) -> DocumentRecord:
+        """Insert or update ``doc`` by id (``updated_at`` stamped ``now``)."""
+        ...
+
+    async def get_document(self, tenant: str, document_id: str, now: float | None = None) -> DocumentRecord | None:
+        """None when missing, another tenant's, or (given ``now``) expired."""
+        ...
+
+    async def list_documents(self, tenant: str, now: float, *, limit: int = 100) -> list[DocumentRecord]: ...
+
+    async def delete_document(self, tenant: str, document_id: str) -> bool:
+        """Delete the document and all its chunks, in every space."""
+        ...
+
+
+class VectorStore(Protocol):
+    """Long-term memory: embedded chunks. Each chunk belongs to one embedding space (``model@version``); a search
+    names its space and can only ever see chunks of that space, so vectors of two model versions are never
+    compared."""
+
+    async def add_chunks(self, chunks: Sequence[ChunkRecord], now: float) -> list[int]:
+        """Store chunks with their vectors; return their ids in order. A chunk already stored (same document,
+        space, page, offsets and content hash) keeps its row and id, so ingesting again adds nothing."""
+        ...
+
+    async def search_chunks(
+        self,
+        space: str,
+        vector: Any,
+        k: int,
+        *,
+        tenant: str,
+        now: float,
+        documents: Sequence[str] | None = None,
+    ) -> list[ChunkHit]:
+        """The ``k`` chunks of ``space`` closest to ``vector`` (cosine), best first, among the tenant's unexpired
+        chunks (of ``documents`` only, when given)."""
+        ...
+
+    async def chunk_count(self, space: str, *, tenant: str | None = None, now: float | None = None) -> int: ...
+
+    async def spaces(self, now: float) -> dict[str, int]:
+        """Every space that has unexpired chunks, with its chunk count."""
+        ...
+
+    async def chunks_to_reindex(self, source: str, target: str, limit: int, now: float) -> list[ChunkRecord]:
+        """Unexpired chunks of ``source`` (without vectors) that have no twin in ``target`` yet, oldest first."""
+        ...
+
+    async def drop_space(self, space: str) -> int:
+        """Delete every chunk of ``space``; return how many."""
+        ...
+
+    async def sweep_chunks(self, now: float) -> int:
+        """Delete expired chunks and expired documents (with their chunks); return how many chunks went."""
+        ...
+
+
+class ResultCache(Protocol):
+    """Finished results by request fingerprint (seed 000, step 12): an identical request need not be paid twice."""
+
+    async def cached_result(self, tenant: str, key: str, not_before: float) -> Task | None:
+        """The newest succeeded task with this fingerprint that finished at or after ``not_before``."""
+        ...
+
+
 class Store(
     TaskStore,
     WorkflowStore,
@@ -235,6 +333,10 @@ class Store(
     EffectLedger,
     DecisionStore,
     EmailOutbox,
+    SessionStore,
+    DocumentStore,
+    VectorStore,
+    ResultCache,
     Protocol,
 ):
     async def aclose(self) -> None: ...

@@ -57,6 +57,8 @@ class NewTask:
     policy: dict[str, Any] = field(default_factory=dict)
     """What the task may do: ``tools`` (allowlist, None = all), ``scopes`` (of the submitting key) and
     ``approval`` (``auto``: writes need approval once untrusted content was read; ``always``)."""
+    cache_key: str | None = None
+    """The request's fingerprint for the result cache (None: not cacheable)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -82,6 +84,7 @@ class Task:
     estimated_duration_s: float | None
     dead_lettered: bool = False
     policy: dict[str, Any] = field(default_factory=dict)
+    cache_key: str | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -431,3 +434,121 @@ class EmailMessage:
     def message_id(self) -> str:
         """Derived from the idempotency key (128 bits of it: the header stays on one line)."""
         return f"<{self.key[:32]}@keel>"
+
+
+# -- memory: sessions, documents, chunks --------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class SessionTurn:
+    """One turn of a conversation kept in session memory."""
+
+    role: str
+    """``user``, ``assistant``, ``system`` or ``tool``."""
+    content: str
+    at: float = 0.0
+    seq: int = 0
+    """Position in the session, from 1; given by the store."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class Session:
+    """Short-term memory: a conversation's turns and context, gone once ``expires_at`` passes."""
+
+    id: str
+    tenant: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+    """Each write pushes it to ``now + ttl`` (a sliding TTL); a read at or after it finds nothing."""
+    context: dict[str, Any] = field(default_factory=dict)
+    turns: list[SessionTurn] = field(default_factory=list)
+
+
+class DocumentStatus(StrEnum):
+    ingesting = "ingesting"
+    """Accepted, not finished (a crash mid-ingestion leaves this; ingesting the same bytes again resumes)."""
+    ingested = "ingested"
+    skipped = "skipped"
+    """Rejected for a reason of its own (encrypted, corrupt, a bomb, unreachable); ``errors`` or ``warnings`` say
+    which. The other documents of a batch go on."""
+    failed = "failed"
+    """keel could not finish it (the embedder or the store failed); ingesting it again retries."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DocumentRecord:
+    """A document in vector memory. ``id`` is derived from the tenant and the content hash, so ingesting the same
+    bytes twice gives the same document (idempotent)."""
+
+    id: str
+    tenant: str
+    sha256: str
+    """Of the bytes as received."""
+    source: str
+    """``upload:<filename>`` or the URL it was fetched from."""
+    media_type: str = ""
+    size: int = 0
+    status: DocumentStatus = DocumentStatus.ingesting
+    pages: int = 0
+    chunks: int = 0
+    space: str | None = None
+    """The embedding space (model@version) its chunks were embedded in."""
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    expires_at: float | None = None
+    """None: kept until deleted. Its chunks expire with it."""
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "pages": self.pages,
+            "chunks": self.chunks,
+            "source": self.source,
+            "media_type": self.media_type,
+            "size": self.size,
+            "sha256": self.sha256,
+            "space": self.space,
+            "warnings": self.warnings,
+            "errors": self.errors,
+            "metadata": self.metadata,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+        }
+
+
+def document_id(tenant: str, sha256: str) -> str:
+    return "doc_" + hashlib.sha256(f"{tenant}\x00{sha256}".encode()).hexdigest()[:24]
+
+
+@dataclass(kw_only=True, slots=True)
+class ChunkRecord:
+    """One embedded piece of a document page. ``start``/``end`` are character offsets into the page's text."""
+
+    document_id: str
+    tenant: str
+    page: int
+    start: int
+    end: int
+    text: str
+    content_hash: str
+    space: str
+    """``model@version`` of the embedding: a query is only ever compared with chunks of its own space."""
+    vector: Any = None
+    """float32 array of the space's dimension, L2-normalised (None when read back without vectors)."""
+    id: int = 0
+    """Given by the store."""
+    created_at: float = 0.0
+    expires_at: float | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ChunkHit:
+    chunk: ChunkRecord
+    score: float
+    """Cosine similarity to the query, in [-1, 1]."""

@@ -15,14 +15,18 @@ from keel.memory.blobs import INLINE_LIMIT
 from keel.memory.stores import Store
 from keel.memory.types import (
     BlobRef,
+    ChunkRecord,
     CreateOutcome,
     Decision,
     DecisionKind,
+    DocumentRecord,
+    DocumentStatus,
     EffectRecord,
     EffectStatus,
     EmailMessage,
     IdempotencyClaim,
     NewTask,
+    SessionTurn,
     StepCheckpoint,
     StepStatus,
     TaskStatus,
@@ -315,6 +319,140 @@ async def check_email_outbox(store: Store) -> None:
     assert got is not None and got.status == "sent" and got.attempts == 2
 
 
+# -- memory tiers -------------------------------------------------------------------------------------------
+
+
+async def check_session_memory_ttl(store: Store) -> None:
+    s = await store.append_turns("t1", "s1", [SessionTurn(role="user", content="hi")], 60, T0)
+    assert [(t.seq, t.role, t.content) for t in s.turns] == [(1, "user", "hi")] and s.expires_at == T0 + 60
+    await store.append_turns(
+        "t1",
+        "s1",
+        [SessionTurn(role="assistant", content="hello"), SessionTurn(role="user", content="q2")],
+        60,
+        T0 + 30,
+    )
+    got = await store.get_session("t1", "s1", T0 + 31)
+    assert got is not None and [t.seq for t in got.turns] == [1, 2, 3] and got.expires_at == T0 + 90  # sliding
+    last = await store.get_session("t1", "s1", T0 + 31, last=2)
+    assert last is not None and [t.content for t in last.turns] == ["hello", "q2"]
+    assert await store.get_session("t2", "s1", T0 + 31) is None  # another tenant's
+    await store.set_session_context("t1", "s1", {"topic": "contracts"}, 60, T0 + 40)
+    ctx = await store.get_session("t1", "s1", T0 + 41)
+    assert ctx is not None and ctx.context == {"topic": "contracts"} and ctx.expires_at == T0 + 100
+    assert await store.get_session("t1", "s1", T0 + 100) is None  # expired: never returned, swept or not
+    fresh = await store.append_turns("t1", "s1", [SessionTurn(role="user", content="again")], 60, T0 + 101)
+    assert [t.seq for t in fresh.turns] == [1] and fresh.context == {} and fresh.created_at == T0 + 101
+    await store.append_turns("t1", "s2", [SessionTurn(role="user", content="x")], 10, T0)
+    assert await store.sweep_sessions(T0 + 50) == 1  # s2 (expired at T0+10); s1 lives to T0+161
+    assert await store.get_session("t1", "s1", T0 + 102) is not None
+    assert await store.delete_session("t1", "s1") and await store.get_session("t1", "s1", T0 + 102) is None
+
+
+def _doc(doc_id: str, tenant: str = "t1", expires_at: float | None = None) -> DocumentRecord:
+    return DocumentRecord(
+        id=doc_id, tenant=tenant, sha256="0" * 64, source="upload:x.pdf", media_type="application/pdf",
+        expires_at=expires_at,
+    )  # fmt: skip
+
+
+def _vec(*xs: float) -> list[float]:
+    norm = sum(x * x for x in xs) ** 0.5
+    return [x / norm for x in xs]
+
+
+def _chunk(
+    doc: str,
+    text: str,
+    vec: list[float],
+    *,
+    space: str = "m@A",
+    start: int = 0,
+    tenant: str = "t1",
+    expires_at: float | None = None,
+) -> ChunkRecord:
+    return ChunkRecord(
+        document_id=doc, tenant=tenant, page=1, start=start, end=start + len(text), text=text,
+        content_hash=f"h-{text}", space=space, vector=vec, expires_at=expires_at,
+    )  # fmt: skip
+
+
+async def check_documents(store: Store) -> None:
+    saved = await store.save_document(_doc("doc_1"), T0)
+    assert saved.status is DocumentStatus.ingesting and saved.created_at == T0
+    saved.status, saved.pages, saved.warnings = DocumentStatus.ingested, 3, [{"type": "ocr_used"}]
+    again = await store.save_document(saved, T0 + 5)
+    assert again.status is DocumentStatus.ingested and again.pages == 3 and again.created_at == T0
+    assert again.updated_at == T0 + 5 and again.warnings == [{"type": "ocr_used"}]
+    assert await store.get_document("t2", "doc_1") is None
+    await store.save_document(_doc("doc_2", expires_at=T0 + 10), T0)
+    assert await store.get_document("t1", "doc_2", T0 + 10) is None  # expired
+    assert [d.id for d in await store.list_documents("t1", T0 + 11)] == ["doc_1"]
+    assert await store.delete_document("t1", "doc_1") and await store.get_document("t1", "doc_1") is None
+
+
+async def check_vector_spaces_are_isolated(store: Store) -> None:
+    await store.save_document(_doc("doc_a"), T0)
+    await store.add_chunks(
+        [_chunk("doc_a", "payment terms", _vec(1, 0, 0)), _chunk("doc_a", "liability", _vec(0, 1, 0), start=20)], T0
+    )
+    hits = await store.search_chunks("m@A", _vec(1, 0.1, 0), 5, tenant="t1", now=T0)
+    assert [h.chunk.text for h in hits] == ["payment terms", "liability"] and hits[0].score > hits[1].score
+    assert hits[0].chunk.space == "m@A" and hits[0].chunk.page == 1 and hits[0].chunk.end == len("payment terms")
+    # The same model at another version: nothing of version A is ever compared with a version-B query.
+    assert await store.search_chunks("m@B", _vec(1, 0.1, 0), 5, tenant="t1", now=T0) == []
+    todo = await store.chunks_to_reindex("m@A", "m@B", 10, T0)
+    assert [c.text for c in todo] == ["payment terms", "liability"]
+    await store.add_chunks([dataclasses.replace(c, space="m@B", vector=_vec(0, 0, 1), id=0) for c in todo[:1]], T0)
+    assert [c.text for c in await store.chunks_to_reindex("m@A", "m@B", 10, T0)] == ["liability"]
+    hits_b = await store.search_chunks("m@B", _vec(0, 0, 1), 5, tenant="t1", now=T0)
+    assert [(h.chunk.text, h.chunk.space) for h in hits_b] == [("payment terms", "m@B")]
+    assert await store.spaces(T0) == {"m@A": 2, "m@B": 1}
+    assert await store.drop_space("m@A") == 2 and await store.spaces(T0) == {"m@B": 1}
+    assert await store.search_chunks("m@A", _vec(1, 0, 0), 5, tenant="t1", now=T0) == []
+
+
+async def check_vector_dedup_filters_and_ttl(store: Store) -> None:
+    await store.save_document(_doc("doc_x"), T0)
+    await store.save_document(_doc("doc_y"), T0)
+    await store.save_document(_doc("doc_z", tenant="t2"), T0)
+    first = await store.add_chunks([_chunk("doc_x", "alpha", _vec(1, 0)), _chunk("doc_y", "beta", _vec(0.9, 0.1))], T0)
+    again = await store.add_chunks([_chunk("doc_x", "alpha", _vec(1, 0))], T0 + 1)
+    assert again == first[:1] and await store.chunk_count("m@A") == 2  # idempotent re-ingest
+    await store.add_chunks([_chunk("doc_z", "gamma", _vec(1, 0), tenant="t2")], T0)
+    await store.add_chunks([_chunk("doc_x", "short-lived", _vec(1, 0.01), start=50, expires_at=T0 + 10)], T0)
+    hits = await store.search_chunks("m@A", _vec(1, 0), 10, tenant="t1", now=T0 + 5)
+    assert sorted(h.chunk.text for h in hits) == ["alpha", "beta", "short-lived"]  # not t2's gamma
+    hits = await store.search_chunks("m@A", _vec(1, 0), 10, tenant="t1", now=T0 + 10)
+    assert sorted(h.chunk.text for h in hits) == ["alpha", "beta"]  # expired, though not swept yet
+    only_y = await store.search_chunks("m@A", _vec(1, 0), 10, tenant="t1", now=T0, documents=["doc_y"])
+    assert [h.chunk.text for h in only_y] == ["beta"]
+    top1 = await store.search_chunks("m@A", _vec(1, 0), 1, tenant="t1", now=T0 + 10)
+    assert [h.chunk.text for h in top1] == ["alpha"]
+    assert await store.chunk_count("m@A", tenant="t1", now=T0 + 10) == 2
+    assert await store.sweep_chunks(T0 + 10) == 1 and await store.chunk_count("m@A") == 3
+    await store.save_document(_doc("doc_y", expires_at=T0 + 20), T0 + 1)  # a document's chunks expire with it
+    assert await store.sweep_chunks(T0 + 20) == 1 and await store.get_document("t1", "doc_y") is None
+    assert [h.chunk.text for h in await store.search_chunks("m@A", _vec(1, 0), 10, tenant="t1", now=T0 + 20)] == [
+        "alpha"
+    ]
+
+
+async def check_result_cache(store: Store) -> None:
+    hit = await store.create_task(_new(cache_key="fp1"), None, T0)
+    miss = await store.create_task(_new(cache_key="fp2"), None, T0)
+    assert hit.task and miss.task
+    for task_id, status in ((hit.task.id, TaskStatus.succeeded), (miss.task.id, TaskStatus.failed)):
+        lease = await store.lease_next("w", T0, 10, 5)
+        assert lease and lease.task_id == task_id
+        await store.finish(lease, task_id, status, {"status": "success"}, T0 + 10)
+    cached = await store.cached_result("t1", "fp1", T0)
+    assert cached is not None and cached.id == hit.task.id and cached.cache_key == "fp1"
+    assert await store.cached_result("t1", "fp1", T0 + 11) is None  # older than the caller accepts
+    assert await store.cached_result("t2", "fp1", T0) is None
+    assert await store.cached_result("t1", "fp2", T0) is None  # only successes are reused
+
+
 CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_create_and_get,
     check_idempotency,
@@ -331,4 +469,9 @@ CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_decisions_park_and_requeue,
     check_expired_decisions_are_denied,
     check_email_outbox,
+    check_session_memory_ttl,
+    check_documents,
+    check_vector_spaces_are_isolated,
+    check_vector_dedup_filters_and_ttl,
+    check_result_cache,
 ]

@@ -45,6 +45,7 @@ from keel.memory.types import (
     new_id,
     webhook_payload,
 )
+from keel.testing.inmemory_memory import InMemoryMemory
 
 
 @dataclass
@@ -55,8 +56,9 @@ class _Row:
     events: list[Event] = field(default_factory=list)
 
 
-class InMemoryStore:
+class InMemoryStore(InMemoryMemory):
     def __init__(self) -> None:
+        self._memory_init()
         self._tasks: dict[str, _Row] = {}
         self._keys: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._steps: dict[str, dict[str, StepCheckpoint]] = {}
@@ -74,6 +76,9 @@ class InMemoryStore:
 
     async def aclose(self) -> None:
         return None
+
+    def _all_tasks(self) -> list[Task]:
+        return [row.task for row in self._tasks.values()]
 
     def _fence(self, lease: Lease) -> _Row:
         row = self._tasks.get(lease.task_id)
@@ -114,6 +119,7 @@ class InMemoryStore:
             metadata=dict(new.metadata),
             estimated_duration_s=new.estimated_duration_s,
             policy=copy.deepcopy(new.policy),
+            cache_key=new.cache_key,
         )
         row = _Row(task=task)
         self._tasks[task.id] = row
