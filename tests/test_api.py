@@ -200,7 +200,9 @@ def test_auth_matrix(live: LiveServer) -> None:
         }
         if "{task_id}" in path:
             cases["other tenant"] = ({"Authorization": f"Bearer {other}"}, {404})
-        needed = "tasks:write" if method == "POST" else "tasks:read"
+        needed = "tasks:write" if method in ("POST", "DELETE") else "tasks:read"
+        if path == "/v1/memory/search":
+            needed = "tasks:read"  # a read, with its query in a body
         if path.endswith("/approvals/{call_id}"):
             needed = "tasks:approve"
         wrong = writeonly if needed == "tasks:read" else readonly

@@ -168,6 +168,8 @@ async def test_mcp_endpoint_lists_and_calls_keel_tools(live: LiveServer, mailer:
     key = mailer
     with live.client(key) as c:
         rest = {t["name"]: t for t in c.get("/v1/tools").json()}
+        note = b"Quarterly revenue grew 12 percent; the board approved the budget."
+        assert c.post("/v1/documents", files={"file": ("q3.txt", note, "text/plain")}).json()["status"] == "ingested"
     async with mcp_client(f"{live.url}/mcp", key) as client:
         listed = {t.name: t for t in (await client.list_tools()).tools}
         assert {"read_document", "send_email", "search_memory"} <= set(listed)
@@ -178,7 +180,10 @@ async def test_mcp_endpoint_lists_and_calls_keel_tools(live: LiveServer, mailer:
 
         found = await client.call_tool("search_memory", {"query": "quarterly"})
         assert not found.is_error, text_of(found)
-        assert found.structured_content is not None and found.structured_content["stub"] is True
+        assert found.structured_content is not None
+        hits = found.structured_content["results"]
+        assert hits and "Quarterly revenue" in hits[0]["text"] and hits[0]["score"] > 0
+        assert found.structured_content["level"] in ("high", "medium", "low")
 
         args = {"to": ["ops@example.com"], "subject": "hello", "body": "from MCP"}
         sent = await client.call_tool("send_email", args, meta={"idempotency_key": "retry-me"})

@@ -19,10 +19,15 @@ from keel.errors import ConfigError
 from keel.interaction import problems
 from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
+from keel.interaction.memory_routes import router as memory_router
 from keel.interaction.routes import router
 from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
 from keel.interaction.webhooks import WebhookDispatcher
+from keel.memory.embeddings import Embedder, open_embedder
+from keel.memory.ingest.pdf import ParseLimits
+from keel.memory.ingest.pipeline import Ingestor, IngestSettings
+from keel.memory.retrieval import ConfidencePolicy, Memory
 from keel.memory.stores import Store
 from keel.netguard import AllowList
 from keel.orchestration.engine import Engine
@@ -31,6 +36,7 @@ from keel.orchestration.runtime import EmbeddedEngine, Notifier
 from keel.orchestration.toolbox import Services
 from keel.orchestration.toolbox.builtins import builtin_tools, load_tools
 from keel.orchestration.toolbox.email import EmailRelay
+from keel.orchestration.toolbox.fetch import FetchLimits, document_fetcher
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry, default_registry
 from keel.settings import Settings
@@ -60,6 +66,7 @@ class Keel:
     webhooks: WebhookDispatcher
     webhook_allow: AllowList
     tools: ToolCatalog
+    memory: Memory
     clock: Callable[[], float] = time.time
     in_flight: set[tuple[str, str]] = field(default_factory=set)
 
@@ -100,6 +107,68 @@ def _smtp(settings: Settings) -> Any:
     return SmtpSender(settings.smtp_url, sender=settings.smtp_sender)
 
 
+class Embedders:
+    """``spec -> Embedder``, opened once per spec (the default one first); closed with the app."""
+
+    def __init__(self, default: Embedder) -> None:
+        self._open: dict[str, Embedder] = {}
+        self.default = default
+
+    def __call__(self, spec: str) -> Embedder:
+        if spec not in self._open:
+            self._open[spec] = open_embedder(spec)
+        return self._open[spec]
+
+    async def aclose(self) -> None:
+        for embedder in {id(e): e for e in [self.default, *self._open.values()]}.values():
+            await embedder.aclose()
+
+
+def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tuple[Memory, Embedders]:
+    embedder = open_embedder(settings.embedding_model)
+    embedders = Embedders(embedder)
+    fetch_limits = FetchLimits(
+        max_bytes=settings.ingest_max_bytes,
+        timeout_s=settings.fetch_timeout_s,
+        allow=AllowList.parse(settings.fetch_allow_hosts),
+        content_types=("application/pdf", "text/plain", "text/markdown", "application/octet-stream"),
+    )
+    ingestor = Ingestor(
+        store,
+        embedder,
+        settings=IngestSettings(
+            chunk_tokens=settings.chunk_tokens,
+            overlap_tokens=settings.chunk_overlap_tokens,
+            ttl_s=settings.vector_ttl_days * 86_400 or None,
+            max_bytes=settings.ingest_max_bytes,
+            retries=settings.ingest_fetch_retries,
+            limits=ParseLimits(
+                max_bytes=settings.ingest_max_bytes,
+                max_pages=settings.ingest_max_pages,
+                max_decompressed_bytes=settings.ingest_max_decompressed_bytes,
+                memory_mb=settings.ingest_memory_mb,
+                cpu_s=settings.ingest_cpu_s,
+                timeout_s=settings.ingest_timeout_s,
+                ocr=settings.ocr,
+                ocr_lang=settings.ocr_lang,
+                ocr_min_word_confidence=settings.ocr_min_confidence,
+            ),
+        ),
+        fetcher=document_fetcher(fetch_limits),
+        clock=clock,
+        scratch_dir=settings.data_dir / "tmp",
+    )
+    memory = Memory(
+        store=store,
+        embedder=embedder,
+        ingestor=ingestor,
+        clock=clock,
+        session_ttl_s=settings.session_ttl_hours * 3600,
+        confidence=ConfidencePolicy(high=settings.retrieval_high, low=settings.retrieval_low),
+    )
+    return memory, embedders
+
+
 def create_app(settings: Settings | None = None, registry: WorkflowRegistry | None = None) -> FastAPI:
     settings = settings or Settings()
     if registry is None:
@@ -122,7 +191,11 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
         notifier = Notifier()
         stack = contextlib.AsyncExitStack()
         tools = await _tools(settings, stack)
+        memory, embedders = _memory(settings, store, time.time)
+        stack.push_async_callback(embedders.aclose)
         services = Services(
+            memory=memory,
+            embedders=embedders,
             store=store,
             documents_dir=settings.documents_dir,
             fetch_allow=AllowList.parse(settings.fetch_allow_hosts),
@@ -143,6 +216,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             tools=tools,
             services=services,
             approval_ttl_s=settings.approval_ttl_hours * 3600 or None,
+            sweep_s=min(60.0, settings.memory_sweep_s),
         )
         relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
         allow = AllowList.parse(settings.webhook_allow_hosts)
@@ -164,6 +238,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             webhooks=webhooks,
             webhook_allow=allow,
             tools=tools,
+            memory=memory,
         )
         # Only one process may own an embedded data dir, so whatever is still `running` belongs to a dead one.
         await runtime.start(recover=True)
@@ -184,6 +259,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
     problems.install(app)
     app.include_router(router)
     app.include_router(tool_router)
+    app.include_router(memory_router)
     app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
 
     @app.get("/healthz", include_in_schema=True, tags=["ops"])
@@ -198,5 +274,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
         await keel.store.read("readyz", 0, limit=1)
         return JSONResponse({"status": "ready"})
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # A multipart upload carries the document plus its form framing.
+    uploads = {"/v1/documents": settings.ingest_max_bytes + 64 * 1024}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path=uploads)
     return app

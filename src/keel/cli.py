@@ -24,6 +24,10 @@ tools_app = typer.Typer(help="The tools a running server offers.", no_args_is_he
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tools_app, name="tools")
+memory_app = typer.Typer(help="Vector memory on a running server: spaces, search, re-embedding.", no_args_is_help=True)
+documents_app = typer.Typer(help="Ingest documents into vector memory on a running server.", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+app.add_typer(documents_app, name="documents")
 
 WAITING_EXIT = 3
 """Exit status of `submit` and `tasks approve` when the task stopped to wait for a person's decision."""
@@ -258,6 +262,12 @@ class _StreamView:
             update(self.bar, description=f"{data.get('step', '')}: …{tail}")
         elif event == "budget":
             update(self.bar, description=_budget_line(data))
+        elif event == "reindex_progress":
+            update(self.bar, description=f"re-embedded {data['done']}/{data['total']} chunks")
+        elif event == "ingest_progress":
+            update(self.bar, description=f"{data.get('ref', '')} {data['phase']} {data['done']}/{data['total']}")
+        elif event == "ingest_retry":
+            update(self.bar, description=f"retrying {data['url']} (attempt {data['attempt']}): {data['error']}"[:100])
         elif event == "decision_requested":
             update(self.bar, description=f"approval needed: {data.get('tool')}")
         elif event == "status":
@@ -411,6 +421,83 @@ def tasks_replay(task_id: str, data_dir: DataDir = None) -> None:
         _fail(exc.message)
     except KeelError as exc:
         _fail(f"replay diverged: {exc.message}")
+
+
+@memory_app.command("reindex")
+def memory_reindex(
+    model: Annotated[str, typer.Option("--model", help="Embedder spec to re-embed into, e.g. local:minilm.")],
+    source: Annotated[
+        str | None, typer.Option(help="Space (model@version) to copy from; default: the largest other one.")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Chunks per durable step.")] = 64,
+    prune: Annotated[bool, typer.Option(help="Delete the source space once every chunk has a twin.")] = False,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+) -> None:
+    """Re-embed vector memory under another model or version, as a background task (resumable after a crash),
+    with a progress bar. Queries keep using the configured model's space until KEEL_EMBEDDING_MODEL changes."""
+    body = {"workflow": "memory_reindex", "input": {"model": model, "source": source, "batch": batch, "prune": prune}}
+    steps = 100_000  # one durable step per batch: a large space needs more than the default step budget
+    body["budget"] = {"max_steps": steps}
+    with _client(url, api_key) as client:
+        task = _call(client, "POST", "/v1/tasks", json=body).json()
+        err.print(f"[bold]re-embedding[/] as task {task['id']}")
+        _finish(client, task["id"])
+
+
+@memory_app.command("spaces")
+def memory_spaces(url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+    """Every embedding space with chunks, and which one queries use."""
+    with _client(url, api_key) as client:
+        out.print_json(data=_call(client, "GET", "/v1/memory/spaces").json())
+
+
+@memory_app.command("search")
+def memory_search(
+    query: str,
+    k: Annotated[int, typer.Option(help="How many passages.")] = 5,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+) -> None:
+    """The passages closest to QUERY, with scores and the retrieval confidence."""
+    with _client(url, api_key) as client:
+        out.print_json(data=_call(client, "POST", "/v1/memory/search", json={"query": query, "k": k}).json())
+
+
+@documents_app.command("add")
+def documents_add(
+    sources: Annotated[list[str], typer.Argument(help="PDF or text files, or http(s) URLs.")],
+    password: Annotated[str | None, typer.Option(help="Opens encrypted PDFs (sent once, never stored).")] = None,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+) -> None:
+    """Ingest each source; prints one line per document (id, status, pages, chunks, why skipped) and exits 1
+    when any was skipped or failed."""
+    bad = 0
+    with _client(url, api_key) as client:
+        client.timeout = httpx.Timeout(30, read=900)  # OCR of a long scan takes minutes
+        for source in sources:
+            if source.startswith(("http://", "https://")):
+                response = _call(client, "POST", "/v1/documents", json={"url": source, "password": password})
+            else:
+                path = Path(source)
+                if not path.is_file():
+                    _fail(f"no such file: {source}", 2)
+                with err.status(f"ingesting {path.name} …"), path.open("rb") as fh:
+                    data = {"password": password} if password else {}
+                    response = _call(client, "POST", "/v1/documents", files={"file": (path.name, fh)}, data=data)
+            doc = response.json()
+            why = "; ".join(p["message"] for p in [*doc["errors"], *doc["warnings"]][:3])
+            colour = "green" if doc["status"] == "ingested" else "yellow"
+            err.print(
+                f"[{colour}]{doc['status']}[/] {doc['id']} {source}: {doc['pages']} page(s), {doc['chunks']} chunk(s)"
+                + (f" [dim]({why})[/]" if why else ""),
+                soft_wrap=True,
+            )
+            out.print(doc["id"])
+            bad += doc["status"] != "ingested"
+    if bad:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -82,6 +82,32 @@ class Settings(BaseSettings):
     )
     smtp_sender: str = Field("keel@localhost", description="From address of send_email messages.")
 
+    # -- memory (issue 6) --------------------------------------------------------------------------------------
+    embedding_model: str = Field(
+        "local:minilm",
+        description="Embedder spec: local:minilm (all-MiniLM-L6-v2 on numpy), openai:<model>, "
+        "openai-compatible:<base_url>#<model>, or hash:<dim> (a lexical fake for tests).",
+    )
+    session_ttl_hours: float = Field(24.0, gt=0, description="Session memory lives this long after its last write.")
+    vector_ttl_days: float = Field(
+        30.0, ge=0, description="Documents and their chunks live this long in vector memory (0: until deleted)."
+    )
+    chunk_tokens: int = Field(200, ge=16, le=8192, description="Chunk size in embedder tokens (capped by its window).")
+    chunk_overlap_tokens: int = Field(32, ge=0, le=1024)
+    ingest_max_bytes: int = Field(50_000_000, ge=1, description="Largest document accepted (upload or URL).")
+    ingest_max_pages: int = Field(2000, ge=1)
+    ingest_max_decompressed_bytes: int = Field(300_000_000, ge=1, description="PDF-bomb guard: decoded streams.")
+    ingest_memory_mb: int = Field(1536, ge=128, description="Address-space limit of the PDF parser process.")
+    ingest_cpu_s: int = Field(300, ge=1, description="CPU-time limit of the PDF parser process.")
+    ingest_timeout_s: float = Field(600.0, gt=0, description="Wall-clock limit of one document's parse.")
+    ingest_fetch_retries: int = Field(3, ge=0, le=10, description="Retries (with backoff) of an unreachable URL.")
+    ocr: bool = Field(True, description="OCR pages without a text layer (needs Debian's tesseract-ocr).")
+    ocr_lang: str = "eng"
+    ocr_min_confidence: float = Field(60.0, ge=0, le=100, description="OCR words below this are dropped.")
+    retrieval_high: float = Field(0.45, description="Cosine score at or above which retrieval is `high` confidence.")
+    retrieval_low: float = Field(0.25, description="Cosine score below which retrieval is `low` confidence.")
+    memory_sweep_s: float = Field(60.0, gt=0, description="How often expired sessions and chunks are deleted.")
+
     @field_validator("workflows", "tools", "mcp_allowed_origins", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:

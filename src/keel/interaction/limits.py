@@ -15,17 +15,21 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """``max_bytes`` for every path, except those ``per_path`` names (document uploads are larger than JSON)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        cap = self.per_path.get(scope.get("path", ""), self.max_bytes)
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._reject(send)
+            if name == b"content-length" and value.isdigit() and int(value) > cap:
+                await self._reject(send, cap)
                 return
         seen = 0
         started = False
@@ -35,8 +39,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if seen > cap:
+                    raise BodyTooLarge(cap)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -49,15 +53,15 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, cap)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, cap: int) -> None:
         body = json.dumps(
             {
                 "type": "urn:keel:problem:body_too_large",
                 "title": "Content Too Large",
                 "status": 413,
-                "detail": f"The request body exceeds {self.max_bytes} bytes.",
+                "detail": f"The request body exceeds {cap} bytes.",
             }
         ).encode()
         await send(

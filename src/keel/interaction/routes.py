@@ -46,6 +46,7 @@ def _request_hash(body: SubmitTask) -> str:
     response_model=TaskAccepted,
     responses={
         **ERRORS,
+        200: {"description": "Answered from the result cache (`cache.max_age_s` allowed it): the earlier task"},
         409: {"description": "A request with this Idempotency-Key is still in flight", **PROBLEM},
         413: {"description": "Body too large", **PROBLEM},
         422: {"description": "Invalid body, or Idempotency-Key reused with a different body", **PROBLEM},
@@ -79,6 +80,14 @@ async def submit(
     if body.webhook is not None:
         await resolve_target(str(body.webhook.url), allow=keel.webhook_allow)
     policy = _policy(body, key, keel.tools)
+    input_json = parsed.model_dump(mode="json")
+    fingerprint = _fingerprint(keel, body, input_json)
+    if body.cache is not None:
+        cached = await keel.store.cached_result(key.tenant, fingerprint, keel.clock() - body.cache.max_age_s)
+        if cached is not None:
+            age = max(0, int(keel.clock() - (cached.finished_at or keel.clock())))
+            headers = {"Location": f"/v1/tasks/{cached.id}", "Cache-Status": "keel; hit", "Age": str(age)}
+            return JSONResponse(view(cached).model_dump(mode="json"), status_code=200, headers=headers)
 
     claim = None
     if idempotency_key is not None:
@@ -96,13 +105,14 @@ async def submit(
             NewTask(
                 tenant=key.tenant,
                 workflow=body.workflow,
-                input=parsed.model_dump(mode="json"),
+                input=input_json,
                 webhook_url=str(body.webhook.url) if body.webhook else None,
                 webhook_secret=body.webhook.secret if body.webhook else None,
                 budget=body.budget.model_dump(),
                 metadata=body.metadata,
                 estimated_duration_s=wf.estimate(parsed),
                 policy=policy,
+                cache_key=fingerprint,
             ),
             claim,
             keel.clock(),
@@ -120,6 +130,26 @@ async def submit(
     else:
         keel.runtime.wake()
     return JSONResponse(accepted(task).model_dump(mode="json"), status_code=202, headers=headers)
+
+
+def _fingerprint(keel: Any, body: SubmitTask, input_json: dict[str, Any]) -> str:
+    """What makes two requests identical for the result cache: workflow, validated input (a document id is
+    derived from the document's bytes, so equal ids mean equal contents), the model and embedding model that
+    would answer, and every setting that shapes the result (budget, tool allowlist, approval rule)."""
+    canonical = json.dumps(
+        {
+            "workflow": body.workflow,
+            "input": input_json,
+            "model": keel.settings.default_model,
+            "embedding": keel.memory.embedder.space.key,
+            "budget": body.budget.model_dump(mode="json"),
+            "tools": body.tools,
+            "approval": body.approval,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _policy(body: SubmitTask, key: ApiKey, catalog: ToolCatalog) -> dict[str, Any]:

@@ -57,6 +57,19 @@ class BudgetSpec(BaseModel):
     deadline_s: float | None = Field(None, gt=0, le=7 * 86400, description="Wall-clock seconds from submission.")
 
 
+class CacheSpec(BaseModel):
+    """Permission to answer from the result cache."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_age_s: int = Field(
+        ge=0,
+        le=30 * 86_400,
+        description="Accept the stored result of an identical request (same workflow, input, document contents, "
+        "model and settings) that succeeded at most this many seconds ago. The answer is then 200 with that task "
+        "and `Cache-Status: keel; hit`, and nothing runs again.",
+    )
+
+
 class SubmitTask(BaseModel):
     """Body of `POST /v1/tasks`."""
 
@@ -93,6 +106,9 @@ class SubmitTask(BaseModel):
         "auto",
         description="`auto`: a write tool needs a person's approval once the task has read untrusted content "
         "(documents, fetched pages); `always`: every write does.",
+    )
+    cache: CacheSpec | None = Field(
+        None, description="Allow a stored result of an identical request; without it the task always runs."
     )
 
 

@@ -235,6 +235,8 @@ class WorkflowContext:
         self.partial: dict[str, Any] = dict(state.get("partial", {}))  # written by keel before per-key rows
         self.partial.update({k.removeprefix("partial:"): v for k, v in state.items() if k.startswith("partial:")})
         self.metadata: dict[str, Any] = {"model_ids": [], "model_calls": [], "tools_called": [], "reductions": {}}
+        self.incomplete = False
+        """Part of the input was left out (see :meth:`skipped`): a success becomes a partial success."""
         self.executed: list[str] = []
         """Keys of the steps this run actually executed (not replayed): what a crash test counts."""
 
@@ -307,6 +309,13 @@ class WorkflowContext:
     ) -> None:
         """An envelope error: part of the work failed, so the task ends partial_success at best."""
         self._note("error", type, message, step, recovery_suggested, pointer)
+
+    def skipped(self, type: str, message: str, *, step: str | None = None, recovery_suggested: bool = True) -> None:
+        """Part of the input was left out for a reason the caller can act on (an encrypted document that needs
+        its password): an envelope warning, and the task ends partial_success at best, because the result does
+        not cover everything that was asked."""
+        self.incomplete = True
+        self._note("warning", type, message, step, recovery_suggested, None)
 
     def _note(
         self, severity: str, type: str, message: str, step: str | None, recovery: bool, pointer: str | None

@@ -51,6 +51,11 @@ class EnvelopeMetadata(BaseModel):
         default_factory=dict, description="Map-reduce trees: how inputs larger than a context window were combined."
     )
     plan: dict[str, Any] | None = Field(None, description="The validated task graph, when the workflow planned.")
+    retrieval: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Every vector-memory search: query, embedding space, each hit's document, page, offsets and "
+        "cosine score, and the confidence (0-1) with its level (high/medium/low/none).",
+    )
 
 
 class Envelope(BaseModel):
@@ -131,5 +136,6 @@ def build_envelope(
             "budget": ctx.meter.snapshot(),
             "reductions": ctx.metadata["reductions"],
             "plan": ctx.metadata.get("plan"),
+            "retrieval": ctx.metadata.get("retrieval", []),
         },
     }

@@ -303,9 +303,10 @@ class EmbeddedEngine:
             await asyncio.sleep(self.sweep_s)
 
     async def sweep_once(self) -> None:
-        """Expired idempotency keys are removed (they are never honoured past their expiry anyway), and calls
+        """Expired idempotency keys are removed (they are never honoured past their expiry anyway), calls
         nobody approved within ``approval_ttl_s`` are denied, so their tasks go on (the call fails as
-        ``approval_denied``) instead of waiting forever."""
+        ``approval_denied``) instead of waiting forever, and expired memory (sessions, chunks, documents) is
+        deleted."""
         now = self.clock()
         removed = await self.store.sweep_idempotency(now)
         if removed:
@@ -317,6 +318,11 @@ class EmbeddedEngine:
                 for task_id in requeued:
                     self.notifier.notify(task_id)
                 self.wake()
+        # The memory tiers: expired sessions, chunks and documents. Reads already skip them; this reclaims space.
+        sessions = await self.store.sweep_sessions(now)
+        chunks = await self.store.sweep_chunks(now)
+        if sessions or chunks:
+            log.info("swept %d expired session(s) and %d expired chunk(s)", sessions, chunks)
 
     async def _heartbeat(self, lease: Lease, run: asyncio.Task[Any]) -> None:
         while True:
@@ -382,7 +388,7 @@ class EmbeddedEngine:
             hb = asyncio.create_task(self._heartbeat(lease, run))
             try:
                 result = await run
-                failed_parts = any(e.severity == "error" for e in ctx.errors)
+                failed_parts = ctx.incomplete or any(e.severity == "error" for e in ctx.errors)
                 status = TaskStatus.partial_success if failed_parts else TaskStatus.succeeded
             except asyncio.CancelledError:
                 verdict = await self._interrupted(task.id, lease)

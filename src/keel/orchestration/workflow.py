@@ -9,9 +9,9 @@ import asyncio
 import importlib
 import inspect
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -150,19 +150,57 @@ class AskInput(BaseModel):
     model: str | None = Field(
         None, max_length=500, description="A model spec; the server's KEEL_DEFAULT_MODEL when omitted."
     )
+    session: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="A session id: the question and answer join that session's memory (its TTL slides), and "
+        "its last turns are sent along as context.",
+    )
+    history_turns: int = Field(20, ge=0, le=200, description="How many earlier turns of the session to send.")
 
 
 async def ask(ctx: WorkflowContext, inp: AskInput) -> dict[str, Any]:
     from keel.orchestration.models import Message, ModelSettings
+    from keel.orchestration.models.base import Role
 
     model = ctx.model(inp.model)
     messages = [Message(role="system", content=inp.system)] if inp.system else []
+    if inp.session:
+        history = await ctx.step("session.load", _session_loader(ctx, inp.session, inp.history_turns))
+        messages += [Message(role=cast(Role, t["role"]), content=t["content"]) for t in history]
     messages.append(Message(role="user", content=inp.question))
     answer = await ctx.generate(
         "answer", model, messages, settings=ModelSettings(max_tokens=inp.max_tokens, temperature=0.2)
     )
+    if inp.session:
+        await ctx.step("session.save", _session_saver(ctx, inp.session, inp.question, answer))
     await ctx.progress(1.0, "answer")
-    return {"answer": answer}
+    return {"answer": answer, **({"session": inp.session} if inp.session else {})}
+
+
+def _session_loader(ctx: WorkflowContext, session: str, last: int) -> Callable[[], Awaitable[list[dict[str, str]]]]:
+    async def load() -> list[dict[str, str]]:
+        from keel.orchestration.memory_workflows import memory_of
+
+        memory = memory_of(ctx)
+        found = await memory.store.get_session(ctx.tenant, session, memory.clock(), last=last)
+        return [{"role": t.role, "content": t.content} for t in found.turns] if found else []
+
+    return load
+
+
+def _session_saver(ctx: WorkflowContext, session: str, question: str, answer: str) -> Callable[[], Awaitable[int]]:
+    async def save() -> int:
+        from keel.memory.types import SessionTurn
+        from keel.orchestration.memory_workflows import memory_of
+
+        memory = memory_of(ctx)
+        turns = [SessionTurn(role="user", content=question), SessionTurn(role="assistant", content=answer)]
+        stored = await memory.store.append_turns(ctx.tenant, session, turns, memory.session_ttl_s, memory.clock())
+        return len(stored.turns)
+
+    return save
 
 
 ASK: Workflow[AskInput] = Workflow(
@@ -205,4 +243,8 @@ def default_registry() -> WorkflowRegistry:
     registry.register(DIAGNOSTIC)
     registry.register(ASK)
     registry.register(TOOL_CALL)
+    from keel.orchestration.memory_workflows import INGEST, MEMORY_REINDEX
+
+    registry.register(INGEST)
+    registry.register(MEMORY_REINDEX)
     return registry

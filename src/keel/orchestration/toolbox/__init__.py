@@ -22,3 +22,7 @@ class Services:
     fetch_max_bytes: int = 5_000_000
     fetch_timeout_s: float = 20.0
     clock: Any = None
+    memory: Any = None
+    """:class:`keel.memory.retrieval.Memory`: sessions, documents and retrieval (None: no memory layer)."""
+    embedders: Any = None
+    """``spec -> Embedder`` (cached), for re-embedding under another model."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.errors import ConfigError
+from keel.errors import ConfigError, ToolError
 from keel.orchestration.toolbox import Services
 from keel.orchestration.toolbox.documents import DocumentText, ReadDocumentArgs, read_document
 from keel.orchestration.toolbox.email import SEND_EMAIL
@@ -34,14 +34,31 @@ async def read_document_tool(args: ReadDocumentArgs, tc: ToolContext) -> Documen
 
 class SearchMemoryArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1, max_length=2000)
-    top_k: int = Field(5, ge=1, le=50)
+    query: str = Field(min_length=1, max_length=2000, description="What to look for, in plain words.")
+    top_k: int = Field(5, ge=1, le=50, description="How many passages to return.")
+    documents: list[str] | None = Field(
+        None, max_length=100, description="Only search these document ids (default: all of the tenant's)."
+    )
 
 
-async def search_memory(args: SearchMemoryArgs) -> dict[str, Any]:
-    # STUB until the memory layer (issue 6) lands: it says so in its result and its description, and returns
-    # no hits rather than made-up ones.
-    return {"results": [], "stub": True, "note": "vector memory is not available yet; nothing was searched"}
+async def search_memory(args: SearchMemoryArgs, tc: ToolContext) -> dict[str, Any]:
+    """Search the documents ingested into vector memory for passages relevant to a query. Each result has its
+    document, page, text and cosine score; `confidence` (0-1) and `level` (high/medium/low/none) say how much to
+    trust them: with a low level, say the documents do not answer it rather than guessing."""
+    memory = _services(tc).memory
+    if memory is None:
+        raise ToolError("vector memory is not configured on this server", type="memory_unavailable", tool=tc.tool)
+    found = await memory.search(tc.tenant, args.query, k=args.top_k, documents=args.documents)
+    summary: dict[str, Any] = found.summary(text_chars=4000)
+    return {
+        "results": [
+            {"document": h["document"], "page": h["page"], "text": h["text"], "score": h["score"]}
+            for h in summary["hits"]
+        ],
+        "confidence": summary["confidence"],
+        "level": summary["level"],
+        "space": summary["space"],
+    }
 
 
 FETCH_URL = Tool(
@@ -64,9 +81,10 @@ READ_DOCUMENT = Tool(
 )
 SEARCH_MEMORY = Tool(
     name="search_memory",
-    description="[STUB: returns no results until vector memory lands] Search the task's long-term memory.",
+    description=(search_memory.__doc__ or "").strip(),
     fn=search_memory,
     input_model=SearchMemoryArgs,
+    untrusted_output=True,  # passages of ingested documents: whatever they say is data, not instructions
     source="builtin",
 )
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.errors import KeelError, UpstreamError
+from keel.errors import DocumentRejected, KeelError, UpstreamError
+from keel.memory.ingest.pipeline import Fetched, Fetcher
 from keel.netguard import NO_ALLOW, AllowList, guarded_request
 
 _TEXT_TYPES = frozenset({"application/json", "application/xml", "application/xhtml+xml", "application/javascript"})
@@ -161,7 +162,17 @@ async def _read_capped(response: httpx.Response, url: str, cap: int) -> bytes:
     return bytes(body)
 
 
-async def _fetch(client: httpx.AsyncClient, url: str, cap: int, limits: FetchLimits) -> FetchResult:
+@dataclass(kw_only=True, slots=True)
+class _Body:
+    url: str
+    status: int
+    content_type: str
+    media: str
+    charset: str | None
+    data: bytes
+
+
+async def _fetch_body(client: httpx.AsyncClient, url: str, cap: int, limits: FetchLimits) -> _Body:
     response = await guarded_request(
         client,
         "GET",
@@ -177,20 +188,47 @@ async def _fetch(client: httpx.AsyncClient, url: str, cap: int, limits: FetchLim
         body = await _read_capped(response, final_url, cap)
     finally:
         await response.aclose()
-    result = FetchResult(
+    return _Body(
         url=final_url,
         status=response.status_code,
         content_type=response.headers.get("Content-Type", ""),
-        bytes=len(body),
+        media=media,
+        charset=response.charset_encoding,
+        data=body,
     )
-    if _is_text(media):
+
+
+async def _guarded(url: str, cap: int, limits: FetchLimits, client: httpx.AsyncClient | None) -> _Body:
+    try:
+        async with asyncio.timeout(limits.timeout_s):
+            if client is not None:
+                return await _fetch_body(client, url, cap, limits)
+            async with httpx.AsyncClient(
+                trust_env=False, verify=_ssl_context(), timeout=limits.timeout_s, follow_redirects=False
+            ) as own:
+                return await _fetch_body(own, url, cap, limits)
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        raise _refused(url, "timeout", f"took longer than {limits.timeout_s:g} s") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"fetching {url!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def document_fetcher(limits: FetchLimits) -> Fetcher:
+    """The ingestion pipeline's fetcher: the raw bytes of a document URL, through the same guard and caps as
+    ``fetch_url``. A timeout becomes UpstreamError (retried); a refused size or type, DocumentRejected."""
+
+    async def fetch_document(url: str) -> Fetched:
         try:
-            result.text = body.decode(response.charset_encoding or "utf-8", errors="replace")
-        except LookupError:  # an unknown charset name
-            result.text = body.decode("utf-8", errors="replace")
-    else:
-        result.content_b64 = base64.b64encode(body).decode("ascii")
-    return result
+            body = await _guarded(url, limits.max_bytes, limits, None)
+        except FetchRefused as exc:
+            reason = str(exc.detail.get("reason", ""))
+            if reason == "timeout":
+                raise UpstreamError(exc.message) from exc
+            why = "too_large" if reason == "too_large" else "unsupported_type"
+            raise DocumentRejected(exc.message, reason=why, document=url) from exc
+        return Fetched(data=body.data, media_type=body.media, url=body.url, status=body.status)
+
+    return fetch_document
 
 
 async def fetch(args: FetchArgs, limits: FetchLimits, *, client: httpx.AsyncClient | None = None) -> FetchResult:
@@ -200,15 +238,13 @@ async def fetch(args: FetchArgs, limits: FetchLimits, *, client: httpx.AsyncClie
     pooled by IP, so a shared client could reuse a TLS connection opened for another name on the same address.
     """
     cap = min(limits.max_bytes, args.max_bytes) if args.max_bytes is not None else limits.max_bytes
-    try:
-        async with asyncio.timeout(limits.timeout_s):
-            if client is not None:
-                return await _fetch(client, args.url, cap, limits)
-            async with httpx.AsyncClient(
-                trust_env=False, verify=_ssl_context(), timeout=limits.timeout_s, follow_redirects=False
-            ) as own:
-                return await _fetch(own, args.url, cap, limits)
-    except (TimeoutError, httpx.TimeoutException) as exc:
-        raise _refused(args.url, "timeout", f"took longer than {limits.timeout_s:g} s") from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"fetching {args.url!r} failed: {type(exc).__name__}: {exc}") from exc
+    body = await _guarded(args.url, cap, limits, client)
+    result = FetchResult(url=body.url, status=body.status, content_type=body.content_type, bytes=len(body.data))
+    if _is_text(body.media):
+        try:
+            result.text = body.data.decode(body.charset or "utf-8", errors="replace")
+        except LookupError:  # an unknown charset name
+            result.text = body.data.decode("utf-8", errors="replace")
+    else:
+        result.content_b64 = base64.b64encode(body.data).decode("ascii")
+    return result
