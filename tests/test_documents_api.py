@@ -8,14 +8,13 @@ import http.server
 import importlib.util
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import LiveServer, free_port, make_key, start_server, wait_terminal
+from conftest import LiveServer, free_port, wait_terminal
 from keel.memory.ingest.pdf import ocr_available
 from keel.settings import Settings
 from keel.testing.pdfs import corrupt_pdf, make_pdf
@@ -40,8 +39,9 @@ NOTES = b"Meeting notes: the cafeteria reopens on Monday. Parking passes renew i
 
 
 @pytest.fixture
-def live(tmp_path: Path) -> Iterator[LiveServer]:
-    settings = Settings(
+def settings(tmp_path: Path) -> Settings:
+    """conftest's `live` server, with the real embedder, a 2 MB document cap and loopback URLs allowed."""
+    return Settings(
         data_dir=tmp_path / "keel",
         port=free_port(),
         poll_interval_s=0.05,
@@ -52,16 +52,6 @@ def live(tmp_path: Path) -> Iterator[LiveServer]:
         fetch_allow_hosts="127.0.0.1",
         ingest_fetch_retries=3,
     )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    key = make_key(settings.data_dir, "acme", frozenset({"tasks:read", "tasks:write"}))
-    server, thread = start_server(settings)
-    try:
-        yield LiveServer(
-            url=f"http://127.0.0.1:{settings.port}", data_dir=settings.data_dir, settings=settings, key=key
-        )
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def upload(c: httpx.Client, name: str, data: bytes, password: str | None = None) -> httpx.Response:

@@ -333,7 +333,10 @@ class _FakeServer:
     async def _not_found(self, request: Request) -> Response:
         return self._error(404, f"fake server: no route {request.method} {request.url.path}")
 
-    async def _handle(self, request: Request) -> Response:
+    async def _admit(
+        self, request: Request, requests: list[dict[str, Any]], headers: list[dict[str, str]]
+    ) -> dict[str, Any] | Response:
+        """Log the request, check its headers and that its body is a JSON object: the body, or the error reply."""
         raw = await request.body()
         body: Any
         try:
@@ -341,13 +344,19 @@ class _FakeServer:
         except ValueError:
             body = None
         with self._lock:
-            self.requests.append(body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")})
-            self.headers.append({k.lower(): v for k, v in request.headers.items()})
+            requests.append(body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")})
+            headers.append({k.lower(): v for k, v in request.headers.items()})
         rejected = self._check_headers(request.headers)
         if rejected is not None:
             return rejected
         if not isinstance(body, dict):
             return self._error(400, "fake server: request body is not a JSON object")
+        return body
+
+    async def _handle(self, request: Request) -> Response:
+        body = await self._admit(request, self.requests, self.headers)
+        if isinstance(body, Response):
+            return body
         problem = self._validate(body)
         if problem is not None:
             return self._error(400, problem)
@@ -540,20 +549,9 @@ class FakeOpenAIServer(_FakeServer):
         return None
 
     async def _handle_embeddings(self, request: Request) -> Response:
-        raw = await request.body()
-        body: Any
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        with self._lock:
-            self.embedding_requests.append(body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")})
-            self.embedding_headers.append({k.lower(): v for k, v in request.headers.items()})
-        rejected = self._check_headers(request.headers)
-        if rejected is not None:
-            return rejected
-        if not isinstance(body, dict):
-            return self._error(400, "fake server: request body is not a JSON object")
+        body = await self._admit(request, self.embedding_requests, self.embedding_headers)
+        if isinstance(body, Response):
+            return body
         problem = self._validate_embeddings(body)
         if problem is not None:
             return self._error(400, problem)
