@@ -22,8 +22,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from conftest import LiveServer, wait_terminal
 from keel.backends import open_store
 from keel.errors import BlockedAddress
+from keel.headers import retry_after_seconds
 from keel.interaction import webhooks
-from keel.interaction.webhooks import WebhookDispatcher, retry_after_seconds
+from keel.interaction.webhooks import WebhookDispatcher
 from keel.memory.types import OutboxMessage
 from keel.netguard import AllowList
 from keel.settings import Settings

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import logging
 import random
@@ -21,6 +20,7 @@ import httpx
 from standardwebhooks.webhooks import Webhook
 
 from keel.errors import BlockedAddress
+from keel.headers import retry_after_seconds
 from keel.memory.stores import Outbox
 from keel.memory.types import OutboxMessage
 from keel.netguard import AllowList, guarded_request
@@ -37,20 +37,6 @@ def sign(msg: OutboxMessage, body: str, timestamp: datetime) -> dict[str, str]:
         "content-type": "application/json",
         "user-agent": "keel-webhooks/0.1",
     }
-
-
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    with contextlib.suppress(TypeError, ValueError):
-        when = email.utils.parsedate_to_datetime(value)
-        if when.tzinfo is None:  # HTTP dates are always GMT (RFC 9110 §5.6.7)
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, when.timestamp() - now)
-    return None
 
 
 class WebhookDispatcher:

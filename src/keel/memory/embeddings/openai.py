@@ -21,13 +21,10 @@ from it stay under ``max_tokens``), but it is not exact: leave a margin when the
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
-import email.utils
 import json
 import random
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -36,6 +33,7 @@ import numpy as np
 import tenacity
 
 from keel.errors import ConfigError, ModelHTTPError, UpstreamError
+from keel.headers import error_message, retry_after
 from keel.memory.embeddings import OPENAI_BASE_URL, EmbeddingSpace
 
 __all__ = ["OpenAIEmbedder"]
@@ -193,8 +191,8 @@ class OpenAIEmbedder:
                 self.provider,
                 response.status_code,
                 text,
-                retry_after=_retry_after(response.headers),
-                message=_error_message(text),
+                retry_after=retry_after(response.headers),
+                message=error_message(text),
             )
         try:
             return self._vectors(json.loads(text), len(batch))
@@ -227,32 +225,3 @@ def _decode(embedding: Any) -> np.ndarray:
     if not isinstance(embedding, list) or not embedding:
         raise TypeError("an embedding is neither a list of floats nor base64")
     return np.asarray(embedding, dtype=np.float32)
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the server asks to wait: ``retry-after-ms`` (OpenAI), else ``Retry-After`` in seconds or as a date."""
-    with contextlib.suppress(TypeError, ValueError):
-        ms = headers.get("retry-after-ms")
-        if ms is not None:
-            return max(float(ms) / 1000, 0.0)
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    with contextlib.suppress(ValueError):
-        return max(float(value), 0.0)
-    with contextlib.suppress(TypeError, ValueError):
-        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-    return None
-
-
-def _error_message(body: str) -> str:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body[:300]
-    err = data.get("error") if isinstance(data, dict) else None
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return str(err["message"])
-    if isinstance(err, str):  # Ollama and llama.cpp send {"error": "..."}
-        return err
-    return body[:300]

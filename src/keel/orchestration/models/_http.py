@@ -3,41 +3,14 @@ errors (as httpx's ``map_httpcore_exceptions`` and pydantic-ai's ``_map_api_erro
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
-import json
 import time
 
 import httpx
 
 from keel.errors import ModelHTTPError
+from keel.headers import error_message, retry_after
 from keel.orchestration.models.base import ModelResponse
 from keel.orchestration.models.catalog import ModelInfo
-
-
-def retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    with contextlib.suppress(TypeError, ValueError):
-        when = email.utils.parsedate_to_datetime(value)
-        return max(when.timestamp() - time.time(), 0.0)
-    return None
-
-
-def error_message(body: str) -> str:
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        return body[:300]
-    err = data.get("error") if isinstance(data, dict) else None
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return str(err["message"])
-    return body[:300]
 
 
 async def raise_for_status(provider: str, response: httpx.Response) -> None:

@@ -22,6 +22,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import DocumentRejected, KeelError, UpstreamError
+from keel.headers import retry_after
 from keel.memory.ingest.pipeline import Fetched, Fetcher
 from keel.netguard import NO_ALLOW, AllowList, guarded_request
 
@@ -118,13 +119,6 @@ def _logical_url(response: httpx.Response) -> str:
         return str(request.url)
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
-    except ValueError:
-        return None
-
-
 def _refused(url: str, reason: str, message: str) -> FetchRefused:
     return FetchRefused(f"refused to fetch {url!r}: {message}", detail={"url": url, "reason": reason})
 
@@ -135,7 +129,7 @@ def _check_head(response: httpx.Response, url: str, cap: int, allowed: tuple[str
         raise UpstreamError(
             f"fetching {url!r} returned HTTP {response.status_code}",
             status_code=response.status_code,
-            retry_after=_retry_after(response),
+            retry_after=retry_after(response.headers),
         )
     content_type = response.headers.get("Content-Type", "")
     media = _media_type(content_type)
