@@ -11,13 +11,16 @@ from collections.abc import Mapping
 from datetime import UTC
 
 
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as seconds from ``now``: delta-seconds (digits only, as RFC 9110 §10.2.3 says: "-5" and
-    "1.5" are garbage), or an HTTP date. None when it is missing or unreadable; never negative."""
+def retry_after_seconds(value: str | None, now: float, *, fractional: bool = False) -> float | None:
+    """``Retry-After`` as seconds from ``now``: delta-seconds (digits only, as RFC 9110 §10.2.3 says, so "-5" and
+    "1.5" are garbage; ``fractional`` accepts "1.5", which model providers' rate limiters send), or an HTTP date.
+    None when it is missing or unreadable; never negative."""
     if not value:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
+        return float(value)
+    if fractional and value.isascii() and value.replace(".", "", 1).isdigit():
         return float(value)
     with contextlib.suppress(TypeError, ValueError, IndexError):
         when = email.utils.parsedate_to_datetime(value)
@@ -28,12 +31,13 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
 
 
 def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds a server asks to wait: OpenAI's ``retry-after-ms`` when present, else ``Retry-After``."""
+    """Seconds a server asks to wait: OpenAI's ``retry-after-ms`` when present, else ``Retry-After`` (fractional
+    seconds accepted)."""
     with contextlib.suppress(TypeError, ValueError):
         ms = headers.get("retry-after-ms")
         if ms is not None:
             return max(float(ms) / 1000, 0.0)
-    return retry_after_seconds(headers.get("retry-after"), time.time() if now is None else now)
+    return retry_after_seconds(headers.get("retry-after"), time.time() if now is None else now, fractional=True)
 
 
 def error_message(body: str) -> str:
