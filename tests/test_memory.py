@@ -386,3 +386,31 @@ async def test_ask_with_a_session_remembers_earlier_turns(store: SQLiteStore, tm
     assert session is not None and [t.role for t in session.turns] == ["user", "assistant"] * 2
     clock.t += 601
     assert await store.get_session("t1", "chat-7", clock()) is None  # its TTL slid from the last write, then ran out
+
+
+class FlakyEmbedder(HashEmbedder):
+    """Fails on its second call: the embedder (keel's side) dies halfway through a document."""
+
+    async def embed(self, texts: Any) -> Any:
+        if self.calls == 1 and not getattr(self, "healed", False):
+            self.calls += 1
+            raise ConnectionError("embedding server went away")
+        return await super().embed(texts)
+
+
+async def test_an_ingestion_cut_halfway_is_failed_then_resumes_without_duplicates(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    emb, clock = FlakyEmbedder(), Clock()
+    memory = memory_for(store, emb, clock, tmp_path, embed_batch=2)
+    long_text = (CONTRACT_A + "\n\n") * 6
+    with pytest.raises(ConnectionError):
+        await memory.ingestor.ingest_bytes("t1", long_text.encode(), source="upload:long.txt")
+    [doc] = await store.list_documents("t1", clock())
+    assert doc.status is DocumentStatus.failed and doc.errors[0]["type"] == "ingestion_failed"
+    partial = await store.chunk_count(emb.space.key)
+    assert partial == 2  # the first batch is stored
+    emb.healed = True  # type: ignore[attr-defined]
+    again = await memory.ingestor.ingest_bytes("t1", long_text.encode(), source="upload:long.txt")
+    assert again.id == doc.id and again.status is DocumentStatus.ingested and again.errors == []
+    assert await store.chunk_count(emb.space.key) == again.chunks > partial  # no chunk stored twice

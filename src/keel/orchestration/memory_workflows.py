@@ -110,6 +110,12 @@ def report_documents(ctx: WorkflowContext, docs: list[dict[str, Any]], step: str
                 )
         for problem in doc["errors"]:
             ctx.error(problem.get("type", "document_failed"), f"{doc['source']} ({doc['id']}): {problem['message']}")
+        if doc["status"] == DocumentStatus.ingesting.value:
+            ctx.error(
+                "document_not_ready",
+                f"{doc['source']} ({doc['id']}) is still being ingested; run the task again once it is",
+                recovery_suggested=True,
+            )
 
 
 async def ingest(ctx: WorkflowContext, inp: IngestInput) -> dict[str, Any]:
