@@ -532,26 +532,43 @@ class SQLiteMemory:
                 return []
             conn = self._conn()
             alive, alive_args = _alive(now)
-            doc_filter = ""
-            doc_args: tuple[str, ...] = ()
             if documents is not None:
+                # A search within a few documents (the usual case for a task): their live chunk ids are a small
+                # set, so candidates are checked against it with one vectorised lookup.
                 if not documents:
                     return []
-                doc_filter = f" AND document_id IN ({','.join('?' * len(documents))})"
-                doc_args = tuple(documents)
-
-            def accept(candidates: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-                ok: set[int] = set()
-                for batch in _batches([int(c) for c in candidates]):
-                    ok.update(
+                marks = ",".join("?" * len(documents))
+                allowed = np.fromiter(
+                    (
                         r[0]
                         for r in conn.execute(
-                            f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(batch))}) AND space = ? "
-                            f"AND tenant = ? AND {alive}{doc_filter}",
-                            (*batch, space, tenant, *alive_args, *doc_args),
+                            f"SELECT id FROM chunks WHERE document_id IN ({marks}) AND space = ? AND tenant = ? "
+                            f"AND {alive}",
+                            (*documents, space, tenant, *alive_args),
                         )
-                    )
-                return np.fromiter((int(c) in ok for c in candidates), dtype=np.bool_, count=len(candidates))
+                    ),
+                    dtype=np.int64,
+                )
+                if not len(allowed):
+                    return []
+
+                def accept(candidates: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+                    return np.isin(candidates, allowed)
+
+            else:
+
+                def accept(candidates: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+                    ok: set[int] = set()
+                    for batch in _batches([int(c) for c in candidates]):
+                        ok.update(
+                            r[0]
+                            for r in conn.execute(
+                                f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(batch))}) AND space = ? "
+                                f"AND tenant = ? AND {alive}",
+                                (*batch, space, tenant, *alive_args),
+                            )
+                        )
+                    return np.fromiter((int(c) in ok for c in candidates), dtype=np.bool_, count=len(candidates))
 
             found = index.search(query, k, accept=accept)
             if not found:
