@@ -4,6 +4,7 @@ and reindexing, TTLs under an injected clock, and retrieval confidence in the tr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -414,3 +415,42 @@ async def test_an_ingestion_cut_halfway_is_failed_then_resumes_without_duplicate
     again = await memory.ingestor.ingest_bytes("t1", long_text.encode(), source="upload:long.txt")
     assert again.id == doc.id and again.status is DocumentStatus.ingested and again.errors == []
     assert await store.chunk_count(emb.space.key) == again.chunks > partial  # no chunk stored twice
+
+
+async def test_a_large_spaces_hnsw_graph_is_saved_on_close_and_reused_only_while_it_matches(tmp_path: Path) -> None:
+    import numpy as np
+
+    from keel.memory.types import ChunkRecord, DocumentRecord
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    async def open_store() -> SQLiteStore:
+        s = SQLiteStore(tmp_path / "k.db")
+        s.hnsw_threshold = 100
+        return s
+
+    first = await open_store()
+    await first.save_document(DocumentRecord(id="doc_1", tenant="t1", sha256="x", source="upload:x"), 1.0)
+    chunks = [
+        ChunkRecord(
+            document_id="doc_1", tenant="t1", page=1, start=i, end=i + 1, text=f"c{i}", content_hash=f"h{i}",
+            space="m@1", vector=v,
+        )
+        for i, v in enumerate(vectors)
+    ]  # fmt: skip
+    await first.add_chunks(chunks, 1.0)
+    before = await first.search_chunks("m@1", vectors[5], 5, tenant="t1", now=2.0)
+    assert before[0].chunk.text == "c5" and first._indexes["m@1"].kind == "hnsw"
+    await first.aclose()
+    saved = list((tmp_path / "vectors").glob("*.kvi"))
+    assert len(saved) == 1
+
+    second = await open_store()
+    again = await second.search_chunks("m@1", vectors[5], 5, tenant="t1", now=2.0)
+    assert [h.chunk.id for h in again] == [h.chunk.id for h in before]
+    assert second._saved_index("m@1") is not None  # the rows still match what the graph was built from
+    await second.add_chunks([dataclasses.replace(chunks[0], start=999, content_hash="new", id=0)], 3.0)
+    assert second._saved_index("m@1") is None  # a row the saved graph lacks: it would be rebuilt, not trusted
+    await second.aclose()

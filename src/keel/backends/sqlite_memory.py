@@ -163,6 +163,8 @@ class SQLiteMemory:
 
     _readers: ThreadPoolExecutor
     path: Path
+    hnsw_threshold = 50_000
+    """Vectors in a space above which its index is an HNSW graph rather than exact search."""
 
     def _memory_init(self) -> None:
         self._indexes: dict[str, VectorIndex] = {}
@@ -466,7 +468,7 @@ class SQLiteMemory:
             index = self._saved_index(space)
             if index is None:
                 matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32)
-                index = VectorIndex(matrix.shape[1])
+                index = VectorIndex(matrix.shape[1], hnsw_threshold=self.hnsw_threshold)
                 index.add(np.array(ids, dtype=np.int64), matrix)
             self._indexes[space] = index
             return index
