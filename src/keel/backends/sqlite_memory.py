@@ -458,20 +458,28 @@ class SQLiteMemory:
             index = self._indexes.get(space)
             if index is not None:
                 return index
-            ids: list[int] = []
-            blobs: list[bytes] = []
-            for row in self._conn().execute("SELECT id, vector FROM chunks WHERE space = ? ORDER BY id", (space,)):
-                ids.append(row[0])
-                blobs.append(row[1])
-            if not blobs:
-                return None
-            index = self._saved_index(space)
+            index = self._saved_index(space)  # checked first: it spares reading every vector
             if index is None:
-                matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32)
+                ids, matrix = self._read_vectors(space)
+                if not len(ids):
+                    return None
                 index = VectorIndex(matrix.shape[1], hnsw_threshold=self.hnsw_threshold)
-                index.add(np.array(ids, dtype=np.int64), matrix)
+                index.add(ids, matrix)
             self._indexes[space] = index
             return index
+
+    def _read_vectors(self, space: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Every (id, vector) of the space, read in blocks so that 1M rows never sit in memory as Python bytes."""
+        id_blocks: list[npt.NDArray[np.int64]] = []
+        blocks: list[npt.NDArray[np.float32]] = []
+        cursor = self._conn().execute("SELECT id, vector FROM chunks WHERE space = ? ORDER BY id", (space,))
+        while rows := cursor.fetchmany(8192):
+            id_blocks.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+            flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
+            blocks.append(flat.reshape(len(rows), -1).astype(np.float32))
+        if not blocks:
+            return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+        return np.concatenate(id_blocks), np.concatenate(blocks)
 
     # A large space's HNSW graph takes minutes to build (about 4 at 1M vectors), so it is saved on close and
     # loaded on the next start when the rows it was built from are still exactly the rows in the table.
