@@ -3,7 +3,9 @@
 # `keel submit` (live progress bar, then the envelope), and stop the server cleanly.
 # Until the flagship workflow lands (issue 7) it runs the built-in `diagnostic` workflow (durable steps, no model),
 # then `ask`: one question to the embedded local model (llama.cpp on a GGUF from PyPI), tokens streaming,
-# then a write tool (send_email) that waits for a person's approval before it runs, exactly once.
+# then a write tool (send_email) that waits for a person's approval before it runs, exactly once, then memory:
+# two generated contracts and an encrypted one ingested (the encrypted one skipped with its reason), and a search
+# with scores and a confidence level.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -50,3 +52,41 @@ echo "approving $CALL of $TASK"
 "$BIN/python" -c 'import json,sys; e=json.load(open(sys.argv[1])); print("email:", e["status"], e["result"]["result"])' \
   "$DATA/approved.json"
 echo "(queued once in keel's outbox under its idempotency key; set KEEL_SMTP_URL to deliver it)"
+
+echo
+echo "Memory: ingest generated PDFs (parsed in a sandboxed child process, embedded with MiniLM on numpy)"
+mkdir -p "$DATA/docs"
+"$BIN/python" - "$DATA/docs" <<'PY'
+import sys
+from pathlib import Path
+
+from keel.testing.pdfs import make_pdf
+
+out = Path(sys.argv[1])
+(out / "vendor-a.pdf").write_bytes(make_pdf([
+    "MASTER SERVICES AGREEMENT - VENDOR A\n1. Payment. Customer pays each invoice within 30 days of receipt.\n"
+    "2. Liability. Vendor A's liability is capped at the fees paid in the prior 12 months.",
+]))
+(out / "vendor-b.pdf").write_bytes(make_pdf([
+    "SUPPLY AGREEMENT - VENDOR B\n1. Payment. Invoices are payable within 60 days; late payments accrue 2% a "
+    "month.\n2. Liability. Vendor B's liability is unlimited for data breaches.",
+]))
+(out / "pricing-locked.pdf").write_bytes(make_pdf(["Confidential pricing schedule."], password="demo-secret"))
+PY
+set +e
+"$BIN/keel" documents add "$DATA/docs/vendor-a.pdf" "$DATA/docs/vendor-b.pdf" "$DATA/docs/pricing-locked.pdf" \
+  --url "$URL" --api-key "$KEY" > /dev/null
+CODE=$?
+set -e
+[ "$CODE" -eq 1 ] || { echo "expected the encrypted PDF to be skipped (exit 1), got $CODE"; exit 1; }
+"$BIN/keel" memory search "How long does the customer have to pay an invoice?" --k 2 --url "$URL" --api-key "$KEY" \
+  > "$DATA/search.json"
+"$BIN/python" - "$DATA/search.json" <<'PY'
+import json
+import sys
+
+found = json.load(open(sys.argv[1]))
+print(f"search: confidence {found['confidence']} ({found['level']})")
+for hit in found["hits"]:
+    print(f"  {hit['score']:.2f}  page {hit['page']}  {hit['text'][:90]!r}")
+PY
