@@ -177,7 +177,9 @@ async def ingest_document(request: Request, key: Writer) -> JSONResponse:
     if data is not None:
         sha = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
         known = await memory.store.get_document(key.tenant, document_id(key.tenant, sha), memory.clock())
-        work = memory.ingestor.ingest_bytes(key.tenant, data, source=source, media_type=media_type, password=password)
+        work = memory.ingestor.ingest_bytes(
+            key.tenant, data, source=source, media_type=media_type, password=password, sha256=sha
+        )
     else:
         known = None
         work = memory.ingestor.ingest_url(key.tenant, source, password=password)

@@ -69,6 +69,10 @@ class IngestSettings:
     limits: ParseLimits = field(default_factory=ParseLimits)
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _sniff(data: bytes, declared: str | None) -> str:
     head = data[:1024]
     if b"%PDF-" in head:
@@ -181,9 +185,11 @@ class Ingestor:
         media_type: str | None = None,
         password: str | None = None,
         progress: Progress | None = None,
+        sha256: str | None = None,
     ) -> DocumentRecord:
+        """``sha256``: the bytes' hash when the caller has it already (it is not computed twice)."""
         now = self.clock()
-        sha = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        sha: str = sha256 if sha256 is not None else await asyncio.to_thread(_sha256, data)
         doc_id = document_id(tenant, sha)
         existing = await self.store.get_document(tenant, doc_id, now)
         if existing is not None and existing.status is DocumentStatus.ingested:
