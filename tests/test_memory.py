@@ -454,3 +454,16 @@ async def test_a_large_spaces_hnsw_graph_is_saved_on_close_and_reused_only_while
     await second.add_chunks([dataclasses.replace(chunks[0], start=999, content_hash="new", id=0)], 3.0)
     assert second._saved_index("m@1") is None  # a row the saved graph lacks: it would be rebuilt, not trusted
     await second.aclose()
+
+
+async def test_the_same_bytes_uploaded_twice_at_once_are_embedded_once(store: SQLiteStore, tmp_path: Path) -> None:
+    emb = HashEmbedder()
+    memory = memory_for(store, emb, Clock(), tmp_path)
+    data = (CONTRACT_A + "\n\n" + CONTRACT_B).encode()
+    first, second = await asyncio.gather(
+        memory.ingestor.ingest_bytes("t1", data, source="upload:a.txt"),
+        memory.ingestor.ingest_bytes("t1", data, source="upload:retry.txt"),
+    )
+    assert first.id == second.id and first.status is DocumentStatus.ingested
+    assert emb.texts_embedded == first.chunks  # one parse, one embedding pass
+    assert memory.ingestor._running == {}

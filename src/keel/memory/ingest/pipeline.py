@@ -114,6 +114,7 @@ class Ingestor:
         self.scratch_dir = scratch_dir
         self._sleep = sleep
         self._parses = asyncio.Semaphore(self.settings.parallel_parses)
+        self._running: dict[tuple[str, str | None], asyncio.Future[DocumentRecord]] = {}
 
     @property
     def max_chunk_tokens(self) -> int:
@@ -194,6 +195,30 @@ class Ingestor:
         existing = await self.store.get_document(tenant, doc_id, now)
         if existing is not None and existing.status is DocumentStatus.ingested:
             return existing  # the same bytes again: nothing to do
+        # The same bytes arriving twice at once (a client's retry racing its first request) are parsed and embedded
+        # once: the second caller waits for the first one's work. Shielded, so one caller giving up stops nobody.
+        key = (doc_id, password)
+        running = self._running.get(key)
+        if running is None:
+            running = asyncio.ensure_future(
+                self._ingest_new(doc_id, tenant, sha, data, source, media_type, password, progress)
+            )
+            self._running[key] = running
+            running.add_done_callback(lambda _: self._running.pop(key, None))
+        return await asyncio.shield(running)
+
+    async def _ingest_new(
+        self,
+        doc_id: str,
+        tenant: str,
+        sha: str,
+        data: bytes,
+        source: str,
+        media_type: str | None,
+        password: str | None,
+        progress: Progress | None,
+    ) -> DocumentRecord:
+        now = self.clock()
         kind = _sniff(data, media_type)
         doc = DocumentRecord(
             id=doc_id,
