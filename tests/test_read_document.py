@@ -3,7 +3,6 @@ jail, and URLs through the SSRF guard. Also the test PDF writer in :mod:`keel.te
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import io
 import threading
@@ -19,6 +18,7 @@ from keel.netguard import AllowList
 from keel.orchestration.toolbox import Services
 from keel.orchestration.toolbox.documents import DocumentText, ReadDocumentArgs, html_to_text, read_document
 from keel.orchestration.tools import ToolContext
+from keel.testing.loop import LoopTicks
 from keel.testing.pdfs import corrupt_pdf, make_pdf
 
 HAS_FETCH = importlib.util.find_spec("keel.orchestration.toolbox.fetch") is not None
@@ -299,20 +299,9 @@ async def test_url_without_the_allowance_is_refused(server: str) -> None:
 
 async def test_the_event_loop_keeps_running_while_a_pdf_is_parsed(services: Services, docs: Path) -> None:
     (docs / "many.pdf").write_bytes(make_pdf([f"page {i} " + "text " * 200 for i in range(40)]))
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.001)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
-    try:
+    async with LoopTicks(every=0.001) as loop:
         doc = await read(services, "many.pdf", max_pages=40)
-    finally:
-        ticker.cancel()
-    assert len(doc.pages) == 40 and ticks > 0
+    assert len(doc.pages) == 40 and loop.ticks > 0
 
 
 @pytest.mark.skipif(not HAS_FETCH, reason="keel.orchestration.toolbox.fetch is not there yet")

@@ -29,6 +29,7 @@ import pytest
 from keel.errors import BlockedAddress, UpstreamError
 from keel.netguard import AllowList
 from keel.orchestration.toolbox.fetch import FetchArgs, FetchLimits, FetchRefused, FetchResult, fetch
+from keel.testing.loop import LoopTicks
 
 PUBLIC = AllowList.parse("127.0.0.2")
 """The one address the tests treat as public."""
@@ -604,25 +605,14 @@ def hang_after(head: bytes, trickle_every: float | None = None) -> Handler:
 async def test_slow_server_is_refused_after_the_total_timeout(head: bytes, every: float | None, serve: Serve) -> None:
     public = await serve()
     public.routes["/slow"] = hang_after(head, every)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.02)
-            ticks += 1
-
-    ticking = asyncio.create_task(ticker())
     started = time.monotonic()
-    try:
+    async with LoopTicks(every=0.02) as loop:
         with pytest.raises(FetchRefused, match=r"took longer than 0\.5 s") as info:
             await fetch(FetchArgs(url=f"http://127.0.0.2:{public.port}/slow"), limits(timeout_s=0.5))
-    finally:
-        ticking.cancel()
     elapsed = time.monotonic() - started
     assert info.value.detail["reason"] == "timeout"
     assert 0.4 < elapsed < 2
-    assert ticks >= 10  # the event loop kept running throughout
+    assert loop.ticks >= 10  # the event loop kept running throughout
 
 
 @pytest.mark.parametrize(("status", "retryable"), [(404, False), (403, False), (500, True), (503, True)])
