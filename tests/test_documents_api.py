@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import LiveServer, free_port, wait_terminal
+from conftest import LiveServer, wait_terminal
 from keel.memory.ingest.pdf import ocr_available
 from keel.settings import Settings
 from keel.testing.pdfs import corrupt_pdf, make_pdf
@@ -39,18 +39,15 @@ NOTES = b"Meeting notes: the cafeteria reopens on Monday. Parking passes renew i
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """conftest's `live` server, with the real embedder, a 2 MB document cap and loopback URLs allowed."""
-    return Settings(
-        data_dir=tmp_path / "keel",
-        port=free_port(),
-        poll_interval_s=0.05,
-        lease_seconds=3,
-        max_body_bytes=64 * 1024,
-        ingest_max_bytes=2_000_000,
-        embedding_model="local:minilm" if HAVE_MINILM else "hash:256",
-        fetch_allow_hosts="127.0.0.1",
-        ingest_fetch_retries=3,
+def settings(settings: Settings) -> Settings:
+    """conftest's settings, with the real embedder, a 2 MB document cap and loopback URLs allowed."""
+    return settings.model_copy(
+        update={
+            "ingest_max_bytes": 2_000_000,
+            "embedding_model": "local:minilm" if HAVE_MINILM else "hash:256",
+            "fetch_allow_hosts": "127.0.0.1",
+            "ingest_fetch_retries": 3,
+        }
     )
 
 
