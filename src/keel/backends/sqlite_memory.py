@@ -218,14 +218,18 @@ class SQLiteMemory:
         )
 
     @staticmethod
+    def _drop_session(conn: sqlite3.Connection, tenant: str, sid: str) -> bool:
+        conn.execute("DELETE FROM session_turns WHERE tenant = ? AND session_id = ?", (tenant, sid))
+        return conn.execute("DELETE FROM sessions WHERE tenant = ? AND id = ?", (tenant, sid)).rowcount > 0
+
+    @staticmethod
     def _touch_session(conn: sqlite3.Connection, tenant: str, sid: str, ttl_s: float, now: float) -> int:
         """Make sure a live session row exists (an expired one starts afresh); return its next turn number."""
         row = conn.execute(
             "SELECT expires_at, next_seq FROM sessions WHERE tenant = ? AND id = ?", (tenant, sid)
         ).fetchone()
         if row is not None and row["expires_at"] <= now:
-            conn.execute("DELETE FROM session_turns WHERE tenant = ? AND session_id = ?", (tenant, sid))
-            conn.execute("DELETE FROM sessions WHERE tenant = ? AND id = ?", (tenant, sid))
+            SQLiteMemory._drop_session(conn, tenant, sid)
             row = None
         if row is None:
             conn.execute(
@@ -281,11 +285,7 @@ class SQLiteMemory:
         return await self._read(op)
 
     async def delete_session(self, tenant: str, session_id: str) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            conn.execute("DELETE FROM session_turns WHERE tenant = ? AND session_id = ?", (tenant, session_id))
-            return conn.execute("DELETE FROM sessions WHERE tenant = ? AND id = ?", (tenant, session_id)).rowcount > 0
-
-        return await self._write(op)
+        return await self._write(lambda conn: self._drop_session(conn, tenant, session_id))
 
     async def sweep_sessions(self, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
