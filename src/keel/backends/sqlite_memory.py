@@ -616,6 +616,18 @@ class SQLiteMemory:
 
         return await self._read(op)
 
+    async def document_chunks(self, tenant: str, document_id: str, space: str, now: float) -> list[ChunkRecord]:
+        def op(conn: sqlite3.Connection) -> list[ChunkRecord]:
+            alive, args = _alive(now)
+            rows = conn.execute(
+                f"SELECT {_CHUNK_COLS} FROM chunks WHERE tenant = ? AND document_id = ? AND space = ? AND {alive} "
+                "ORDER BY page, char_start, id",
+                (tenant, document_id, space, *args),
+            ).fetchall()
+            return [_chunk(r) for r in rows]
+
+        return await self._read(op)
+
     async def chunks_to_reindex(self, source: str, target: str, limit: int, now: float) -> list[ChunkRecord]:
         def op(conn: sqlite3.Connection) -> list[ChunkRecord]:
             alive, args = _alive(now)

@@ -302,6 +302,10 @@ class VectorStore(Protocol):
         """Every space that has unexpired chunks, with its chunk count."""
         ...
 
+    async def document_chunks(self, tenant: str, document_id: str, space: str, now: float) -> list[ChunkRecord]:
+        """A document's unexpired chunks in ``space`` (without vectors), in reading order: page, then offset."""
+        ...
+
     async def chunks_to_reindex(self, source: str, target: str, limit: int, now: float) -> list[ChunkRecord]:
         """Unexpired chunks of ``source`` (without vectors) that have no twin in ``target`` yet, oldest first."""
         ...

@@ -438,6 +438,29 @@ async def check_vector_dedup_filters_and_ttl(store: Store) -> None:
     ]
 
 
+async def check_document_chunks_in_reading_order(store: Store) -> None:
+    await store.save_document(_doc("doc_r"), T0)
+    await store.save_document(_doc("doc_r", tenant="t2"), T0)
+    page2 = dataclasses.replace(_chunk("doc_r", "second page", _vec(0, 1)), page=2)
+    await store.add_chunks(
+        [
+            page2,
+            _chunk("doc_r", "later on page one", _vec(1, 1), start=40),
+            _chunk("doc_r", "page one opens", _vec(1, 0)),
+            _chunk("doc_r", "other space", _vec(1, 0), space="m@B"),
+            _chunk("doc_r", "other tenant", _vec(1, 0), tenant="t2"),
+            _chunk("doc_r", "gone soon", _vec(1, 0), start=80, expires_at=T0 + 5),
+        ],
+        T0,
+    )
+    found = await store.document_chunks("t1", "doc_r", "m@A", T0 + 5)
+    assert [(c.page, c.start, c.text) for c in found] == [
+        (1, 0, "page one opens"), (1, 40, "later on page one"), (2, 0, "second page"),
+    ]  # fmt: skip
+    assert all(c.vector is None for c in found)
+    assert await store.document_chunks("t1", "doc_missing", "m@A", T0) == []
+
+
 async def check_result_cache(store: Store) -> None:
     hit = await store.create_task(_new(cache_key="fp1"), None, T0)
     miss = await store.create_task(_new(cache_key="fp2"), None, T0)
@@ -473,5 +496,6 @@ CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_documents,
     check_vector_spaces_are_isolated,
     check_vector_dedup_filters_and_ttl,
+    check_document_chunks_in_reading_order,
     check_result_cache,
 ]

@@ -166,6 +166,14 @@ class InMemoryMemory:
                 out[c.space] = out.get(c.space, 0) + 1
         return out
 
+    async def document_chunks(self, tenant: str, document_id: str, space: str, now: float) -> list[ChunkRecord]:
+        found = [
+            replace(c, vector=None)
+            for cid, c in sorted(self._chunks.items())
+            if c.tenant == tenant and c.document_id == document_id and c.space == space and _alive(c.expires_at, now)
+        ]
+        return sorted(found, key=lambda c: (c.page, c.start, c.id))
+
     async def chunks_to_reindex(self, source: str, target: str, limit: int, now: float) -> list[ChunkRecord]:
         done = {(c.document_id, c.page, c.start, c.content_hash) for c in self._chunks.values() if c.space == target}
         todo = [
