@@ -30,7 +30,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Self
@@ -211,6 +211,7 @@ class _FakeServer:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self._queue: collections.deque[Behaviour] = collections.deque()
+        self._responder: Callable[[dict[str, Any]], Behaviour] | None = None
         self._lock = threading.Lock()
         self._counter = 0
         self._stopping = threading.Event()
@@ -293,9 +294,16 @@ class _FakeServer:
         with self._lock:
             self._queue.extend(behaviours)
 
-    def reset(self) -> None:
-        """Forget the queued script and the recorded requests/headers."""
+    def respond_with(self, responder: Callable[[dict[str, Any]], Behaviour] | None) -> None:
+        """Answer requests the queue has nothing for with ``responder(body)``: a script that depends on what was
+        asked, for concurrent callers whose order is not fixed. Called in the server's thread."""
         with self._lock:
+            self._responder = responder
+
+    def reset(self) -> None:
+        """Forget the queued script, the responder and the recorded requests/headers."""
+        with self._lock:
+            self._responder = None
             self._queue.clear()
             self.requests.clear()
             self.headers.clear()
@@ -361,6 +369,8 @@ class _FakeServer:
         if problem is not None:
             return self._error(400, problem)
         behaviour = self._next_behaviour()
+        if behaviour is None and self._responder is not None:
+            behaviour = self._responder(body)
         if behaviour is None:
             return self._error(500, "fake server: script exhausted")
         if isinstance(behaviour, Hang) and body.get("stream") is not True:
