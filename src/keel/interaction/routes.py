@@ -77,6 +77,8 @@ async def submit(
                 ]
             },
         ) from None
+    if wf.admit is not None:
+        await wf.admit(keel, key.tenant, parsed)
     if body.webhook is not None:
         await resolve_target(str(body.webhook.url), allow=keel.webhook_allow)
     policy = _policy(body, key, keel.tools)

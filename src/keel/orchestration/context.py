@@ -506,13 +506,17 @@ class WorkflowContext:
         With ``output_type`` the answer is validated before anything uses it: a refusal, a truncation, non-JSON,
         the wrong shape or drifted field names become a ``ModelOutputError`` (an envelope error with a JSON
         pointer); the wrong shape is re-asked ``repairs`` times first. ``json_schema`` asks for JSON of that shape
-        but returns the raw text. Rate limits, 5xx and cut streams are retried (``retry``). Tokens and cost are
-        charged to the task's budget; every call is recorded in the envelope and the per-model counters.
+        but returns the raw text; given with ``output_type``, it is what the model is asked for (a narrower schema,
+        e.g. with enums only known at run time) while ``output_type`` validates the answer. Rate limits, 5xx and
+        cut streams are retried (``retry``). Tokens and cost are charged to the task's budget; every call is
+        recorded in the envelope and the per-model counters.
         With ``tools`` the model may answer with tool calls: the result is then a :class:`ModelTurn` (text and
         calls; nothing is executed here, see :func:`keel.orchestration.agent.run_agent`).
         """
         messages = generation.messages_of(prompt)
-        schema = output_type.model_json_schema() if output_type is not None else json_schema
+        if json_schema is None and output_type is not None:
+            json_schema = output_type.model_json_schema()
+        schema = json_schema
 
         async def ask(_: str) -> dict[str, Any]:
             scope = _scope.get()

@@ -31,6 +31,10 @@ class Workflow(Generic[I]):
     fn: Callable[[WorkflowContext, I], Coroutine[Any, Any, Any]]
     estimate: Callable[[I], float | None] = lambda _: None
     description: str = ""
+    admit: Callable[[Any, str, I], Awaitable[None]] | None = None
+    """Checks at submission, before anything is stored or any model is called: ``admit(keel, tenant, input)``
+    raises a :class:`keel.errors.KeelError` (an :class:`~keel.errors.InputError` is a 422) for input that cannot
+    work, such as a document id the tenant does not have, or a URL the SSRF rules refuse."""
 
 
 def workflow(
@@ -247,4 +251,7 @@ def default_registry() -> WorkflowRegistry:
 
     registry.register(INGEST)
     registry.register(MEMORY_REINDEX)
+    from keel.orchestration.document_analysis import DOCUMENT_ANALYSIS
+
+    registry.register(DOCUMENT_ANALYSIS)
     return registry

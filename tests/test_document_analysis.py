@@ -1,0 +1,206 @@
+"""The flagship ``document_analysis`` workflow in process, on SQLite, with a scripted model: every branch of seed
+000's failure table, the map-reduce paths, the quote check, and resuming after a crash without paying twice.
+The same branches run over HTTP through a real ``keel serve`` in ``test_flagship_e2e.py``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keel.backends.sqlite import SQLiteStore
+from keel.memory.types import NewTask, Task, TaskStatus
+from keel.orchestration.document_analysis import DOCUMENT_ANALYSIS, DocumentAnalysisResult, find_quote
+from keel.orchestration.models import ModelRegistry
+from keel.orchestration.toolbox import Services
+from keel.testing.analyst import FABRICATED_QUOTE, ScriptedAnalyst
+from keel.testing.embedders import HashEmbedder
+from keel.testing.models import FunctionModel
+from keel.testing.pdfs import make_pdf
+from test_memory import CONTRACT_A, CONTRACT_B, Clock, memory_for
+from test_orchestration import engine_for, wait_terminal
+
+REQUEST = "Analyse these documents, compare insights, and tell me the risks."
+CONTRACT_C = (
+    "Vendor C offers a 99.9% uptime commitment. Service credits are the sole remedy for downtime.\n\n"
+    "Payment is due within 45 days of receipt of a valid invoice."
+)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "k.db")
+    yield s
+    await s.aclose()
+
+
+class Harness:
+    def __init__(self, store: SQLiteStore, tmp_path: Path, analyst: ScriptedAnalyst, window: int = 8192) -> None:
+        self.store, self.clock = store, Clock(time.time())
+        self.memory = memory_for(store, HashEmbedder(), self.clock, tmp_path)
+        self.analyst = analyst
+        self.model = FunctionModel(analyst.function_reply, name="scripted", context_window=window)
+        models = ModelRegistry("scripted")
+        models.add("scripted", self.model)
+        self.engine = engine_for(
+            store, DOCUMENT_ANALYSIS, services=Services(store=store, memory=self.memory), models=models
+        )
+
+    async def add(self, text: str, name: str) -> str:
+        return (await self.memory.ingestor.ingest_bytes("t1", text.encode(), source=f"upload:{name}")).id
+
+    async def add_pdf(self, data: bytes, name: str) -> str:
+        return (await self.memory.ingestor.ingest_bytes("t1", data, source=f"upload:{name}")).id
+
+    async def run(self, documents: list[str], **inp: Any) -> Task:
+        new = NewTask(
+            tenant="t1", workflow="document_analysis", input={"request": REQUEST, "documents": documents, **inp}
+        )
+        created = await self.store.create_task(new, None, self.clock())
+        assert created.task is not None
+        await self.engine.start()
+        try:
+            return await wait_terminal(self.store, created.task.id, timeout=30)
+        finally:
+            await self.engine.stop()
+
+
+def errors_of(task: Task, type: str) -> list[dict[str, Any]]:
+    assert task.envelope is not None
+    return [e for e in task.envelope["errors"] if e["type"] == type]
+
+
+async def test_all_documents_fine_is_a_success_with_cited_verified_risks(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst())
+    docs = [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")]
+    done = await h.run(docs)
+    assert done.status is TaskStatus.succeeded, done.envelope
+    assert done.envelope is not None
+    result = DocumentAnalysisResult.model_validate(done.envelope["result"])
+    assert [i.label for i in result.insights] == ["D1", "D2"] and all(i.summary for i in result.insights)
+    assert result.comparison is not None and result.comparison.conflicts[0].documents == docs
+    assert result.risks and all(r.supported for r in result.risks)
+    for risk in result.risks:
+        for ev in risk.evidence:
+            assert ev.verified and ev.document in docs and ev.page == 1 and ev.quote
+    assert result.components == {
+        "ingest": "ok", "summaries": "ok", "comparison": "ok", "risks": "ok", "validation": "ok",
+    }  # fmt: skip
+    meta = done.envelope["metadata"]
+    assert [n["id"] for n in meta["plan"]["nodes"]][-3:] == ["risks", "aggregate", "validate"]
+    assert {r["query"][:20] for r in meta["retrieval"]} and result.retrieval["weakest"]["level"]
+    assert h.analyst.calls.count("summary") == 2 and h.analyst.calls[0] == "plan"
+
+
+async def test_an_encrypted_document_is_skipped_with_a_warning_and_the_rest_analysed(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst())
+    locked = await h.add_pdf(make_pdf(["Secret pricing."], password="pw"), "locked.pdf")
+    docs = [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt"), locked]
+    done = await h.run(docs)
+    assert done.status is TaskStatus.partial_success, done.envelope
+    [warning] = errors_of(done, "document_encrypted")
+    assert warning["severity"] == "warning" and "password" in warning["message"]
+    assert done.envelope is not None
+    result = done.envelope["result"]
+    assert [d["status"] for d in result["documents"]] == ["ingested", "ingested", "skipped"]
+    assert len(result["insights"]) == 2 and result["risks"] and result["components"]["ingest"] == "partial"
+
+
+async def test_a_summary_that_times_out_leaves_the_others(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(summary_delay_s={"D2": 5.0}))
+    docs = [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt"), await h.add(CONTRACT_C, "c.txt")]
+    started = time.monotonic()
+    done = await h.run(docs, summary_timeout_s=0.5)
+    assert time.monotonic() - started < 4.5
+    assert done.status is TaskStatus.partial_success, done.envelope
+    [timeout] = errors_of(done, "timeout")
+    assert timeout["step"] == "summarise[D2]" and timeout["recovery_suggested"]
+    assert done.envelope is not None
+    result = done.envelope["result"]
+    assert [i["label"] for i in result["insights"]] == ["D1", "D3"] and result["components"]["summaries"] == "partial"
+    assert [d["summarised"] for d in result["documents"]] == [True, False, True]
+
+
+async def test_below_the_minimum_success_threshold_the_task_fails_keeping_what_finished(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(summary_delay_s={"D2": 5.0, "D3": 5.0}))
+    docs = [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt"), await h.add(CONTRACT_C, "c.txt")]
+    done = await h.run(docs, summary_timeout_s=0.3, min_success=2)
+    assert done.status is TaskStatus.failed and done.envelope is not None
+    assert errors_of(done, "min_success_not_met") and len(errors_of(done, "timeout")) == 2
+    assert "insight:D1" in done.envelope["result"]  # the summary that finished is kept
+
+
+async def test_a_failed_risk_step_returns_the_insights_with_clear_metadata(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(malformed={"risks"}))
+    done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
+    assert done.status is TaskStatus.partial_success and done.envelope is not None
+    result = done.envelope["result"]
+    assert result["risks"] is None and len(result["insights"]) == 2 and result["comparison"] is not None
+    assert result["components"]["risks"] == "failed"
+    errs = [e for e in done.envelope["errors"] if e["step"].startswith("risks[")]
+    assert [e["step"] for e in errs] == ["risks[D1]", "risks[D2]"]
+    assert all("risk analysis of" in e["message"] and "not JSON" in e["message"] for e in errs)
+
+
+async def test_one_documents_failed_risk_call_keeps_the_others_risks(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(malformed={"risks:D2"}))
+    done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
+    assert done.status is TaskStatus.partial_success and done.envelope is not None
+    result = done.envelope["result"]
+    assert result["components"]["risks"] == "partial" and result["risks"]
+    assert {e["label"] for r in result["risks"] for e in r["evidence"]} == {"D1"}
+    assert [e["step"] for e in done.envelope["errors"] if e["severity"] == "error"] == ["risks[D2]"]
+
+
+async def test_an_ambiguous_request_asks_for_clarification_before_reading_anything(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(confidence=0.2, questions=["Which risks: legal or financial?"]))
+    done = await h.run([await h.add(CONTRACT_A, "a.txt")])
+    assert done.status is TaskStatus.needs_clarification and done.envelope is not None
+    assert done.envelope["result"]["questions"] == ["Which risks: legal or financial?"]
+    assert h.analyst.calls == ["plan"]  # no summary paid for
+
+
+async def test_a_fabricated_quote_is_flagged_with_the_claim_named(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(fabricate=True))
+    done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
+    assert done.status is TaskStatus.partial_success and done.envelope is not None
+    [flag] = errors_of(done, "hallucination_suspected")
+    risk = done.envelope["result"]["risks"][0]
+    assert flag["pointer"] == "/risks/0/evidence/0" and risk["risk"][:40] in flag["message"]
+    assert FABRICATED_QUOTE[:40] in flag["message"]
+    assert risk["evidence"][0]["verified"] is False and risk["supported"] is False
+    assert done.envelope["result"]["components"]["validation"] == "partial"
+
+
+async def test_overflowing_documents_and_summaries_are_map_reduced_not_truncated(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(), window=700)
+    long_a = "\n\n".join(f"Clause {i}. {CONTRACT_A}" for i in range(12))
+    done = await h.run([await h.add(long_a, "long.txt"), await h.add(CONTRACT_B, "b.txt")])
+    assert done.status in (TaskStatus.succeeded, TaskStatus.partial_success), done.envelope
+    assert done.envelope is not None
+    reductions = done.envelope["metadata"]["reductions"]
+    assert "summarise[D1]/reduce" in reductions and reductions["summarise[D1]/reduce"]["calls"] >= 2
+    assert done.envelope["result"]["insights"][0]["condensed"] is True
+    assert "reduce" in h.analyst.calls
+
+
+def test_quotes_match_across_case_spacing_hyphenation_and_ellipses() -> None:
+    pages = [
+        {"page": 1, "text": "Intro."},
+        {"page": 2, "text": "Payment is due within\n30 days of the in-\nvoice date."},
+    ]
+    assert find_quote("payment is due within 30 days", pages) == 2
+    assert find_quote("\u201cPayment is due \u2026 of the invoice date\u201d", pages) == 2
+    assert find_quote("Payment is due within 90 days", pages) is None
+    assert find_quote("due", pages) is None  # too short to mean anything
