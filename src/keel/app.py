@@ -17,6 +17,7 @@ from starlette.routing import Route
 from keel.backends import open_store
 from keel.errors import ConfigError
 from keel.interaction import problems
+from keel.interaction.endpoint_routes import router as endpoint_router
 from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
 from keel.interaction.memory_routes import router as memory_router
@@ -260,6 +261,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
     app.include_router(router)
     app.include_router(tool_router)
     app.include_router(memory_router)
+    app.include_router(endpoint_router)
     app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
 
     @app.get("/healthz", include_in_schema=True, tags=["ops"])

@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
 from keel.interaction.auth import require
 from keel.interaction.schemas import ModelStatsView, SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
-from keel.memory.types import ApiKey, CreateOutcome, IdempotencyClaim, NewTask, TaskStatus
+from keel.memory.types import ApiKey, CreateOutcome, IdempotencyClaim, NewTask, Task, TaskStatus
 from keel.netguard import resolve_target
 from keel.orchestration.tools import ToolCatalog, permitted
 
@@ -29,6 +29,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 Reader = Annotated[ApiKey, Depends(require("tasks:read"))]
 Writer = Annotated[ApiKey, Depends(require("tasks:write"))]
+IdempotencyKey = Annotated[
+    str | None, Header(max_length=255, description="Retries with the same key return the same task.")
+]
 
 
 def _keel(request: Request) -> Any:
@@ -54,15 +57,23 @@ def _request_hash(body: SubmitTask) -> str:
     summary="Submit a task",
 )
 async def submit(
-    body: SubmitTask,
-    request: Request,
-    key: Writer,
-    idempotency_key: Annotated[
-        str | None, Header(max_length=255, description="Retries with the same key return the same task.")
-    ] = None,
+    body: SubmitTask, request: Request, key: Writer, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Validate, store durably, and return 202 with the task's handle. Nothing is stored if validation fails."""
-    keel = _keel(request)
+    task, headers, status = await create_task(_keel(request), key, body, idempotency_key)
+    payload = view(task) if status == 200 else accepted(task)
+    return JSONResponse(payload.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+async def create_task(
+    keel: Any, key: ApiKey, body: SubmitTask, idempotency_key: str | None
+) -> tuple[Task, dict[str, str], int]:
+    """What every task-creating endpoint shares: validate (the workflow, its input, its ``admit`` hook, the
+    webhook target, the tool allowlist) before anything is stored, answer from the result cache when the body
+    allows it, honour ``Idempotency-Key``, store the task durably and wake the runtime.
+
+    Returns the task, the response headers (``Location``; ``Idempotent-Replayed`` or the cache headers) and the
+    status: 202 for a new or replayed task, 200 for a cache hit (the earlier, finished task)."""
     wf = keel.registry.get(body.workflow)
     if wf is None:
         raise InputError(f"unknown workflow {body.workflow!r}", detail={"known": keel.registry.names()})
@@ -89,7 +100,7 @@ async def submit(
         if cached is not None:
             age = max(0, int(keel.clock() - (cached.finished_at or keel.clock())))
             headers = {"Location": f"/v1/tasks/{cached.id}", "Cache-Status": "keel; hit", "Age": str(age)}
-            return JSONResponse(view(cached).model_dump(mode="json"), status_code=200, headers=headers)
+            return cached, headers, 200
 
     claim = None
     if idempotency_key is not None:
@@ -131,7 +142,7 @@ async def submit(
         headers["Idempotent-Replayed"] = "true"
     else:
         keel.runtime.wake()
-    return JSONResponse(accepted(task).model_dump(mode="json"), status_code=202, headers=headers)
+    return task, headers, 202
 
 
 def _fingerprint(keel: Any, body: SubmitTask, input_json: dict[str, Any]) -> str:
@@ -267,6 +278,14 @@ async def events(
     if task.status.terminal and not await keel.store.read(task_id, after, limit=1):
         return Response(status_code=204)
 
+    return event_stream(keel, task_id, after)
+
+
+def event_stream(keel: Any, task_id: str, after: int = 0, headers: dict[str, str] | None = None) -> Response:
+    """SSE relay of a task's durable event log after sequence number ``after``, up to and including ``end``:
+    ``retry:`` first, then every event with ``id:`` = its sequence number, so a client whose connection drops
+    resumes at ``GET /v1/tasks/{id}/events`` with ``Last-Event-ID`` and loses nothing."""
+
     async def stream() -> AsyncIterator[ServerSentEvent]:
         cursor = after
         yield ServerSentEvent(comment="keel event stream", retry=keel.settings.sse_retry_ms)
@@ -281,7 +300,7 @@ async def events(
                 # Woken in-process at once; the poll interval catches writers in other processes.
                 await keel.notifier.wait(task_id, keel.settings.poll_interval_s)
 
-    return EventSourceResponse(stream(), ping=keel.settings.sse_heartbeat_s, send_timeout=30)
+    return EventSourceResponse(stream(), headers=headers, ping=keel.settings.sse_heartbeat_s, send_timeout=30)
 
 
 Admin = Annotated[ApiKey, Depends(require("admin"))]

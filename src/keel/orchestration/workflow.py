@@ -254,4 +254,9 @@ def default_registry() -> WorkflowRegistry:
     from keel.orchestration.document_analysis import DOCUMENT_ANALYSIS
 
     registry.register(DOCUMENT_ANALYSIS)
+    from keel.orchestration.endpoint_workflows import AGENT, FUNCTION_CALL, REASON
+
+    registry.register(AGENT)
+    registry.register(REASON)
+    registry.register(FUNCTION_CALL)
     return registry
