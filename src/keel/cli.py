@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -148,6 +149,15 @@ def submit(
     approve_writes: Annotated[
         bool, typer.Option("--approve-every-write", help="Every write tool call waits for a person's approval.")
     ] = False,
+    document: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--document",
+            "-d",
+            help="A file to upload first (its id joins input.documents), or a URL the task fetches itself "
+            "(repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Submit a task, follow its stream with a live progress bar, then print the envelope.
 
@@ -178,6 +188,12 @@ def submit(
     if approve_writes:
         body["approval"] = "always"
     with _client(url, api_key) as client:
+        if document:
+            if not isinstance(payload, dict):
+                _fail("--document needs --input to be a JSON object", 2)
+            refs = [d if d.startswith(("http://", "https://")) else _ingest(client, d, None)["id"] for d in document]
+            payload["documents"] = [*payload.get("documents", []), *refs]
+            client.timeout = httpx.Timeout(30)
         accepted = _call(client, "POST", "/v1/tasks", json=body, headers=headers)
         task = accepted.json()
         err.print(f"[bold]submitted[/] {task['id']} ({task['status']})")
@@ -251,33 +267,55 @@ class _StreamView:
         self.streamed = ""
 
     def show(self, event: str, data: dict[str, Any]) -> str | None:
-        update = self.progress.update
-        if event == "progress":
-            update(self.bar, completed=data["progress"], description=str(data.get("step")))
-        elif event == "step_started":
-            update(self.bar, description=f"{data['step']} …")
-        elif event == "token":
-            self.streamed = (self.streamed + data.get("text", ""))[-2000:]
-            tail = " ".join(self.streamed.split())[-48:]
-            update(self.bar, description=f"{data.get('step', '')}: …{tail}")
-        elif event == "budget":
-            update(self.bar, description=_budget_line(data))
-        elif event == "reindex_progress":
-            update(self.bar, description=f"re-embedded {data['done']}/{data['total']} chunks")
-        elif event == "ingest_progress":
-            update(self.bar, description=f"{data.get('ref', '')} {data['phase']} {data['done']}/{data['total']}")
-        elif event == "ingest_retry":
-            update(self.bar, description=f"retrying {data['url']} (attempt {data['attempt']}): {data['error']}"[:100])
-        elif event == "decision_requested":
-            update(self.bar, description=f"approval needed: {data.get('tool')}")
-        elif event == "status":
-            update(self.bar, description=data["status"])
-            if data["status"] == "waiting_for_approval":
-                return "parked"
-        elif event == "end":
-            update(self.bar, completed=1.0, description=data["status"])
+        """Update the bar for one event; ``"end"`` when the task ended, ``"parked"`` when it waits for a person."""
+        if event == "status" and data["status"] == "waiting_for_approval":
+            self.progress.update(self.bar, description=data["status"])
+            return "parked"
+        if event == "end":
+            self.progress.update(self.bar, completed=1.0, description=data["status"])
             return "end"
+        if event == "progress":
+            self.progress.update(self.bar, completed=data["progress"], description=str(data.get("step")))
+            return None
+        if event == "token":
+            self.streamed = (self.streamed + data.get("text", ""))[-2000:]
+            data = {**data, "tail": " ".join(self.streamed.split())[-48:]}
+        if event == "plan" and "goal" in data.get("plan", {}):
+            err.print(f"[dim]plan:[/] {data['plan']['goal']} [dim](confidence {data['plan'].get('confidence')})[/]")
+        elif event == "partial_result" and str(data.get("key", "")).startswith("insight:"):
+            err.print(f"[green]✓[/] summary of {data['key'].removeprefix('insight:')} ready")
+        describe = _DESCRIBE.get(event)
+        if describe is not None:
+            self.progress.update(self.bar, description=describe(data))
         return None
+
+
+def _stage_line(data: dict[str, Any]) -> str:
+    counts = f" {data['done']}/{data['total']}" if "total" in data and "done" in data else ""
+    return f"{_STAGES.get(data['stage'], data['stage'])}{counts}"
+
+
+_STAGES = {
+    "plan": "planning",
+    "ingest": "reading documents",
+    "summarise": "summarising",
+    "compare": "comparing",
+    "risks": "finding risks",
+    "validate": "checking quotes",
+}
+
+
+_DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
+    "step_started": lambda d: f"{d['step']} …",
+    "token": lambda d: f"{d.get('step', '')}: …{d['tail']}",
+    "budget": lambda d: _budget_line(d),
+    "reindex_progress": lambda d: f"re-embedded {d['done']}/{d['total']} chunks",
+    "ingest_progress": lambda d: f"{d.get('ref', '')} {d['phase']} {d['done']}/{d['total']}",
+    "ingest_retry": lambda d: f"retrying {d['url']} (attempt {d['attempt']}): {d['error']}"[:100],
+    "stage": lambda d: _stage_line(d),
+    "decision_requested": lambda d: f"approval needed: {d.get('tool')}",
+    "status": lambda d: str(d["status"]),
+}
 
 
 def _budget_line(data: dict[str, Any]) -> str:
@@ -464,6 +502,29 @@ def memory_search(
         out.print_json(data=_call(client, "POST", "/v1/memory/search", json={"query": query, "k": k}).json())
 
 
+def _ingest(client: httpx.Client, source: str, password: str | None) -> dict[str, Any]:
+    """Upload a file (or have the server fetch a URL) into vector memory; print one line about it."""
+    client.timeout = httpx.Timeout(30, read=900)  # OCR of a long scan takes minutes
+    if source.startswith(("http://", "https://")):
+        response = _call(client, "POST", "/v1/documents", json={"url": source, "password": password})
+    else:
+        path = Path(source)
+        if not path.is_file():
+            _fail(f"no such file: {source}", 2)
+        with err.status(f"ingesting {path.name} …"), path.open("rb") as fh:
+            data = {"password": password} if password else {}
+            response = _call(client, "POST", "/v1/documents", files={"file": (path.name, fh)}, data=data)
+    doc: dict[str, Any] = response.json()
+    why = "; ".join(p["message"] for p in [*doc["errors"], *doc["warnings"]][:3])
+    colour = "green" if doc["status"] == "ingested" else "yellow"
+    err.print(
+        f"[{colour}]{doc['status']}[/] {doc['id']} {source}: {doc['pages']} page(s), {doc['chunks']} chunk(s)"
+        + (f" [dim]({why})[/]" if why else ""),
+        soft_wrap=True,
+    )
+    return doc
+
+
 @documents_app.command("add")
 def documents_add(
     sources: Annotated[list[str], typer.Argument(help="PDF or text files, or http(s) URLs.")],
@@ -475,25 +536,8 @@ def documents_add(
     when any was skipped or failed."""
     bad = 0
     with _client(url, api_key) as client:
-        client.timeout = httpx.Timeout(30, read=900)  # OCR of a long scan takes minutes
         for source in sources:
-            if source.startswith(("http://", "https://")):
-                response = _call(client, "POST", "/v1/documents", json={"url": source, "password": password})
-            else:
-                path = Path(source)
-                if not path.is_file():
-                    _fail(f"no such file: {source}", 2)
-                with err.status(f"ingesting {path.name} …"), path.open("rb") as fh:
-                    data = {"password": password} if password else {}
-                    response = _call(client, "POST", "/v1/documents", files={"file": (path.name, fh)}, data=data)
-            doc = response.json()
-            why = "; ".join(p["message"] for p in [*doc["errors"], *doc["warnings"]][:3])
-            colour = "green" if doc["status"] == "ingested" else "yellow"
-            err.print(
-                f"[{colour}]{doc['status']}[/] {doc['id']} {source}: {doc['pages']} page(s), {doc['chunks']} chunk(s)"
-                + (f" [dim]({why})[/]" if why else ""),
-                soft_wrap=True,
-            )
+            doc = _ingest(client, source, password)
             out.print(doc["id"])
             bad += doc["status"] != "ingested"
     if bad:
