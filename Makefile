@@ -22,9 +22,8 @@ $(STAMP): $(BIN)/python pyproject.toml scripts/system-deps.sh
 	touch $(STAMP)
 
 # The embedded model: llama.cpp compiles once (about 10-15 minutes on 2 cores); pip caches the wheel.
-$(LOCAL_STAMP): $(STAMP)
-	@echo "installing the embedded model runtime (llama-cpp-python builds from source the first time)"
-	$(BIN)/pip install -q -e '.[dev,local]'
+$(LOCAL_STAMP): $(STAMP) scripts/install-local.sh
+	bash scripts/install-local.sh
 	touch $(LOCAL_STAMP)
 
 venv: $(STAMP)
@@ -47,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_api.py
 	$(BIN)/python bench/bench_workflow.py
 	$(BIN)/python bench/bench_tools.py
+	$(BIN)/python bench/bench_flagship.py
 	$(BIN)/python bench/bench_embeddings.py
 	$(BIN)/python bench/bench_ingest.py
 	$(BIN)/python bench/bench_vectors.py   # 100k and 1M vectors: about 15 minutes, most of it the 1M HNSW build
