@@ -299,3 +299,17 @@ def test_openapi_is_31_with_examples(live: LiveServer) -> None:
     assert schemas["SubmitTask"]["examples"] and schemas["Envelope"]["examples"]
     post = spec["paths"]["/v1/tasks"]["post"]
     assert {"202", "401", "409", "413", "422"} <= set(post["responses"])
+
+
+def test_workflows_are_listed_with_their_input_schemas(live: LiveServer) -> None:
+    with live.client() as c:
+        r = c.get("/v1/workflows")
+        openapi = c.get("/openapi.json").json()
+    assert r.status_code == 200
+    by_name = {w["name"]: w for w in r.json()}
+    assert {"document_analysis", "diagnostic", "ask", "agent", "reason", "function_call"} <= set(by_name)
+    schema = by_name["document_analysis"]["input_schema"]
+    assert schema["required"] == ["request", "documents"] and schema["examples"]
+    assert "/v1/workflows" in openapi["paths"]
+    assert openapi["components"]["schemas"]["SubmitTask"]["examples"][0]["workflow"] == "document_analysis"
+    assert httpx.get(f"{live.url}/v1/workflows").status_code == 401

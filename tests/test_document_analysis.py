@@ -4,6 +4,7 @@ The same branches run over HTTP through a real ``keel serve`` in ``test_flagship
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -204,3 +205,35 @@ def test_quotes_match_across_case_spacing_hyphenation_and_ellipses() -> None:
     assert find_quote("\u201cPayment is due \u2026 of the invoice date\u201d", pages) == 2
     assert find_quote("Payment is due within 90 days", pages) is None
     assert find_quote("due", pages) is None  # too short to mean anything
+
+
+async def test_a_restart_mid_analysis_resumes_without_paying_again_for_finished_work(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(summary_delay_s={"D2": 30.0}))
+    docs = [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")]
+    new = NewTask(tenant="t1", workflow="document_analysis", input={"request": REQUEST, "documents": docs})
+    created = await store.create_task(new, None, h.clock())
+    assert created.task is not None
+    task_id = created.task.id
+    await h.engine.start()
+    try:
+        for _ in range(1000):  # until D1's summary is checkpointed while D2's is still being written
+            if "partial:insight:D1" in await store.load_state(task_id):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await h.engine.stop()  # the process goes away mid-run
+    assert h.analyst.calls.count("summary") == 2
+    h.analyst.summary_delay_s = {}  # the provider is quick again
+    restarted = engine_for(store, DOCUMENT_ANALYSIS, services=h.engine.services, models=h.engine.models)
+    await restarted.start()
+    try:
+        done = await wait_terminal(store, task_id, timeout=30)
+    finally:
+        await restarted.stop()
+    assert done.status is TaskStatus.succeeded and done.envelope is not None, done.envelope
+    assert h.analyst.calls.count("plan") == 1  # the plan was not asked again
+    assert h.analyst.calls.count("summary") == 3  # D1 once; D2 once interrupted, once to the end
+    replayed = {s["name"] for s in done.envelope["metadata"]["steps"] if s["replayed"]}
+    assert {"plan", "summarise[D1]", "read[D1]"} <= replayed

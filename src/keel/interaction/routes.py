@@ -181,6 +181,19 @@ def _policy(body: SubmitTask, key: ApiKey, catalog: ToolCatalog) -> dict[str, An
     return {"tools": body.tools, "scopes": sorted(key.scopes), "approval": body.approval}
 
 
+@router.get("/workflows", responses=ERRORS, summary="List workflows")
+async def list_workflows(request: Request, key: Reader) -> list[dict[str, Any]]:
+    """Every workflow `POST /v1/tasks` accepts, with its description and the JSON Schema of its `input` (with
+    examples where the workflow gives them): what a client needs to build a valid request without guessing."""
+    registry = _keel(request).registry
+    found = (registry.get(name) for name in registry.names())
+    return [
+        {"name": wf.name, "description": wf.description, "input_schema": wf.input_model.model_json_schema()}
+        for wf in found
+        if wf is not None
+    ]
+
+
 @router.get("/tasks", response_model=TaskPage, responses=ERRORS, summary="List tasks")
 async def list_tasks(
     request: Request,

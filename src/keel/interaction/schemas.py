@@ -77,6 +77,23 @@ class SubmitTask(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
+                {
+                    "workflow": "document_analysis",
+                    "input": {
+                        "request": "Analyse these 4 PDFs, compare insights, and tell me the risks.",
+                        "documents": [
+                            "doc_3f2a9c1e0b7d4a5f6e8c9d0a",
+                            "doc_9b41e7c2d3f5a6b8c0d1e2f3",
+                            "doc_77c0a1b2c3d4e5f6a7b8c9d0",
+                            "https://example.com/contracts/vendor-c.pdf",
+                        ],
+                    },
+                    "webhook": {
+                        "url": "https://hooks.example.com/keel",
+                        "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                    },
+                    "budget": {"max_cost_usd": 0.5, "deadline_s": 900},
+                },
                 {"workflow": "diagnostic", "input": {"steps": 3, "step_seconds": 0.5}},
                 {
                     "workflow": "diagnostic",
