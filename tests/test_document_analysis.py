@@ -237,3 +237,14 @@ async def test_a_restart_mid_analysis_resumes_without_paying_again_for_finished_
     assert h.analyst.calls.count("summary") == 3  # D1 once; D2 once interrupted, once to the end
     replayed = {s["name"] for s in done.envelope["metadata"]["steps"] if s["replayed"]}
     assert {"plan", "summarise[D1]", "read[D1]"} <= replayed
+
+
+async def test_a_failed_comparison_returns_the_rest_with_clear_metadata(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(malformed={"compare"}))
+    done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
+    assert done.status is TaskStatus.partial_success and done.envelope is not None
+    result = done.envelope["result"]
+    assert result["comparison"] is None and result["components"]["comparison"] == "failed"
+    assert len(result["insights"]) == 2 and result["risks"]
+    [err] = [e for e in done.envelope["errors"] if e["step"] == "compare"]
+    assert "comparison failed" in err["message"]
