@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import LiveServer, free_port
@@ -115,3 +116,13 @@ def test_a_task_waiting_for_approval_exits_3_and_tasks_approve_resumes_it(live: 
     assert again.exit_code == 1 and "already decided" in again.output
     tools = runner.invoke(app, ["tools", "list", *args])
     assert tools.exit_code == 0 and "send_email" in tools.stdout and "write" in tools.stdout
+
+
+def test_split_roles_need_a_shared_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEEL_STORE_URL", raising=False)
+    for args in (["worker"], ["serve", "--role", "api"]):
+        r = runner.invoke(app, [*args, "--data-dir", str(tmp_path)])
+        assert r.exit_code == 1, (args, r.output)
+        assert "needs a store shared by every process" in " ".join(r.output.split()), r.output
+    bad = runner.invoke(app, ["serve", "--role", "worker", "--data-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "keel worker" in bad.output

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -70,6 +70,16 @@ class Keel:
     memory: Memory
     clock: Callable[[], float] = time.time
     in_flight: set[tuple[str, str]] = field(default_factory=set)
+    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    """What closes with the process (MCP sessions, embedders, the runtime's loops)."""
+
+
+def registry_for(settings: Settings) -> WorkflowRegistry:
+    """The built-in workflows and those ``KEEL_WORKFLOWS`` names."""
+    registry = default_registry()
+    for spec in settings.workflows:
+        registry.load(spec)
+    return registry
 
 
 def _lock_data_dir(settings: Settings) -> IO[str]:
@@ -170,27 +180,33 @@ def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tup
     return memory, embedders
 
 
-def create_app(settings: Settings | None = None, registry: WorkflowRegistry | None = None) -> FastAPI:
-    settings = settings or Settings()
-    if registry is None:
-        registry = default_registry()
-        for spec in settings.workflows:
-            registry.load(spec)
+Role = Literal["all", "api", "worker"]
 
-    # keel's tools over MCP, behind the same API keys; built now (the route must exist), served once the
-    # lifespan has opened the store.
-    mcp = build_mcp(
-        TaskToolBackend(lambda: app.state.keel),
-        lambda token: app.state.keel.store.verify_key(token),
-        allowed_origins=settings.mcp_allowed_origins,
-    )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        lock = _lock_data_dir(settings)
-        store = open_store(settings.resolved_store_url)
-        notifier = Notifier()
-        stack = contextlib.AsyncExitStack()
+def _shared(settings: Settings, role: Role) -> bool:
+    """Whether other keel processes share this store. The embedded SQLite store belongs to one process."""
+    url = settings.resolved_store_url
+    if url.startswith("sqlite:"):
+        if role != "all":
+            raise ConfigError(
+                f"role {role!r} needs a store shared by every process (KEEL_STORE_URL=postgresql://…); the embedded "
+                "SQLite store belongs to one process, which serves the API and runs the workers itself"
+            )
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role = "all") -> AsyncIterator[Keel]:
+    """Open the store, the memory layer and the tools, and run what ``role`` asks for: ``all`` (one process: the
+    API and the workers, the embedded default), ``api`` (answers HTTP; the queue is worked elsewhere) or
+    ``worker`` (runs tasks, webhooks and emails; no HTTP). Everything is stopped and closed on exit."""
+    shared = _shared(settings, role)
+    lock = None if shared else _lock_data_dir(settings)
+    store = open_store(settings.resolved_store_url)
+    notifier = Notifier()
+    stack = contextlib.AsyncExitStack()
+    try:
         tools = await _tools(settings, stack)
         memory, embedders = _memory(settings, store, time.time)
         stack.push_async_callback(embedders.aclose)
@@ -219,7 +235,6 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             approval_ttl_s=settings.approval_ttl_hours * 3600 or None,
             sweep_s=min(60.0, settings.memory_sweep_s),
         )
-        relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
         allow = AllowList.parse(settings.webhook_allow_hosts)
         webhooks = WebhookDispatcher(
             store,
@@ -230,7 +245,7 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             timeout_s=settings.webhook_timeout_s,
             poll_s=settings.poll_interval_s,
         )
-        app.state.keel = Keel(
+        keel = Keel(
             settings=settings,
             store=store,
             registry=registry,
@@ -240,21 +255,50 @@ def create_app(settings: Settings | None = None, registry: WorkflowRegistry | No
             webhook_allow=allow,
             tools=tools,
             memory=memory,
+            stack=stack,
         )
-        # Only one process may own an embedded data dir, so whatever is still `running` belongs to a dead one.
-        await runtime.start(recover=True)
-        webhooks.start()
-        relay.start()
-        await stack.enter_async_context(mcp.running())
-        try:
-            yield
-        finally:
-            await runtime.stop()
-            await webhooks.stop()
-            await relay.stop()
-            await stack.aclose()
-            await store.aclose()
+        if role != "api":
+            relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
+            # A process that owns its store alone knows that whatever is still `running` belongs to a dead one;
+            # with a shared store, other workers' leases simply run out.
+            await runtime.start(recover=not shared)
+            stack.push_async_callback(runtime.stop)
+            webhooks.start()
+            stack.push_async_callback(webhooks.stop)
+            relay.start()
+            stack.push_async_callback(relay.stop)
+        yield keel
+    finally:
+        await stack.aclose()
+        await store.aclose()
+        if lock is not None:
             lock.close()
+
+
+def create_app(
+    settings: Settings | None = None, registry: WorkflowRegistry | None = None, *, role: Role = "all"
+) -> FastAPI:
+    """The ASGI app: the API, and with ``role="all"`` (the default) the workers in the same process."""
+    settings = settings or Settings()
+    if role == "worker":
+        raise ConfigError("a worker serves no HTTP: run `keel worker`")
+    _shared(settings, role)  # refuse an impossible role now, not at start-up
+    registry = registry or registry_for(settings)
+
+    # keel's tools over MCP, behind the same API keys; built now (the route must exist), served once the
+    # lifespan has opened the store.
+    mcp = build_mcp(
+        TaskToolBackend(lambda: app.state.keel),
+        lambda token: app.state.keel.store.verify_key(token),
+        allowed_origins=settings.mcp_allowed_origins,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with running(settings, registry, role=role) as keel:
+            app.state.keel = keel
+            await keel.stack.enter_async_context(mcp.running())
+            yield
 
     app = FastAPI(title="keel", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     problems.install(app)

@@ -61,18 +61,64 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     data_dir: DataDir = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    role: Annotated[
+        str,
+        typer.Option(
+            help="all: the API and the workers in this process (the embedded default); api: the API only, with "
+            "`keel worker` processes working the queue of a shared store (KEEL_STORE_URL=postgresql://…)."
+        ),
+    ] = "all",
 ) -> None:
-    """Serve the HTTP API with the embedded runtime in-process."""
+    """Serve the HTTP API, with the runtime in-process unless --role api."""
     import uvicorn
 
     from keel.app import create_app
     from keel.errors import KeelError
 
+    if role not in ("all", "api"):
+        _fail(f"--role must be all or api, not {role!r} (workers run with `keel worker`)", 2)
     settings = _settings(data_dir, host=host, port=port)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+        uvicorn.run(
+            create_app(settings, role="api" if role == "api" else "all"),
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+        )
     except KeelError as exc:
         _fail(exc.message)
+
+
+@app.command()
+def worker(data_dir: DataDir = None) -> None:
+    """Run tasks, webhooks and emails from a shared store (KEEL_STORE_URL=postgresql://…), without HTTP; as many
+    as you like, on any machines. Stops gracefully on SIGTERM or Ctrl-C: in-flight runs go back to the queue."""
+    import signal
+
+    from keel.app import registry_for, running
+    from keel.errors import KeelError
+
+    settings = _settings(data_dir)
+
+    async def work() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with running(settings, registry_for(settings), role="worker"):
+            err.print(f"keel worker {os.getpid()} is working the queue of {_redacted(settings.resolved_store_url)}")
+            await stop.wait()
+        err.print("keel worker stopped")
+
+    try:
+        asyncio.run(work())
+    except KeelError as exc:
+        _fail(exc.message)
+
+
+def _redacted(url: str) -> str:
+    """A store URL without its password, for logs."""
+    return str(httpx.URL(url).copy_with(password=None)) if "@" in url else url
 
 
 @keys_app.command("create")
