@@ -207,6 +207,16 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
     notifier = Notifier()
     stack = contextlib.AsyncExitStack()
     try:
+        if settings.redis_url:
+            # Sessions live in Redis, and every process hears every task's new events at once (SSE on any
+            # replica); the durable event log in the store stays the source of truth for resumption.
+            from keel.backends.redis import RedisNotifier, RedisSessionStore, with_sessions
+
+            store = with_sessions(store, RedisSessionStore(settings.redis_url))
+            fanout = RedisNotifier(settings.redis_url)
+            await fanout.start()
+            stack.push_async_callback(fanout.stop)
+            notifier = fanout
         tools = await _tools(settings, stack)
         memory, embedders = _memory(settings, store, time.time)
         stack.push_async_callback(embedders.aclose)

@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     retrieval_low: float = Field(0.25, description="Cosine score below which retrieval is `low` confidence.")
     memory_sweep_s: float = Field(60.0, gt=0, description="How often expired sessions and chunks are deleted.")
 
+    # -- scale-out (issue 8) ---------------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:port/db: session memory in Redis, and live event fan-out across API replicas "
+        "(the event log in the store stays the source of truth).",
+    )
+
     @field_validator("workflows", "tools", "mcp_allowed_origins", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
