@@ -12,5 +12,11 @@ def open_store(url: str) -> Store:
 
         return SQLiteStore(url.removeprefix("sqlite:///"))
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("the Postgres backend is not available yet: pip install 'keel[postgres]' (issue 8)")
-    raise ConfigError(f"unknown store URL {url!r}: expected sqlite:///PATH")
+        try:
+            from keel.backends.postgres import PostgresStore
+        except ImportError as exc:  # the driver is an extra
+            raise ConfigError(
+                f"the Postgres backend needs its driver ({exc.name or exc}): pip install 'keel[postgres]'"
+            ) from exc
+        return PostgresStore(url)
+    raise ConfigError(f"unknown store URL {url!r}: expected sqlite:///PATH or postgresql://…")

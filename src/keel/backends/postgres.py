@@ -1,0 +1,1396 @@
+"""The scale-out store: PostgreSQL through psycopg 3's async driver and a connection pool, vectors on pgvector.
+
+Semantics are the SQLite store's (``keel.backends.sqlite``, the spec), carried over to a server that several
+processes share:
+
+* every write is one transaction; a write under a lease first locks the task row (``SELECT … FOR UPDATE``) and
+  checks its fencing token, so a superseded worker can never commit, and a lease taker cannot slip in between;
+* ``lease_next`` picks with ``FOR UPDATE SKIP LOCKED``, so workers never queue behind each other;
+* an idempotency claim is an ``INSERT … ON CONFLICT`` on the key: of concurrent identical creates, one inserts and
+  the others wait for its commit, then replay it;
+* a task's event ``seq`` comes from ``UPDATE tasks SET last_seq = last_seq + 1 … RETURNING``: the row lock
+  serialises appenders until commit, a rollback gives the number back, so seqs are gapless and commit in order;
+* writes one process makes for one task start in the order they were issued (``append_nowait`` then
+  ``record_step`` cannot swap), as SQLite's single writer queue guarantees;
+* schema migrations are numbered in ``keel_schema_migrations`` and applied at open under ``pg_advisory_lock``.
+
+The pool opens on first use (``open_store`` is synchronous), or explicitly with ``await store.open()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from pgvector.psycopg import register_vector_async
+from psycopg import AsyncConnection, errors
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from keel.backends.postgres_memory import MEMORY_SCHEMA, Conn, PostgresMemory, Row
+from keel.errors import ConfigError, InputError, KeelError, LeaseLost, NotFound, StoreError
+from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
+from keel.memory.stores import EventSpec
+from keel.memory.types import (
+    EXPIRED_NOTE,
+    ApiKey,
+    BlobRef,
+    CreateOutcome,
+    CreateResult,
+    Decision,
+    DecisionKind,
+    EffectRecord,
+    EffectSettlement,
+    EffectStatus,
+    EmailMessage,
+    Event,
+    IdempotencyClaim,
+    Lease,
+    LeaseState,
+    ModelCallRecord,
+    ModelStats,
+    NewTask,
+    OutboxMessage,
+    StepCheckpoint,
+    StepStatus,
+    Task,
+    TaskStatus,
+    TenantUsage,
+    Verdict,
+    day_bucket,
+    dead_letter_envelope,
+    hash_secret,
+    hour_bucket,
+    new_id,
+    webhook_payload,
+)
+
+T = TypeVar("T")
+_MIGRATION_LOCK = 0x6B65656C_6D696772  # "keelmigr": one advisory lock for every keel schema migration
+_RETRIES = 5  # a deadlock or serialization failure is retried this many times
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        input TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress DOUBLE PRECISION NOT NULL DEFAULT 0,
+        current_step TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        started_at DOUBLE PRECISION,
+        finished_at DOUBLE PRECISION,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
+        envelope TEXT,
+        webhook_url TEXT,
+        webhook_secret TEXT,
+        budget TEXT NOT NULL DEFAULT '{}',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        estimated_duration_s DOUBLE PRECISION,
+        lease_owner TEXT,
+        lease_expires_at DOUBLE PRECISION,
+        fencing_token BIGINT NOT NULL DEFAULT 0,
+        dead_lettered BOOLEAN NOT NULL DEFAULT FALSE,
+        last_seq BIGINT NOT NULL DEFAULT 0,
+        policy TEXT NOT NULL DEFAULT '{}',
+        cache_key TEXT
+    );
+    CREATE INDEX tasks_tenant ON tasks(tenant, id);
+    CREATE INDEX tasks_runnable ON tasks(status, lease_expires_at);
+    CREATE INDEX tasks_status_id ON tasks(status, id);
+    CREATE INDEX tasks_by_cache_key ON tasks(tenant, cache_key, finished_at) WHERE cache_key IS NOT NULL;
+    CREATE TABLE events (
+        task_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    );
+    CREATE TABLE idempotency_keys (
+        tenant TEXT NOT NULL,
+        key TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, key)
+    );
+    CREATE TABLE outbox (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        status TEXT NOT NULL DEFAULT 'pending',
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        last_error TEXT,
+        delivered_at DOUBLE PRECISION
+    );
+    CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
+    CREATE INDEX outbox_by_task ON outbox(task_id);
+    CREATE TABLE disabled_endpoints (
+        tenant TEXT NOT NULL,
+        url TEXT NOT NULL,
+        disabled_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, url)
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    );
+    CREATE TABLE steps (
+        task_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        fn TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        run_attempt INTEGER NOT NULL,
+        tries INTEGER NOT NULL,
+        result TEXT,
+        blob_id TEXT,
+        blob_size BIGINT,
+        error TEXT,
+        usage TEXT NOT NULL,
+        duration_ms DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (task_id, key)
+    );
+    CREATE TABLE workflow_state (
+        task_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT,
+        blob_id TEXT,
+        blob_size BIGINT,
+        PRIMARY KEY (task_id, key)
+    );
+    CREATE TABLE blobs (
+        id TEXT PRIMARY KEY,
+        size BIGINT NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX steps_blob ON steps(blob_id) WHERE blob_id IS NOT NULL;
+    CREATE INDEX workflow_state_blob ON workflow_state(blob_id) WHERE blob_id IS NOT NULL;
+    CREATE TABLE model_stats (
+        model_id TEXT NOT NULL,
+        bucket BIGINT NOT NULL,
+        provider TEXT NOT NULL,
+        calls BIGINT NOT NULL DEFAULT 0,
+        errors BIGINT NOT NULL DEFAULT 0,
+        structured BIGINT NOT NULL DEFAULT 0,
+        json_valid BIGINT NOT NULL DEFAULT 0,
+        schema_valid BIGINT NOT NULL DEFAULT 0,
+        refusals BIGINT NOT NULL DEFAULT 0,
+        truncations BIGINT NOT NULL DEFAULT 0,
+        latency_ms_sum DOUBLE PRECISION NOT NULL DEFAULT 0,
+        latency_ms_max DOUBLE PRECISION NOT NULL DEFAULT 0,
+        input_tokens BIGINT NOT NULL DEFAULT 0,
+        output_tokens BIGINT NOT NULL DEFAULT 0,
+        cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+        PRIMARY KEY (model_id, bucket)
+    );
+    CREATE TABLE tenant_usage (
+        tenant TEXT NOT NULL,
+        day BIGINT NOT NULL,
+        calls BIGINT NOT NULL DEFAULT 0,
+        input_tokens BIGINT NOT NULL DEFAULT 0,
+        output_tokens BIGINT NOT NULL DEFAULT 0,
+        cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, day)
+    );
+    CREATE TABLE effects (
+        key TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        step TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        args TEXT NOT NULL,
+        status TEXT NOT NULL,
+        result TEXT,
+        error TEXT,
+        executions INTEGER NOT NULL DEFAULT 0,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX effects_by_task ON effects(task_id, created_at);
+    CREATE TABLE decisions (
+        task_id TEXT NOT NULL,
+        call_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        args TEXT NOT NULL,
+        step TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        effect_key TEXT,
+        verdict TEXT,
+        result TEXT,
+        note TEXT,
+        decided_by TEXT,
+        requested_at DOUBLE PRECISION NOT NULL,
+        decided_at DOUBLE PRECISION,
+        PRIMARY KEY (task_id, call_id)
+    );
+    CREATE INDEX decisions_open ON decisions(requested_at) WHERE verdict IS NULL;
+    CREATE TABLE emails (
+        key TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        task_id TEXT,
+        recipients TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        body TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'queued',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at DOUBLE PRECISION NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        sent_at DOUBLE PRECISION,
+        error TEXT
+    );
+    CREATE INDEX emails_due ON emails(status, next_at);
+    """
+    + ";"
+    + MEMORY_SCHEMA,
+]
+"""Version N is ``MIGRATIONS[N - 1]``; append, never edit. (Version 1 is the SQLite schema as of its v6.)"""
+
+_TASK_COLS = (
+    "id, tenant, workflow, input, status, progress, current_step, created_at, updated_at, started_at, "
+    "finished_at, attempts, cancel_requested, envelope, webhook_url, webhook_secret, budget, metadata, "
+    "estimated_duration_s, dead_lettered, policy, cache_key"
+)
+
+
+def _task(row: Row) -> Task:
+    return Task(
+        id=row["id"],
+        tenant=row["tenant"],
+        workflow=row["workflow"],
+        input=json.loads(row["input"]),
+        status=TaskStatus(row["status"]),
+        progress=row["progress"],
+        current_step=row["current_step"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        attempts=row["attempts"],
+        cancel_requested=bool(row["cancel_requested"]),
+        envelope=json.loads(row["envelope"]) if row["envelope"] else None,
+        webhook_url=row["webhook_url"],
+        webhook_secret=row["webhook_secret"],
+        budget=json.loads(row["budget"]),
+        metadata=json.loads(row["metadata"]),
+        estimated_duration_s=row["estimated_duration_s"],
+        dead_lettered=bool(row["dead_lettered"]),
+        policy=json.loads(row["policy"]),
+        cache_key=row["cache_key"],
+    )
+
+
+def _outbox(row: Row) -> OutboxMessage:
+    return OutboxMessage(
+        id=row["id"],
+        tenant=row["tenant"],
+        task_id=row["task_id"],
+        url=row["url"],
+        secret=row["secret"],
+        event_type=row["event_type"],
+        payload=json.loads(row["payload"]),
+        attempts=row["attempts"],
+        status=row["status"],
+        last_error=row["last_error"],
+    )
+
+
+def _effect(row: Row) -> EffectRecord:
+    return EffectRecord(
+        key=row["key"],
+        task_id=row["task_id"],
+        step=row["step"],
+        tool=row["tool"],
+        args=json.loads(row["args"]),
+        status=EffectStatus(row["status"]),
+        result=json.loads(row["result"]) if row["result"] is not None else None,
+        error=json.loads(row["error"]) if row["error"] is not None else None,
+        executions=row["executions"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _decision(row: Row) -> Decision:
+    return Decision(
+        task_id=row["task_id"],
+        call_id=row["call_id"],
+        kind=DecisionKind(row["kind"]),
+        tool=row["tool"],
+        args=json.loads(row["args"]),
+        step=row["step"],
+        reason=row["reason"],
+        effect_key=row["effect_key"],
+        verdict=Verdict(row["verdict"]) if row["verdict"] else None,
+        result=json.loads(row["result"]) if row["result"] is not None else None,
+        note=row["note"],
+        decided_by=row["decided_by"],
+        requested_at=row["requested_at"],
+        decided_at=row["decided_at"],
+    )
+
+
+def _email(row: Row) -> EmailMessage:
+    return EmailMessage(
+        key=row["key"],
+        tenant=row["tenant"],
+        task_id=row["task_id"],
+        to=json.loads(row["recipients"]),
+        subject=row["subject"],
+        body=row["body"],
+        status=row["status"],
+        attempts=row["attempts"],
+        next_at=row["next_at"],
+        created_at=row["created_at"],
+        sent_at=row["sent_at"],
+        error=row["error"],
+    )
+
+
+async def _one(conn: Conn, query: Any, args: Any = None) -> Row | None:
+    cur = await conn.execute(query, args)
+    return await cur.fetchone()
+
+
+async def migrate(url: str) -> list[int]:
+    """Apply the migrations ``url``'s database lacks, each in its own transaction, under an advisory lock that
+    serialises every process opening the store at once. Returns the versions applied (none when up to date)."""
+    try:
+        conn = await AsyncConnection.connect(url, autocommit=True)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to Postgres: {exc}") from exc
+    applied: list[int] = []
+    async with conn:
+        await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            try:
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except psycopg.Error as exc:
+                raise ConfigError(
+                    f"the pgvector extension is missing and could not be created ({exc}): install pgvector on the "
+                    "server and run CREATE EXTENSION vector as a superuser"
+                ) from exc
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS keel_schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            cur = await conn.execute("SELECT version FROM keel_schema_migrations")
+            done = {r[0] for r in await cur.fetchall()}
+            for version, ddl in enumerate(MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    for statement in ddl.split(";"):
+                        if statement.strip():
+                            await conn.execute(statement.encode())
+                    await conn.execute("INSERT INTO keel_schema_migrations(version) VALUES (%s)", (version,))
+                applied.append(version)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied
+
+
+class PostgresStore(PostgresMemory):
+    """Implements every store seam over one Postgres database (the memory tiers through :class:`PostgresMemory`)."""
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = url
+        self._pool: AsyncConnectionPool[AsyncConnection[Row]] = AsyncConnectionPool(
+            url,
+            connection_class=AsyncConnection[Row],
+            kwargs={"row_factory": dict_row},
+            configure=register_vector_async,
+            check=AsyncConnectionPool.check_connection,  # a server restart must not fail the next write
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+        )
+        self._opened = False
+        self._closed = False
+        self._opening: asyncio.Lock | None = None
+        self._tails: dict[str, asyncio.Future[Any]] = {}
+        self._space_dims = {}
+        self._space_stats = {}
+        self._analyzed = set()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Migrate the schema and open the pool (done on first use otherwise)."""
+        if self._opened:
+            return
+        if self._closed:
+            raise StoreError("the Postgres store is closed")
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._opened:
+                return
+            await migrate(self.url)
+            await self._pool.open(wait=True, timeout=30)
+            self._opened = True
+
+    async def __aenter__(self) -> PostgresStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        tails = list(self._tails.values())
+        if tails:
+            await asyncio.wait(tails)
+        self._closed = True
+        await self._pool.close()
+
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``fn`` in one transaction, retried on a deadlock or serialization failure; driver errors become
+        :class:`StoreError`."""
+        await self.open()
+        for attempt in range(_RETRIES):
+            try:
+                async with self._pool.connection() as conn:
+                    async with conn.transaction():
+                        return await fn(conn)
+            except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
+                if attempt == _RETRIES - 1:
+                    raise StoreError(f"Postgres: {exc} (after {_RETRIES} attempts)") from exc
+                await asyncio.sleep(0.01 * (attempt + 1))
+            except KeelError:
+                raise
+            except psycopg.Error as exc:
+                raise StoreError(f"Postgres: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    _read = _tx
+
+    def _after(self, task_id: str, fn: Callable[[Conn], Awaitable[T]]) -> asyncio.Future[T]:
+        """Start the write now, but only after this process's earlier writes for ``task_id`` (so a step's
+        ``step_started`` event never commits after its checkpoint's events)."""
+        prev = self._tails.get(task_id)
+
+        async def run() -> T:
+            if prev is not None:
+                await asyncio.wait([prev])
+            return await self._tx(fn)
+
+        coro: Coroutine[Any, Any, T] = run()
+        future = asyncio.ensure_future(coro)
+        self._tails[task_id] = future
+
+        def forget(f: asyncio.Future[T]) -> None:
+            if self._tails.get(task_id) is f:
+                del self._tails[task_id]
+
+        future.add_done_callback(forget)
+        return future
+
+    async def _pack(self, value: Any) -> Packed:
+        # Serialising, hashing and compressing a large result is CPU work: keep it off the event loop.
+        if looks_small(value, INLINE_LIMIT // 4):
+            return pack(value)
+        return await asyncio.to_thread(pack, value)
+
+    # -- internal helpers (inside a transaction) ---------------------------------------------------
+
+    @staticmethod
+    async def _fence(conn: Conn, lease: Lease) -> None:
+        row = await _one(conn, "SELECT fencing_token, status FROM tasks WHERE id = %s FOR UPDATE", (lease.task_id,))
+        if row is None or row["fencing_token"] != lease.token or row["status"] != TaskStatus.running.value:
+            raise LeaseLost(f"lease on task {lease.task_id} is no longer held (token {lease.token})")
+
+    @staticmethod
+    async def _append(conn: Conn, task_id: str, type: str, data: dict[str, Any], now: float) -> Event:
+        row = await _one(conn, "UPDATE tasks SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq", (task_id,))
+        if row is None:
+            raise StoreError(f"no task {task_id}")
+        seq = int(row["last_seq"])
+        await conn.execute(
+            "INSERT INTO events(task_id, seq, type, data, created_at) VALUES (%s, %s, %s, %s, %s)",
+            (task_id, seq, type, json.dumps(data, separators=(",", ":")), now),
+        )
+        return Event(task_id=task_id, seq=seq, type=type, data=data, created_at=now)
+
+    @staticmethod
+    async def _get(conn: Conn, task_id: str, *, lock: bool = False) -> Task | None:
+        query = f"SELECT {_TASK_COLS} FROM tasks WHERE id = %s" + (" FOR UPDATE" if lock else "")
+        row = await _one(conn, query, (task_id,))
+        return _task(row) if row else None
+
+    async def _finish_in(
+        self, conn: Conn, task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float
+    ) -> Event | None:
+        task = await self._get(conn, task_id, lock=True)
+        if task is None or task.status.terminal:
+            return None
+        await conn.execute(
+            "UPDATE tasks SET status = %s, envelope = %s, finished_at = %s, updated_at = %s, lease_owner = NULL, "
+            "lease_expires_at = NULL, progress = CASE WHEN %s = 'succeeded' THEN 1.0 ELSE progress END "
+            "WHERE id = %s",
+            (status.value, json.dumps(envelope), now, now, status.value, task_id),
+        )
+        event = await self._append(conn, task_id, "end", {"status": status.value, "envelope": envelope}, now)
+        await self._webhook(conn, task, status, envelope, now)
+        return event
+
+    @staticmethod
+    async def _webhook(conn: Conn, task: Task, status: TaskStatus, envelope: dict[str, Any], now: float) -> None:
+        """Queue the task's webhook (if it has one) in the caller's transaction: the transactional outbox."""
+        if task.webhook_url and task.webhook_secret:
+            disabled = await _one(
+                conn,
+                "SELECT 1 AS x FROM disabled_endpoints WHERE tenant = %s AND url = %s",
+                (task.tenant, task.webhook_url),
+            )
+            await conn.execute(
+                "INSERT INTO outbox(id, tenant, task_id, url, secret, event_type, payload, status, "
+                "next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    new_id("msg"),
+                    task.tenant,
+                    task.id,
+                    task.webhook_url,
+                    task.webhook_secret,
+                    f"task.{status.value}",
+                    json.dumps(webhook_payload(task.id, status, envelope, now)),
+                    "disabled" if disabled else "pending",
+                    now,
+                ),
+            )
+
+    # -- TaskStore ---------------------------------------------------------------------------------
+
+    async def create_task(self, new: NewTask, claim: IdempotencyClaim | None, now: float) -> CreateResult:
+        async def op(conn: Conn) -> CreateResult:
+            task_id = new_id("tsk")
+            if claim is not None:
+                # Claim the key, or take over an expired one. A concurrent claimer of the same key waits here for
+                # the first one's commit, and then finds its row.
+                won = await _one(
+                    conn,
+                    "INSERT INTO idempotency_keys(tenant, key, request_hash, task_id, created_at, expires_at) "
+                    "VALUES (%(tenant)s, %(key)s, %(hash)s, %(task)s, %(now)s, %(exp)s) "
+                    "ON CONFLICT (tenant, key) DO UPDATE SET request_hash = excluded.request_hash, "
+                    "task_id = excluded.task_id, created_at = excluded.created_at, expires_at = excluded.expires_at "
+                    "WHERE idempotency_keys.expires_at <= %(now)s RETURNING task_id",
+                    {
+                        "tenant": new.tenant,
+                        "key": claim.key,
+                        "hash": claim.request_hash,
+                        "task": task_id,
+                        "now": now,
+                        "exp": claim.expires_at,
+                    },
+                )
+                if won is None:
+                    row = await _one(
+                        conn,
+                        "SELECT request_hash, task_id FROM idempotency_keys WHERE tenant = %s AND key = %s",
+                        (new.tenant, claim.key),
+                    )
+                    assert row is not None
+                    if not hmac.compare_digest(row["request_hash"], claim.request_hash):
+                        return CreateResult(outcome=CreateOutcome.key_reused, task=None)
+                    return CreateResult(outcome=CreateOutcome.replayed, task=await self._get(conn, row["task_id"]))
+            await conn.execute(
+                "INSERT INTO tasks(id, tenant, workflow, input, status, created_at, updated_at, webhook_url, "
+                "webhook_secret, budget, metadata, estimated_duration_s, policy, cache_key) "
+                "VALUES (%s, %s, %s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    task_id,
+                    new.tenant,
+                    new.workflow,
+                    json.dumps(new.input),
+                    now,
+                    now,
+                    new.webhook_url,
+                    new.webhook_secret,
+                    json.dumps(new.budget),
+                    json.dumps(new.metadata),
+                    new.estimated_duration_s,
+                    json.dumps(new.policy),
+                    new.cache_key,
+                ),
+            )
+            await self._append(conn, task_id, "status", {"status": "queued"}, now)
+            return CreateResult(outcome=CreateOutcome.created, task=await self._get(conn, task_id))
+
+        return await self._tx(op)
+
+    async def get_task(self, task_id: str, tenant: str | None = None) -> Task | None:
+        async def op(conn: Conn) -> Task | None:
+            task = await self._get(conn, task_id)
+            if task is None or (tenant is not None and task.tenant != tenant):
+                return None
+            return task
+
+        return await self._read(op)
+
+    async def list_tasks(
+        self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, before: str | None = None
+    ) -> list[Task]:
+        async def op(conn: Conn) -> list[Task]:
+            query = f"SELECT {_TASK_COLS} FROM tasks WHERE tenant = %(tenant)s"
+            if statuses:
+                query += " AND status = ANY(%(statuses)s)"
+            if before:
+                query += " AND id < %(before)s"
+            query += " ORDER BY id DESC LIMIT %(limit)s"
+            args = {"tenant": tenant, "statuses": [s.value for s in statuses], "before": before, "limit": limit}
+            cur = await conn.execute(query, args)
+            return [_task(r) for r in await cur.fetchall()]
+
+        return await self._read(op)
+
+    async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
+        async def op(conn: Conn) -> Lease | None:
+            while True:
+                # Orphans (expired leases) first, so that a busy queue cannot starve recovery. SKIP LOCKED: a
+                # row another worker is taking (or writing under its lease) is not waited for.
+                row = await _one(
+                    conn,
+                    "SELECT id, attempts FROM tasks WHERE status = 'running' AND lease_expires_at < %s "
+                    "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    (now,),
+                ) or await _one(
+                    conn,
+                    "SELECT id, attempts FROM tasks WHERE status = 'queued' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                )
+                if row is None:
+                    return None
+                if row["attempts"] >= max_attempts:
+                    # A poison task: it has taken down its worker too often. Dead-letter it, do not retry.
+                    await conn.execute("UPDATE tasks SET dead_lettered = TRUE WHERE id = %s", (row["id"],))
+                    envelope = dead_letter_envelope(row["attempts"])
+                    await self._finish_in(conn, row["id"], TaskStatus.failed, envelope, now)
+                    continue
+                new = await _one(
+                    conn,
+                    "UPDATE tasks SET status = 'running', lease_owner = %s, lease_expires_at = %s, "
+                    "fencing_token = fencing_token + 1, attempts = attempts + 1, updated_at = %s, "
+                    "started_at = COALESCE(started_at, %s) WHERE id = %s RETURNING fencing_token, attempts",
+                    (owner, now + lease_s, now, now, row["id"]),
+                )
+                assert new is not None
+                await self._append(conn, row["id"], "status", {"status": "running", "attempt": new["attempts"]}, now)
+                return Lease(task_id=row["id"], owner=owner, token=new["fencing_token"], attempt=new["attempts"])
+
+        return await self._tx(op)
+
+    async def renew_lease(self, lease: Lease, now: float, lease_s: float) -> LeaseState:
+        async def op(conn: Conn) -> LeaseState:
+            row = await _one(
+                conn,
+                "UPDATE tasks SET lease_expires_at = %s WHERE id = %s AND fencing_token = %s AND status = 'running' "
+                "RETURNING cancel_requested",
+                (now + lease_s, lease.task_id, lease.token),
+            )
+            if row is None:
+                return LeaseState(held=False, cancel_requested=False)
+            return LeaseState(held=True, cancel_requested=bool(row["cancel_requested"]))
+
+        return await self._tx(op)
+
+    async def release(self, lease: Lease) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+                "attempts = GREATEST(attempts - 1, 0) WHERE id = %s AND fencing_token = %s AND status = 'running'",
+                (lease.task_id, lease.token),
+            )
+
+        await self._after(lease.task_id, op)
+
+    async def requeue_running(self) -> int:
+        async def op(conn: Conn) -> int:
+            cur = await conn.execute(
+                "UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE status = 'running'"
+            )
+            return cur.rowcount
+
+        return await self._tx(op)
+
+    async def set_progress(self, lease: Lease, progress: float, current_step: str | None, now: float) -> None:
+        async def op(conn: Conn) -> None:
+            await self._fence(conn, lease)
+            await conn.execute(
+                "UPDATE tasks SET progress = %s, current_step = %s, updated_at = %s WHERE id = %s",
+                (progress, current_step, now, lease.task_id),
+            )
+
+        await self._after(lease.task_id, op)
+
+    async def finish(
+        self, lease: Lease | None, task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float
+    ) -> Event | None:
+        async def op(conn: Conn) -> Event | None:
+            if lease is not None:
+                await self._fence(conn, lease)
+            return await self._finish_in(conn, task_id, status, envelope, now)
+
+        return await self._after(task_id, op)
+
+    async def request_cancel(self, task_id: str, tenant: str) -> Task | None:
+        async def op(conn: Conn) -> Task | None:
+            task = await self._get(conn, task_id, lock=True)
+            if task is None or task.tenant != tenant:
+                return None
+            if not task.status.terminal:
+                await conn.execute("UPDATE tasks SET cancel_requested = TRUE WHERE id = %s", (task_id,))
+            return await self._get(conn, task_id)
+
+        return await self._tx(op)
+
+    async def sweep_idempotency(self, now: float) -> int:
+        async def op(conn: Conn) -> int:
+            cur = await conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= %s", (now,))
+            return cur.rowcount
+
+        return await self._tx(op)
+
+    # -- WorkflowStore -----------------------------------------------------------------------------
+
+    @staticmethod
+    async def _put(conn: Conn, packed: Packed) -> tuple[str | None, str | None, int | None]:
+        if packed.blob_id is not None and packed.blob is not None:
+            await conn.execute(
+                "INSERT INTO blobs(id, size, data) VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (packed.blob_id, packed.size, packed.blob),
+            )
+            return None, packed.blob_id, packed.size
+        return packed.inline, None, None
+
+    @staticmethod
+    async def _drop_blob_if_unused(conn: Conn, old: str | None, new: str | None) -> None:
+        # Blobs are shared by content, so one is deleted only when no step or state row refers to it any more.
+        if old is not None and old != new:
+            await conn.execute(
+                "DELETE FROM blobs WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM steps WHERE blob_id = %(id)s) "
+                "AND NOT EXISTS (SELECT 1 FROM workflow_state WHERE blob_id = %(id)s)",
+                {"id": old},
+            )
+
+    async def record_step(
+        self,
+        lease: Lease,
+        step: StepCheckpoint,
+        events: Sequence[EventSpec],
+        now: float,
+        *,
+        effect: EffectSettlement | None = None,
+    ) -> None:
+        packed = await self._pack(step.result)
+
+        async def op(conn: Conn) -> None:
+            await self._fence(conn, lease)
+            old = await _one(
+                conn, "SELECT blob_id FROM steps WHERE task_id = %s AND key = %s", (lease.task_id, step.key)
+            )
+            inline, blob_id, blob_size = await self._put(conn, packed)
+            await conn.execute(
+                "INSERT INTO steps(task_id, key, seq, fn, kind, status, run_attempt, tries, result, blob_id, "
+                "blob_size, error, usage, duration_ms, finished_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (task_id, key) DO UPDATE SET seq = excluded.seq, fn = excluded.fn, kind = excluded.kind, "
+                "status = excluded.status, run_attempt = excluded.run_attempt, tries = excluded.tries, "
+                "result = excluded.result, blob_id = excluded.blob_id, blob_size = excluded.blob_size, "
+                "error = excluded.error, usage = excluded.usage, duration_ms = excluded.duration_ms, "
+                "finished_at = excluded.finished_at",
+                (
+                    lease.task_id,
+                    step.key,
+                    step.seq,
+                    step.fn,
+                    step.kind,
+                    step.status.value,
+                    step.run_attempt,
+                    step.tries,
+                    inline,
+                    blob_id,
+                    blob_size,
+                    dumps(step.error) if step.error is not None else None,
+                    dumps(step.usage),
+                    step.duration_ms,
+                    step.finished_at,
+                ),
+            )
+            if old is not None:
+                await self._drop_blob_if_unused(conn, old["blob_id"], blob_id)
+            if effect is not None:
+                await self._settle(conn, effect, now)
+            for ev in events:
+                await self._append(conn, lease.task_id, ev[0], ev[1], ev[2] if len(ev) == 3 else now)
+
+        await self._after(lease.task_id, op)
+
+    async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
+        async def op(conn: Conn) -> list[StepCheckpoint]:
+            cur = await conn.execute("SELECT * FROM steps WHERE task_id = %s ORDER BY seq, key", (task_id,))
+            return [
+                StepCheckpoint(
+                    key=r["key"],
+                    seq=r["seq"],
+                    fn=r["fn"],
+                    kind=r["kind"],
+                    status=StepStatus(r["status"]),
+                    run_attempt=r["run_attempt"],
+                    tries=r["tries"],
+                    result=(BlobRef(id=r["blob_id"], size=r["blob_size"]) if r["blob_id"] else json.loads(r["result"])),
+                    error=json.loads(r["error"]) if r["error"] else None,
+                    usage=json.loads(r["usage"]),
+                    duration_ms=r["duration_ms"],
+                    finished_at=r["finished_at"],
+                )
+                for r in await cur.fetchall()
+            ]
+
+        return await self._read(op)
+
+    async def load_blob(self, ref: BlobRef) -> Any:
+        async def op(conn: Conn) -> bytes:
+            row = await _one(conn, "SELECT data FROM blobs WHERE id = %s", (ref.id,))
+            if row is None:
+                raise StoreError(f"blob {ref.id} is missing")
+            return bytes(row["data"])
+
+        data = await self._read(op)
+        return await asyncio.to_thread(unpack_blob, data)
+
+    async def set_state(
+        self, lease: Lease, key: str, value: Any, event: tuple[str, dict[str, Any]] | None, now: float
+    ) -> None:
+        packed = await self._pack(value)
+
+        async def op(conn: Conn) -> None:
+            await self._fence(conn, lease)
+            old = await _one(
+                conn, "SELECT blob_id FROM workflow_state WHERE task_id = %s AND key = %s", (lease.task_id, key)
+            )
+            inline, blob_id, blob_size = await self._put(conn, packed)
+            await conn.execute(
+                "INSERT INTO workflow_state(task_id, key, value, blob_id, blob_size) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (task_id, key) DO UPDATE SET value = excluded.value, blob_id = excluded.blob_id, "
+                "blob_size = excluded.blob_size",
+                (lease.task_id, key, inline, blob_id, blob_size),
+            )
+            if old is not None:  # after the row moved on, so it no longer counts as a reference
+                await self._drop_blob_if_unused(conn, old["blob_id"], blob_id)
+            if event is not None:
+                await self._append(conn, lease.task_id, event[0], event[1], now)
+
+        await self._after(lease.task_id, op)
+
+    async def load_state(self, task_id: str) -> dict[str, Any]:
+        async def op(conn: Conn) -> list[Row]:
+            cur = await conn.execute(
+                "SELECT s.key, s.value, b.data FROM workflow_state s LEFT JOIN blobs b ON b.id = s.blob_id "
+                "WHERE s.task_id = %s",
+                (task_id,),
+            )
+            return await cur.fetchall()
+
+        rows = await self._read(op)
+
+        def decode() -> dict[str, Any]:
+            return {
+                r["key"]: unpack_blob(bytes(r["data"])) if r["data"] is not None else json.loads(r["value"])
+                for r in rows
+            }
+
+        if any(r["data"] is not None for r in rows):
+            return await asyncio.to_thread(decode)
+        return decode()
+
+    # -- ModelStatsStore ---------------------------------------------------------------------------
+
+    async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None:
+        bucket, day = hour_bucket(call.at), day_bucket(call.at)
+        structured = call.json_valid is not None
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO model_stats AS m(model_id, bucket, provider, calls, errors, structured, json_valid, "
+                "schema_valid, refusals, truncations, latency_ms_sum, latency_ms_max, input_tokens, output_tokens, "
+                "cost_usd) VALUES (%s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (model_id, bucket) DO UPDATE SET calls = m.calls + 1, "
+                "errors = m.errors + excluded.errors, "
+                "structured = m.structured + excluded.structured, json_valid = m.json_valid + excluded.json_valid, "
+                "schema_valid = m.schema_valid + excluded.schema_valid, refusals = m.refusals + excluded.refusals, "
+                "truncations = m.truncations + excluded.truncations, "
+                "latency_ms_sum = m.latency_ms_sum + excluded.latency_ms_sum, "
+                "latency_ms_max = GREATEST(m.latency_ms_max, excluded.latency_ms_max), "
+                "input_tokens = m.input_tokens + excluded.input_tokens, "
+                "output_tokens = m.output_tokens + excluded.output_tokens, cost_usd = m.cost_usd + excluded.cost_usd",
+                (
+                    call.model_id,
+                    bucket,
+                    call.provider,
+                    int(call.error),
+                    int(structured),
+                    int(bool(call.json_valid)),
+                    int(bool(call.schema_valid)),
+                    int(call.refusal),
+                    int(call.truncated),
+                    call.latency_ms,
+                    call.latency_ms,
+                    call.input_tokens,
+                    call.output_tokens,
+                    call.cost_usd,
+                ),
+            )
+            await conn.execute(
+                "INSERT INTO tenant_usage AS u(tenant, day, calls, input_tokens, output_tokens, cost_usd) "
+                "VALUES (%s, %s, 1, %s, %s, %s) ON CONFLICT (tenant, day) DO UPDATE SET calls = u.calls + 1, "
+                "input_tokens = u.input_tokens + excluded.input_tokens, "
+                "output_tokens = u.output_tokens + excluded.output_tokens, cost_usd = u.cost_usd + excluded.cost_usd",
+                (tenant, day, call.input_tokens, call.output_tokens, call.cost_usd),
+            )
+
+        await self._tx(op)
+
+    async def model_stats(self, model_id: str | None = None, since: float = 0.0) -> list[ModelStats]:
+        async def op(conn: Conn) -> list[ModelStats]:
+            query = "SELECT * FROM model_stats WHERE bucket >= %(bucket)s"
+            if model_id is not None:
+                query += " AND model_id = %(model)s"
+            cur = await conn.execute(
+                query + " ORDER BY model_id, bucket", {"bucket": hour_bucket(since), "model": model_id}
+            )
+            return [ModelStats(**r) for r in await cur.fetchall()]
+
+        return await self._read(op)
+
+    async def tenant_usage(self, tenant: str, since: float) -> TenantUsage:
+        async def op(conn: Conn) -> TenantUsage:
+            row = await _one(
+                conn,
+                "SELECT COALESCE(SUM(calls), 0)::bigint AS calls, COALESCE(SUM(input_tokens), 0)::bigint AS i, "
+                "COALESCE(SUM(output_tokens), 0)::bigint AS o, COALESCE(SUM(cost_usd), 0)::float8 AS c "
+                "FROM tenant_usage WHERE tenant = %s AND day >= %s",
+                (tenant, day_bucket(since)),
+            )
+            assert row is not None
+            return TenantUsage(
+                tenant=tenant,
+                since=day_bucket(since),
+                calls=row["calls"],
+                input_tokens=row["i"],
+                output_tokens=row["o"],
+                cost_usd=row["c"],
+            )
+
+        return await self._read(op)
+
+    # -- EventLog ----------------------------------------------------------------------------------
+
+    async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
+        return await self.append_nowait(lease, type, data, now)
+
+    def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> asyncio.Future[Event]:
+        async def op(conn: Conn) -> Event:
+            await self._fence(conn, lease)
+            return await self._append(conn, lease.task_id, type, data, now)
+
+        return self._after(lease.task_id, op)
+
+    async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
+        async def op(conn: Conn) -> list[Event]:
+            cur = await conn.execute(
+                "SELECT seq, type, data, created_at FROM events WHERE task_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (task_id, after, limit),
+            )
+            return [
+                Event(
+                    task_id=task_id,
+                    seq=r["seq"],
+                    type=r["type"],
+                    data=json.loads(r["data"]),
+                    created_at=r["created_at"],
+                )
+                for r in await cur.fetchall()
+            ]
+
+        return await self._read(op)
+
+    # -- Outbox ------------------------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int) -> list[OutboxMessage]:
+        async def op(conn: Conn) -> list[OutboxMessage]:
+            cur = await conn.execute(
+                "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_at <= %s "
+                "ORDER BY next_attempt_at LIMIT %s",
+                (now, limit),
+            )
+            return [_outbox(r) for r in await cur.fetchall()]
+
+        return await self._read(op)
+
+    async def _exec(self, query: Any, args: Any) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(query, args)
+
+        await self._tx(op)
+
+    async def delivered(self, msg_id: str, now: float) -> None:
+        await self._exec(
+            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = %s, "
+            "last_error = NULL WHERE id = %s",
+            (now, msg_id),
+        )
+
+    async def retry_at(self, msg_id: str, when: float, error: str) -> None:
+        await self._exec(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s WHERE id = %s",
+            (when, error, msg_id),
+        )
+
+    async def dead(self, msg_id: str, error: str) -> None:
+        await self._exec(
+            "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = %s WHERE id = %s",
+            (error, msg_id),
+        )
+
+    async def disable_endpoint(self, tenant: str, url: str, now: float) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO disabled_endpoints(tenant, url, disabled_at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (tenant, url, now),
+            )
+            await conn.execute(
+                "UPDATE outbox SET status = 'disabled', last_error = 'endpoint disabled (410 Gone)' "
+                "WHERE tenant = %s AND url = %s AND status = 'pending'",
+                (tenant, url),
+            )
+
+        await self._tx(op)
+
+    async def messages(self, task_id: str) -> list[OutboxMessage]:
+        async def op(conn: Conn) -> list[OutboxMessage]:
+            cur = await conn.execute("SELECT * FROM outbox WHERE task_id = %s ORDER BY id", (task_id,))
+            return [_outbox(r) for r in await cur.fetchall()]
+
+        return await self._read(op)
+
+    # -- KeyStore ----------------------------------------------------------------------------------
+
+    async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        await self._exec(
+            "INSERT INTO api_keys(id, tenant, secret_hash, scopes, created_at) VALUES (%s, %s, %s, %s, %s)",
+            (key_id, tenant, hash_secret(secret), ",".join(sorted(scopes)), now),
+        )
+        return f"keel_{key_id}_{secret}"
+
+    async def verify_key(self, key: str) -> ApiKey | None:
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "keel":
+            return None
+        key_id, secret = parts[1], parts[2]
+
+        async def op(conn: Conn) -> ApiKey | None:
+            row = await _one(
+                conn,
+                "SELECT tenant, secret_hash, scopes FROM api_keys WHERE id = %s AND revoked_at IS NULL",
+                (key_id,),
+            )
+            if row is None or not hmac.compare_digest(row["secret_hash"], hash_secret(secret)):
+                return None
+            return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
+
+        return await self._read(op)
+
+    # -- EffectLedger ------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _effect_row(conn: Conn, key: str) -> EffectRecord | None:
+        row = await _one(conn, "SELECT * FROM effects WHERE key = %s", (key,))
+        return _effect(row) if row else None
+
+    async def begin_effect(self, lease: Lease, effect: EffectRecord, now: float) -> tuple[EffectRecord, bool]:
+        async def op(conn: Conn) -> tuple[EffectRecord, bool]:
+            await self._fence(conn, lease)
+            cur = await conn.execute(
+                "INSERT INTO effects(key, task_id, step, tool, args, status, executions, created_at, updated_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                (
+                    effect.key,
+                    effect.task_id,
+                    effect.step,
+                    effect.tool,
+                    json.dumps(effect.args),
+                    effect.status.value,
+                    effect.executions,
+                    now,
+                    now,
+                ),
+            )
+            stored = await self._effect_row(conn, effect.key)
+            assert stored is not None
+            return stored, cur.rowcount > 0
+
+        return await self._after(lease.task_id, op)
+
+    async def settle_effect(
+        self,
+        lease: Lease,
+        key: str,
+        status: EffectStatus,
+        now: float,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        executions: int | None = None,
+    ) -> None:
+        settlement = EffectSettlement(key=key, status=status, result=result, error=error, executions=executions)
+
+        async def op(conn: Conn) -> None:
+            await self._fence(conn, lease)
+            await self._settle(conn, settlement, now)
+
+        await self._after(lease.task_id, op)
+
+    @staticmethod
+    async def _settle(conn: Conn, s: EffectSettlement, now: float) -> None:
+        await conn.execute(
+            "UPDATE effects SET status = %s, result = %s, error = %s, executions = COALESCE(%s, executions), "
+            "updated_at = %s WHERE key = %s",
+            (
+                s.status.value,
+                json.dumps(s.result) if s.result is not None else None,
+                json.dumps(s.error) if s.error is not None else None,
+                s.executions,
+                now,
+                s.key,
+            ),
+        )
+
+    async def get_effect(self, key: str) -> EffectRecord | None:
+        return await self._read(lambda conn: self._effect_row(conn, key))
+
+    async def list_effects(self, task_id: str) -> list[EffectRecord]:
+        async def op(conn: Conn) -> list[EffectRecord]:
+            cur = await conn.execute("SELECT * FROM effects WHERE task_id = %s ORDER BY created_at, key", (task_id,))
+            return [_effect(r) for r in await cur.fetchall()]
+
+        return await self._read(op)
+
+    # -- DecisionStore -----------------------------------------------------------------------------
+
+    async def request_decisions(
+        self, lease: Lease, decisions: Sequence[Decision], envelope: dict[str, Any], now: float
+    ) -> None:
+        async def op(conn: Conn) -> None:
+            await self._fence(conn, lease)
+            for d in decisions:
+                cur = await conn.execute(
+                    "INSERT INTO decisions(task_id, call_id, kind, tool, args, step, reason, effect_key, "
+                    "requested_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (
+                        d.task_id,
+                        d.call_id,
+                        d.kind.value,
+                        d.tool,
+                        json.dumps(d.args),
+                        d.step,
+                        d.reason,
+                        d.effect_key,
+                        now,
+                    ),
+                )
+                if cur.rowcount:
+                    await self._append(conn, d.task_id, "decision_requested", {**d.public(), "requested_at": now}, now)
+            row = await _one(
+                conn,
+                "SELECT count(*) AS n FROM decisions WHERE task_id = %s AND verdict IS NULL",
+                (lease.task_id,),
+            )
+            pending = int(row["n"]) if row else 0
+            status = TaskStatus.waiting_for_approval if pending else TaskStatus.queued
+            # Parking is not a crash: the attempt is given back, as on a graceful release.
+            await conn.execute(
+                "UPDATE tasks SET status = %s, envelope = %s, lease_owner = NULL, lease_expires_at = NULL, "
+                "attempts = GREATEST(attempts - 1, 0), updated_at = %s WHERE id = %s",
+                (status.value, json.dumps(envelope) if pending else None, now, lease.task_id),
+            )
+            await self._append(
+                conn, lease.task_id, "status", {"status": status.value, "pending_decisions": pending}, now
+            )
+            task = await self._get(conn, lease.task_id)
+            if pending and task is not None:
+                await self._webhook(conn, task, status, envelope, now)  # tell whoever decides
+
+        await self._after(lease.task_id, op)
+
+    async def decide(self, task_id: str, tenant: str, decision: Decision, now: float) -> Decision:
+        async def op(conn: Conn) -> Decision:
+            task = await self._get(conn, task_id, lock=True)
+            if task is None or task.tenant != tenant:
+                raise NotFound(f"no task {task_id}")
+            row = await _one(
+                conn, "SELECT * FROM decisions WHERE task_id = %s AND call_id = %s", (task_id, decision.call_id)
+            )
+            if row is None:
+                raise NotFound(f"task {task_id} has no call {decision.call_id} awaiting a decision")
+            current = _decision(row)
+            assert decision.verdict is not None
+            current.check(decision.verdict)
+            if current.verdict is not None:
+                if current.verdict is decision.verdict:
+                    return current
+                raise InputError(
+                    f"call {decision.call_id} was already decided ({current.verdict.value})",
+                    detail={"decision": current.public()},
+                )
+            if task.status.terminal:
+                raise InputError(f"task {task_id} is already {task.status.value}")
+            updated = dataclasses.replace(
+                current,
+                verdict=decision.verdict,
+                result=decision.result,
+                note=decision.note,
+                decided_by=decision.decided_by,
+                decided_at=now,
+            )
+            await self._record_verdict(conn, updated, now)
+            return updated
+
+        return await self._tx(op)
+
+    async def _record_verdict(self, conn: Conn, d: Decision, now: float) -> bool:
+        """Store ``d``'s verdict and its event; queue the task once nothing it waits on is open (True if so)."""
+        await conn.execute(
+            "UPDATE decisions SET verdict = %s, result = %s, note = %s, decided_by = %s, decided_at = %s "
+            "WHERE task_id = %s AND call_id = %s",
+            (
+                d.verdict.value if d.verdict else None,
+                json.dumps(d.result) if d.result is not None else None,
+                d.note,
+                d.decided_by,
+                d.decided_at,
+                d.task_id,
+                d.call_id,
+            ),
+        )
+        await self._append(conn, d.task_id, "decision_made", d.public(), now)
+        if await _one(
+            conn, "SELECT 1 AS x FROM decisions WHERE task_id = %s AND verdict IS NULL LIMIT 1", (d.task_id,)
+        ):
+            return False
+        cur = await conn.execute(
+            "UPDATE tasks SET status = 'queued', envelope = NULL, updated_at = %s "
+            "WHERE id = %s AND status = 'waiting_for_approval'",
+            (now, d.task_id),
+        )
+        if cur.rowcount:
+            await self._append(conn, d.task_id, "status", {"status": "queued"}, now)
+        return bool(cur.rowcount)
+
+    async def load_decisions(self, task_id: str) -> list[Decision]:
+        async def op(conn: Conn) -> list[Decision]:
+            cur = await conn.execute(
+                "SELECT * FROM decisions WHERE task_id = %s ORDER BY requested_at, call_id", (task_id,)
+            )
+            return [_decision(r) for r in await cur.fetchall()]
+
+        return await self._read(op)
+
+    async def expire_decisions(self, requested_before: float, now: float) -> list[str]:
+        async def op(conn: Conn) -> list[str]:
+            # Task rows first, in id order (as every multi-task writer here), then their open decisions.
+            await conn.execute(
+                "SELECT 1 FROM tasks WHERE id IN (SELECT task_id FROM decisions WHERE verdict IS NULL "
+                "AND requested_at < %s) ORDER BY id FOR UPDATE",
+                (requested_before,),
+            )
+            cur = await conn.execute(
+                "SELECT * FROM decisions WHERE verdict IS NULL AND requested_at < %s ORDER BY task_id, call_id",
+                (requested_before,),
+            )
+            queued = []
+            for row in await cur.fetchall():
+                d = dataclasses.replace(
+                    _decision(row), verdict=Verdict.deny, note=EXPIRED_NOTE, decided_by="keel", decided_at=now
+                )
+                if await self._record_verdict(conn, d, now):
+                    queued.append(d.task_id)
+            return queued
+
+        return await self._tx(op)
+
+    # -- EmailOutbox -------------------------------------------------------------------------------
+
+    async def enqueue_email(self, message: EmailMessage, now: float) -> tuple[EmailMessage, bool]:
+        async def op(conn: Conn) -> tuple[EmailMessage, bool]:
+            cur = await conn.execute(
+                "INSERT INTO emails(key, tenant, task_id, recipients, subject, body, status, next_at, created_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, 'queued', %s, %s) ON CONFLICT (key) DO NOTHING",
+                (
+                    message.key,
+                    message.tenant,
+                    message.task_id,
+                    json.dumps(message.to),
+                    message.subject,
+                    message.body,
+                    now,
+                    now,
+                ),
+            )
+            row = await _one(conn, "SELECT * FROM emails WHERE key = %s", (message.key,))
+            assert row is not None
+            return _email(row), cur.rowcount > 0
+
+        return await self._tx(op)
+
+    async def get_email(self, key: str) -> EmailMessage | None:
+        async def op(conn: Conn) -> EmailMessage | None:
+            row = await _one(conn, "SELECT * FROM emails WHERE key = %s", (key,))
+            return _email(row) if row else None
+
+        return await self._read(op)
+
+    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]:
+        async def op(conn: Conn) -> list[EmailMessage]:
+            cur = await conn.execute(
+                "SELECT * FROM emails WHERE status = 'queued' AND next_at <= %s ORDER BY next_at LIMIT %s", (now, limit)
+            )
+            return [_email(r) for r in await cur.fetchall()]
+
+        return await self._read(op)
+
+    async def email_sent(self, key: str, now: float) -> None:
+        await self._exec(
+            "UPDATE emails SET status = 'sent', sent_at = %s, attempts = attempts + 1, error = NULL WHERE key = %s",
+            (now, key),
+        )
+
+    async def email_retry(self, key: str, when: float, error: str, *, give_up: bool = False) -> None:
+        await self._exec(
+            "UPDATE emails SET status = %s, next_at = %s, attempts = attempts + 1, error = %s WHERE key = %s",
+            ("failed" if give_up else "queued", when, error[:2000], key),
+        )
