@@ -91,4 +91,18 @@ async def charge_once(ctx: WorkflowContext, inp: ChargeOnce) -> dict[str, Any]:
     return {"receipt": receipt}
 
 
-WORKFLOWS = [charge_once]
+class ChargeThrice(BaseModel):
+    account: str
+
+
+@workflow(name="charge_thrice")
+async def charge_thrice(ctx: WorkflowContext, inp: ChargeThrice) -> dict[str, Any]:
+    """Three write-tool steps against the sink: what the scale-out crash test runs 200 of."""
+    receipts = [
+        await ctx.tool("charge", {"account": inp.account, "amount": amount}, name=f"charge-{amount}")
+        for amount in (1, 2, 3)
+    ]
+    return {"receipts": receipts}
+
+
+WORKFLOWS = [charge_once, charge_thrice]
