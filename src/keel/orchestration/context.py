@@ -182,6 +182,16 @@ class MapResult(Generic[T]):
 class _Scope:
     key: str
     usage: dict[str, float]
+    deferred: bool = False
+    """The step runs away from its workflow (a Temporal activity): its usage reaches the task's budget from the
+    step's result, in workflow code, so that a replay charges exactly what the original run charged."""
+
+
+class StepRunner(Protocol):
+    """How a step not yet recorded is run. The embedded engine runs it here, in the workflow's own loop; a
+    distributed engine runs it as its own unit of work (a Temporal activity) and reports back."""
+
+    async def execute(self, ctx: WorkflowContext, call: StepCall, key: str, seq: int, fn_id: str) -> Any: ...
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("keel_step_scope", default=None)
@@ -208,8 +218,10 @@ class WorkflowContext:
         decisions: Sequence[Decision] = (),
         services: Any = None,
         tenant: str = "",
+        steps: StepRunner | None = None,
     ) -> None:
         self.task_id = journal.task_id
+        self._steps = steps
         self.tenant = tenant
         self.policy: dict[str, Any] = dict(policy or {})
         self._catalog = tools or ToolCatalog()
@@ -559,6 +571,8 @@ class WorkflowContext:
         if scope is not None:
             for k, v in usage.items():
                 scope.usage[k] = scope.usage.get(k, 0) + v
+            if scope.deferred:
+                return
         self.meter.used.add(usage)
 
     # -- parallel branches -------------------------------------------------------------------------
@@ -679,6 +693,12 @@ class WorkflowContext:
         return await self._execute(call, key, seq, fn_id)
 
     async def _replay(self, cp: StepCheckpoint, fn_id: str, call: StepCall) -> Any:
+        return await self.settle(cp, fn_id, call, replayed=True)
+
+    async def settle(self, cp: StepCheckpoint, fn_id: str, call: StepCall, *, replayed: bool) -> Any:
+        """Take a step's recorded outcome into the run: its usage, time, tools and step list, then its value (or
+        its failure, raised as :class:`StepFailed`). Replays come here, and so do steps a :class:`StepRunner` ran
+        elsewhere (``replayed=False``)."""
         if cp.fn and cp.fn != fn_id:
             raise Nondeterminism(
                 f"step {cp.key!r} was recorded as {cp.fn} but the code now calls {fn_id}",
@@ -689,6 +709,8 @@ class WorkflowContext:
         self._time = max(self._time, cp.finished_at)
         if cp.kind == "tool":
             self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": cp.key})
+        if not replayed:
+            self.executed.append(cp.key)
         errors = [cp.error["message"]] if cp.error else []
         self.steps.append(
             StepInfo(
@@ -698,23 +720,29 @@ class WorkflowContext:
                 duration_ms=cp.duration_ms,
                 attempts=cp.tries,
                 errors=errors,
-                replayed=True,
+                replayed=replayed,
                 run_attempt=cp.run_attempt,
                 **_spend(cp.usage),
             )
         )
         if cp.status is StepStatus.failed:
             err = cp.error or {}
+            type_ = err.get("type", "step_failed")
             raise StepFailed(
                 err.get("message", "step failed"),
-                type=err.get("type", "step_failed"),
+                type=type_,
                 step=cp.key,
                 pointer=err.get("pointer"),
+                recovery_suggested=not replayed and type_ in _TRANSIENT,
             )
         value = await self._journal.load_blob(cp.result) if isinstance(cp.result, BlobRef) else cp.result
+        if not replayed:
+            self.meter.check_spend()
         return _revive(call.fn, value)
 
     async def _execute(self, call: StepCall, key: str, seq: int, fn_id: str) -> Any:
+        if self._steps is not None:
+            return await self._steps.execute(self, call, key, seq, fn_id)
         self.meter.before_step(call.kind)
         if call.kind == "tool":
             self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": key})

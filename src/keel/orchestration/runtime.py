@@ -216,6 +216,27 @@ class StoreJournal:
         self._take_held()
 
 
+async def sweep_expired(store: Store, now: float, *, approval_ttl_s: float | None) -> list[str]:
+    """Expired idempotency keys are removed (they are never honoured past their expiry anyway), calls nobody
+    approved within ``approval_ttl_s`` are denied, so their tasks go on (the call fails as ``approval_denied``)
+    instead of waiting forever, and expired memory (sessions, chunks, documents) is deleted. Returns the tasks
+    queued again. Every engine runs it periodically."""
+    removed = await store.sweep_idempotency(now)
+    if removed:
+        log.info("swept %d expired idempotency key(s)", removed)
+    requeued: list[str] = []
+    if approval_ttl_s:
+        requeued = await store.expire_decisions(now - approval_ttl_s, now)
+        if requeued:
+            log.info("denied the expired approvals of %d task(s)", len(requeued))
+    # The memory tiers: expired sessions, chunks and documents. Reads already skip them; this reclaims space.
+    sessions = await store.sweep_sessions(now)
+    chunks = await store.sweep_chunks(now)
+    if sessions or chunks:
+        log.info("swept %d expired session(s) and %d expired chunk(s)", sessions, chunks)
+    return requeued
+
+
 class EmbeddedEngine:
     def __init__(
         self,
@@ -303,26 +324,12 @@ class EmbeddedEngine:
             await asyncio.sleep(self.sweep_s)
 
     async def sweep_once(self) -> None:
-        """Expired idempotency keys are removed (they are never honoured past their expiry anyway), calls
-        nobody approved within ``approval_ttl_s`` are denied, so their tasks go on (the call fails as
-        ``approval_denied``) instead of waiting forever, and expired memory (sessions, chunks, documents) is
-        deleted."""
-        now = self.clock()
-        removed = await self.store.sweep_idempotency(now)
-        if removed:
-            log.info("swept %d expired idempotency key(s)", removed)
-        if self.approval_ttl_s:
-            requeued = await self.store.expire_decisions(now - self.approval_ttl_s, now)
-            if requeued:
-                log.info("denied the expired approvals of %d task(s)", len(requeued))
-                for task_id in requeued:
-                    self.notifier.notify(task_id)
-                self.wake()
-        # The memory tiers: expired sessions, chunks and documents. Reads already skip them; this reclaims space.
-        sessions = await self.store.sweep_sessions(now)
-        chunks = await self.store.sweep_chunks(now)
-        if sessions or chunks:
-            log.info("swept %d expired session(s) and %d expired chunk(s)", sessions, chunks)
+        """See :func:`sweep_expired`; tasks whose approvals expired are woken."""
+        requeued = await sweep_expired(self.store, self.clock(), approval_ttl_s=self.approval_ttl_s)
+        for task_id in requeued:
+            self.notifier.notify(task_id)
+        if requeued:
+            self.wake()
 
     async def _heartbeat(self, lease: Lease, run: asyncio.Task[Any]) -> None:
         while True:
