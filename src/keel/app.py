@@ -183,6 +183,47 @@ def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tup
 Role = Literal["all", "api", "worker"]
 
 
+def _engine(
+    settings: Settings,
+    store: Store,
+    registry: WorkflowRegistry,
+    notifier: Notifier,
+    tools: ToolCatalog,
+    services: Services,
+    *,
+    run_workers: bool,
+) -> Engine:
+    """The engine ``KEEL_ENGINE`` names: the embedded one (the default) or Temporal."""
+    models = ModelRegistry(
+        settings.default_model, prices=settings.model_prices, allow_floating=settings.allow_floating_models
+    )
+    common: dict[str, Any] = {
+        "workers": settings.workers,
+        "lease_s": settings.lease_seconds,
+        "max_attempts": settings.max_task_attempts,
+        "poll_s": settings.poll_interval_s,
+        "notifier": notifier,
+        "models": models,
+        "tools": tools,
+        "services": services,
+        "approval_ttl_s": settings.approval_ttl_hours * 3600 or None,
+        "sweep_s": min(60.0, settings.memory_sweep_s),
+    }
+    if settings.engine == "temporal":
+        from keel.backends.temporal import TemporalEngine
+
+        return TemporalEngine(
+            store,
+            registry,
+            address=settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            task_queue=settings.temporal_task_queue,
+            run_workers=run_workers,
+            **common,
+        )
+    return EmbeddedEngine(store, registry, **common)
+
+
 def _shared(settings: Settings, role: Role) -> bool:
     """Whether other keel processes share this store. The embedded SQLite store belongs to one process."""
     url = settings.resolved_store_url
@@ -229,22 +270,7 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
             fetch_max_bytes=settings.fetch_max_bytes,
             fetch_timeout_s=settings.fetch_timeout_s,
         )
-        runtime = EmbeddedEngine(
-            store,
-            registry,
-            workers=settings.workers,
-            lease_s=settings.lease_seconds,
-            max_attempts=settings.max_task_attempts,
-            poll_s=settings.poll_interval_s,
-            notifier=notifier,
-            models=ModelRegistry(
-                settings.default_model, prices=settings.model_prices, allow_floating=settings.allow_floating_models
-            ),
-            tools=tools,
-            services=services,
-            approval_ttl_s=settings.approval_ttl_hours * 3600 or None,
-            sweep_s=min(60.0, settings.memory_sweep_s),
-        )
+        runtime = _engine(settings, store, registry, notifier, tools, services, run_workers=role != "api")
         allow = AllowList.parse(settings.webhook_allow_hosts)
         webhooks = WebhookDispatcher(
             store,
@@ -267,12 +293,14 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
             memory=memory,
             stack=stack,
         )
-        if role != "api":
-            relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
+        if role != "api" or settings.engine == "temporal":
             # A process that owns its store alone knows that whatever is still `running` belongs to a dead one;
-            # with a shared store, other workers' leases simply run out.
+            # with a shared store, other workers' leases simply run out. (An API process on Temporal only holds
+            # a client, to cancel.)
             await runtime.start(recover=not shared)
             stack.push_async_callback(runtime.stop)
+        if role != "api":
+            relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
             webhooks.start()
             stack.push_async_callback(webhooks.stop)
             relay.start()

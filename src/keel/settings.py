@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -109,6 +109,14 @@ class Settings(BaseSettings):
     memory_sweep_s: float = Field(60.0, gt=0, description="How often expired sessions and chunks are deleted.")
 
     # -- scale-out (issue 8) ---------------------------------------------------------------------------------------
+    engine: Literal["embedded", "temporal"] = Field(
+        "embedded",
+        description="What runs workflows: the embedded engine (in-process workers on the store's queue) or "
+        "Temporal (each task a Temporal workflow, each step an activity; needs KEEL_TEMPORAL_ADDRESS).",
+    )
+    temporal_address: str = Field("127.0.0.1:7233", description="host:port of the Temporal frontend.")
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = Field("keel", description="The task queue keel's workflows and activities use.")
     redis_url: str | None = Field(
         None,
         description="redis://host:port/db: session memory in Redis, and live event fan-out across API replicas "
