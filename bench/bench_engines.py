@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _doc import cpu_model, write_section  # noqa: E402
 
-from scaleout import cluster, fresh_database, service_url  # noqa: E402
+from scaleout import cluster, fresh_database, service_url, stop_services  # noqa: E402
 
 START, END = "<!-- bench_engines:start -->", "<!-- bench_engines:end -->"
 
@@ -151,4 +151,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        stop_services()
+    sys.exit(code)

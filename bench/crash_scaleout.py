@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _doc import cpu_model, write_section  # noqa: E402
 
-from scaleout import CrashReport, cluster, run_crash_test  # noqa: E402
+from scaleout import CrashReport, cluster, run_crash_test, stop_services  # noqa: E402
 from test_effects_crash import Sink  # noqa: E402
 
 START, END = "<!-- crash_scaleout:start -->", "<!-- crash_scaleout:end -->"
@@ -85,4 +85,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        stop_services()
+    sys.exit(code)

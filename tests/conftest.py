@@ -101,3 +101,12 @@ def wait_terminal(client: httpx.Client, task_id: str, timeout: float = 20) -> di
             return body
         time.sleep(0.05)
     raise AssertionError(f"task {task_id} did not finish in {timeout}s")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The scale-out servers the tests started (Postgres, Redis, Temporal; see ``scaleout.py``) stop with the run."""
+    import sys
+
+    scaleout = sys.modules.get("scaleout")
+    if scaleout is not None:
+        scaleout.stop_services()

@@ -10,12 +10,15 @@ what the issue gates on: lost tasks, duplicated effects, ``outcome_unknown`` eff
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -36,16 +39,58 @@ class Unavailable(Exception):
     """A server the cluster needs could not be started; the message says why."""
 
 
+_DIRS = {"postgres": "KEEL_PG_DIR", "redis": "KEEL_REDIS_DIR", "temporal": "KEEL_TEMPORAL_DIR"}
+_SERVICES: Path | None = None
+_STARTED: set[str] = set()
+
+
+def _service_env(name: str) -> dict[str, str]:
+    """The servers these tests start live in one temporary directory per test session (never the developer's
+    own under .keel/services), and are stopped by :func:`stop_services`."""
+    global _SERVICES
+    if _SERVICES is None:
+        _SERVICES = Path(tempfile.mkdtemp(prefix="keel-services-"))
+        _SERVICES.chmod(0o755)  # as root, Postgres runs as the `postgres` user, which must reach its directory
+    env = {**os.environ, _DIRS[name]: str(_SERVICES / name)}
+    if name == "postgres":
+        env["KEEL_PG_EPHEMERAL"] = "1"  # a throwaway server: no fsync
+    return env
+
+
 def service_url(name: str) -> str:
     """Start ``scripts/<name>.sh`` (idempotent) and return its URL, or raise Unavailable with the reason."""
     script = ROOT / "scripts" / f"{name}.sh"
     try:
-        done = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=180, check=False)
+        done = subprocess.run(
+            ["bash", str(script), "start"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+            env=_service_env(name),
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise Unavailable(f"{script.name} start failed: {exc}") from exc
     if done.returncode != 0:
         raise Unavailable(f"{script.name} start exited {done.returncode}: {(done.stderr or done.stdout)[-500:]}")
+    _STARTED.add(name)
     return done.stdout.strip().splitlines()[-1]
+
+
+def stop_services() -> None:
+    """Stop every server :func:`service_url` started, and remove their files."""
+    for name in sorted(_STARTED):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(
+                ["bash", str(ROOT / "scripts" / f"{name}.sh"), "stop"],
+                capture_output=True,
+                timeout=120,
+                check=False,
+                env=_service_env(name),
+            )
+    _STARTED.clear()
+    if _SERVICES is not None:
+        shutil.rmtree(_SERVICES, ignore_errors=True)
 
 
 def fresh_database(admin_url: str) -> str:

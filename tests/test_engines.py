@@ -7,10 +7,9 @@ The Temporal half is skipped, with the reason, when its server cannot be had."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,17 +119,14 @@ def registry() -> WorkflowRegistry:
 
 
 @pytest.fixture(scope="session")
-def temporal_address() -> Iterator[str]:
+def temporal_address() -> str:
     pytest.importorskip("temporalio", reason="the Temporal SDK is not installed: pip install 'keel[temporal]'")
+    from scaleout import Unavailable, service_url
+
     try:
-        done = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "temporal.sh"), "start"], capture_output=True, text=True, timeout=120
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        return service_url("temporal")
+    except Unavailable as exc:
         pytest.skip(f"the Temporal dev server could not be started: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"the Temporal dev server could not be started: {(done.stderr or done.stdout)[-300:]}")
-    yield done.stdout.strip().splitlines()[-1]
 
 
 EngineFactory = Callable[[], Engine]
