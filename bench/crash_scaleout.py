@@ -49,8 +49,7 @@ worker is killed with SIGKILL every 3-15 s and restarted.
 | effects applied (expected {3 * r.tasks}) / **duplicated** | {r.effects} / **{r.duplicate_effects}** |
 | effects left `outcome_unknown` | {r.outcome_unknown} |
 | workers killed | {r.kills} |
-| tasks resumed by another run | {r.resumed_tasks} |
-| recovery (dead run's last event → new run's first), p50 / p95 | {s(r.recovery_p50_s)} / {s(r.recovery_p95_s)} |
+| recovery (kill → every task in flight then moving again), p50 / p95 | {s(r.recovery_p50_s)} / {s(r.recovery_p95_s)} |
 | queue drained in | {r.drain_s:.1f} s |
 
 Gates (lost = 0, duplicated effects = 0): {gates}. On the embedded engine, recovery is bounded by the lease

@@ -266,10 +266,11 @@ class CrashReport:
     duplicate_effects: int
     outcome_unknown: int
     kills: int
-    resumed_tasks: int
     recovery_p50_s: float | None
     recovery_p95_s: float | None
     drain_s: float
+    failures: list[str] = field(default_factory=list)
+    """Why each task that did not succeed ended as it did (its status and first error)."""
 
     def lines(self) -> list[str]:
         def s(v: float | None) -> str:
@@ -279,8 +280,9 @@ class CrashReport:
             f"tasks {self.tasks}: succeeded {self.succeeded}, failed {self.failed}, lost {self.lost}",
             f"effects {self.effects} (expected {3 * self.tasks}), duplicated {self.duplicate_effects}, "
             f"outcome_unknown {self.outcome_unknown}",
-            f"kills {self.kills}; resumed tasks {self.resumed_tasks}; recovery p50 {s(self.recovery_p50_s)}, "
+            f"kills {self.kills}; recovery (kill → every in-flight task moving again) p50 {s(self.recovery_p50_s)}, "
             f"p95 {s(self.recovery_p95_s)}; drained in {self.drain_s:.1f} s",
+            *(f"not a success: {f}" for f in self.failures[:10]),
         ]
 
 
@@ -321,7 +323,6 @@ def run_crash_test(
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     deadline = time.monotonic() + drain_timeout
-    statuses: dict[str, str] = {}
     try:
         while time.monotonic() < deadline:
             open_ = 0
@@ -341,15 +342,8 @@ def run_crash_test(
         stop.set()
         thread.join(timeout=30)
     drain = time.monotonic() - started
-    api = c.apis[0]
-    outcome_unknown = 0
-    with httpx.Client(base_url=api.url or "", headers=headers, timeout=30) as client:
-        for task_id in ids:
-            r = client.get(f"/v1/tasks/{task_id}")
-            statuses[task_id] = r.json()["status"] if r.status_code == 200 else "missing"
-            effects = client.get(f"/v1/tasks/{task_id}/effects").json() if r.status_code == 200 else []
-            outcome_unknown += sum(1 for e in effects if e["status"] == "outcome_unknown")
-    recoveries = asyncio.run(_recoveries(c.env["KEEL_STORE_URL"], ids))
+    statuses, outcome_unknown, failures = _outcomes(c.apis[0].url or "", headers, ids)
+    recoveries = asyncio.run(_recoveries(c.env["KEEL_STORE_URL"], ids, list(c.kills)))
     succeeded = sum(1 for s in statuses.values() if s == "succeeded")
     failed = sum(1 for s in statuses.values() if s in ("failed", "cancelled"))
     return CrashReport(
@@ -361,11 +355,33 @@ def run_crash_test(
         duplicate_effects=sum(n - 1 for n in sink.hits.values() if n > 1),
         outcome_unknown=outcome_unknown,
         kills=len(c.kills),
-        resumed_tasks=len(recoveries),
         recovery_p50_s=statistics.median(recoveries) if recoveries else None,
         recovery_p95_s=_p95(recoveries),
         drain_s=drain,
+        failures=failures,
     )
+
+
+def _outcomes(url: str, headers: dict[str, str], ids: list[str]) -> tuple[dict[str, str], int, list[str]]:
+    """Each task's status, how many of its effects were left ``outcome_unknown``, and why the unsuccessful ended."""
+    statuses: dict[str, str] = {}
+    outcome_unknown = 0
+    failures: list[str] = []
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        for task_id in ids:
+            r = client.get(f"/v1/tasks/{task_id}")
+            if r.status_code != 200:
+                statuses[task_id] = "missing"
+                failures.append(f"{task_id} missing: HTTP {r.status_code}")
+                continue
+            task = r.json()
+            statuses[task_id] = task["status"]
+            if task["status"] != "succeeded":
+                first = ((task.get("envelope") or {}).get("errors") or [{}])[0]
+                failures.append(f"{task_id} {task['status']}: {first.get('type')}: {first.get('message')}")
+            effects = client.get(f"/v1/tasks/{task_id}/effects").json()
+            outcome_unknown += sum(1 for e in effects if e["status"] == "outcome_unknown")
+    return statuses, outcome_unknown, failures
 
 
 def _p95(values: list[float]) -> float | None:
@@ -375,23 +391,25 @@ def _p95(values: list[float]) -> float | None:
     return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
-async def _recoveries(store_url: str, ids: list[str]) -> list[float]:
-    """For every task a kill interrupted: the time from its last event under the dead run to the first event of the
-    run that took it over (lease expiry, pick-up and replay of its history)."""
+async def _recoveries(store_url: str, ids: list[str], kills: list[float]) -> list[float]:
+    """For each kill: how long until every task that was in flight at that moment showed progress again (its next
+    event), i.e. until the queue had taken back everything the dead worker held. Engine-neutral: it reads only the
+    durable event log."""
     from keel.backends import open_store
 
     store = open_store(store_url)
-    out: list[float] = []
     try:
-        for task_id in ids:
-            events = await store.read(task_id, 0, limit=10_000)
-            attempt, last = 1, None
-            for ev in events:
-                run = ev.data.get("attempt")  # the lease's attempt: on its `status` event and every step_started
-                if isinstance(run, int) and run > attempt and last is not None:
-                    out.append(ev.created_at - last)
-                    attempt = run
-                last = ev.created_at
+        logs = [[ev.created_at for ev in await store.read(task_id, 0, limit=10_000)] for task_id in ids]
     finally:
         await store.aclose()
+    out: list[float] = []
+    for kill in kills:
+        delays = []
+        for times in logs:
+            before = [t for t in times if t <= kill]
+            after = [t for t in times if t > kill]
+            if before and after and kill - before[-1] < 5.0:  # in flight at the kill, and went on afterwards
+                delays.append(after[0] - kill)
+        if delays:
+            out.append(max(delays))
     return out

@@ -80,6 +80,10 @@ class _Host:
     services: Any
     notifier: Notifier
     lease_s: float
+    """How long a renewal holds the store lease: Temporal keeps the workflow alive, so this is only the backstop for
+    a workflow Temporal lost altogether."""
+    heartbeat_s: float
+    """How often a running workflow renews its lease (and reads the store's cancel flag)."""
     journals: dict[tuple[str, int], StoreJournal] = field(default_factory=dict)
     running: set[asyncio.Task[Any]] = field(default_factory=set)
     """The steps running in this process: a stop that outlasts its grace cancels them."""
@@ -545,9 +549,9 @@ class KeelTask:
 
     async def _heartbeat(self, journal: TemporalJournal, run: asyncio.Future[Any]) -> None:
         """Renew the store lease while the run goes on; a cancel asked through the store cancels the run."""
-        host_lease_s = _host(journal.queue).lease_s
+        every = _host(journal.queue).heartbeat_s
         while not run.done():
-            await asyncio.sleep(host_lease_s / 3)  # a durable timer in workflow code
+            await asyncio.sleep(every)  # a durable timer in workflow code
             if self.lease is not None and self.lease.token != journal.lease.token:
                 journal.lease = self.lease  # dispatched again while away: adopt the new lease
             state = await journal._op("renew")
@@ -609,7 +613,12 @@ class TemporalEngine:
         sweep_s: float = 60.0,
         run_workers: bool = True,
         graceful_shutdown_s: float = 5.0,
+        store_lease_s: float | None = None,
     ) -> None:
+        # Temporal decides whether a workflow is alive, and resumes it on another worker when one dies, within its
+        # workflow task timeout. keel's store lease is then only a backstop (a workflow Temporal lost altogether):
+        # long, so that dead workers do not count as attempts against the task's dead-letter limit.
+        self.store_lease_s = store_lease_s or max(lease_s * 20, 300.0)
         self.graceful_shutdown_s = graceful_shutdown_s
         self.approval_ttl_s = approval_ttl_s
         self.sweep_s = sweep_s
@@ -653,7 +662,8 @@ class TemporalEngine:
             tools=self.tools,
             services=self.services,
             notifier=self.notifier,
-            lease_s=self.lease_s,
+            lease_s=self.store_lease_s,
+            heartbeat_s=self.lease_s / 3,
         )
         self._worker = Worker(
             self._client,
@@ -730,7 +740,7 @@ class TemporalEngine:
         assert self._client is not None
         while True:
             try:
-                lease = await self.store.lease_next(self.owner, self.clock(), self.lease_s, self.max_attempts)
+                lease = await self.store.lease_next(self.owner, self.clock(), self.store_lease_s, self.max_attempts)
             except Exception:
                 log.exception("leasing failed; retrying")
                 lease = None
