@@ -28,7 +28,7 @@ START, END = "<!-- crash_scaleout:start -->", "<!-- crash_scaleout:end -->"
 START_T, END_T = "<!-- crash_scaleout_temporal:start -->", "<!-- crash_scaleout_temporal:end -->"
 
 
-def report(r: CrashReport, engine: str, start: str, end: str) -> str:
+def report(r: CrashReport, engine: str, start: str, end: str, delay: float) -> str:
     gates = "met" if r.lost == 0 and r.duplicate_effects == 0 else "**NOT met**"
 
     def s(v: float | None) -> str:
@@ -39,9 +39,10 @@ def report(r: CrashReport, engine: str, start: str, end: str) -> str:
 
 {datetime.now(UTC):%Y-%m-%d}, {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}. Engine:
 {engine}. 2 `keel serve --role api` replicas and 2 `keel worker` processes on one Postgres 18 (pgvector) and one
-Redis, all on loopback; lease 3 s. {r.tasks} tasks of `charge_thrice` (three write-tool steps each, against a
-loopback sink that counts every request by idempotency key), submitted across both replicas, while a random
-worker is killed with SIGKILL every 3-15 s and restarted.
+Redis, all on loopback; lease 3 s; 4 concurrent runs per worker. {r.tasks} tasks of `charge_thrice` (three
+write-tool steps each, against a loopback sink that takes {delay:g} s per charge and counts every request by
+idempotency key), submitted across both replicas, while a random worker is killed with SIGKILL every 3-15 s and
+restarted.
 
 | measure | value |
 |---|---|
@@ -63,20 +64,23 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--engine", choices=["embedded", "temporal"], default="embedded")
+    parser.add_argument("--sink-delay", type=float, default=0.5, help="Seconds each charge takes at the sink.")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
-    sink = Sink()
+    sink = Sink(delay_s=args.sink_delay)
     try:
         with (
             tempfile.TemporaryDirectory() as tmp,
-            cluster(Path(tmp), apis=2, workers=2, sink_url=sink.url, engine=args.engine) as c,
+            cluster(
+                Path(tmp), apis=2, workers=2, sink_url=sink.url, engine=args.engine, extra_env={"KEEL_WORKERS": "4"}
+            ) as c,
         ):
             result = run_crash_test(c, sink, tasks=args.tasks, kill_every=(3.0, 15.0), drain_timeout=1800)
     finally:
         sink.server.shutdown()
     engine = "Temporal (dev server), each step a Temporal activity" if args.engine == "temporal" else "embedded"
     start, end = (START, END) if args.engine == "embedded" else (START_T, END_T)
-    text = report(result, engine, start, end)
+    text = report(result, engine, start, end, args.sink_delay)
     print(text)
     if not args.no_doc:
         write_section(text, start, end)

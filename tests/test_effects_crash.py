@@ -30,7 +30,10 @@ pytestmark = pytest.mark.slow
 
 
 class Sink:
-    def __init__(self) -> None:
+    """A loopback payment service counting every request by idempotency key. ``delay_s``: each charge takes that
+    long before it is applied (a slow downstream, so that crash tests kill workers mid-call)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
         self.hits: Counter[str] = Counter()
         self.charges: dict[str, dict[str, Any]] = {}
         sink = self
@@ -39,6 +42,8 @@ class Sink:
             def do_POST(self) -> None:  # noqa: N802
                 key = self.headers["Idempotency-Key"]
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if delay_s:
+                    time.sleep(delay_s)
                 sink.hits[key] += 1  # every request counts: a second one would be a second effect
                 sink.charges.setdefault(key, {"id": f"ch_{len(sink.charges) + 1}", **body})
                 self._send(200, sink.charges[key])
