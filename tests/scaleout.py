@@ -392,24 +392,25 @@ def _p95(values: list[float]) -> float | None:
 
 
 async def _recoveries(store_url: str, ids: list[str], kills: list[float]) -> list[float]:
-    """For each kill: how long until every task that was in flight at that moment showed progress again (its next
-    event), i.e. until the queue had taken back everything the dead worker held. Engine-neutral: it reads only the
-    durable event log."""
+    """For each kill: how long until every step running at that moment (started, not yet completed or failed)
+    showed progress again (its task's next event), i.e. until the queue had taken back everything the dead worker
+    was doing. Engine-neutral: it reads only the durable event log."""
     from keel.backends import open_store
 
     store = open_store(store_url)
     try:
-        logs = [[ev.created_at for ev in await store.read(task_id, 0, limit=10_000)] for task_id in ids]
+        logs = [[(ev.created_at, ev.type) for ev in await store.read(task_id, 0, limit=10_000)] for task_id in ids]
     finally:
         await store.aclose()
     out: list[float] = []
     for kill in kills:
         delays = []
-        for times in logs:
-            before = [t for t in times if t <= kill]
-            after = [t for t in times if t > kill]
-            if before and after and kill - before[-1] < 5.0:  # in flight at the kill, and went on afterwards
-                delays.append(after[0] - kill)
+        for events in logs:
+            before = [t for t in events if t[0] <= kill]
+            after = [t for t in events if t[0] > kill]
+            running = [t for t in before if t[1] in ("step_started", "step_retrying", "step_completed", "step_failed")]
+            if running and running[-1][1] in ("step_started", "step_retrying") and after:
+                delays.append(after[0][0] - kill)
         if delays:
             out.append(max(delays))
     return out

@@ -643,6 +643,8 @@ class TemporalEngine:
         self._loops: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._pending_cancels: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
+        """One per workflow this process started, freeing its dispatch slot when the workflow ends."""
 
     async def start(self, *, recover: bool = True) -> None:
         """Connect, and with workers: serve the task queue and start dispatching. ``recover`` is accepted for the
@@ -672,6 +674,8 @@ class TemporalEngine:
             activities=[run_step, journal_op],
             workflow_runner=UnsandboxedWorkflowRunner(),
             max_concurrent_workflow_tasks=max(self.workers, 2),
+            # A workflow whose worker died waits this long on that worker's sticky queue before another takes it.
+            sticky_queue_schedule_to_start_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
             max_concurrent_local_activities=max(self.workers * 8, 16),
             # On stop, running steps get this long to finish; then they are cancelled, and their workflows resume on
             # another worker (a step already recorded in keel's store is not run again).
@@ -702,9 +706,9 @@ class TemporalEngine:
                     step.cancel()
             with contextlib.suppress(Exception):
                 await shutdown
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, *self._pending_cancels, return_exceptions=True)
+        for task in [*self._loops, *self._watchers]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._watchers, *self._pending_cancels, return_exceptions=True)
         self._loops.clear()
         _HOSTS.pop(self.task_queue, None)
 
@@ -737,20 +741,25 @@ class TemporalEngine:
             await asyncio.sleep(self.sweep_s)
 
     async def _dispatch(self) -> None:
+        """Start the workflows of queued tasks, as many at a time as this process runs (``workers``): the rest wait
+        in keel's queue, so a workflow Temporal hands over from a dead worker never queues behind a backlog."""
         assert self._client is not None
+        slots = asyncio.Semaphore(self.workers)
         while True:
+            await slots.acquire()
             try:
                 lease = await self.store.lease_next(self.owner, self.clock(), self.store_lease_s, self.max_attempts)
             except Exception:
                 log.exception("leasing failed; retrying")
                 lease = None
             if lease is None:
+                slots.release()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
                 continue
             try:
-                await self._client.start_workflow(
+                handle = await self._client.start_workflow(
                     "keel.task",
                     {"lease": _lease_dict(lease)},
                     id=lease.task_id,
@@ -759,9 +768,24 @@ class TemporalEngine:
                 )
             except WorkflowAlreadyStartedError:
                 # Its lease ran out while its workflow was away (all workers down); hand it the new one.
-                await self._client.get_workflow_handle(lease.task_id).signal("adopt", _lease_dict(lease))
+                slots.release()
+                with contextlib.suppress(Exception):
+                    await self._client.get_workflow_handle(lease.task_id).signal("adopt", _lease_dict(lease))
             except Exception:
+                slots.release()
                 log.exception("could not start the workflow of %s; it goes back to the queue", lease.task_id)
                 with contextlib.suppress(Exception):
                     await self.store.release(lease)
+            else:
+                watcher = asyncio.create_task(self._until_done(handle, slots))
+                self._watchers.add(watcher)
+                watcher.add_done_callback(self._watchers.discard)
             self.notifier.notify(lease.task_id)
+
+    @staticmethod
+    async def _until_done(handle: Any, slots: asyncio.Semaphore) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await handle.result()
+        finally:
+            slots.release()
