@@ -47,6 +47,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_workflow.py
 	$(BIN)/python bench/bench_tools.py
 	$(BIN)/python bench/bench_flagship.py
+	$(BIN)/python bench/bench_engines.py   # starts Postgres, Redis and Temporal through scripts/
+	$(BIN)/python bench/crash_scaleout.py --engine embedded
+	$(BIN)/python bench/crash_scaleout.py --engine temporal
 	$(BIN)/python bench/bench_embeddings.py
 	$(BIN)/python bench/bench_ingest.py
 	$(BIN)/python bench/bench_vectors.py   # 100k and 1M vectors: about 15 minutes, most of it the 1M HNSW build
