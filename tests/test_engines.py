@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from keel.backends.sqlite import SQLiteStore
-from keel.memory.types import NewTask, Task, TaskStatus
+from keel.memory.types import Decision, NewTask, Task, TaskStatus, Verdict
 from keel.orchestration.context import WorkflowContext
 from keel.orchestration.engine import Engine
 from keel.orchestration.retry import RetryPolicy
@@ -178,21 +178,26 @@ class Harness:
             await self.engine.stop()
             self.engine = None
 
-    async def submit(self, workflow: str, inp: dict[str, Any], budget: dict[str, Any] | None = None) -> str:
-        created = await self.store.create_task(
-            NewTask(tenant="t", workflow=workflow, input=inp, budget=budget or {}), None, time.time()
-        )
+    async def submit(
+        self,
+        workflow: str,
+        inp: dict[str, Any],
+        budget: dict[str, Any] | None = None,
+        policy: dict[str, Any] | None = None,
+    ) -> str:
+        new = NewTask(tenant="t", workflow=workflow, input=inp, budget=budget or {}, policy=policy or {})
+        created = await self.store.create_task(new, None, time.time())
         assert created.task is not None
         if self.engine is not None:
             self.engine.wake()
         return created.task.id
 
-    async def wait(self, task_id: str, timeout: float = 30) -> Task:
+    async def wait(self, task_id: str, timeout: float = 30, *, parked: bool = False) -> Task:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             task = await self.store.get_task(task_id)
             assert task is not None
-            if task.status.terminal:
+            if task.status.terminal or (parked and task.status is TaskStatus.waiting_for_approval):
                 return task
             await asyncio.sleep(0.02)
         raise AssertionError(f"{task_id} still {task.status} after {timeout}s")
@@ -293,3 +298,24 @@ async def test_a_new_engine_resumes_without_running_finished_steps_again(harness
     assert CALLS[f"{label}:step-3"] == 2  # interrupted by the stop, then run again to the end
     replayed = {s["name"] for s in done.envelope["metadata"]["steps"] if s["replayed"]}
     assert {"step-1", "step-2"} <= replayed
+
+
+async def test_a_write_waiting_for_approval_parks_then_resumes_once_approved(harness: Harness) -> None:
+    await harness.start()
+    label = f"{harness.kind}-approve"
+    task_id = await harness.submit("pay", {"label": label}, policy={"approval": "always"})
+    parked = await harness.wait(task_id, parked=True)
+    assert parked.status is TaskStatus.waiting_for_approval and f"{label}:charged" not in CALLS
+    assert parked.envelope is not None and parked.envelope["errors"][0]["type"] == "approval_required"
+    [pending] = await harness.store.load_decisions(task_id)
+    answer = Decision(
+        task_id=task_id, call_id=pending.call_id, kind=pending.kind, tool="", args={}, step="", reason="",
+        verdict=Verdict.approve, decided_by="test",
+    )  # fmt: skip
+    await harness.store.decide(task_id, "t", answer, time.time())
+    assert harness.engine is not None
+    harness.engine.wake()
+    done = await harness.wait(task_id)
+    assert done.status is TaskStatus.succeeded and CALLS[f"{label}:charged"] == 1, done.envelope
+    [effect] = await harness.store.list_effects(task_id)
+    assert effect.status.value == "applied" and effect.executions == 1

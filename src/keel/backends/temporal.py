@@ -53,7 +53,15 @@ from keel.orchestration.context import EnvelopeError, StepCall, WorkflowContext,
 from keel.orchestration.envelope import build_envelope
 from keel.orchestration.models import ModelRegistry
 from keel.orchestration.retry import DEFAULT_RETRY
-from keel.orchestration.runtime import Notifier, StoreJournal, _outcome, _validated, sweep_expired
+from keel.orchestration.runtime import (
+    Notifier,
+    StoreJournal,
+    _outcome,
+    _validated,
+    finished_status,
+    parked_envelope,
+    sweep_expired,
+)
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry
 
@@ -523,8 +531,7 @@ class KeelTask:
             heartbeat = asyncio.ensure_future(self._heartbeat(journal, run))
             try:
                 result = await run
-                failed_parts = ctx.incomplete or any(e.severity == "error" for e in ctx.errors)
-                status = TaskStatus.partial_success if failed_parts else TaskStatus.succeeded
+                status = finished_status(ctx)
             except asyncio.CancelledError:
                 cancelled = True
             except LeaseLost:
@@ -563,22 +570,8 @@ class KeelTask:
         self, task: Task, ctx: WorkflowContext, journal: TemporalJournal, exc: AwaitingDecision, started: float
     ) -> str:
         requests = [r for r in exc.requests if isinstance(r, Decision)]
-        asked = EnvelopeError(
-            type="approval_required",
-            message=f"waiting for {len(requests)} decision(s): "
-            + "; ".join(f"{r.tool} ({r.kind.value}): {r.reason}" for r in requests[:3])
-            + f". POST /v1/tasks/{task.id}/approvals/<call_id> with approve or deny.",
-            severity="info",
-            recovery_suggested=True,
-        )
-        envelope = build_envelope(
-            TaskStatus.waiting_for_approval,
-            ctx,
-            {"pending_decisions": [r.public() for r in requests], "partial": ctx.partial or None},
-            started,
-            [asked],
-        )
-        await journal._op("park", requests=_DECISIONS.dump_python(requests, mode="json"), envelope=_validated(envelope))
+        envelope = parked_envelope(task.id, ctx, requests, started)
+        await journal._op("park", requests=_DECISIONS.dump_python(requests, mode="json"), envelope=envelope)
         return TaskStatus.waiting_for_approval.value
 
 

@@ -395,8 +395,7 @@ class EmbeddedEngine:
             hb = asyncio.create_task(self._heartbeat(lease, run))
             try:
                 result = await run
-                failed_parts = ctx.incomplete or any(e.severity == "error" for e in ctx.errors)
-                status = TaskStatus.partial_success if failed_parts else TaskStatus.succeeded
+                status = finished_status(ctx)
             except asyncio.CancelledError:
                 verdict = await self._interrupted(task.id, lease)
                 if verdict == "raise":
@@ -442,23 +441,9 @@ class EmbeddedEngine:
         its envelope says what is asked, and a decision queues it again to resume from its checkpoints."""
         requests = [r for r in exc.requests if isinstance(r, Decision)]
         await journal.drain()
-        asked = EnvelopeError(
-            type="approval_required",
-            message=f"waiting for {len(requests)} decision(s): "
-            + "; ".join(f"{r.tool} ({r.kind.value}): {r.reason}" for r in requests[:3])
-            + f". POST /v1/tasks/{task.id}/approvals/<call_id> with approve or deny.",
-            severity="info",
-            recovery_suggested=True,
-        )
-        envelope = build_envelope(
-            TaskStatus.waiting_for_approval,
-            ctx,
-            {"pending_decisions": [r.public() for r in requests], "partial": ctx.partial or None},
-            started,
-            [asked],
-        )
+        envelope = parked_envelope(task.id, ctx, requests, started)
         try:
-            await self.store.request_decisions(lease, requests, _validated(envelope), self.clock())
+            await self.store.request_decisions(lease, requests, envelope, self.clock())
         except LeaseLost:
             log.warning("lease on %s lost before parking it; another worker owns it", task.id)
             return
@@ -505,6 +490,32 @@ class EmbeddedEngine:
                 limit = ctx.meter.budget.deadline_s or 0.0
                 raise BudgetExceeded("deadline", limit=limit, used=limit) from None
             raise
+
+
+def finished_status(ctx: WorkflowContext) -> TaskStatus:
+    """A run that returned: a success, unless part of the work failed or part of the input was left out."""
+    failed_parts = ctx.incomplete or any(e.severity == "error" for e in ctx.errors)
+    return TaskStatus.partial_success if failed_parts else TaskStatus.succeeded
+
+
+def parked_envelope(task_id: str, ctx: WorkflowContext, requests: list[Decision], started: float) -> dict[str, Any]:
+    """The provisional envelope of a task waiting for people's decisions: what is asked, and what it has so far."""
+    asked = EnvelopeError(
+        type="approval_required",
+        message=f"waiting for {len(requests)} decision(s): "
+        + "; ".join(f"{r.tool} ({r.kind.value}): {r.reason}" for r in requests[:3])
+        + f". POST /v1/tasks/{task_id}/approvals/<call_id> with approve or deny.",
+        severity="info",
+        recovery_suggested=True,
+    )
+    envelope = build_envelope(
+        TaskStatus.waiting_for_approval,
+        ctx,
+        {"pending_decisions": [r.public() for r in requests], "partial": ctx.partial or None},
+        started,
+        [asked],
+    )
+    return _validated(envelope)
 
 
 def _outcome(exc: Exception, ctx: WorkflowContext) -> tuple[TaskStatus, Any, EnvelopeError]:
