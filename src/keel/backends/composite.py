@@ -143,8 +143,8 @@ class SplitStore:
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
         return await self._store.read(task_id, after, limit)
 
-    async def due(self, now: float, limit: int) -> list[OutboxMessage]:
-        return await self._store.due(now, limit)
+    async def due(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[OutboxMessage]:
+        return await self._store.due(now, limit, claim_s=claim_s)
 
     async def delivered(self, msg_id: str, now: float) -> None:
         await self._store.delivered(msg_id, now)
@@ -209,8 +209,8 @@ class SplitStore:
     async def get_email(self, key: str) -> EmailMessage | None:
         return await self._store.get_email(key)
 
-    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]:
-        return await self._store.due_emails(now, limit)
+    async def due_emails(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[EmailMessage]:
+        return await self._store.due_emails(now, limit, claim_s=claim_s)
 
     async def email_sent(self, key: str, now: float) -> None:
         await self._store.email_sent(key, now)

@@ -1039,16 +1039,34 @@ class PostgresStore(PostgresMemory):
 
     # -- Outbox ------------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int) -> list[OutboxMessage]:
-        async def op(conn: Conn) -> list[OutboxMessage]:
+    async def due(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[OutboxMessage]:
+        if not claim_s:
+
+            async def read(conn: Conn) -> list[OutboxMessage]:
+                cur = await conn.execute(
+                    "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_at <= %s "
+                    "ORDER BY next_attempt_at LIMIT %s",
+                    (now, limit),
+                )
+                return [_outbox(r) for r in await cur.fetchall()]
+
+            return await self._read(read)
+
+        async def claim(conn: Conn) -> list[OutboxMessage]:
+            # SKIP LOCKED: two dispatchers claiming at once take different messages.
             cur = await conn.execute(
                 "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_at <= %s "
-                "ORDER BY next_attempt_at LIMIT %s",
+                "ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED",
                 (now, limit),
             )
-            return [_outbox(r) for r in await cur.fetchall()]
+            found = [_outbox(r) for r in await cur.fetchall()]
+            if found:
+                await conn.execute(
+                    "UPDATE outbox SET next_attempt_at = %s WHERE id = ANY(%s)", (now + claim_s, [m.id for m in found])
+                )
+            return found
 
-        return await self._read(op)
+        return await self._tx(claim)
 
     async def _exec(self, query: Any, args: Any) -> None:
         async def op(conn: Conn) -> None:
@@ -1374,14 +1392,22 @@ class PostgresStore(PostgresMemory):
 
         return await self._read(op)
 
-    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]:
+    async def due_emails(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[EmailMessage]:
+        lock = " FOR UPDATE SKIP LOCKED" if claim_s else ""
+
         async def op(conn: Conn) -> list[EmailMessage]:
             cur = await conn.execute(
-                "SELECT * FROM emails WHERE status = 'queued' AND next_at <= %s ORDER BY next_at LIMIT %s", (now, limit)
+                f"SELECT * FROM emails WHERE status = 'queued' AND next_at <= %s ORDER BY next_at LIMIT %s{lock}",
+                (now, limit),
             )
-            return [_email(r) for r in await cur.fetchall()]
+            found = [_email(r) for r in await cur.fetchall()]
+            if claim_s and found:
+                await conn.execute(
+                    "UPDATE emails SET next_at = %s WHERE key = ANY(%s)", (now + claim_s, [m.key for m in found])
+                )
+            return found
 
-        return await self._read(op)
+        return await (self._tx(op) if claim_s else self._read(op))
 
     async def email_sent(self, key: str, now: float) -> None:
         await self._exec(

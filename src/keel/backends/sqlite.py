@@ -947,16 +947,21 @@ class SQLiteStore(SQLiteMemory):
 
     # -- Outbox ------------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int) -> list[OutboxMessage]:
+    async def due(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[OutboxMessage]:
         def op(conn: sqlite3.Connection) -> list[OutboxMessage]:
             rows = conn.execute(
                 "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? "
                 "ORDER BY next_attempt_at LIMIT ?",
                 (now, limit),
-            )
-            return [_outbox(r) for r in rows]
+            ).fetchall()
+            found = [_outbox(r) for r in rows]
+            if claim_s:
+                conn.executemany(
+                    "UPDATE outbox SET next_attempt_at = ? WHERE id = ?", [(now + claim_s, m.id) for m in found]
+                )
+            return found
 
-        return await self._read(op)
+        return await (self._write(op) if claim_s else self._read(op))
 
     async def delivered(self, msg_id: str, now: float) -> None:
         await self._write(
@@ -1272,14 +1277,17 @@ class SQLiteStore(SQLiteMemory):
 
         return await self._read(op)
 
-    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]:
+    async def due_emails(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[EmailMessage]:
         def op(conn: sqlite3.Connection) -> list[EmailMessage]:
             rows = conn.execute(
                 "SELECT * FROM emails WHERE status = 'queued' AND next_at <= ? ORDER BY next_at LIMIT ?", (now, limit)
-            )
-            return [_email(r) for r in rows]
+            ).fetchall()
+            found = [_email(r) for r in rows]
+            if claim_s:
+                conn.executemany("UPDATE emails SET next_at = ? WHERE key = ?", [(now + claim_s, m.key) for m in found])
+            return found
 
-        return await self._read(op)
+        return await (self._write(op) if claim_s else self._read(op))
 
     async def email_sent(self, key: str, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:

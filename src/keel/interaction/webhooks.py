@@ -59,6 +59,7 @@ class WebhookDispatcher:
         self.backoff_max_s = backoff_max_s
         self.poll_s = poll_s
         self.clock = clock
+        self.timeout_s = timeout_s
         self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False)
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
@@ -79,7 +80,8 @@ class WebhookDispatcher:
     async def _run(self) -> None:
         while True:
             try:
-                batch = await self.outbox.due(self.clock(), 20)
+                # Claimed for longer than a delivery can take: another worker's dispatcher skips them meanwhile.
+                batch = await self.outbox.due(self.clock(), 20, claim_s=self.timeout_s * 2 + 5)
                 outcomes = await asyncio.gather(*(self.deliver(m) for m in batch), return_exceptions=True)
                 for msg, outcome in zip(batch, outcomes, strict=True):
                     if isinstance(outcome, Exception):

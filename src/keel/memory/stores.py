@@ -144,7 +144,11 @@ class EventLog(Protocol):
 
 
 class Outbox(Protocol):
-    async def due(self, now: float, limit: int) -> list[OutboxMessage]: ...
+    async def due(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[OutboxMessage]:
+        """Pending messages due at ``now``, oldest first. With ``claim_s``, each one returned is claimed: it is not
+        due again for ``claim_s`` seconds unless its delivery settles first, so several dispatchers (one per
+        worker) never send the same message at once, and one that dies mid-delivery leaves it due again later."""
+        ...
 
     async def delivered(self, msg_id: str, now: float) -> None: ...
 
@@ -223,7 +227,9 @@ class EmailOutbox(Protocol):
 
     async def get_email(self, key: str) -> EmailMessage | None: ...
 
-    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]: ...
+    async def due_emails(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[EmailMessage]:
+        """Queued emails due at ``now``; ``claim_s`` claims them as :meth:`Outbox.due` does."""
+        ...
 
     async def email_sent(self, key: str, now: float) -> None: ...
 

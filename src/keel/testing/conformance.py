@@ -141,6 +141,21 @@ async def check_finish_outbox_and_end_event(store: Store) -> None:
     assert msg.status == "delivered" and msg.attempts == 2
 
 
+async def check_due_messages_are_claimed(store: Store) -> None:
+    res = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="whsec_x"), None, T0)
+    assert res.task
+    await store.finish(None, res.task.id, TaskStatus.succeeded, {"status": "success"}, T0)
+    [msg] = await store.messages(res.task.id)
+    assert [m.id for m in await store.due(T0 + 1, 10, claim_s=30)] == [msg.id]
+    assert await store.due(T0 + 2, 10, claim_s=30) == []  # claimed: another dispatcher does not send it too
+    assert [m.id for m in await store.due(T0 + 32, 10, claim_s=30)] == [msg.id]  # its claimant died: due again
+    email = EmailMessage(key="c1", tenant="t1", task_id=None, to=["a@example.com"], subject="s", body="b")
+    await store.enqueue_email(email, T0)
+    assert [m.key for m in await store.due_emails(T0 + 1, 10, claim_s=60)] == ["c1"]
+    assert await store.due_emails(T0 + 2, 10, claim_s=60) == []
+    assert [m.key for m in await store.due_emails(T0 + 62, 10)] == ["c1"]
+
+
 async def check_disabled_endpoint(store: Store) -> None:
     a = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="s"), None, T0)
     assert a.task
@@ -483,6 +498,7 @@ CHECKS: list[Callable[[Store], Awaitable[None]]] = [
     check_list_pagination_and_filter,
     check_lease_fencing,
     check_finish_outbox_and_end_event,
+    check_due_messages_are_claimed,
     check_disabled_endpoint,
     check_cancel_and_requeue,
     check_poison_dead_letter,

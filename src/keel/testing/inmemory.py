@@ -343,9 +343,12 @@ class InMemoryStore(InMemoryMemory):
         row = self._tasks.get(task_id)
         return [] if row is None else copy.deepcopy(row.events[after : after + limit])
 
-    async def due(self, now: float, limit: int) -> list[OutboxMessage]:
+    async def due(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[OutboxMessage]:
         due = [m for m in self._outbox.values() if m.status == "pending" and self._next_at[m.id] <= now]
-        return [replace(m) for m in sorted(due, key=lambda m: self._next_at[m.id])[:limit]]
+        found = sorted(due, key=lambda m: self._next_at[m.id])[:limit]
+        for m in found if claim_s else ():
+            self._next_at[m.id] = now + claim_s
+        return [replace(m) for m in found]
 
     async def delivered(self, msg_id: str, now: float) -> None:
         m = self._outbox[msg_id]
@@ -512,9 +515,12 @@ class InMemoryStore(InMemoryMemory):
         msg = self._emails.get(key)
         return copy.deepcopy(msg) if msg else None
 
-    async def due_emails(self, now: float, limit: int) -> list[EmailMessage]:
+    async def due_emails(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[EmailMessage]:
         due = [m for m in self._emails.values() if m.status == "queued" and m.next_at <= now]
-        return [copy.deepcopy(m) for m in sorted(due, key=lambda m: m.next_at)[:limit]]
+        found = [copy.deepcopy(m) for m in sorted(due, key=lambda m: m.next_at)[:limit]]
+        for m in found if claim_s else ():
+            self._emails[m.key].next_at = now + claim_s
+        return found
 
     async def email_sent(self, key: str, now: float) -> None:
         msg = self._emails[key]

@@ -118,7 +118,7 @@ class EmailRelay:
     async def run_once(self) -> int:
         assert self.sender is not None
         sent = 0
-        for msg in await self.outbox.due_emails(time.time(), 20):
+        for msg in await self.outbox.due_emails(time.time(), 20, claim_s=120.0):  # one relay sends each at a time
             try:
                 await self.sender.send(msg)
             except UpstreamError as exc:
