@@ -34,6 +34,11 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from keel.backends.postgres_memory import MEMORY_SCHEMA, Conn, PostgresMemory, Row
+from keel.backends.rows import decision_of as _decision
+from keel.backends.rows import effect_of as _effect
+from keel.backends.rows import email_of as _email
+from keel.backends.rows import outbox_of as _outbox
+from keel.backends.rows import task_of as _task
 from keel.errors import ConfigError, InputError, KeelError, LeaseLost, NotFound, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
 from keel.memory.stores import EventSpec
@@ -44,7 +49,6 @@ from keel.memory.types import (
     CreateOutcome,
     CreateResult,
     Decision,
-    DecisionKind,
     EffectRecord,
     EffectSettlement,
     EffectStatus,
@@ -274,100 +278,6 @@ _TASK_COLS = (
     "finished_at, attempts, cancel_requested, envelope, webhook_url, webhook_secret, budget, metadata, "
     "estimated_duration_s, dead_lettered, policy, cache_key"
 )
-
-
-def _task(row: Row) -> Task:
-    return Task(
-        id=row["id"],
-        tenant=row["tenant"],
-        workflow=row["workflow"],
-        input=json.loads(row["input"]),
-        status=TaskStatus(row["status"]),
-        progress=row["progress"],
-        current_step=row["current_step"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        attempts=row["attempts"],
-        cancel_requested=bool(row["cancel_requested"]),
-        envelope=json.loads(row["envelope"]) if row["envelope"] else None,
-        webhook_url=row["webhook_url"],
-        webhook_secret=row["webhook_secret"],
-        budget=json.loads(row["budget"]),
-        metadata=json.loads(row["metadata"]),
-        estimated_duration_s=row["estimated_duration_s"],
-        dead_lettered=bool(row["dead_lettered"]),
-        policy=json.loads(row["policy"]),
-        cache_key=row["cache_key"],
-    )
-
-
-def _outbox(row: Row) -> OutboxMessage:
-    return OutboxMessage(
-        id=row["id"],
-        tenant=row["tenant"],
-        task_id=row["task_id"],
-        url=row["url"],
-        secret=row["secret"],
-        event_type=row["event_type"],
-        payload=json.loads(row["payload"]),
-        attempts=row["attempts"],
-        status=row["status"],
-        last_error=row["last_error"],
-    )
-
-
-def _effect(row: Row) -> EffectRecord:
-    return EffectRecord(
-        key=row["key"],
-        task_id=row["task_id"],
-        step=row["step"],
-        tool=row["tool"],
-        args=json.loads(row["args"]),
-        status=EffectStatus(row["status"]),
-        result=json.loads(row["result"]) if row["result"] is not None else None,
-        error=json.loads(row["error"]) if row["error"] is not None else None,
-        executions=row["executions"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
-
-
-def _decision(row: Row) -> Decision:
-    return Decision(
-        task_id=row["task_id"],
-        call_id=row["call_id"],
-        kind=DecisionKind(row["kind"]),
-        tool=row["tool"],
-        args=json.loads(row["args"]),
-        step=row["step"],
-        reason=row["reason"],
-        effect_key=row["effect_key"],
-        verdict=Verdict(row["verdict"]) if row["verdict"] else None,
-        result=json.loads(row["result"]) if row["result"] is not None else None,
-        note=row["note"],
-        decided_by=row["decided_by"],
-        requested_at=row["requested_at"],
-        decided_at=row["decided_at"],
-    )
-
-
-def _email(row: Row) -> EmailMessage:
-    return EmailMessage(
-        key=row["key"],
-        tenant=row["tenant"],
-        task_id=row["task_id"],
-        to=json.loads(row["recipients"]),
-        subject=row["subject"],
-        body=row["body"],
-        status=row["status"],
-        attempts=row["attempts"],
-        next_at=row["next_at"],
-        created_at=row["created_at"],
-        sent_at=row["sent_at"],
-        error=row["error"],
-    )
 
 
 async def _one(conn: Conn, query: Any, args: Any = None) -> Row | None:

@@ -32,12 +32,14 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
+from keel.backends.rows import CHUNK_COLS as _CHUNK_COLS
+from keel.backends.rows import chunk_of as _chunk
+from keel.backends.rows import document_of as _document
 from keel.errors import InputError, StoreError
 from keel.memory.types import (
     ChunkHit,
     ChunkRecord,
     DocumentRecord,
-    DocumentStatus,
     Session,
     SessionTurn,
     Task,
@@ -114,7 +116,6 @@ MEMORY_SCHEMA = """
     )
 """
 
-_CHUNK_COLS = "id, document_id, tenant, space, page, char_start, char_end, text, content_hash, created_at, expires_at"
 _ALIVE = "(expires_at IS NULL OR expires_at > %(now)s)"
 _SPACE_LOCK = 0x6B65656C_73706163  # "keelspac": the advisory lock of space administration (index builds, drops)
 HNSW_MAX_DIM = 2000
@@ -128,43 +129,6 @@ async def _noop(conn: Conn) -> None:
 def hnsw_index_name(space: str) -> str:
     """The name of ``space``'s HNSW index (a hash: a space name is free text, an identifier is 63 bytes)."""
     return "chunks_hnsw_" + hashlib.sha256(space.encode()).hexdigest()[:20]
-
-
-def _chunk(row: Row) -> ChunkRecord:
-    return ChunkRecord(
-        id=row["id"],
-        document_id=row["document_id"],
-        tenant=row["tenant"],
-        space=row["space"],
-        page=row["page"],
-        start=row["char_start"],
-        end=row["char_end"],
-        text=row["text"],
-        content_hash=row["content_hash"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-    )
-
-
-def _document(row: Row) -> DocumentRecord:
-    return DocumentRecord(
-        id=row["id"],
-        tenant=row["tenant"],
-        sha256=row["sha256"],
-        source=row["source"],
-        media_type=row["media_type"],
-        size=row["size"],
-        status=DocumentStatus(row["status"]),
-        pages=row["pages"],
-        chunks=row["chunks"],
-        space=row["space"],
-        warnings=json.loads(row["warnings"]),
-        errors=json.loads(row["errors"]),
-        metadata=json.loads(row["metadata"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-    )
 
 
 def _f32(vector: Any) -> np.ndarray[Any, np.dtype[np.float32]]:

@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from keel.backends.rows import decision_of as _decision
+from keel.backends.rows import effect_of as _effect
+from keel.backends.rows import email_of as _email
+from keel.backends.rows import outbox_of as _outbox
+from keel.backends.rows import task_of as _task
 from keel.backends.sqlite_memory import MEMORY_MIGRATION, SQLiteMemory
 from keel.errors import InputError, LeaseLost, NotFound, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
@@ -35,7 +40,6 @@ from keel.memory.types import (
     CreateOutcome,
     CreateResult,
     Decision,
-    DecisionKind,
     EffectRecord,
     EffectSettlement,
     EffectStatus,
@@ -302,48 +306,6 @@ _TASK_COLS = (
     "finished_at, attempts, cancel_requested, envelope, webhook_url, webhook_secret, budget, metadata, "
     "estimated_duration_s, dead_lettered, policy, cache_key"
 )
-
-
-def _task(row: sqlite3.Row) -> Task:
-    return Task(
-        id=row["id"],
-        tenant=row["tenant"],
-        workflow=row["workflow"],
-        input=json.loads(row["input"]),
-        status=TaskStatus(row["status"]),
-        progress=row["progress"],
-        current_step=row["current_step"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        attempts=row["attempts"],
-        cancel_requested=bool(row["cancel_requested"]),
-        envelope=json.loads(row["envelope"]) if row["envelope"] else None,
-        webhook_url=row["webhook_url"],
-        webhook_secret=row["webhook_secret"],
-        budget=json.loads(row["budget"]),
-        metadata=json.loads(row["metadata"]),
-        estimated_duration_s=row["estimated_duration_s"],
-        dead_lettered=bool(row["dead_lettered"]),
-        policy=json.loads(row["policy"]),
-        cache_key=row["cache_key"],
-    )
-
-
-def _outbox(row: sqlite3.Row) -> OutboxMessage:
-    return OutboxMessage(
-        id=row["id"],
-        tenant=row["tenant"],
-        task_id=row["task_id"],
-        url=row["url"],
-        secret=row["secret"],
-        event_type=row["event_type"],
-        payload=json.loads(row["payload"]),
-        attempts=row["attempts"],
-        status=row["status"],
-        last_error=row["last_error"],
-    )
 
 
 class SQLiteStore(SQLiteMemory):
@@ -1306,55 +1268,3 @@ class SQLiteStore(SQLiteMemory):
             )
 
         await self._write(op)
-
-
-def _effect(row: sqlite3.Row) -> EffectRecord:
-    return EffectRecord(
-        key=row["key"],
-        task_id=row["task_id"],
-        step=row["step"],
-        tool=row["tool"],
-        args=json.loads(row["args"]),
-        status=EffectStatus(row["status"]),
-        result=json.loads(row["result"]) if row["result"] is not None else None,
-        error=json.loads(row["error"]) if row["error"] is not None else None,
-        executions=row["executions"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
-
-
-def _decision(row: sqlite3.Row) -> Decision:
-    return Decision(
-        task_id=row["task_id"],
-        call_id=row["call_id"],
-        kind=DecisionKind(row["kind"]),
-        tool=row["tool"],
-        args=json.loads(row["args"]),
-        step=row["step"],
-        reason=row["reason"],
-        effect_key=row["effect_key"],
-        verdict=Verdict(row["verdict"]) if row["verdict"] else None,
-        result=json.loads(row["result"]) if row["result"] is not None else None,
-        note=row["note"],
-        decided_by=row["decided_by"],
-        requested_at=row["requested_at"],
-        decided_at=row["decided_at"],
-    )
-
-
-def _email(row: sqlite3.Row) -> EmailMessage:
-    return EmailMessage(
-        key=row["key"],
-        tenant=row["tenant"],
-        task_id=row["task_id"],
-        to=json.loads(row["recipients"]),
-        subject=row["subject"],
-        body=row["body"],
-        status=row["status"],
-        attempts=row["attempts"],
-        next_at=row["next_at"],
-        created_at=row["created_at"],
-        sent_at=row["sent_at"],
-        error=row["error"],
-    )

@@ -25,11 +25,13 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from keel.backends.rows import CHUNK_COLS as _CHUNK_COLS
+from keel.backends.rows import chunk_of as _chunk
+from keel.backends.rows import document_of as _document
 from keel.memory.types import (
     ChunkHit,
     ChunkRecord,
     DocumentRecord,
-    DocumentStatus,
     Session,
     SessionTurn,
     Task,
@@ -104,49 +106,9 @@ MEMORY_MIGRATION = """
     CREATE INDEX chunks_expiry ON chunks(expires_at) WHERE expires_at IS NOT NULL
 """
 
-_CHUNK_COLS = "id, document_id, tenant, space, page, char_start, char_end, text, content_hash, created_at, expires_at"
-
 
 def _vector_bytes(vector: Any) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
-
-
-def _chunk(row: sqlite3.Row, vector: Any = None) -> ChunkRecord:
-    return ChunkRecord(
-        id=row["id"],
-        document_id=row["document_id"],
-        tenant=row["tenant"],
-        space=row["space"],
-        page=row["page"],
-        start=row["char_start"],
-        end=row["char_end"],
-        text=row["text"],
-        content_hash=row["content_hash"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        vector=vector,
-    )
-
-
-def _document(row: sqlite3.Row) -> DocumentRecord:
-    return DocumentRecord(
-        id=row["id"],
-        tenant=row["tenant"],
-        sha256=row["sha256"],
-        source=row["source"],
-        media_type=row["media_type"],
-        size=row["size"],
-        status=DocumentStatus(row["status"]),
-        pages=row["pages"],
-        chunks=row["chunks"],
-        space=row["space"],
-        warnings=json.loads(row["warnings"]),
-        errors=json.loads(row["errors"]),
-        metadata=json.loads(row["metadata"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-    )
 
 
 def _batches(ids: Sequence[int]) -> Iterator[Sequence[int]]:
