@@ -49,7 +49,16 @@ from keel.errors import AwaitingDecision, ConfigError, LeaseLost
 from keel.memory.stores import Store
 from keel.memory.types import BlobRef, Decision, Lease, StepCheckpoint, StepStatus, Task, TaskStatus
 from keel.orchestration.budget import Budget, BudgetMeter
-from keel.orchestration.context import EnvelopeError, StepCall, WorkflowContext, _call, _Scope, _scope, classify
+from keel.orchestration.context import (
+    EnvelopeError,
+    StepCall,
+    WorkflowContext,
+    _call,
+    _Scope,
+    _scope,
+    classify,
+    step_usage,
+)
 from keel.orchestration.envelope import build_envelope
 from keel.orchestration.models import ModelRegistry
 from keel.orchestration.retry import DEFAULT_RETRY
@@ -287,7 +296,7 @@ async def run_step(ref: str) -> dict[str, Any]:
         return {"checkpoint": _CHECKPOINT.dump_python(recorded, mode="json"), "replayed": True}
     local = journal.local()
     attempt = activity.info().attempt
-    scope = _Scope(key=pending.key, usage={"steps": 1, **({"tool_calls": 1} if call.kind == "tool" else {})})
+    scope = _Scope(key=pending.key, usage=step_usage(call.kind))
     scope.deferred = True
     if attempt == 1:
         await local.emit(
@@ -461,7 +470,7 @@ class TemporalSteps:
             status=StepStatus.failed,
             run_attempt=journal.run_attempt,
             error={"type": type_, "message": message},
-            usage={"steps": 1, **({"tool_calls": 1} if call.kind == "tool" else {})},
+            usage=step_usage(call.kind),
             finished_at=workflow.now().timestamp(),
         )
         events = [["step_failed", {"step": key, "kind": call.kind, "tries": 1, "error": cp.error}]]

@@ -187,6 +187,12 @@ class _Scope:
     step's result, in workflow code, so that a replay charges exactly what the original run charged."""
 
 
+def step_usage(kind: str) -> dict[str, float]:
+    """What starting a step charges to the budget, before anything it spends: one step, and one tool call if a
+    tool runs in it."""
+    return {"steps": 1, **({"tool_calls": 1} if kind == "tool" else {})}
+
+
 class StepRunner(Protocol):
     """How a step not yet recorded is run. The embedded engine runs it here, in the workflow's own loop; a
     distributed engine runs it as its own unit of work (a Temporal activity) and reports back."""
@@ -746,7 +752,7 @@ class WorkflowContext:
         self.meter.before_step(call.kind)
         if call.kind == "tool":
             self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": key})
-        scope = _Scope(key=key, usage={"steps": 1, **({"tool_calls": 1} if call.kind == "tool" else {})})
+        scope = _Scope(key=key, usage=step_usage(call.kind))
         self.meter.used.add(scope.usage)
         await self._journal.emit(
             "step_started", {"step": key, "kind": call.kind, "attempt": self.attempt}, durable=False
