@@ -309,7 +309,7 @@ def test_workflows_are_listed_with_their_input_schemas(live: LiveServer) -> None
     by_name = {w["name"]: w for w in r.json()}
     assert {"document_analysis", "diagnostic", "ask", "agent", "reason", "function_call"} <= set(by_name)
     schema = by_name["document_analysis"]["input_schema"]
-    assert schema["required"] == ["request", "documents"] and schema["examples"]
+    assert schema["required"] == ["documents"] and schema["examples"]
     assert "/v1/workflows" in openapi["paths"]
     assert openapi["components"]["schemas"]["SubmitTask"]["examples"][0]["workflow"] == "document_analysis"
     assert httpx.get(f"{live.url}/v1/workflows").status_code == 401

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import re
+import shlex
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import LiveServer, free_port
 from keel.cli import app
+from keel.settings import Settings
+from keel.testing.analyst import ScriptedAnalyst
+from keel.testing.fake_llm import FakeOpenAIServer
+from keel.testing.pdfs import make_pdf
 
 runner = CliRunner()
+README = Path(__file__).resolve().parents[1] / "README.md"
+DEFAULT_REQUEST = "Analyse these documents, compare insights, and tell me the risks."
 
 
 def test_keys_create_prints_only_the_key(tmp_path: Path) -> None:
@@ -126,3 +137,81 @@ def test_split_roles_need_a_shared_store(tmp_path: Path, monkeypatch: pytest.Mon
         assert "needs a store shared by every process" in " ".join(r.output.split()), r.output
     bad = runner.invoke(app, ["serve", "--role", "worker", "--data-dir", str(tmp_path)])
     assert bad.exit_code == 2 and "keel worker" in bad.output
+
+
+def readme_submit_lines() -> list[str]:
+    """Every ``keel submit`` command in the README, in code blocks or inline code, without its comment."""
+    return [m.strip() for m in re.findall(r"keel (submit [^`\n]*)", README.read_text())]
+
+
+class _PdfSite:
+    """A loopback server that hands out one PDF at any path (for the README's example URLs)."""
+
+    def __init__(self, body: bytes) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+                self.send_response(200)
+                self.send_header("Content-Type", "application/pdf")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.do_HEAD()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def test_every_readme_submit_line_runs_as_written(
+    request: pytest.FixtureRequest, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README.md's ``keel submit`` commands, placeholders filled in: ``a.pdf`` and ``b.pdf`` are files in the
+    working directory, ``doc_…`` an uploaded document and ``https://example.com/…`` a loopback server."""
+    lines = readme_submit_lines()
+    assert any(line.startswith("submit document_analysis -d a.pdf -d b.pdf") for line in lines), lines
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", "sk-test")
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.pdf", "b.pdf"):
+        (tmp_path / name).write_bytes(make_pdf([f"Contract {name}: payment is due within 30 days."]))
+    site = _PdfSite(make_pdf(["Contract d: payment is due within 60 days."]))
+    with FakeOpenAIServer() as llm:
+        try:
+            llm.respond_with(ScriptedAnalyst().http_reply)
+            settings.default_model = f"openai-compatible:{llm.base_url}#analyst-2026-01-01"
+            settings.model_prices = {"analyst": {"input": 1.0, "output": 2.0, "context_window": 16_000}}
+            settings.embedding_model = "hash:64"
+            settings.fetch_allow_hosts = "127.0.0.1"
+            live: LiveServer = request.getfixturevalue("live")
+            args = ["--url", live.url, "--api-key", live.key]
+            uploaded = runner.invoke(app, ["documents", "add", "a.pdf", *args])
+            assert uploaded.exit_code == 0, uploaded.output
+            doc_id = re.search(r"doc_\w+", uploaded.output)
+            assert doc_id is not None, uploaded.output
+            for line in lines:
+                filled = (
+                    line.removesuffix("…").replace("doc_…", doc_id.group()).replace("https://example.com", site.url)
+                )
+                r = runner.invoke(app, [*shlex.split(filled), *args])
+                assert r.exit_code == 0, (line, r.output)
+                envelope = json.loads(r.stdout)
+                assert envelope["status"] in ("success", "partial_success"), (line, envelope)
+        finally:
+            site.close()
+    # `-d a.pdf -d b.pdf` with no --input: the two uploads are the documents, the request is the default one
+    analysis = [r for r in llm.requests if any(DEFAULT_REQUEST in str(m.get("content")) for m in r["messages"])]
+    assert analysis, "the document_analysis default request never reached the model"
+    with live.client() as c:
+        tasks = {t["workflow"]: t for t in c.get("/v1/tasks", params={"limit": 50}).json()["items"]}
+        task = c.get(f"/v1/tasks/{tasks['document_analysis']['id']}").json()
+    assert task["status"] == "succeeded", task

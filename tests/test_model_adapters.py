@@ -15,13 +15,15 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from keel.errors import ConfigError, ModelHTTPError, StreamCut
+from conftest import LiveServer
+from keel.errors import ConfigError, ModelHTTPError, ModelOutputError, StreamCut
 from keel.memory.types import NewTask, Task, TaskStatus
 from keel.orchestration.context import WorkflowContext
 from keel.orchestration.models import (
     FinishEvent,
     Message,
     Model,
+    ModelResponse,
     ModelSettings,
     StreamEvent,
     TextDelta,
@@ -33,9 +35,11 @@ from keel.orchestration.models import (
 from keel.orchestration.models.anthropic import AnthropicModel
 from keel.orchestration.models.catalog import is_pinned, lookup
 from keel.orchestration.models.openai import OpenAIModel
+from keel.orchestration.models.structured import check_output
 from keel.orchestration.retry import RetryPolicy
 from keel.orchestration.runtime import EmbeddedEngine
 from keel.orchestration.workflow import Workflow, WorkflowRegistry, workflow
+from keel.settings import Settings
 from keel.testing.fake_llm import Cut, Fail, FakeAnthropicServer, FakeOpenAIServer, Hang, Reply, ToolCallSpec
 from keel.testing.inmemory import InMemoryStore
 
@@ -324,6 +328,60 @@ async def test_refusal_is_an_envelope_error(both: tuple[Model, Any, str]) -> Non
     srv.script(Reply(refusal="I can't assist with that.", model=model_id))
     task, _ = await run(model, {"structured": True})
     assert task.status is TaskStatus.failed and errors(task) == [("refusal", "error", "")]
+
+
+async def test_a_content_filter_finish_is_a_refusal_not_an_empty_success(
+    oai: OpenAIModel, openai_server: FakeOpenAIServer
+) -> None:
+    srv = openai_server
+    # The adapter keeps the provider's reason, streamed and not ...
+    srv.script(Reply(text="", finish_reason="content_filter", model=OPENAI_ID))
+    resp = await oai.request(USER)
+    assert (resp.text, resp.finish_reason, resp.refusal) == ("", "content_filter", None)
+    srv.script(Reply(text="Partial", finish_reason="content_filter", model=OPENAI_ID))
+    events = await collect(oai)
+    assert isinstance(events[-1], FinishEvent) and events[-1].reason == "content_filter"
+    # ... and the answer check turns it into the refusal error, for plain text and structured output alike.
+    for inp in ({}, {"structured": True}):
+        srv.script(Reply(text="", finish_reason="content_filter", model=OPENAI_ID))
+        task, store = await run(oai, inp)
+        assert task.status is TaskStatus.failed and errors(task) == [("refusal", "error", "")], task.envelope
+        assert task.envelope and "content filter stopped the answer" in task.envelope["errors"][0]["message"]
+        assert task.envelope["result"] is None
+        [stats] = await store.model_stats(OPENAI_ID)
+        assert stats.refusals == 1
+
+
+@pytest.fixture
+def settings(settings: Settings, openai_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """conftest's settings, for a live server whose default model is the fake OpenAI-compatible provider."""
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", "sk-test")
+    openai_server.reset()
+    settings.default_model = f"openai-compatible:{openai_server.base_url}#{OPENAI_ID}"
+    return settings
+
+
+def test_a_content_filter_finish_over_http_is_a_refusal_error(
+    live: LiveServer, openai_server: FakeOpenAIServer
+) -> None:
+    openai_server.script(Reply(text="", finish_reason="content_filter", model=OPENAI_ID))
+    with live.client() as c:
+        r = c.post("/v1/chat", json={"message": "Write something the filter stops."})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "failed" and body["envelope"]["status"] != "success", body
+    [error] = body["envelope"]["errors"]
+    assert error["type"] == "refusal" and error["severity"] == "error"
+    assert "content filter stopped the answer" in error["message"]
+    assert len(openai_server.requests) == 1
+
+
+def test_check_output_refuses_a_content_filter_finish() -> None:
+    cut = ModelResponse(text="The first half", finish_reason="content_filter")
+    with pytest.raises(ModelOutputError, match="content filter stopped the answer after 14 characters") as err:
+        check_output(cut, None)
+    assert err.value.type == "refusal"
+    assert check_output(ModelResponse(text="fine"), None) == "fine"
 
 
 async def test_schema_violation_is_repaired_once_then_reported_with_a_pointer(

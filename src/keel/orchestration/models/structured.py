@@ -1,8 +1,9 @@
 """Validating what a model returned before anything downstream uses it.
 
-A 200 can hide a refusal, a truncation, output that is not JSON, JSON of the wrong shape, or the right shape
-with drifted names (``user_name`` where ``userName`` was asked). Each becomes a :class:`ModelOutputError` with a
-type and a JSON pointer, so it lands in the envelope as a precise error rather than as a plausible wrong answer.
+A 200 can hide a refusal (the model's, or the provider's content filter), a truncation, output that is not JSON,
+JSON of the wrong shape, or the right shape with drifted names (``user_name`` where ``userName`` was asked). Each
+becomes a :class:`ModelOutputError` with a type and a JSON pointer, so it lands in the envelope as a precise error
+rather than as a plausible wrong answer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ def check_output(resp: ModelResponse, output_type: type[BaseModel] | None) -> An
     if resp.refusal or resp.finish_reason == "refusal":
         reason = (resp.refusal or resp.text or "no reason given").strip()[:300]
         raise ModelOutputError(f"the model refused: {reason}", type="refusal", pointer="")
+    if resp.finish_reason == "content_filter":
+        # Not the model declining but the provider's filter cutting the answer off, often with nothing written:
+        # a refusal all the same, never a successful empty answer.
+        written = f"after {len(resp.text)} characters" if resp.text else "before any text"
+        raise ModelOutputError(
+            f"the provider's content filter stopped the answer {written} (finish_reason content_filter)",
+            type="refusal",
+            pointer="",
+        )
     if output_type is None:
         return resp.text
     if resp.finish_reason == "length":

@@ -8,6 +8,9 @@ The caps are enforced, never silently: a body over ``max_bytes`` (declared or st
 is not allowed, or a fetch that takes longer than ``timeout_s`` end in :class:`FetchRefused`; an HTTP error from
 the final hop ends in :class:`keel.errors.UpstreamError`; an address the SSRF rules refuse ends in
 :class:`keel.errors.BlockedAddress`.
+
+:func:`probe_document` asks the same guarded client, cheaply, whether a document URL can work at all (a ``HEAD``,
+or the first byte of a ``GET``), so that a task can be refused at submission rather than after its retries.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import base64
 import functools
 import ssl
 from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.errors import DocumentRejected, KeelError, UpstreamError
+from keel.errors import BlockedAddress, DocumentRejected, KeelError, UpstreamError
 from keel.headers import retry_after
 from keel.memory.ingest.pipeline import Fetched, Fetcher
 from keel.netguard import NO_ALLOW, AllowList, guarded_request
@@ -242,3 +246,104 @@ async def fetch(args: FetchArgs, limits: FetchLimits, *, client: httpx.AsyncClie
     else:
         result.content_b64 = base64.b64encode(body.data).decode("ascii")
     return result
+
+
+# -- probing a document URL before a task is accepted ---------------------------------------------------------------
+
+PROBE_TIMEOUT_S = 5.0
+"""Default time limit of a probe (lowered further by ``FetchLimits.timeout_s``): a probe that gets no answer in
+time says "unknown", never "unreachable"."""
+_RETRYABLE_4XX = frozenset({408, 425, 429})  # the statuses below 500 that ingestion retries too
+_HEAD_UNRELIABLE = frozenset({403, 405, 501})
+"""HEAD answers confirmed with a GET: 405/501 are servers without HEAD, and a URL signed for GET only (an S3
+presigned URL) answers HEAD with 403."""
+
+Verdict = Literal["reachable", "unreachable", "unknown"]
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Probe:
+    """What a probe learned about a document URL, without fetching the document."""
+
+    url: str
+    verdict: Verdict
+    """``unreachable``: fetching it cannot work, and retrying will not help (a refused connection, a host that does
+    not resolve or that the SSRF rules refuse, an HTTP 4xx). ``unknown``: a failure a retry may cure (a timeout,
+    a 5xx, 408/425/429, a dropped connection); ingestion retries those. ``reachable``: it answered."""
+    reason: str
+    """One line, for the caller: why it is unreachable, or what was seen."""
+    status: int | None = None
+
+
+def _connection_refused(exc: BaseException) -> bool:
+    """True when the error chain holds a refused TCP connection (each attempt's, when there were several)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            return all(_connection_refused(e) for e in current.exceptions)
+        current = current.__cause__ or current.__context__
+    return False
+
+
+async def _status_of(client: httpx.AsyncClient, method: str, url: str, limits: FetchLimits, **headers: str) -> int:
+    response = await guarded_request(
+        client,
+        method,
+        url,
+        allow=limits.allow,
+        max_redirects=limits.max_redirects,
+        stream=True,
+        headers={"Accept-Encoding": "identity", **headers},
+    )
+    await response.aclose()  # the status is all a probe needs: the body is never read
+    return response.status_code
+
+
+async def _probe_status(client: httpx.AsyncClient, url: str, limits: FetchLimits) -> int:
+    status = await _status_of(client, "HEAD", url, limits)
+    if status in _HEAD_UNRELIABLE:
+        status = await _status_of(client, "GET", url, limits, Range="bytes=0-0")
+    return status
+
+
+async def probe_document(
+    url: str,
+    limits: FetchLimits,
+    *,
+    timeout_s: float = PROBE_TIMEOUT_S,
+    client: httpx.AsyncClient | None = None,
+) -> Probe:
+    """Whether ``url`` can be fetched, asked through the same SSRF guard and redirect policy as the fetch itself,
+    within ``min(timeout_s, limits.timeout_s)``. Never raises for what it finds: the answer is the verdict."""
+    budget = min(timeout_s, limits.timeout_s)
+
+    def said(verdict: Verdict, reason: str, status: int | None = None) -> Probe:
+        return Probe(url=url, verdict=verdict, reason=reason, status=status)
+
+    try:
+        async with asyncio.timeout(budget):
+            if client is not None:
+                status = await _probe_status(client, url, limits)
+            else:
+                async with httpx.AsyncClient(
+                    trust_env=False, verify=_ssl_context(), timeout=budget, follow_redirects=False
+                ) as own:
+                    status = await _probe_status(own, url, limits)
+    except BlockedAddress as exc:  # the SSRF rules, a host that does not resolve, a redirect loop
+        return said("unreachable", exc.message)
+    except (TimeoutError, httpx.TimeoutException):
+        return said("unknown", f"{url!r} did not answer within {budget:g} s")
+    except httpx.HTTPError as exc:
+        if _connection_refused(exc):
+            return said("unreachable", f"cannot reach {url!r}: connection refused")
+        return said("unknown", f"probing {url!r} failed: {type(exc).__name__}: {exc}")
+    answer = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
+    if status < 400 or status == 416:  # 416: a Range past the end of an empty body; the URL itself works
+        return said("reachable", answer, status)
+    if status >= 500 or status in _RETRYABLE_4XX:
+        return said("unknown", f"{url!r} answered {answer}", status)
+    return said("unreachable", f"cannot fetch {url!r}: it answered {answer}", status)
