@@ -14,7 +14,12 @@ import pytest
 
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.types import NewTask, Task, TaskStatus
-from keel.orchestration.document_analysis import DOCUMENT_ANALYSIS, DocumentAnalysisResult, find_quote
+from keel.orchestration.document_analysis import (
+    DOCUMENT_ANALYSIS,
+    DocumentAnalysisResult,
+    find_quote,
+    same_position,
+)
 from keel.orchestration.models import ModelRegistry
 from keel.orchestration.toolbox import Services
 from keel.testing.analyst import FABRICATED_QUOTE, ScriptedAnalyst
@@ -81,19 +86,40 @@ async def test_all_documents_fine_is_a_success_with_cited_verified_risks(store: 
     assert done.status is TaskStatus.succeeded, done.envelope
     assert done.envelope is not None
     result = DocumentAnalysisResult.model_validate(done.envelope["result"])
-    assert [i.label for i in result.insights] == ["D1", "D2"] and all(i.summary for i in result.insights)
-    assert result.comparison is not None and result.comparison.conflicts[0].documents == docs
+    assert [i.label for i in result.insights] == ["D1", "D2"] and all(i.key_points for i in result.insights)
+    assert result.comparison is not None
+    rows = {r.topic: r for r in result.comparison.table}
+    assert rows["payment terms"].status == "differ"  # 30 days against 60 days, decided in code
+    assert [c.value for c in rows["payment terms"].cells] == ["30 days", "60 days"]
+    assert rows["governing law"].status == "absent" and rows["termination"].status == "single"
+    conflict = next(c for c in result.comparison.conflicts if c.topic == "payment terms")
+    assert conflict.documents == docs and "30 days" in conflict.detail and "60 days" in conflict.detail
     assert result.risks and all(r.supported for r in result.risks)
+    assert result.risks[0].topic == "payment terms" and "payment terms" in result.risks[0].risk
     for risk in result.risks:
         for ev in risk.evidence:
             assert ev.verified and ev.document in docs and ev.page == 1 and ev.quote
     assert result.components == {
-        "ingest": "ok", "summaries": "ok", "comparison": "ok", "risks": "ok", "validation": "ok",
+        "ingest": "ok", "extraction": "ok", "comparison": "ok", "risks": "ok", "validation": "ok",
     }  # fmt: skip
     meta = done.envelope["metadata"]
     assert [n["id"] for n in meta["plan"]["nodes"]][-3:] == ["risks", "aggregate", "validate"]
-    assert {r["query"][:20] for r in meta["retrieval"]} and result.retrieval["weakest"]["level"]
-    assert h.analyst.calls.count("summary") == 2 and h.analyst.calls[0] == "plan"
+    assert meta["plan"]["topics"][:5] == ["payment terms", "liability", "termination", "data location", "governing law"]
+    assert h.analyst.calls.count("extract") == 2 and h.analyst.calls[0] == "plan"
+    # one wording per topic the documents differ on or only one addresses: nothing else is asked of the model
+    worded = sum(1 for r in result.comparison.table if r.status in ("differ", "single"))
+    assert h.analyst.calls.count("risk") == worded == len(result.risks)
+
+
+async def test_the_callers_topics_replace_the_checklist(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst())
+    done = await h.run(
+        [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")], topics=["payment", "liability"]
+    )
+    assert done.status is TaskStatus.succeeded and done.envelope is not None, done.envelope
+    result = done.envelope["result"]
+    assert result["topics"] == ["payment", "liability"]
+    assert [r["topic"] for r in result["comparison"]["table"]] == ["payment", "liability"]
 
 
 async def test_an_encrypted_document_is_skipped_with_a_warning_and_the_rest_analysed(
@@ -112,52 +138,66 @@ async def test_an_encrypted_document_is_skipped_with_a_warning_and_the_rest_anal
     assert len(result["insights"]) == 2 and result["risks"] and result["components"]["ingest"] == "partial"
 
 
-async def test_a_summary_that_times_out_leaves_the_others(store: SQLiteStore, tmp_path: Path) -> None:
-    h = Harness(store, tmp_path, ScriptedAnalyst(summary_delay_s={"D2": 5.0}))
+async def test_a_document_that_times_out_leaves_the_others(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(extract_delay_s={"D2": 5.0}))
     docs = [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt"), await h.add(CONTRACT_C, "c.txt")]
     started = time.monotonic()
     done = await h.run(docs, summary_timeout_s=0.5)
     assert time.monotonic() - started < 4.5
     assert done.status is TaskStatus.partial_success, done.envelope
     [timeout] = errors_of(done, "timeout")
-    assert timeout["step"] == "summarise[D2]" and timeout["recovery_suggested"]
+    assert timeout["step"] == "extract[D2]" and timeout["recovery_suggested"]
     assert done.envelope is not None
     result = done.envelope["result"]
-    assert [i["label"] for i in result["insights"]] == ["D1", "D3"] and result["components"]["summaries"] == "partial"
+    assert [i["label"] for i in result["insights"]] == ["D1", "D3"] and result["components"]["extraction"] == "partial"
     assert [d["summarised"] for d in result["documents"]] == [True, False, True]
 
 
 async def test_below_the_minimum_success_threshold_the_task_fails_keeping_what_finished(
     store: SQLiteStore, tmp_path: Path
 ) -> None:
-    h = Harness(store, tmp_path, ScriptedAnalyst(summary_delay_s={"D2": 5.0, "D3": 5.0}))
+    h = Harness(store, tmp_path, ScriptedAnalyst(extract_delay_s={"D2": 5.0, "D3": 5.0}))
     docs = [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt"), await h.add(CONTRACT_C, "c.txt")]
     done = await h.run(docs, summary_timeout_s=0.3, min_success=2)
     assert done.status is TaskStatus.failed and done.envelope is not None
     assert errors_of(done, "min_success_not_met") and len(errors_of(done, "timeout")) == 2
-    assert "insight:D1" in done.envelope["result"]  # the summary that finished is kept
+    assert "insight:D1" in done.envelope["result"]  # the document that was read is kept
 
 
-async def test_a_failed_risk_step_returns_the_insights_with_clear_metadata(store: SQLiteStore, tmp_path: Path) -> None:
-    h = Harness(store, tmp_path, ScriptedAnalyst(malformed={"risks"}))
+async def test_failed_risk_wordings_return_the_table_with_clear_metadata(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(malformed={"risk"}))
     done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
     assert done.status is TaskStatus.partial_success and done.envelope is not None
     result = done.envelope["result"]
-    assert result["risks"] is None and len(result["insights"]) == 2 and result["comparison"] is not None
+    assert result["risks"] is None and len(result["insights"]) == 2 and result["comparison"]["conflicts"]
     assert result["components"]["risks"] == "failed"
-    errs = [e for e in done.envelope["errors"] if e["step"].startswith("risks[")]
-    assert [e["step"] for e in errs] == ["risks[D1]", "risks[D2]"]
-    assert all("risk analysis of" in e["message"] and "not JSON" in e["message"] for e in errs)
+    errs = [e for e in done.envelope["errors"] if e["step"].startswith("risk[")]
+    assert errs and "risk[payment_terms]" in {e["step"] for e in errs}
+    assert all("wording of the" in e["message"] and "not JSON" in e["message"] for e in errs)
 
 
-async def test_one_documents_failed_risk_call_keeps_the_others_risks(store: SQLiteStore, tmp_path: Path) -> None:
-    h = Harness(store, tmp_path, ScriptedAnalyst(malformed={"risks:D2"}))
+async def test_one_topics_failed_wording_keeps_the_other_risks(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(malformed={"risk:liability"}))
     done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
     assert done.status is TaskStatus.partial_success and done.envelope is not None
     result = done.envelope["result"]
     assert result["components"]["risks"] == "partial" and result["risks"]
-    assert {e["label"] for r in result["risks"] for e in r["evidence"]} == {"D1"}
-    assert [e["step"] for e in done.envelope["errors"] if e["severity"] == "error"] == ["risks[D2]"]
+    assert "liability" not in {r["topic"] for r in result["risks"]} and "payment terms" in {
+        r["topic"] for r in result["risks"]
+    }
+    assert [e["step"] for e in done.envelope["errors"] if e["severity"] == "error"] == ["risk[liability]"]
+
+
+async def test_junk_wordings_are_dropped_with_a_warning_never_presented(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(junk=True))
+    done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
+    assert done.envelope is not None
+    result = done.envelope["result"]
+    assert result["risks"] == [] and result["comparison"]["conflicts"]  # the table still shows the differences
+    [warning] = errors_of(done, "low_quality_output")
+    worded = h.analyst.calls.count("risk")
+    assert warning["severity"] == "warning" and f"{worded} of {worded} risks" in warning["message"]
+    assert "a number or a bare label" in warning["message"]
 
 
 async def test_an_ambiguous_request_asks_for_clarification_before_reading_anything(
@@ -167,33 +207,45 @@ async def test_an_ambiguous_request_asks_for_clarification_before_reading_anythi
     done = await h.run([await h.add(CONTRACT_A, "a.txt")])
     assert done.status is TaskStatus.needs_clarification and done.envelope is not None
     assert done.envelope["result"]["questions"] == ["Which risks: legal or financial?"]
-    assert h.analyst.calls == ["plan"]  # no summary paid for
+    assert h.analyst.calls == ["plan"]  # no document read, nothing else paid for
 
 
-async def test_a_fabricated_quote_is_flagged_with_the_claim_named(store: SQLiteStore, tmp_path: Path) -> None:
+async def test_a_fabricated_quote_is_flagged_and_kept_out_of_the_analysis(store: SQLiteStore, tmp_path: Path) -> None:
     h = Harness(store, tmp_path, ScriptedAnalyst(fabricate=True))
     done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
     assert done.status is TaskStatus.partial_success and done.envelope is not None
     [flag] = errors_of(done, "hallucination_suspected")
-    risk = done.envelope["result"]["risks"][0]
-    assert flag["pointer"] == "/risks/0/evidence/0" and risk["risk"][:40] in flag["message"]
-    assert FABRICATED_QUOTE[:40] in flag["message"]
-    assert risk["evidence"][0]["verified"] is False and risk["supported"] is False
-    assert done.envelope["result"]["components"]["validation"] == "partial"
+    assert FABRICATED_QUOTE[:40] in flag["message"] and flag["step"] == "extract[D1]"
+    result = done.envelope["result"]
+    quotes = [k["quote"] for i in result["insights"] for k in i["key_points"]]
+    quotes += [e["quote"] for r in result["risks"] for e in r["evidence"]]
+    assert FABRICATED_QUOTE not in quotes
+    assert result["components"]["validation"] == "partial"
 
 
-async def test_overflowing_documents_and_summaries_are_map_reduced_not_truncated(
-    store: SQLiteStore, tmp_path: Path
-) -> None:
-    h = Harness(store, tmp_path, ScriptedAnalyst(), window=700)
-    long_a = "\n\n".join(f"Clause {i}. {CONTRACT_A}" for i in range(12))
+async def test_overflowing_documents_are_read_in_windows_not_truncated(store: SQLiteStore, tmp_path: Path) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(), window=1400)
+    filler = " ".join(f"Clause {i} describes the services in general detail for both parties." for i in range(40))
+    long_a = f"{filler}\n\n{CONTRACT_A}"  # the payment term sits past the first window
     done = await h.run([await h.add(long_a, "long.txt"), await h.add(CONTRACT_B, "b.txt")])
     assert done.status in (TaskStatus.succeeded, TaskStatus.partial_success), done.envelope
     assert done.envelope is not None
-    reductions = done.envelope["metadata"]["reductions"]
-    assert "summarise[D1]/reduce" in reductions and reductions["summarise[D1]/reduce"]["calls"] >= 2
-    assert done.envelope["result"]["insights"][0]["condensed"] is True
-    assert "reduce" in h.analyst.calls
+    first = done.envelope["result"]["insights"][0]
+    assert first["condensed"] is True and first["windows"] >= 2
+    assert h.analyst.calls.count("extract") == first["windows"] + 1
+    payment = next(k for k in first["key_points"] if k["topic"] == "payment terms")
+    assert payment["quote"] in CONTRACT_A  # found past the first window, merged in
+    steps = {s["name"] for s in done.envelope["metadata"]["steps"]}
+    assert {"extract[D1]/1", "extract[D1]/2"} <= steps
+
+
+def test_positions_are_compared_by_their_figures_then_their_words() -> None:
+    assert not same_position("30 days", "60 days")
+    assert same_position("within 30 days", "30 days of the invoice")
+    assert same_position("twelve months", "12 months")
+    assert not same_position("laws of England and Wales", "laws of the State of Delaware")
+    assert same_position("governed by English law", "English law governs")
+    assert not same_position("European Union only", "any country where the Supplier operates")
 
 
 def test_quotes_match_across_case_spacing_hyphenation_and_ellipses() -> None:
@@ -210,7 +262,7 @@ def test_quotes_match_across_case_spacing_hyphenation_and_ellipses() -> None:
 async def test_a_restart_mid_analysis_resumes_without_paying_again_for_finished_work(
     store: SQLiteStore, tmp_path: Path
 ) -> None:
-    h = Harness(store, tmp_path, ScriptedAnalyst(summary_delay_s={"D2": 30.0}))
+    h = Harness(store, tmp_path, ScriptedAnalyst(extract_delay_s={"D2": 30.0}))
     docs = [await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")]
     new = NewTask(tenant="t1", workflow="document_analysis", input={"request": REQUEST, "documents": docs})
     created = await store.create_task(new, None, h.clock())
@@ -218,14 +270,14 @@ async def test_a_restart_mid_analysis_resumes_without_paying_again_for_finished_
     task_id = created.task.id
     await h.engine.start()
     try:
-        for _ in range(1000):  # until D1's summary is checkpointed while D2's is still being written
+        for _ in range(1000):  # until D1's extraction is checkpointed while D2's is still being written
             if "partial:insight:D1" in await store.load_state(task_id):
                 break
             await asyncio.sleep(0.01)
     finally:
         await h.engine.stop()  # the process goes away mid-run
-    assert h.analyst.calls.count("summary") == 2
-    h.analyst.summary_delay_s = {}  # the provider is quick again
+    assert h.analyst.calls.count("extract") == 2
+    h.analyst.extract_delay_s = {}  # the provider is quick again
     restarted = engine_for(store, DOCUMENT_ANALYSIS, services=h.engine.services, models=h.engine.models)
     await restarted.start()
     try:
@@ -234,17 +286,6 @@ async def test_a_restart_mid_analysis_resumes_without_paying_again_for_finished_
         await restarted.stop()
     assert done.status is TaskStatus.succeeded and done.envelope is not None, done.envelope
     assert h.analyst.calls.count("plan") == 1  # the plan was not asked again
-    assert h.analyst.calls.count("summary") == 3  # D1 once; D2 once interrupted, once to the end
+    assert h.analyst.calls.count("extract") == 3  # D1 once; D2 once interrupted, once to the end
     replayed = {s["name"] for s in done.envelope["metadata"]["steps"] if s["replayed"]}
-    assert {"plan", "summarise[D1]", "read[D1]"} <= replayed
-
-
-async def test_a_failed_comparison_returns_the_rest_with_clear_metadata(store: SQLiteStore, tmp_path: Path) -> None:
-    h = Harness(store, tmp_path, ScriptedAnalyst(malformed={"compare"}))
-    done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
-    assert done.status is TaskStatus.partial_success and done.envelope is not None
-    result = done.envelope["result"]
-    assert result["comparison"] is None and result["components"]["comparison"] == "failed"
-    assert len(result["insights"]) == 2 and result["risks"]
-    [err] = [e for e in done.envelope["errors"] if e["step"] == "compare"]
-    assert "comparison failed" in err["message"]
+    assert {"plan", "extract[D1]", "read[D1]"} <= replayed

@@ -1,24 +1,27 @@
 """The flagship workflow: "Analyse these N PDFs, compare insights, and tell me the risks".
 
-Its task graph follows seed 000's lifecycle, and every broken path ends the way the seed's failure table says:
+The work is cut into steps a small local model does well, and everything that can be decided in code is:
 
-* **plan**: the model restates the request with a confidence and the topics to look for. A confidence under
-  ``min_confidence`` ends the task as ``needs_clarification``, with the planner's questions, before a document is
-  read or a summary paid for. The graph (ingest, summarise, compare, risks, aggregate, validate) is then fixed,
-  recorded in ``metadata.plan`` and announced as a ``plan`` event.
+* **plan**: the model restates the request with a confidence and names any topics the request itself asks
+  about. A confidence under ``min_confidence`` ends the task as ``needs_clarification``, with the planner's
+  questions, before a document is read. The topics are the caller's (``topics``), or a checklist of the terms
+  where commercial documents most often differ (payment, liability, termination, data location, governing law,
+  term, fees, exclusivity) plus the request's own. The graph is recorded in ``metadata.plan`` and announced as a
+  ``plan`` event.
 * **ingest**: each document is its own durable step. An encrypted one is skipped with a warning; a corrupt,
   unreachable or hostile one becomes an envelope error. The others go on.
-* **summarise**: every document at once, each with its own timeout. A document too long for one call is
-  map-reduced, never truncated. At least ``min_success`` summaries must succeed; each one is kept as a partial
-  result as soon as it exists, so a cancel or a breaker keeps it.
-* **compare**: overlaps and conflicts across the summaries, map-reduced when they overflow the context window.
-* **risks**: per document, in parallel, from the passages retrieved for the request and the conflicts the document
-  is part of: structured risks citing ``{document, page, quote}``, the quote narrowed by the schema to the
-  passages' own sentences where the provider enforces schemas. Merged by severity.
-* **aggregate**: insights, comparison and risks in one result. A component that failed is ``null``, named in
-  ``components`` and explained in ``errors[]``; what succeeded is returned.
-* **validate**: the result is checked against its schema, and every quote is looked up in the source chunks. A
-  quote that is not there is flagged ``hallucination_suspected`` with the claim it was meant to support.
+* **extract**: every document at once, each with its own timeout: one structured call per document gives, per
+  topic, ``{quote, value}``, the quote narrowed by the JSON schema to the document's own sentences (or empty). A
+  document longer than the context window is read in windows (map) and merged per topic (reduce), never
+  truncated. A quote that is not in the document is flagged ``hallucination_suspected`` and left out. At least
+  ``min_success`` documents must be read; each one is kept as a partial result as soon as it exists.
+* **compare**: an aligned table, topic by document, computed in code: documents differ on a topic when the
+  figures (30 days, USD 50,000) or the content words of their values differ.
+* **risks**: the model words only what the table shows: one small call per topic the documents differ on (then
+  per topic only one document addresses), giving a risk, a severity and a rationale; the evidence is the
+  table's verified quotes. A worded risk that is junk (a number or a bare label for a title, a duplicate, a
+  rationale citing nothing) is dropped with a ``low_quality_output`` warning saying how many.
+* **validate**: the result is checked against its schema, and every quote is looked up in the source again.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from keel.errors import BlockedAddress, ClarificationNeeded, InputError, StepFailed, WorkflowError
+from keel.errors import ClarificationNeeded, InputError, StepFailed, WorkflowError
 from keel.memory.types import ChunkRecord, DocumentStatus
-from keel.netguard import AllowList, resolve_target
+from keel.netguard import AllowList
 from keel.orchestration.context import WorkflowContext
-from keel.orchestration.memory_workflows import ingest_one, memory_of, report_documents, retrieve
+from keel.orchestration.memory_workflows import ingest_one, memory_of, report_documents
 from keel.orchestration.models import Message, Model, ModelSettings
+from keel.orchestration.toolbox.fetch import FetchLimits, probe_document
 from keel.orchestration.workflow import Workflow
 
 if TYPE_CHECKING:
@@ -73,18 +77,33 @@ class DocumentAnalysisInput(BaseModel):
         },
     )
 
-    request: str = Field(min_length=1, max_length=4000, description="What the caller wants, in their words.")
+    request: str = Field(
+        "Analyse these documents, compare insights, and tell me the risks.",
+        min_length=1,
+        max_length=4000,
+        description="What the caller wants, in their words. When omitted: analyse, compare, and report the risks.",
+    )
     documents: list[DocumentRef] = Field(min_length=1, max_length=20)
     model: str | None = Field(None, max_length=500, description="A model spec; KEEL_DEFAULT_MODEL when omitted.")
     min_success: int | None = Field(
-        None, ge=1, le=20, description="Fewest document summaries that must succeed (default: half, rounded up)."
+        None, ge=1, le=20, description="Fewest documents that must be read (default: half, rounded up)."
     )
-    summary_timeout_s: float = Field(180.0, gt=0, le=3600, description="Time limit of each document's summary.")
-    step_timeout_s: float = Field(300.0, gt=0, le=3600, description="Time limit of the comparison and the risks.")
+    summary_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="Time limit of reading each document (its extraction calls)."
+    )
+    step_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="Time limit of the plan and of each risk's wording."
+    )
     min_confidence: float = Field(
         0.5, ge=0, le=1, description="Below this planning confidence the task asks for clarification instead."
     )
-    max_risks: int = Field(8, ge=1, le=10)
+    max_risks: int = Field(8, ge=1, le=10, description="Most risks worded (differences first).")
+    topics: list[Annotated[str, Field(min_length=2, max_length=60)]] | None = Field(
+        None,
+        max_length=10,
+        description="The topics to compare the documents on (e.g. payment terms, warranty). Default: a checklist "
+        "of commercial terms plus the topics the request names.",
+    )
 
 
 # -- what the model is asked for (bounded, so a small model's grammar ends every list and string) ----------------
@@ -98,48 +117,20 @@ class Intent(BaseModel):
     questions: list[Short] = Field(
         default_factory=list, max_length=3, description="What you must ask first; empty when clear."
     )
-    focus: list[Annotated[str, Field(max_length=80)]] = Field(
-        max_length=5, description="Topics to look for in the documents."
+    focus: list[Annotated[str, Field(max_length=60)]] = Field(
+        max_length=4, description="Topics the request itself names, if any (e.g. warranty, uptime)."
     )
 
 
-class KeyPoint(BaseModel):
-    point: str = Field(max_length=300)
-    page: int = Field(ge=0, le=100_000, description="The page it comes from; 0 when unknown.")
+class Extracted(BaseModel):
+    quote: str = Field(max_length=400, description="The document's sentence that states the topic, or empty.")
+    value: str = Field(max_length=120, description="What it says about the topic, in a few words, or empty.")
 
 
-class DocumentSummary(BaseModel):
-    summary: str = Field(max_length=1200)
-    key_points: list[KeyPoint] = Field(max_length=6)
-
-
-class Finding(BaseModel):
-    topic: str = Field(max_length=120)
-    documents: list[Annotated[str, Field(max_length=40)]] = Field(max_length=10)
-    detail: str = Field(max_length=500)
-
-
-class Comparison(BaseModel):
-    overlaps: list[Finding] = Field(max_length=6)
-    conflicts: list[Finding] = Field(max_length=6)
-    summary: str = Field(max_length=800)
-
-
-class EvidenceDraft(BaseModel):
-    document: str = Field(max_length=40, description="The document's label, e.g. D1.")
-    page: int = Field(ge=0, le=100_000)
-    quote: str = Field(max_length=300, description="Copied word for word from a passage.")
-
-
-class RiskDraft(BaseModel):
-    risk: str = Field(max_length=200)
+class Wording(BaseModel):
+    risk: str = Field(min_length=12, max_length=160, description="The risk in one short sentence.")
     severity: Literal["low", "medium", "high", "critical"]
-    rationale: str = Field(max_length=600)
-    evidence: list[EvidenceDraft] = Field(min_length=1, max_length=2)
-
-
-class RiskReport(BaseModel):
-    risks: list[RiskDraft] = Field(max_length=5)
+    rationale: str = Field(max_length=500, description="Why, naming what each document says.")
 
 
 # -- what the caller gets (checked before delivery) ----------------------------------------------------------------
@@ -159,17 +150,46 @@ class Risk(BaseModel):
     risk: str
     severity: Literal["low", "medium", "high", "critical"]
     rationale: str
+    topic: str = Field(description="The row of the comparison table this risk words.")
     evidence: list[Evidence]
     supported: bool = Field(description="At least one piece of its evidence was found in the sources.")
+
+
+class KeyPoint(BaseModel):
+    topic: str
+    point: str = Field(description="What the document says about the topic, in a few words.")
+    quote: str = Field(description="The document's own sentence, word for word (checked against its text).")
+    page: int = Field(description="The page the quote is on.")
 
 
 class Insight(BaseModel):
     document: str
     label: str
     source: str
-    summary: str
+    summary: str = Field(description="The document's position on each topic it addresses.")
     key_points: list[KeyPoint]
-    condensed: bool = Field(description="The document was too long for one call and was map-reduced first.")
+    condensed: bool = Field(description="The document was too long for one call and was read in windows.")
+    windows: int = Field(description="How many model calls read the document (map), merged per topic (reduce).")
+    mismatched: int = Field(
+        0, description="Extractions left out because the sentence quoted does not concern its topic."
+    )
+
+
+class Cell(BaseModel):
+    document: str
+    label: str
+    value: str
+    quote: str
+    page: int
+
+
+class TableRow(BaseModel):
+    topic: str
+    status: Literal["differ", "agree", "single", "absent"] = Field(
+        description="differ: two or more documents state it differently; agree: they state it alike; single: only "
+        "one document addresses it; absent: none does."
+    )
+    cells: list[Cell]
 
 
 class ComparisonFinding(BaseModel):
@@ -180,6 +200,7 @@ class ComparisonFinding(BaseModel):
 
 
 class ComparisonResult(BaseModel):
+    table: list[TableRow] = Field(description="Each topic, aligned across the documents, compared in code.")
     overlaps: list[ComparisonFinding]
     conflicts: list[ComparisonFinding]
     summary: str
@@ -191,7 +212,7 @@ class DocumentEntry(BaseModel):
     source: str
     status: str
     pages: int
-    summarised: bool
+    summarised: bool = Field(description="The document's topics were extracted.")
 
 
 Component = Literal["ok", "partial", "failed", "skipped"]
@@ -201,15 +222,105 @@ class DocumentAnalysisResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request: str
     goal: str
+    topics: list[str]
     documents: list[DocumentEntry]
     insights: list[Insight]
     comparison: ComparisonResult | None
     risks: list[Risk] | None
     components: dict[str, Component]
-    retrieval: dict[str, Any] = Field(description="The weakest retrieval confidence behind the risks, by level.")
 
 
 _RESULT = TypeAdapter(DocumentAnalysisResult)
+
+# -- topics --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Topic:
+    key: str
+    name: str
+    hint: str
+    cue: str
+    """A pattern a sentence about the topic matches (case-folded): an extraction quoting a sentence that does not
+    is a small model's mismatch, and is left out rather than compared."""
+
+    @classmethod
+    def named(cls, name: str) -> Topic:
+        stems = sorted({w[:5] for w in re.findall(r"[^\W\d_]{3,}", name.casefold())}) or [name.casefold()]
+        return cls(key=_slug(name), name=name.strip(), hint=name.strip(), cue="|".join(map(re.escape, stems)))
+
+    def concerns(self, sentence: str) -> bool:
+        return re.search(self.cue, sentence.casefold()) is not None
+
+
+CHECKLIST: tuple[Topic, ...] = (
+    Topic(
+        key="payment_terms",
+        name="payment terms",
+        hint="when invoices must be paid",
+        cue=r"\bpa(y|ie|id)|invoice|\bdue\b|settle|remit|\bbill",
+    ),
+    Topic(key="liability", name="liability", hint="caps or limits on liability", cue=r"liab|indemn|damages"),
+    Topic(
+        key="termination",
+        name="termination",
+        hint="notice period and who may end the contract",
+        cue=r"terminat|cancel|\bend (this|the)\b|notice",
+    ),
+    Topic(
+        key="data_location",
+        name="data location",
+        hint="where data is stored or processed",
+        cue=r"\bdata\b|\bstored\b|hosted|processed|residen",
+    ),
+    Topic(
+        key="governing_law",
+        name="governing law",
+        hint="which country's or state's law governs",
+        cue=r"govern|\blaws?\b|jurisdiction|courts?\b",
+    ),
+    Topic(
+        key="term",
+        name="term and renewal",
+        hint="how long the contract runs and whether it renews",
+        cue=r"renew|\bruns?\b|expir|duration|initial (term|period)|\bterm of\b|\bperiod of\b",
+    ),
+    Topic(
+        key="fees",
+        name="fees and price changes",
+        hint="prices, fees or increases",
+        cue=r"\bfees?\b|\bprices?\b|pricing|increase|\bcosts?\b|\brate\b",
+    ),
+    Topic(
+        key="exclusivity",
+        name="exclusivity",
+        hint="exclusive dealing obligations",
+        cue=r"exclusiv|sole (supplier|provider|source)|only from",
+    ),
+)
+"""What a document analysis looks at when the caller names no topics: the terms where commercial documents most
+often disagree and where their risks sit. The plan adds the topics the request itself names."""
+
+MAX_TOPICS = 10
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.casefold()).strip("_")[:40] or "topic"
+
+
+def _topics(inp: DocumentAnalysisInput, focus: Sequence[str]) -> list[Topic]:
+    """The caller's topics if given; else the checklist plus the request's own topics that it does not cover."""
+    if inp.topics:
+        named = [Topic.named(t) for t in inp.topics]
+        return list({t.key: t for t in named}.values())[:MAX_TOPICS]
+    topics = list(CHECKLIST)
+    for name in focus:
+        words = _words(name)
+        if not words or any(words & (_words(t.name) | _words(t.hint)) for t in topics):
+            continue  # empty, or the checklist covers it already
+        topics.append(Topic.named(name))
+    return list({t.key: t for t in topics}.values())[:MAX_TOPICS]
+
 
 # -- prompts ---------------------------------------------------------------------------------------------------------
 
@@ -217,30 +328,18 @@ PLAN_SYSTEM = (
     "You plan a document analysis. The user attached {n} document(s) and wrote a request. Decide whether the "
     "request says clearly enough what to do with the documents. Answer in JSON: goal (the request in one "
     "sentence), confidence (0 to 1, how sure you are what the user wants), questions (what you must ask the user "
-    "first; empty when the request is clear) and focus (up to 5 topics to look for, such as payment terms)."
+    "first; empty when the request is clear) and focus (the topics the request itself names, if any)."
 )
-SUMMARY_SYSTEM = (
-    "You summarise a document. Use only its text. Answer in JSON: summary (at most 120 words) and key_points "
-    "(up to 6 facts that matter: obligations, figures, deadlines, each with its page number)."
+EXTRACT_SYSTEM = (
+    "You extract facts from one document. For each topic, copy the one sentence of the document that states it, "
+    "exactly as written, as quote; then write what that sentence says about the topic, in a few of its own words, "
+    'as value. If no sentence states a topic, give "" as quote and "" as value. Answer in JSON.'
 )
-COMPARE_SYSTEM = (
-    "You compare documents for a document analysis, from their summaries. Find overlaps (where documents cover "
-    "the same topic alike) and conflicts (where they set different terms for the same thing). Name documents by "
-    "their labels (D1, D2, ...). Answer in JSON: overlaps, conflicts (each a list of topic, documents, detail) "
-    "and summary (at most 100 words)."
-)
-COMPARE_REDUCE = (
-    "Compare these document summaries for the request: {request}. Keep every overlap and every conflict (different "
-    "terms, figures or obligations for the same thing), naming documents by their labels (D1, D2, ...)."
-)
-RISKS_SYSTEM = (
-    "You find the risks in a document for a document analysis. Use only the sentences given. Give each risk a "
-    "short name, a severity (low, medium, high or critical), a rationale, and evidence: the document label, the "
-    "page and the sentence it comes from, copied word for word. Answer in JSON."
-)
-SUMMARY_REDUCE = (
-    "Summarise document {label} ({source}) for the request: {request}. Keep facts, figures, obligations and "
-    "deadlines, with their page numbers."
+WORD_SYSTEM = (
+    "You are a contract reviewer. You are shown what several documents say on one topic. Write the risk this "
+    "creates for the reader. Answer in JSON: risk (one short sentence naming the risk), severity (low, medium, "
+    "high or critical) and rationale (one or two sentences: what each document says, by its label, and why it "
+    "matters)."
 )
 
 
@@ -252,6 +351,10 @@ class _Doc:
     pages: int
     space: str | None
 
+    @property
+    def name(self) -> str:
+        return self.source.removeprefix("upload:").rsplit("/", 1)[-1]
+
 
 @dataclass(kw_only=True, slots=True)
 class _Run:
@@ -261,15 +364,10 @@ class _Run:
     docs: list[_Doc] = field(default_factory=list)
     texts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Document id to its pages (``{"page", "text"}``), rebuilt from its chunks."""
-    focus: list[str] = field(default_factory=list)
+    topics: list[Topic] = field(default_factory=list)
 
     def by_label(self, label: str) -> _Doc | None:
-        wanted = re.sub(r"[^a-z0-9]", "", label.casefold())
-        for d in self.docs:
-            names = (d.label, d.id, d.source, d.source.rsplit("/", 1)[-1], d.source.removeprefix("upload:"))
-            if any(re.sub(r"[^a-z0-9]", "", n.casefold()) == wanted for n in names):
-                return d
-        return None
+        return next((d for d in self.docs if d.label == label), None)
 
 
 # -- the workflow ------------------------------------------------------------------------------------------------------
@@ -279,42 +377,45 @@ async def document_analysis(ctx: WorkflowContext, inp: DocumentAnalysisInput) ->
     run = _Run(ctx=ctx, inp=inp, model=ctx.model(inp.model))
     refs = list(dict.fromkeys(inp.documents))
     intent = await _plan(run, refs)
-    run.focus = [f.strip() for f in intent.focus if f.strip()]
-    _record_graph(ctx, intent, refs)
+    run.topics = _topics(inp, intent.focus)
+    _record_graph(ctx, intent, refs, run.topics)
     await ctx.emit("plan", {"plan": ctx.metadata["plan"], "attempts": 1})
     await ctx.progress(0.05, "plan")
 
     entries = await _ingest(run, refs)
     await ctx.progress(0.35, "ingest")
 
-    insights = await _summarise(run)
-    summarised = {i.document for i in insights}
+    insights, flagged = await _extract(run)
+    extracted = {i.document for i in insights}
     for entry in entries:
-        entry.summarised = entry.document in summarised
+        entry.summarised = entry.document in extracted
 
-    comparison, compare_state = await _compare(run, insights)
-    await ctx.progress(0.8, "compare")
-    risks, retrieval, risk_state = await _risks(run, comparison)
+    await ctx.emit("stage", {"stage": "compare", "documents": len(insights)})
+    comparison = _compare(run, insights)
+    await ctx.partial_result("comparison", comparison.model_dump())
+    await ctx.progress(0.75, "compare")
+
+    drafts, risk_state = await _word(run, comparison)
     await ctx.progress(0.95, "risks")
 
     await ctx.emit("stage", {"stage": "validate"})
-    validated, validation_state = _validate_evidence(run, risks)
+    risks, validation_state = _validate_evidence(run, drafts)
     components: dict[str, Component] = {
         "ingest": "ok" if all(e.status == DocumentStatus.ingested.value for e in entries) else "partial",
-        "summaries": "ok" if len(insights) == len(run.docs) else "partial",
-        "comparison": compare_state,
+        "extraction": "ok" if len(insights) == len(run.docs) else "partial",
+        "comparison": "ok" if len(insights) > 1 else "skipped",
         "risks": risk_state,
-        "validation": validation_state,
+        "validation": "partial" if flagged or validation_state == "partial" else validation_state,
     }
     result = DocumentAnalysisResult(
         request=inp.request,
         goal=intent.goal,
+        topics=[t.name for t in run.topics],
         documents=entries,
         insights=insights,
-        comparison=comparison,
-        risks=validated,
+        comparison=comparison if len(insights) > 1 else None,
+        risks=risks,
         components=components,
-        retrieval=retrieval,
     )
     out = _checked(ctx, result)
     await ctx.progress(1.0, "validate")
@@ -334,7 +435,7 @@ async def _plan(run: _Run, refs: list[str]) -> Intent:
             run.model,
             messages,
             output_type=Intent,
-            settings=ModelSettings(temperature=0.0, max_tokens=400),
+            settings=ModelSettings(temperature=0.0, max_tokens=300),
             timeout=inp.step_timeout_s,
         )
     except StepFailed as exc:
@@ -357,18 +458,19 @@ async def _plan(run: _Run, refs: list[str]) -> Intent:
     return intent
 
 
-def _record_graph(ctx: WorkflowContext, intent: Intent, refs: list[str]) -> None:
-    """The task graph this run executes: one ingest and one summary node per document, then the joins."""
+def _record_graph(ctx: WorkflowContext, intent: Intent, refs: list[str], topics: list[Topic]) -> None:
+    """The task graph this run executes: one ingest and one extraction node per document, then the joins."""
     nodes: list[dict[str, Any]] = []
     for i, ref in enumerate(refs, 1):
         nodes.append({"id": f"ingest-{i}", "kind": "ingest", "document": ref, "depends_on": []})
-        nodes.append({"id": f"summarise-{i}", "kind": "model", "depends_on": [f"ingest-{i}"]})
-    summaries = [f"summarise-{i}" for i in range(1, len(refs) + 1)]
+        nodes.append(
+            {"id": f"extract-{i}", "kind": "model", "depends_on": [f"ingest-{i}"], "map_reduce": "when over the window"}
+        )
+    extractions = [f"extract-{i}" for i in range(1, len(refs) + 1)]
     nodes += [
-        {"id": "compare", "kind": "model", "depends_on": summaries, "map_reduce": "when over the context window"},
-        {"id": "retrieve", "kind": "retrieval", "depends_on": [f"ingest-{i}" for i in range(1, len(refs) + 1)]},
-        {"id": "risks", "kind": "model", "depends_on": ["compare", "retrieve"]},
-        {"id": "aggregate", "kind": "join", "depends_on": [*summaries, "compare", "risks"]},
+        {"id": "compare", "kind": "code", "depends_on": extractions},
+        {"id": "risks", "kind": "model", "depends_on": ["compare"], "one_call_per": "differing or single topic"},
+        {"id": "aggregate", "kind": "join", "depends_on": [*extractions, "compare", "risks"]},
         {"id": "validate", "kind": "check", "depends_on": ["aggregate"]},
     ]
     ctx.metadata["plan"] = {
@@ -377,6 +479,7 @@ def _record_graph(ctx: WorkflowContext, intent: Intent, refs: list[str]) -> None
         "questions": [],
         "open_questions": intent.questions,
         "focus": intent.focus,
+        "topics": [t.name for t in topics],
         "nodes": nodes,
         "output": "validate",
     }
@@ -433,7 +536,7 @@ async def _ingest(run: _Run, refs: list[str]) -> list[DocumentEntry]:
     return entries
 
 
-# -- summaries -----------------------------------------------------------------------------------------------------
+# -- extraction: per document, per topic, {quote, value} -------------------------------------------------------------
 
 
 def _pages(chunks: Sequence[ChunkRecord]) -> list[dict[str, Any]]:
@@ -461,73 +564,174 @@ async def _read(run: _Run, doc: _Doc) -> list[dict[str, Any]]:
     return pages
 
 
-def _document_text(pages: list[dict[str, Any]]) -> str:
-    return "\n\n".join(f"[page {p['page']}]\n{p['text']}" for p in pages)
+_SPLIT = re.compile(r"(?<=[.!?;])\s+(?=\S)|\n+")
+MAX_SENTENCE = 300
 
 
-def _fits(model: Model, messages: Sequence[Message], out_tokens: int) -> bool:
-    return sum(model.count_tokens(m.content) for m in messages) + out_tokens + 64 <= model.context_window
+def sentences(pages: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+    """The pages cut into sentences (page, sentence), each once, in reading order. A sentence longer than
+    MAX_SENTENCE characters is cut there: a prefix of a sentence is still a verbatim quote."""
+    seen: set[str] = set()
+    out: list[tuple[int, str]] = []
+    for p in pages:
+        for raw in _SPLIT.split(str(p["text"])):
+            sentence = " ".join(raw.split())[:MAX_SENTENCE].strip()
+            if len(sentence) >= 20 and sentence not in seen:
+                seen.add(sentence)
+                out.append((int(p["page"]), sentence))
+    return out
 
 
-async def _summarise_one(run: _Run, doc: _Doc) -> Insight:
-    ctx, inp, model = run.ctx, run.inp, run.model
+def _extraction_schema(topics: Sequence[Topic], quotes: Sequence[str]) -> dict[str, Any]:
+    """One property per topic, each ``{quote, value}`` with the quote narrowed to the window's own sentences (or
+    empty), so a provider that enforces schemas (llama.cpp's grammar, OpenAI's strict mode) can only quote what
+    is there. The quote comes first: the value is then read off the sentence just copied."""
+    cell = {
+        "type": "object",
+        "properties": {
+            "quote": {"type": "string", "enum": ["", *quotes]},
+            "value": {"type": "string", "maxLength": 80},
+        },
+        "required": ["quote", "value"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {t.key: cell for t in topics},
+        "required": [t.key for t in topics],
+        "additionalProperties": False,
+    }
+
+
+def _extraction_prompt(doc: _Doc, topics: Sequence[Topic], window: Sequence[tuple[int, str]], part: str) -> str:
+    lines: list[str] = [f"Document {doc.label} ({doc.name}){part}:"]
+    page = None
+    for p, sentence in window:
+        if p != page:
+            lines.append(f"[page {p}]")
+            page = p
+        lines.append(sentence)
+    lines.append("\nTopics:")
+    lines += [f"- {t.key}: {t.name} ({t.hint})" for t in topics]
+    lines.append(f"\nFor each topic, the sentence of {doc.label} that states it, and its value.")
+    return "\n".join(lines)
+
+
+def _out_tokens(topics: Sequence[Topic]) -> int:
+    return 40 + 110 * len(topics)
+
+
+def _windows(run: _Run, doc: _Doc, all_sentences: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
+    """The document's sentences in windows that fit the model's context with room for the answer: one window
+    when it fits whole, else as many as it takes (map), merged per topic afterwards (reduce). Never truncated."""
+    model, topics = run.model, run.topics
+    budget = model.context_window - _out_tokens(topics) - 64
+    budget -= model.count_tokens(EXTRACT_SYSTEM + _extraction_prompt(doc, topics, [], " (part 10 of 10)"))
+    windows: list[list[tuple[int, str]]] = [[]]
+    used = 0
+    for page, sentence in all_sentences:
+        # The sentence is in the prompt once and in the schema's enum once (a grammar, not prompt tokens, for a
+        # local model; prompt tokens for a provider that puts the schema in context): count it twice.
+        cost = 2 * model.count_tokens(sentence) + 8
+        if windows[-1] and used + cost > budget:
+            windows.append([])
+            used = 0
+        windows[-1].append((page, sentence))
+        used += cost
+    return windows
+
+
+async def _extract_one(run: _Run, doc: _Doc, flagged: list[str]) -> Insight:
+    ctx, inp, model, topics = run.ctx, run.inp, run.model, run.topics
     pages = await _read(run, doc)
-    focus = f" Look especially for: {', '.join(run.focus)}." if run.focus else ""
-    # The document first and the instruction last: small models follow what they read last.
-    head = f"Document {doc.label} ({doc.source}), {doc.pages} page(s):\n"
-    tail = f"\n\nRequest: {inp.request}\nSummarise document {doc.label} for this request.{focus}"
-    settings = ModelSettings(temperature=0.0, max_tokens=600)
-    messages = [
-        Message(role="system", content=SUMMARY_SYSTEM),
-        Message(role="user", content=head + _document_text(pages) + tail),
-    ]
-    condensed = False
+    all_sentences = sentences(pages)
+    windows = _windows(run, doc, all_sentences)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + inp.summary_timeout_s
-    if not _fits(model, messages, 600):
-        # Too long for one call: condense page by page (map-reduce), never truncate.
-        instruction = SUMMARY_REDUCE.format(label=doc.label, source=doc.source, request=inp.request)
-        page_texts = [f"[page {p['page']}]\n{p['text']}" for p in pages]
-        async with asyncio.timeout_at(deadline):
-            reduction = await ctx.reduce_to_fit(page_texts, model, instruction, name=f"summarise[{doc.label}]/reduce")
-        messages[1] = Message(role="user", content=head + reduction.text + tail)
-        condensed = True
-    # The document's own timeout covers the whole summary; the final call gets what is left of it, as a durable
-    # step that fails with type `timeout` when it runs out.
-    summary: DocumentSummary = await ctx.generate(
-        f"summarise[{doc.label}]",
-        model,
-        messages,
-        output_type=DocumentSummary,
-        settings=settings,
-        timeout=max(deadline - loop.time(), 0.001),
+    found: dict[str, tuple[str, int, str]] = {}  # topic key -> (quote, page, value), first window wins
+    mismatched = 0
+    for n, window in enumerate(windows, 1):
+        part = f" (part {n} of {len(windows)})" if len(windows) > 1 else ""
+        step = f"extract[{doc.label}]" + (f"/{n}" if len(windows) > 1 else "")
+        messages = [
+            Message(role="system", content=EXTRACT_SYSTEM),
+            Message(role="user", content=_extraction_prompt(doc, topics, window, part)),
+        ]
+        # The document's own timeout covers all its windows; each call gets what is left of it, as a durable
+        # step that fails with type `timeout` when it runs out.
+        out: _ExtractionOut = await ctx.generate(
+            step,
+            model,
+            messages,
+            output_type=_ExtractionOut,
+            json_schema=_extraction_schema(topics, [s for _, s in window]),
+            settings=ModelSettings(temperature=0.0, max_tokens=_out_tokens(topics)),
+            timeout=max(deadline - loop.time(), 0.001),
+        )
+        answer = out.root
+        on_page = {s: p for p, s in window}
+        for t in topics:
+            cell = answer.get(t.key)
+            if cell is None or t.key in found or not cell.quote.strip():
+                continue
+            quote = " ".join(cell.quote.split())
+            page = on_page.get(quote) or find_quote(quote, pages)
+            if page is None:
+                flagged.append(doc.label)
+                ctx.error(
+                    "hallucination_suspected",
+                    f"the quote {quote[:120]!r}, given for {t.name} in {doc.label} ({doc.name}), is not in the "
+                    "document; it is left out of the analysis",
+                    step=step,
+                )
+                continue
+            if not t.concerns(quote):
+                mismatched += 1  # a sentence about something else: a small model's slip, not a finding
+                continue
+            found[t.key] = (quote, page, grounded_value(cell.value, quote))
+    key_points = [
+        KeyPoint(topic=t.name, point=found[t.key][2], quote=found[t.key][0], page=found[t.key][1])
+        for t in topics
+        if t.key in found
+    ]
+    summary = (
+        "; ".join(f"{k.topic}: {k.point}" for k in key_points)
+        if key_points
+        else f"{doc.label} addresses none of the topics: {', '.join(t.name for t in topics)}."
     )
     return Insight(
         document=doc.id,
         label=doc.label,
         source=doc.source,
-        summary=summary.summary,
-        key_points=summary.key_points,
-        condensed=condensed,
+        summary=summary,
+        key_points=key_points,
+        condensed=len(windows) > 1,
+        windows=len(windows),
+        mismatched=mismatched,
     )
 
 
-async def _summarise(run: _Run) -> list[Insight]:
+class _ExtractionOut(pydantic.RootModel[dict[str, Extracted]]):
+    pass
+
+
+async def _extract(run: _Run) -> tuple[list[Insight], list[str]]:
     ctx, inp = run.ctx, run.inp
     total = len(run.docs)
     need = inp.min_success if inp.min_success is not None else max(1, math.ceil(total / 2))
     need = min(need, total)
     done = 0
-    await ctx.emit("stage", {"stage": "summarise", "done": 0, "total": total})
+    flagged: list[str] = []
+    await ctx.emit("stage", {"stage": "extract", "done": 0, "total": total, "topics": [t.name for t in run.topics]})
 
     async def one(doc: _Doc) -> Insight | None:
         nonlocal done
         try:
-            insight = await _summarise_one(run, doc)
+            insight = await _extract_one(run, doc, flagged)
         except StepFailed as exc:
             ctx.error(
                 exc.type,
-                f"the summary of {doc.label} ({doc.source}) failed: {exc.message}; the analysis goes on without it",
+                f"reading {doc.label} ({doc.source}) failed: {exc.message}; the analysis goes on without it",
                 step=exc.step,
                 recovery_suggested=exc.recovery_suggested,
             )
@@ -535,222 +739,282 @@ async def _summarise(run: _Run) -> list[Insight]:
         except TimeoutError:
             ctx.error(
                 "timeout",
-                f"the summary of {doc.label} ({doc.source}) timed out after {inp.summary_timeout_s:g} s; the "
-                "analysis goes on without it",
-                step=f"summarise[{doc.label}]",
+                f"reading {doc.label} ({doc.source}) timed out after {inp.summary_timeout_s:g} s; the analysis "
+                "goes on without it",
+                step=f"extract[{doc.label}]",
                 recovery_suggested=True,
             )
             return None
         done += 1
         await ctx.partial_result(f"insight:{doc.label}", insight.model_dump())
-        await ctx.emit("stage", {"stage": "summarise", "done": done, "total": total, "document": doc.label})
-        await ctx.progress(0.35 + 0.35 * done / total, f"summarised {done}/{total}")
+        await ctx.emit("stage", {"stage": "extract", "done": done, "total": total, "document": doc.label})
+        await ctx.progress(0.35 + 0.35 * done / total, f"read {done}/{total}")
         return insight
 
     outcomes = await ctx.concurrently(*(one(d) for d in run.docs))
     insights = [o for o in outcomes if isinstance(o, Insight)]
     if len(insights) < need:
         raise WorkflowError(
-            f"{len(insights)} of {total} document summaries succeeded; at least {need} needed",
+            f"{len(insights)} of {total} documents were read; at least {need} needed",
             type="min_success_not_met",
-            step="summarise",
+            step="extract",
             recovery_suggested=True,
         )
-    return insights
+    return insights, flagged
 
 
-# -- compare -------------------------------------------------------------------------------------------------------
+# -- compare: the aligned table, worked out in code -----------------------------------------------------------------
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_NUMBER_WORDS = {
+    "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
+    "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "fifteen": "15", "twenty": "20", "thirty": "30",
+    "forty": "40", "forty-five": "45", "sixty": "60", "ninety": "90", "hundred": "100",
+}  # fmt: skip
+_STOP = frozenset(
+    "the a an and or of to in on at by for with from as is are be shall will may must any all each this that "
+    "these those its it their per within after before under than other otherwise only not no".split()
+)
 
 
-def _insight_text(i: Insight) -> str:
-    points = "\n".join(f"- {p.point}" + (f" (p. {p.page})" if p.page else "") for p in i.key_points)
-    return f"[{i.label}] {i.source}\n{i.summary}" + (f"\nKey points:\n{points}" if points else "")
+def _numbers(text: str) -> set[str]:
+    words = re.findall(r"[a-z]+(?:-[a-z]+)?", text.casefold())
+    found = {n.replace(",", "").rstrip(".0") or "0" for n in _NUMBER.findall(text)}
+    return found | {_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS}
 
 
-def _finding(run: _Run, f: Finding) -> ComparisonFinding:
-    docs = [d for d in (run.by_label(x) for x in f.documents) if d is not None]
-    return ComparisonFinding(
-        topic=f.topic, documents=[d.id for d in docs], labels=[d.label for d in docs], detail=f.detail
-    )
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.casefold()) if w not in _STOP and len(w) > 2}
 
 
-async def _compare(run: _Run, insights: list[Insight]) -> tuple[ComparisonResult | None, Component]:
-    ctx, inp, model = run.ctx, run.inp, run.model
-    if len(insights) < 2:
-        ctx.warn(
-            "comparison_skipped", "only one document was summarised, so there is nothing to compare", step="compare"
+def _stems(text: str) -> set[str]:
+    return {w[:5] for w in _words(text)}
+
+
+def grounded_value(value: str, quote: str) -> str:
+    """The model's value when the quote bears it out (its figures are the quote's, and most of its words are
+    there), else the quote itself: a figure or a claim the sentence does not contain is never compared."""
+    value = " ".join(value.split())
+    stems = _stems(value)
+    if not value or not _numbers(value) <= _numbers(quote) or len(stems & _stems(quote)) * 2 < len(stems):
+        return quote
+    return value
+
+
+def same_position(a: str, b: str) -> bool:
+    """Whether two statements on one topic agree: by their figures where either has any (30 days vs 60 days),
+    else by their content words (England and Wales vs the State of Delaware)."""
+    na, nb = _numbers(a), _numbers(b)
+    if na or nb:
+        return na == nb
+    wa, wb = _words(a), _words(b)
+    if not wa or not wb:
+        return wa == wb
+    return len(wa & wb) / len(wa | wb) >= 0.5
+
+
+def _compare(run: _Run, insights: list[Insight]) -> ComparisonResult:
+    """Every topic as a row with each document's cell; which documents agree or differ is decided here, in code,
+    by the values' figures and words. The model later only words what this table shows."""
+    table: list[TableRow] = []
+    for topic in run.topics:
+        cells = [
+            Cell(document=i.document, label=i.label, value=k.point, quote=k.quote, page=k.page)
+            for i in insights
+            for k in i.key_points
+            if k.topic == topic.name
+        ]
+        groups: list[list[Cell]] = []
+        for c in cells:
+            group = next((g for g in groups if same_position(g[0].value, c.value)), None)
+            if group is None:
+                groups.append([c])
+            else:
+                group.append(c)
+        status: Literal["differ", "agree", "single", "absent"]
+        if not cells:
+            status = "absent"
+        elif len(cells) == 1:
+            status = "single"
+        else:
+            status = "differ" if len(groups) > 1 else "agree"
+        table.append(TableRow(topic=topic.name, status=status, cells=cells))
+    names = {d.label: d.name for d in run.docs}
+
+    def finding(row: TableRow) -> ComparisonFinding:
+        detail = "; ".join(f"{c.label} ({names.get(c.label, c.label)}): {c.value}" for c in row.cells)
+        return ComparisonFinding(
+            topic=row.topic,
+            documents=[c.document for c in row.cells],
+            labels=[c.label for c in row.cells],
+            detail=detail,
         )
-        return None, "skipped"
-    await ctx.emit("stage", {"stage": "compare", "documents": len(insights)})
-    texts = [_insight_text(i) for i in insights]
-    settings = ModelSettings(temperature=0.0, max_tokens=700)
-    head = f"Request: {inp.request}\n\nSummaries:\n\n"
-    messages = [Message(role="system", content=COMPARE_SYSTEM), Message(role="user", content=head + "\n\n".join(texts))]
-    try:
-        async with asyncio.timeout(inp.step_timeout_s):
-            if not _fits(model, messages, 700):
-                # The combined summaries overflow the window: compare pairs, then synthesise (map-reduce).
-                reduction = await ctx.reduce_to_fit(
-                    texts, model, COMPARE_REDUCE.format(request=inp.request), name="compare/reduce"
-                )
-                messages[1] = Message(
-                    role="user", content=f"Request: {inp.request}\n\nComparison notes:\n\n{reduction.text}"
-                )
-            found: Comparison = await ctx.generate(
-                "compare", model, messages, output_type=Comparison, settings=settings, timeout=inp.step_timeout_s
-            )
-    except (StepFailed, TimeoutError) as exc:
-        _component_failed(ctx, "comparison", exc, inp.step_timeout_s, "compare")
-        return None, "failed"
-    result = ComparisonResult(
-        overlaps=[_finding(run, f) for f in found.overlaps],
-        conflicts=[_finding(run, f) for f in found.conflicts],
-        summary=found.summary,
-    )
-    await ctx.partial_result("comparison", result.model_dump())
-    return result, "ok"
 
-
-def _component_failed(ctx: WorkflowContext, what: str, exc: BaseException, timeout: float, step: str | None) -> None:
-    if isinstance(exc, StepFailed):
-        ctx.error(
-            exc.type,
-            f"the {what} failed: {exc.message}; the rest of the analysis is returned without it",
-            step=exc.step or step,
-            recovery_suggested=exc.recovery_suggested,
-        )
-    else:
-        ctx.error(
-            "timeout",
-            f"the {what} timed out after {timeout:g} s; the rest of the analysis is returned without it",
-            step=step,
-            recovery_suggested=True,
-        )
-
-
-# -- risks -------------------------------------------------------------------------------------------------------
-
-
-RISK_LENSES = "obligations, payment terms, liability, termination, penalties, exclusivity, deadlines, data"
-
-
-async def _passages(run: _Run) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Each document's passages closest to the request, its focus and the usual places risks hide, as durable
-    retrievals whose scores and confidence go into the envelope."""
-    ctx, inp = run.ctx, run.inp
-    query = f"{inp.request} ({', '.join(run.focus) or RISK_LENSES})"
-    found = await ctx.concurrently(
-        *(retrieve(ctx, query, k=4, documents=[d.id], name=f"retrieve[{d.label}]") for d in run.docs)
-    )
-    passages: dict[str, list[dict[str, Any]]] = {}
-    levels: dict[str, Any] = {}
-    for doc, res in zip(run.docs, found, strict=True):
-        if isinstance(res, StepFailed):
-            ctx.error(res.type, f"retrieval from {doc.label} failed: {res.message}", step=res.step)
-            continue
-        levels[doc.label] = {"confidence": res["confidence"], "level": res["level"]}
-        hits = sorted(res["hits"], key=lambda h: (h["page"], h["start"]))
-        passages[doc.label] = [{"page": h["page"], "text": h["text"], "score": h["score"]} for h in hits]
-    order = ["none", "low", "medium", "high"]
-    weakest = min(levels.values(), key=lambda v: order.index(v["level"]) if v["level"] in order else 0, default=None)
-    return passages, {"per_document": levels, "weakest": weakest}
-
-
-_SENTENCES = re.compile(r"[^\n.!?;]+(?:[.!?;]+|$)", re.MULTILINE)
-
-
-def _sentences(passages: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    """The passages cut into sentences (page, sentence), each once, in reading order."""
-    seen: set[str] = set()
-    out: list[tuple[int, str]] = []
-    for p in passages:
-        for m in _SENTENCES.finditer(str(p["text"])):
-            sentence = " ".join(m.group(0).split())
-            if len(sentence) >= 20 and sentence not in seen:
-                seen.add(sentence)
-                out.append((int(p["page"]), sentence))
-    return out
-
-
-def _risk_schema(label: str, sentences: list[tuple[int, str]]) -> dict[str, Any]:
-    """RiskReport's schema, with the evidence narrowed to this document's label and to its sentences, so a
-    provider that enforces schemas (llama.cpp's grammar, OpenAI's strict mode) can only quote what is there.
-    A long candidate list falls back to free text; the quote check after the answer applies either way."""
-    schema = RiskReport.model_json_schema()
-    evidence = schema["$defs"]["EvidenceDraft"]["properties"]
-    evidence["document"] = {**evidence["document"], "enum": [label]}
-    quotes = [s for _, s in sentences]
-    if 0 < len(quotes) <= 100 and sum(len(q) for q in quotes) <= 12_000:
-        evidence["quote"] = {"type": "string", "enum": quotes, "description": evidence["quote"]["description"]}
-    return schema
-
-
-async def _risks_of(
-    run: _Run, doc: _Doc, passages: list[dict[str, Any]], comparison: ComparisonResult | None
-) -> list[RiskDraft]:
-    """One document's risks, from its passages and the conflicts it is part of."""
-    inp = run.inp
-    sentences = _sentences(passages)
-    conflicts = [c for c in (comparison.conflicts if comparison else []) if doc.label in c.labels]
-    parts = [f"Document {doc.label} ({doc.source}):"]
-    parts += [f"[{doc.label} p.{page}] {sentence}" for page, sentence in sentences]
+    conflicts = [finding(r) for r in table if r.status == "differ"]
+    overlaps = [finding(r) for r in table if r.status == "agree"]
+    parts = []
     if conflicts:
-        parts.append("\nWhere it conflicts with the other documents:")
-        parts += [f"- {c.topic} ({', '.join(c.labels)}): {c.detail}" for c in conflicts]
-    parts.append(f"\nRequest: {inp.request}\nWhat are the risks in {doc.label}?")
-    messages = [Message(role="system", content=RISKS_SYSTEM), Message(role="user", content="\n".join(parts))]
-    report: RiskReport = await run.ctx.generate(
-        f"risks[{doc.label}]",
-        run.model,
-        messages,
-        output_type=RiskReport,
-        json_schema=_risk_schema(doc.label, sentences),
-        settings=ModelSettings(temperature=0.0, max_tokens=700),
-        timeout=inp.step_timeout_s,
-    )
-    return report.risks
+        parts.append(f"The documents differ on {', '.join(c.topic for c in conflicts)}.")
+    if overlaps:
+        parts.append(f"They agree on {', '.join(o.topic for o in overlaps)}.")
+    singles = [r for r in table if r.status == "single"]
+    if singles:
+        parts.append(
+            "Addressed by one document only: " + ", ".join(f"{r.topic} ({r.cells[0].label})" for r in singles) + "."
+        )
+    absent = [r.topic for r in table if r.status == "absent"]
+    if absent:
+        parts.append(f"None addresses {', '.join(absent)}.")
+    return ComparisonResult(table=table, overlaps=overlaps, conflicts=conflicts, summary=" ".join(parts))
+
+
+# -- risks: the model words what the table shows --------------------------------------------------------------------
+
+
+def _word_prompt(run: _Run, row: TableRow) -> str:
+    names = {d.label: d.name for d in run.docs}
+    lines = [f"Topic: {row.topic}"]
+    for c in row.cells:
+        lines.append(f'{c.label} ({names.get(c.label, c.label)}) says: "{c.quote}" (in short: {c.value})')
+    others = [d.label for d in run.docs if d.label not in {c.label for c in row.cells}]
+    if others:
+        lines.append(f"{', '.join(others)} say nothing about {row.topic}.")
+    lines.append(f"\nRequest: {run.inp.request}")
+    if row.status == "differ":
+        lines.append(f"The documents state {row.topic} differently. What risk does that create?")
+    else:
+        lines.append(f"What risk does this {row.topic} term create?")
+    return "\n".join(lines)
 
 
 _SEVERITY = {"critical": 0, "high": 1, "medium": 2, "low": 3}
+_LABELISH = re.compile(r"^[\W\d_]*$")
 
 
-async def _risks(
-    run: _Run, comparison: ComparisonResult | None
-) -> tuple[list[RiskDraft] | None, dict[str, Any], Component]:
-    """Risks per document in parallel (each call small enough for a small model's window), then merged by
-    severity. A document whose risk call fails is named in errors[]; if every call fails, the risks are ``null``
-    and the rest of the analysis is returned."""
+def junk_reason(w: Wording, row: TableRow, seen: set[str], labels: Sequence[str]) -> str | None:
+    """Why a worded risk is not worth showing, or None: a title that is a number or a bare label, a duplicate, or
+    a rationale that cites nothing in the documents (no label, no figure, no word of what they say)."""
+    title = " ".join(w.risk.split())
+    words = re.findall(r"[^\W\d_]+", title)
+    bare = {row.topic.casefold(), "risk", "risks", *_SEVERITY, *(x.casefold() for x in labels)}
+    if _LABELISH.match(title) or len(words) < 3 or title.casefold().strip(" .:") in bare:
+        return "a title that is a number or a bare label"
+    key = " ".join(words).casefold()
+    if key in seen:
+        return "a duplicate"
+    rationale = w.rationale.casefold()
+    cites_label = any(re.search(rf"\b{re.escape(x.casefold())}\b", rationale) for x in labels)
+    said = " ".join(f"{c.value} {c.quote}" for c in row.cells)
+    cites_figure = bool(_numbers(said) & _numbers(w.rationale))
+    cites_words = len(_words(said) & _words(w.rationale)) >= 2
+    if not (cites_label or cites_figure or cites_words):
+        return "a rationale that cites nothing in the documents"
+    seen.add(key)
+    return None
+
+
+async def _word(run: _Run, comparison: ComparisonResult) -> tuple[list[RiskDraft] | None, Component]:
+    """One small call per topic the documents differ on (then per topic only one addresses, while max_risks
+    allows): the risk, a severity and a rationale. The evidence is the table's own verified quotes; worded risks
+    that are junk are dropped, with a ``low_quality_output`` warning saying how many."""
     ctx, inp = run.ctx, run.inp
-    await ctx.emit("stage", {"stage": "risks", "done": 0, "total": len(run.docs)})
-    passages, confidence = await _passages(run)
-    docs = [d for d in run.docs if passages.get(d.label)]
-    done = 0
-
-    async def one(doc: _Doc) -> list[RiskDraft] | None:
-        nonlocal done
-        try:
-            found = await _risks_of(run, doc, passages[doc.label], comparison)
-        except StepFailed as exc:
-            _component_failed(ctx, f"risk analysis of {doc.label} ({doc.source})", exc, inp.step_timeout_s, exc.step)
-            return None
-        done += 1
-        await ctx.emit("stage", {"stage": "risks", "done": done, "total": len(docs), "document": doc.label})
-        return found
-
-    outcomes = await ctx.concurrently(*(one(d) for d in docs))
-    found = [r for r in outcomes if isinstance(r, list)]
-    if not found:
-        return None, confidence, "failed"
-    merged = sorted((r for rs in found for r in rs), key=lambda r: _SEVERITY[r.severity])  # stable: doc order kept
-    if len(merged) > inp.max_risks:
+    rows = [r for r in comparison.table if r.status == "differ"]
+    rows += [r for r in comparison.table if r.status == "single"]
+    if len(rows) > inp.max_risks:
         ctx.warn(
             "risks_capped",
-            f"{len(merged)} risks were found; the {inp.max_risks} most severe are returned (max_risks)",
+            f"{len(rows)} topics could carry a risk; the first {inp.max_risks} (differences first) are worded "
+            "(max_risks)",
             step="risks",
         )
-    drafts = merged[: inp.max_risks]
-    await ctx.partial_result("risks", [r.model_dump() for r in drafts])
-    return drafts, confidence, "ok" if len(found) == len(docs) else "partial"
+        rows = rows[: inp.max_risks]
+    if not rows:
+        return [], "ok"
+    await ctx.emit("stage", {"stage": "risks", "done": 0, "total": len(rows)})
+    done = 0
+
+    async def one(row: TableRow) -> Wording | None:
+        nonlocal done
+        messages = [Message(role="system", content=WORD_SYSTEM), Message(role="user", content=_word_prompt(run, row))]
+        try:
+            wording: Wording = await ctx.generate(
+                f"risk[{_slug(row.topic)}]",
+                run.model,
+                messages,
+                output_type=Wording,
+                settings=ModelSettings(temperature=0.0, max_tokens=260),
+                timeout=inp.step_timeout_s,
+            )
+        except StepFailed as exc:
+            _component_failed(ctx, f"wording of the {row.topic} risk", exc, inp.step_timeout_s, exc.step)
+            return None
+        done += 1
+        await ctx.emit("stage", {"stage": "risks", "done": done, "total": len(rows), "topic": row.topic})
+        return wording
+
+    outcomes = await ctx.concurrently(*(one(r) for r in rows))
+    worded = [(r, w) for r, w in zip(rows, outcomes, strict=True) if isinstance(w, Wording)]
+    if not worded:
+        return None, "failed"
+    seen: set[str] = set()
+    labels = [d.label for d in run.docs]
+    drafts: list[RiskDraft] = []
+    dropped: dict[str, int] = {}
+    for row, w in worded:
+        reason = junk_reason(w, row, seen, labels)
+        if reason is not None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        evidence = [EvidenceDraft(document=c.label, page=c.page, quote=c.quote) for c in row.cells]
+        drafts.append(
+            RiskDraft(risk=w.risk, severity=w.severity, rationale=w.rationale, topic=row.topic, evidence=evidence)
+        )
+    if dropped:
+        why = ", ".join(f"{n} for {reason}" for reason, n in dropped.items())
+        ctx.warn(
+            "low_quality_output",
+            f"{sum(dropped.values())} of {len(worded)} risks the model worded were dropped as low quality ({why}); "
+            "their topics remain in the comparison table",
+            step="risks",
+        )
+    drafts.sort(key=lambda d: _SEVERITY[d.severity])  # stable: differences before single-document topics
+    await ctx.partial_result("risks", [d.model_dump() for d in drafts])
+    return drafts, "ok" if len(worded) == len(rows) else "partial"
+
+
+def _component_failed(ctx: WorkflowContext, what: str, exc: StepFailed, timeout: float, step: str | None) -> None:
+    message = f"timed out after {timeout:g} s" if exc.type == "timeout" else f"failed: {exc.message}"
+    ctx.error(
+        exc.type,
+        f"the {what} {message}; the rest of the analysis is returned without it",
+        step=exc.step or step,
+        recovery_suggested=exc.recovery_suggested,
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class EvidenceDraft:
+    document: str
+    page: int
+    quote: str
+
+
+@dataclass(kw_only=True, slots=True)
+class RiskDraft:
+    risk: str
+    severity: Literal["low", "medium", "high", "critical"]
+    rationale: str
+    topic: str
+    evidence: list[EvidenceDraft]
+
+    def model_dump(self) -> dict[str, Any]:
+        return {
+            "risk": self.risk,
+            "severity": self.severity,
+            "rationale": self.rationale,
+            "topic": self.topic,
+            "evidence": [{"document": e.document, "page": e.page, "quote": e.quote} for e in self.evidence],
+        }
 
 
 # -- validate ------------------------------------------------------------------------------------------------------
@@ -791,6 +1055,8 @@ def find_quote(quote: str, pages: Sequence[dict[str, Any]]) -> int | None:
 
 
 def _validate_evidence(run: _Run, drafts: list[RiskDraft] | None) -> tuple[list[Risk] | None, Component]:
+    """Every quote given as evidence is looked up once more in its document's text before delivery: the
+    extraction already checked it, so a miss here means the pages changed under the analysis."""
     ctx = run.ctx
     if drafts is None:
         return None, "skipped"
@@ -800,16 +1066,7 @@ def _validate_evidence(run: _Run, drafts: list[RiskDraft] | None) -> tuple[list[
         evidence: list[Evidence] = []
         for j, ev in enumerate(draft.evidence):
             doc = run.by_label(ev.document)
-            page = None
-            if doc is not None:
-                page = find_quote(ev.quote, run.texts.get(doc.id, []))
-            if page is None:  # cited to the wrong document, perhaps: look in the others before calling it invented
-                for other in run.docs:
-                    page = find_quote(ev.quote, run.texts.get(other.id, []))
-                    if page is not None:
-                        doc = other
-                        break
-            pointer = f"/risks/{i}/evidence/{j}"
+            page = find_quote(ev.quote, run.texts.get(doc.id, [])) if doc is not None else None
             if page is None:
                 flagged += 1
                 ctx.error(
@@ -817,35 +1074,25 @@ def _validate_evidence(run: _Run, drafts: list[RiskDraft] | None) -> tuple[list[
                     f"the quote {ev.quote[:120]!r}, given as evidence for the risk {draft.risk[:120]!r}, is not in "
                     f"{'any analysed document' if doc is None else doc.label + ' (' + doc.source + ')'}",
                     step="validate",
-                    pointer=pointer,
+                    pointer=f"/risks/{i}/evidence/{j}",
                 )
-            elif page != ev.page and ev.page != 0:
-                ctx.warn(
-                    "evidence_page_corrected",
-                    f"the quote for {draft.risk[:80]!r} is on page {page} of {doc.label if doc else '?'}, not page "
-                    f"{ev.page}",
-                    step="validate",
-                    pointer=pointer,
-                )
-            shown = doc or _Doc(id="", label=ev.document, source="", pages=0, space=None)
             evidence.append(
                 Evidence(
-                    document=shown.id,
-                    label=shown.label,
-                    source=shown.source,
+                    document=doc.id if doc else "",
+                    label=ev.document,
+                    source=doc.source if doc else "",
                     page=page if page is not None else ev.page,
                     quote=ev.quote,
                     verified=page is not None,
                     found_on_page=page,
                 )
             )
-        if not evidence:
-            ctx.warn("risk_without_evidence", f"the risk {draft.risk[:120]!r} cites no evidence", pointer=f"/risks/{i}")
         risks.append(
             Risk(
                 risk=draft.risk,
                 severity=draft.severity,
                 rationale=draft.rationale,
+                topic=draft.topic,
                 evidence=evidence,
                 supported=any(e.verified for e in evidence),
             )
@@ -870,22 +1117,24 @@ def _checked(ctx: WorkflowContext, result: DocumentAnalysisResult) -> dict[str, 
 
 async def admit(keel: Any, tenant: str, inp: DocumentAnalysisInput) -> None:
     """At submission, before any model call: every document id must be the tenant's, and every URL must pass the
-    SSRF rules and resolve. A 422 names each bad entry by its JSON pointer."""
-    problems: list[dict[str, str]] = []
-    allow = AllowList.parse(keel.settings.fetch_allow_hosts)
+    SSRF rules and answer a probe (all at once, a few seconds at most). A refused connection, a host that does not
+    resolve or an HTTP 4xx is refused here; a timeout or a 5xx is not (ingestion retries it). A 422 names each bad
+    entry by its JSON pointer."""
+    problems: dict[int, str] = {}
+    settings = keel.settings
+    limits = FetchLimits(timeout_s=settings.fetch_timeout_s, allow=AllowList.parse(settings.fetch_allow_hosts))
+    urls: dict[int, str] = {}
     for i, ref in enumerate(inp.documents):
-        pointer = f"/input/documents/{i}"
-        if ref.startswith("doc_"):
-            if await keel.store.get_document(tenant, ref, keel.clock()) is None:
-                problems.append({"pointer": pointer, "message": f"no document {ref} (unknown, expired or deleted)"})
-            continue
-        try:
-            await resolve_target(ref, allow=allow)
-        except BlockedAddress as exc:
-            problems.append({"pointer": pointer, "message": exc.message})
+        if not ref.startswith("doc_"):
+            urls[i] = ref
+        elif await keel.store.get_document(tenant, ref, keel.clock()) is None:
+            problems[i] = f"no document {ref} (unknown, expired or deleted)"
+    probes = await asyncio.gather(*(probe_document(url, limits) for url in urls.values()))
+    problems |= {i: p.reason for i, p in zip(urls, probes, strict=True) if p.verdict == "unreachable"}
     if problems:
+        errors = [{"pointer": f"/input/documents/{i}", "message": problems[i]} for i in sorted(problems)]
         raise InputError(
-            f"{len(problems)} of {len(inp.documents)} documents cannot be analysed", detail={"errors": problems}
+            f"{len(problems)} of {len(inp.documents)} documents cannot be analysed", detail={"errors": errors}
         )
 
 

@@ -1,9 +1,9 @@
 """A scripted model for the ``document_analysis`` workflow, for tests and benchmarks only.
 
-It reads each prompt the workflow sends (planning, a document's summary, the comparison, the risks, or a
-map-reduce combine) and answers from the prompt's own text: summaries quote the document's first sentences,
-risks quote the passages they were shown. Switches make it go wrong the ways real models do: unsure of the
-request, slow on one document, malformed on one stage, or inventing a quote.
+It reads each prompt the workflow sends (planning, a document's per-topic extraction, or a risk's wording) and
+answers from the prompt's own text: an extraction quotes, per topic, the first sentence that shares a word with
+the topic. Switches make it go wrong the ways real models do: unsure of the request, slow on one document,
+malformed on one stage, inventing a quote, or wording risks as junk.
 
 It plugs into :class:`keel.testing.models.FunctionModel` (``FunctionModel(analyst.function_reply)``) and into the
 loopback :class:`keel.testing.fake_llm.FakeOpenAIServer` (``server.respond_with(analyst.http_reply)``), so the
@@ -26,21 +26,24 @@ from keel.testing.models import AgentInfo
 FABRICATED_QUOTE = "The supplier may terminate this agreement at any time without notice or liability."
 
 _LABEL = re.compile(r"Document (D\d+) \(")
-_PASSAGE = re.compile(r"^\[(D\d+) p\.(\d+)\] (.+)$", re.MULTILINE)
+_TOPIC_LINE = re.compile(r"^- ([a-z0-9_]+): (.+?) \((.+)\)$", re.MULTILINE)
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]")
+_FIGURE = re.compile(r"(?:USD |GBP |EUR |\$)?\d[\d,.]*%?(?: (?:days?|months?|years?|per cent))?")
 
 
 @dataclass
 class ScriptedAnalyst:
     confidence: float = 0.9
     questions: list[str] = field(default_factory=list)
-    summary_delay_s: dict[str, float] = field(default_factory=dict)
-    """Seconds a document's summary takes, by label (``D1``) or ``*`` for every document."""
+    extract_delay_s: dict[str, float] = field(default_factory=dict)
+    """Seconds a document's extraction takes, by label (``D1``) or ``*`` for every document."""
     malformed: set[str] = field(default_factory=set)
-    """Stages (``plan``, ``summary``, ``compare``, ``risks``) answered with text that is not JSON; ``risks:D2``
-    (``summary:D2``) for one document's call only."""
+    """Stages (``plan``, ``extract``, ``risk``) answered with text that is not JSON; ``extract:D2`` for one
+    document's call, ``risk:payment terms`` for one topic's."""
     fabricate: bool = False
-    """Cite :data:`FABRICATED_QUOTE`, which no document contains, as the first risk's evidence."""
+    """Give :data:`FABRICATED_QUOTE`, which no document contains, as D1's quote for its first topic."""
+    junk: bool = False
+    """Word every risk the way a tiny model does: a number for a title and a rationale that cites nothing."""
     calls: list[str] = field(default_factory=list)
     """The stage of every prompt answered, in order."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -67,84 +70,77 @@ class ScriptedAnalyst:
         stage = _stage(system)
         found = _LABEL.search(user)
         label = found.group(1) if found else "D?"
+        topic = user.split("\n", 1)[0].removeprefix("Topic: ") if stage == "risk" else ""
         with self._lock:
             self.calls.append(stage)
-        if stage in self.malformed or f"{stage}:{label}" in self.malformed:
+        if stage in self.malformed or f"{stage}:{label}" in self.malformed or f"{stage}:{topic}" in self.malformed:
             return f"Sorry, I cannot produce the {stage} right now.", 0.0
         if stage == "plan":
             return self._plan(), 0.0
-        if stage == "summary":
-            delay = self.summary_delay_s.get(label, self.summary_delay_s.get("*", 0.0))
-            return self._summary(user), delay
-        if stage == "compare":
-            return self._compare(user), 0.0
-        if stage == "risks":
-            return self._risks(user), 0.0
+        if stage == "extract":
+            delay = self.extract_delay_s.get(label, self.extract_delay_s.get("*", 0.0))
+            return self._extract(user, label), delay
+        if stage == "risk":
+            return self._risk(user, topic), 0.0
         return _condense(user), 0.0  # a map-reduce combine or synthesis
 
     def _plan(self) -> str:
         return json.dumps(
             {
-                "goal": "Summarise the documents, compare their terms and list the risks.",
+                "goal": "Compare the documents' terms and list the risks.",
                 "confidence": self.confidence,
                 "questions": self.questions,
-                "focus": ["payment terms", "liability"],
+                "focus": [],
             }
         )
 
-    @staticmethod
-    def _summary(user: str) -> str:
-        pages = re.split(r"\[page (\d+)\]\n", user)
-        points = []
-        for number, text in zip(pages[1::2], pages[2::2], strict=False):
-            for sentence in _SENTENCE.findall(text)[:2]:
-                points.append({"point": sentence.strip()[:290], "page": int(number)})
-        body = " ".join(p["point"] for p in points[:3]) or _condense(user)
-        return json.dumps({"summary": body[:1100], "key_points": points[:6]})
+    def _extract(self, user: str, label: str) -> str:
+        """Per topic, the sentence sharing most word stems with the topic's name (then its hint), and its figure as
+        the value."""
+        text, _, _ = user.partition("\nTopics:")
+        sentences = [line.strip() for line in text.splitlines()[1:] if line.strip() and not line.startswith("[page ")]
+        out: dict[str, dict[str, str]] = {}
+        for key, name, hint in _TOPIC_LINE.findall(user):
+            named, hinted = _stems(name), _stems(hint)
 
-    @staticmethod
-    def _compare(user: str) -> str:
-        labels = sorted(set(re.findall(r"\[(D\d+)\]", user))) or ["D1", "D2"]
+            def score(sentence: str, named: set[str] = named, hinted: set[str] = hinted) -> int:
+                words = _stems(sentence)
+                return 2 * len(named & words) + len(hinted & words)
+
+            best = max(sentences, key=score, default="")
+            quote = best if best and score(best) > 0 else ""
+            figure = _FIGURE.search(quote)
+            value = figure.group(0) if figure else " ".join(quote.split()[-4:]).rstrip(".")
+            out[key] = {"quote": quote, "value": value}
+        if self.fabricate and label == "D1":
+            first = next((k for k, v in out.items() if v["quote"]), None)
+            if first is not None:
+                out[first] = {"quote": FABRICATED_QUOTE, "value": "any time"}
+        return json.dumps(out)
+
+    def _risk(self, user: str, topic: str) -> str:
+        if self.junk:
+            return json.dumps({"risk": "2" * 12, "severity": "high", "rationale": "It is important."})
+        labels = sorted(set(re.findall(r"^(D\d+) \(", user, re.MULTILINE)))
+        says = re.findall(r"\(in short: (.+?)\)$", user, re.MULTILINE)
         return json.dumps(
             {
-                "overlaps": [{"topic": "scope", "documents": labels, "detail": "Each document sets commercial terms."}],
-                "conflicts": [
-                    {
-                        "topic": "payment terms",
-                        "documents": labels[:2],
-                        "detail": "The documents set different payment deadlines.",
-                    }
-                ],
-                "summary": "The documents overlap in scope and conflict on payment terms.",
+                "risk": f"Inconsistent {topic} across the documents",
+                "severity": "high" if "differently" in user else "medium",
+                "rationale": f"{' and '.join(labels)} set {topic} as {' vs '.join(says)}, which cannot all hold.",
             }
         )
 
-    def _risks(self, user: str) -> str:
-        risks: list[dict[str, Any]] = []
-        for label, page, text in _PASSAGE.findall(user)[:3]:
-            words = text.split()
-            quote = " ".join(words[: min(10, len(words))])
-            risks.append(
-                {
-                    "risk": f"Terms in {label} may not match the other documents",
-                    "severity": "high" if not risks else "medium",
-                    "rationale": "The passage sets terms that differ across the documents.",
-                    "evidence": [{"document": label, "page": int(page), "quote": quote}],
-                }
-            )
-        if self.fabricate and risks and risks[0]["evidence"][0]["document"] == "D1":
-            risks[0]["evidence"] = [
-                {"document": risks[0]["evidence"][0]["document"], "page": 1, "quote": FABRICATED_QUOTE}
-            ]
-        return json.dumps({"risks": risks})
+
+def _stems(text: str) -> set[str]:
+    return {w[:5] for w in re.findall(r"[a-z]{4,}", text.casefold())}
 
 
 def _stage(system: str) -> str:
     for marker, stage in (
         ("You plan a document analysis", "plan"),
-        ("You summarise a document", "summary"),
-        ("You compare documents", "compare"),
-        ("You find the risks", "risks"),
+        ("You extract facts", "extract"),
+        ("You are a contract reviewer", "risk"),
     ):
         if system.startswith(marker):
             return stage
