@@ -43,7 +43,9 @@ class Servers:
     ) -> KeelProcess:
         """Start on ``port`` with ``data_dir``; ``env`` adds to (or overrides) the test defaults."""
         full = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
-        full.update(KEEL_POLL_INTERVAL_S="0.05", KEEL_LEASE_SECONDS="3", PYTHONUNBUFFERED="1", **(env or {}))
+        full.update(KEEL_POLL_INTERVAL_S="0.05", KEEL_LEASE_SECONDS="3", PYTHONUNBUFFERED="1")
+        full.setdefault("KEEL_DEFAULT_MODEL", "test")  # /readyz checks the default model; tests pick theirs
+        full.update(env or {})
         log = self.tmp_path / f"serve-{len(self.running)}.log"
         cmd = [str(KEEL), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
         with log.open("wb") as out:

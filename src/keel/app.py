@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import importlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -313,6 +315,55 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
             lock.close()
 
 
+class ModelReadiness:
+    """Whether the default model can load, for ``/readyz``. Only ``local:`` models are checked (another provider
+    would need a network call): the runtime imports and the weights resolve; the model itself is not loaded by a
+    probe. Checked in a thread, once; a failure is checked again after ``retry_s`` (an install fixes it without a
+    restart)."""
+
+    def __init__(self, spec: str, *, retry_s: float = 30.0) -> None:
+        self.spec = spec
+        self.retry_s = retry_s
+        chain = [spec] if spec.startswith("openai-compatible:") else spec.split(",")  # as infer_model reads it
+        self._local: list[str] = []
+        for part in chain:
+            provider, _, rest = part.strip().partition(":")
+            if provider == "local" and rest:
+                self._local.append(rest)
+        self._checked: tuple[float, str | None] | None = None
+        self._running: asyncio.Future[str | None] | None = None
+
+    @property
+    def local(self) -> bool:
+        return bool(self._local)
+
+    async def problem(self) -> str | None:
+        """Why the model cannot load, or None when it can."""
+        checked = self._checked
+        if checked is not None and (checked[1] is None or time.monotonic() - checked[0] < self.retry_s):
+            return checked[1]
+        if self._running is None or self._running.done():  # concurrent probes share one check
+            self._running = asyncio.ensure_future(asyncio.to_thread(self._check))
+        problem = await asyncio.shield(self._running)
+        self._checked = (time.monotonic(), problem)
+        return problem
+
+    def _check(self) -> str | None:
+        from keel.orchestration.models.weights import resolve
+
+        for alias in self._local:
+            try:
+                importlib.import_module("keel.orchestration.models.local")
+                resolve(alias)
+            except ImportError as exc:
+                return f"local:{alias} needs the embedded llama.cpp runtime: pip install 'keel[local]' ({exc})"
+            except ConfigError as exc:
+                return f"local:{alias}: {exc.message}"
+            except OSError as exc:  # the weights' files or the model cache cannot be read
+                return f"local:{alias}: {exc}"
+        return None
+
+
 def create_app(
     settings: Settings | None = None, registry: WorkflowRegistry | None = None, *, role: Role = "all"
 ) -> FastAPI:
@@ -350,13 +401,22 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    # An API-only process runs no model: whether the workers can load theirs is for their own health.
+    model = ModelReadiness(settings.default_model) if role != "api" else None
+
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
         keel: Keel | None = getattr(app.state, "keel", None)
         if keel is None:
             return JSONResponse({"status": "starting"}, status_code=503)
         await keel.store.read("readyz", 0, limit=1)
-        return JSONResponse({"status": "ready"})
+        if model is None or not model.local:
+            return JSONResponse({"status": "ready"})
+        problem = await model.problem()
+        if problem is not None:
+            body = {"status": "model_unavailable", "model": {"spec": model.spec, "loadable": False, "error": problem}}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ready", "model": {"spec": model.spec, "loadable": True}})
 
     # A multipart upload carries the document plus its form framing.
     uploads = {"/v1/documents": settings.ingest_max_bytes + 64 * 1024}

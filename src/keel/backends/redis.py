@@ -377,7 +377,7 @@ class RedisNotifier(Notifier):
             finally:
                 self.connected.clear()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # unannotated before redis-py 8.2
                 with contextlib.suppress(Exception):
                     await client.aclose()
             await asyncio.sleep(0.05)  # a connection that drops at once must not spin
@@ -406,7 +406,7 @@ class RedisNotifier(Notifier):
             await pubsub.subscribe(self.channel)
         except BaseException:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # unannotated before redis-py 8.2
             await client.aclose()
             raise
         return client, pubsub
