@@ -59,7 +59,7 @@ async def run_once(root: Path, delay: float) -> float:
     ingestor = Ingestor(store, embedder, settings=IngestSettings(), clock=time.time, scratch_dir=root / "scratch")
     memory = Memory(store=store, embedder=embedder, ingestor=ingestor, clock=time.time, confidence=ConfidencePolicy())
     ids = [(await ingestor.ingest_bytes("t1", d.encode(), source=f"upload:{i}.txt")).id for i, d in enumerate(DOCS)]
-    analyst = ScriptedAnalyst(summary_delay_s={"*": delay})
+    analyst = ScriptedAnalyst(extract_delay_s={"*": delay})
     models = ModelRegistry("scripted")
     models.add("scripted", FunctionModel(analyst.function_reply, name="scripted"))
     registry = WorkflowRegistry()
@@ -85,7 +85,7 @@ async def run_once(root: Path, delay: float) -> float:
     finally:
         await engine.stop()
         await store.aclose()
-    if task.status is not TaskStatus.succeeded or analyst.calls.count("summary") != 4:
+    if task.status is not TaskStatus.succeeded or analyst.calls.count("extract") != 4:
         raise SystemExit(f"the analysis did not succeed: {task.status} {task.envelope}")
     return elapsed
 
