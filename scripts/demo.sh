@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # make demo: the flagship request on the embedded default. It generates four sample PDFs (two vendor contracts
 # whose terms conflict, a scanned amendment, an encrypted pricing schedule), starts keel on a private data dir
-# (SQLite, SmolLM2 on llama.cpp, MiniLM embeddings: no server to install), submits
+# (SQLite, Qwen2.5-Coder-1.5B on llama.cpp in a supervised child process, MiniLM embeddings: no server to
+# install), submits
 #   "Analyse these 4 PDFs, compare insights, and tell me the risks."
 # through the HTTP API with `keel submit` (live progress, then the envelope), and stops the server cleanly.
-# The encrypted file is flagged and skipped, so the envelope says partial_success; every risk cites
-# document, page and quote, and each quote has been looked up in the source text.
+# The encrypted file is flagged and skipped, so the envelope says partial_success. It prints the comparison table
+# (worked out in code from each document's per-topic quotes), the risks the model worded from it (each citing
+# document, page and verified quote), and checks that at least 4 of the 6 conflicts the documents plant are named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -36,7 +38,8 @@ for _ in $(seq 1 200); do
   kill -0 "$SERVER" 2>/dev/null || { echo "keel serve failed to start:"; cat "$DATA/server.log"; exit 1; }
   sleep 0.1
 done
-echo "keel is serving on $URL (data in $DATA; model: local:smollm2, embeddings: local:minilm)"
+MODEL=$("$BIN/python" -c 'from keel.settings import Settings; print(Settings().default_model)')
+echo "keel is serving on $URL (data in $DATA; model: $MODEL, embeddings: local:minilm)"
 echo
 
 D="$DATA/docs"
@@ -49,6 +52,9 @@ D="$DATA/docs"
 import json
 import sys
 
+sys.path.insert(0, "scripts")
+from sample_documents import named_conflicts
+
 env = json.load(open(sys.argv[1]))
 result = env.get("result") or {}
 print()
@@ -57,15 +63,28 @@ for e in env["errors"]:
     print(f"  {e['severity']}: {e['type']}: {e['message'][:150]}")
 for doc in result.get("documents", []):
     print(f"  {doc.get('label') or '--'} {doc['status']:>8} {doc['source']}")
+print("\ncomparison (per topic, what each document says):")
+for row in (result.get("comparison") or {}).get("table", []):
+    print(f"  {row['status']:>6}  {row['topic']}")
+    for c in row["cells"]:
+        print(f"            {c['label']} p.{c['page']}: {c['value'][:100]}")
+print("\nrisks:")
 for risk in result.get("risks") or []:
-    print(f"risk ({risk['severity']}): {risk['risk']}")
+    print(f"  ({risk['severity']}) {risk['risk']}")
+    print(f"      {risk['rationale'][:300]}")
     for ev in risk["evidence"]:
         mark = "verified" if ev["verified"] else "NOT FOUND in the source"
-        print(f"    {ev['label']} p.{ev['page']}: \"{ev['quote'][:100]}\" ({mark})")
+        print(f"      {ev['label']} p.{ev['page']}: \"{ev['quote'][:100]}\" ({mark})")
+named = named_conflicts(result)
+print(f"\nthe documents plant 6 conflicts; the analysis names {sum(ok for _, ok in named)}:")
+for what, ok in named:
+    print(f"  {'yes' if ok else 'NO '}  {what}")
 if env["status"] != "partial_success":
     sys.exit(f"expected partial_success (the encrypted PDF is skipped), got {env['status']}")
 if not any(e["type"] == "document_encrypted" for e in env["errors"]):
     sys.exit("expected the encrypted PDF to be flagged")
+if sum(ok for _, ok in named) < 4:
+    sys.exit("the analysis named fewer than 4 of the 6 planted conflicts")
 PY
 stop_server
 trap - EXIT

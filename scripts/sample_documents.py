@@ -9,8 +9,10 @@ second run (a second `make demo`) reuses the same bytes, and so the same documen
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from keel.testing.pdfs import make_pdf, make_scanned_pdf
 
@@ -48,6 +50,17 @@ AMENDMENT = [
     "3. All other terms are unchanged.",
 ]
 
+PLANTED = [
+    # (what, topic, {label: value}) with D1 vendor A, D2 vendor B, D3 the amendment, in the order demo.sh submits
+    ("payment terms", "payment terms", {"D1": "30 days", "D2": "60 days"}),
+    ("the amendment's new payment term", "payment terms", {"D1": "30 days", "D3": "15 days"}),
+    ("liability", "liability", {"D1": "12 months", "D2": "unlimited"}),
+    ("termination", "termination", {"D1": "90 days", "D2": "30 days"}),
+    ("data location", "data location", {"D1": "European Union", "D2": "any country"}),
+    ("governing law", "governing law", {"D1": "England", "D2": "Delaware"}),
+]
+"""The six conflicts the demo's documents plant, and what each document says."""
+
 PRICING = ["CONFIDENTIAL PRICING SCHEDULE\nAnalytics platform: GBP 12,000 per month.\nSupport: GBP 2,500 per month."]
 PASSWORD = "contoso-2026"
 
@@ -67,6 +80,29 @@ def write_samples(out: Path) -> list[Path]:
             path.write_bytes(build())
         paths.append(path)
     return paths
+
+
+def named_conflicts(result: dict[str, Any]) -> list[tuple[str, bool]]:
+    """For each planted conflict, whether the analysis names it: a conflict on its topic between its documents,
+    each shown with its own value (its figure, or its words)."""
+    conflicts = (result.get("comparison") or {}).get("conflicts") or []
+    out = []
+    for what, topic, said in PLANTED:
+        named = False
+        for c in conflicts:
+            if c["topic"] != topic or not set(said) <= set(c["labels"]):
+                continue
+            parts = {p.split(" ", 1)[0]: p for p in c["detail"].split("; ")}
+            named = all(_shows(value, parts.get(label, "")) for label, value in said.items())
+        out.append((what, named))
+    return out
+
+
+def _shows(value: str, text: str) -> bool:
+    digits = re.findall(r"\d+", value)
+    if digits:
+        return all(re.search(rf"\b{d}\b", text) for d in digits)
+    return all(w in text.casefold() for w in value.casefold().split())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.types import NewTask, Task, TaskStatus
 from keel.orchestration.document_analysis import (
+    CHECKLIST,
     DOCUMENT_ANALYSIS,
     DocumentAnalysisResult,
     find_quote,
@@ -243,9 +244,15 @@ def test_positions_are_compared_by_their_figures_then_their_words() -> None:
     assert not same_position("30 days", "60 days")
     assert same_position("within 30 days", "30 days of the invoice")
     assert same_position("twelve months", "12 months")
+    assert not same_position("10 days", "100 days") and same_position("thirty (30) days", "30 days")
+    assert same_position("USD 50,000", "USD 50000") and not same_position("USD 50,000", "USD 5,000")
     assert not same_position("laws of England and Wales", "laws of the State of Delaware")
     assert same_position("governed by English law", "English law governs")
     assert not same_position("European Union only", "any country where the Supplier operates")
+    law = next(t for t in CHECKLIST if t.key == "governing_law")
+    england = "This agreement is governed by the laws of England."
+    assert same_position(england, "The laws of England govern this contract.", law)
+    assert not same_position(england, "This agreement is governed by the laws of the State of Delaware.", law)
 
 
 def test_quotes_match_across_case_spacing_hyphenation_and_ellipses() -> None:

@@ -329,7 +329,8 @@ class _StreamView:
         if event == "plan" and "goal" in data.get("plan", {}):
             err.print(f"[dim]plan:[/] {data['plan']['goal']} [dim](confidence {data['plan'].get('confidence')})[/]")
         elif event == "partial_result" and str(data.get("key", "")).startswith("insight:"):
-            err.print(f"[green]✓[/] summary of {data['key'].removeprefix('insight:')} ready")
+            points = len(data.get("value", {}).get("key_points", [])) if isinstance(data.get("value"), dict) else 0
+            err.print(f"[green]✓[/] {data['key'].removeprefix('insight:')} read: {points} topic(s) found")
         describe = _DESCRIBE.get(event)
         if describe is not None:
             self.progress.update(self.bar, description=describe(data))
@@ -343,10 +344,10 @@ def _stage_line(data: dict[str, Any]) -> str:
 
 _STAGES = {
     "plan": "planning",
-    "ingest": "reading documents",
-    "summarise": "summarising",
+    "ingest": "ingesting documents",
+    "extract": "reading each document, topic by topic",
     "compare": "comparing",
-    "risks": "finding risks",
+    "risks": "wording the risks",
     "validate": "checking quotes",
 }
 

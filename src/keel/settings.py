@@ -16,6 +16,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from keel.orchestration.models.weights import DEFAULT_LOCAL
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KEEL_", env_file=".env", extra="ignore")
@@ -38,7 +40,7 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(3600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
     default_model: str = Field(
-        "local:smollm2",
+        f"local:{DEFAULT_LOCAL}",
         description="What `ctx.model()` answers with: openai:<model>, openai-compatible:<url>#<model>, "
         "anthropic:<model>, local:<name>, or a comma-separated fallback chain.",
     )

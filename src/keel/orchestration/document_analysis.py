@@ -302,6 +302,12 @@ CHECKLIST: tuple[Topic, ...] = (
 often disagree and where their risks sit. The plan adds the topics the request itself names."""
 
 MAX_TOPICS = 10
+_GENERIC = frozenset(
+    w[:5]
+    for w in "pdf pdfs document documents file files analysis analyse analyze risk risks insight insights compare "
+    "comparison summary assessment review content contents contract contracts agreement agreements key "
+    "points terms".split()
+)
 
 
 def _slug(name: str) -> str:
@@ -316,8 +322,10 @@ def _topics(inp: DocumentAnalysisInput, focus: Sequence[str]) -> list[Topic]:
     topics = list(CHECKLIST)
     for name in focus:
         words = _words(name)
-        if not words or any(words & (_words(t.name) | _words(t.hint)) for t in topics):
-            continue  # empty, or the checklist covers it already
+        if not {w[:5] for w in words} - _GENERIC:
+            continue  # "PDF analysis", "risk assessment": the request's own words, not a topic to look for
+        if any(words & (_words(t.name) | _words(t.hint)) for t in topics):
+            continue  # the checklist covers it already
         topics.append(Topic.named(name))
     return list({t.key: t for t in topics}.values())[:MAX_TOPICS]
 
@@ -564,13 +572,14 @@ async def _read(run: _Run, doc: _Doc) -> list[dict[str, Any]]:
     return pages
 
 
-_SPLIT = re.compile(r"(?<=[.!?;])\s+(?=\S)|\n+")
+_SPLIT = re.compile(r"(?<=[.!?;])\s+(?=\S)|\n\s*\n")
 MAX_SENTENCE = 300
 
 
 def sentences(pages: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
-    """The pages cut into sentences (page, sentence), each once, in reading order. A sentence longer than
-    MAX_SENTENCE characters is cut there: a prefix of a sentence is still a verbatim quote."""
+    """The pages cut into sentences (page, sentence), each once, in reading order: at sentence ends and blank lines,
+    not at the line breaks a PDF wraps its text with. A sentence longer than MAX_SENTENCE characters is cut there:
+    a prefix of a sentence is still a verbatim quote."""
     seen: set[str] = set()
     out: list[tuple[int, str]] = []
     for p in pages:
@@ -685,8 +694,10 @@ async def _extract_one(run: _Run, doc: _Doc, flagged: list[str]) -> Insight:
                     step=step,
                 )
                 continue
-            if not t.concerns(quote):
-                mismatched += 1  # a sentence about something else: a small model's slip, not a finding
+            if not t.concerns(quote) or quote in {q for q, _, _ in found.values()}:
+                # A sentence about something else, or one already given for an earlier topic: a small model's
+                # slip, not a finding.
+                mismatched += 1
                 continue
             found[t.key] = (quote, page, grounded_value(cell.value, quote))
     key_points = [
@@ -777,9 +788,18 @@ _STOP = frozenset(
 )
 
 
+def _figure(raw: str) -> str:
+    """A figure as written, read as a number: 50,000 and 50000 alike, 12.0 as 12; 30 stays 30."""
+    digits = raw.replace(",", "").rstrip(".")
+    try:
+        return f"{float(digits):g}" if "." in digits else str(int(digits))
+    except ValueError:
+        return digits
+
+
 def _numbers(text: str) -> set[str]:
     words = re.findall(r"[a-z]+(?:-[a-z]+)?", text.casefold())
-    found = {n.replace(",", "").rstrip(".0") or "0" for n in _NUMBER.findall(text)}
+    found = {_figure(n) for n in _NUMBER.findall(text)}
     return found | {_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS}
 
 
@@ -792,22 +812,35 @@ def _stems(text: str) -> set[str]:
 
 
 def grounded_value(value: str, quote: str) -> str:
-    """The model's value when the quote bears it out (its figures are the quote's, and most of its words are
-    there), else the quote itself: a figure or a claim the sentence does not contain is never compared."""
+    """The model's value when the quote bears it out (its figures and its words are the quote's), else the quote
+    itself: a figure or a claim the sentence does not contain ("limited" for "unlimited") is never compared."""
     value = " ".join(value.split())
     stems = _stems(value)
-    if not value or not _numbers(value) <= _numbers(quote) or len(stems & _stems(quote)) * 2 < len(stems):
+    if not value or not _numbers(value) <= _numbers(quote) or not stems <= _stems(quote):
         return quote
     return value
 
 
-def same_position(a: str, b: str) -> bool:
+_PARTIES = frozenset(
+    w[:5]
+    for w in "agreement contract customer client supplier vendor provider party parties company services "
+    "service this hereunder herein".split()
+)
+
+
+def same_position(a: str, b: str, topic: Topic | None = None) -> bool:
     """Whether two statements on one topic agree: by their figures where either has any (30 days vs 60 days),
-    else by their content words (England and Wales vs the State of Delaware)."""
+    else by what is left of their words once the topic's own words and the parties' names are set aside (the
+    laws of England govern vs governed by the laws of England: agree; England vs Delaware: differ)."""
     na, nb = _numbers(a), _numbers(b)
     if na or nb:
         return na == nb
-    wa, wb = _words(a), _words(b)
+
+    def core(text: str) -> set[str]:
+        kept = {w for w in _words(text) if topic is None or not topic.concerns(w)}
+        return {w[:5] for w in kept} - _PARTIES
+
+    wa, wb = core(a), core(b)
     if not wa or not wb:
         return wa == wb
     return len(wa & wb) / len(wa | wb) >= 0.5
@@ -826,7 +859,7 @@ def _compare(run: _Run, insights: list[Insight]) -> ComparisonResult:
         ]
         groups: list[list[Cell]] = []
         for c in cells:
-            group = next((g for g in groups if same_position(g[0].value, c.value)), None)
+            group = next((g for g in groups if same_position(g[0].value, c.value, topic)), None)
             if group is None:
                 groups.append([c])
             else:

