@@ -13,8 +13,9 @@
 # Wheels of llama-cpp-python that pip built and cached itself (natively, before this script) are removed from
 # pip's cache, saying so. The first build takes about 10-15 minutes on 2 cores; every later install, seconds.
 #
-#   scripts/install-local.sh               install (or check) the local extra
-#   scripts/install-local.sh --print-flags print the cmake flags and the wheel key, build nothing
+#   scripts/install-local.sh                  install (or check) the local extra
+#   scripts/install-local.sh --print-flags    print the cmake flags and the wheel key, build nothing
+#   scripts/install-local.sh --purge-pip-cache  only drop llama-cpp-python wheels pip built and cached itself
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,10 +48,24 @@ if [ "${1:-}" = "--print-flags" ]; then
 fi
 
 BIN=.venv/bin
+PIP=${KEEL_PIP:-$BIN/pip}
 LOG=.venv/install-local.log
 MARK=.venv/.llama-cpp-build
 WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/keel/llama-wheels/$KEY"
 EXTRAS='.[dev,postgres,redis,temporal,local]'
+
+# pip keys its cache of built wheels by the source, not by CMAKE_ARGS: a wheel it built natively earlier would
+# be installed again silently. keel builds its own, so those are dropped.
+purge_pip_cache() {
+  if "$PIP" cache list llama_cpp_python 2>/dev/null | grep -q llama_cpp_python; then
+    echo "  removing llama-cpp-python wheels that pip built and cached itself (possibly -march=native):"
+    "$PIP" cache remove llama_cpp_python 2>&1 | sed 's/^/    /'
+  fi
+}
+if [ "${1:-}" = "--purge-pip-cache" ]; then
+  purge_pip_cache
+  exit 0
+fi
 
 if [ "$(cat "$MARK" 2>/dev/null)" = "$KEY" ] && "$BIN/python" -c 'import llama_cpp' 2>/dev/null; then
   "$BIN/pip" install -q -e "$EXTRAS"
@@ -62,12 +77,7 @@ echo "the embedded model runtime: llama-cpp-python $LLAMA_VERSION, built portabl
 echo "  why: $WHY"
 echo "  cmake flags: $FLAGS"
 
-# pip keys its cache of built wheels by the source, not by CMAKE_ARGS: a wheel it built natively earlier would
-# be installed again silently. keel builds its own, so those are dropped.
-if "$BIN/pip" cache list llama_cpp_python 2>/dev/null | grep -q llama_cpp_python; then
-  echo "  removing llama-cpp-python wheels that pip built and cached itself (possibly -march=native):"
-  "$BIN/pip" cache remove llama_cpp_python 2>&1 | sed 's/^/    /'
-fi
+purge_pip_cache
 
 start=$(date +%s)
 if ! ls "$WHEELS"/llama_cpp_python-*.whl > /dev/null 2>&1; then
@@ -75,16 +85,16 @@ if ! ls "$WHEELS"/llama_cpp_python-*.whl > /dev/null 2>&1; then
   mkdir -p "$WHEELS.partial"
   CMAKE_ARGS="$FLAGS" FORCE_CMAKE=1 "$BIN/pip" wheel --no-deps --no-cache-dir --progress-bar off \
     --no-binary llama-cpp-python -w "$WHEELS.partial" "llama-cpp-python==$LLAMA_VERSION" > "$LOG" 2>&1 &
-  PIP=$!
-  trap 'kill $PIP 2>/dev/null || true' INT TERM
-  while kill -0 "$PIP" 2>/dev/null; do
+  BUILD=$!
+  trap 'kill $BUILD 2>/dev/null || true' INT TERM
+  while kill -0 "$BUILD" 2>/dev/null; do
     sleep 15
-    kill -0 "$PIP" 2>/dev/null || break
+    kill -0 "$BUILD" 2>/dev/null || break
     elapsed=$(($(date +%s) - start))
     last=$(grep -E 'Building wheel|Collecting|Downloading|Created wheel|Building' "$LOG" | tail -1 | cut -c1-90)
     printf '  %dm%02ds elapsed: %s\n' $((elapsed / 60)) $((elapsed % 60)) "${last:-starting}"
   done
-  if ! wait "$PIP"; then
+  if ! wait "$BUILD"; then
     echo "building llama-cpp-python failed; the last lines of $LOG:" >&2
     tail -30 "$LOG" >&2
     exit 1
@@ -95,7 +105,7 @@ if ! ls "$WHEELS"/llama_cpp_python-*.whl > /dev/null 2>&1; then
 else
   echo "  using the wheel built earlier with these exact flags: $WHEELS"
 fi
-"$BIN/pip" install -q --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+"$PIP" install -q --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
 "$BIN/pip" install -q -e "$EXTRAS"
 printf '%s\n' "$KEY" > "$MARK"
 echo "  llama.cpp reports: $("$BIN/python" -c 'import llama_cpp; print(llama_cpp.llama_print_system_info().decode().strip())')"
