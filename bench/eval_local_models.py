@@ -16,8 +16,10 @@ calls); the flagship's wall time per set and on the demo documents; and the word
 
     .venv/bin/python bench/eval_local_models.py [--models qwen2.5-1.5b,qwen2.5-0.5b,smollm2,gemma3] [--sets 20]
 
-Raw results go to ``bench/results/eval_local_models.json`` as each run ends (``--resume`` keeps those already
-there); the table goes into docs/benchmarks.md between the ``eval_local_models`` markers.
+Raw results go to ``bench/results/eval_local_models.json`` (``--results``) as each run ends (``--resume`` keeps
+those already there); the table goes into docs/benchmarks.md between the ``eval_local_models`` markers. Two
+processes can share the machine's two cores (a local model generates on one core): give each its own
+``--results`` file, then merge them with ``--doc-only --results a.json,b.json``.
 """
 
 from __future__ import annotations
@@ -106,17 +108,21 @@ async def run_one(
     }
 
 
-def _load() -> list[dict[str, Any]]:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+def _load(paths: list[Path]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        if path.exists():
+            rows += json.loads(path.read_text())
+    return rows
 
 
-def _save(rows: list[dict[str, Any]]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=1))
+def _save(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
 
 
-async def evaluate(models: list[str], n_sets: int, resume: bool) -> list[dict[str, Any]]:
-    rows = _load() if resume else []
+async def evaluate(models: list[str], n_sets: int, resume: bool, results: Path) -> list[dict[str, Any]]:
+    rows = _load([results]) if resume else []
     done = {(r["model"], r["set"]) for r in rows}
     docsets = fs.generate(n_sets)
     demo_docs = demo_documents()
@@ -131,7 +137,7 @@ async def evaluate(models: list[str], n_sets: int, resume: bool) -> list[dict[st
             started = time.perf_counter()
             row = await run_one(model, name, documents, request, docset)
             rows.append(row)
-            _save(rows)
+            _save(rows, results)
             s = row["score"]
             print(
                 f"[{model} {i}/{len(jobs)}] {name}: {row['status']}, conflicts {s['found_conflicts']}/"
@@ -227,10 +233,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--sets", type=int, default=20)
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the results file")
-    parser.add_argument("--doc-only", action="store_true", help="rewrite the doc from the results file")
+    parser.add_argument("--doc-only", action="store_true", help="rewrite the doc from the results file(s)")
+    parser.add_argument(
+        "--results", default=str(RESULTS), help="where runs are kept (with --doc-only: comma-separated files to merge)"
+    )
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    rows = _load() if args.doc_only else asyncio.run(evaluate(models, args.sets, args.resume))
+    paths = [Path(p) for p in args.results.split(",")]
+    if args.doc_only:
+        rows = _load(paths)
+    else:
+        rows = asyncio.run(evaluate(models, args.sets, args.resume, paths[0]))
     write_doc(rows, models, args.sets)
     print(table(rows, models))
 
