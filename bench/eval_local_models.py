@@ -105,6 +105,10 @@ async def run_one(
         "junk_dropped": dropped,
         "risks_worded": worded,
         "score": scored.as_dict(),
+        "result": {k: (result or {}).get(k) for k in ("topics", "comparison", "risks")},
+        "errors": [
+            e for e in env.get("errors", []) if e.get("severity") == "error" or e.get("type") == "low_quality_output"
+        ],
     }
 
 

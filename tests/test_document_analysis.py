@@ -254,6 +254,13 @@ def test_positions_are_compared_by_their_figures_then_their_words() -> None:
     england = "This agreement is governed by the laws of England."
     assert same_position(england, "The laws of England govern this contract.", law)
     assert not same_position(england, "This agreement is governed by the laws of the State of Delaware.", law)
+    ontario = "The laws of the Province of Ontario govern this contract."
+    assert same_position(
+        ontario, "Any dispute is subject to the courts of the Province of Ontario, whose law applies.", law
+    )
+    termination = next(t for t in CHECKLIST if t.key == "termination")
+    assert termination.concerns("Either party may end this agreement on 90 days' written notice.")
+    assert not termination.concerns("Notices must be in writing and sent to the registered office.")
 
 
 def test_quotes_match_across_case_spacing_hyphenation_and_ellipses() -> None:

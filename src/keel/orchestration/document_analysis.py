@@ -265,7 +265,7 @@ CHECKLIST: tuple[Topic, ...] = (
         key="termination",
         name="termination",
         hint="notice period and who may end the contract",
-        cue=r"terminat|cancel|\bend (this|the)\b|notice",
+        cue=r"terminat|cancel|\bend (this|the)\b|notice period|days'? (written )?notice",
     ),
     Topic(
         key="data_location",
@@ -851,8 +851,9 @@ _PARTIES = frozenset(
 
 def same_position(a: str, b: str, topic: Topic | None = None) -> bool:
     """Whether two statements on one topic agree: by their figures where either has any (30 days vs 60 days),
-    else by what is left of their words once the topic's own words and the parties' names are set aside (the
-    laws of England govern vs governed by the laws of England: agree; England vs Delaware: differ)."""
+    else by what is left of their words once the topic's own words and the parties' names are set aside, the
+    shorter mostly within the longer (the laws of England govern vs governed by the laws of England: agree;
+    England vs Delaware: differ)."""
     na, nb = _numbers(a), _numbers(b)
     if na or nb:
         return na == nb
@@ -864,7 +865,9 @@ def same_position(a: str, b: str, topic: Topic | None = None) -> bool:
     wa, wb = core(a), core(b)
     if not wa or not wb:
         return wa == wb
-    return len(wa & wb) / len(wa | wb) >= 0.5
+    # The shorter statement's words mostly in the longer one: "the Province of Ontario" and "the courts of the
+    # Province of Ontario, whose law applies" say the same.
+    return len(wa & wb) / min(len(wa), len(wb)) >= 0.5
 
 
 def _compare(run: _Run, insights: list[Insight]) -> ComparisonResult:
