@@ -100,7 +100,8 @@ async def test_a_child_killed_mid_generation_fails_the_call_retryably_and_the_ne
 ) -> None:
     await model.request(HI, settings=ModelSettings(max_tokens=1))
     pid, starts = model.worker.pid, model.worker.starts
-    assert pid is not None and alive(pid) and model_processes(os.getpid()) == [pid]
+    # pid is this model's child (other tests in this process may have left other models' children running)
+    assert pid is not None and alive(pid) and pid in model_processes(os.getpid())
     got = 0
 
     async def consume() -> None:
