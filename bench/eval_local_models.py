@@ -264,7 +264,11 @@ section).
 
 The default is `local:{DEFAULT_LOCAL}`: the only candidate that names at least 4 of the demo's 6 conflicts well
 inside the 5-minute budget and leaves few false conflicts; the smaller models are kept selectable by name
-(`local:qwen2.5-0.5b`, `local:gemma3`, `local:smollm2`) for speed where quality matters less.
+(`local:qwen2.5-0.5b`, `local:gemma3`, `local:smollm2`) for speed where quality matters less. Gemma 3 270M is
+the pretrained checkpoint, not the instruction-tuned one: its plan's confidence is under the gate on every set, so
+each task ends `needs_clarification` before a document is read. The pipeline lifts even SmolLM2 to a few recalled
+conflicts (the code narrows each topic to the sentences that can be about it), but most of its worded risks are
+junk and are dropped.
 
 What the demo missed, by model (first few):
 
