@@ -27,6 +27,7 @@ The work is cut into steps a small local model does well, and everything that ca
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -1035,7 +1036,7 @@ async def _word(run: _Run, comparison: ComparisonResult) -> tuple[list[RiskDraft
             step="risks",
         )
     drafts.sort(key=lambda d: _SEVERITY[d.severity])  # stable: differences before single-document topics
-    await ctx.partial_result("risks", [d.model_dump() for d in drafts])
+    await ctx.partial_result("risks", [dataclasses.asdict(d) for d in drafts])
     return drafts, "ok" if len(worded) == len(rows) else "partial"
 
 
@@ -1063,15 +1064,6 @@ class RiskDraft:
     rationale: str
     topic: str
     evidence: list[EvidenceDraft]
-
-    def model_dump(self) -> dict[str, Any]:
-        return {
-            "risk": self.risk,
-            "severity": self.severity,
-            "rationale": self.rationale,
-            "topic": self.topic,
-            "evidence": [{"document": e.document, "page": e.page, "quote": e.quote} for e in self.evidence],
-        }
 
 
 # -- validate ------------------------------------------------------------------------------------------------------

