@@ -68,20 +68,26 @@ def alive(pid: int) -> bool:
 
 
 def children(pid: int) -> set[int]:
+    """The live children of ``pid``, gathered over its threads (a thread or child may exit while we read)."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with open(task / "children") as f:
-            found.update(int(p) for p in f.read().split())
+        try:
+            found.update(int(p) for p in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     return found
+
+
+def runs_a_model(child: int) -> bool:
+    try:
+        return b"keel.orchestration.models.local_worker" in Path(f"/proc/{child}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def model_processes(pid: int) -> list[int]:
     """The children of ``pid`` that run a local model."""
-    return [
-        child
-        for child in children(pid)
-        if b"keel.orchestration.models.local_worker" in Path(f"/proc/{child}/cmdline").read_bytes()
-    ]
+    return [child for child in children(pid) if runs_a_model(child)]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
