@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from keel.memory.embeddings import Embedder
+from keel.memory.retrieval import Memory
+from keel.memory.stores import EmailOutbox
 from keel.netguard import AllowList
 
 
@@ -13,16 +16,16 @@ from keel.netguard import AllowList
 class Services:
     """What built-in tools reach at run time (``ToolContext.services``)."""
 
-    store: Any = None
-    """The store (the email outbox lives there)."""
+    store: EmailOutbox | None = None
+    """Where ``send_email`` queues its messages (the store's email outbox)."""
     documents_dir: Path | None = None
     """``read_document`` reads local paths only under this folder (None: URLs only)."""
     fetch_allow: AllowList = field(default_factory=lambda: AllowList.parse(""))
     """Hosts exempt from the SSRF rules (tests and local development only)."""
     fetch_max_bytes: int = 5_000_000
     fetch_timeout_s: float = 20.0
-    clock: Any = None
-    memory: Any = None
-    """:class:`keel.memory.retrieval.Memory`: sessions, documents and retrieval (None: no memory layer)."""
-    embedders: Any = None
+    clock: Callable[[], float] | None = None
+    memory: Memory | None = None
+    """Sessions, documents and retrieval (None: no memory layer)."""
+    embedders: Callable[[str], Embedder] | None = None
     """``spec -> Embedder`` (cached), for re-embedding under another model."""
