@@ -1,4 +1,8 @@
-"""Wires the three layers into one ASGI app with the embedded runtime in-process."""
+"""Wires the three layers into one ASGI app with the embedded runtime in-process.
+
+:func:`running` opens the store, the memory layer, the tools and the engine, and builds the application service
+(:class:`keel.service.Keel`) on them; :func:`create_app` puts the HTTP and MCP edges in front of it. This is the
+one module that picks drivers; everything behind an edge reaches them only through the service."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import importlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 from fastapi import FastAPI
@@ -38,10 +41,11 @@ from keel.orchestration.models import ModelRegistry
 from keel.orchestration.runtime import EmbeddedEngine, Notifier
 from keel.orchestration.toolbox import Services
 from keel.orchestration.toolbox.builtins import builtin_tools, load_tools
-from keel.orchestration.toolbox.email import EmailRelay
+from keel.orchestration.toolbox.email import EmailRelay, Sender
 from keel.orchestration.toolbox.fetch import FetchLimits, document_fetcher
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry, default_registry
+from keel.service import Keel
 from keel.settings import Settings
 
 DESCRIPTION = """
@@ -55,25 +59,6 @@ plus `errors[]`. Every non-2xx response is RFC 9457 `application/problem+json`.
 task (`Idempotent-Replayed: true`); with a different body, 422; while the first is still in flight, 409.
 Keys are scoped to the API key's tenant and kept for `KEEL_IDEMPOTENCY_TTL_HOURS` (default and minimum 24 h).
 """
-
-
-@dataclass(kw_only=True)
-class Keel:
-    """Everything a request handler needs, hung on ``app.state.keel``."""
-
-    settings: Settings
-    store: Store
-    registry: WorkflowRegistry
-    runtime: Engine
-    notifier: Notifier
-    webhooks: WebhookDispatcher
-    webhook_allow: AllowList
-    tools: ToolCatalog
-    memory: Memory
-    clock: Callable[[], float] = time.time
-    in_flight: set[tuple[str, str]] = field(default_factory=set)
-    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
-    """What closes with the process (MCP sessions, embedders, the runtime's loops)."""
 
 
 def registry_for(settings: Settings) -> WorkflowRegistry:
@@ -112,7 +97,7 @@ async def _tools(settings: Settings, stack: contextlib.AsyncExitStack) -> ToolCa
     return catalog
 
 
-def _smtp(settings: Settings) -> Any:
+def _smtp(settings: Settings) -> Sender | None:
     if not settings.smtp_url:
         return None
     from keel.backends.smtp import SmtpSender
@@ -241,9 +226,10 @@ def _shared(settings: Settings, role: Role) -> bool:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role = "all") -> AsyncIterator[Keel]:
-    """Open the store, the memory layer and the tools, and run what ``role`` asks for: ``all`` (one process: the
-    API and the workers, the embedded default), ``api`` (answers HTTP; the queue is worked elsewhere) or
-    ``worker`` (runs tasks, webhooks and emails; no HTTP). Everything is stopped and closed on exit."""
+    """Open the store, the memory layer and the tools, build the service on them, and run what ``role`` asks for:
+    ``all`` (one process: the API and the workers, the embedded default), ``api`` (answers HTTP; the queue is
+    worked elsewhere) or ``worker`` (runs tasks, webhooks and emails; no HTTP). Everything is stopped and closed
+    on exit."""
     shared = _shared(settings, role)
     lock = None if shared else _lock_data_dir(settings)
     store = open_store(settings.resolved_store_url)
@@ -274,26 +260,15 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
         )
         runtime = _engine(settings, store, registry, notifier, tools, services, run_workers=role != "api")
         allow = AllowList.parse(settings.webhook_allow_hosts)
-        webhooks = WebhookDispatcher(
-            store,
-            allow=allow,
-            max_attempts=settings.webhook_max_attempts,
-            backoff_base_s=settings.webhook_backoff_base_s,
-            backoff_max_s=settings.webhook_backoff_max_s,
-            timeout_s=settings.webhook_timeout_s,
-            poll_s=settings.poll_interval_s,
-        )
         keel = Keel(
             settings=settings,
             store=store,
             registry=registry,
             runtime=runtime,
             notifier=notifier,
-            webhooks=webhooks,
-            webhook_allow=allow,
             tools=tools,
             memory=memory,
-            stack=stack,
+            webhook_allow=allow,
         )
         if role != "api" or settings.engine == "temporal":
             # A process that owns its store alone knows that whatever is still `running` belongs to a dead one;
@@ -303,6 +278,15 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
             stack.push_async_callback(runtime.stop)
         if role != "api":
             relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
+            webhooks = WebhookDispatcher(
+                store,
+                allow=allow,
+                max_attempts=settings.webhook_max_attempts,
+                backoff_base_s=settings.webhook_backoff_base_s,
+                backoff_max_s=settings.webhook_backoff_max_s,
+                timeout_s=settings.webhook_timeout_s,
+                poll_s=settings.poll_interval_s,
+            )
             webhooks.start()
             stack.push_async_callback(webhooks.stop)
             relay.start()
@@ -374,11 +358,15 @@ def create_app(
     _shared(settings, role)  # refuse an impossible role now, not at start-up
     registry = registry or registry_for(settings)
 
+    def service() -> Keel:
+        keel: Keel = app.state.keel
+        return keel
+
     # keel's tools over MCP, behind the same API keys; built now (the route must exist), served once the
-    # lifespan has opened the store.
+    # lifespan has built the service.
     mcp = build_mcp(
-        TaskToolBackend(lambda: app.state.keel),
-        lambda token: app.state.keel.store.verify_key(token),
+        TaskToolBackend(service),
+        lambda token: service().verify_key(token),
         allowed_origins=settings.mcp_allowed_origins,
     )
 
@@ -386,8 +374,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with running(settings, registry, role=role) as keel:
             app.state.keel = keel
-            await keel.stack.enter_async_context(mcp.running())
-            yield
+            async with mcp.running():  # stops (its calls cancelled) before the runtime and the store
+                yield
 
     app = FastAPI(title="keel", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     problems.install(app)
@@ -409,7 +397,7 @@ def create_app(
         keel: Keel | None = getattr(app.state, "keel", None)
         if keel is None:
             return JSONResponse({"status": "starting"}, status_code=503)
-        await keel.store.read("readyz", 0, limit=1)
+        await keel.ping()
         if model is None or not model.local:
             return JSONResponse({"status": "ready"})
         problem = await model.problem()

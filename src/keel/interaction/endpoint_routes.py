@@ -1,25 +1,27 @@
 """The endpoint families: chat, agent, reason, function-call and stream.
 
 Each is a thin, documented shape over the task API: the request becomes a task of a workflow (``ask``, ``agent``,
-``reason``, ``function_call``) through the same ``create_task`` as ``POST /v1/tasks`` (validation before anything
-is stored, ``Idempotency-Key``, tool policy), so every call is durable, listed by ``GET /v1/tasks`` and answered
-with the envelope. A synchronous answer only waits for the task: when it is not done within ``wait_s`` the caller
-gets the 202 handle, and nothing that was accepted is lost.
+``reason``, ``function_call``) through the same :meth:`keel.service.Keel.submit` as ``POST /v1/tasks``
+(validation before anything is stored, ``Idempotency-Key``, tool policy), so every call is durable, listed by
+``GET /v1/tasks`` and answered with the envelope. A synchronous answer only waits for the task
+(:meth:`~keel.service.Keel.wait`): when it is not done within ``wait_s`` the caller gets the 202 handle, and nothing
+that was accepted is lost.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import secrets
 from typing import Annotated, Any, Literal, Self
 
-from fastapi import APIRouter, Body, Request, Response
+from fastapi import APIRouter, Body, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keel.errors import InputError
-from keel.interaction.routes import ERRORS, PROBLEM, IdempotencyKey, Writer, create_task, event_stream
+from keel.interaction.auth import Writer
+from keel.interaction.deps import App, errors, problem
+from keel.interaction.routes import IdempotencyKey, submit_task, submitted_headers
 from keel.interaction.schemas import (
     BudgetSpec,
     Envelope,
@@ -30,9 +32,10 @@ from keel.interaction.schemas import (
     accepted,
     links,
 )
+from keel.interaction.sse import event_response
 from keel.memory.types import ApiKey, Task, TaskStatus
 from keel.orchestration.endpoint_workflows import ChatMessage, check_output_schema
-from keel.orchestration.tools import permitted
+from keel.service import Keel
 
 router = APIRouter(prefix="/v1", tags=["endpoints"])
 
@@ -182,10 +185,6 @@ class ChatAccepted(TaskAccepted):
 # -- helpers ------------------------------------------------------------------------------------------------------
 
 
-def _keel(request: Request) -> Any:
-    return request.app.state.keel
-
-
 def _session(tenant: str, idempotency_key: str | None) -> str:
     # A retry with the same Idempotency-Key must mint the same session, or its body (and so its hash) would differ.
     if idempotency_key is not None:
@@ -193,27 +192,18 @@ def _session(tenant: str, idempotency_key: str | None) -> str:
     return "ses_" + secrets.token_hex(12)
 
 
-async def _settle(keel: Any, task: Task, tenant: str, wait_s: float) -> Task:
-    """The task once it is terminal or waiting for a person, or as it is when ``wait_s`` runs out."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    while not (task.status.terminal or task.status is TaskStatus.waiting_for_approval):
-        left = deadline - loop.time()
-        if left <= 0:
-            break
-        await keel.notifier.wait(task.id, min(left, keel.settings.poll_interval_s))
-        found = await keel.store.get_task(task.id, tenant)
-        if found is None:  # cannot happen for a task just created; answer with the handle all the same
-            break
-        task = found
-    return task
+async def _submit(
+    keel: Keel, key: ApiKey, body: SubmitTask, idempotency_key: str | None
+) -> tuple[Task, dict[str, str]]:
+    submitted = await submit_task(keel, key, body, idempotency_key)
+    return submitted.task, submitted_headers(submitted)
 
 
 async def _answer(
-    keel: Any, key: ApiKey, task: Task, headers: dict[str, str], wait_s: float, **extra: Any
+    keel: Keel, key: ApiKey, task: Task, headers: dict[str, str], wait_s: float, **extra: Any
 ) -> JSONResponse:
     """200 with the envelope when the task is done within ``wait_s``; otherwise 202 with its handle."""
-    task = await _settle(keel, task, key.tenant, wait_s)
+    task = await keel.wait(task, wait_s=wait_s, tenant=key.tenant)
     if task.status.terminal and task.envelope is not None:
         done = TaskResult(
             task_id=task.id,
@@ -226,9 +216,9 @@ async def _answer(
     return JSONResponse({**accepted(task).model_dump(mode="json"), **extra}, status_code=202, headers=headers)
 
 
-def _relay(keel: Any, task: Task, headers: dict[str, str]) -> Response:
+def _relay(keel: Keel, task: Task, headers: dict[str, str]) -> Response:
     """The task's events as SSE from its first event, with the handle in the headers for resumption."""
-    return event_stream(keel, task.id, 0, {**headers, "X-Keel-Task-Id": task.id})
+    return event_response(keel, task.id, 0, {**headers, "X-Keel-Task-Id": task.id})
 
 
 def _responses(ok: dict[str, Any], *, sync: bool = True, sse: bool = False) -> dict[int | str, dict[str, Any]]:
@@ -239,15 +229,13 @@ def _responses(ok: dict[str, Any], *, sync: bool = True, sse: bool = False) -> d
             "description": "Accepted as a task (not finished within `wait_s`, or waiting for a person's approval): "
             "poll `Location`, stream its events, or wait for the webhook.",
         },
-        401: ERRORS[401],
-        403: ERRORS[403],
-        409: {"description": "A request with this Idempotency-Key is still in flight", **PROBLEM},
-        413: {"description": "Body too large", **PROBLEM},
-        422: {
-            "description": "Malformed JSON, an invalid body (with JSON pointers), or an Idempotency-Key reused "
-            "with a different body. Nothing was stored.",
-            **PROBLEM,
-        },
+        **errors(),
+        409: problem("A request with this Idempotency-Key is still in flight"),
+        413: problem("Body too large"),
+        422: problem(
+            "Malformed JSON, an invalid body (with JSON pointers), or an Idempotency-Key reused "
+            "with a different body. Nothing was stored."
+        ),
     }
     if not sync:
         del out[200]
@@ -300,7 +288,7 @@ CHAT_EXAMPLES: dict[str, Any] = {
 )
 async def chat(
     body: Annotated[ChatRequest, Body(openapi_examples=CHAT_EXAMPLES)],
-    request: Request,
+    keel: App,
     key: Writer,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
@@ -310,7 +298,6 @@ async def chat(
     Not streamed: 200 with `{task_id, status, links, envelope, session}` when the answer is ready within `wait_s`,
     else 202 with the handle (`Location: /v1/tasks/{id}`). Streamed: `text/event-stream` relaying the task's
     events, with `Location` and `X-Keel-Task-Id` for resumption. Every answer carries `X-Keel-Session`."""
-    keel = _keel(request)
     session = body.session or _session(key.tenant, idempotency_key)
     ask = {
         "question": body.message,
@@ -321,7 +308,7 @@ async def chat(
         "history_turns": body.history_turns,
     }
     submit = SubmitTask(workflow="ask", input=ask, metadata={"via": "chat", "session": session})
-    task, headers, _ = await create_task(keel, key, submit, idempotency_key)
+    task, headers = await _submit(keel, key, submit, idempotency_key)
     headers["X-Keel-Session"] = session
     if body.stream:
         return _relay(keel, task, headers)
@@ -358,7 +345,7 @@ AGENT_EXAMPLES: dict[str, Any] = {
 )
 async def run(
     body: Annotated[AgentRequest, Body(openapi_examples=AGENT_EXAMPLES)],
-    request: Request,
+    keel: App,
     key: Writer,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
@@ -376,7 +363,7 @@ async def run(
         tools=body.tools,
         approval=body.approval,
     )
-    task, headers, _ = await create_task(_keel(request), key, submit, idempotency_key)
+    task, headers = await _submit(keel, key, submit, idempotency_key)
     return JSONResponse(accepted(task).model_dump(mode="json"), status_code=202, headers=headers)
 
 
@@ -417,7 +404,7 @@ REASON_EXAMPLES: dict[str, Any] = {
 )
 async def reason(
     body: Annotated[ReasonRequest, Body(openapi_examples=REASON_EXAMPLES)],
-    request: Request,
+    keel: App,
     key: Writer,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
@@ -432,8 +419,7 @@ async def reason(
         "max_tokens": body.max_tokens,
     }
     submit = SubmitTask(workflow="reason", input=inp, metadata={"via": "reason"})
-    keel = _keel(request)
-    task, headers, _ = await create_task(keel, key, submit, idempotency_key)
+    task, headers = await _submit(keel, key, submit, idempotency_key)
     return await _answer(keel, key, task, headers, body.wait_s)
 
 
@@ -472,15 +458,14 @@ FUNCTION_CALL_EXAMPLES: dict[str, Any] = {
 )
 async def function_call(
     body: Annotated[FunctionCallRequest, Body(openapi_examples=FUNCTION_CALL_EXAMPLES)],
-    request: Request,
+    keel: App,
     key: Writer,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """One model turn offered the tools. Each call it asks for is checked against its tool's schema. Without
     `execute` nothing runs; with it, each valid call runs through the effect ledger and the approval rules (a
     write after untrusted content, or with `approval: always`, parks the task for a person: 202)."""
-    keel = _keel(request)
-    if body.tools is None and not any(permitted(t, key.scopes) for t in keel.tools):
+    if body.tools is None and not keel.tools_for(key):
         raise InputError(
             "no tool is available to this API key",
             detail={"errors": [{"pointer": "/tools", "message": "the key holds no scope any tool needs"}]},
@@ -499,7 +484,7 @@ async def function_call(
         approval=body.approval,
         metadata={"via": "function-call"},
     )
-    task, headers, _ = await create_task(keel, key, submit, idempotency_key)
+    task, headers = await _submit(keel, key, submit, idempotency_key)
     return await _answer(keel, key, task, headers, body.wait_s)
 
 
@@ -518,7 +503,7 @@ STREAM_EXAMPLES: dict[str, Any] = {
 )
 async def stream(
     body: Annotated[StreamRequest, Body(openapi_examples=STREAM_EXAMPLES)],
-    request: Request,
+    keel: App,
     key: Writer,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
@@ -527,6 +512,5 @@ async def stream(
     `GET /v1/tasks/{id}/events` with `Last-Event-ID`, or poll `GET /v1/tasks/{id}`."""
     ask = {"question": body.prompt, "system": body.system, "model": body.model, "max_tokens": body.max_tokens}
     submit = SubmitTask(workflow="ask", input=ask, metadata={"via": "stream"})
-    keel = _keel(request)
-    task, headers, _ = await create_task(keel, key, submit, idempotency_key)
+    task, headers = await _submit(keel, key, submit, idempotency_key)
     return _relay(keel, task, headers)

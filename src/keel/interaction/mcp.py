@@ -7,14 +7,14 @@ tools are delegated to a :class:`ToolBackend`, so this module knows nothing of t
 runtime only once the lifespan has run, so build the endpoint in ``create_app`` over callables that read
 ``app.state.keel`` when a request comes (none comes before the lifespan has started), and run it in the lifespan::
 
-    endpoint = build_mcp(YourBackend(lambda: app.state.keel), lambda token: app.state.keel.store.verify_key(token),
+    endpoint = build_mcp(YourBackend(lambda: app.state.keel), lambda token: app.state.keel.verify_key(token),
                          allowed_origins=settings.mcp_allowed_origins)
     app.add_route("/mcp", endpoint.asgi, include_in_schema=False)  # exactly /mcp; not app.mount (see below)
-    # in lifespan(), after `app.state.keel = Keel(...)`: replace the bare `yield` in its try/finally with
+    # in lifespan(), inside `async with running(...) as keel:` and after `app.state.keel = keel`:
     async with endpoint.running():
         yield
 
-So MCP stops (its in-flight calls are cancelled) before the ``finally`` stops the runtime and closes the store.
+So MCP stops (its in-flight calls are cancelled) before ``running`` stops the runtime and closes the store.
 Until ``running()`` is entered (and after it exits) ``/mcp`` answers 503 problem+json. ``running()`` may be
 entered again after it exits (each run gets a fresh SDK session manager, which is single-use), not twice at once,
 and must be exited in the task that entered it (it holds an anyio task group). Do not
@@ -53,7 +53,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -68,10 +68,12 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from keel.errors import AuthError, Forbidden, KeelError
+from keel.errors import Forbidden, KeelError
+from keel.interaction.auth import VerifyKey, authenticate
 from keel.interaction.problems import problem
 from keel.memory.types import ApiKey
 from keel.orchestration.tools import Tool
+from keel.service import Progress as Progress  # a ToolBackend's progress callback
 
 log = logging.getLogger("keel.mcp")
 
@@ -80,9 +82,6 @@ SCOPE_KEY = "keel.api_key"
 TASK_ID_META = "keel/task_id"
 """``_meta`` key of a ``tools/call`` result: the keel task that ran the call, when there is one."""
 REQUIRED_SCOPE = "tasks:write"
-
-Progress = Callable[[float, str | None], Awaitable[None]]
-VerifyKey = Callable[[str], Awaitable[ApiKey | None]]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -307,17 +306,6 @@ class McpEndpoint:
             finally:
                 self._manager = None
 
-    async def _authenticate(self, headers: Headers) -> ApiKey:
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("missing bearer API key")
-        key = await self.verify_key(token.strip())
-        if key is None:
-            raise AuthError("invalid API key")
-        if REQUIRED_SCOPE not in key.scopes and "admin" not in key.scopes:
-            raise Forbidden(f"this API key lacks the scope {REQUIRED_SCOPE!r}")
-        return key
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
@@ -328,7 +316,7 @@ class McpEndpoint:
             await _problem(Forbidden(f"the Origin {origin[:200]!r} is not allowed"))(scope, receive, send)
             return
         try:
-            key = await self._authenticate(headers)
+            key = await authenticate(headers.get("authorization", ""), self.verify_key, REQUIRED_SCOPE)
         except KeelError as exc:
             await _problem(exc)(scope, receive, send)
             return

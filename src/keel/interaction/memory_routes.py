@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from keel.errors import InputError, NotFound
-from keel.interaction.auth import require
-from keel.memory.retrieval import Memory
-from keel.memory.types import ApiKey, DocumentRecord, document_id
+from keel.errors import InputError
+from keel.interaction.auth import Reader, Writer
+from keel.interaction.deps import App, errors, problem
 
-router = APIRouter(prefix="/v1")
-PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key", **PROBLEM},
-    403: {"description": "The key lacks a scope", **PROBLEM},
-    404: {"description": "No such document for this tenant", **PROBLEM},
-}
-Reader = Annotated[ApiKey, Depends(require("tasks:read"))]
-Writer = Annotated[ApiKey, Depends(require("tasks:write"))]
+router = APIRouter(prefix="/v1", tags=["memory"])
+ERRORS = errors("No such document for this tenant")
 
 
 class DocumentView(BaseModel):
@@ -83,11 +73,6 @@ EXAMPLE = {
 }
 
 
-def _memory(request: Request) -> Memory:
-    memory: Memory = request.app.state.keel.memory
-    return memory
-
-
 async def _read_request(request: Request) -> tuple[bytes | None, str, str | None, str | None]:
     """``(data, source, media_type, password)`` from a multipart upload, or ``(None, url, None, password)``
     from a JSON body."""
@@ -142,11 +127,10 @@ async def _read_request(request: Request) -> tuple[bytes | None, str, str | None
             "description": "Ingested, or skipped with its reason",
             "content": {"application/json": {"example": EXAMPLE}},
         },
-        413: {"description": "Larger than KEEL_INGEST_MAX_BYTES", **PROBLEM},
-        422: {"description": "No file, an empty file, a bad JSON body, or a URL the SSRF rules refuse", **PROBLEM},
+        413: problem("Larger than KEEL_INGEST_MAX_BYTES"),
+        422: problem("No file, an empty file, a bad JSON body, or a URL the SSRF rules refuse"),
     },
     summary="Ingest a document",
-    tags=["memory"],
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -166,86 +150,62 @@ async def _read_request(request: Request) -> tuple[bytes | None, str, str | None
         }
     },
 )
-async def ingest_document(request: Request, key: Writer) -> JSONResponse:
+async def ingest_document(request: Request, keel: App, key: Writer) -> JSONResponse:
     """Parse (in a resource-limited child process: a PDF bomb cannot take the server down), OCR pages without a
     text layer, chunk by tokens, embed, and store in vector memory. A document that cannot be ingested answers
     with `status: skipped` and the reason: encrypted (a warning: send it again with `password`), corrupt, too
     large, a parser bomb, or unreachable after 3 retries. Ingesting the same bytes again returns the stored
     document (200)."""
-    memory = _memory(request)
     data, source, media_type, password = await _read_request(request)
     if data is not None:
-        sha = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-        known = await memory.store.get_document(key.tenant, document_id(key.tenant, sha), memory.clock())
-        work = memory.ingestor.ingest_bytes(
-            key.tenant, data, source=source, media_type=media_type, password=password, sha256=sha
-        )
+        done = await keel.ingest_bytes(key.tenant, data, source=source, media_type=media_type, password=password)
     else:
-        known = None
-        work = memory.ingestor.ingest_url(key.tenant, source, password=password)
-    # Shielded: a client that hangs up does not abandon a half-ingested document; it finishes, and asking again
-    # with the same bytes returns it.
-    doc: DocumentRecord = await asyncio.shield(asyncio.ensure_future(work))
-    fresh = known is None or known.status.value != "ingested"
+        done = await keel.ingest_url(key.tenant, source, password=password)
+    doc = done.document
     return JSONResponse(
         DocumentView(**doc.public()).model_dump(mode="json"),
-        status_code=201 if fresh else 200,
+        status_code=201 if done.fresh else 200,
         headers={"Location": f"/v1/documents/{doc.id}"},
     )
 
 
-@router.get(
-    "/documents/{document_id}", response_model=DocumentView, responses=ERRORS, summary="A document", tags=["memory"]
-)
-async def get_document(document_id: str, request: Request, key: Reader) -> DocumentView:
-    memory = _memory(request)
-    doc = await memory.store.get_document(key.tenant, document_id, memory.clock())
-    if doc is None:
-        raise NotFound(f"no document {document_id!r}")
-    return DocumentView(**doc.public())
+@router.get("/documents/{document_id}", response_model=DocumentView, responses=ERRORS, summary="A document")
+async def get_document(document_id: str, keel: App, key: Reader) -> DocumentView:
+    return DocumentView(**(await keel.document(key.tenant, document_id)).public())
 
 
-@router.get("/documents", response_model=list[DocumentView], responses=ERRORS, summary="Documents", tags=["memory"])
+@router.get("/documents", response_model=list[DocumentView], responses=ERRORS, summary="Documents")
 async def list_documents(
-    request: Request, key: Reader, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    keel: App, key: Reader, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> list[DocumentView]:
-    memory = _memory(request)
-    return [
-        DocumentView(**d.public()) for d in await memory.store.list_documents(key.tenant, memory.clock(), limit=limit)
-    ]
+    return [DocumentView(**d.public()) for d in await keel.documents(key.tenant, limit=limit)]
 
 
-@router.delete(
-    "/documents/{document_id}", status_code=204, responses=ERRORS, summary="Forget a document", tags=["memory"]
-)
-async def delete_document(document_id: str, request: Request, key: Writer) -> Response:
+@router.delete("/documents/{document_id}", status_code=204, responses=ERRORS, summary="Forget a document")
+async def delete_document(document_id: str, keel: App, key: Writer) -> Response:
     """Delete the document and every chunk of it, in every embedding space."""
-    if not await _memory(request).store.delete_document(key.tenant, document_id):
-        raise NotFound(f"no document {document_id!r}")
+    await keel.delete_document(key.tenant, document_id)
     return Response(status_code=204)
 
 
-@router.post("/memory/search", responses=ERRORS, summary="Search vector memory", tags=["memory"])
-async def search(body: SearchBody, request: Request, key: Reader) -> dict[str, Any]:
+@router.post("/memory/search", responses=ERRORS, summary="Search vector memory")
+async def search(body: SearchBody, keel: App, key: Reader) -> dict[str, Any]:
     """The `k` passages closest to `query`, with cosine scores and a confidence signal (`confidence` 0–1 and
     `level` high/medium/low/none). Only chunks of the configured embedding model's version are compared."""
-    found = await _memory(request).search(key.tenant, body.query, k=body.k, documents=body.documents)
+    found = await keel.search(key.tenant, body.query, k=body.k, documents=body.documents)
     return found.summary(text_chars=4000)
 
 
-@router.get("/memory/spaces", responses=ERRORS, summary="Embedding spaces", tags=["memory"])
-async def spaces(request: Request, key: Reader) -> dict[str, Any]:
+@router.get("/memory/spaces", responses=ERRORS, summary="Embedding spaces")
+async def spaces(keel: App, key: Reader) -> dict[str, Any]:
     """Every embedding space (model@version) that holds chunks, and which one queries use now."""
-    memory = _memory(request)
-    return {"current": memory.embedder.space.key, "spaces": await memory.store.spaces(memory.clock())}
+    current, spaces = await keel.spaces()
+    return {"current": current, "spaces": spaces}
 
 
-@router.get("/sessions/{session_id}", responses=ERRORS, summary="A session's memory", tags=["memory"])
-async def get_session(session_id: str, request: Request, key: Reader) -> dict[str, Any]:
-    memory = _memory(request)
-    session = await memory.store.get_session(key.tenant, session_id, memory.clock())
-    if session is None:
-        raise NotFound(f"no session {session_id!r} (unknown or expired)")
+@router.get("/sessions/{session_id}", responses=ERRORS, summary="A session's memory")
+async def get_session(session_id: str, keel: App, key: Reader) -> dict[str, Any]:
+    session = await keel.session(key.tenant, session_id)
     return {
         "id": session.id,
         "expires_at": session.expires_at,
@@ -254,8 +214,7 @@ async def get_session(session_id: str, request: Request, key: Reader) -> dict[st
     }
 
 
-@router.delete("/sessions/{session_id}", status_code=204, responses=ERRORS, summary="Forget a session", tags=["memory"])
-async def delete_session(session_id: str, request: Request, key: Writer) -> Response:
-    if not await _memory(request).store.delete_session(key.tenant, session_id):
-        raise NotFound(f"no session {session_id!r}")
+@router.delete("/sessions/{session_id}", status_code=204, responses=ERRORS, summary="Forget a session")
+async def delete_session(session_id: str, keel: App, key: Writer) -> Response:
+    await keel.delete_session(key.tenant, session_id)
     return Response(status_code=204)

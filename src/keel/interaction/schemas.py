@@ -9,6 +9,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from keel.memory.types import EffectStatus, ModelStats, Task, TaskStatus, Verdict
 from keel.orchestration.envelope import Envelope
+from keel.service import Submission, Webhook
 
 __all__ = [
     "BudgetSpec",
@@ -128,6 +129,19 @@ class SubmitTask(BaseModel):
         None, description="Allow a stored result of an identical request; without it the task always runs."
     )
 
+    def submission(self) -> Submission:
+        """What the body asks the service for."""
+        return Submission(
+            workflow=self.workflow,
+            input=self.input,
+            webhook=Webhook(url=str(self.webhook.url), secret=self.webhook.secret) if self.webhook else None,
+            budget=self.budget.model_dump(mode="json"),
+            metadata=self.metadata,
+            tools=self.tools,
+            approval=self.approval,
+            cache_max_age_s=self.cache.max_age_s if self.cache else None,
+        )
+
 
 class DecisionBody(BaseModel):
     """Body of `POST /v1/tasks/{id}/approvals/{call_id}`."""
@@ -160,6 +174,7 @@ class DecisionView(BaseModel):
 
 
 class EffectView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # EffectView.model_validate(record): the ledger's fields as is
     key: str = Field(description="The idempotency key: hash of task id, step path, tool name and arguments.")
     step: str
     tool: str

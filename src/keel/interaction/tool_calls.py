@@ -7,24 +7,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from keel.errors import IdempotencyKeyReused, ToolNotAllowed
 from keel.interaction.mcp import ToolOutcome
-from keel.memory.types import ApiKey, CreateOutcome, IdempotencyClaim, NewTask, Task, TaskStatus
+from keel.memory.types import ApiKey, Task, TaskStatus
 from keel.orchestration.tools import Tool, canonical_json, permitted
-
-Progress = Callable[[float, str | None], Awaitable[None]]
+from keel.service import Idempotency, Keel, Progress, Submission
 
 
 class TaskToolBackend:
-    def __init__(self, keel: Callable[[], Any], *, wait_s: float = 600.0) -> None:
+    """:class:`~keel.interaction.mcp.ToolBackend` over the service. ``keel`` gives the service once the app's
+    lifespan has built it (the endpoint is built before, and no call comes sooner)."""
+
+    def __init__(self, keel: Callable[[], Keel], *, wait_s: float = 600.0) -> None:
         self._keel = keel
         self.wait_s = wait_s
 
     def tools_for(self, key: ApiKey) -> list[Tool]:
-        return [t for t in self._keel().tools if permitted(t, key.scopes)]
+        return self._keel().tools_for(key)
 
     async def call(
         self,
@@ -40,53 +42,25 @@ class TaskToolBackend:
         if tool is None or not permitted(tool, key.scopes):
             raise ToolNotAllowed(f"no tool {name!r} for this key", tool=name)
         tool.validate(args)  # a bad call is refused before a task exists
-        claim = None
+        call = {"tool": name, "args": args}
+        # The same key as a REST Idempotency-Key: a retried call gets the first call's task (and its one effect).
+        idempotency = None
         if idempotency_key is not None:
-            # The same key as a REST Idempotency-Key: a retried call gets the first call's task (and its one effect).
-            claim = IdempotencyClaim(
-                key=f"mcp:{idempotency_key}",
-                request_hash=hashlib.sha256(canonical_json({"tool": name, "args": args}).encode()).hexdigest(),
-                expires_at=keel.clock() + keel.settings.idempotency_ttl_hours * 3600,
-            )
-        created = await keel.store.create_task(
-            NewTask(
-                tenant=key.tenant,
-                workflow="tool_call",
-                input={"tool": name, "args": args},
-                policy={"tools": [name], "scopes": sorted(key.scopes), "approval": "auto"},
-                metadata={"via": "mcp"},
-            ),
-            claim,
-            keel.clock(),
-        )
-        if created.outcome is CreateOutcome.key_reused:
-            raise IdempotencyKeyReused("this idempotency_key was already used for a different call")
-        task: Task = created.task
-        keel.runtime.wake()
+            digest = hashlib.sha256(canonical_json(call).encode()).hexdigest()
+            idempotency = Idempotency(key=f"mcp:{idempotency_key}", request_hash=digest)
+        sub = Submission(workflow="tool_call", input=call, tools=[name], metadata={"via": "mcp"})
         try:
-            task = await self._settle(keel, task.id, progress)
+            task = (await keel.submit(key, sub, idempotency)).task
+        except IdempotencyKeyReused:
+            raise IdempotencyKeyReused("this idempotency_key was already used for a different call") from None
+        try:
+            task = await keel.wait(task, wait_s=self.wait_s, progress=progress)
         except asyncio.CancelledError:
             # The MCP client cancelled (notifications/cancelled): so is the task, keeping what it did.
             with contextlib.suppress(Exception):
-                await asyncio.shield(keel.store.request_cancel(task.id, key.tenant))
-                keel.runtime.cancel(task.id)
+                await asyncio.shield(keel.cancel(key.tenant, task.id))
             raise
         return _outcome(task)
-
-    async def _settle(self, keel: Any, task_id: str, progress: Progress | None) -> Task:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_s
-        reported = -1.0
-        while True:
-            task: Task = await keel.store.get_task(task_id)
-            if task.status.terminal or task.status is TaskStatus.waiting_for_approval:
-                return task
-            if progress is not None and task.progress > reported:
-                reported = task.progress
-                await progress(task.progress, task.current_step)
-            if loop.time() > deadline:
-                return task
-            await keel.notifier.wait(task_id, keel.settings.poll_interval_s)
 
 
 def _outcome(task: Task) -> ToolOutcome:

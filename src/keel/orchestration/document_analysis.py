@@ -45,7 +45,7 @@ from keel.orchestration.context import WorkflowContext
 from keel.orchestration.memory_workflows import ingest_one, memory_of, report_documents
 from keel.orchestration.models import Message, Model, ModelSettings
 from keel.orchestration.toolbox.fetch import FetchLimits, probe_document
-from keel.orchestration.workflow import Workflow
+from keel.orchestration.workflow import Admission, Workflow
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -1164,19 +1164,19 @@ def _checked(ctx: WorkflowContext, result: DocumentAnalysisResult) -> dict[str, 
 # -- admission -------------------------------------------------------------------------------------------------------
 
 
-async def admit(keel: Any, tenant: str, inp: DocumentAnalysisInput) -> None:
+async def admit(app: Admission, tenant: str, inp: DocumentAnalysisInput) -> None:
     """At submission, before any model call: every document id must be the tenant's, and every URL must pass the
     SSRF rules and answer a probe (all at once, a few seconds at most). A refused connection, a host that does not
     resolve or an HTTP 4xx is refused here; a timeout or a 5xx is not (ingestion retries it). A 422 names each bad
     entry by its JSON pointer."""
     problems: dict[int, str] = {}
-    settings = keel.settings
+    settings = app.settings
     limits = FetchLimits(timeout_s=settings.fetch_timeout_s, allow=AllowList.parse(settings.fetch_allow_hosts))
     urls: dict[int, str] = {}
     for i, ref in enumerate(inp.documents):
         if not ref.startswith("doc_"):
             urls[i] = ref
-        elif await keel.store.get_document(tenant, ref, keel.clock()) is None:
+        elif await app.find_document(tenant, ref) is None:
             problems[i] = f"no document {ref} (unknown, expired or deleted)"
     probes = await asyncio.gather(*(probe_document(url, limits) for url in urls.values()))
     problems |= {i: p.reason for i, p in zip(urls, probes, strict=True) if p.verdict == "unreachable"}

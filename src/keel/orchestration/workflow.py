@@ -11,17 +11,33 @@ import inspect
 import typing
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import ConfigError, WorkflowError
 from keel.orchestration.context import WorkflowContext
 
-__all__ = ["Workflow", "WorkflowContext", "WorkflowRegistry", "default_registry", "workflow"]
+if TYPE_CHECKING:
+    from keel.memory.types import DocumentRecord
+    from keel.settings import Settings
+
+__all__ = ["Admission", "Workflow", "WorkflowContext", "WorkflowRegistry", "default_registry", "workflow"]
 
 I = TypeVar("I", bound=BaseModel)  # noqa: E741
 WorkflowFn = Callable[[WorkflowContext, Any], Coroutine[Any, Any, Any]]
+
+
+class Admission(Protocol):
+    """What an ``admit`` hook may read at submission (:class:`keel.service.Keel` is one): the settings and the
+    tenant's documents; nothing that runs or stores anything."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    async def find_document(self, tenant: str, document_id: str) -> DocumentRecord | None:
+        """The tenant's document, or None (unknown, expired or deleted)."""
+        ...
 
 
 @dataclass(kw_only=True, slots=True)
@@ -31,8 +47,8 @@ class Workflow(Generic[I]):
     fn: Callable[[WorkflowContext, I], Coroutine[Any, Any, Any]]
     estimate: Callable[[I], float | None] = lambda _: None
     description: str = ""
-    admit: Callable[[Any, str, I], Awaitable[None]] | None = None
-    """Checks at submission, before anything is stored or any model is called: ``admit(keel, tenant, input)``
+    admit: Callable[[Admission, str, I], Awaitable[None]] | None = None
+    """Checks at submission, before anything is stored or any model is called: ``admit(app, tenant, input)``
     raises a :class:`keel.errors.KeelError` (an :class:`~keel.errors.InputError` is a 422) for input that cannot
     work, such as a document id the tenant does not have, or a URL the SSRF rules refuse."""
 

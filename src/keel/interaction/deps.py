@@ -1,0 +1,38 @@
+"""What every router shares: the application service of the request, and the OpenAPI table of problem answers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from keel.service import Keel
+
+PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
+"""An OpenAPI response body: RFC 9457 problem details (``keel.interaction.problems`` writes them)."""
+
+Responses = dict[int | str, dict[str, Any]]
+
+
+def problem(description: str) -> dict[str, Any]:
+    """One documented problem answer."""
+    return {"description": description, **PROBLEM}
+
+
+def errors(missing: str | None = None) -> Responses:
+    """The problem answers every authenticated route documents: 401 and 403, and 404 when ``missing`` says what
+    may not be found."""
+    table: Responses = {401: problem("Missing or invalid API key"), 403: problem("The key lacks a scope")}
+    if missing is not None:
+        table[404] = problem(missing)
+    return table
+
+
+def keel_of(request: Request) -> Keel:
+    """The service the app's lifespan built (no request is served before it)."""
+    keel: Keel = request.app.state.keel
+    return keel
+
+
+App = Annotated[Keel, Depends(keel_of)]
+"""A route parameter: the application service."""

@@ -1,0 +1,468 @@
+"""keel's application service: the one typed entry point every edge calls.
+
+The REST routes, the endpoint families, MCP and the CLI (and any edge to come: an OpenAI-compatible facade, a
+trace page) reach tasks, events, tools and memory only through :class:`Keel`. A rule an edge used to write for
+itself (what a submission must pass before it is stored, how to wait for a task to settle, what a task cancelled
+before it ran says) is written once, here, and every edge gets it the same way.
+
+This module imports no driver and nothing of ``keel.interaction``: :mod:`keel.app` picks the store and the engine
+and builds the service; an edge only translates its wire format to these operations and back. So HTTP headers,
+status codes and SSE framing stay in ``keel.interaction``; what they report comes from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import ValidationError
+
+from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
+from keel.memory.retrieval import Memory, Retrieval
+from keel.memory.stores import Store
+from keel.memory.types import (
+    ApiKey,
+    CreateOutcome,
+    Decision,
+    DecisionKind,
+    DocumentRecord,
+    EffectRecord,
+    Event,
+    IdempotencyClaim,
+    ModelStats,
+    NewTask,
+    Session,
+    Task,
+    TaskStatus,
+    Verdict,
+    document_id,
+)
+from keel.netguard import AllowList, resolve_target
+from keel.orchestration.engine import Engine
+from keel.orchestration.tools import Tool, ToolCatalog, permitted
+from keel.orchestration.workflow import Workflow, WorkflowRegistry
+from keel.settings import Settings
+
+__all__ = [
+    "Idempotency",
+    "Ingested",
+    "Keel",
+    "Progress",
+    "Submission",
+    "Submitted",
+    "TaskPage",
+    "Wakeups",
+    "Webhook",
+    "cancelled_envelope",
+    "settled",
+]
+
+Progress = Callable[[float, str | None], Awaitable[None]]
+"""``progress(done, current_step)``: told each time a task being waited on gets further."""
+
+
+class Wakeups(Protocol):
+    """In-process wake-ups for whoever waits on a task (the in-process notifier, or Redis fan-out across replicas).
+    The durable log and the task row stay the truth; a wake-up only says "look now"."""
+
+    def notify(self, task_id: str) -> None: ...
+
+    async def wait(self, task_id: str, timeout: float) -> None: ...
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Webhook:
+    url: str
+    secret: str
+
+
+@dataclass(kw_only=True, slots=True)
+class Submission:
+    """A task to create, as any edge describes it (the wire body is the edge's; this is what it means)."""
+
+    workflow: str
+    input: dict[str, Any]
+    """Raw: validated against the workflow's input model by :meth:`Keel.submit`."""
+    webhook: Webhook | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tools: list[str] | None = None
+    """The tool allowlist (None: every tool the key may use)."""
+    approval: Literal["auto", "always"] = "auto"
+    cache_max_age_s: float | None = None
+    """Accept the stored result of an identical request at most this old (None: always run)."""
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Idempotency:
+    """A caller's idempotency key and the hash of what it sent with it. The edge hashes its own request (a REST
+    body, an MCP call), because "the same request" is a question about its wire format."""
+
+    key: str
+    request_hash: str
+
+
+@dataclass(kw_only=True, slots=True)
+class Submitted:
+    task: Task
+    outcome: Literal["created", "replayed", "cached"]
+    """``replayed``: an earlier request with the same idempotency key made it; ``cached``: the earlier, finished
+    task whose result the submission allowed (``cache_max_age_s``)."""
+    age_s: int = 0
+    """For ``cached``: seconds since that task finished."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskPage:
+    tasks: list[Task]
+    next_cursor: str | None
+
+
+@dataclass(kw_only=True, slots=True)
+class Ingested:
+    document: DocumentRecord
+    fresh: bool
+    """False when the same bytes were ingested before (the stored document is returned)."""
+
+
+def settled(task: Task) -> bool:
+    """Whether waiting on the task is over: it is terminal, or it waits for a person and will not move by itself."""
+    return task.status.terminal or task.status is TaskStatus.waiting_for_approval
+
+
+def cancelled_envelope(task: Task) -> dict[str, Any]:
+    """The envelope of a task cancelled before it ran or while parked for a decision. A parked task keeps what it
+    finished: its provisional envelope carries the partial result."""
+    waiting = task.status is TaskStatus.waiting_for_approval
+    partial = ((task.envelope or {}).get("result") or {}).get("partial") if waiting else None
+    return {
+        "status": "partial_success" if partial else "failed",
+        "result": partial,
+        "errors": [
+            {
+                "type": "cancelled",
+                "message": "cancelled while waiting for approval" if waiting else "cancelled before it started",
+                "severity": "warning",
+                "recovery_suggested": False,
+                "step": None,
+            }
+        ],
+    }
+
+
+@dataclass(kw_only=True)
+class Keel:
+    """The application service: every operation an edge offers, for the key (tenant) that asks.
+
+    Built and wired by :func:`keel.app.running`; the fields are the seams it runs on. A missing task, document
+    or session raises :class:`~keel.errors.NotFound`; another tenant's looks missing."""
+
+    settings: Settings
+    store: Store
+    registry: WorkflowRegistry
+    runtime: Engine
+    notifier: Wakeups
+    tools: ToolCatalog
+    memory: Memory
+    webhook_allow: AllowList
+    """Hosts a webhook may target although they resolve to a private address (tests, local development)."""
+    clock: Callable[[], float] = time.time
+    _in_flight: set[tuple[str, str]] = field(default_factory=set, init=False)
+    """``(tenant, idempotency key)`` of submissions being stored right now: a concurrent twin gets a 409."""
+
+    # -- submission ------------------------------------------------------------------------------------------------
+
+    async def submit(self, key: ApiKey, sub: Submission, idempotency: Idempotency | None = None) -> Submitted:
+        """Validate (the workflow, its input, its ``admit`` hook, the webhook target, the tool allowlist) before
+        anything is stored, answer from the result cache when the submission allows it, honour the idempotency
+        key, store the task durably and wake the engine. Every task-creating edge comes through here."""
+        wf = self.registry.get(sub.workflow)
+        if wf is None:
+            raise InputError(f"unknown workflow {sub.workflow!r}", detail={"known": self.registry.names()})
+        try:
+            parsed = wf.input_model.model_validate(sub.input)
+        except ValidationError as exc:
+            errors = [{"pointer": "/input/" + "/".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
+            raise InputError("input does not match the workflow's schema", detail={"errors": errors}) from None
+        if wf.admit is not None:
+            await wf.admit(self, key.tenant, parsed)
+        if sub.webhook is not None:
+            await resolve_target(sub.webhook.url, allow=self.webhook_allow)
+        policy = self._policy(sub, key)
+        input_json = parsed.model_dump(mode="json")
+        fingerprint = self._fingerprint(sub, input_json)
+        if sub.cache_max_age_s is not None:
+            cached = await self.store.cached_result(key.tenant, fingerprint, self.clock() - sub.cache_max_age_s)
+            if cached is not None:
+                age = max(0, int(self.clock() - (cached.finished_at or self.clock())))
+                return Submitted(task=cached, outcome="cached", age_s=age)
+        new = NewTask(
+            tenant=key.tenant,
+            workflow=sub.workflow,
+            input=input_json,
+            webhook_url=sub.webhook.url if sub.webhook else None,
+            webhook_secret=sub.webhook.secret if sub.webhook else None,
+            budget=sub.budget,
+            metadata=sub.metadata,
+            estimated_duration_s=wf.estimate(parsed),
+            policy=policy,
+            cache_key=fingerprint,
+        )
+        return await self._store_task(key.tenant, new, idempotency)
+
+    async def _store_task(self, tenant: str, new: NewTask, idempotency: Idempotency | None) -> Submitted:
+        claim = None
+        if idempotency is not None:
+            claim = IdempotencyClaim(
+                key=idempotency.key,
+                request_hash=idempotency.request_hash,
+                expires_at=self.clock() + self.settings.idempotency_ttl_hours * 3600,
+            )
+            scope = (tenant, idempotency.key)
+            if scope in self._in_flight:
+                raise IdempotencyInFlight("a request with this Idempotency-Key is still being processed; retry later")
+            self._in_flight.add(scope)
+        try:
+            result = await self.store.create_task(new, claim, self.clock())
+        finally:
+            if idempotency is not None:
+                self._in_flight.discard((tenant, idempotency.key))
+        if result.outcome is CreateOutcome.key_reused:
+            raise IdempotencyKeyReused("this Idempotency-Key was already used with a different request body")
+        assert result.task is not None
+        if result.outcome is CreateOutcome.replayed:
+            return Submitted(task=result.task, outcome="replayed")
+        self.runtime.wake()
+        return Submitted(task=result.task, outcome="created")
+
+    def _fingerprint(self, sub: Submission, input_json: dict[str, Any]) -> str:
+        """What makes two requests identical for the result cache: workflow, validated input (a document id is
+        derived from the document's bytes, so equal ids mean equal contents), the model and embedding model that
+        would answer, and every setting that shapes the result (budget, tool allowlist, approval rule)."""
+        canonical = json.dumps(
+            {
+                "workflow": sub.workflow,
+                "input": input_json,
+                "model": self.settings.default_model,
+                "embedding": self.memory.embedder.space.key,
+                "budget": sub.budget,
+                "tools": sub.tools,
+                "approval": sub.approval,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def _policy(self, sub: Submission, key: ApiKey) -> dict[str, Any]:
+        """What the task may do, fixed at submission: its tool allowlist, the submitting key's scopes, approvals."""
+        if sub.tools is not None:
+            problems = []
+            for i, name in enumerate(sub.tools):
+                tool = self.tools.get(name)
+                if tool is None:
+                    problems.append({"pointer": f"/tools/{i}", "message": f"no tool named {name!r}"})
+                elif not permitted(tool, key.scopes):
+                    missing = ", ".join(sorted(tool.scopes - key.scopes))
+                    problems.append({"pointer": f"/tools/{i}", "message": f"{name} needs the scope(s) {missing}"})
+            if problems:
+                raise InputError("the tool allowlist names tools this key cannot use", detail={"errors": problems})
+        return {"tools": sub.tools, "scopes": sorted(key.scopes), "approval": sub.approval}
+
+    # -- tasks -----------------------------------------------------------------------------------------------------
+
+    async def get(self, tenant: str, task_id: str) -> Task:
+        task = await self.store.get_task(task_id, tenant)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        return task
+
+    async def list_tasks(
+        self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, cursor: str | None = None
+    ) -> TaskPage:
+        """Newest first; ``next_cursor`` (the last task's id) is set only when more follow."""
+        tasks = await self.store.list_tasks(tenant, statuses=statuses, limit=limit + 1, before=cursor)
+        return TaskPage(tasks=tasks[:limit], next_cursor=tasks[limit - 1].id if len(tasks) > limit else None)
+
+    async def wait(
+        self, task: Task, *, wait_s: float, tenant: str | None = None, progress: Progress | None = None
+    ) -> Task:
+        """The task once it is :func:`settled`, or as it is when ``wait_s`` runs out. ``progress`` hears each
+        advance meanwhile. Woken in-process at once; the poll interval catches writers in other processes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        reported = -1.0
+        while not settled(task):
+            if progress is not None and task.progress > reported:
+                reported = task.progress
+                await progress(task.progress, task.current_step)
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await self.notifier.wait(task.id, min(left, self.settings.poll_interval_s))
+            found = await self.store.get_task(task.id, tenant)
+            if found is None:  # cannot happen for a task the caller holds; answer with it all the same
+                break
+            task = found
+        return task
+
+    async def cancel(self, tenant: str, task_id: str) -> Task:
+        """Idempotent. A queued or parked task is cancelled at once (:func:`cancelled_envelope`); a running one is
+        interrupted and keeps its partial result. Returns the task as it is now (not terminal yet when running)."""
+        task = await self.store.request_cancel(task_id, tenant)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        if task.status in (TaskStatus.queued, TaskStatus.waiting_for_approval):
+            await self.store.finish(None, task.id, TaskStatus.cancelled, cancelled_envelope(task), self.clock())
+            self.notifier.notify(task.id)
+        elif task.status is TaskStatus.running:
+            self.runtime.cancel(task.id)
+        return await self.get(tenant, task_id)
+
+    # -- events ----------------------------------------------------------------------------------------------------
+
+    async def has_events(self, tenant: str, task_id: str, after: int = 0) -> bool:
+        """Whether a stream of the task's events after sequence number ``after`` has anything to say: False once
+        the task is finished and the log holds nothing after ``after``. A cursor the log never issued is refused."""
+        task = await self.get(tenant, task_id)
+        if after and [e.seq for e in await self.store.read(task_id, after - 1, limit=1)] != [after]:
+            # Ids come only from this log, so a cursor it never issued is a client bug; refusing it here keeps the
+            # stream loop free of a per-poll "is the cursor past the end?" check.
+            raise InputError(f"Last-Event-ID {after} is not an event of task {task_id}")
+        return not (task.status.terminal and not await self.store.read(task_id, after, limit=1))
+
+    async def events(self, task_id: str, after: int = 0) -> AsyncIterator[Event]:
+        """The task's durable event log after sequence number ``after``, as it grows, up to and including ``end``."""
+        cursor = after
+        while True:
+            batch = await self.store.read(task_id, cursor)
+            for ev in batch:
+                cursor = ev.seq
+                yield ev
+                if ev.type == "end":
+                    return
+            if not batch:
+                await self.notifier.wait(task_id, self.settings.poll_interval_s)
+
+    # -- approvals and effects -------------------------------------------------------------------------------------
+
+    async def decisions(self, tenant: str, task_id: str) -> list[Decision]:
+        await self.get(tenant, task_id)
+        return await self.store.load_decisions(task_id)
+
+    async def decide(
+        self,
+        key: ApiKey,
+        task_id: str,
+        call_id: str,
+        verdict: Verdict,
+        *,
+        result: Any = None,
+        note: str | None = None,
+    ) -> Decision:
+        """Answer a parked task's question; once nothing it waits on is undecided it is queued again. The same
+        decision again is harmless; a different one is refused."""
+        decision = Decision(
+            task_id=task_id,
+            call_id=call_id,
+            kind=DecisionKind.approval,  # the stored kind wins; this carries the answer
+            tool="",
+            args={},
+            step="",
+            reason="",
+            verdict=verdict,
+            result=result,
+            note=note,
+            decided_by=f"{key.tenant}:{key.id}",
+        )
+        stored = await self.store.decide(task_id, key.tenant, decision, self.clock())
+        self.runtime.wake()
+        self.notifier.notify(task_id)
+        return stored
+
+    async def effects(self, tenant: str, task_id: str) -> list[EffectRecord]:
+        await self.get(tenant, task_id)
+        return await self.store.list_effects(task_id)
+
+    # -- catalog ---------------------------------------------------------------------------------------------------
+
+    def workflows(self) -> list[Workflow[Any]]:
+        found = (self.registry.get(name) for name in self.registry.names())
+        return [wf for wf in found if wf is not None]
+
+    def tools_for(self, key: ApiKey) -> list[Tool]:
+        """The tools this key may use."""
+        return [t for t in self.tools if permitted(t, key.scopes)]
+
+    async def model_stats(self, model_id: str | None, *, hours: float) -> list[ModelStats]:
+        return await self.store.model_stats(model_id, self.clock() - hours * 3600)
+
+    async def verify_key(self, token: str) -> ApiKey | None:
+        return await self.store.verify_key(token)
+
+    async def ping(self) -> None:
+        """A read that fails when the store is unreachable (``/readyz``)."""
+        await self.store.read("readyz", 0, limit=1)
+
+    # -- documents, retrieval, sessions ----------------------------------------------------------------------------
+
+    async def ingest_bytes(
+        self, tenant: str, data: bytes, *, source: str, media_type: str | None = None, password: str | None = None
+    ) -> Ingested:
+        sha = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        known = await self.find_document(tenant, document_id(tenant, sha))
+        work = self.memory.ingestor.ingest_bytes(
+            tenant, data, source=source, media_type=media_type, password=password, sha256=sha
+        )
+        doc = await _finish_anyway(work)
+        return Ingested(document=doc, fresh=known is None or known.status.value != "ingested")
+
+    async def ingest_url(self, tenant: str, url: str, *, password: str | None = None) -> Ingested:
+        doc = await _finish_anyway(self.memory.ingestor.ingest_url(tenant, url, password=password))
+        return Ingested(document=doc, fresh=True)
+
+    async def find_document(self, tenant: str, document_id: str) -> DocumentRecord | None:
+        """The tenant's document, or None (unknown, expired or deleted)."""
+        return await self.memory.store.get_document(tenant, document_id, self.memory.clock())
+
+    async def document(self, tenant: str, document_id: str) -> DocumentRecord:
+        doc = await self.find_document(tenant, document_id)
+        if doc is None:
+            raise NotFound(f"no document {document_id!r}")
+        return doc
+
+    async def documents(self, tenant: str, *, limit: int = 100) -> list[DocumentRecord]:
+        return await self.memory.store.list_documents(tenant, self.memory.clock(), limit=limit)
+
+    async def delete_document(self, tenant: str, document_id: str) -> None:
+        """Delete the document and every chunk of it, in every embedding space."""
+        if not await self.memory.store.delete_document(tenant, document_id):
+            raise NotFound(f"no document {document_id!r}")
+
+    async def search(self, tenant: str, query: str, *, k: int = 5, documents: Sequence[str] | None = None) -> Retrieval:
+        return await self.memory.search(tenant, query, k=k, documents=documents)
+
+    async def spaces(self) -> tuple[str, dict[str, int]]:
+        """The embedding space queries use now, and every space (model@version) that holds chunks, with counts."""
+        return self.memory.embedder.space.key, await self.memory.store.spaces(self.memory.clock())
+
+    async def session(self, tenant: str, session_id: str) -> Session:
+        session = await self.memory.store.get_session(tenant, session_id, self.memory.clock())
+        if session is None:
+            raise NotFound(f"no session {session_id!r} (unknown or expired)")
+        return session
+
+    async def delete_session(self, tenant: str, session_id: str) -> None:
+        if not await self.memory.store.delete_session(tenant, session_id):
+            raise NotFound(f"no session {session_id!r}")
+
+
+async def _finish_anyway(work: Awaitable[DocumentRecord]) -> DocumentRecord:
+    """Shielded: a caller that hangs up does not abandon a half-ingested document; it finishes, and asking again
+    with the same bytes returns it."""
+    return await asyncio.shield(asyncio.ensure_future(work))
