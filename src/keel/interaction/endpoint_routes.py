@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, Depends, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,7 +34,7 @@ from keel.interaction.schemas import (
     links,
 )
 from keel.interaction.sse import event_response
-from keel.memory.types import ApiKey, Task, TaskStatus
+from keel.memory.types import ApiKey, TaskStatus
 from keel.orchestration.endpoint_workflows import ChatMessage, check_output_schema
 from keel.service import Keel
 
@@ -192,33 +193,47 @@ def _session(tenant: str, idempotency_key: str | None) -> str:
     return "ses_" + secrets.token_hex(12)
 
 
-async def _submit(
-    keel: Keel, key: ApiKey, body: SubmitTask, idempotency_key: str | None
-) -> tuple[Task, dict[str, str]]:
-    submitted = await submit_task(keel, key, body, idempotency_key)
-    return submitted.task, submitted_headers(submitted)
+@dataclass(kw_only=True, slots=True)
+class Caller:
+    """Who calls an endpoint, with which ``Idempotency-Key``: what every endpoint family submits its task with,
+    and how it answers."""
+
+    keel: Keel
+    key: ApiKey
+    idempotency_key: str | None
+
+    async def run(
+        self, body: SubmitTask, *, wait_s: float | None = None, stream: bool = False, session: str | None = None
+    ) -> Response:
+        """Submit ``body`` as a task, then answer: its events as SSE from the first one (``stream``); 202 with its
+        handle at once (``wait_s`` None); or 200 with the envelope when it is done within ``wait_s``, else 202.
+        A ``session`` goes along in ``X-Keel-Session`` and in the body."""
+        submitted = await submit_task(self.keel, self.key, body, self.idempotency_key)
+        task, headers = submitted.task, submitted_headers(submitted)
+        extra = {} if session is None else {"session": session}
+        if session is not None:
+            headers["X-Keel-Session"] = session
+        if stream:
+            return event_response(self.keel, task.id, 0, {**headers, "X-Keel-Task-Id": task.id})
+        if wait_s is not None:
+            task = await self.keel.wait(task, wait_s=wait_s, tenant=self.key.tenant)
+            if task.status.terminal and task.envelope is not None:
+                done = TaskResult(
+                    task_id=task.id,
+                    status=task.status,
+                    links=links(task.id),
+                    envelope=Envelope.model_validate(task.envelope),
+                )
+                return JSONResponse({**done.model_dump(mode="json"), **extra}, status_code=200, headers=headers)
+            headers["Retry-After"] = "30" if task.status is TaskStatus.waiting_for_approval else "1"
+        return JSONResponse({**accepted(task).model_dump(mode="json"), **extra}, status_code=202, headers=headers)
 
 
-async def _answer(
-    keel: Keel, key: ApiKey, task: Task, headers: dict[str, str], wait_s: float, **extra: Any
-) -> JSONResponse:
-    """200 with the envelope when the task is done within ``wait_s``; otherwise 202 with its handle."""
-    task = await keel.wait(task, wait_s=wait_s, tenant=key.tenant)
-    if task.status.terminal and task.envelope is not None:
-        done = TaskResult(
-            task_id=task.id,
-            status=task.status,
-            links=links(task.id),
-            envelope=Envelope.model_validate(task.envelope),
-        )
-        return JSONResponse({**done.model_dump(mode="json"), **extra}, status_code=200, headers=headers)
-    headers["Retry-After"] = "30" if task.status is TaskStatus.waiting_for_approval else "1"
-    return JSONResponse({**accepted(task).model_dump(mode="json"), **extra}, status_code=202, headers=headers)
+async def _caller(keel: App, key: Writer, idempotency_key: IdempotencyKey = None) -> Caller:
+    return Caller(keel=keel, key=key, idempotency_key=idempotency_key)
 
 
-def _relay(keel: Keel, task: Task, headers: dict[str, str]) -> Response:
-    """The task's events as SSE from its first event, with the handle in the headers for resumption."""
-    return event_response(keel, task.id, 0, {**headers, "X-Keel-Task-Id": task.id})
+Call = Annotated[Caller, Depends(_caller)]
 
 
 def _responses(ok: dict[str, Any], *, sync: bool = True, sse: bool = False) -> dict[int | str, dict[str, Any]]:
@@ -288,9 +303,7 @@ CHAT_EXAMPLES: dict[str, Any] = {
 )
 async def chat(
     body: Annotated[ChatRequest, Body(openapi_examples=CHAT_EXAMPLES)],
-    keel: App,
-    key: Writer,
-    idempotency_key: IdempotencyKey = None,
+    call: Call,
 ) -> Response:
     """One conversational turn, run as a durable `ask` task. The session's last `history_turns` turns go along as
     context and the new question and answer join it (its TTL slides). Without `session` a new one is started.
@@ -298,7 +311,7 @@ async def chat(
     Not streamed: 200 with `{task_id, status, links, envelope, session}` when the answer is ready within `wait_s`,
     else 202 with the handle (`Location: /v1/tasks/{id}`). Streamed: `text/event-stream` relaying the task's
     events, with `Location` and `X-Keel-Task-Id` for resumption. Every answer carries `X-Keel-Session`."""
-    session = body.session or _session(key.tenant, idempotency_key)
+    session = body.session or _session(call.key.tenant, call.idempotency_key)
     ask = {
         "question": body.message,
         "system": body.system,
@@ -308,11 +321,7 @@ async def chat(
         "history_turns": body.history_turns,
     }
     submit = SubmitTask(workflow="ask", input=ask, metadata={"via": "chat", "session": session})
-    task, headers = await _submit(keel, key, submit, idempotency_key)
-    headers["X-Keel-Session"] = session
-    if body.stream:
-        return _relay(keel, task, headers)
-    return await _answer(keel, key, task, headers, body.wait_s, session=session)
+    return await call.run(submit, wait_s=body.wait_s, stream=body.stream, session=session)
 
 
 # -- agent --------------------------------------------------------------------------------------------------------
@@ -345,10 +354,8 @@ AGENT_EXAMPLES: dict[str, Any] = {
 )
 async def run(
     body: Annotated[AgentRequest, Body(openapi_examples=AGENT_EXAMPLES)],
-    keel: App,
-    key: Writer,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    call: Call,
+) -> Response:
     """Start an `agent` task: the model pursues `goal`, calling the allowed tools, for at most `max_turns` turns.
     Always 202 with the handle. Every turn and tool call is a durable step; a write tool keeps the effect ledger
     and the approval rules (the task parks as `waiting_for_approval`). The envelope's result is
@@ -363,8 +370,7 @@ async def run(
         tools=body.tools,
         approval=body.approval,
     )
-    task, headers = await _submit(keel, key, submit, idempotency_key)
-    return JSONResponse(accepted(task).model_dump(mode="json"), status_code=202, headers=headers)
+    return await call.run(submit)
 
 
 # -- reason -------------------------------------------------------------------------------------------------------
@@ -404,10 +410,8 @@ REASON_EXAMPLES: dict[str, Any] = {
 )
 async def reason(
     body: Annotated[ReasonRequest, Body(openapi_examples=REASON_EXAMPLES)],
-    keel: App,
-    key: Writer,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    call: Call,
+) -> Response:
     """Ask for JSON that satisfies `schema`, validate it, and re-ask with the violations listed up to `repairs`
     times (each a durable step). An invalid schema is a 422 before any task exists or any model is called."""
     inp = {
@@ -419,8 +423,7 @@ async def reason(
         "max_tokens": body.max_tokens,
     }
     submit = SubmitTask(workflow="reason", input=inp, metadata={"via": "reason"})
-    task, headers = await _submit(keel, key, submit, idempotency_key)
-    return await _answer(keel, key, task, headers, body.wait_s)
+    return await call.run(submit, wait_s=body.wait_s)
 
 
 # -- function-call ------------------------------------------------------------------------------------------------
@@ -458,14 +461,12 @@ FUNCTION_CALL_EXAMPLES: dict[str, Any] = {
 )
 async def function_call(
     body: Annotated[FunctionCallRequest, Body(openapi_examples=FUNCTION_CALL_EXAMPLES)],
-    keel: App,
-    key: Writer,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    call: Call,
+) -> Response:
     """One model turn offered the tools. Each call it asks for is checked against its tool's schema. Without
     `execute` nothing runs; with it, each valid call runs through the effect ledger and the approval rules (a
     write after untrusted content, or with `approval: always`, parks the task for a person: 202)."""
-    if body.tools is None and not keel.tools_for(key):
+    if body.tools is None and not call.keel.tools_for(call.key):
         raise InputError(
             "no tool is available to this API key",
             detail={"errors": [{"pointer": "/tools", "message": "the key holds no scope any tool needs"}]},
@@ -484,8 +485,7 @@ async def function_call(
         approval=body.approval,
         metadata={"via": "function-call"},
     )
-    task, headers = await _submit(keel, key, submit, idempotency_key)
-    return await _answer(keel, key, task, headers, body.wait_s)
+    return await call.run(submit, wait_s=body.wait_s)
 
 
 # -- stream -------------------------------------------------------------------------------------------------------
@@ -503,14 +503,11 @@ STREAM_EXAMPLES: dict[str, Any] = {
 )
 async def stream(
     body: Annotated[StreamRequest, Body(openapi_examples=STREAM_EXAMPLES)],
-    keel: App,
-    key: Writer,
-    idempotency_key: IdempotencyKey = None,
+    call: Call,
 ) -> Response:
     """Start an `ask` task and relay its events as server-sent events: `token`s as they come, then `end` with
     the envelope (`envelope.result.answer`). The task is durable: if the connection drops, resume at
     `GET /v1/tasks/{id}/events` with `Last-Event-ID`, or poll `GET /v1/tasks/{id}`."""
     ask = {"question": body.prompt, "system": body.system, "model": body.model, "max_tokens": body.max_tokens}
     submit = SubmitTask(workflow="ask", input=ask, metadata={"via": "stream"})
-    task, headers = await _submit(keel, key, submit, idempotency_key)
-    return _relay(keel, task, headers)
+    return await call.run(submit, stream=True)
