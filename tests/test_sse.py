@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from httpx_sse import connect_sse
 
 from conftest import LiveServer, wait_terminal
+from keel.interaction.sse import frames
+from keel.memory.types import Event
 from keel.settings import Settings
 
 
@@ -65,3 +68,27 @@ def test_bad_last_event_id_is_problem(live: LiveServer) -> None:
         assert past.status_code == 422 and past.headers["content-type"].startswith("application/problem+json")
         sup = c.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": "²".encode()})  # non-ASCII digit
         assert sup.status_code == 422
+
+
+async def test_frames_are_encoded_without_a_server() -> None:
+    """The SSE framing is a pure encoder: `retry:` first, then `id:` = sequence number, `event:` = type, JSON data."""
+
+    async def log() -> AsyncIterator[Event]:
+        yield Event(task_id="tsk_1", seq=1, type="status", data={"status": "running"}, created_at=0.0)
+        yield Event(task_id="tsk_1", seq=2, type="end", data={"status": "succeeded"}, created_at=1.0)
+
+    encoded = b"".join([f.encode() async for f in frames(log(), retry_ms=1500)])
+    assert encoded.decode().split("\r\n") == [
+        ": keel event stream",
+        "retry: 1500",
+        "",
+        "id: 1",
+        "event: status",
+        'data: {"status": "running"}',
+        "",
+        "id: 2",
+        "event: end",
+        'data: {"status": "succeeded"}',
+        "",
+        "",
+    ]

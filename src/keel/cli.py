@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -17,6 +17,9 @@ from httpx_sse import connect_sse
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
+
+if TYPE_CHECKING:  # imported when a command needs it: `keel --help` stays fast
+    from keel.settings import Settings
 
 app = typer.Typer(help="keel: a durable runtime for LLM-native REST APIs.", no_args_is_help=True)
 tasks_app = typer.Typer(help="Inspect, cancel and approve tasks on a running server.", no_args_is_help=True)
@@ -46,7 +49,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _settings(data_dir: Path | None, **overrides: Any) -> Any:
+def _settings(data_dir: Path | None, **overrides: Any) -> Settings:
     from keel.settings import Settings
 
     values = {k: v for k, v in overrides.items() if v is not None}
@@ -472,15 +475,13 @@ def tasks_replay(task_id: str, data_dir: DataDir = None) -> None:
     Exits 0 when the code makes the same decisions as the recorded run, 1 (with the divergence) when it does not:
     run it before deploying a workflow change that in-flight tasks will resume under.
     """
+    from keel.app import registry_for
     from keel.backends import open_store
     from keel.errors import KeelError, NotFound
     from keel.orchestration.replay import load_history, replay
-    from keel.orchestration.workflow import default_registry
 
     settings = _settings(data_dir)
-    registry = default_registry()
-    for spec in settings.workflows:
-        registry.load(spec)
+    registry = registry_for(settings)
 
     async def run() -> dict[str, Any]:
         store = open_store(settings.resolved_store_url)

@@ -77,7 +77,10 @@ class Wakeups(Protocol):
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Webhook:
+    """Where the task's terminal event is delivered, signed (Standard Webhooks)."""
+
     url: str
+    """Refused at submission when it resolves to a private address, unless allowed (``webhook_allow``)."""
     secret: str
 
 

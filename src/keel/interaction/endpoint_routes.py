@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self
 
 from fastapi import APIRouter, Body, Depends, Response
 from fastapi.responses import JSONResponse
+from fastapi.types import DecoratedCallable
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keel.errors import InputError
@@ -263,6 +265,11 @@ def _responses(ok: dict[str, Any], *, sync: bool = True, sse: bool = False) -> d
     return out
 
 
+def _answering(path: str, *, summary: str, ok: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """A synchronous endpoint's route: 200 with the task's envelope when it is done within `wait_s`, else 202."""
+    return router.post(path, response_model=TaskResult, responses=_responses({"description": ok}), summary=summary)
+
+
 SSE_OK = {
     "description": "Server-sent events from the task's durable log: `token` events as the model writes, then "
     "`end` with the envelope. `id:` is the event's sequence number; after a dropped connection resume with "
@@ -396,17 +403,12 @@ REASON_EXAMPLES: dict[str, Any] = {
 }
 
 
-@router.post(
+@_answering(
     "/reason",
-    response_model=TaskResult,
-    responses=_responses(
-        {
-            "description": "Done within `wait_s`: `envelope.result` is the JSON answer. `success`: it satisfies "
-            "the schema; `partial_success`: the best answer, with one `schema_violation` error (and its `pointer` "
-            "into the result) per violation; `failed` with `invalid_json`: no answer was JSON."
-        }
-    ),
     summary="Structured reasoning against a JSON Schema",
+    ok="Done within `wait_s`: `envelope.result` is the JSON answer. `success`: it satisfies the schema; "
+    "`partial_success`: the best answer, with one `schema_violation` error (and its `pointer` into the result) per "
+    "violation; `failed` with `invalid_json`: no answer was JSON.",
 )
 async def reason(
     body: Annotated[ReasonRequest, Body(openapi_examples=REASON_EXAMPLES)],
@@ -447,17 +449,12 @@ FUNCTION_CALL_EXAMPLES: dict[str, Any] = {
 }
 
 
-@router.post(
+@_answering(
     "/function-call",
-    response_model=TaskResult,
-    responses=_responses(
-        {
-            "description": "Done within `wait_s`: `envelope.result` is `{calls: [{id, tool, arguments, valid, "
-            "problems?, ok?, result?, error?}], text, executed}`. Invalid calls are never run; each problem is "
-            "also an envelope error with a `pointer` into `result`."
-        }
-    ),
     summary="Tool calls from a model, checked (and optionally run)",
+    ok="Done within `wait_s`: `envelope.result` is `{calls: [{id, tool, arguments, valid, problems?, ok?, result?, "
+    "error?}], text, executed}`. Invalid calls are never run; each problem is also an envelope error with a "
+    "`pointer` into `result`.",
 )
 async def function_call(
     body: Annotated[FunctionCallRequest, Body(openapi_examples=FUNCTION_CALL_EXAMPLES)],

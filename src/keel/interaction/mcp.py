@@ -82,6 +82,7 @@ SCOPE_KEY = "keel.api_key"
 TASK_ID_META = "keel/task_id"
 """``_meta`` key of a ``tools/call`` result: the keel task that ran the call, when there is one."""
 REQUIRED_SCOPE = "tasks:write"
+"""What a key needs to reach the endpoint at all (or ``admin``); each tool's own scopes are checked per call."""
 
 
 @dataclass(kw_only=True, slots=True)
