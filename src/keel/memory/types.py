@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from keel.errors import InputError, NotFound
 
 
 class TaskStatus(StrEnum):
@@ -86,6 +90,41 @@ class Task:
     policy: dict[str, Any] = field(default_factory=dict)
     cache_key: str | None = None
 
+    def request_cancel(self) -> bool:
+        """Ask the task to stop. A terminal task is final, so it is left as it is; a queued, running or parked
+        one is flagged (its worker sees the flag at its next heartbeat). Returns whether the flag changed, which
+        is all a store has to write."""
+        if self.status.terminal or self.cancel_requested:
+            return False
+        self.cancel_requested = True
+        return True
+
+
+def park_status(open_decisions: int) -> TaskStatus:
+    """Where a task that asked a person goes: it waits for the answers; when every one was already given (a
+    person answered while its run was stopping), it is queued again at once."""
+    return TaskStatus.waiting_for_approval if open_decisions else TaskStatus.queued
+
+
+def tenants(task: Task | None, tenant: str | None) -> Task | None:
+    """``task`` when ``tenant`` may see it (None: any tenant may); another tenant's task does not exist for it."""
+    return task if task is not None and (tenant is None or task.tenant == tenant) else None
+
+
+class CreateOutcome(StrEnum):
+    created = "created"
+    replayed = "replayed"
+    key_reused = "key_reused"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class StoredClaim:
+    """An idempotency key as a store keeps it: the request it was first used for, and that request's task."""
+
+    request_hash: str
+    task_id: str
+    expires_at: float
+
 
 @dataclass(kw_only=True, slots=True)
 class IdempotencyClaim:
@@ -93,11 +132,18 @@ class IdempotencyClaim:
     request_hash: str
     expires_at: float
 
+    def outcome(self, stored: StoredClaim | None, now: float) -> CreateOutcome:
+        """What a create under this claim does, given the key's stored row (IETF Idempotency-Key draft):
 
-class CreateOutcome(StrEnum):
-    created = "created"
-    replayed = "replayed"
-    key_reused = "key_reused"
+        * no row, or an expired one: ``created``, and the key is claimed (again) for the new task;
+        * the same request: ``replayed``, the stored task is the answer;
+        * another request under a live key: ``key_reused``, refused.
+        """
+        if stored is None or stored.expires_at <= now:
+            return CreateOutcome.created
+        if hmac.compare_digest(stored.request_hash, self.request_hash):
+            return CreateOutcome.replayed
+        return CreateOutcome.key_reused
 
 
 @dataclass(kw_only=True, slots=True)
@@ -391,10 +437,12 @@ class Decision:
 
     def check(self, verdict: Verdict) -> None:
         """Refuse a verdict that does not fit this kind of question."""
-        from keel.errors import InputError
-
         if verdict is Verdict.applied and self.kind is not DecisionKind.outcome_unknown:
             raise InputError("'applied' only settles a call whose outcome is unknown; approve or deny an approval")
+
+    def expire(self, now: float) -> Decision:
+        """Nobody answered in time: the safe answer to "may this write run?" is no."""
+        return dataclasses.replace(self, verdict=Verdict.deny, note=EXPIRED_NOTE, decided_by="keel", decided_at=now)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -411,6 +459,41 @@ class Decision:
             "requested_at": self.requested_at,
             "decided_at": self.decided_at,
         }
+
+
+def decide(
+    task_id: str, tenant: str, task: Task | None, current: Decision | None, answer: Decision, now: float
+) -> tuple[Decision, bool]:
+    """The rule for answering a paused task's question, given what a store loaded: the task and the stored
+    question (``answer`` carries the verdict, note, result and author). Returns the decision as it then stands and
+    whether the store must write it (False: the same verdict again, which changes nothing, so deciding is
+    repeatable). Raises NotFound for another tenant's or an unknown task or call, and InputError for a verdict
+    that does not fit the question, another verdict on a decided call, or any verdict on a task that has ended."""
+    task = tenants(task, tenant)
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    if current is None:
+        raise NotFound(f"task {task_id} has no call {answer.call_id} awaiting a decision")
+    assert answer.verdict is not None
+    current.check(answer.verdict)
+    if current.verdict is not None:
+        if current.verdict is answer.verdict:
+            return current, False
+        raise InputError(
+            f"call {answer.call_id} was already decided ({current.verdict.value})",
+            detail={"decision": current.public()},
+        )
+    if task.status.terminal:
+        raise InputError(f"task {task_id} is already {task.status.value}")
+    decided = dataclasses.replace(
+        current,
+        verdict=answer.verdict,
+        result=answer.result,
+        note=answer.note,
+        decided_by=answer.decided_by,
+        decided_at=now,
+    )
+    return decided, True
 
 
 @dataclass(kw_only=True, slots=True)
