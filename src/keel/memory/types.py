@@ -605,6 +605,17 @@ class DocumentRecord:
         }
 
 
+def alive(expires_at: float | None, now: float) -> bool:
+    """The one expiry rule of memory: a row lives until its ``expires_at`` (None: until deleted). Reads apply it
+    whether or not the sweeper has run yet; the sweeper only reclaims the space."""
+    return expires_at is None or expires_at > now
+
+
+def live(doc: DocumentRecord, now: float | None) -> DocumentRecord | None:
+    """``doc``, or None when it has expired at ``now`` (None: expiry not asked about)."""
+    return doc if now is None or alive(doc.expires_at, now) else None
+
+
 def document_id(tenant: str, sha256: str) -> str:
     return "doc_" + hashlib.sha256(f"{tenant}\x00{sha256}".encode()).hexdigest()[:24]
 
