@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.routing import Route
 
-from keel.backends import open_store
+from keel.backends import open_stores
 from keel.errors import ConfigError
 from keel.interaction import problems
 from keel.interaction.endpoint_routes import router as endpoint_router
@@ -31,7 +31,7 @@ from keel.memory.embeddings import Embedder, open_embedder
 from keel.memory.ingest.pdf import ParseLimits
 from keel.memory.ingest.pipeline import Ingestor, IngestSettings
 from keel.memory.retrieval import ConfidencePolicy, Memory
-from keel.memory.stores import Store
+from keel.memory.stores import Store, Stores
 from keel.netguard import AllowList
 from keel.orchestration.engine import Engine
 from keel.orchestration.models import ModelRegistry
@@ -137,7 +137,7 @@ class Embedders:
             await embedder.aclose()
 
 
-def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tuple[Memory, Embedders]:
+def _memory(settings: Settings, stores: Stores, clock: Callable[[], float]) -> tuple[Memory, Embedders]:
     embedder = open_embedder(settings.embedding_model)
     embedders = Embedders(embedder)
     fetch_limits = FetchLimits(
@@ -147,7 +147,7 @@ def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tup
         content_types=("application/pdf", "text/plain", "text/markdown", "application/octet-stream"),
     )
     ingestor = Ingestor(
-        store,
+        stores.backend,
         embedder,
         settings=IngestSettings(
             chunk_tokens=settings.chunk_tokens,
@@ -172,7 +172,9 @@ def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tup
         scratch_dir=settings.data_dir / "tmp",
     )
     memory = Memory(
-        store=store,
+        sessions=stores.sessions,
+        documents=stores.documents,
+        vectors=stores.vectors,
         embedder=embedder,
         ingestor=ingestor,
         clock=clock,
@@ -246,22 +248,22 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
     ``worker`` (runs tasks, webhooks and emails; no HTTP). Everything is stopped and closed on exit."""
     shared = _shared(settings, role)
     lock = None if shared else _lock_data_dir(settings)
-    store = open_store(settings.resolved_store_url)
+    # With Redis, sessions live there (stores.sessions), and every process hears every task's new events at once
+    # (SSE on any replica); the durable event log in the store stays the source of truth for resumption.
+    stores = open_stores(settings.resolved_store_url, redis_url=settings.redis_url)
+    store = stores.backend
     notifier = Notifier()
     stack = contextlib.AsyncExitStack()
     try:
         if settings.redis_url:
-            # Sessions live in Redis, and every process hears every task's new events at once (SSE on any
-            # replica); the durable event log in the store stays the source of truth for resumption.
-            from keel.backends.redis import RedisNotifier, RedisSessionStore, with_sessions
+            from keel.backends.redis import RedisNotifier
 
-            store = with_sessions(store, RedisSessionStore(settings.redis_url))
             fanout = RedisNotifier(settings.redis_url)
             await fanout.start()
             stack.push_async_callback(fanout.stop)
             notifier = fanout
         tools = await _tools(settings, stack)
-        memory, embedders = _memory(settings, store, time.time)
+        memory, embedders = _memory(settings, stores, time.time)
         stack.push_async_callback(embedders.aclose)
         services = Services(
             memory=memory,
@@ -310,7 +312,7 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
         yield keel
     finally:
         await stack.aclose()
-        await store.aclose()
+        await stores.aclose()
         if lock is not None:
             lock.close()
 

@@ -176,7 +176,7 @@ async def ingest_document(request: Request, key: Writer) -> JSONResponse:
     data, source, media_type, password = await _read_request(request)
     if data is not None:
         sha = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-        known = await memory.store.get_document(key.tenant, document_id(key.tenant, sha), memory.clock())
+        known = await memory.documents.get_document(key.tenant, document_id(key.tenant, sha), memory.clock())
         work = memory.ingestor.ingest_bytes(
             key.tenant, data, source=source, media_type=media_type, password=password, sha256=sha
         )
@@ -199,7 +199,7 @@ async def ingest_document(request: Request, key: Writer) -> JSONResponse:
 )
 async def get_document(document_id: str, request: Request, key: Reader) -> DocumentView:
     memory = _memory(request)
-    doc = await memory.store.get_document(key.tenant, document_id, memory.clock())
+    doc = await memory.documents.get_document(key.tenant, document_id, memory.clock())
     if doc is None:
         raise NotFound(f"no document {document_id!r}")
     return DocumentView(**doc.public())
@@ -211,7 +211,8 @@ async def list_documents(
 ) -> list[DocumentView]:
     memory = _memory(request)
     return [
-        DocumentView(**d.public()) for d in await memory.store.list_documents(key.tenant, memory.clock(), limit=limit)
+        DocumentView(**d.public())
+        for d in await memory.documents.list_documents(key.tenant, memory.clock(), limit=limit)
     ]
 
 
@@ -220,7 +221,7 @@ async def list_documents(
 )
 async def delete_document(document_id: str, request: Request, key: Writer) -> Response:
     """Delete the document and every chunk of it, in every embedding space."""
-    if not await _memory(request).store.delete_document(key.tenant, document_id):
+    if not await _memory(request).documents.delete_document(key.tenant, document_id):
         raise NotFound(f"no document {document_id!r}")
     return Response(status_code=204)
 
@@ -237,13 +238,13 @@ async def search(body: SearchBody, request: Request, key: Reader) -> dict[str, A
 async def spaces(request: Request, key: Reader) -> dict[str, Any]:
     """Every embedding space (model@version) that holds chunks, and which one queries use now."""
     memory = _memory(request)
-    return {"current": memory.embedder.space.key, "spaces": await memory.store.spaces(memory.clock())}
+    return {"current": memory.embedder.space.key, "spaces": await memory.vectors.spaces(memory.clock())}
 
 
 @router.get("/sessions/{session_id}", responses=ERRORS, summary="A session's memory", tags=["memory"])
 async def get_session(session_id: str, request: Request, key: Reader) -> dict[str, Any]:
     memory = _memory(request)
-    session = await memory.store.get_session(key.tenant, session_id, memory.clock())
+    session = await memory.sessions.get_session(key.tenant, session_id, memory.clock())
     if session is None:
         raise NotFound(f"no session {session_id!r} (unknown or expired)")
     return {
@@ -256,6 +257,6 @@ async def get_session(session_id: str, request: Request, key: Reader) -> dict[st
 
 @router.delete("/sessions/{session_id}", status_code=204, responses=ERRORS, summary="Forget a session", tags=["memory"])
 async def delete_session(session_id: str, request: Request, key: Writer) -> Response:
-    if not await _memory(request).store.delete_session(key.tenant, session_id):
+    if not await _memory(request).sessions.delete_session(key.tenant, session_id):
         raise NotFound(f"no session {session_id!r}")
     return Response(status_code=204)
