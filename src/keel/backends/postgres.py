@@ -20,9 +20,7 @@ The pool opens on first use (``open_store`` is synchronous), or explicitly with 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
-import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -54,6 +52,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeySecret,
     Lease,
     LeaseState,
     ModelCallRecord,
@@ -67,7 +66,6 @@ from keel.memory.types import (
     day_bucket,
     dead_letter_envelope,
     decide,
-    hash_secret,
     hour_bucket,
     new_id,
     park_status,
@@ -940,29 +938,25 @@ class PostgresStore(PostgresMemory):
     # -- KeyStore ----------------------------------------------------------------------------------
 
     async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
-        key_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
+        new = KeySecret.mint()
         await self._exec(
             "INSERT INTO api_keys(id, tenant, secret_hash, scopes, created_at) VALUES (%s, %s, %s, %s, %s)",
-            (key_id, tenant, hash_secret(secret), ",".join(sorted(scopes)), now),
+            (new.id, tenant, new.hash, rows.scopes_text(scopes), now),
         )
-        return f"keel_{key_id}_{secret}"
+        return new.plaintext
 
     async def verify_key(self, key: str) -> ApiKey | None:
-        parts = key.split("_", 2)
-        if len(parts) != 3 or parts[0] != "keel":
+        presented = KeySecret.parse(key)
+        if presented is None:
             return None
-        key_id, secret = parts[1], parts[2]
 
         async def op(conn: Conn) -> ApiKey | None:
             row = await _one(
                 conn,
                 "SELECT tenant, secret_hash, scopes FROM api_keys WHERE id = %s AND revoked_at IS NULL",
-                (key_id,),
+                (presented.id,),
             )
-            if row is None or not hmac.compare_digest(row["secret_hash"], hash_secret(secret)):
-                return None
-            return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
+            return rows.api_key_of(presented.id, row) if row and presented.matches(row["secret_hash"]) else None
 
         return await self._read(op)
 

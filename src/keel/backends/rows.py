@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from keel.memory.blobs import dumps
 from keel.memory.types import (
+    ApiKey,
     BlobRef,
     ChunkRecord,
     Decision,
@@ -185,6 +186,14 @@ def document_of(row: Row) -> DocumentRecord:
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
     )
+
+
+def scopes_text(scopes: frozenset[str]) -> str:
+    return ",".join(sorted(scopes))
+
+
+def api_key_of(key_id: str, row: Row) -> ApiKey:
+    return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
 
 
 def step_of(row: Row) -> StepCheckpoint:

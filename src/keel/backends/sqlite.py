@@ -10,11 +10,9 @@ loop never blocks on the database.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import queue
-import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -45,6 +43,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeySecret,
     Lease,
     LeaseState,
     ModelCallRecord,
@@ -58,7 +57,6 @@ from keel.memory.types import (
     day_bucket,
     dead_letter_envelope,
     decide,
-    hash_secret,
     hour_bucket,
     new_id,
     park_status,
@@ -885,32 +883,28 @@ class SQLiteStore(SQLiteMemory):
     # -- KeyStore ----------------------------------------------------------------------------------
 
     async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
-        key_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
+        new = KeySecret.mint()
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO api_keys(id, tenant, secret_hash, scopes, created_at) VALUES (?, ?, ?, ?, ?)",
-                (key_id, tenant, hash_secret(secret), ",".join(sorted(scopes)), now),
+                (new.id, tenant, new.hash, rows.scopes_text(scopes), now),
             )
 
         await self._write(op)
-        return f"keel_{key_id}_{secret}"
+        return new.plaintext
 
     async def verify_key(self, key: str) -> ApiKey | None:
-        parts = key.split("_", 2)
-        if len(parts) != 3 or parts[0] != "keel":
+        presented = KeySecret.parse(key)
+        if presented is None:
             return None
-        key_id, secret = parts[1], parts[2]
 
         def op(conn: sqlite3.Connection) -> ApiKey | None:
             row = conn.execute(
                 "SELECT tenant, secret_hash, scopes FROM api_keys WHERE id = ? AND revoked_at IS NULL",
-                (key_id,),
+                (presented.id,),
             ).fetchone()
-            if row is None or not hmac.compare_digest(row["secret_hash"], hash_secret(secret)):
-                return None
-            return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
+            return rows.api_key_of(presented.id, row) if row and presented.matches(row["secret_hash"]) else None
 
         return await self._read(op)
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -321,6 +322,38 @@ def day_bucket(at: float) -> int:
 def hash_secret(secret: str) -> str:
     # API keys carry 256 bits of entropy, so a fast hash is safe; no password-hashing work factor is needed.
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class KeySecret:
+    """A bearer key, ``keel_<id>_<secret>``, taken apart. A store keeps the id and the secret's hash, never the
+    secret; it finds a presented key by its id and checks the secret against that hash."""
+
+    id: str
+    secret: str
+
+    @classmethod
+    def mint(cls) -> KeySecret:
+        return cls(id=secrets.token_hex(6), secret=secrets.token_urlsafe(32))
+
+    @classmethod
+    def parse(cls, key: str) -> KeySecret | None:
+        """None for anything not shaped like a keel key."""
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "keel":
+            return None
+        return cls(id=parts[1], secret=parts[2])
+
+    @property
+    def plaintext(self) -> str:
+        return f"keel_{self.id}_{self.secret}"
+
+    @property
+    def hash(self) -> str:
+        return hash_secret(self.secret)
+
+    def matches(self, stored_hash: str) -> bool:
+        return hmac.compare_digest(stored_hash, self.hash)
 
 
 def dead_letter_envelope(attempts: int) -> dict[str, Any]:

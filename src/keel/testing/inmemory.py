@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hmac
 import json
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +24,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeySecret,
     Lease,
     LeaseState,
     ModelCallRecord,
@@ -40,7 +39,6 @@ from keel.memory.types import (
     day_bucket,
     dead_letter_envelope,
     decide,
-    hash_secret,
     hour_bucket,
     new_id,
     park_status,
@@ -377,18 +375,16 @@ class InMemoryStore(InMemoryMemory):
         return [replace(m) for m in sorted(self._outbox.values(), key=lambda m: m.id) if m.task_id == task_id]
 
     async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
-        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        self._api_keys[key_id] = (tenant, hash_secret(secret), scopes)
-        return f"keel_{key_id}_{secret}"
+        new = KeySecret.mint()
+        self._api_keys[new.id] = (tenant, new.hash, scopes)
+        return new.plaintext
 
     async def verify_key(self, key: str) -> ApiKey | None:
-        parts = key.split("_", 2)
-        if len(parts) != 3 or parts[0] != "keel" or parts[1] not in self._api_keys:
+        presented = KeySecret.parse(key)
+        if presented is None or presented.id not in self._api_keys:
             return None
-        tenant, digest, scopes = self._api_keys[parts[1]]
-        if not hmac.compare_digest(digest, hash_secret(parts[2])):
-            return None
-        return ApiKey(id=parts[1], tenant=tenant, scopes=scopes)
+        tenant, digest, scopes = self._api_keys[presented.id]
+        return ApiKey(id=presented.id, tenant=tenant, scopes=scopes) if presented.matches(digest) else None
 
     # -- EffectLedger ------------------------------------------------------------------------------
 
