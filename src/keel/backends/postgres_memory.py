@@ -494,9 +494,9 @@ class PostgresMemory:
                 for setting in hnsw_settings(min(max(self.hnsw_ef_search, k), 1000)):
                     await conn.execute(setting)
                 cur = await conn.execute(search_sql(space, dim, hnsw=True, documents=False), args, prepare=False)
-                rows = await cur.fetchall()
-                if len(rows) >= k:
-                    return rows
+                found = await cur.fetchall()
+                if len(found) >= k:
+                    return found
                 # Filters left fewer than k of the rows the graph gave: the tenant's share is small, scan it.
                 await conn.execute("RESET enable_seqscan; RESET enable_bitmapscan")
             cur = await conn.execute(
@@ -504,8 +504,8 @@ class PostgresMemory:
             )
             return await cur.fetchall()
 
-        rows = await self._read(op)
-        return [ChunkHit(chunk=_chunk(r), score=1.0 - float(r["distance"])) for r in rows]
+        found = await self._read(op)
+        return [ChunkHit(chunk=_chunk(r), score=1.0 - float(r["distance"])) for r in found]
 
     async def chunk_count(self, space: str, *, tenant: str | None = None, now: float | None = None) -> int:
         async def op(conn: Conn) -> int:

@@ -273,11 +273,11 @@ class SQLiteMemory:
     async def list_documents(self, tenant: str, now: float, *, limit: int = 100) -> list[DocumentRecord]:
         def op(conn: sqlite3.Connection) -> list[DocumentRecord]:
             alive, args = _alive(now)
-            rows = conn.execute(
+            found = conn.execute(
                 f"SELECT * FROM documents WHERE tenant = ? AND {alive} ORDER BY created_at DESC LIMIT ?",
                 (tenant, *args, limit),
             ).fetchall()
-            return [_document(r) for r in rows]
+            return [_document(r) for r in found]
 
         return await self._read(op)
 
@@ -432,8 +432,8 @@ class SQLiteMemory:
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._space_lock(space):
                 index.save(path)
-                rows = self._rows_fingerprint(space)
-            path.with_suffix(".json").write_text(json.dumps({"space": space, "rows": rows}))
+                fingerprint = self._rows_fingerprint(space)
+            path.with_suffix(".json").write_text(json.dumps({"space": space, "rows": fingerprint}))
 
     async def search_chunks(
         self,
@@ -495,13 +495,13 @@ class SQLiteMemory:
             if not found:
                 return []
             ids = [cid for cid, _ in found]
-            rows = {
+            by_id = {
                 r["id"]: r
                 for r in conn.execute(
                     f"SELECT {_CHUNK_COLS} FROM chunks WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
                 )
             }
-            return [ChunkHit(chunk=_chunk(rows[cid]), score=float(score)) for cid, score in found if cid in rows]
+            return [ChunkHit(chunk=_chunk(by_id[cid]), score=float(score)) for cid, score in found if cid in by_id]
 
         return await self._run(op)
 
@@ -522,33 +522,33 @@ class SQLiteMemory:
     async def spaces(self, now: float) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             alive, args = _alive(now)
-            rows = conn.execute(f"SELECT space, count(*) FROM chunks WHERE {alive} GROUP BY space", args)
-            return {r[0]: int(r[1]) for r in rows}
+            found = conn.execute(f"SELECT space, count(*) FROM chunks WHERE {alive} GROUP BY space", args)
+            return {r[0]: int(r[1]) for r in found}
 
         return await self._read(op)
 
     async def document_chunks(self, tenant: str, document_id: str, space: str, now: float) -> list[ChunkRecord]:
         def op(conn: sqlite3.Connection) -> list[ChunkRecord]:
             alive, args = _alive(now)
-            rows = conn.execute(
+            found = conn.execute(
                 f"SELECT {_CHUNK_COLS} FROM chunks WHERE tenant = ? AND document_id = ? AND space = ? AND {alive} "
                 "ORDER BY page, char_start, id",
                 (tenant, document_id, space, *args),
             ).fetchall()
-            return [_chunk(r) for r in rows]
+            return [_chunk(r) for r in found]
 
         return await self._read(op)
 
     async def chunks_to_reindex(self, source: str, target: str, limit: int, now: float) -> list[ChunkRecord]:
         def op(conn: sqlite3.Connection) -> list[ChunkRecord]:
             alive, args = _alive(now)
-            rows = conn.execute(
+            found = conn.execute(
                 f"SELECT {_CHUNK_COLS} FROM chunks s WHERE space = ? AND {alive} AND NOT EXISTS ("
                 "SELECT 1 FROM chunks t WHERE t.space = ? AND t.document_id = s.document_id AND t.page = s.page "
                 "AND t.char_start = s.char_start AND t.content_hash = s.content_hash) ORDER BY id LIMIT ?",
                 (source, *args, target, limit),
             ).fetchall()
-            return [_chunk(r) for r in rows]
+            return [_chunk(r) for r in found]
 
         return await self._read(op)
 
