@@ -57,7 +57,15 @@ async def run_once(root: Path, delay: float) -> float:
     store = SQLiteStore(root / f"k-{delay}-{time.monotonic_ns()}.db")
     embedder = HashEmbedder()
     ingestor = Ingestor(store, embedder, settings=IngestSettings(), clock=time.time, scratch_dir=root / "scratch")
-    memory = Memory(store=store, embedder=embedder, ingestor=ingestor, clock=time.time, confidence=ConfidencePolicy())
+    memory = Memory(
+        sessions=store,
+        documents=store,
+        vectors=store,
+        embedder=embedder,
+        ingestor=ingestor,
+        clock=time.time,
+        confidence=ConfidencePolicy(),
+    )
     ids = [(await ingestor.ingest_bytes("t1", d.encode(), source=f"upload:{i}.txt")).id for i, d in enumerate(DOCS)]
     analyst = ScriptedAnalyst(extract_delay_s={"*": delay})
     models = ModelRegistry("scripted")

@@ -59,7 +59,15 @@ def memory_for(store: Any, embedder: HashEmbedder, clock: Clock, tmp_path: Path,
         clock=clock,
         scratch_dir=tmp_path / "scratch",
     )
-    return Memory(store=store, embedder=embedder, ingestor=ingestor, clock=clock, confidence=ConfidencePolicy())
+    return Memory(
+        sessions=store,
+        documents=store,
+        vectors=store,
+        embedder=embedder,
+        ingestor=ingestor,
+        clock=clock,
+        confidence=ConfidencePolicy(),
+    )
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from keel.backends.sqlite import SQLiteStore
-from keel.memory.stores import Store
+from keel.memory.stores import SessionStore
 from keel.memory.types import SessionTurn
-from keel.testing.conformance import CHECKS
+from keel.testing.conformance import SESSION_CHECKS
 
 redis = pytest.importorskip("redis.asyncio", reason="the redis driver is not installed: pip install 'keel[redis]'")
 
-from keel.backends.redis import RedisNotifier, RedisSessionStore, with_sessions  # noqa: E402
+from keel.backends.redis import RedisNotifier, RedisSessionStore  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "redis.sh"
 T0 = 1_000_000.0
@@ -91,17 +91,28 @@ def turn(content: str, role: str = "user") -> SessionTurn:
 # -- session memory ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
-async def test_conformance_with_redis_sessions(
-    tmp_path: Path, redis_url: str, prefix: str, check: Callable[[Store], Awaitable[None]]
+@pytest.mark.parametrize("check", SESSION_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+async def test_session_conformance(
+    sessions: RedisSessionStore, check: Callable[[SessionStore], Awaitable[None]]
 ) -> None:
-    """The whole store suite on SQLite with its session tier in Redis: sessions behave as SQLite's do, and
-    the wrapper forwards everything else."""
-    store = with_sessions(SQLiteStore(tmp_path / "k.db"), RedisSessionStore(redis_url, prefix=prefix))
+    """The session seam's suite on Redis: sessions behave as SQLite's do."""
+    await check(sessions)
+
+
+async def test_open_stores_puts_sessions_in_redis(tmp_path: Path, redis_url: str) -> None:
+    """With a Redis URL, the sessions handle is Redis's and every other handle the SQL store; closing the set
+    closes both, each once."""
+    from keel.backends import open_stores
+
+    stores = open_stores(f"sqlite:///{tmp_path / 'k.db'}", redis_url=redis_url)
     try:
-        await check(store)
+        assert isinstance(stores.sessions, RedisSessionStore) and isinstance(stores.tasks, SQLiteStore)
+        assert stores.documents is stores.tasks is stores.events is stores.backend
+        await stores.sessions.append_turns("t", "open-stores", [turn("hi")], 60, T0)
+        assert await stores.backend.get_session("t", "open-stores", T0) is None  # not in SQLite
+        assert await stores.sessions.delete_session("t", "open-stores")
     finally:
-        await store.aclose()
+        await stores.aclose()
 
 
 async def test_last_n_turns(sessions: RedisSessionStore) -> None:

@@ -15,7 +15,7 @@ import pytest
 from keel.backends import open_store
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.stores import Store
-from keel.testing.conformance import CHECKS
+from keel.testing.conformance import SUITES
 from keel.testing.inmemory import InMemoryStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +131,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await s.aclose()
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize(
+    "check",
+    [pytest.param(check, id=f"{seam}-{check.__name__.removeprefix('check_')}") for seam, checks in SUITES.items()
+     for check in checks],
+)  # fmt: skip
 async def test_conformance(store: Store, check: Callable[[Store], Awaitable[None]]) -> None:
+    """Every seam's suite: each of these backends serves every seam."""
     await check(store)
 
 

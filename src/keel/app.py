@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.routing import Route
 
-from keel.backends import open_store
+from keel.backends import open_stores
 from keel.errors import ConfigError
 from keel.interaction import problems
 from keel.interaction.endpoint_routes import router as endpoint_router
@@ -34,7 +34,7 @@ from keel.memory.embeddings import Embedder, open_embedder
 from keel.memory.ingest.pdf import ParseLimits
 from keel.memory.ingest.pipeline import Ingestor, IngestSettings
 from keel.memory.retrieval import ConfidencePolicy, Memory
-from keel.memory.stores import Store
+from keel.memory.stores import Stores
 from keel.netguard import AllowList
 from keel.orchestration.engine import Engine
 from keel.orchestration.models import ModelRegistry
@@ -122,7 +122,7 @@ class Embedders:
             await embedder.aclose()
 
 
-def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tuple[Memory, Embedders]:
+def _memory(settings: Settings, stores: Stores, clock: Callable[[], float]) -> tuple[Memory, Embedders]:
     embedder = open_embedder(settings.embedding_model)
     embedders = Embedders(embedder)
     fetch_limits = FetchLimits(
@@ -132,7 +132,7 @@ def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tup
         content_types=("application/pdf", "text/plain", "text/markdown", "application/octet-stream"),
     )
     ingestor = Ingestor(
-        store,
+        stores.backend,
         embedder,
         settings=IngestSettings(
             chunk_tokens=settings.chunk_tokens,
@@ -157,7 +157,9 @@ def _memory(settings: Settings, store: Store, clock: Callable[[], float]) -> tup
         scratch_dir=settings.data_dir / "tmp",
     )
     memory = Memory(
-        store=store,
+        sessions=stores.sessions,
+        documents=stores.documents,
+        vectors=stores.vectors,
         embedder=embedder,
         ingestor=ingestor,
         clock=clock,
@@ -172,7 +174,7 @@ Role = Literal["all", "api", "worker"]
 
 def _engine(
     settings: Settings,
-    store: Store,
+    stores: Stores,
     registry: WorkflowRegistry,
     notifier: Notifier,
     tools: ToolCatalog,
@@ -200,7 +202,7 @@ def _engine(
         from keel.backends.temporal import TemporalEngine
 
         return TemporalEngine(
-            store,
+            stores.backend,
             registry,
             address=settings.temporal_address,
             namespace=settings.temporal_namespace,
@@ -208,7 +210,7 @@ def _engine(
             run_workers=run_workers,
             **common,
         )
-    return EmbeddedEngine(store, registry, **common)
+    return EmbeddedEngine(stores.backend, registry, **common)
 
 
 def _shared(settings: Settings, role: Role) -> bool:
@@ -232,37 +234,36 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
     on exit."""
     shared = _shared(settings, role)
     lock = None if shared else _lock_data_dir(settings)
-    store = open_store(settings.resolved_store_url)
+    # With Redis, sessions live there (stores.sessions), and every process hears every task's new events at once
+    # (SSE on any replica); the durable event log in the store stays the source of truth for resumption.
+    stores = open_stores(settings.resolved_store_url, redis_url=settings.redis_url)
     notifier = Notifier()
     stack = contextlib.AsyncExitStack()
     try:
         if settings.redis_url:
-            # Sessions live in Redis, and every process hears every task's new events at once (SSE on any
-            # replica); the durable event log in the store stays the source of truth for resumption.
-            from keel.backends.redis import RedisNotifier, RedisSessionStore, with_sessions
+            from keel.backends.redis import RedisNotifier
 
-            store = with_sessions(store, RedisSessionStore(settings.redis_url))
             fanout = RedisNotifier(settings.redis_url)
             await fanout.start()
             stack.push_async_callback(fanout.stop)
             notifier = fanout
         tools = await _tools(settings, stack)
-        memory, embedders = _memory(settings, store, time.time)
+        memory, embedders = _memory(settings, stores, time.time)
         stack.push_async_callback(embedders.aclose)
         services = Services(
             memory=memory,
             embedders=embedders,
-            store=store,
+            store=stores.emails,
             documents_dir=settings.documents_dir,
             fetch_allow=AllowList.parse(settings.fetch_allow_hosts),
             fetch_max_bytes=settings.fetch_max_bytes,
             fetch_timeout_s=settings.fetch_timeout_s,
         )
-        runtime = _engine(settings, store, registry, notifier, tools, services, run_workers=role != "api")
+        runtime = _engine(settings, stores, registry, notifier, tools, services, run_workers=role != "api")
         allow = AllowList.parse(settings.webhook_allow_hosts)
         keel = Keel(
             settings=settings,
-            store=store,
+            stores=stores,
             registry=registry,
             runtime=runtime,
             notifier=notifier,
@@ -277,9 +278,9 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
             await runtime.start(recover=not shared)
             stack.push_async_callback(runtime.stop)
         if role != "api":
-            relay = EmailRelay(store, _smtp(settings), poll_s=settings.poll_interval_s)
+            relay = EmailRelay(stores.emails, _smtp(settings), poll_s=settings.poll_interval_s)
             webhooks = WebhookDispatcher(
-                store,
+                stores.outbox,
                 allow=allow,
                 max_attempts=settings.webhook_max_attempts,
                 backoff_base_s=settings.webhook_backoff_base_s,
@@ -294,7 +295,7 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
         yield keel
     finally:
         await stack.aclose()
-        await store.aclose()
+        await stores.aclose()
         if lock is not None:
             lock.close()
 

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
 from keel.memory.retrieval import Memory, Retrieval
-from keel.memory.stores import Store
+from keel.memory.stores import Stores
 from keel.memory.types import (
     ApiKey,
     CreateOutcome,
@@ -166,7 +166,8 @@ class Keel:
     or session raises :class:`~keel.errors.NotFound`; another tenant's looks missing."""
 
     settings: Settings
-    store: Store
+    stores: Stores
+    """One handle per store seam (tasks, events, decisions, …), each on the backend that serves it."""
     registry: WorkflowRegistry
     runtime: Engine
     notifier: Wakeups
@@ -200,7 +201,7 @@ class Keel:
         input_json = parsed.model_dump(mode="json")
         fingerprint = self._fingerprint(sub, input_json)
         if sub.cache_max_age_s is not None:
-            cached = await self.store.cached_result(key.tenant, fingerprint, self.clock() - sub.cache_max_age_s)
+            cached = await self.stores.cache.cached_result(key.tenant, fingerprint, self.clock() - sub.cache_max_age_s)
             if cached is not None:
                 age = max(0, int(self.clock() - (cached.finished_at or self.clock())))
                 return Submitted(task=cached, outcome="cached", age_s=age)
@@ -231,7 +232,7 @@ class Keel:
                 raise IdempotencyInFlight("a request with this Idempotency-Key is still being processed; retry later")
             self._in_flight.add(scope)
         try:
-            result = await self.store.create_task(new, claim, self.clock())
+            result = await self.stores.tasks.create_task(new, claim, self.clock())
         finally:
             if idempotency is not None:
                 self._in_flight.discard((tenant, idempotency.key))
@@ -280,7 +281,7 @@ class Keel:
     # -- tasks -----------------------------------------------------------------------------------------------------
 
     async def get(self, tenant: str, task_id: str) -> Task:
-        task = await self.store.get_task(task_id, tenant)
+        task = await self.stores.tasks.get_task(task_id, tenant)
         if task is None:
             raise NotFound(f"no task {task_id}")
         return task
@@ -289,7 +290,7 @@ class Keel:
         self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, cursor: str | None = None
     ) -> TaskPage:
         """Newest first; ``next_cursor`` (the last task's id) is set only when more follow."""
-        tasks = await self.store.list_tasks(tenant, statuses=statuses, limit=limit + 1, before=cursor)
+        tasks = await self.stores.tasks.list_tasks(tenant, statuses=statuses, limit=limit + 1, before=cursor)
         return TaskPage(tasks=tasks[:limit], next_cursor=tasks[limit - 1].id if len(tasks) > limit else None)
 
     async def wait(
@@ -308,7 +309,7 @@ class Keel:
             if left <= 0:
                 break
             await self.notifier.wait(task.id, min(left, self.settings.poll_interval_s))
-            found = await self.store.get_task(task.id, tenant)
+            found = await self.stores.tasks.get_task(task.id, tenant)
             if found is None:  # cannot happen for a task the caller holds; answer with it all the same
                 break
             task = found
@@ -317,11 +318,11 @@ class Keel:
     async def cancel(self, tenant: str, task_id: str) -> Task:
         """Idempotent. A queued or parked task is cancelled at once (:func:`cancelled_envelope`); a running one is
         interrupted and keeps its partial result. Returns the task as it is now (not terminal yet when running)."""
-        task = await self.store.request_cancel(task_id, tenant)
+        task = await self.stores.tasks.request_cancel(task_id, tenant)
         if task is None:
             raise NotFound(f"no task {task_id}")
         if task.status in (TaskStatus.queued, TaskStatus.waiting_for_approval):
-            await self.store.finish(None, task.id, TaskStatus.cancelled, cancelled_envelope(task), self.clock())
+            await self.stores.tasks.finish(None, task.id, TaskStatus.cancelled, cancelled_envelope(task), self.clock())
             self.notifier.notify(task.id)
         elif task.status is TaskStatus.running:
             self.runtime.cancel(task.id)
@@ -333,17 +334,17 @@ class Keel:
         """Whether a stream of the task's events after sequence number ``after`` has anything to say: False once
         the task is finished and the log holds nothing after ``after``. A cursor the log never issued is refused."""
         task = await self.get(tenant, task_id)
-        if after and [e.seq for e in await self.store.read(task_id, after - 1, limit=1)] != [after]:
+        if after and [e.seq for e in await self.stores.events.read(task_id, after - 1, limit=1)] != [after]:
             # Ids come only from this log, so a cursor it never issued is a client bug; refusing it here keeps the
             # stream loop free of a per-poll "is the cursor past the end?" check.
             raise InputError(f"Last-Event-ID {after} is not an event of task {task_id}")
-        return not (task.status.terminal and not await self.store.read(task_id, after, limit=1))
+        return not (task.status.terminal and not await self.stores.events.read(task_id, after, limit=1))
 
     async def events(self, task_id: str, after: int = 0) -> AsyncIterator[Event]:
         """The task's durable event log after sequence number ``after``, as it grows, up to and including ``end``."""
         cursor = after
         while True:
-            batch = await self.store.read(task_id, cursor)
+            batch = await self.stores.events.read(task_id, cursor)
             for ev in batch:
                 cursor = ev.seq
                 yield ev
@@ -356,7 +357,7 @@ class Keel:
 
     async def decisions(self, tenant: str, task_id: str) -> list[Decision]:
         await self.get(tenant, task_id)
-        return await self.store.load_decisions(task_id)
+        return await self.stores.decisions.load_decisions(task_id)
 
     async def decide(
         self,
@@ -383,14 +384,14 @@ class Keel:
             note=note,
             decided_by=f"{key.tenant}:{key.id}",
         )
-        stored = await self.store.decide(task_id, key.tenant, decision, self.clock())
+        stored = await self.stores.decisions.decide(task_id, key.tenant, decision, self.clock())
         self.runtime.wake()
         self.notifier.notify(task_id)
         return stored
 
     async def effects(self, tenant: str, task_id: str) -> list[EffectRecord]:
         await self.get(tenant, task_id)
-        return await self.store.list_effects(task_id)
+        return await self.stores.effects.list_effects(task_id)
 
     # -- catalog ---------------------------------------------------------------------------------------------------
 
@@ -403,14 +404,14 @@ class Keel:
         return [t for t in self.tools if permitted(t, key.scopes)]
 
     async def model_stats(self, model_id: str | None, *, hours: float) -> list[ModelStats]:
-        return await self.store.model_stats(model_id, self.clock() - hours * 3600)
+        return await self.stores.stats.model_stats(model_id, self.clock() - hours * 3600)
 
     async def verify_key(self, token: str) -> ApiKey | None:
-        return await self.store.verify_key(token)
+        return await self.stores.keys.verify_key(token)
 
     async def ping(self) -> None:
         """A read that fails when the store is unreachable (``/readyz``)."""
-        await self.store.read("readyz", 0, limit=1)
+        await self.stores.events.read("readyz", 0, limit=1)
 
     # -- documents, retrieval, sessions ----------------------------------------------------------------------------
 
@@ -431,7 +432,7 @@ class Keel:
 
     async def find_document(self, tenant: str, document_id: str) -> DocumentRecord | None:
         """The tenant's document, or None (unknown, expired or deleted)."""
-        return await self.memory.store.get_document(tenant, document_id, self.memory.clock())
+        return await self.memory.documents.get_document(tenant, document_id, self.memory.clock())
 
     async def document(self, tenant: str, document_id: str) -> DocumentRecord:
         doc = await self.find_document(tenant, document_id)
@@ -440,11 +441,11 @@ class Keel:
         return doc
 
     async def documents(self, tenant: str, *, limit: int = 100) -> list[DocumentRecord]:
-        return await self.memory.store.list_documents(tenant, self.memory.clock(), limit=limit)
+        return await self.memory.documents.list_documents(tenant, self.memory.clock(), limit=limit)
 
     async def delete_document(self, tenant: str, document_id: str) -> None:
         """Delete the document and every chunk of it, in every embedding space."""
-        if not await self.memory.store.delete_document(tenant, document_id):
+        if not await self.memory.documents.delete_document(tenant, document_id):
             raise NotFound(f"no document {document_id!r}")
 
     async def search(self, tenant: str, query: str, *, k: int = 5, documents: Sequence[str] | None = None) -> Retrieval:
@@ -452,16 +453,16 @@ class Keel:
 
     async def spaces(self) -> tuple[str, dict[str, int]]:
         """The embedding space queries use now, and every space (model@version) that holds chunks, with counts."""
-        return self.memory.embedder.space.key, await self.memory.store.spaces(self.memory.clock())
+        return self.memory.embedder.space.key, await self.memory.vectors.spaces(self.memory.clock())
 
     async def session(self, tenant: str, session_id: str) -> Session:
-        session = await self.memory.store.get_session(tenant, session_id, self.memory.clock())
+        session = await self.memory.sessions.get_session(tenant, session_id, self.memory.clock())
         if session is None:
             raise NotFound(f"no session {session_id!r} (unknown or expired)")
         return session
 
     async def delete_session(self, tenant: str, session_id: str) -> None:
-        if not await self.memory.store.delete_session(tenant, session_id):
+        if not await self.memory.sessions.delete_session(tenant, session_id):
             raise NotFound(f"no session {session_id!r}")
 
 

@@ -20,10 +20,7 @@ The pool opens on first use (``open_store`` is synchronous), or explicitly with 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hmac
 import json
-import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -33,17 +30,17 @@ from psycopg import AsyncConnection, errors
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from keel.backends import rows
 from keel.backends.postgres_memory import MEMORY_SCHEMA, Conn, PostgresMemory, Row
 from keel.backends.rows import decision_of as _decision
 from keel.backends.rows import effect_of as _effect
 from keel.backends.rows import email_of as _email
 from keel.backends.rows import outbox_of as _outbox
 from keel.backends.rows import task_of as _task
-from keel.errors import ConfigError, InputError, KeelError, LeaseLost, NotFound, StoreError
-from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
+from keel.errors import ConfigError, KeelError, LeaseLost, StoreError
+from keel.memory.blobs import INLINE_LIMIT, Packed, looks_small, pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
-    EXPIRED_NOTE,
     ApiKey,
     BlobRef,
     CreateOutcome,
@@ -55,6 +52,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeySecret,
     Lease,
     LeaseState,
     ModelCallRecord,
@@ -62,20 +60,25 @@ from keel.memory.types import (
     NewTask,
     OutboxMessage,
     StepCheckpoint,
-    StepStatus,
     Task,
     TaskStatus,
     TenantUsage,
-    Verdict,
     day_bucket,
     dead_letter_envelope,
-    hash_secret,
+    decide,
     hour_bucket,
     new_id,
-    webhook_payload,
+    park_status,
+    tenants,
 )
 
 T = TypeVar("T")
+
+
+def _values(columns: str) -> str:
+    return rows.values(columns, "%s")
+
+
 _MIGRATION_LOCK = 0x6B65656C_6D696772  # "keelmigr": one advisory lock for every keel schema migration
 _RETRIES = 5  # a deadlock or serialization failure is retried this many times
 
@@ -446,10 +449,11 @@ class PostgresStore(PostgresMemory):
         return Event(task_id=task_id, seq=seq, type=type, data=data, created_at=now)
 
     @staticmethod
-    async def _get(conn: Conn, task_id: str, *, lock: bool = False) -> Task | None:
+    async def _get(conn: Conn, task_id: str, *, tenant: str | None = None, lock: bool = False) -> Task | None:
+        """The task, when ``tenant`` may see it (any tenant when None); ``lock`` locks its row."""
         query = f"SELECT {_TASK_COLS} FROM tasks WHERE id = %s" + (" FOR UPDATE" if lock else "")
         row = await _one(conn, query, (task_id,))
-        return _task(row) if row else None
+        return tenants(_task(row), tenant) if row else None
 
     async def _finish_in(
         self, conn: Conn, task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float
@@ -477,19 +481,8 @@ class PostgresStore(PostgresMemory):
                 (task.tenant, task.webhook_url),
             )
             await conn.execute(
-                "INSERT INTO outbox(id, tenant, task_id, url, secret, event_type, payload, status, "
-                "next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    new_id("msg"),
-                    task.tenant,
-                    task.id,
-                    task.webhook_url,
-                    task.webhook_secret,
-                    f"task.{status.value}",
-                    json.dumps(webhook_payload(task.id, status, envelope, now)),
-                    "disabled" if disabled else "pending",
-                    now,
-                ),
+                f"INSERT INTO outbox{_values(rows.OUTBOX_INSERT)}",
+                rows.outbox_params(new_id("msg"), task, status, envelope, now, disabled=disabled is not None),
             )
 
     # -- TaskStore ---------------------------------------------------------------------------------
@@ -516,49 +509,28 @@ class PostgresStore(PostgresMemory):
                         "exp": claim.expires_at,
                     },
                 )
-                if won is None:
-                    row = await _one(
-                        conn,
-                        "SELECT request_hash, task_id FROM idempotency_keys WHERE tenant = %s AND key = %s",
-                        (new.tenant, claim.key),
+                if won is None:  # a live key: the rule says whether this request replays it
+                    stored = rows.claim_of(
+                        await _one(
+                            conn,
+                            "SELECT request_hash, task_id, expires_at FROM idempotency_keys "
+                            "WHERE tenant = %s AND key = %s",
+                            (new.tenant, claim.key),
+                        )
                     )
-                    assert row is not None
-                    if not hmac.compare_digest(row["request_hash"], claim.request_hash):
-                        return CreateResult(outcome=CreateOutcome.key_reused, task=None)
-                    return CreateResult(outcome=CreateOutcome.replayed, task=await self._get(conn, row["task_id"]))
-            await conn.execute(
-                "INSERT INTO tasks(id, tenant, workflow, input, status, created_at, updated_at, webhook_url, "
-                "webhook_secret, budget, metadata, estimated_duration_s, policy, cache_key) "
-                "VALUES (%s, %s, %s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    task_id,
-                    new.tenant,
-                    new.workflow,
-                    json.dumps(new.input),
-                    now,
-                    now,
-                    new.webhook_url,
-                    new.webhook_secret,
-                    json.dumps(new.budget),
-                    json.dumps(new.metadata),
-                    new.estimated_duration_s,
-                    json.dumps(new.policy),
-                    new.cache_key,
-                ),
-            )
+                    assert stored is not None
+                    outcome = claim.outcome(stored, now)
+                    if outcome is not CreateOutcome.created:
+                        replayed = await self._get(conn, stored.task_id) if outcome is CreateOutcome.replayed else None
+                        return CreateResult(outcome=outcome, task=replayed)
+            await conn.execute(f"INSERT INTO tasks{_values(rows.TASK_INSERT)}", rows.task_params(task_id, new, now))
             await self._append(conn, task_id, "status", {"status": "queued"}, now)
             return CreateResult(outcome=CreateOutcome.created, task=await self._get(conn, task_id))
 
         return await self._tx(op)
 
     async def get_task(self, task_id: str, tenant: str | None = None) -> Task | None:
-        async def op(conn: Conn) -> Task | None:
-            task = await self._get(conn, task_id)
-            if task is None or (tenant is not None and task.tenant != tenant):
-                return None
-            return task
-
-        return await self._read(op)
+        return await self._read(lambda conn: self._get(conn, task_id, tenant=tenant))
 
     async def list_tasks(
         self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, before: str | None = None
@@ -667,12 +639,10 @@ class PostgresStore(PostgresMemory):
 
     async def request_cancel(self, task_id: str, tenant: str) -> Task | None:
         async def op(conn: Conn) -> Task | None:
-            task = await self._get(conn, task_id, lock=True)
-            if task is None or task.tenant != tenant:
-                return None
-            if not task.status.terminal:
+            task = await self._get(conn, task_id, tenant=tenant, lock=True)
+            if task is not None and task.request_cancel():
                 await conn.execute("UPDATE tasks SET cancel_requested = TRUE WHERE id = %s", (task_id,))
-            return await self._get(conn, task_id)
+            return task
 
         return await self._tx(op)
 
@@ -723,31 +693,9 @@ class PostgresStore(PostgresMemory):
             )
             inline, blob_id, blob_size = await self._put(conn, packed)
             await conn.execute(
-                "INSERT INTO steps(task_id, key, seq, fn, kind, status, run_attempt, tries, result, blob_id, "
-                "blob_size, error, usage, duration_ms, finished_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (task_id, key) DO UPDATE SET seq = excluded.seq, fn = excluded.fn, kind = excluded.kind, "
-                "status = excluded.status, run_attempt = excluded.run_attempt, tries = excluded.tries, "
-                "result = excluded.result, blob_id = excluded.blob_id, blob_size = excluded.blob_size, "
-                "error = excluded.error, usage = excluded.usage, duration_ms = excluded.duration_ms, "
-                "finished_at = excluded.finished_at",
-                (
-                    lease.task_id,
-                    step.key,
-                    step.seq,
-                    step.fn,
-                    step.kind,
-                    step.status.value,
-                    step.run_attempt,
-                    step.tries,
-                    inline,
-                    blob_id,
-                    blob_size,
-                    dumps(step.error) if step.error is not None else None,
-                    dumps(step.usage),
-                    step.duration_ms,
-                    step.finished_at,
-                ),
+                f"INSERT INTO steps{_values(rows.STEP_INSERT)} ON CONFLICT (task_id, key) DO UPDATE SET "
+                + rows.excluded(rows.STEP_INSERT, keep=("task_id", "key")),
+                rows.step_params(lease.task_id, step, inline, blob_id, blob_size),
             )
             if old is not None:
                 await self._drop_blob_if_unused(conn, old["blob_id"], blob_id)
@@ -761,23 +709,7 @@ class PostgresStore(PostgresMemory):
     async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
         async def op(conn: Conn) -> list[StepCheckpoint]:
             cur = await conn.execute("SELECT * FROM steps WHERE task_id = %s ORDER BY seq, key", (task_id,))
-            return [
-                StepCheckpoint(
-                    key=r["key"],
-                    seq=r["seq"],
-                    fn=r["fn"],
-                    kind=r["kind"],
-                    status=StepStatus(r["status"]),
-                    run_attempt=r["run_attempt"],
-                    tries=r["tries"],
-                    result=(BlobRef(id=r["blob_id"], size=r["blob_size"]) if r["blob_id"] else json.loads(r["result"])),
-                    error=json.loads(r["error"]) if r["error"] else None,
-                    usage=json.loads(r["usage"]),
-                    duration_ms=r["duration_ms"],
-                    finished_at=r["finished_at"],
-                )
-                for r in await cur.fetchall()
-            ]
+            return [rows.step_of(r) for r in await cur.fetchall()]
 
         return await self._read(op)
 
@@ -839,14 +771,9 @@ class PostgresStore(PostgresMemory):
     # -- ModelStatsStore ---------------------------------------------------------------------------
 
     async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None:
-        bucket, day = hour_bucket(call.at), day_bucket(call.at)
-        structured = call.json_valid is not None
-
         async def op(conn: Conn) -> None:
             await conn.execute(
-                "INSERT INTO model_stats AS m(model_id, bucket, provider, calls, errors, structured, json_valid, "
-                "schema_valid, refusals, truncations, latency_ms_sum, latency_ms_max, input_tokens, output_tokens, "
-                "cost_usd) VALUES (%s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"INSERT INTO model_stats AS m{_values(rows.MODEL_STATS_INSERT)} "
                 "ON CONFLICT (model_id, bucket) DO UPDATE SET calls = m.calls + 1, "
                 "errors = m.errors + excluded.errors, "
                 "structured = m.structured + excluded.structured, json_valid = m.json_valid + excluded.json_valid, "
@@ -856,29 +783,13 @@ class PostgresStore(PostgresMemory):
                 "latency_ms_max = GREATEST(m.latency_ms_max, excluded.latency_ms_max), "
                 "input_tokens = m.input_tokens + excluded.input_tokens, "
                 "output_tokens = m.output_tokens + excluded.output_tokens, cost_usd = m.cost_usd + excluded.cost_usd",
-                (
-                    call.model_id,
-                    bucket,
-                    call.provider,
-                    int(call.error),
-                    int(structured),
-                    int(bool(call.json_valid)),
-                    int(bool(call.schema_valid)),
-                    int(call.refusal),
-                    int(call.truncated),
-                    call.latency_ms,
-                    call.latency_ms,
-                    call.input_tokens,
-                    call.output_tokens,
-                    call.cost_usd,
-                ),
+                rows.model_stats_params(call),
             )
             await conn.execute(
-                "INSERT INTO tenant_usage AS u(tenant, day, calls, input_tokens, output_tokens, cost_usd) "
-                "VALUES (%s, %s, 1, %s, %s, %s) ON CONFLICT (tenant, day) DO UPDATE SET calls = u.calls + 1, "
-                "input_tokens = u.input_tokens + excluded.input_tokens, "
+                f"INSERT INTO tenant_usage AS u{_values(rows.USAGE_INSERT)} ON CONFLICT (tenant, day) DO UPDATE SET "
+                "calls = u.calls + 1, input_tokens = u.input_tokens + excluded.input_tokens, "
                 "output_tokens = u.output_tokens + excluded.output_tokens, cost_usd = u.cost_usd + excluded.cost_usd",
-                (tenant, day, call.input_tokens, call.output_tokens, call.cost_usd),
+                rows.usage_params(tenant, call),
             )
 
         await self._tx(op)
@@ -1027,29 +938,25 @@ class PostgresStore(PostgresMemory):
     # -- KeyStore ----------------------------------------------------------------------------------
 
     async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
-        key_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
+        new = KeySecret.mint()
         await self._exec(
             "INSERT INTO api_keys(id, tenant, secret_hash, scopes, created_at) VALUES (%s, %s, %s, %s, %s)",
-            (key_id, tenant, hash_secret(secret), ",".join(sorted(scopes)), now),
+            (new.id, tenant, new.hash, rows.scopes_text(scopes), now),
         )
-        return f"keel_{key_id}_{secret}"
+        return new.plaintext
 
     async def verify_key(self, key: str) -> ApiKey | None:
-        parts = key.split("_", 2)
-        if len(parts) != 3 or parts[0] != "keel":
+        presented = KeySecret.parse(key)
+        if presented is None:
             return None
-        key_id, secret = parts[1], parts[2]
 
         async def op(conn: Conn) -> ApiKey | None:
             row = await _one(
                 conn,
                 "SELECT tenant, secret_hash, scopes FROM api_keys WHERE id = %s AND revoked_at IS NULL",
-                (key_id,),
+                (presented.id,),
             )
-            if row is None or not hmac.compare_digest(row["secret_hash"], hash_secret(secret)):
-                return None
-            return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
+            return rows.api_key_of(presented.id, row) if row and presented.matches(row["secret_hash"]) else None
 
         return await self._read(op)
 
@@ -1064,19 +971,8 @@ class PostgresStore(PostgresMemory):
         async def op(conn: Conn) -> tuple[EffectRecord, bool]:
             await self._fence(conn, lease)
             cur = await conn.execute(
-                "INSERT INTO effects(key, task_id, step, tool, args, status, executions, created_at, updated_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
-                (
-                    effect.key,
-                    effect.task_id,
-                    effect.step,
-                    effect.tool,
-                    json.dumps(effect.args),
-                    effect.status.value,
-                    effect.executions,
-                    now,
-                    now,
-                ),
+                f"INSERT INTO effects{_values(rows.EFFECT_INSERT)} ON CONFLICT (key) DO NOTHING",
+                rows.effect_params(effect, now),
             )
             stored = await self._effect_row(conn, effect.key)
             assert stored is not None
@@ -1106,16 +1002,7 @@ class PostgresStore(PostgresMemory):
     @staticmethod
     async def _settle(conn: Conn, s: EffectSettlement, now: float) -> None:
         await conn.execute(
-            "UPDATE effects SET status = %s, result = %s, error = %s, executions = COALESCE(%s, executions), "
-            "updated_at = %s WHERE key = %s",
-            (
-                s.status.value,
-                json.dumps(s.result) if s.result is not None else None,
-                json.dumps(s.error) if s.error is not None else None,
-                s.executions,
-                now,
-                s.key,
-            ),
+            f"UPDATE effects SET {rows.EFFECT_SETTLE.format('%s')} WHERE key = %s", rows.settle_params(s, now)
         )
 
     async def get_effect(self, key: str) -> EffectRecord | None:
@@ -1137,19 +1024,8 @@ class PostgresStore(PostgresMemory):
             await self._fence(conn, lease)
             for d in decisions:
                 cur = await conn.execute(
-                    "INSERT INTO decisions(task_id, call_id, kind, tool, args, step, reason, effect_key, "
-                    "requested_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (
-                        d.task_id,
-                        d.call_id,
-                        d.kind.value,
-                        d.tool,
-                        json.dumps(d.args),
-                        d.step,
-                        d.reason,
-                        d.effect_key,
-                        now,
-                    ),
+                    f"INSERT INTO decisions{_values(rows.DECISION_INSERT)} ON CONFLICT DO NOTHING",
+                    rows.decision_params(d, now),
                 )
                 if cur.rowcount:
                     await self._append(conn, d.task_id, "decision_requested", {**d.public(), "requested_at": now}, now)
@@ -1159,7 +1035,7 @@ class PostgresStore(PostgresMemory):
                 (lease.task_id,),
             )
             pending = int(row["n"]) if row else 0
-            status = TaskStatus.waiting_for_approval if pending else TaskStatus.queued
+            status = park_status(pending)
             # Parking is not a crash: the attempt is given back, as on a graceful release.
             await conn.execute(
                 "UPDATE tasks SET status = %s, envelope = %s, lease_owner = NULL, lease_expires_at = NULL, "
@@ -1178,52 +1054,21 @@ class PostgresStore(PostgresMemory):
     async def decide(self, task_id: str, tenant: str, decision: Decision, now: float) -> Decision:
         async def op(conn: Conn) -> Decision:
             task = await self._get(conn, task_id, lock=True)
-            if task is None or task.tenant != tenant:
-                raise NotFound(f"no task {task_id}")
             row = await _one(
                 conn, "SELECT * FROM decisions WHERE task_id = %s AND call_id = %s", (task_id, decision.call_id)
             )
-            if row is None:
-                raise NotFound(f"task {task_id} has no call {decision.call_id} awaiting a decision")
-            current = _decision(row)
-            assert decision.verdict is not None
-            current.check(decision.verdict)
-            if current.verdict is not None:
-                if current.verdict is decision.verdict:
-                    return current
-                raise InputError(
-                    f"call {decision.call_id} was already decided ({current.verdict.value})",
-                    detail={"decision": current.public()},
-                )
-            if task.status.terminal:
-                raise InputError(f"task {task_id} is already {task.status.value}")
-            updated = dataclasses.replace(
-                current,
-                verdict=decision.verdict,
-                result=decision.result,
-                note=decision.note,
-                decided_by=decision.decided_by,
-                decided_at=now,
-            )
-            await self._record_verdict(conn, updated, now)
-            return updated
+            decided, changed = decide(task_id, tenant, task, _decision(row) if row else None, decision, now)
+            if changed:
+                await self._record_verdict(conn, decided, now)
+            return decided
 
         return await self._tx(op)
 
     async def _record_verdict(self, conn: Conn, d: Decision, now: float) -> bool:
         """Store ``d``'s verdict and its event; queue the task once nothing it waits on is open (True if so)."""
         await conn.execute(
-            "UPDATE decisions SET verdict = %s, result = %s, note = %s, decided_by = %s, decided_at = %s "
-            "WHERE task_id = %s AND call_id = %s",
-            (
-                d.verdict.value if d.verdict else None,
-                json.dumps(d.result) if d.result is not None else None,
-                d.note,
-                d.decided_by,
-                d.decided_at,
-                d.task_id,
-                d.call_id,
-            ),
+            f"UPDATE decisions SET {rows.DECISION_VERDICT.format('%s')} WHERE task_id = %s AND call_id = %s",
+            rows.verdict_params(d),
         )
         await self._append(conn, d.task_id, "decision_made", d.public(), now)
         if await _one(
@@ -1262,9 +1107,7 @@ class PostgresStore(PostgresMemory):
             )
             queued = []
             for row in await cur.fetchall():
-                d = dataclasses.replace(
-                    _decision(row), verdict=Verdict.deny, note=EXPIRED_NOTE, decided_by="keel", decided_at=now
-                )
+                d = _decision(row).expire(now)
                 if await self._record_verdict(conn, d, now):
                     queued.append(d.task_id)
             return queued
@@ -1276,18 +1119,8 @@ class PostgresStore(PostgresMemory):
     async def enqueue_email(self, message: EmailMessage, now: float) -> tuple[EmailMessage, bool]:
         async def op(conn: Conn) -> tuple[EmailMessage, bool]:
             cur = await conn.execute(
-                "INSERT INTO emails(key, tenant, task_id, recipients, subject, body, status, next_at, created_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, 'queued', %s, %s) ON CONFLICT (key) DO NOTHING",
-                (
-                    message.key,
-                    message.tenant,
-                    message.task_id,
-                    json.dumps(message.to),
-                    message.subject,
-                    message.body,
-                    now,
-                    now,
-                ),
+                f"INSERT INTO emails{_values(rows.EMAIL_INSERT)} ON CONFLICT (key) DO NOTHING",
+                rows.email_params(message, now),
             )
             row = await _one(conn, "SELECT * FROM emails WHERE key = %s", (message.key,))
             assert row is not None

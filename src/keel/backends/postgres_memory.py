@@ -32,6 +32,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
+from keel.backends import rows
 from keel.backends.rows import CHUNK_COLS as _CHUNK_COLS
 from keel.backends.rows import chunk_of as _chunk
 from keel.backends.rows import document_of as _document
@@ -43,6 +44,7 @@ from keel.memory.types import (
     Session,
     SessionTurn,
     Task,
+    live,
 )
 
 T = TypeVar("T")
@@ -212,21 +214,7 @@ class PostgresMemory:
                 "ORDER BY seq DESC LIMIT %s) t ORDER BY seq",
                 (tenant, sid, last),
             )
-        turns = await cur.fetchall()
-        return Session(
-            id=sid,
-            tenant=tenant,
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            expires_at=row["expires_at"],
-            context=json.loads(row["context"]),
-            turns=[
-                SessionTurn(
-                    role=t["role"], content=t["content"], at=t["at"], seq=t["seq"], metadata=json.loads(t["metadata"])
-                )
-                for t in turns
-            ],
-        )
+        return rows.session_of(row, await cur.fetchall())
 
     @staticmethod
     async def _drop_session(conn: Conn, tenant: str, sid: str) -> bool:
@@ -324,32 +312,9 @@ class PostgresMemory:
     async def save_document(self, doc: DocumentRecord, now: float) -> DocumentRecord:
         async def op(conn: Conn) -> DocumentRecord:
             cur = await conn.execute(
-                "INSERT INTO documents(id, tenant, sha256, source, media_type, size, status, pages, chunks, space, "
-                "warnings, errors, metadata, created_at, updated_at, expires_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (id) DO UPDATE SET source = excluded.source, media_type = excluded.media_type, "
-                "size = excluded.size, status = excluded.status, pages = excluded.pages, chunks = excluded.chunks, "
-                "space = excluded.space, warnings = excluded.warnings, errors = excluded.errors, "
-                "metadata = excluded.metadata, updated_at = excluded.updated_at, expires_at = excluded.expires_at "
-                "RETURNING *",
-                (
-                    doc.id,
-                    doc.tenant,
-                    doc.sha256,
-                    doc.source,
-                    doc.media_type,
-                    doc.size,
-                    doc.status.value,
-                    doc.pages,
-                    doc.chunks,
-                    doc.space,
-                    json.dumps(doc.warnings),
-                    json.dumps(doc.errors),
-                    json.dumps(doc.metadata),
-                    doc.created_at or now,
-                    now,
-                    doc.expires_at,
-                ),
+                f"INSERT INTO documents{rows.values(rows.DOCUMENT_INSERT, '%s')} "
+                f"ON CONFLICT (id) DO UPDATE SET {rows.DOCUMENT_UPDATE} RETURNING *",
+                rows.document_params(doc, now),
             )
             row = await cur.fetchone()
             assert row is not None
@@ -361,9 +326,7 @@ class PostgresMemory:
         async def op(conn: Conn) -> DocumentRecord | None:
             cur = await conn.execute("SELECT * FROM documents WHERE id = %s AND tenant = %s", (document_id, tenant))
             row = await cur.fetchone()
-            if row is None or (now is not None and row["expires_at"] is not None and row["expires_at"] <= now):
-                return None
-            return _document(row)
+            return live(_document(row), now) if row else None
 
         return await self._read(op)
 
@@ -448,28 +411,12 @@ class PostgresMemory:
         vectors = [_f32(c.vector) for c in chunks]
         for space, dim in {(c.space, len(v)) for c, v in zip(chunks, vectors, strict=True)}:
             await self._ensure_space(space, dim)
-        params = [
-            (
-                c.document_id,
-                c.tenant,
-                c.space,
-                c.page,
-                c.start,
-                c.end,
-                c.text,
-                c.content_hash,
-                v,
-                c.created_at or now,
-                c.expires_at,
-            )
-            for c, v in zip(chunks, vectors, strict=True)
-        ]
+        params = [rows.chunk_params(c, v, now) for c, v in zip(chunks, vectors, strict=True)]
 
         async def op(conn: Conn) -> list[int]:
             async with conn.cursor() as cur:
                 await cur.executemany(
-                    "INSERT INTO chunks(document_id, tenant, space, page, char_start, char_end, text, content_hash, "
-                    "embedding, created_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    f"INSERT INTO chunks{rows.values(rows.CHUNK_INSERT.format(vector='embedding'), '%s')} "
                     "ON CONFLICT (document_id, space, page, char_start, content_hash) DO NOTHING RETURNING id",
                     params,
                     returning=True,
@@ -484,9 +431,7 @@ class PostgresMemory:
             for c, got in zip(chunks, found, strict=True):
                 if got is None:  # already stored: it keeps its row and id
                     cur2 = await conn.execute(
-                        "SELECT id FROM chunks WHERE document_id = %s AND space = %s AND page = %s "
-                        "AND char_start = %s AND content_hash = %s",
-                        (c.document_id, c.space, c.page, c.start, c.content_hash),
+                        f"SELECT id FROM chunks WHERE {rows.CHUNK_IDENTITY.format('%s')}", rows.chunk_identity(c)
                     )
                     row = await cur2.fetchone()
                     assert row is not None
@@ -549,9 +494,9 @@ class PostgresMemory:
                 for setting in hnsw_settings(min(max(self.hnsw_ef_search, k), 1000)):
                     await conn.execute(setting)
                 cur = await conn.execute(search_sql(space, dim, hnsw=True, documents=False), args, prepare=False)
-                rows = await cur.fetchall()
-                if len(rows) >= k:
-                    return rows
+                found = await cur.fetchall()
+                if len(found) >= k:
+                    return found
                 # Filters left fewer than k of the rows the graph gave: the tenant's share is small, scan it.
                 await conn.execute("RESET enable_seqscan; RESET enable_bitmapscan")
             cur = await conn.execute(
@@ -559,8 +504,8 @@ class PostgresMemory:
             )
             return await cur.fetchall()
 
-        rows = await self._read(op)
-        return [ChunkHit(chunk=_chunk(r), score=1.0 - float(r["distance"])) for r in rows]
+        found = await self._read(op)
+        return [ChunkHit(chunk=_chunk(r), score=1.0 - float(r["distance"])) for r in found]
 
     async def chunk_count(self, space: str, *, tenant: str | None = None, now: float | None = None) -> int:
         async def op(conn: Conn) -> int:

@@ -2,7 +2,7 @@
 
 * :class:`RedisSessionStore` is the session tier (:class:`~keel.memory.stores.SessionStore`) with SQLite's
   semantics: tenant-scoped, a sliding TTL, an expired session never read and started afresh by the next write.
-  Combine it with a main store through :func:`keel.backends.composite.with_sessions`.
+  :func:`keel.backends.open_stores` makes it the app's ``sessions`` handle when ``KEEL_REDIS_URL`` is set.
 * :class:`RedisNotifier` is a :class:`~keel.orchestration.runtime.Notifier` whose ``notify`` also reaches the
   other replicas over pub/sub. The durable event log stays the source of truth: a lost message, or Redis being
   down, only means a reader wakes at its poll interval instead of at once.
@@ -43,11 +43,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("Redis support needs the redis driver: pip install 'keel[redis]'") from exc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
-from keel.backends.composite import with_sessions
 from keel.memory.types import Session, SessionTurn
 from keel.orchestration.runtime import Notifier
 
-__all__ = ["RedisNotifier", "RedisSessionStore", "with_sessions"]
+__all__ = ["RedisNotifier", "RedisSessionStore"]
 
 log = logging.getLogger("keel.redis")
 

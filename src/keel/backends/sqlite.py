@@ -10,12 +10,9 @@ loop never blocks on the database.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hmac
 import json
 import os
 import queue
-import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -24,17 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from keel.backends import rows
 from keel.backends.rows import decision_of as _decision
 from keel.backends.rows import effect_of as _effect
 from keel.backends.rows import email_of as _email
 from keel.backends.rows import outbox_of as _outbox
 from keel.backends.rows import task_of as _task
 from keel.backends.sqlite_memory import MEMORY_MIGRATION, SQLiteMemory
-from keel.errors import InputError, LeaseLost, NotFound, StoreError
-from keel.memory.blobs import INLINE_LIMIT, Packed, dumps, looks_small, pack, unpack_blob
+from keel.errors import LeaseLost, StoreError
+from keel.memory.blobs import INLINE_LIMIT, Packed, looks_small, pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
-    EXPIRED_NOTE,
     ApiKey,
     BlobRef,
     CreateOutcome,
@@ -46,6 +43,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeySecret,
     Lease,
     LeaseState,
     ModelCallRecord,
@@ -53,21 +51,24 @@ from keel.memory.types import (
     NewTask,
     OutboxMessage,
     StepCheckpoint,
-    StepStatus,
     Task,
     TaskStatus,
     TenantUsage,
-    Verdict,
     day_bucket,
     dead_letter_envelope,
-    hash_secret,
+    decide,
     hour_bucket,
     new_id,
-    webhook_payload,
+    park_status,
+    tenants,
 )
 
 T = TypeVar("T")
 MAX_BATCH = 128
+
+
+def _values(columns: str) -> str:
+    return rows.values(columns, "?")
 
 
 @dataclass(slots=True)
@@ -483,19 +484,8 @@ class SQLiteStore(SQLiteMemory):
                 (task.tenant, task.webhook_url),
             ).fetchone()
             conn.execute(
-                "INSERT INTO outbox(id, tenant, task_id, url, secret, event_type, payload, status, "
-                "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    new_id("msg"),
-                    task.tenant,
-                    task.id,
-                    task.webhook_url,
-                    task.webhook_secret,
-                    f"task.{status.value}",
-                    json.dumps(webhook_payload(task.id, status, envelope, now)),
-                    "disabled" if disabled else "pending",
-                    now,
-                ),
+                f"INSERT INTO outbox{_values(rows.OUTBOX_INSERT)}",
+                rows.outbox_params(new_id("msg"), task, status, envelope, now, disabled=disabled is not None),
             )
 
     # -- TaskStore ---------------------------------------------------------------------------------
@@ -503,35 +493,19 @@ class SQLiteStore(SQLiteMemory):
     async def create_task(self, new: NewTask, claim: IdempotencyClaim | None, now: float) -> CreateResult:
         def op(conn: sqlite3.Connection) -> CreateResult:
             if claim is not None:
-                row = conn.execute(
-                    "SELECT request_hash, task_id, expires_at FROM idempotency_keys WHERE tenant = ? AND key = ?",
-                    (new.tenant, claim.key),
-                ).fetchone()
-                if row is not None and row["expires_at"] > now:
-                    if not hmac.compare_digest(row["request_hash"], claim.request_hash):
-                        return CreateResult(outcome=CreateOutcome.key_reused, task=None)
-                    return CreateResult(outcome=CreateOutcome.replayed, task=self._get(conn, row["task_id"]))
+                stored = rows.claim_of(
+                    conn.execute(
+                        "SELECT request_hash, task_id, expires_at FROM idempotency_keys WHERE tenant = ? AND key = ?",
+                        (new.tenant, claim.key),
+                    ).fetchone()
+                )
+                outcome = claim.outcome(stored, now)
+                if outcome is not CreateOutcome.created:
+                    assert stored is not None
+                    replayed = self._get(conn, stored.task_id) if outcome is CreateOutcome.replayed else None
+                    return CreateResult(outcome=outcome, task=replayed)
             task_id = new_id("tsk")
-            conn.execute(
-                "INSERT INTO tasks(id, tenant, workflow, input, status, created_at, updated_at, webhook_url, "
-                "webhook_secret, budget, metadata, estimated_duration_s, policy, cache_key) "
-                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    task_id,
-                    new.tenant,
-                    new.workflow,
-                    json.dumps(new.input),
-                    now,
-                    now,
-                    new.webhook_url,
-                    new.webhook_secret,
-                    json.dumps(new.budget),
-                    json.dumps(new.metadata),
-                    new.estimated_duration_s,
-                    json.dumps(new.policy),
-                    new.cache_key,
-                ),
-            )
+            conn.execute(f"INSERT INTO tasks{_values(rows.TASK_INSERT)}", rows.task_params(task_id, new, now))
             self._append(conn, task_id, "status", {"status": "queued"}, now)
             if claim is not None:
                 conn.execute(
@@ -544,13 +518,7 @@ class SQLiteStore(SQLiteMemory):
         return await self._write(op)
 
     async def get_task(self, task_id: str, tenant: str | None = None) -> Task | None:
-        def op(conn: sqlite3.Connection) -> Task | None:
-            task = self._get(conn, task_id)
-            if task is None or (tenant is not None and task.tenant != tenant):
-                return None
-            return task
-
-        return await self._read(op)
+        return await self._read(lambda conn: tenants(self._get(conn, task_id), tenant))
 
     async def list_tasks(
         self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, before: str | None = None
@@ -658,12 +626,10 @@ class SQLiteStore(SQLiteMemory):
 
     async def request_cancel(self, task_id: str, tenant: str) -> Task | None:
         def op(conn: sqlite3.Connection) -> Task | None:
-            task = self._get(conn, task_id)
-            if task is None or task.tenant != tenant:
-                return None
-            if not task.status.terminal:
+            task = tenants(self._get(conn, task_id), tenant)
+            if task is not None and task.request_cancel():
                 conn.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,))
-            return self._get(conn, task_id)
+            return task
 
         return await self._write(op)
 
@@ -713,26 +679,8 @@ class SQLiteStore(SQLiteMemory):
             ).fetchone()
             inline, blob_id, blob_size = self._put(conn, packed)
             conn.execute(
-                "INSERT OR REPLACE INTO steps(task_id, key, seq, fn, kind, status, run_attempt, tries, result, "
-                "blob_id, blob_size, error, usage, duration_ms, finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    lease.task_id,
-                    step.key,
-                    step.seq,
-                    step.fn,
-                    step.kind,
-                    step.status.value,
-                    step.run_attempt,
-                    step.tries,
-                    inline,
-                    blob_id,
-                    blob_size,
-                    dumps(step.error) if step.error is not None else None,
-                    dumps(step.usage),
-                    step.duration_ms,
-                    step.finished_at,
-                ),
+                f"INSERT OR REPLACE INTO steps{_values(rows.STEP_INSERT)}",
+                rows.step_params(lease.task_id, step, inline, blob_id, blob_size),
             )
             if old is not None:
                 self._drop_blob_if_unused(conn, old[0], blob_id)
@@ -745,24 +693,8 @@ class SQLiteStore(SQLiteMemory):
 
     async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
         def op(conn: sqlite3.Connection) -> list[StepCheckpoint]:
-            rows = conn.execute("SELECT * FROM steps WHERE task_id = ? ORDER BY seq, key", (task_id,))
-            return [
-                StepCheckpoint(
-                    key=r["key"],
-                    seq=r["seq"],
-                    fn=r["fn"],
-                    kind=r["kind"],
-                    status=StepStatus(r["status"]),
-                    run_attempt=r["run_attempt"],
-                    tries=r["tries"],
-                    result=(BlobRef(id=r["blob_id"], size=r["blob_size"]) if r["blob_id"] else json.loads(r["result"])),
-                    error=json.loads(r["error"]) if r["error"] else None,
-                    usage=json.loads(r["usage"]),
-                    duration_ms=r["duration_ms"],
-                    finished_at=r["finished_at"],
-                )
-                for r in rows
-            ]
+            found = conn.execute("SELECT * FROM steps WHERE task_id = ? ORDER BY seq, key", (task_id,))
+            return [rows.step_of(r) for r in found]
 
         return await self._read(op)
 
@@ -813,14 +745,9 @@ class SQLiteStore(SQLiteMemory):
     # -- ModelStatsStore ---------------------------------------------------------------------------
 
     async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None:
-        bucket, day = hour_bucket(call.at), day_bucket(call.at)
-        structured = call.json_valid is not None
-
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO model_stats(model_id, bucket, provider, calls, errors, structured, json_valid, "
-                "schema_valid, refusals, truncations, latency_ms_sum, latency_ms_max, input_tokens, output_tokens, "
-                "cost_usd) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO model_stats{_values(rows.MODEL_STATS_INSERT)} "
                 "ON CONFLICT(model_id, bucket) DO UPDATE SET calls = calls + 1, errors = errors + excluded.errors, "
                 "structured = structured + excluded.structured, json_valid = json_valid + excluded.json_valid, "
                 "schema_valid = schema_valid + excluded.schema_valid, refusals = refusals + excluded.refusals, "
@@ -829,29 +756,13 @@ class SQLiteStore(SQLiteMemory):
                 "latency_ms_max = MAX(latency_ms_max, excluded.latency_ms_max), "
                 "input_tokens = input_tokens + excluded.input_tokens, "
                 "output_tokens = output_tokens + excluded.output_tokens, cost_usd = cost_usd + excluded.cost_usd",
-                (
-                    call.model_id,
-                    bucket,
-                    call.provider,
-                    int(call.error),
-                    int(structured),
-                    int(bool(call.json_valid)),
-                    int(bool(call.schema_valid)),
-                    int(call.refusal),
-                    int(call.truncated),
-                    call.latency_ms,
-                    call.latency_ms,
-                    call.input_tokens,
-                    call.output_tokens,
-                    call.cost_usd,
-                ),
+                rows.model_stats_params(call),
             )
             conn.execute(
-                "INSERT INTO tenant_usage(tenant, day, calls, input_tokens, output_tokens, cost_usd) "
-                "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT(tenant, day) DO UPDATE SET calls = calls + 1, "
-                "input_tokens = input_tokens + excluded.input_tokens, "
+                f"INSERT INTO tenant_usage{_values(rows.USAGE_INSERT)} ON CONFLICT(tenant, day) DO UPDATE SET "
+                "calls = calls + 1, input_tokens = input_tokens + excluded.input_tokens, "
                 "output_tokens = output_tokens + excluded.output_tokens, cost_usd = cost_usd + excluded.cost_usd",
-                (tenant, day, call.input_tokens, call.output_tokens, call.cost_usd),
+                rows.usage_params(tenant, call),
             )
 
         await self._write(op)
@@ -862,8 +773,8 @@ class SQLiteStore(SQLiteMemory):
             if model_id is not None:
                 sql += " AND model_id = ?"
                 args.append(model_id)
-            rows = conn.execute(sql + " ORDER BY model_id, bucket", args)
-            return [ModelStats(**{k: r[k] for k in r.keys()}) for r in rows]
+            found = conn.execute(sql + " ORDER BY model_id, bucket", args)
+            return [ModelStats(**{k: r[k] for k in r.keys()}) for r in found]
 
         return await self._read(op)
 
@@ -899,11 +810,11 @@ class SQLiteStore(SQLiteMemory):
 
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
         def op(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
+            found = conn.execute(
                 "SELECT seq, type, data, created_at FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (task_id, after, limit),
             )
-            return [Event(task_id=task_id, seq=r[0], type=r[1], data=json.loads(r[2]), created_at=r[3]) for r in rows]
+            return [Event(task_id=task_id, seq=r[0], type=r[1], data=json.loads(r[2]), created_at=r[3]) for r in found]
 
         return await self._read(op)
 
@@ -911,12 +822,12 @@ class SQLiteStore(SQLiteMemory):
 
     async def due(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[OutboxMessage]:
         def op(conn: sqlite3.Connection) -> list[OutboxMessage]:
-            rows = conn.execute(
+            pending = conn.execute(
                 "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? "
                 "ORDER BY next_attempt_at LIMIT ?",
                 (now, limit),
             ).fetchall()
-            found = [_outbox(r) for r in rows]
+            found = [_outbox(r) for r in pending]
             if claim_s:
                 conn.executemany(
                     "UPDATE outbox SET next_attempt_at = ? WHERE id = ?", [(now + claim_s, m.id) for m in found]
@@ -972,32 +883,28 @@ class SQLiteStore(SQLiteMemory):
     # -- KeyStore ----------------------------------------------------------------------------------
 
     async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
-        key_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
+        new = KeySecret.mint()
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO api_keys(id, tenant, secret_hash, scopes, created_at) VALUES (?, ?, ?, ?, ?)",
-                (key_id, tenant, hash_secret(secret), ",".join(sorted(scopes)), now),
+                (new.id, tenant, new.hash, rows.scopes_text(scopes), now),
             )
 
         await self._write(op)
-        return f"keel_{key_id}_{secret}"
+        return new.plaintext
 
     async def verify_key(self, key: str) -> ApiKey | None:
-        parts = key.split("_", 2)
-        if len(parts) != 3 or parts[0] != "keel":
+        presented = KeySecret.parse(key)
+        if presented is None:
             return None
-        key_id, secret = parts[1], parts[2]
 
         def op(conn: sqlite3.Connection) -> ApiKey | None:
             row = conn.execute(
                 "SELECT tenant, secret_hash, scopes FROM api_keys WHERE id = ? AND revoked_at IS NULL",
-                (key_id,),
+                (presented.id,),
             ).fetchone()
-            if row is None or not hmac.compare_digest(row["secret_hash"], hash_secret(secret)):
-                return None
-            return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
+            return rows.api_key_of(presented.id, row) if row and presented.matches(row["secret_hash"]) else None
 
         return await self._read(op)
 
@@ -1014,21 +921,7 @@ class SQLiteStore(SQLiteMemory):
             existing = self._effect_row(conn, effect.key)
             if existing is not None:
                 return existing, False
-            conn.execute(
-                "INSERT INTO effects(key, task_id, step, tool, args, status, executions, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    effect.key,
-                    effect.task_id,
-                    effect.step,
-                    effect.tool,
-                    json.dumps(effect.args),
-                    effect.status.value,
-                    effect.executions,
-                    now,
-                    now,
-                ),
-            )
+            conn.execute(f"INSERT INTO effects{_values(rows.EFFECT_INSERT)}", rows.effect_params(effect, now))
             stored = self._effect_row(conn, effect.key)
             assert stored is not None
             return stored, True
@@ -1056,26 +949,15 @@ class SQLiteStore(SQLiteMemory):
 
     @staticmethod
     def _settle(conn: sqlite3.Connection, s: EffectSettlement, now: float) -> None:
-        conn.execute(
-            "UPDATE effects SET status = ?, result = ?, error = ?, executions = COALESCE(?, executions), "
-            "updated_at = ? WHERE key = ?",
-            (
-                s.status.value,
-                json.dumps(s.result) if s.result is not None else None,
-                json.dumps(s.error) if s.error is not None else None,
-                s.executions,
-                now,
-                s.key,
-            ),
-        )
+        conn.execute(f"UPDATE effects SET {rows.EFFECT_SETTLE.format('?')} WHERE key = ?", rows.settle_params(s, now))
 
     async def get_effect(self, key: str) -> EffectRecord | None:
         return await self._read(lambda conn: self._effect_row(conn, key))
 
     async def list_effects(self, task_id: str) -> list[EffectRecord]:
         def op(conn: sqlite3.Connection) -> list[EffectRecord]:
-            rows = conn.execute("SELECT * FROM effects WHERE task_id = ? ORDER BY created_at, key", (task_id,))
-            return [_effect(r) for r in rows]
+            found = conn.execute("SELECT * FROM effects WHERE task_id = ? ORDER BY created_at, key", (task_id,))
+            return [_effect(r) for r in found]
 
         return await self._read(op)
 
@@ -1088,26 +970,14 @@ class SQLiteStore(SQLiteMemory):
             self._fence(conn, lease)
             for d in decisions:
                 cur = conn.execute(
-                    "INSERT OR IGNORE INTO decisions(task_id, call_id, kind, tool, args, step, reason, effect_key, "
-                    "requested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        d.task_id,
-                        d.call_id,
-                        d.kind.value,
-                        d.tool,
-                        json.dumps(d.args),
-                        d.step,
-                        d.reason,
-                        d.effect_key,
-                        now,
-                    ),
+                    f"INSERT OR IGNORE INTO decisions{_values(rows.DECISION_INSERT)}", rows.decision_params(d, now)
                 )
                 if cur.rowcount:
                     self._append(conn, d.task_id, "decision_requested", {**d.public(), "requested_at": now}, now)
             pending = conn.execute(
                 "SELECT count(*) FROM decisions WHERE task_id = ? AND verdict IS NULL", (lease.task_id,)
             ).fetchone()[0]
-            status = TaskStatus.waiting_for_approval if pending else TaskStatus.queued
+            status = park_status(pending)
             # Parking is not a crash: the attempt is given back, as on a graceful release.
             conn.execute(
                 "UPDATE tasks SET status = ?, envelope = ?, lease_owner = NULL, lease_expires_at = NULL, "
@@ -1123,53 +993,22 @@ class SQLiteStore(SQLiteMemory):
 
     async def decide(self, task_id: str, tenant: str, decision: Decision, now: float) -> Decision:
         def op(conn: sqlite3.Connection) -> Decision:
-            task = self._get(conn, task_id)
-            if task is None or task.tenant != tenant:
-                raise NotFound(f"no task {task_id}")
             row = conn.execute(
                 "SELECT * FROM decisions WHERE task_id = ? AND call_id = ?", (task_id, decision.call_id)
             ).fetchone()
-            if row is None:
-                raise NotFound(f"task {task_id} has no call {decision.call_id} awaiting a decision")
-            current = _decision(row)
-            assert decision.verdict is not None
-            current.check(decision.verdict)
-            if current.verdict is not None:
-                if current.verdict is decision.verdict:
-                    return current
-                raise InputError(
-                    f"call {decision.call_id} was already decided ({current.verdict.value})",
-                    detail={"decision": current.public()},
-                )
-            if task.status.terminal:
-                raise InputError(f"task {task_id} is already {task.status.value}")
-            updated = dataclasses.replace(
-                current,
-                verdict=decision.verdict,
-                result=decision.result,
-                note=decision.note,
-                decided_by=decision.decided_by,
-                decided_at=now,
-            )
-            self._record_verdict(conn, updated, now)
-            return updated
+            current = _decision(row) if row else None
+            decided, changed = decide(task_id, tenant, self._get(conn, task_id), current, decision, now)
+            if changed:
+                self._record_verdict(conn, decided, now)
+            return decided
 
         return await self._write(op)
 
     def _record_verdict(self, conn: sqlite3.Connection, d: Decision, now: float) -> bool:
         """Store ``d``'s verdict and its event; queue the task once nothing it waits on is open (True if so)."""
         conn.execute(
-            "UPDATE decisions SET verdict = ?, result = ?, note = ?, decided_by = ?, decided_at = ? "
-            "WHERE task_id = ? AND call_id = ?",
-            (
-                d.verdict.value if d.verdict else None,
-                json.dumps(d.result) if d.result is not None else None,
-                d.note,
-                d.decided_by,
-                d.decided_at,
-                d.task_id,
-                d.call_id,
-            ),
+            f"UPDATE decisions SET {rows.DECISION_VERDICT.format('?')} WHERE task_id = ? AND call_id = ?",
+            rows.verdict_params(d),
         )
         self._append(conn, d.task_id, "decision_made", d.public(), now)
         if conn.execute(
@@ -1187,22 +1026,20 @@ class SQLiteStore(SQLiteMemory):
 
     async def load_decisions(self, task_id: str) -> list[Decision]:
         def op(conn: sqlite3.Connection) -> list[Decision]:
-            rows = conn.execute("SELECT * FROM decisions WHERE task_id = ? ORDER BY requested_at, call_id", (task_id,))
-            return [_decision(r) for r in rows]
+            found = conn.execute("SELECT * FROM decisions WHERE task_id = ? ORDER BY requested_at, call_id", (task_id,))
+            return [_decision(r) for r in found]
 
         return await self._read(op)
 
     async def expire_decisions(self, requested_before: float, now: float) -> list[str]:
         def op(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute(
+            found = conn.execute(
                 "SELECT * FROM decisions WHERE verdict IS NULL AND requested_at < ? ORDER BY task_id",
                 (requested_before,),
             ).fetchall()
             queued = []
-            for row in rows:
-                d = dataclasses.replace(
-                    _decision(row), verdict=Verdict.deny, note=EXPIRED_NOTE, decided_by="keel", decided_at=now
-                )
+            for row in found:
+                d = _decision(row).expire(now)
                 if self._record_verdict(conn, d, now):
                     queued.append(d.task_id)
             return queued
@@ -1214,18 +1051,7 @@ class SQLiteStore(SQLiteMemory):
     async def enqueue_email(self, message: EmailMessage, now: float) -> tuple[EmailMessage, bool]:
         def op(conn: sqlite3.Connection) -> tuple[EmailMessage, bool]:
             cur = conn.execute(
-                "INSERT OR IGNORE INTO emails(key, tenant, task_id, recipients, subject, body, status, next_at, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                (
-                    message.key,
-                    message.tenant,
-                    message.task_id,
-                    json.dumps(message.to),
-                    message.subject,
-                    message.body,
-                    now,
-                    now,
-                ),
+                f"INSERT OR IGNORE INTO emails{_values(rows.EMAIL_INSERT)}", rows.email_params(message, now)
             )
             row = conn.execute("SELECT * FROM emails WHERE key = ?", (message.key,)).fetchone()
             return _email(row), bool(cur.rowcount)
@@ -1241,10 +1067,10 @@ class SQLiteStore(SQLiteMemory):
 
     async def due_emails(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[EmailMessage]:
         def op(conn: sqlite3.Connection) -> list[EmailMessage]:
-            rows = conn.execute(
+            pending = conn.execute(
                 "SELECT * FROM emails WHERE status = 'queued' AND next_at <= ? ORDER BY next_at LIMIT ?", (now, limit)
             ).fetchall()
-            found = [_email(r) for r in rows]
+            found = [_email(r) for r in pending]
             if claim_s:
                 conn.executemany("UPDATE emails SET next_at = ? WHERE key = ?", [(now + claim_s, m.key) for m in found])
             return found

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from keel.backends import rows
 from keel.backends.rows import CHUNK_COLS as _CHUNK_COLS
 from keel.backends.rows import chunk_of as _chunk
 from keel.backends.rows import document_of as _document
@@ -35,6 +36,7 @@ from keel.memory.types import (
     Session,
     SessionTurn,
     Task,
+    live,
 )
 from keel.memory.vectors import VectorIndex
 
@@ -164,20 +166,7 @@ class SQLiteMemory:
                 "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
                 (tenant, sid, last),
             ).fetchall()
-        return Session(
-            id=sid,
-            tenant=tenant,
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            expires_at=row["expires_at"],
-            context=json.loads(row["context"]),
-            turns=[
-                SessionTurn(
-                    role=t["role"], content=t["content"], at=t["at"], seq=t["seq"], metadata=json.loads(t["metadata"])
-                )
-                for t in turns
-            ],
-        )
+        return rows.session_of(row, turns)
 
     @staticmethod
     def _drop_session(conn: sqlite3.Connection, tenant: str, sid: str) -> bool:
@@ -264,33 +253,10 @@ class SQLiteMemory:
 
     async def save_document(self, doc: DocumentRecord, now: float) -> DocumentRecord:
         def op(conn: sqlite3.Connection) -> DocumentRecord:
-            created = doc.created_at or now
             conn.execute(
-                "INSERT INTO documents(id, tenant, sha256, source, media_type, size, status, pages, chunks, space, "
-                "warnings, errors, metadata, created_at, updated_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET source = excluded.source, media_type = excluded.media_type, "
-                "size = excluded.size, status = excluded.status, pages = excluded.pages, chunks = excluded.chunks, "
-                "space = excluded.space, warnings = excluded.warnings, errors = excluded.errors, "
-                "metadata = excluded.metadata, updated_at = excluded.updated_at, expires_at = excluded.expires_at",
-                (
-                    doc.id,
-                    doc.tenant,
-                    doc.sha256,
-                    doc.source,
-                    doc.media_type,
-                    doc.size,
-                    doc.status.value,
-                    doc.pages,
-                    doc.chunks,
-                    doc.space,
-                    json.dumps(doc.warnings),
-                    json.dumps(doc.errors),
-                    json.dumps(doc.metadata),
-                    created,
-                    now,
-                    doc.expires_at,
-                ),
+                f"INSERT INTO documents{rows.values(rows.DOCUMENT_INSERT, '?')} "
+                f"ON CONFLICT(id) DO UPDATE SET {rows.DOCUMENT_UPDATE}",
+                rows.document_params(doc, now),
             )
             row = conn.execute("SELECT * FROM documents WHERE id = ?", (doc.id,)).fetchone()
             return _document(row)
@@ -300,20 +266,18 @@ class SQLiteMemory:
     async def get_document(self, tenant: str, document_id: str, now: float | None = None) -> DocumentRecord | None:
         def op(conn: sqlite3.Connection) -> DocumentRecord | None:
             row = conn.execute("SELECT * FROM documents WHERE id = ? AND tenant = ?", (document_id, tenant)).fetchone()
-            if row is None or (now is not None and row["expires_at"] is not None and row["expires_at"] <= now):
-                return None
-            return _document(row)
+            return live(_document(row), now) if row else None
 
         return await self._read(op)
 
     async def list_documents(self, tenant: str, now: float, *, limit: int = 100) -> list[DocumentRecord]:
         def op(conn: sqlite3.Connection) -> list[DocumentRecord]:
             alive, args = _alive(now)
-            rows = conn.execute(
+            found = conn.execute(
                 f"SELECT * FROM documents WHERE tenant = ? AND {alive} ORDER BY created_at DESC LIMIT ?",
                 (tenant, *args, limit),
             ).fetchall()
-            return [_document(r) for r in rows]
+            return [_document(r) for r in found]
 
         return await self._read(op)
 
@@ -349,38 +313,23 @@ class SQLiteMemory:
     async def add_chunks(self, chunks: Sequence[ChunkRecord], now: float) -> list[int]:
         if not chunks:
             return []
-        rows = [(c, _vector_bytes(c.vector)) for c in chunks]
+        params = [rows.chunk_params(c, _vector_bytes(c.vector), now) for c in chunks]
+        insert = (
+            f"INSERT INTO chunks{rows.values(rows.CHUNK_INSERT.format(vector='vector'), '?')} "
+            "ON CONFLICT(document_id, space, page, char_start, content_hash) DO NOTHING"
+        )
 
         def op(conn: sqlite3.Connection) -> tuple[list[int], list[int]]:
             ids: list[int] = []
             fresh: list[int] = []
-            for c, blob in rows:
-                cur = conn.execute(
-                    "INSERT INTO chunks(document_id, tenant, space, page, char_start, char_end, text, content_hash, "
-                    "vector, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(document_id, space, page, char_start, content_hash) DO NOTHING",
-                    (
-                        c.document_id,
-                        c.tenant,
-                        c.space,
-                        c.page,
-                        c.start,
-                        c.end,
-                        c.text,
-                        c.content_hash,
-                        blob,
-                        c.created_at or now,
-                        c.expires_at,
-                    ),
-                )
+            for c, args in zip(chunks, params, strict=True):
+                cur = conn.execute(insert, args)
                 if cur.rowcount:
                     ids.append(int(cur.lastrowid or 0))
                     fresh.append(len(ids) - 1)
                 else:
                     row = conn.execute(
-                        "SELECT id FROM chunks WHERE document_id = ? AND space = ? AND page = ? AND char_start = ? "
-                        "AND content_hash = ?",
-                        (c.document_id, c.space, c.page, c.start, c.content_hash),
+                        f"SELECT id FROM chunks WHERE {rows.CHUNK_IDENTITY.format('?')}", rows.chunk_identity(c)
                     ).fetchone()
                     ids.append(int(row["id"]))
             return ids, fresh
@@ -483,8 +432,8 @@ class SQLiteMemory:
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._space_lock(space):
                 index.save(path)
-                rows = self._rows_fingerprint(space)
-            path.with_suffix(".json").write_text(json.dumps({"space": space, "rows": rows}))
+                fingerprint = self._rows_fingerprint(space)
+            path.with_suffix(".json").write_text(json.dumps({"space": space, "rows": fingerprint}))
 
     async def search_chunks(
         self,
@@ -546,13 +495,13 @@ class SQLiteMemory:
             if not found:
                 return []
             ids = [cid for cid, _ in found]
-            rows = {
+            by_id = {
                 r["id"]: r
                 for r in conn.execute(
                     f"SELECT {_CHUNK_COLS} FROM chunks WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
                 )
             }
-            return [ChunkHit(chunk=_chunk(rows[cid]), score=float(score)) for cid, score in found if cid in rows]
+            return [ChunkHit(chunk=_chunk(by_id[cid]), score=float(score)) for cid, score in found if cid in by_id]
 
         return await self._run(op)
 
@@ -573,33 +522,33 @@ class SQLiteMemory:
     async def spaces(self, now: float) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             alive, args = _alive(now)
-            rows = conn.execute(f"SELECT space, count(*) FROM chunks WHERE {alive} GROUP BY space", args)
-            return {r[0]: int(r[1]) for r in rows}
+            found = conn.execute(f"SELECT space, count(*) FROM chunks WHERE {alive} GROUP BY space", args)
+            return {r[0]: int(r[1]) for r in found}
 
         return await self._read(op)
 
     async def document_chunks(self, tenant: str, document_id: str, space: str, now: float) -> list[ChunkRecord]:
         def op(conn: sqlite3.Connection) -> list[ChunkRecord]:
             alive, args = _alive(now)
-            rows = conn.execute(
+            found = conn.execute(
                 f"SELECT {_CHUNK_COLS} FROM chunks WHERE tenant = ? AND document_id = ? AND space = ? AND {alive} "
                 "ORDER BY page, char_start, id",
                 (tenant, document_id, space, *args),
             ).fetchall()
-            return [_chunk(r) for r in rows]
+            return [_chunk(r) for r in found]
 
         return await self._read(op)
 
     async def chunks_to_reindex(self, source: str, target: str, limit: int, now: float) -> list[ChunkRecord]:
         def op(conn: sqlite3.Connection) -> list[ChunkRecord]:
             alive, args = _alive(now)
-            rows = conn.execute(
+            found = conn.execute(
                 f"SELECT {_CHUNK_COLS} FROM chunks s WHERE space = ? AND {alive} AND NOT EXISTS ("
                 "SELECT 1 FROM chunks t WHERE t.space = ? AND t.document_id = s.document_id AND t.page = s.page "
                 "AND t.char_start = s.char_start AND t.content_hash = s.content_hash) ORDER BY id LIMIT ?",
                 (source, *args, target, limit),
             ).fetchall()
-            return [_chunk(r) for r in rows]
+            return [_chunk(r) for r in found]
 
         return await self._read(op)
 

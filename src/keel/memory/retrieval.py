@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from keel.memory.embeddings import Embedder
 from keel.memory.ingest.pipeline import Ingestor
@@ -73,15 +73,14 @@ class Retrieval:
         }
 
 
-class MemoryBackend(SessionStore, DocumentStore, VectorStore, Protocol):
-    pass
-
-
 @dataclass(kw_only=True)
 class Memory:
-    """The memory layer as the other layers see it: sessions, documents, retrieval."""
+    """The memory layer as the other layers see it: sessions, documents, retrieval. Each tier is its own handle:
+    sessions may live in Redis while documents and vectors stay in the SQL store."""
 
-    store: MemoryBackend
+    sessions: SessionStore
+    documents: DocumentStore
+    vectors: VectorStore
     embedder: Embedder
     ingestor: Ingestor
     clock: Callable[[], float]
@@ -91,6 +90,6 @@ class Memory:
     async def search(self, tenant: str, query: str, *, k: int = 5, documents: Sequence[str] | None = None) -> Retrieval:
         (vector,) = await self.embedder.embed([query])
         space = self.embedder.space.key
-        hits = await self.store.search_chunks(space, vector, k, tenant=tenant, now=self.clock(), documents=documents)
+        hits = await self.vectors.search_chunks(space, vector, k, tenant=tenant, now=self.clock(), documents=documents)
         confidence, level = self.confidence.judge([h.score for h in hits])
         return Retrieval(query=query, space=space, hits=hits, confidence=confidence, level=level)

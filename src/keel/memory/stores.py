@@ -1,10 +1,17 @@
-"""The store seams. One backend object usually implements all of them over one database, so that a
-task's status change, its event and its webhook message commit in one transaction (a transactional outbox).
+"""The store seams, and :class:`Stores`: one handle per seam.
+
+Each seam is a small Protocol. One backend object usually implements them all over one database (:class:`Store`),
+so that a task's status change, its event and its webhook message commit in one transaction (a transactional
+outbox). A seam that needs no transaction with the others can live elsewhere: session memory in Redis, shared by
+every API replica. The app holds a :class:`Stores`, whose handles point at whichever backend serves each seam, so a
+backend serves the seams it is good at and no forwarding class stands in between.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from keel.memory.types import (
@@ -36,7 +43,14 @@ from keel.memory.types import (
 )
 
 
-class TaskStore(Protocol):
+class Backend(Protocol):
+    """What every seam's backend has: a lifetime. Closing it releases its connections (and flushes what it
+    caches); no call may follow."""
+
+    async def aclose(self) -> None: ...
+
+
+class TaskStore(Backend, Protocol):
     async def create_task(self, new: NewTask, claim: IdempotencyClaim | None, now: float) -> CreateResult:
         """Atomically check-and-set the idempotency key and insert the task with its first event."""
         ...
@@ -82,7 +96,7 @@ EventSpec = tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], float]
 """An event to append: ``(type, data)``, or ``(type, data, created_at)``."""
 
 
-class WorkflowStore(Protocol):
+class WorkflowStore(Backend, Protocol):
     """Workflow memory: step checkpoints, named workflow state, and out-of-line blobs for large payloads."""
 
     async def record_step(
@@ -117,7 +131,7 @@ class WorkflowStore(Protocol):
     async def load_state(self, task_id: str) -> dict[str, Any]: ...
 
 
-class ModelStatsStore(Protocol):
+class ModelStatsStore(Backend, Protocol):
     """Rolling per-model counters (hour buckets) and per-tenant spend (day buckets)."""
 
     async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None: ...
@@ -129,7 +143,7 @@ class ModelStatsStore(Protocol):
         ...
 
 
-class EventLog(Protocol):
+class EventLog(Backend, Protocol):
     async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
         """Append under the lease's fence; raises LeaseLost if another worker owns the task."""
         ...
@@ -143,7 +157,7 @@ class EventLog(Protocol):
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]: ...
 
 
-class Outbox(Protocol):
+class Outbox(Backend, Protocol):
     async def due(self, now: float, limit: int, *, claim_s: float = 0.0) -> list[OutboxMessage]:
         """Pending messages due at ``now``, oldest first. With ``claim_s``, each one returned is claimed: it is not
         due again for ``claim_s`` seconds unless its delivery settles first, so several dispatchers (one per
@@ -161,7 +175,7 @@ class Outbox(Protocol):
     async def messages(self, task_id: str) -> list[OutboxMessage]: ...
 
 
-class KeyStore(Protocol):
+class KeyStore(Backend, Protocol):
     async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
         """Store a new key's hash and return the plaintext key (shown once)."""
         ...
@@ -169,7 +183,7 @@ class KeyStore(Protocol):
     async def verify_key(self, key: str) -> ApiKey | None: ...
 
 
-class EffectLedger(Protocol):
+class EffectLedger(Backend, Protocol):
     """Write-tool calls keyed by idempotency key: recorded durably before the call and after it."""
 
     async def begin_effect(self, lease: Lease, effect: EffectRecord, now: float) -> tuple[EffectRecord, bool]:
@@ -194,7 +208,7 @@ class EffectLedger(Protocol):
     async def list_effects(self, task_id: str) -> list[EffectRecord]: ...
 
 
-class DecisionStore(Protocol):
+class DecisionStore(Backend, Protocol):
     """Approvals and unknown outcomes a paused task waits on."""
 
     async def request_decisions(
@@ -220,7 +234,7 @@ class DecisionStore(Protocol):
         ...
 
 
-class EmailOutbox(Protocol):
+class EmailOutbox(Backend, Protocol):
     async def enqueue_email(self, message: EmailMessage, now: float) -> tuple[EmailMessage, bool]:
         """Insert unless ``message.key`` exists; return the stored row and whether it is new."""
         ...
@@ -236,7 +250,7 @@ class EmailOutbox(Protocol):
     async def email_retry(self, key: str, when: float, error: str, *, give_up: bool = False) -> None: ...
 
 
-class SessionStore(Protocol):
+class SessionStore(Backend, Protocol):
     """Short-term memory: per-session turns and context with a sliding TTL, scoped to a tenant."""
 
     async def append_turns(
@@ -262,7 +276,7 @@ class SessionStore(Protocol):
         ...
 
 
-class DocumentStore(Protocol):
+class DocumentStore(Backend, Protocol):
     async def save_document(self, doc: DocumentRecord, now: float) -> DocumentRecord:
         """Insert or update ``doc`` by id (``updated_at`` stamped ``now``)."""
         ...
@@ -278,7 +292,7 @@ class DocumentStore(Protocol):
         ...
 
 
-class VectorStore(Protocol):
+class VectorStore(Backend, Protocol):
     """Long-term memory: embedded chunks. Each chunk belongs to one embedding space (``model@version``); a search
     names its space and can only ever see chunks of that space, so vectors of two model versions are never
     compared."""
@@ -325,7 +339,7 @@ class VectorStore(Protocol):
         ...
 
 
-class ResultCache(Protocol):
+class ResultCache(Backend, Protocol):
     """Finished results by request fingerprint (seed 000, step 12): an identical request need not be paid twice."""
 
     async def cached_result(self, tenant: str, key: str, not_before: float) -> Task | None:
@@ -349,4 +363,67 @@ class Store(
     ResultCache,
     Protocol,
 ):
-    async def aclose(self) -> None: ...
+    """Every seam over one database: what the SQL backends (and the in-memory twin) implement."""
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Stores:
+    """One handle per seam, each pointing at the backend that serves it (on a SQL store, all one object; with
+    Redis, ``sessions`` is Redis's). A component takes the handles of the seams it uses, never the whole set.
+
+    Seams that commit together must share a backend: a task's status, events, webhook message, steps, effects and
+    decisions change in one transaction, so ``tasks``, ``events``, ``outbox``, ``workflows``, ``effects`` and
+    ``decisions`` (and ``cache``, which reads the tasks table) are one object. :meth:`over` builds them so.
+    """
+
+    tasks: TaskStore
+    events: EventLog
+    outbox: Outbox
+    workflows: WorkflowStore
+    """Step checkpoints, named workflow state and blobs."""
+    effects: EffectLedger
+    decisions: DecisionStore
+    cache: ResultCache
+    keys: KeyStore
+    emails: EmailOutbox
+    stats: ModelStatsStore
+    sessions: SessionStore
+    documents: DocumentStore
+    vectors: VectorStore
+    backend: Store
+    """The backend serving every seam not given to another. For components still written against the whole
+    :class:`Store`; a new component takes the handles it uses instead."""
+
+    @classmethod
+    def over(cls, backend: Store, *, sessions: SessionStore | None = None) -> Stores:
+        """Every seam served by ``backend``, but session memory by ``sessions`` when given."""
+        return cls(
+            tasks=backend,
+            events=backend,
+            outbox=backend,
+            workflows=backend,
+            effects=backend,
+            decisions=backend,
+            cache=backend,
+            keys=backend,
+            emails=backend,
+            stats=backend,
+            sessions=sessions or backend,
+            documents=backend,
+            vectors=backend,
+            backend=backend,
+        )
+
+    async def aclose(self) -> None:
+        """Close each distinct backend once, the first handle's last (it is the one the others were built
+        around); an error closing one does not keep the others open."""
+        handles: list[Backend] = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        distinct = list({id(h): h for h in handles}.values())
+        failure: BaseException | None = None
+        for backend in reversed(distinct):
+            try:
+                await backend.aclose()
+            except BaseException as exc:  # the rest are still closed; the first failure is raised after
+                failure = failure or exc
+        if failure is not None:
+            raise failure

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from keel.errors import InputError, NotFound
 
 
 class TaskStatus(StrEnum):
@@ -86,6 +91,41 @@ class Task:
     policy: dict[str, Any] = field(default_factory=dict)
     cache_key: str | None = None
 
+    def request_cancel(self) -> bool:
+        """Ask the task to stop. A terminal task is final, so it is left as it is; a queued, running or parked
+        one is flagged (its worker sees the flag at its next heartbeat). Returns whether the flag changed, which
+        is all a store has to write."""
+        if self.status.terminal or self.cancel_requested:
+            return False
+        self.cancel_requested = True
+        return True
+
+
+def park_status(open_decisions: int) -> TaskStatus:
+    """Where a task that asked a person goes: it waits for the answers; when every one was already given (a
+    person answered while its run was stopping), it is queued again at once."""
+    return TaskStatus.waiting_for_approval if open_decisions else TaskStatus.queued
+
+
+def tenants(task: Task | None, tenant: str | None) -> Task | None:
+    """``task`` when ``tenant`` may see it (None: any tenant may); another tenant's task does not exist for it."""
+    return task if task is not None and (tenant is None or task.tenant == tenant) else None
+
+
+class CreateOutcome(StrEnum):
+    created = "created"
+    replayed = "replayed"
+    key_reused = "key_reused"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class StoredClaim:
+    """An idempotency key as a store keeps it: the request it was first used for, and that request's task."""
+
+    request_hash: str
+    task_id: str
+    expires_at: float
+
 
 @dataclass(kw_only=True, slots=True)
 class IdempotencyClaim:
@@ -93,11 +133,18 @@ class IdempotencyClaim:
     request_hash: str
     expires_at: float
 
+    def outcome(self, stored: StoredClaim | None, now: float) -> CreateOutcome:
+        """What a create under this claim does, given the key's stored row (IETF Idempotency-Key draft):
 
-class CreateOutcome(StrEnum):
-    created = "created"
-    replayed = "replayed"
-    key_reused = "key_reused"
+        * no row, or an expired one: ``created``, and the key is claimed (again) for the new task;
+        * the same request: ``replayed``, the stored task is the answer;
+        * another request under a live key: ``key_reused``, refused.
+        """
+        if stored is None or stored.expires_at <= now:
+            return CreateOutcome.created
+        if hmac.compare_digest(stored.request_hash, self.request_hash):
+            return CreateOutcome.replayed
+        return CreateOutcome.key_reused
 
 
 @dataclass(kw_only=True, slots=True)
@@ -277,6 +324,38 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+@dataclass(kw_only=True, slots=True, frozen=True)
+class KeySecret:
+    """A bearer key, ``keel_<id>_<secret>``, taken apart. A store keeps the id and the secret's hash, never the
+    secret; it finds a presented key by its id and checks the secret against that hash."""
+
+    id: str
+    secret: str
+
+    @classmethod
+    def mint(cls) -> KeySecret:
+        return cls(id=secrets.token_hex(6), secret=secrets.token_urlsafe(32))
+
+    @classmethod
+    def parse(cls, key: str) -> KeySecret | None:
+        """None for anything not shaped like a keel key."""
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "keel":
+            return None
+        return cls(id=parts[1], secret=parts[2])
+
+    @property
+    def plaintext(self) -> str:
+        return f"keel_{self.id}_{self.secret}"
+
+    @property
+    def hash(self) -> str:
+        return hash_secret(self.secret)
+
+    def matches(self, stored_hash: str) -> bool:
+        return hmac.compare_digest(stored_hash, self.hash)
+
+
 def dead_letter_envelope(attempts: int) -> dict[str, Any]:
     return {
         "status": "failed",
@@ -391,10 +470,12 @@ class Decision:
 
     def check(self, verdict: Verdict) -> None:
         """Refuse a verdict that does not fit this kind of question."""
-        from keel.errors import InputError
-
         if verdict is Verdict.applied and self.kind is not DecisionKind.outcome_unknown:
             raise InputError("'applied' only settles a call whose outcome is unknown; approve or deny an approval")
+
+    def expire(self, now: float) -> Decision:
+        """Nobody answered in time: the safe answer to "may this write run?" is no."""
+        return dataclasses.replace(self, verdict=Verdict.deny, note=EXPIRED_NOTE, decided_by="keel", decided_at=now)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -411,6 +492,41 @@ class Decision:
             "requested_at": self.requested_at,
             "decided_at": self.decided_at,
         }
+
+
+def decide(
+    task_id: str, tenant: str, task: Task | None, current: Decision | None, answer: Decision, now: float
+) -> tuple[Decision, bool]:
+    """The rule for answering a paused task's question, given what a store loaded: the task and the stored
+    question (``answer`` carries the verdict, note, result and author). Returns the decision as it then stands and
+    whether the store must write it (False: the same verdict again, which changes nothing, so deciding is
+    repeatable). Raises NotFound for another tenant's or an unknown task or call, and InputError for a verdict
+    that does not fit the question, another verdict on a decided call, or any verdict on a task that has ended."""
+    task = tenants(task, tenant)
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    if current is None:
+        raise NotFound(f"task {task_id} has no call {answer.call_id} awaiting a decision")
+    assert answer.verdict is not None
+    current.check(answer.verdict)
+    if current.verdict is not None:
+        if current.verdict is answer.verdict:
+            return current, False
+        raise InputError(
+            f"call {answer.call_id} was already decided ({current.verdict.value})",
+            detail={"decision": current.public()},
+        )
+    if task.status.terminal:
+        raise InputError(f"task {task_id} is already {task.status.value}")
+    decided = dataclasses.replace(
+        current,
+        verdict=answer.verdict,
+        result=answer.result,
+        note=answer.note,
+        decided_by=answer.decided_by,
+        decided_at=now,
+    )
+    return decided, True
 
 
 @dataclass(kw_only=True, slots=True)
@@ -520,6 +636,17 @@ class DocumentRecord:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
         }
+
+
+def alive(expires_at: float | None, now: float) -> bool:
+    """The one expiry rule of memory: a row lives until its ``expires_at`` (None: until deleted). Reads apply it
+    whether or not the sweeper has run yet; the sweeper only reclaims the space."""
+    return expires_at is None or expires_at > now
+
+
+def live(doc: DocumentRecord, now: float | None) -> DocumentRecord | None:
+    """``doc``, or None when it has expired at ``now`` (None: expiry not asked about)."""
+    return doc if now is None or alive(doc.expires_at, now) else None
 
 
 def document_id(tenant: str, sha256: str) -> str:

@@ -566,7 +566,7 @@ async def _read(run: _Run, doc: _Doc) -> list[dict[str, Any]]:
     space = doc.space or memory.embedder.space.key
 
     async def read(document_id: str) -> list[dict[str, Any]]:
-        return _pages(await memory.store.document_chunks(run.ctx.tenant, document_id, space, memory.clock()))
+        return _pages(await memory.vectors.document_chunks(run.ctx.tenant, document_id, space, memory.clock()))
 
     pages: list[dict[str, Any]] = await run.ctx.step(f"read[{doc.label}]", read, doc.id)
     run.texts[doc.id] = pages

@@ -84,7 +84,7 @@ async def ingest_one(ctx: WorkflowContext, ref: str) -> dict[str, Any]:
         await ctx.emit(type, {"ref": ref, **data})
 
     if ref.startswith("doc_"):
-        doc: DocumentRecord | None = await memory.store.get_document(ctx.tenant, ref, memory.clock())
+        doc: DocumentRecord | None = await memory.documents.get_document(ctx.tenant, ref, memory.clock())
         if doc is None:
             raise DocumentRejected(f"no document {ref!r} (unknown, expired or deleted)", reason="corrupt", document=ref)
     elif ref.startswith(("http://", "https://")):
@@ -174,7 +174,7 @@ class ReindexInput(BaseModel):
 
 async def _reindex_plan(memory: Memory, source: str | None, target: str) -> dict[str, Any]:
     """Which space to copy from (the largest other one by default) and how many chunks it holds."""
-    spaces = await memory.store.spaces(memory.clock())
+    spaces = await memory.vectors.spaces(memory.clock())
     if source is None:
         others = {s: n for s, n in spaces.items() if s != target}
         if not others:
@@ -201,13 +201,13 @@ async def memory_reindex(ctx: WorkflowContext, inp: ReindexInput) -> dict[str, A
     total = max(1, int(where["total"]))
 
     async def batch(n: int) -> int:
-        chunks = await memory.store.chunks_to_reindex(source, target_key, inp.batch, memory.clock())
+        chunks = await memory.vectors.chunks_to_reindex(source, target_key, inp.batch, memory.clock())
         if not chunks:
             return 0
         vectors = await target.embed([c.text for c in chunks])
         for c, v in zip(chunks, vectors, strict=True):
             c.space, c.vector, c.id = target_key, v, 0
-        await memory.store.add_chunks(chunks, memory.clock())
+        await memory.vectors.add_chunks(chunks, memory.clock())
         return len(chunks)
 
     done = 0
@@ -224,7 +224,7 @@ async def memory_reindex(ctx: WorkflowContext, inp: ReindexInput) -> dict[str, A
     if inp.prune:
 
         async def prune() -> int:
-            return await memory.store.drop_space(source)
+            return await memory.vectors.drop_space(source)
 
         pruned = await ctx.step("prune", prune)
     await ctx.progress(1.0, "done")

@@ -204,7 +204,7 @@ def _session_loader(ctx: WorkflowContext, session: str, last: int) -> Callable[[
         from keel.orchestration.memory_workflows import memory_of
 
         memory = memory_of(ctx)
-        found = await memory.store.get_session(ctx.tenant, session, memory.clock(), last=last)
+        found = await memory.sessions.get_session(ctx.tenant, session, memory.clock(), last=last)
         return [{"role": t.role, "content": t.content} for t in found.turns] if found else []
 
     return load
@@ -217,7 +217,7 @@ def _session_saver(ctx: WorkflowContext, session: str, question: str, answer: st
 
         memory = memory_of(ctx)
         turns = [SessionTurn(role="user", content=question), SessionTurn(role="assistant", content=answer)]
-        stored = await memory.store.append_turns(ctx.tenant, session, turns, memory.session_ttl_s, memory.clock())
+        stored = await memory.sessions.append_turns(ctx.tenant, session, turns, memory.session_ttl_s, memory.clock())
         return len(stored.turns)
 
     return save

@@ -1,18 +1,38 @@
-"""The store conformance suite. Every backend must pass it: ``tests/test_store_conformance.py`` parametrizes
-it over the in-memory twin and SQLite, and the Postgres backend of a later issue only has to be added there.
+"""The store conformance suite, one suite per seam (STYLE.md pattern 2). Every backend passes the suites of the
+seams it serves: ``tests/test_store_conformance.py`` runs them all over the in-memory twin, SQLite and Postgres
+(each serves every seam), and ``tests/test_redis.py`` runs the session suite over Redis.
 
-Each check is a plain ``async def check_*(store)`` so any test runner can drive it.
+Each check is a plain ``async def check_*(store)`` so any test runner can drive it; its parameter's type says which
+seams it needs. Checks of the seams that commit together (tasks, events, outbox, workflow state, effects,
+decisions) take one :class:`TaskBackend` serving them all, as every store does. A method added to a seam gets its
+check in that seam's suite below, and every backend serving the seam runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from keel.errors import InputError, LeaseLost, NotFound
 from keel.memory.blobs import INLINE_LIMIT
-from keel.memory.stores import Store
+from keel.memory.stores import (
+    DecisionStore,
+    DocumentStore,
+    EffectLedger,
+    EmailOutbox,
+    EventLog,
+    KeyStore,
+    ModelStatsStore,
+    Outbox,
+    ResultCache,
+    SessionStore,
+    Store,
+    TaskStore,
+    VectorStore,
+    WorkflowStore,
+)
 from keel.memory.types import (
     BlobRef,
     ChunkRecord,
@@ -25,6 +45,7 @@ from keel.memory.types import (
     EffectStatus,
     EmailMessage,
     IdempotencyClaim,
+    ModelCallRecord,
     NewTask,
     SessionTurn,
     StepCheckpoint,
@@ -36,6 +57,19 @@ from keel.memory.types import (
 T0 = 1_000_000.0
 
 
+class TaskBackend(TaskStore, EventLog, Outbox, WorkflowStore, EffectLedger, DecisionStore, Protocol):
+    """The seams that commit together (a task's status, its events, its webhook message, its steps, effects and
+    decisions): one backend serves them all."""
+
+
+class VectorBackend(DocumentStore, VectorStore, Protocol):
+    """Chunks belong to documents (deleting or expiring a document takes its chunks): one backend serves both."""
+
+
+class CachedTasks(TaskStore, ResultCache, Protocol):
+    """The result cache reads finished tasks."""
+
+
 def _new(tenant: str = "t1", **kw: object) -> NewTask:
     return NewTask(tenant=tenant, workflow="diagnostic", input={"steps": 1}, **kw)  # type: ignore[arg-type]
 
@@ -44,7 +78,7 @@ def _claim(key: str, h: str, ttl: float = 86_400) -> IdempotencyClaim:
     return IdempotencyClaim(key=key, request_hash=h, expires_at=T0 + ttl)
 
 
-async def check_create_and_get(store: Store) -> None:
+async def check_create_and_get(store: TaskBackend) -> None:
     res = await store.create_task(_new(), None, T0)
     assert res.outcome is CreateOutcome.created and res.task is not None
     task = await store.get_task(res.task.id, "t1")
@@ -54,7 +88,7 @@ async def check_create_and_get(store: Store) -> None:
     assert [(e.seq, e.type, e.data) for e in events] == [(1, "status", {"status": "queued"})]
 
 
-async def check_idempotency(store: Store) -> None:
+async def check_idempotency(store: TaskStore) -> None:
     first = await store.create_task(_new(), _claim("k", "h1"), T0)
     again = await store.create_task(_new(), _claim("k", "h1"), T0 + 1)
     assert again.outcome is CreateOutcome.replayed and again.task and first.task
@@ -70,7 +104,7 @@ async def check_idempotency(store: Store) -> None:
     assert await store.sweep_idempotency(T0 + 10 * 86_400) >= 1
 
 
-async def check_concurrent_idempotent_creates(store: Store) -> None:
+async def check_concurrent_idempotent_creates(store: TaskStore) -> None:
     results = await asyncio.gather(*(store.create_task(_new(), _claim("same", "h"), T0) for _ in range(50)))
     ids = {r.task.id for r in results if r.task}
     assert len(ids) == 1
@@ -78,7 +112,7 @@ async def check_concurrent_idempotent_creates(store: Store) -> None:
     assert len(await store.list_tasks("t1")) == 1
 
 
-async def check_list_pagination_and_filter(store: Store) -> None:
+async def check_list_pagination_and_filter(store: TaskStore) -> None:
     ids = []
     for i in range(5):
         res = await store.create_task(_new(), None, T0 + i)
@@ -93,7 +127,7 @@ async def check_list_pagination_and_filter(store: Store) -> None:
     assert await store.list_tasks("nobody") == []
 
 
-async def check_lease_fencing(store: Store) -> None:
+async def check_lease_fencing(store: TaskBackend) -> None:
     res = await store.create_task(_new(), None, T0)
     assert res.task
     lease = await store.lease_next("w1", T0, 10, 5)
@@ -120,7 +154,7 @@ async def check_lease_fencing(store: Store) -> None:
     assert (await store.renew_lease(lease2, T0 + 12, 10)).held
 
 
-async def check_finish_outbox_and_end_event(store: Store) -> None:
+async def check_finish_outbox_and_end_event(store: TaskBackend) -> None:
     res = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="whsec_x"), None, T0)
     assert res.task
     lease = await store.lease_next("w", T0, 10, 5)
@@ -141,7 +175,7 @@ async def check_finish_outbox_and_end_event(store: Store) -> None:
     assert msg.status == "delivered" and msg.attempts == 2
 
 
-async def check_due_messages_are_claimed(store: Store) -> None:
+async def check_due_messages_are_claimed(store: TaskBackend) -> None:
     res = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="whsec_x"), None, T0)
     assert res.task
     await store.finish(None, res.task.id, TaskStatus.succeeded, {"status": "success"}, T0)
@@ -149,6 +183,9 @@ async def check_due_messages_are_claimed(store: Store) -> None:
     assert [m.id for m in await store.due(T0 + 1, 10, claim_s=30)] == [msg.id]
     assert await store.due(T0 + 2, 10, claim_s=30) == []  # claimed: another dispatcher does not send it too
     assert [m.id for m in await store.due(T0 + 32, 10, claim_s=30)] == [msg.id]  # its claimant died: due again
+
+
+async def check_due_emails_are_claimed(store: EmailOutbox) -> None:
     email = EmailMessage(key="c1", tenant="t1", task_id=None, to=["a@example.com"], subject="s", body="b")
     await store.enqueue_email(email, T0)
     assert [m.key for m in await store.due_emails(T0 + 1, 10, claim_s=60)] == ["c1"]
@@ -156,7 +193,7 @@ async def check_due_messages_are_claimed(store: Store) -> None:
     assert [m.key for m in await store.due_emails(T0 + 62, 10)] == ["c1"]
 
 
-async def check_disabled_endpoint(store: Store) -> None:
+async def check_disabled_endpoint(store: TaskBackend) -> None:
     a = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="s"), None, T0)
     assert a.task
     await store.finish(None, a.task.id, TaskStatus.cancelled, {"status": "failed"}, T0)
@@ -169,7 +206,7 @@ async def check_disabled_endpoint(store: Store) -> None:
     assert await store.due(T0 + 1, 10) == []
 
 
-async def check_cancel_and_requeue(store: Store) -> None:
+async def check_cancel_and_requeue(store: TaskStore) -> None:
     res = await store.create_task(_new(), None, T0)
     assert res.task
     lease = await store.lease_next("w", T0, 10, 5)
@@ -183,7 +220,7 @@ async def check_cancel_and_requeue(store: Store) -> None:
     assert task and task.status is TaskStatus.queued
 
 
-async def check_poison_dead_letter(store: Store) -> None:
+async def check_poison_dead_letter(store: TaskStore) -> None:
     res = await store.create_task(_new(), None, T0)
     assert res.task
     now = T0
@@ -196,7 +233,7 @@ async def check_poison_dead_letter(store: Store) -> None:
     assert task.envelope and task.envelope["errors"][0]["type"] == "dead_letter"
 
 
-async def check_api_keys(store: Store) -> None:
+async def check_api_keys(store: KeyStore) -> None:
     key = await store.create_key("acme", frozenset({"tasks:read"}), T0)
     found = await store.verify_key(key)
     assert found and found.tenant == "acme" and found.scopes == {"tasks:read"}
@@ -205,7 +242,7 @@ async def check_api_keys(store: Store) -> None:
     assert await store.verify_key("garbage") is None
 
 
-async def check_workflow_steps_and_blobs(store: Store) -> None:
+async def check_workflow_steps_and_blobs(store: TaskBackend) -> None:
     res = await store.create_task(_new(), None, T0)
     assert res.task
     lease = await store.lease_next("w", T0, 10, 5)
@@ -242,7 +279,7 @@ async def check_workflow_steps_and_blobs(store: Store) -> None:
     assert [s.key for s in await store.load_steps(res.task.id)] == ["a", "b", "c"]
 
 
-async def check_effect_ledger(store: Store) -> None:
+async def check_effect_ledger(store: TaskBackend) -> None:
     res = await store.create_task(_new(), None, T0)
     assert res.task is not None
     lease = await store.lease_next("w1", T0, 30, 5)
@@ -265,7 +302,7 @@ async def check_effect_ledger(store: Store) -> None:
         pass
 
 
-async def check_decisions_park_and_requeue(store: Store) -> None:
+async def check_decisions_park_and_requeue(store: TaskBackend) -> None:
     res = await store.create_task(_new(webhook_url="https://hooks.example/k", webhook_secret="whsec_x"), None, T0)
     assert res.task is not None
     tid = res.task.id
@@ -303,7 +340,7 @@ async def check_decisions_park_and_requeue(store: Store) -> None:
     assert types.count("decision_requested") == 2 and types.count("decision_made") == 2
 
 
-async def check_expired_decisions_are_denied(store: Store) -> None:
+async def check_expired_decisions_are_denied(store: TaskBackend) -> None:
     res = await store.create_task(_new(), None, T0)
     assert res.task is not None
     tid = res.task.id
@@ -320,7 +357,7 @@ async def check_expired_decisions_are_denied(store: Store) -> None:
     assert await store.expire_decisions(T0 + 100, T0 + 100) == []  # nothing open any more
 
 
-async def check_email_outbox(store: Store) -> None:
+async def check_email_outbox(store: EmailOutbox) -> None:
     msg = EmailMessage(key="e1", tenant="t1", task_id=None, to=["a@example.com"], subject="s", body="b")
     stored, created = await store.enqueue_email(msg, T0)
     assert created and stored.status == "queued"
@@ -334,10 +371,29 @@ async def check_email_outbox(store: Store) -> None:
     assert got is not None and got.status == "sent" and got.attempts == 2
 
 
+async def check_model_stats(store: ModelStatsStore) -> None:
+    hour = T0 - T0 % 3600
+    ok = ModelCallRecord(
+        provider="openai", requested_model="m", model_id="m-1", at=hour + 10, latency_ms=100.0, input_tokens=10,
+        output_tokens=5, cost_usd=0.5, json_valid=True, schema_valid=True,
+    )  # fmt: skip
+    await store.record_model_call("t1", ok)
+    await store.record_model_call("t1", dataclasses.replace(ok, latency_ms=300.0, json_valid=False, error=True))
+    await store.record_model_call("t2", dataclasses.replace(ok, model_id="m-2", at=hour + 3600, json_valid=None))
+    [m1] = await store.model_stats("m-1")
+    assert (m1.calls, m1.errors, m1.structured, m1.json_valid, m1.schema_valid) == (2, 1, 2, 1, 2)
+    assert m1.bucket == hour and m1.latency_ms_sum == 400.0 and m1.latency_ms_max == 300.0 and m1.input_tokens == 20
+    assert [(s.model_id, s.bucket) for s in await store.model_stats()] == [("m-1", hour), ("m-2", hour + 3600)]
+    assert [s.model_id for s in await store.model_stats(since=hour + 3600)] == ["m-2"]
+    usage = await store.tenant_usage("t1", hour)
+    assert (usage.calls, usage.input_tokens, usage.output_tokens, usage.cost_usd) == (2, 20, 10, 1.0)
+    assert (await store.tenant_usage("nobody", hour)).calls == 0
+
+
 # -- memory tiers -------------------------------------------------------------------------------------------
 
 
-async def check_session_memory_ttl(store: Store) -> None:
+async def check_session_memory_ttl(store: SessionStore) -> None:
     s = await store.append_turns("t1", "s1", [SessionTurn(role="user", content="hi")], 60, T0)
     assert [(t.seq, t.role, t.content) for t in s.turns] == [(1, "user", "hi")] and s.expires_at == T0 + 60
     await store.append_turns(
@@ -392,7 +448,7 @@ def _chunk(
     )  # fmt: skip
 
 
-async def check_documents(store: Store) -> None:
+async def check_documents(store: DocumentStore) -> None:
     saved = await store.save_document(_doc("doc_1"), T0)
     assert saved.status is DocumentStatus.ingesting and saved.created_at == T0
     saved.status, saved.pages, saved.warnings = DocumentStatus.ingested, 3, [{"type": "ocr_used"}]
@@ -406,7 +462,7 @@ async def check_documents(store: Store) -> None:
     assert await store.delete_document("t1", "doc_1") and await store.get_document("t1", "doc_1") is None
 
 
-async def check_vector_spaces_are_isolated(store: Store) -> None:
+async def check_vector_spaces_are_isolated(store: VectorBackend) -> None:
     await store.save_document(_doc("doc_a"), T0)
     await store.add_chunks(
         [_chunk("doc_a", "payment terms", _vec(1, 0, 0)), _chunk("doc_a", "liability", _vec(0, 1, 0), start=20)], T0
@@ -427,7 +483,7 @@ async def check_vector_spaces_are_isolated(store: Store) -> None:
     assert await store.search_chunks("m@A", _vec(1, 0, 0), 5, tenant="t1", now=T0) == []
 
 
-async def check_vector_dedup_filters_and_ttl(store: Store) -> None:
+async def check_vector_dedup_filters_and_ttl(store: VectorBackend) -> None:
     await store.save_document(_doc("doc_x"), T0)
     await store.save_document(_doc("doc_y"), T0)
     await store.save_document(_doc("doc_z", tenant="t2"), T0)
@@ -453,7 +509,7 @@ async def check_vector_dedup_filters_and_ttl(store: Store) -> None:
     ]
 
 
-async def check_document_chunks_in_reading_order(store: Store) -> None:
+async def check_document_chunks_in_reading_order(store: VectorBackend) -> None:
     await store.save_document(_doc("doc_r"), T0)
     await store.save_document(_doc("doc_r", tenant="t2"), T0)
     page2 = dataclasses.replace(_chunk("doc_r", "second page", _vec(0, 1)), page=2)
@@ -476,7 +532,7 @@ async def check_document_chunks_in_reading_order(store: Store) -> None:
     assert await store.document_chunks("t1", "doc_missing", "m@A", T0) == []
 
 
-async def check_result_cache(store: Store) -> None:
+async def check_result_cache(store: CachedTasks) -> None:
     hit = await store.create_task(_new(cache_key="fp1"), None, T0)
     miss = await store.create_task(_new(cache_key="fp2"), None, T0)
     assert hit.task and miss.task
@@ -491,27 +547,53 @@ async def check_result_cache(store: Store) -> None:
     assert await store.cached_result("t1", "fp2", T0) is None  # only successes are reused
 
 
-CHECKS: list[Callable[[Store], Awaitable[None]]] = [
+TASK_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_create_and_get,
     check_idempotency,
     check_concurrent_idempotent_creates,
     check_list_pagination_and_filter,
     check_lease_fencing,
+    check_cancel_and_requeue,
+    check_poison_dead_letter,
+]
+OUTBOX_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_finish_outbox_and_end_event,
     check_due_messages_are_claimed,
     check_disabled_endpoint,
-    check_cancel_and_requeue,
-    check_poison_dead_letter,
-    check_api_keys,
-    check_workflow_steps_and_blobs,
-    check_effect_ledger,
+]
+WORKFLOW_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [check_workflow_steps_and_blobs]
+EFFECT_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [check_effect_ledger]
+DECISION_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_decisions_park_and_requeue,
     check_expired_decisions_are_denied,
-    check_email_outbox,
-    check_session_memory_ttl,
-    check_documents,
+]
+CACHE_CHECKS: list[Callable[[CachedTasks], Awaitable[None]]] = [check_result_cache]
+KEY_CHECKS: list[Callable[[KeyStore], Awaitable[None]]] = [check_api_keys]
+EMAIL_CHECKS: list[Callable[[EmailOutbox], Awaitable[None]]] = [check_email_outbox, check_due_emails_are_claimed]
+STATS_CHECKS: list[Callable[[ModelStatsStore], Awaitable[None]]] = [check_model_stats]
+SESSION_CHECKS: list[Callable[[SessionStore], Awaitable[None]]] = [check_session_memory_ttl]
+DOCUMENT_CHECKS: list[Callable[[DocumentStore], Awaitable[None]]] = [check_documents]
+VECTOR_CHECKS: list[Callable[[VectorBackend], Awaitable[None]]] = [
     check_vector_spaces_are_isolated,
     check_vector_dedup_filters_and_ttl,
     check_document_chunks_in_reading_order,
-    check_result_cache,
 ]
+
+SUITES: dict[str, Sequence[Callable[[Store], Awaitable[None]]]] = {
+    "tasks": TASK_CHECKS,
+    "outbox": OUTBOX_CHECKS,
+    "workflows": WORKFLOW_CHECKS,
+    "effects": EFFECT_CHECKS,
+    "decisions": DECISION_CHECKS,
+    "cache": CACHE_CHECKS,
+    "keys": KEY_CHECKS,
+    "emails": EMAIL_CHECKS,
+    "stats": STATS_CHECKS,
+    "sessions": SESSION_CHECKS,
+    "documents": DOCUMENT_CHECKS,
+    "vectors": VECTOR_CHECKS,
+}
+"""Each seam's suite, named as its handle on :class:`~keel.memory.stores.Stores`. A backend that serves every seam
+(a :class:`~keel.memory.stores.Store`) runs them all."""
+
+CHECKS: list[Callable[[Store], Awaitable[None]]] = [check for suite in SUITES.values() for check in suite]

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hmac
 import json
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from keel.errors import InputError, LeaseLost, NotFound, StoreError
+from keel.errors import LeaseLost, StoreError
 from keel.memory.blobs import pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
-    EXPIRED_NOTE,
     ApiKey,
     BlobRef,
     CreateOutcome,
@@ -27,6 +24,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeySecret,
     Lease,
     LeaseState,
     ModelCallRecord,
@@ -34,15 +32,17 @@ from keel.memory.types import (
     NewTask,
     OutboxMessage,
     StepCheckpoint,
+    StoredClaim,
     Task,
     TaskStatus,
     TenantUsage,
-    Verdict,
     day_bucket,
     dead_letter_envelope,
-    hash_secret,
+    decide,
     hour_bucket,
     new_id,
+    park_status,
+    tenants,
     webhook_payload,
 )
 from keel.testing.inmemory_memory import InMemoryMemory
@@ -60,7 +60,7 @@ class InMemoryStore(InMemoryMemory):
     def __init__(self) -> None:
         self._memory_init()
         self._tasks: dict[str, _Row] = {}
-        self._keys: dict[tuple[str, str], tuple[str, str, float]] = {}
+        self._keys: dict[tuple[str, str], StoredClaim] = {}
         self._steps: dict[str, dict[str, StepCheckpoint]] = {}
         self._state: dict[str, dict[str, Any]] = {}
         self._blobs: dict[str, bytes] = {}
@@ -76,6 +76,10 @@ class InMemoryStore(InMemoryMemory):
 
     async def aclose(self) -> None:
         return None
+
+    def _task(self, task_id: str) -> Task | None:
+        row = self._tasks.get(task_id)
+        return None if row is None else row.task
 
     def _all_tasks(self) -> list[Task]:
         return [row.task for row in self._tasks.values()]
@@ -93,11 +97,12 @@ class InMemoryStore(InMemoryMemory):
 
     async def create_task(self, new: NewTask, claim: IdempotencyClaim | None, now: float) -> CreateResult:
         if claim is not None:
-            hit = self._keys.get((new.tenant, claim.key))
-            if hit is not None and hit[2] > now:
-                if not hmac.compare_digest(hit[0], claim.request_hash):
-                    return CreateResult(outcome=CreateOutcome.key_reused, task=None)
-                return CreateResult(outcome=CreateOutcome.replayed, task=copy.deepcopy(self._tasks[hit[1]].task))
+            stored = self._keys.get((new.tenant, claim.key))
+            outcome = claim.outcome(stored, now)
+            if outcome is not CreateOutcome.created:
+                assert stored is not None
+                replayed = self._tasks[stored.task_id].task if outcome is CreateOutcome.replayed else None
+                return CreateResult(outcome=outcome, task=copy.deepcopy(replayed))
         task = Task(
             id=new_id("tsk"),
             tenant=new.tenant,
@@ -125,14 +130,13 @@ class InMemoryStore(InMemoryMemory):
         self._tasks[task.id] = row
         self._append(row, "status", {"status": "queued"}, now)
         if claim is not None:
-            self._keys[(new.tenant, claim.key)] = (claim.request_hash, task.id, claim.expires_at)
+            self._keys[(new.tenant, claim.key)] = StoredClaim(
+                request_hash=claim.request_hash, task_id=task.id, expires_at=claim.expires_at
+            )
         return CreateResult(outcome=CreateOutcome.created, task=copy.deepcopy(task))
 
     async def get_task(self, task_id: str, tenant: str | None = None) -> Task | None:
-        row = self._tasks.get(task_id)
-        if row is None or (tenant is not None and row.task.tenant != tenant):
-            return None
-        return copy.deepcopy(row.task)
+        return copy.deepcopy(tenants(self._task(task_id), tenant))
 
     async def list_tasks(
         self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, before: str | None = None
@@ -226,12 +230,10 @@ class InMemoryStore(InMemoryMemory):
         return None if row is None else self._finish_in(row, status, envelope, now)
 
     async def request_cancel(self, task_id: str, tenant: str) -> Task | None:
-        row = self._tasks.get(task_id)
-        if row is None or row.task.tenant != tenant:
-            return None
-        if not row.task.status.terminal:
-            row.task.cancel_requested = True
-        return copy.deepcopy(row.task)
+        task = tenants(self._task(task_id), tenant)
+        if task is not None:
+            task.request_cancel()
+        return copy.deepcopy(task)
 
     def _put(self, value: Any) -> Any:
         packed = pack(value)
@@ -281,7 +283,7 @@ class InMemoryStore(InMemoryMemory):
         return out
 
     async def sweep_idempotency(self, now: float) -> int:
-        expired = [k for k, v in self._keys.items() if v[2] <= now]
+        expired = [k for k, v in self._keys.items() if v.expires_at <= now]
         for k in expired:
             del self._keys[k]
         return len(expired)
@@ -373,18 +375,16 @@ class InMemoryStore(InMemoryMemory):
         return [replace(m) for m in sorted(self._outbox.values(), key=lambda m: m.id) if m.task_id == task_id]
 
     async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
-        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        self._api_keys[key_id] = (tenant, hash_secret(secret), scopes)
-        return f"keel_{key_id}_{secret}"
+        new = KeySecret.mint()
+        self._api_keys[new.id] = (tenant, new.hash, scopes)
+        return new.plaintext
 
     async def verify_key(self, key: str) -> ApiKey | None:
-        parts = key.split("_", 2)
-        if len(parts) != 3 or parts[0] != "keel" or parts[1] not in self._api_keys:
+        presented = KeySecret.parse(key)
+        if presented is None or presented.id not in self._api_keys:
             return None
-        tenant, digest, scopes = self._api_keys[parts[1]]
-        if not hmac.compare_digest(digest, hash_secret(parts[2])):
-            return None
-        return ApiKey(id=parts[1], tenant=tenant, scopes=scopes)
+        tenant, digest, scopes = self._api_keys[presented.id]
+        return ApiKey(id=presented.id, tenant=tenant, scopes=scopes) if presented.matches(digest) else None
 
     # -- EffectLedger ------------------------------------------------------------------------------
 
@@ -446,7 +446,7 @@ class InMemoryStore(InMemoryMemory):
                 self._decisions[(d.task_id, d.call_id)] = replace(copy.deepcopy(d), requested_at=now)
                 self._append(row, "decision_requested", {**d.public(), "requested_at": now}, now)
         pending = self._pending(lease.task_id)
-        row.task.status = TaskStatus.waiting_for_approval if pending else TaskStatus.queued
+        row.task.status = park_status(pending)
         row.task.envelope = copy.deepcopy(envelope) if pending else None
         row.task.attempts = max(row.task.attempts - 1, 0)
         row.task.updated_at = now
@@ -456,27 +456,12 @@ class InMemoryStore(InMemoryMemory):
             self._webhook(row.task, row.task.status, envelope, now)  # tell whoever decides
 
     async def decide(self, task_id: str, tenant: str, decision: Decision, now: float) -> Decision:
-        row = self._tasks.get(task_id)
-        if row is None or row.task.tenant != tenant:
-            raise NotFound(f"no task {task_id}")
         current = self._decisions.get((task_id, decision.call_id))
-        if current is None:
-            raise NotFound(f"task {task_id} has no call {decision.call_id} awaiting a decision")
-        assert decision.verdict is not None
-        current.check(decision.verdict)
-        if current.verdict is not None:
-            if current.verdict is decision.verdict:
-                return copy.deepcopy(current)
-            raise InputError(
-                f"call {decision.call_id} was already decided ({current.verdict.value})",
-                detail={"decision": current.public()},
-            )
-        if row.task.status.terminal:
-            raise InputError(f"task {task_id} is already {row.task.status.value}")
-        current.verdict, current.result, current.note = decision.verdict, decision.result, decision.note
-        current.decided_by, current.decided_at = decision.decided_by, now
-        self._recorded_verdict(current, now)
-        return copy.deepcopy(current)
+        decided, changed = decide(task_id, tenant, self._task(task_id), current, decision, now)
+        if changed:
+            self._decisions[(task_id, decision.call_id)] = decided
+            self._recorded_verdict(decided, now)
+        return copy.deepcopy(decided)
 
     def _recorded_verdict(self, d: Decision, now: float) -> bool:
         """Log ``d``'s verdict; queue the task once nothing it waits on is open (True if so)."""
@@ -494,11 +479,11 @@ class InMemoryStore(InMemoryMemory):
 
     async def expire_decisions(self, requested_before: float, now: float) -> list[str]:
         queued = []
-        for (task_id, _), d in sorted(self._decisions.items()):
+        for key, d in sorted(self._decisions.items()):
             if d.verdict is None and d.requested_at < requested_before:
-                d.verdict, d.note, d.decided_by, d.decided_at = Verdict.deny, EXPIRED_NOTE, "keel", now
-                if self._recorded_verdict(d, now):
-                    queued.append(task_id)
+                self._decisions[key] = d.expire(now)
+                if self._recorded_verdict(self._decisions[key], now):
+                    queued.append(d.task_id)
         return queued
 
     # -- EmailOutbox -------------------------------------------------------------------------------

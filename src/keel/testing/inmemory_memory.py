@@ -9,11 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from keel.memory.types import ChunkHit, ChunkRecord, DocumentRecord, Session, SessionTurn, Task, TaskStatus
-
-
-def _alive(expires_at: float | None, now: float) -> bool:
-    return expires_at is None or expires_at > now
+from keel.memory.types import ChunkHit, ChunkRecord, DocumentRecord, Session, SessionTurn, Task, TaskStatus, live
+from keel.memory.types import alive as _alive
 
 
 class InMemoryMemory:
@@ -83,9 +80,7 @@ class InMemoryMemory:
 
     async def get_document(self, tenant: str, document_id: str, now: float | None = None) -> DocumentRecord | None:
         d = self._documents.get(document_id)
-        if d is None or d.tenant != tenant or (now is not None and not _alive(d.expires_at, now)):
-            return None
-        return copy.deepcopy(d)
+        return copy.deepcopy(live(d, now)) if d is not None and d.tenant == tenant else None
 
     async def list_documents(self, tenant: str, now: float, *, limit: int = 100) -> list[DocumentRecord]:
         docs = [d for d in self._documents.values() if d.tenant == tenant and _alive(d.expires_at, now)]
