@@ -56,13 +56,13 @@ async def analyse(
             ids.append(doc.id)
         inp = {"request": request, "documents": ids, **options}
         started = time.perf_counter()
-        created = await keel.store.create_task(
+        created = await keel.stores.tasks.create_task(
             NewTask(tenant=TENANT, workflow="document_analysis", input=inp), None, time.time()
         )
         assert created.task is not None
         task_id = created.task.id
         while True:
-            task = await keel.store.get_task(task_id)
+            task = await keel.stores.tasks.get_task(task_id)
             assert task is not None
             if task.status.terminal:
                 break
