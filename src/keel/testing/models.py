@@ -1,6 +1,8 @@
 """Models for unit tests: ``FunctionModel`` answers with a function of the messages, ``FakeModel`` from a script.
 
 Both count tokens as whitespace-separated words, so tests can reason about context windows exactly.
+:data:`TEST_MODEL_PROVIDER` is the ``test`` spec (``KEEL_DEFAULT_MODEL=test``: an echo of the last message), declared
+as a ``keel.models`` entry point in ``pyproject.toml`` so that production code never imports this module.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from keel.orchestration.models import (
     FinishEvent,
     Message,
+    Model,
     ModelResponse,
     ModelSettings,
     RefusalDelta,
@@ -25,6 +28,7 @@ from keel.orchestration.models import (
     ToolSpec,
     UsageEvent,
 )
+from keel.providers import Provider, Spec
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -141,3 +145,12 @@ class FakeModel(FunctionModel):
         self.script = list(script)
         kwargs.setdefault("name", "test:fake")
         super().__init__(lambda _, info: self.script[min(info.call_index, len(self.script) - 1)], **kwargs)
+
+
+def _echo(spec: Spec, prices: dict[str, Any]) -> Model:
+    """``test`` or ``test:<anything>``: answers with the last message's text, for development and tests."""
+    return FunctionModel(lambda messages, info: messages[-1].content if messages else "", name="test")
+
+
+TEST_MODEL_PROVIDER = Provider(name="test", form="test", build=_echo)
+"""The ``test`` model spec, found through the ``keel.models`` entry point of that name."""
