@@ -14,20 +14,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
-from keel.orchestration.models import (
+from keel.orchestration.models.base import (
     FinishEvent,
     Message,
     Model,
+    ModelCall,
     ModelResponse,
     ModelSettings,
     RefusalDelta,
     StreamEvent,
+    StreamingAdapter,
     TextDelta,
     ToolCallDelta,
     ToolSpec,
     UsageEvent,
 )
-from keel.orchestration.models.base import ModelCall, StreamingAdapter
 from keel.providers import Provider, Spec
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import time
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import httpx
 from httpx_sse import EventSource
@@ -44,23 +44,31 @@ def estimate_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4) if text else 0
 
 
-class EventDecoder(Protocol):
+class EventDecoder(ABC):
     """A provider's server-sent events, folded into keel's stream events as they arrive."""
 
-    built: ResponseBuilder
-    """Every event so far (the partial text a :class:`StreamCut` carries)."""
-    done: bool
-    """The provider said the stream is over: read no further."""
-    unfinished: str
+    unfinished: ClassVar[str]
     """What a stream that ends before :attr:`done` lacks, for the :class:`StreamCut`."""
+
+    def __init__(self) -> None:
+        self.built = ResponseBuilder()
+        """Every event so far (the partial text a :class:`StreamCut` carries)."""
+        self.done = False
+        """The provider said the stream is over: read no further."""
 
     def feed(self, kind: str, data: str) -> list[StreamEvent]:
         """The events one server-sent event carries, to pass on at once (the finish is held for :meth:`finish`)."""
-        ...
+        events = self.decode(kind, data)
+        for event in events:
+            self.built.add(event)
+        return [e for e in events if not isinstance(e, FinishEvent)]
 
+    @abstractmethod
+    def decode(self, kind: str, data: str) -> list[StreamEvent]: ...
+
+    @abstractmethod
     def finish(self) -> FinishEvent | None:
         """The last event once the stream is complete; None when it is not."""
-        ...
 
 
 class HTTPAdapter(StreamingAdapter):

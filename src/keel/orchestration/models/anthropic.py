@@ -10,14 +10,13 @@ import json
 from typing import Any
 
 from keel.errors import ModelHTTPError
-from keel.orchestration.models._http import HTTPAdapter
+from keel.orchestration.models._http import EventDecoder, HTTPAdapter
 from keel.orchestration.models.base import (
     FinishEvent,
     FinishReason,
     Message,
     ModelCall,
     ModelResponse,
-    ResponseBuilder,
     StreamEvent,
     TextDelta,
     ToolCall,
@@ -111,22 +110,20 @@ class AnthropicModel(HTTPAdapter):
             resp.refusal = resp.refusal or resp.text or "the model refused"
 
 
-class _StreamState:
-    """Anthropic's event protocol, folded into keel's stream events: an
-    :class:`~keel.orchestration.models._http.EventDecoder`."""
+class _StreamState(EventDecoder):
+    """Anthropic's event protocol, folded into keel's stream events."""
 
     unfinished = "the stream ended without message_stop"
 
     def __init__(self) -> None:
-        self.built = ResponseBuilder()
+        super().__init__()
         self.blocks: dict[int, str] = {}
         self.model_id = ""
         self.input_tokens = 0
         self.output_tokens = 0
         self.reason: FinishReason = "stop"
-        self.done = False
 
-    def feed(self, kind: str, data: str) -> list[StreamEvent]:
+    def decode(self, kind: str, data: str) -> list[StreamEvent]:
         return self.handle(kind, json.loads(data) if data else {})
 
     def finish(self) -> FinishEvent | None:
@@ -157,8 +154,6 @@ class _StreamState:
             err = data.get("error") or {}
             status = _ERROR_STATUS.get(err.get("type", ""), 500)
             raise ModelHTTPError("anthropic", status, json.dumps(data), message=err.get("message", ""))
-        for event in out:
-            self.built.add(event)
         return out
 
     @staticmethod

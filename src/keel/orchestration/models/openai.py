@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from keel.orchestration.models._http import HTTPAdapter
+from keel.orchestration.models._http import EventDecoder, HTTPAdapter
 from keel.orchestration.models.base import (
     FinishEvent,
     FinishReason,
@@ -15,7 +15,6 @@ from keel.orchestration.models.base import (
     ModelCall,
     ModelResponse,
     RefusalDelta,
-    ResponseBuilder,
     StreamEvent,
     TextDelta,
     ToolCall,
@@ -103,23 +102,16 @@ class OpenAIModel(HTTPAdapter):
             resp.finish_reason = "refusal"
 
 
-class _Chunks:
-    """Chat completion chunks, then ``[DONE]``: an :class:`~keel.orchestration.models._http.EventDecoder`."""
+class _Chunks(EventDecoder):
+    """Chat completion chunks, then ``[DONE]``."""
 
     unfinished = "the stream ended without its finish"
 
-    def __init__(self) -> None:
-        self.built = ResponseBuilder()
-        self.done = False
-
-    def feed(self, kind: str, data: str) -> list[StreamEvent]:
+    def decode(self, kind: str, data: str) -> list[StreamEvent]:
         if data.strip() == "[DONE]":
             self.done = True
             return []
-        events = _chunk_events(json.loads(data))
-        for event in events:
-            self.built.add(event)
-        return [e for e in events if not isinstance(e, FinishEvent)]
+        return _chunk_events(json.loads(data))
 
     def finish(self) -> FinishEvent | None:
         return self.built.finish if self.done else None
