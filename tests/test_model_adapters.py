@@ -7,9 +7,13 @@ and accounting in the envelope must match the scripted usage exactly.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +43,7 @@ from keel.orchestration.models.structured import check_output
 from keel.orchestration.retry import RetryPolicy
 from keel.orchestration.runtime import EmbeddedEngine
 from keel.orchestration.workflow import Workflow, WorkflowRegistry, workflow
+from keel.providers import Registry
 from keel.settings import Settings
 from keel.testing.fake_llm import Cut, Fail, FakeAnthropicServer, FakeOpenAIServer, Hang, Reply, ToolCallSpec
 from keel.testing.inmemory import InMemoryStore
@@ -473,3 +478,103 @@ async def test_fallback_chain_moves_on_after_a_provider_error(openai_server: Fak
     assert openai_server.pending == 1
     await primary.aclose()
     await backup.aclose()
+
+
+# -- providers: the test doubles register themselves -----------------------------------------------------------
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "keel"
+
+
+def test_production_code_never_imports_keel_testing() -> None:
+    """Not even lazily, nor as a dotted string it resolves: keel.testing declares its providers as entry points."""
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.relative_to(SRC).parts[0] == "testing":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                names = [node.value]
+            offenders += [f"{path}:{node.lineno}" for n in names if n.startswith("keel.testing")]  # type: ignore[attr-defined]
+    assert offenders == []
+
+
+def test_the_test_doubles_are_found_in_a_fresh_process() -> None:
+    """What a server started with KEEL_DEFAULT_MODEL=test and a hash: embedder does: nothing imported keel.testing
+    before the spec is read."""
+    code = (
+        "import asyncio, sys\n"
+        "from keel.orchestration.models import Message, infer_model\n"
+        "from keel.memory.embeddings import open_embedder\n"
+        "assert not [m for m in sys.modules if m.startswith('keel.testing')]\n"
+        "model = infer_model('test')\n"
+        "print(asyncio.run(model.request([Message(role='user', content='echo me')])).text)\n"
+        "print(open_embedder('hash:8').space.key)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["echo me", "hash@1"]
+
+
+def test_a_registered_provider_is_built_and_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from keel.orchestration import models
+    from keel.testing.models import FakeModel
+
+    monkeypatch.setattr(models, "MODEL_PROVIDERS", Registry("keel.models", []))
+    models.register_model_provider("openai", lambda spec, prices: None, form="openai:<model>")
+    with pytest.raises(ConfigError, match=r"use openai:<model> or test"):  # `test` is keel.testing's entry point
+        infer_model("gemini:pro")
+    models.register_model_provider("mine", lambda spec, prices: FakeModel([spec.rest]), form="mine:<reply>")
+    model = infer_model("mine:hello")
+    assert isinstance(model, FakeModel) and model.script == ["hello"] and model.allow_floating
+    with pytest.raises(ConfigError, match=r"use openai:<model>, test or mine:<reply>"):
+        infer_model("openai:gpt-4o")  # its factory reads no spec: the same error as an unknown provider
+
+
+# -- the local models' weights ---------------------------------------------------------------------------------
+
+
+def test_split_weights_are_joined_only_when_their_sha256_is_the_pinned_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from keel.orchestration.models import weights
+
+    packages = tmp_path / "site"
+    for i, data in enumerate((b"first half, ", b"second half"), start=1):
+        (packages / f"fake_weights_part{i}" / "data").mkdir(parents=True)
+        (packages / f"fake_weights_part{i}" / "__init__.py").write_text("")
+        (packages / f"fake_weights_part{i}" / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(packages))
+    monkeypatch.setenv("KEEL_MODEL_CACHE", str(tmp_path / "cache"))
+    pinned = hashlib.sha256(b"first half, second half").hexdigest()
+
+    def spec(sha256: str) -> weights.Weights:
+        return weights.Weights(
+            alias="fake", name="fake-model", title="Fake", licence="none", file_name="fake.gguf", sha256=sha256,
+            parts=weights._split("fake_weights_part", 2), pip="fake-weights",
+        )  # fmt: skip
+
+    with pytest.raises(ConfigError, match="the parts joined have SHA-256 .* not the pinned 0+; reinstall fake-weights"):
+        weights._assemble(spec("0" * 64))
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.suffix.startswith((".partial", ".gguf"))] == []
+    joined = weights._assemble(spec(pinned))
+    assert joined == tmp_path / "cache" / "fake.gguf" and joined.read_bytes() == b"first half, second half"
+    assert weights._assemble(spec(pinned)) == joined  # found in the cache, not joined again
+    whole = spec(pinned)
+    whole = weights.Weights(**{**{f: getattr(whole, f) for f in whole.__dataclass_fields__}, "parts": whole.parts[:1]})
+    with pytest.raises(ConfigError, match=r"part01\.bin has SHA-256 .* not the pinned"):
+        weights._assemble(whole)

@@ -4,6 +4,9 @@ Each text becomes a feature-hashed bag of its lowercased words (weight 1) and th
 signed and L2-normalised, so texts that share words (or word pieces) have a higher cosine than texts that do not.
 The ``model`` and ``version`` strings salt the hash: two versions of the "same model" give different vectors, as a
 changed model would, which is what tests of re-embedding need.
+
+:data:`HASH_EMBEDDER_PROVIDER` is the ``hash:<dim>`` spec, declared as a ``keel.embedders`` entry point in
+``pyproject.toml`` so that production code never imports this module.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import asyncio
 import hashlib
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from keel.errors import ConfigError
 from keel.memory.embeddings import EmbeddingSpace
+from keel.providers import Provider, Spec
 
-__all__ = ["HashEmbedder"]
+__all__ = ["HASH_EMBEDDER_PROVIDER", "HashEmbedder"]
 
 _WORD = re.compile(r"\w+")
 _YIELD_EVERY = 256  # texts between event-loop yields in embed()
@@ -97,3 +102,18 @@ class HashEmbedder:
                 self._features[feature] = hit
         index, sign = hit
         row[index] += sign * weight
+
+
+def _hash(spec: Spec, **options: Any) -> HashEmbedder:
+    """``hash:<dim>``; the options go to :class:`HashEmbedder` (``model``, ``version``, ``max_tokens``)."""
+    try:
+        dim = int(spec.rest)
+    except ValueError:
+        dim = 0
+    if dim <= 0:
+        raise ConfigError(f"embedder spec {spec.text!r} needs a positive dimension: use 'hash:<dim>', e.g. 'hash:64'")
+    return HashEmbedder(dim=dim, **options)
+
+
+HASH_EMBEDDER_PROVIDER = Provider(name="hash", form="hash:<dim>", build=_hash)
+"""The ``hash:<dim>`` embedder spec, found through the ``keel.embedders`` entry point of that name."""

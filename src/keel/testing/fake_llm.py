@@ -342,9 +342,14 @@ class _FakeServer:
         return self._error(404, f"fake server: no route {request.method} {request.url.path}")
 
     async def _admit(
-        self, request: Request, requests: list[dict[str, Any]], headers: list[dict[str, str]]
+        self,
+        request: Request,
+        requests: list[dict[str, Any]],
+        headers: list[dict[str, str]],
+        validate: Callable[[dict[str, Any]], str | None],
     ) -> dict[str, Any] | Response:
-        """Log the request, check its headers and that its body is a JSON object: the body, or the error reply."""
+        """Log the request, check its headers, that its body is a JSON object and what ``validate`` says of it: the
+        body, or the error reply (which consumes no scripted behaviour)."""
         raw = await request.body()
         body: Any
         try:
@@ -359,25 +364,31 @@ class _FakeServer:
             return rejected
         if not isinstance(body, dict):
             return self._error(400, "fake server: request body is not a JSON object")
-        return body
+        problem = validate(body)
+        return body if problem is None else self._error(400, problem)
+
+    async def _hold(self, hang: Hang) -> Response | None:
+        """A non-streamed hang: nothing at all (not even headers) is sent during the stall; a 503 if the server is
+        stopped during it, else None (the answer follows)."""
+        try:
+            await self._stall(hang.seconds)
+        except _CutConnection:
+            return self._error(503, "fake server: stopped during a scripted hang")
+        return None
 
     async def _handle(self, request: Request) -> Response:
-        body = await self._admit(request, self.requests, self.headers)
+        body = await self._admit(request, self.requests, self.headers, self._validate)
         if isinstance(body, Response):
             return body
-        problem = self._validate(body)
-        if problem is not None:
-            return self._error(400, problem)
         behaviour = self._next_behaviour()
         if behaviour is None and self._responder is not None:
             behaviour = self._responder(body)
         if behaviour is None:
             return self._error(500, "fake server: script exhausted")
         if isinstance(behaviour, Hang) and body.get("stream") is not True:
-            try:  # non-streamed: nothing at all (not even headers) is sent during the stall
-                await self._stall(behaviour.seconds)
-            except _CutConnection:
-                return self._error(503, "fake server: stopped during a scripted hang")
+            stopped = await self._hold(behaviour)
+            if stopped is not None:
+                return stopped
         return self._respond(behaviour, body)
 
     def _respond(self, behaviour: Behaviour, body: dict[str, Any]) -> Response:
@@ -559,21 +570,17 @@ class FakeOpenAIServer(_FakeServer):
         return None
 
     async def _handle_embeddings(self, request: Request) -> Response:
-        body = await self._admit(request, self.embedding_requests, self.embedding_headers)
+        body = await self._admit(request, self.embedding_requests, self.embedding_headers, self._validate_embeddings)
         if isinstance(body, Response):
             return body
-        problem = self._validate_embeddings(body)
-        if problem is not None:
-            return self._error(400, problem)
         with self._lock:
             behaviour = self._embedding_queue.popleft() if self._embedding_queue else EmbeddingReply()
         if isinstance(behaviour, Fail):
             return self._error(behaviour.status, behaviour.message, behaviour.retry_after)
         if isinstance(behaviour, Hang):
-            try:
-                await self._stall(behaviour.seconds)
-            except _CutConnection:
-                return self._error(503, "fake server: stopped during a scripted hang")
+            stopped = await self._hold(behaviour)
+            if stopped is not None:
+                return stopped
         payload = self._embeddings_body(body, behaviour if isinstance(behaviour, EmbeddingReply) else EmbeddingReply())
         if isinstance(behaviour, Cut):
             return self._truncated(payload)

@@ -1,6 +1,8 @@
 """Models for unit tests: ``FunctionModel`` answers with a function of the messages, ``FakeModel`` from a script.
 
 Both count tokens as whitespace-separated words, so tests can reason about context windows exactly.
+:data:`TEST_MODEL_PROVIDER` is the ``test`` spec (``KEEL_DEFAULT_MODEL=test``: an echo of the last message), declared
+as a ``keel.models`` entry point in ``pyproject.toml`` so that production code never imports this module.
 """
 
 from __future__ import annotations
@@ -8,23 +10,26 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
-from keel.orchestration.models import (
+from keel.orchestration.models.base import (
     FinishEvent,
     Message,
+    Model,
+    ModelCall,
     ModelResponse,
     ModelSettings,
     RefusalDelta,
     StreamEvent,
+    StreamingAdapter,
     TextDelta,
     ToolCallDelta,
     ToolSpec,
     UsageEvent,
 )
+from keel.providers import Provider, Spec
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -45,37 +50,34 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
-class FunctionModel:
-    def __init__(
-        self,
-        fn: ModelFunction,
-        *,
-        name: str = "test:function",
-        context_window: int = 8192,
-        cost_per_token_usd: float = 0.0,
-        delay_s: float = 0.0,
-    ) -> None:
-        self.fn = fn
-        self.name = name
-        self.provider = "test"
-        self.model = name
-        self.context_window = context_window
-        self.cost_per_token_usd = cost_per_token_usd
-        self.delay_s = delay_s
-        self.allow_floating = True
-        self.calls: list[list[Message]] = []
+@dataclass(eq=False, repr=False)  # compared and shown as the object it is, like every other model
+class FunctionModel(StreamingAdapter):
+    """Answers with ``fn(messages, info)``: a reply's text, or a whole :class:`ModelResponse`."""
+
+    fn: ModelFunction
+    _: KW_ONLY
+    name: str = "test:function"
+    context_window: int = 8192
+    cost_per_token_usd: float = 0.0
+    delay_s: float = 0.0
+    calls: list[list[Message]] = field(default_factory=list, init=False)
+    """The messages of every call, in order."""
+
+    provider = "test"
+    adapter_version = "keel-test/1"
+    allow_floating = True
+
+    def __post_init__(self) -> None:
+        self.model = self.name
 
     def count_tokens(self, text: str) -> int:
         return count_words(text)
 
-    async def request(
-        self,
-        messages: list[Message],
-        *,
-        tools: Sequence[ToolSpec] = (),
-        output_schema: dict[str, Any] | None = None,
-        settings: ModelSettings | None = None,
-    ) -> ModelResponse:
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens + output_tokens) * self.cost_per_token_usd
+
+    async def answer(self, call: ModelCall) -> ModelResponse:
+        messages = call.messages
         self.calls.append(list(messages))
         prompt_tokens = sum(count_words(m.content) for m in messages)
         if prompt_tokens > self.context_window:
@@ -83,49 +85,25 @@ class FunctionModel:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         info = AgentInfo(
-            output_schema=output_schema, settings=settings, call_index=len(self.calls) - 1, tools=tuple(tools)
+            output_schema=call.output_schema, settings=call.settings, call_index=len(self.calls) - 1, tools=call.tools
         )
         reply = self.fn(list(messages), info)
         if inspect.isawaitable(reply):
             reply = await reply
-        if isinstance(reply, ModelResponse):
+        if isinstance(reply, ModelResponse):  # as scripted, but for what it leaves out
             reply.provider = reply.provider or self.provider
             reply.requested_model = reply.requested_model or self.name
             reply.model_id = reply.model_id or self.name
             return reply
-        out_tokens = count_words(reply)
-        return ModelResponse(
-            text=reply,
-            input_tokens=prompt_tokens,
-            output_tokens=out_tokens,
-            model_id=self.name,
-            provider=self.provider,
-            requested_model=self.name,
-            adapter_version="keel-test/1",
-            cost_usd=(prompt_tokens + out_tokens) * self.cost_per_token_usd,
-        )
+        return self.stamp(ModelResponse(text=reply, input_tokens=prompt_tokens, output_tokens=count_words(reply)))
 
-    def complete(self, resp: ModelResponse, started: float) -> ModelResponse:
-        resp.provider, resp.requested_model, resp.adapter_version = self.provider, self.name, "keel-test/1"
-        resp.model_id = resp.model_id or self.name
-        resp.latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        resp.cost_usd = (resp.input_tokens + resp.output_tokens) * self.cost_per_token_usd
-        return resp
-
-    async def stream(
-        self,
-        messages: list[Message],
-        *,
-        tools: Sequence[ToolSpec] = (),
-        output_schema: dict[str, Any] | None = None,
-        settings: ModelSettings | None = None,
-    ) -> AsyncIterator[StreamEvent]:
+    async def events(self, call: ModelCall) -> AsyncIterator[StreamEvent]:
         """The same answer as :meth:`request`, a word at a time."""
-        resp = await self.request(messages, tools=tools, output_schema=output_schema, settings=settings)
+        resp = await self.answer(call)
         for piece in re.findall(r"\S+\s*|\s+", resp.text):
             yield TextDelta(text=piece)
-        for i, call in enumerate(resp.tool_calls):
-            yield ToolCallDelta(index=i, id=call.id, name=call.name, arguments=call.arguments)
+        for i, call_ in enumerate(resp.tool_calls):
+            yield ToolCallDelta(index=i, id=call_.id, name=call_.name, arguments=call_.arguments)
         if resp.refusal:
             yield RefusalDelta(text=resp.refusal)
         yield UsageEvent(input_tokens=resp.input_tokens, output_tokens=resp.output_tokens)
@@ -141,3 +119,12 @@ class FakeModel(FunctionModel):
         self.script = list(script)
         kwargs.setdefault("name", "test:fake")
         super().__init__(lambda _, info: self.script[min(info.call_index, len(self.script) - 1)], **kwargs)
+
+
+def _echo(spec: Spec, prices: dict[str, Any]) -> Model:
+    """``test`` or ``test:<anything>``: answers with the last message's text, for development and tests."""
+    return FunctionModel(lambda messages, info: messages[-1].content if messages else "", name="test")
+
+
+TEST_MODEL_PROVIDER = Provider(name="test", form="test", build=_echo)
+"""The ``test`` model spec, found through the ``keel.models`` entry point of that name."""

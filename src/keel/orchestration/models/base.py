@@ -1,15 +1,17 @@
 """The model seam: one request method, one stream method yielding typed events, token counting and a context window.
 
-Adapters (``openai:``, ``openai-compatible:``, ``anthropic:``, ``local:``) implement it; ``keel.testing.models``
-has ``FakeModel`` and ``FunctionModel`` for unit tests. Every adapter reports what a reader of the envelope needs
-to trust an answer: the provider, the model requested, the model id the provider says answered, the adapter's
-version, the settings, token usage and whether the output was cut short or refused.
+Adapters (``openai:``, ``openai-compatible:``, ``anthropic:``, ``local:``) implement it, all on
+:class:`StreamingAdapter`; ``keel.testing.models`` has ``FakeModel`` and ``FunctionModel`` for unit tests. Every
+adapter reports what a reader of the envelope needs to trust an answer: the provider, the model requested, the
+model id the provider says answered, the adapter's version, the settings, token usage and whether the output was
+cut short or refused (:meth:`StreamingAdapter.complete`, the one place that stamps them).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -72,6 +74,17 @@ class ModelSettings:
             "stop": list(self.stop) or None,
         }
         return {k: v for k, v in out.items() if v is not None}
+
+    def as_wire(self, **names: str | None) -> dict[str, Any]:
+        """The settings that are set, as a request body carries them (``stop`` as a list): each under its own name,
+        under the wire's name where ``names`` renames it (``stop="stop_sequences"``), or left out where ``names``
+        maps it to None (a field the API lacks, or one the adapter sets itself)."""
+        out: dict[str, Any] = {}
+        for key, value in self.as_record().items():
+            name = names.get(key, key)
+            if name is not None:
+                out[name] = value
+        return out
 
 
 # -- stream events ---------------------------------------------------------------------------------------------
@@ -181,8 +194,20 @@ async def stream_response(
 ) -> ModelResponse:
     """Stream a call, hand every event to ``on_event`` (if any) as it arrives, and return the whole response."""
     started = time.perf_counter()
+    events = model.stream(messages, tools=tools, output_schema=output_schema, settings=settings)
+    return await collect(model, events, started, on_event=on_event)
+
+
+async def collect(
+    model: StreamingModel,
+    events: AsyncIterator[StreamEvent],
+    started: float,
+    *,
+    on_event: Callable[[StreamEvent], Awaitable[None]] | None = None,
+) -> ModelResponse:
+    """Fold ``model``'s stream into the response it stands for, stamped by ``model.complete``."""
     built = ResponseBuilder()
-    async for event in model.stream(messages, tools=tools, output_schema=output_schema, settings=settings):
+    async for event in events:
         built.add(event)
         if on_event is not None:
             await on_event(event)
@@ -230,3 +255,106 @@ class ResponseBuilder:
             model_id=self.finish.model_id,
             refusal="".join(self.refusal) or None,
         )
+
+
+# -- what keel's adapters share ----------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelCall:
+    """One call as an adapter receives it: the seam's arguments gathered once, so an adapter's answer, stream and
+    wire mapping each take one value."""
+
+    messages: list[Message]
+    tools: tuple[ToolSpec, ...] = ()
+    output_schema: dict[str, Any] | None = None
+    settings: ModelSettings | None = None
+
+    @property
+    def options(self) -> ModelSettings:
+        """The settings asked for, or the defaults."""
+        return self.settings or ModelSettings()
+
+    async def send(self, model: Model) -> ModelResponse:
+        """Ask ``model`` the same thing (a fallback chain asks each of its models)."""
+        return await model.request(
+            self.messages, tools=self.tools, output_schema=self.output_schema, settings=self.settings
+        )
+
+
+class Adapter(ABC):
+    """The seam's keyword signature, written once: an adapter implements :meth:`answer` for a :class:`ModelCall`."""
+
+    name: str
+    context_window: int
+
+    async def request(
+        self,
+        messages: list[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        output_schema: dict[str, Any] | None = None,
+        settings: ModelSettings | None = None,
+    ) -> ModelResponse:
+        call = ModelCall(messages=messages, tools=tuple(tools), output_schema=output_schema, settings=settings)
+        return await self.answer(call)
+
+    @abstractmethod
+    async def answer(self, call: ModelCall) -> ModelResponse: ...
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int: ...
+
+
+class StreamingAdapter(Adapter):
+    """An adapter that streams (:class:`StreamingModel`): it implements :meth:`events`, and answers a request from
+    its stream unless it overrides :meth:`answer`. Every response it returns is stamped by :meth:`complete`, the
+    one place that says what the envelope records of a call."""
+
+    provider: str
+    model: str
+    """The model as asked for (what ``requested_model`` records)."""
+    adapter_version: str
+
+    def stream(
+        self,
+        messages: list[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        output_schema: dict[str, Any] | None = None,
+        settings: ModelSettings | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Yield events as they come; the last is a :class:`FinishEvent`. A stream that ends without one, or breaks
+        off, raises :class:`keel.errors.StreamCut` instead of passing for complete."""
+        return self.events(
+            ModelCall(messages=messages, tools=tuple(tools), output_schema=output_schema, settings=settings)
+        )
+
+    @abstractmethod
+    def events(self, call: ModelCall) -> AsyncIterator[StreamEvent]: ...
+
+    async def answer(self, call: ModelCall) -> ModelResponse:
+        return await collect(self, self.events(call), time.perf_counter())
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """USD for a call of that many tokens: nothing for a model that runs here."""
+        return 0.0
+
+    def settle(self, resp: ModelResponse) -> None:
+        """Provider-specific touches to a response before it is stamped (a refusal's finish reason, ...)."""
+
+    def complete(self, resp: ModelResponse, started: float) -> ModelResponse:
+        """Stamp a response with what the envelope records: provider, models, adapter, latency and cost."""
+        resp.latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        return self.stamp(resp)
+
+    def stamp(self, resp: ModelResponse) -> ModelResponse:
+        """:meth:`complete` without the latency: the provider, the model asked for and the one that answered (the
+        provider's id, else the name asked for), the adapter's version and the cost at the model's price."""
+        self.settle(resp)
+        resp.provider = self.provider
+        resp.requested_model = self.model
+        resp.adapter_version = self.adapter_version
+        resp.model_id = resp.model_id or self.model
+        resp.cost_usd = self.cost(resp.input_tokens, resp.output_tokens)
+        return resp

