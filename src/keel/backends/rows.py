@@ -7,9 +7,10 @@ statements use.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from keel.memory.blobs import dumps
 from keel.memory.types import (
@@ -44,6 +45,9 @@ CHUNK_COLS = "id, document_id, tenant, space, page, char_start, char_end, text, 
 """The chunk columns read back without the vector."""
 
 
+T = TypeVar("T")
+
+
 class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
@@ -56,136 +60,59 @@ def _text(value: Any) -> str | None:
     return json.dumps(value) if value is not None else None
 
 
-def task_of(row: Row) -> Task:
-    return Task(
-        id=row["id"],
-        tenant=row["tenant"],
-        workflow=row["workflow"],
-        input=json.loads(row["input"]),
-        status=TaskStatus(row["status"]),
-        progress=row["progress"],
-        current_step=row["current_step"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        attempts=row["attempts"],
-        cancel_requested=bool(row["cancel_requested"]),
-        envelope=json.loads(row["envelope"]) if row["envelope"] else None,
-        webhook_url=row["webhook_url"],
-        webhook_secret=row["webhook_secret"],
-        budget=json.loads(row["budget"]),
-        metadata=json.loads(row["metadata"]),
-        estimated_duration_s=row["estimated_duration_s"],
-        dead_lettered=bool(row["dead_lettered"]),
-        policy=json.loads(row["policy"]),
-        cache_key=row["cache_key"],
-    )
+def _loads(value: Any) -> Any:
+    return json.loads(value) if value else None
 
 
-def outbox_of(row: Row) -> OutboxMessage:
-    return OutboxMessage(
-        id=row["id"],
-        tenant=row["tenant"],
-        task_id=row["task_id"],
-        url=row["url"],
-        secret=row["secret"],
-        event_type=row["event_type"],
-        payload=json.loads(row["payload"]),
-        attempts=row["attempts"],
-        status=row["status"],
-        last_error=row["last_error"],
-    )
+def _decoder(
+    cls: type[T],
+    *,
+    columns: Mapping[str, str] | None = None,
+    skip: tuple[str, ...] = (),
+    **convert: Callable[[Any], Any],
+) -> Callable[[Row], T]:
+    """``row -> cls``: every init field of the dataclass (but ``skip``) from the column of its name (or
+    ``columns[field]``), through ``convert[field]`` when given (JSON text, an enum, a flag stored as an integer)."""
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = [(f.name, (columns or {}).get(f.name, f.name)) for f in fields if f.init and f.name not in skip]
+
+    def decode(row: Row) -> T:
+        return cls(**{name: convert[name](row[col]) if name in convert else row[col] for name, col in names})
+
+    return decode
 
 
-def effect_of(row: Row) -> EffectRecord:
-    return EffectRecord(
-        key=row["key"],
-        task_id=row["task_id"],
-        step=row["step"],
-        tool=row["tool"],
-        args=json.loads(row["args"]),
-        status=EffectStatus(row["status"]),
-        result=_json(row["result"]),
-        error=_json(row["error"]),
-        executions=row["executions"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
-
-
-def decision_of(row: Row) -> Decision:
-    return Decision(
-        task_id=row["task_id"],
-        call_id=row["call_id"],
-        kind=DecisionKind(row["kind"]),
-        tool=row["tool"],
-        args=json.loads(row["args"]),
-        step=row["step"],
-        reason=row["reason"],
-        effect_key=row["effect_key"],
-        verdict=Verdict(row["verdict"]) if row["verdict"] else None,
-        result=_json(row["result"]),
-        note=row["note"],
-        decided_by=row["decided_by"],
-        requested_at=row["requested_at"],
-        decided_at=row["decided_at"],
-    )
-
-
-def email_of(row: Row) -> EmailMessage:
-    return EmailMessage(
-        key=row["key"],
-        tenant=row["tenant"],
-        task_id=row["task_id"],
-        to=json.loads(row["recipients"]),
-        subject=row["subject"],
-        body=row["body"],
-        status=row["status"],
-        attempts=row["attempts"],
-        next_at=row["next_at"],
-        created_at=row["created_at"],
-        sent_at=row["sent_at"],
-        error=row["error"],
-    )
+task_of = _decoder(
+    Task,
+    input=json.loads,
+    status=TaskStatus,
+    cancel_requested=bool,
+    envelope=_loads,
+    budget=json.loads,
+    metadata=json.loads,
+    dead_lettered=bool,
+    policy=json.loads,
+)
+outbox_of = _decoder(OutboxMessage, payload=json.loads)
+effect_of = _decoder(EffectRecord, args=json.loads, status=EffectStatus, result=_json, error=_json)
+decision_of = _decoder(
+    Decision,
+    kind=DecisionKind,
+    args=json.loads,
+    verdict=lambda v: Verdict(v) if v else None,
+    result=_json,
+)
+email_of = _decoder(EmailMessage, columns={"to": "recipients"}, to=json.loads)
+document_of = _decoder(
+    DocumentRecord, status=DocumentStatus, warnings=json.loads, errors=json.loads, metadata=json.loads
+)
+_chunk = _decoder(ChunkRecord, columns={"start": "char_start", "end": "char_end"}, skip=("vector",))
 
 
 def chunk_of(row: Row, vector: Any = None) -> ChunkRecord:
-    return ChunkRecord(
-        id=row["id"],
-        document_id=row["document_id"],
-        tenant=row["tenant"],
-        space=row["space"],
-        page=row["page"],
-        start=row["char_start"],
-        end=row["char_end"],
-        text=row["text"],
-        content_hash=row["content_hash"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        vector=vector,
-    )
-
-
-def document_of(row: Row) -> DocumentRecord:
-    return DocumentRecord(
-        id=row["id"],
-        tenant=row["tenant"],
-        sha256=row["sha256"],
-        source=row["source"],
-        media_type=row["media_type"],
-        size=row["size"],
-        status=DocumentStatus(row["status"]),
-        pages=row["pages"],
-        chunks=row["chunks"],
-        space=row["space"],
-        warnings=json.loads(row["warnings"]),
-        errors=json.loads(row["errors"]),
-        metadata=json.loads(row["metadata"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-    )
+    chunk = _chunk(row)
+    chunk.vector = vector
+    return chunk
 
 
 def scopes_text(scopes: frozenset[str]) -> str:
