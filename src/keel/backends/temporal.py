@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import pydantic_core
 from pydantic import TypeAdapter
@@ -51,6 +51,7 @@ from keel.memory.types import BlobRef, Decision, Lease, StepCheckpoint, Task, Ta
 from keel.orchestration.budget import BudgetMeter
 from keel.orchestration.context import (
     PendingStep,
+    StepCall,
     StepScope,
     WorkflowContext,
     step_error,
@@ -93,6 +94,18 @@ class _Host:
     running: set[asyncio.Task[Any]] = field(default_factory=set)
     """The steps running in this process: a stop that outlasts its grace cancels them."""
     stopping: bool = False
+
+    @contextlib.contextmanager
+    def running_step(self) -> Iterator[None]:
+        """Count the step this asyncio task runs among :attr:`running` while it runs."""
+        me = asyncio.current_task()
+        if me is not None:
+            self.running.add(me)
+        try:
+            yield
+        finally:
+            if me is not None:
+                self.running.discard(me)
 
     def journal(self, lease: Lease, tenant: str) -> StoreJournal:
         """The store-side journal of a run, one per task and lease in this process."""
@@ -273,10 +286,8 @@ async def run_step(ref: str) -> dict[str, Any]:
     else:
         await local.emit("step_retrying", {"step": step.key, "try": attempt})
     started = time.perf_counter()
-    me = asyncio.current_task()
-    if me is not None:
-        host.running.add(me)
-    with step_scope(step.key, call.kind, deferred=True) as scope:
+    error: dict[str, Any] | None = None
+    with step_scope(step.key, call.kind, deferred=True) as scope, host.running_step():
         try:
             value = await call.attempt()
         except asyncio.CancelledError:
@@ -290,49 +301,27 @@ async def run_step(ref: str) -> dict[str, Any]:
         except AwaitingDecision:
             raise
         except Exception as exc:
-            await _fail_step(pending, attempt, scope, started, exc)
-        finally:
-            if me is not None:
-                host.running.discard(me)
-    cp = _checkpoint(pending, attempt, scope, started, result=pydantic_core.to_jsonable_python(value))
+            _retry_if_allowed(call, attempt, exc)
+            error, cause = step_error(exc, call.timeout), exc
+    result = pydantic_core.to_jsonable_python(value) if error is None else None
+    cp = step.checkpoint(
+        tries=attempt, usage=scope.usage, started=started, finished_at=time.time(), result=result, error=error
+    )
     await local.record_step(cp, step_events(cp, _budget(ctx, scope)))
-    return {"checkpoint": _CHECKPOINT.dump_python(cp, mode="json"), "replayed": False}
+    recorded_cp = _CHECKPOINT.dump_python(cp, mode="json")
+    if error is not None:
+        # Failed for good, as the embedded engine records it: the activity fails without another try.
+        raise ApplicationError(error["message"], recorded_cp, type="keel.step_failed", non_retryable=True) from cause
+    return {"checkpoint": recorded_cp, "replayed": False}
 
 
-async def _fail_step(pending: _Pending, attempt: int, scope: StepScope, started: float, exc: Exception) -> NoReturn:
-    """A try failed: retry it through Temporal if the policy allows (honouring ``Retry-After``), else record the
-    failed step, as the embedded engine does, and fail the activity for good."""
-    call = pending.step.call
+def _retry_if_allowed(call: StepCall, attempt: int, exc: Exception) -> None:
+    """A try failed: have Temporal try again if the policy allows, after the policy's wait (honouring
+    ``Retry-After``: Temporal's own backoff is not used)."""
     policy = call.retry or DEFAULT_RETRY
     if attempt < policy.max_attempts and policy.is_retryable(exc):
         delay = timedelta(seconds=policy.wait_after(attempt, exc))
         raise ApplicationError(f"{type(exc).__name__}: {exc}", next_retry_delay=delay) from exc
-    cp = _checkpoint(pending, attempt, scope, started, error=step_error(exc, call.timeout))
-    await pending.journal.local().record_step(cp, step_events(cp, _budget(pending.ctx, scope)))
-    message = (cp.error or {})["message"]
-    raise ApplicationError(
-        message, _CHECKPOINT.dump_python(cp, mode="json"), type="keel.step_failed", non_retryable=True
-    ) from exc
-
-
-def _checkpoint(
-    pending: _Pending,
-    tries: int,
-    scope: StepScope,
-    started: float,
-    *,
-    result: Any = None,
-    error: dict[str, Any] | None = None,
-) -> StepCheckpoint:
-    return pending.step.checkpoint(
-        run_attempt=pending.journal.run_attempt,
-        tries=tries,
-        usage=dict(scope.usage),
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        finished_at=time.time(),
-        result=result,
-        error=error,
-    )
 
 
 async def _recorded(store: Store, task_id: str, key: str) -> StepCheckpoint | None:
@@ -408,10 +397,9 @@ class TemporalSteps:
         else:
             type_, message = "step_failed", str(cause or exc)
         cp = step.checkpoint(
-            run_attempt=self.journal.run_attempt,
             tries=1,
             usage=step_usage(step.call.kind),
-            duration_ms=0.0,
+            started=None,
             finished_at=workflow.now().timestamp(),
             error={"type": type_, "message": message},
         )
@@ -545,7 +533,7 @@ class TemporalEngine:
         self.lease_s = lease_s
         self.notifier = notifier or Notifier()
         self.queue = TaskQueue(
-            store,
+            store=store,
             owner=f"temporal:{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}",
             clock=clock,
             notify=self.notifier.notify,

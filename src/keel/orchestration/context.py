@@ -134,32 +134,34 @@ class PendingStep:
     seq: int
     fn_id: str
     """Which code the step runs, checked on replay (see :class:`~keel.errors.Nondeterminism`)."""
+    run_attempt: int
+    """The task's run (lease attempt) the step runs in."""
 
     def checkpoint(
         self,
         *,
-        run_attempt: int,
         tries: int,
         usage: dict[str, float],
-        duration_ms: float,
+        started: float | None,
         finished_at: float,
         result: Any = None,
         error: dict[str, Any] | None = None,
     ) -> StepCheckpoint:
         """The step's recorded outcome: failed when there is an ``error`` (see :func:`step_error`), else
-        completed with ``result`` (already JSON)."""
+        completed with ``result`` (already JSON). ``started`` is the ``time.perf_counter()`` its first try began
+        at (None: it never ran here)."""
         return StepCheckpoint(
             key=self.key,
             seq=self.seq,
             fn=self.fn_id,
             kind=self.call.kind,
             status=StepStatus.failed if error is not None else StepStatus.completed,
-            run_attempt=run_attempt,
+            run_attempt=self.run_attempt,
             tries=tries,
             result=result,
             error=error,
-            usage=usage,
-            duration_ms=duration_ms,
+            usage=dict(usage),
+            duration_ms=_ms(started) if started is not None else 0.0,
             finished_at=finished_at,
         )
 
@@ -849,7 +851,7 @@ class WorkflowContext:
         return _revive(call.fn, value)
 
     async def _execute(self, call: StepCall, key: str, seq: int, fn_id: str) -> Any:
-        step = PendingStep(call=call, key=key, seq=seq, fn_id=fn_id)
+        step = PendingStep(call=call, key=key, seq=seq, fn_id=fn_id, run_attempt=self.attempt)
         if self._steps is not None:
             return await self._steps.execute(self, step)
         self.meter.before_step(call.kind)
@@ -858,6 +860,9 @@ class WorkflowContext:
         policy = call.retry or DEFAULT_RETRY
         tries = 0
         started = time.perf_counter()
+        result: Any = None
+        error: dict[str, Any] | None = None
+        cause: Exception | None = None
         with step_scope(key, call.kind) as scope:
             self.meter.used.add(scope.usage)
             await self._journal.emit(
@@ -896,32 +901,15 @@ class WorkflowContext:
                         await asyncio.shield(self._journal.emit("step_cancelled", {"step": key, "kind": call.kind}))
                 raise
             except Exception as exc:
-                failed = self._checkpoint(step, tries, scope, started, error=step_error(exc, call.timeout))
-                await self._journal.record_step(failed, step_events(failed, self.meter.snapshot()))
-                return await self._conclude(failed, call, replayed=False, cause=exc)
-        cp = self._checkpoint(step, tries, scope, started, result=pydantic_core.to_jsonable_python(value))
-        await self._journal.record_step(cp, step_events(cp, self.meter.snapshot()))
-        return await self._conclude(cp, call, replayed=False)
-
-    def _checkpoint(
-        self,
-        step: PendingStep,
-        tries: int,
-        scope: StepScope,
-        started: float,
-        *,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-    ) -> StepCheckpoint:
-        return step.checkpoint(
-            run_attempt=self.attempt,
-            tries=tries,
-            usage=scope.usage,
-            duration_ms=_ms(started),
-            finished_at=self._clock(),
-            result=result,
-            error=error,
+                error, cause = step_error(exc, call.timeout), exc
+        if cause is None:
+            result = pydantic_core.to_jsonable_python(value)
+        now = self._clock()
+        cp = step.checkpoint(
+            tries=tries, usage=scope.usage, started=started, finished_at=now, result=result, error=error
         )
+        await self._journal.record_step(cp, step_events(cp, self.meter.snapshot()))
+        return await self._conclude(cp, call, replayed=False, cause=cause)
 
 
 class HistoryExhausted(Nondeterminism):

@@ -148,20 +148,7 @@ async def _settle_unknown(
     decision = ctx.decisions.get(call_id)
     if decision is None or decision.verdict is None:
         why = f"{tool.name} was interrupted ({cause or 'the process stopped'}); keel cannot tell whether it ran"
-        raise AwaitingDecision(
-            [
-                Decision(
-                    task_id=ctx.task_id,
-                    call_id=call_id,
-                    kind=DecisionKind.outcome_unknown,
-                    tool=tool.name,
-                    args=raw,
-                    step=step,
-                    reason=why,
-                    effect_key=key,
-                )
-            ]
-        )
+        raise AwaitingDecision([_question(ctx, DecisionKind.outcome_unknown, call_id, tool, raw, step, key, why)])
     if decision.verdict is Verdict.applied:
         return True, await _applied(ctx, key, decision.result)
     if decision.verdict is Verdict.deny:
@@ -184,10 +171,24 @@ def approval_request(ctx: WorkflowContext, tool: Tool, raw: dict[str, Any], step
     if decision is not None and decision.verdict is Verdict.deny:
         note = f": {decision.note}" if decision.note else ""
         raise ApprovalDenied(f"{tool.name}: the call was denied{note}", tool=tool.name)
+    return _question(ctx, DecisionKind.approval, call_id, tool, raw, step, key, reason)
+
+
+def _question(
+    ctx: WorkflowContext,
+    kind: DecisionKind,
+    call_id: str,
+    tool: Tool,
+    raw: dict[str, Any],
+    step: str,
+    key: str,
+    reason: str,
+) -> Decision:
+    """What a person is asked about a write call: to approve it, or to say whether an interrupted one ran."""
     return Decision(
         task_id=ctx.task_id,
         call_id=call_id,
-        kind=DecisionKind.approval,
+        kind=kind,
         tool=tool.name,
         args=raw,
         step=step,

@@ -475,33 +475,24 @@ async def sweep_expired(store: Store, now: float, *, approval_ttl_s: float | Non
     return requeued
 
 
+@dataclass(kw_only=True)
 class TaskQueue:
     """keel's durable queue as an engine takes work from it: leases for this process, a wake-up when a task is
     queued (instead of waiting for the next poll), and the periodic sweep (:func:`sweep_expired`)."""
 
-    def __init__(
-        self,
-        store: Store,
-        *,
-        owner: str,
-        clock: Callable[[], float],
-        notify: Callable[[str], None],
-        lease_s: float,
-        max_attempts: int,
-        poll_s: float,
-        approval_ttl_s: float | None,
-        sweep_s: float,
-    ) -> None:
-        self.store = store
-        self.owner = owner
-        self.clock = clock
-        self.notify = notify
-        self.lease_s = lease_s
-        self.max_attempts = max_attempts
-        self.poll_s = poll_s
-        self.approval_ttl_s = approval_ttl_s
-        self.sweep_s = sweep_s
-        self._wake = asyncio.Event()
+    store: Store
+    owner: str
+    """Who holds the leases this queue takes: one per engine instance."""
+    clock: Callable[[], float]
+    notify: Callable[[str], None]
+    """Wakes a task's stream readers (a requeued task has news)."""
+    lease_s: float
+    max_attempts: int
+    """Leases of one task before it is dead-lettered."""
+    poll_s: float
+    approval_ttl_s: float | None
+    sweep_s: float
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def wake(self) -> None:
         self._wake.set()

@@ -82,7 +82,7 @@ class EmbeddedEngine:
         self.clock = clock
         self.notifier = notifier or Notifier()
         self.queue = TaskQueue(
-            store,
+            store=store,
             owner=f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}",
             clock=clock,
             notify=self.notifier.notify,
@@ -215,17 +215,16 @@ class _EmbeddedRun:
         return Interruption.handed_back
 
     async def finish(self, status: TaskStatus, envelope: dict[str, Any]) -> None:
-        try:
-            await self.journal.finish(status, envelope)
-        except LeaseLost:
-            log.warning("lease on %s lost before finishing; another worker owns it", self.task_id)
-            return
-        self.engine.notifier.notify(self.task_id)
+        await self._end("finishing", self.journal.finish(status, envelope))
 
     async def park(self, requests: list[Decision], envelope: dict[str, Any]) -> None:
+        await self._end("parking it", self.journal.park(requests, envelope))
+
+    async def _end(self, what: str, write: Awaitable[None]) -> None:
+        """Write the run's end; a lease lost by then means another worker owns the task, and it writes the end."""
         try:
-            await self.journal.park(requests, envelope)
+            await write
         except LeaseLost:
-            log.warning("lease on %s lost before parking it; another worker owns it", self.task_id)
+            log.warning("lease on %s lost before %s; another worker owns it", self.task_id, what)
             return
         self.engine.notifier.notify(self.task_id)
