@@ -260,12 +260,17 @@ class Empty(BaseModel):
     pass
 
 
+async def no_backoff(seconds: float) -> None:
+    await asyncio.sleep(0)
+
+
 async def run_and_kill(model: LocalModel, wf: Any, timeout: float = 120) -> tuple[Task, list[Event], int]:
     """Run ``wf`` and SIGKILL the model's child once the task's model call has streamed a few tokens."""
     store = InMemoryStore()
     registry = WorkflowRegistry()
     registry.register(wf)
-    engine = EmbeddedEngine(store, registry, poll_s=0.02, lease_s=30)
+    # Step retries skip their backoff: what is tested is that the retry happens, not how long it waits.
+    engine = EmbeddedEngine(store, registry, poll_s=0.02, lease_s=30, sleep=no_backoff)
     created = await store.create_task(NewTask(tenant="t", workflow=wf.name, input={}, budget={}), None, time.time())
     task_id = created.task.id
     await engine.start()

@@ -687,6 +687,32 @@ async def test_rate_limit_waits_for_retry_after(mem: InMemoryStore) -> None:
     assert [e.data for e in of_type(events, "step_retrying")] == [{"step": "call", "try": 2}]
 
 
+async def test_retry_backoff_goes_through_the_injected_sleep(mem: InMemoryStore) -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    tries = Counter[str]()
+
+    async def flaky() -> int:
+        tries["n"] += 1
+        if tries["n"] < 3:
+            raise UpstreamError("bad gateway", status_code=503)
+        return 42
+
+    patient = RetryPolicy(max_attempts=3, initial_interval=30, backoff_coefficient=2, maximum_interval=100, jitter=0)
+    engine = engine_for(mem, one_step(flaky, patient), sleep=sleep)
+    task_id = await submit(mem, "one-step")
+    await engine.start()
+    try:
+        task = await wait_terminal(mem, task_id, timeout=5)  # far less than the 90 s of backoff asked for
+    finally:
+        await engine.stop()
+    assert task.status is TaskStatus.succeeded and task.envelope is not None and task.envelope["result"] == 42
+    assert waits == [30.0, 60.0]
+
+
 async def test_server_error_is_retried(mem: InMemoryStore) -> None:
     tries = Counter[str]()
 

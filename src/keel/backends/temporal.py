@@ -31,10 +31,10 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import pydantic_core
 from pydantic import TypeAdapter
@@ -47,30 +47,22 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from keel.errors import AwaitingDecision, ConfigError, LeaseLost
 from keel.memory.stores import Store
-from keel.memory.types import BlobRef, Decision, Lease, StepCheckpoint, StepStatus, Task, TaskStatus
-from keel.orchestration.budget import Budget, BudgetMeter
+from keel.memory.types import BlobRef, Decision, Lease, StepCheckpoint, Task, TaskStatus
+from keel.orchestration.budget import BudgetMeter
 from keel.orchestration.context import (
-    EnvelopeError,
+    PendingStep,
     StepCall,
+    StepScope,
     WorkflowContext,
-    _call,
-    _Scope,
-    _scope,
-    classify,
+    step_error,
+    step_events,
+    step_scope,
     step_usage,
 )
-from keel.orchestration.envelope import build_envelope
 from keel.orchestration.models import ModelRegistry
 from keel.orchestration.retry import DEFAULT_RETRY
-from keel.orchestration.runtime import (
-    Notifier,
-    StoreJournal,
-    _outcome,
-    _validated,
-    finished_status,
-    parked_envelope,
-    sweep_expired,
-)
+from keel.orchestration.runner import HandedBack, Interruption, StoreJournal, TaskQueue, TaskRunner
+from keel.orchestration.runtime import Notifier
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry
 
@@ -91,10 +83,7 @@ _OP_RETRY = TemporalRetry(initial_interval=timedelta(milliseconds=200), maximum_
 @dataclass(kw_only=True)
 class _Host:
     store: Store
-    registry: WorkflowRegistry
-    models: ModelRegistry | None
-    tools: ToolCatalog
-    services: Any
+    runner: TaskRunner
     notifier: Notifier
     lease_s: float
     """How long a renewal holds the store lease: Temporal keeps the workflow alive, so this is only the backstop for
@@ -106,6 +95,18 @@ class _Host:
     """The steps running in this process: a stop that outlasts its grace cancels them."""
     stopping: bool = False
 
+    @contextlib.contextmanager
+    def running_step(self) -> Iterator[None]:
+        """Count the step this asyncio task runs among :attr:`running` while it runs."""
+        me = asyncio.current_task()
+        if me is not None:
+            self.running.add(me)
+        try:
+            yield
+        finally:
+            if me is not None:
+                self.running.discard(me)
+
     def journal(self, lease: Lease, tenant: str) -> StoreJournal:
         """The store-side journal of a run, one per task and lease in this process."""
         key = (lease.task_id, lease.token)
@@ -116,7 +117,7 @@ class _Host:
         return found
 
 
-class _WorkerStopping(Exception):
+class _WorkerStopping(HandedBack):
     """A step was interrupted because its worker is stopping. Raised in workflow code, it fails the workflow *task*
     (not the workflow): Temporal hands the workflow to another worker, which replays it and runs the step again,
     as after a crash."""
@@ -136,10 +137,8 @@ def _host(queue: str) -> _Host:
 @dataclass(kw_only=True)
 class _Pending:
     ctx: WorkflowContext
-    call: StepCall
-    key: str
-    seq: int
-    fn_id: str
+    step: PendingStep
+    journal: TemporalJournal
 
 
 _PENDING: dict[str, _Pending] = {}
@@ -231,17 +230,11 @@ async def journal_op(request: dict[str, Any]) -> Any:
         elif op == "record_failed":
             await journal.record_step(_CHECKPOINT.validate_python(request["checkpoint"]), request["events"])
         elif op == "finish":
-            await journal.drain()
-            usage = await _tenant_usage(host, request["tenant"])
-            envelope = request["envelope"]
-            envelope["metadata"]["tenant_usage"] = usage
-            await host.store.finish(lease, lease.task_id, TaskStatus(request["status"]), envelope, time.time())
+            await journal.finish(TaskStatus(request["status"]), request["envelope"])
             _forget(host, lease)
             host.notifier.notify(lease.task_id)
         elif op == "park":
-            await journal.drain()
-            requests = _DECISIONS.validate_python(request["requests"])
-            await host.store.request_decisions(lease, requests, request["envelope"], time.time())
+            await journal.park(_DECISIONS.validate_python(request["requests"]), request["envelope"])
             _forget(host, lease)
             host.notifier.notify(lease.task_id)
         else:
@@ -266,15 +259,6 @@ async def _load(host: _Host, lease: Lease) -> dict[str, Any]:
     }
 
 
-async def _tenant_usage(host: _Host, tenant: str) -> dict[str, Any] | None:
-    try:
-        usage = await host.store.tenant_usage(tenant, time.time())
-    except Exception:  # accounting must not fail a finished task
-        log.exception("could not read tenant usage")
-        return None
-    return {"since": usage.since, "model_calls": usage.calls, "cost_usd": round(usage.cost_usd, 10)}
-
-
 # -- steps as activities -------------------------------------------------------------------------------------------
 
 
@@ -285,107 +269,59 @@ async def run_step(ref: str) -> dict[str, Any]:
     pending = _PENDING.get(ref)
     if pending is None:
         raise ApplicationError(f"step {ref} is not scheduled in this process", non_retryable=True)
-    ctx, call = pending.ctx, pending.call
-    journal = ctx._journal
-    assert isinstance(journal, TemporalJournal)
+    ctx, step, journal = pending.ctx, pending.step, pending.journal
+    call = step.call
     host = _host(journal.queue)
     if host.stopping:
         raise ApplicationError("interrupted: the worker is stopping", type="keel.interrupted", non_retryable=True)
-    recorded = await _recorded(host.store, ctx.task_id, pending.key)
+    recorded = await _recorded(host.store, ctx.task_id, step.key)
     if recorded is not None:
         return {"checkpoint": _CHECKPOINT.dump_python(recorded, mode="json"), "replayed": True}
     local = journal.local()
     attempt = activity.info().attempt
-    scope = _Scope(key=pending.key, usage=step_usage(call.kind))
-    scope.deferred = True
     if attempt == 1:
         await local.emit(
-            "step_started", {"step": pending.key, "kind": call.kind, "attempt": journal.run_attempt}, durable=False
+            "step_started", {"step": step.key, "kind": call.kind, "attempt": journal.run_attempt}, durable=False
         )
     else:
-        await local.emit("step_retrying", {"step": pending.key, "try": attempt})
+        await local.emit("step_retrying", {"step": step.key, "try": attempt})
     started = time.perf_counter()
-    token = _scope.set(scope)
-    me = asyncio.current_task()
-    if me is not None:
-        host.running.add(me)
-    try:
-        value = await _call(call.fn, copy.deepcopy(call.args))
-    except asyncio.CancelledError:
-        if host.stopping:
-            raise ApplicationError(
-                "interrupted: the worker is stopping", type="keel.interrupted", non_retryable=True
-            ) from None
-        raise
-    except LeaseLost as exc:  # another run owns the task now: stop, do not retry
-        raise ApplicationError(str(exc), type="LeaseLost", non_retryable=True) from exc
-    except AwaitingDecision:
-        raise
-    except Exception as exc:
-        await _fail_step(pending, journal, attempt, scope, started, exc)
-    finally:
-        _scope.reset(token)
-        if me is not None:
-            host.running.discard(me)
-    cp = _checkpoint(pending, journal, attempt, scope, started, result=pydantic_core.to_jsonable_python(value))
-    events = [
-        ("step_completed", {"step": pending.key, "kind": call.kind, "tries": attempt, "duration_ms": cp.duration_ms}),
-        ("budget", _budget(ctx, scope)),
-    ]
-    await local.record_step(cp, events)
-    return {"checkpoint": _CHECKPOINT.dump_python(cp, mode="json"), "replayed": False}
+    error: dict[str, Any] | None = None
+    with step_scope(step.key, call.kind, deferred=True) as scope, host.running_step():
+        try:
+            value = await call.attempt()
+        except asyncio.CancelledError:
+            if host.stopping:
+                raise ApplicationError(
+                    "interrupted: the worker is stopping", type="keel.interrupted", non_retryable=True
+                ) from None
+            raise
+        except LeaseLost as exc:  # another run owns the task now: stop, do not retry
+            raise ApplicationError(str(exc), type="LeaseLost", non_retryable=True) from exc
+        except AwaitingDecision:
+            raise
+        except Exception as exc:
+            _retry_if_allowed(call, attempt, exc)
+            error, cause = step_error(exc, call.timeout), exc
+    result = pydantic_core.to_jsonable_python(value) if error is None else None
+    cp = step.checkpoint(
+        tries=attempt, usage=scope.usage, started=started, finished_at=time.time(), result=result, error=error
+    )
+    await local.record_step(cp, step_events(cp, _budget(ctx, scope)))
+    recorded_cp = _CHECKPOINT.dump_python(cp, mode="json")
+    if error is not None:
+        # Failed for good, as the embedded engine records it: the activity fails without another try.
+        raise ApplicationError(error["message"], recorded_cp, type="keel.step_failed", non_retryable=True) from cause
+    return {"checkpoint": recorded_cp, "replayed": False}
 
 
-async def _fail_step(
-    pending: _Pending, journal: TemporalJournal, attempt: int, scope: _Scope, started: float, exc: Exception
-) -> NoReturn:
-    """A try failed: retry it through Temporal if the policy allows (honouring ``Retry-After``), else record the
-    failed step, as the embedded engine does, and fail the activity for good."""
-    call = pending.call
+def _retry_if_allowed(call: StepCall, attempt: int, exc: Exception) -> None:
+    """A try failed: have Temporal try again if the policy allows, after the policy's wait (honouring
+    ``Retry-After``: Temporal's own backoff is not used)."""
     policy = call.retry or DEFAULT_RETRY
     if attempt < policy.max_attempts and policy.is_retryable(exc):
         delay = timedelta(seconds=policy.wait_after(attempt, exc))
         raise ApplicationError(f"{type(exc).__name__}: {exc}", next_retry_delay=delay) from exc
-    type_, message = classify(exc, call.timeout)
-    error: dict[str, Any] = {"type": type_, "message": message}
-    pointer = getattr(exc, "pointer", None)
-    if pointer is not None:
-        error["pointer"] = pointer
-    cp = _checkpoint(pending, journal, attempt, scope, started, error=error)
-    events = [
-        ("step_failed", {"step": pending.key, "kind": call.kind, "tries": attempt, "error": cp.error}),
-        ("budget", _budget(pending.ctx, scope)),
-    ]
-    await journal.local().record_step(cp, events)
-    raise ApplicationError(
-        message, _CHECKPOINT.dump_python(cp, mode="json"), type="keel.step_failed", non_retryable=True
-    ) from exc
-
-
-def _checkpoint(
-    pending: _Pending,
-    journal: TemporalJournal,
-    tries: int,
-    scope: _Scope,
-    started: float,
-    *,
-    result: Any = None,
-    error: dict[str, Any] | None = None,
-) -> StepCheckpoint:
-    return StepCheckpoint(
-        key=pending.key,
-        seq=pending.seq,
-        fn=pending.fn_id,
-        kind=pending.call.kind,
-        status=StepStatus.failed if error is not None else StepStatus.completed,
-        run_attempt=journal.run_attempt,
-        tries=tries,
-        result=result,
-        error=error,
-        usage=dict(scope.usage),
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        finished_at=time.time(),
-    )
 
 
 async def _recorded(store: Store, task_id: str, key: str) -> StepCheckpoint | None:
@@ -397,7 +333,7 @@ async def _recorded(store: Store, task_id: str, key: str) -> StepCheckpoint | No
     return None
 
 
-def _budget(ctx: WorkflowContext, scope: _Scope) -> dict[str, Any]:
+def _budget(ctx: WorkflowContext, scope: StepScope) -> dict[str, Any]:
     """The budget as it stands once this step's usage counts (the workflow adds it when the result arrives)."""
     meter = BudgetMeter(
         budget=ctx.meter.budget, deadline_at=ctx.meter.deadline_at, clock=time.time, used=copy.copy(ctx.meter.used)
@@ -409,13 +345,14 @@ def _budget(ctx: WorkflowContext, scope: _Scope) -> dict[str, Any]:
 class TemporalSteps:
     """The context's step runner under Temporal: each step is a local activity of the task's workflow."""
 
-    def __init__(self, workflow_run: KeelTask) -> None:
-        self.run = workflow_run
+    def __init__(self, journal: TemporalJournal) -> None:
+        self.journal = journal
 
-    async def execute(self, ctx: WorkflowContext, call: StepCall, key: str, seq: int, fn_id: str) -> Any:
+    async def execute(self, ctx: WorkflowContext, step: PendingStep) -> Any:
+        call = step.call
         ctx.meter.before_step(call.kind)
-        ref = f"{workflow.info().run_id}/{key}"
-        _PENDING[ref] = _Pending(ctx=ctx, call=call, key=key, seq=seq, fn_id=fn_id)
+        ref = f"{workflow.info().run_id}/{step.key}"
+        _PENDING[ref] = _Pending(ctx=ctx, step=step, journal=self.journal)
         policy = call.retry or DEFAULT_RETRY
         retry = TemporalRetry(
             initial_interval=timedelta(seconds=max(policy.initial_interval, 0.001)),
@@ -434,18 +371,16 @@ class TemporalSteps:
             )
         except (ActivityError, ApplicationError) as exc:
             # A local activity's failure may arrive wrapped (ActivityError) or as the activity raised it.
-            cp = await self._failed(ctx, call, key, seq, fn_id, exc)
-            return await ctx.settle(cp, fn_id, call, replayed=False)
+            cp = await self._failed(step, exc)
+            return await ctx.settle(cp, step.fn_id, call, replayed=False)
         finally:
             _PENDING.pop(ref, None)
         cp = _CHECKPOINT.validate_python(out["checkpoint"])
         # Replayed: recorded by keel before a crash, or read back from Temporal's history by a new worker.
         replayed = bool(out["replayed"]) or workflow.unsafe.is_replaying()
-        return await ctx.settle(cp, fn_id, call, replayed=replayed)
+        return await ctx.settle(cp, step.fn_id, call, replayed=replayed)
 
-    async def _failed(
-        self, ctx: WorkflowContext, call: StepCall, key: str, seq: int, fn_id: str, exc: Exception
-    ) -> StepCheckpoint:
+    async def _failed(self, step: PendingStep, exc: Exception) -> StepCheckpoint:
         cause = exc.cause if isinstance(exc, ActivityError) else exc
         if isinstance(cause, CancelledError):
             raise asyncio.CancelledError
@@ -456,25 +391,20 @@ class TemporalSteps:
         if isinstance(cause, ApplicationError) and cause.type == "keel.step_failed" and cause.details:
             return _CHECKPOINT.validate_python(cause.details[0])
         # Temporal gave up on it (its timeout ran out, or retries did): keel records the failure itself.
+        timeout = step.call.timeout
         if isinstance(cause, TemporalTimeout):
-            type_, message = "timeout", f"timed out after {call.timeout:g} s" if call.timeout else "timed out"
+            type_, message = "timeout", f"timed out after {timeout:g} s" if timeout else "timed out"
         else:
             type_, message = "step_failed", str(cause or exc)
-        journal = ctx._journal
-        assert isinstance(journal, TemporalJournal)
-        cp = StepCheckpoint(
-            key=key,
-            seq=seq,
-            fn=fn_id,
-            kind=call.kind,
-            status=StepStatus.failed,
-            run_attempt=journal.run_attempt,
-            error={"type": type_, "message": message},
-            usage=step_usage(call.kind),
+        cp = step.checkpoint(
+            tries=1,
+            usage=step_usage(step.call.kind),
+            started=None,
             finished_at=workflow.now().timestamp(),
+            error={"type": type_, "message": message},
         )
-        events = [["step_failed", {"step": key, "kind": call.kind, "tries": 1, "error": cp.error}]]
-        await journal._op("record_failed", checkpoint=_CHECKPOINT.dump_python(cp, mode="json"), events=events)
+        events = [["step_failed", {"step": step.key, "kind": step.call.kind, "tries": 1, "error": cp.error}]]
+        await self.journal._op("record_failed", checkpoint=_CHECKPOINT.dump_python(cp, mode="json"), events=events)
         return cp
 
 
@@ -502,86 +432,58 @@ class KeelTask:
         snapshot = await journal._op("load")
         task = _TASK.validate_python(snapshot["task"])
         journal.tenant = task.tenant
-        host = _host(queue)
-        budget = Budget.from_dict(task.budget)
-        ctx = WorkflowContext(
-            journal=journal,
-            state=snapshot["state"],
-            budget=budget,
-            started_at=task.started_at or task.created_at,
-            deadline_at=task.created_at + budget.deadline_s if budget.deadline_s is not None else None,
+        runner = _host(queue).runner
+        ctx = runner.context(
+            task,
+            journal,
             clock=lambda: workflow.now().timestamp(),
-            progress=task.progress,
-            models=host.models,
-            tools=host.tools,
-            policy=task.policy,
+            state=snapshot["state"],
             decisions=_DECISIONS.validate_python(snapshot["decisions"]),
-            services=host.services,
-            tenant=task.tenant,
-            steps=TemporalSteps(self),
+            steps=TemporalSteps(journal),
         )
-        return await self._execute(task, ctx, journal, host)
+        status = await runner.run(task, ctx, _TemporalRun(self, journal))
+        return status.value if status is not None else "lease_lost"
 
-    async def _execute(self, task: Task, ctx: WorkflowContext, journal: TemporalJournal, host: _Host) -> str:
-        started = time.perf_counter()
-        wf = host.registry.get(task.workflow)
-        extra: list[EnvelopeError] = []
-        result: Any = None
-        if wf is None:
-            status = TaskStatus.failed
-            extra.append(EnvelopeError(type="unknown_workflow", message=f"no workflow named {task.workflow!r}"))
-        elif task.cancel_requested:
-            status, result = TaskStatus.cancelled, ctx.partial or None
-        else:
-            from keel.orchestration.runtime import EmbeddedEngine
 
-            run = asyncio.ensure_future(EmbeddedEngine._run(ctx, wf.fn, wf.input_model.model_validate(task.input)))
-            cancelled = False
-            heartbeat = asyncio.ensure_future(self._heartbeat(journal, run))
-            try:
-                result = await run
-                status = finished_status(ctx)
-            except asyncio.CancelledError:
-                cancelled = True
-            except LeaseLost:
-                log.warning("lease on %s lost; its next dispatch resumes it from its checkpoints", task.id)
-                return "lease_lost"
-            except _WorkerStopping:
-                raise  # fail this workflow task: another worker replays the workflow
-            except AwaitingDecision as exc:
-                heartbeat.cancel()
-                return await self._park(task, ctx, journal, exc, started)
-            except Exception as exc:
-                status, result, error = _outcome(exc, ctx)
-                extra.append(error)
-            finally:
-                heartbeat.cancel()
-            if cancelled:
-                status, result = TaskStatus.cancelled, ctx.partial or None
-                extra.append(EnvelopeError(type="cancelled", message="the task was cancelled", severity="warning"))
-        envelope = _validated(build_envelope(status, ctx, result, started, extra))
-        await journal._op("finish", status=status.value, envelope=envelope)
-        return status.value
+class _TemporalRun:
+    """Temporal's side of one run (:class:`~keel.orchestration.runner.RunHost`), in workflow code: the heartbeat is
+    a durable timer, and the run's end is written to keel's store by an activity, so Temporal records it once."""
 
-    async def _heartbeat(self, journal: TemporalJournal, run: asyncio.Future[Any]) -> None:
+    def __init__(self, task: KeelTask, journal: TemporalJournal) -> None:
+        self.task = task
+        self.journal = journal
+
+    @contextlib.contextmanager
+    def watch(self, run: asyncio.Future[Any]) -> Iterator[None]:
+        heartbeat = asyncio.ensure_future(self._heartbeat(run))
+        try:
+            yield
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self, run: asyncio.Future[Any]) -> None:
         """Renew the store lease while the run goes on; a cancel asked through the store cancels the run."""
+        journal = self.journal
         every = _host(journal.queue).heartbeat_s
         while not run.done():
             await asyncio.sleep(every)  # a durable timer in workflow code
-            if self.lease is not None and self.lease.token != journal.lease.token:
-                journal.lease = self.lease  # dispatched again while away: adopt the new lease
+            adopted = self.task.lease
+            if adopted is not None and adopted.token != journal.lease.token:
+                journal.lease = adopted  # dispatched again while away: adopt the new lease
             state = await journal._op("renew")
             if state["cancel_requested"]:
                 run.cancel()
                 return
 
-    async def _park(
-        self, task: Task, ctx: WorkflowContext, journal: TemporalJournal, exc: AwaitingDecision, started: float
-    ) -> str:
-        requests = [r for r in exc.requests if isinstance(r, Decision)]
-        envelope = parked_envelope(task.id, ctx, requests, started)
-        await journal._op("park", requests=_DECISIONS.dump_python(requests, mode="json"), envelope=envelope)
-        return TaskStatus.waiting_for_approval.value
+    async def interrupted(self) -> Interruption:
+        """Only a cancel reaches workflow code: a stopping worker fails the workflow task instead (HandedBack)."""
+        return Interruption.cancelled
+
+    async def finish(self, status: TaskStatus, envelope: dict[str, Any]) -> None:
+        await self.journal._op("finish", status=status.value, envelope=envelope)
+
+    async def park(self, requests: list[Decision], envelope: dict[str, Any]) -> None:
+        await self.journal._op("park", requests=_DECISIONS.dump_python(requests, mode="json"), envelope=envelope)
 
 
 # -- the engine -------------------------------------------------------------------------------------------------
@@ -622,28 +524,29 @@ class TemporalEngine:
         # long, so that dead workers do not count as attempts against the task's dead-letter limit.
         self.store_lease_s = store_lease_s or max(lease_s * 20, 300.0)
         self.graceful_shutdown_s = graceful_shutdown_s
-        self.approval_ttl_s = approval_ttl_s
-        self.sweep_s = sweep_s
         self.store = store
-        self.registry = registry
+        self.runner = TaskRunner(registry=registry, models=models, tools=tools or ToolCatalog(), services=services)
         self.address = address
         self.namespace = namespace
         self.task_queue = task_queue
         self.workers = workers
         self.lease_s = lease_s
-        self.max_attempts = max_attempts
-        self.poll_s = poll_s
-        self.clock = clock
         self.notifier = notifier or Notifier()
-        self.models = models
-        self.tools = tools or ToolCatalog()
-        self.services = services
+        self.queue = TaskQueue(
+            store=store,
+            owner=f"temporal:{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}",
+            clock=clock,
+            notify=self.notifier.notify,
+            lease_s=self.store_lease_s,
+            max_attempts=max_attempts,
+            poll_s=poll_s,
+            approval_ttl_s=approval_ttl_s,
+            sweep_s=sweep_s,
+        )
         self.run_workers = run_workers
-        self.owner = f"temporal:{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
         self._client: Client | None = None
         self._worker: Worker | None = None
         self._loops: list[asyncio.Task[None]] = []
-        self._wake = asyncio.Event()
         self._pending_cancels: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
         """One per workflow this process started, freeing its dispatch slot when the workflow ends."""
@@ -661,10 +564,7 @@ class TemporalEngine:
             raise ConfigError(f"task queue {self.task_queue!r} already has a keel engine in this process")
         _HOSTS[self.task_queue] = _Host(
             store=self.store,
-            registry=self.registry,
-            models=self.models,
-            tools=self.tools,
-            services=self.services,
+            runner=self.runner,
             notifier=self.notifier,
             lease_s=self.store_lease_s,
             heartbeat_s=self.lease_s / 3,
@@ -685,7 +585,7 @@ class TemporalEngine:
         )
         self._loops.append(asyncio.create_task(self._run_worker(self._worker)))
         self._loops.append(asyncio.create_task(self._dispatch()))
-        self._loops.append(asyncio.create_task(self._sweeper()))
+        self._loops.append(asyncio.create_task(self.queue.sweep_forever()))
 
     async def _run_worker(self, worker: Worker) -> None:
         try:
@@ -715,7 +615,7 @@ class TemporalEngine:
         _HOSTS.pop(self.task_queue, None)
 
     def wake(self) -> None:
-        self._wake.set()
+        self.queue.wake()
 
     def cancel(self, task_id: str) -> None:
         """Cancel the task's workflow; the cancellation reaches its running step (the store's cancel flag, which the
@@ -732,16 +632,6 @@ class TemporalEngine:
         with contextlib.suppress(Exception):
             await handle.cancel()
 
-    async def _sweeper(self) -> None:
-        while True:
-            try:
-                for task_id in await sweep_expired(self.store, self.clock(), approval_ttl_s=self.approval_ttl_s):
-                    self.notifier.notify(task_id)
-                    self.wake()
-            except Exception:
-                log.exception("sweep failed")
-            await asyncio.sleep(self.sweep_s)
-
     async def _dispatch(self) -> None:
         """Start the workflows of queued tasks, as many at a time as this process runs (``workers``): the rest wait
         in keel's queue, so a workflow Temporal hands over from a dead worker never queues behind a backlog."""
@@ -749,16 +639,9 @@ class TemporalEngine:
         slots = asyncio.Semaphore(self.workers)
         while True:
             await slots.acquire()
-            try:
-                lease = await self.store.lease_next(self.owner, self.clock(), self.store_lease_s, self.max_attempts)
-            except Exception:
-                log.exception("leasing failed; retrying")
-                lease = None
+            lease = await self.queue.next_lease()
             if lease is None:
                 slots.release()
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
                 continue
             try:
                 handle = await self._client.start_workflow(

@@ -22,7 +22,7 @@ import random as _random
 import time
 import typing
 import uuid as _uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, overload
 
@@ -117,6 +117,54 @@ class StepCall:
     """Seconds for the whole step, retries included. On expiry the step fails with type ``timeout``."""
     retry: RetryPolicy | None = None
 
+    async def attempt(self) -> Any:
+        """One try of the step. Each try gets its own copy of the arguments: a failed try that mutated them must
+        not hand its partial state to the next one. Every engine runs a try through here."""
+        return await _call(self.fn, copy.deepcopy(self.args))
+
+
+@dataclass(kw_only=True, slots=True)
+class PendingStep:
+    """A step the history does not have, about to run: what a :class:`StepRunner` gets, and what the step's
+    checkpoint is made of once it ends."""
+
+    call: StepCall
+    key: str
+    """The step's name in this run (``name``, ``name#2``, …): its checkpoint's key."""
+    seq: int
+    fn_id: str
+    """Which code the step runs, checked on replay (see :class:`~keel.errors.Nondeterminism`)."""
+    run_attempt: int
+    """The task's run (lease attempt) the step runs in."""
+
+    def checkpoint(
+        self,
+        *,
+        tries: int,
+        usage: dict[str, float],
+        started: float | None,
+        finished_at: float,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> StepCheckpoint:
+        """The step's recorded outcome: failed when there is an ``error`` (see :func:`step_error`), else
+        completed with ``result`` (already JSON). ``started`` is the ``time.perf_counter()`` its first try began
+        at (None: it never ran here)."""
+        return StepCheckpoint(
+            key=self.key,
+            seq=self.seq,
+            fn=self.fn_id,
+            kind=self.call.kind,
+            status=StepStatus.failed if error is not None else StepStatus.completed,
+            run_attempt=self.run_attempt,
+            tries=tries,
+            result=result,
+            error=error,
+            usage=dict(usage),
+            duration_ms=_ms(started) if started is not None else 0.0,
+            finished_at=finished_at,
+        )
+
 
 @dataclass(kw_only=True, slots=True)
 class ModelTurn:
@@ -140,6 +188,22 @@ class StepInfo:
     run_attempt: int = 1
     tokens: int = 0
     cost_usd: float = 0.0
+
+    @classmethod
+    def of(cls, cp: StepCheckpoint, *, replayed: bool) -> StepInfo:
+        """A recorded step as the envelope lists it, from its checkpoint alone: so a step reads the same whether
+        this run executed it, replayed it after a resume, or another engine ran it as its own unit of work."""
+        return cls(
+            name=cp.key,
+            kind=cp.kind,
+            status=cp.status.value,
+            duration_ms=cp.duration_ms,
+            attempts=cp.tries,
+            errors=[cp.error["message"]] if cp.error else [],
+            replayed=replayed,
+            run_attempt=cp.run_attempt,
+            **_spend(cp.usage),
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -179,9 +243,13 @@ class MapResult(Generic[T]):
 
 
 @dataclass(slots=True)
-class _Scope:
+class StepScope:
+    """The step running in this asyncio task, as the code inside it sees it (``ctx.charge_usage``, the key a
+    model call is recorded under)."""
+
     key: str
     usage: dict[str, float]
+    """What the step has spent so far; its checkpoint records it."""
     deferred: bool = False
     """The step runs away from its workflow (a Temporal activity): its usage reaches the task's budget from the
     step's result, in workflow code, so that a replay charges exactly what the original run charged."""
@@ -193,14 +261,44 @@ def step_usage(kind: str) -> dict[str, float]:
     return {"steps": 1, **({"tool_calls": 1} if kind == "tool" else {})}
 
 
+_scope: contextvars.ContextVar[StepScope | None] = contextvars.ContextVar("keel_step_scope", default=None)
+
+
+@contextlib.contextmanager
+def step_scope(key: str, kind: str, *, deferred: bool = False) -> Iterator[StepScope]:
+    """Run a step's tries inside this: what they charge goes to the step, and a step started inside it is refused
+    (steps do not nest). Every engine runs a step's tries in one."""
+    scope = StepScope(key=key, usage=step_usage(kind), deferred=deferred)
+    token = _scope.set(scope)
+    try:
+        yield scope
+    finally:
+        _scope.reset(token)
+
+
+def step_error(exc: BaseException, timeout: float | None = None) -> dict[str, Any]:
+    """A step's final failure as its checkpoint records it: the envelope error's type and message (see
+    :func:`classify`), and the JSON pointer the error is about, if any."""
+    type_, message = classify(exc, timeout)
+    pointer = getattr(exc, "pointer", None)
+    return {"type": type_, "message": message, **({"pointer": pointer} if pointer is not None else {})}
+
+
+def step_events(cp: StepCheckpoint, budget: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The events a step's checkpoint is committed with: how the step ended, and the task's budget after it."""
+    if cp.status is StepStatus.failed:
+        end = {"step": cp.key, "kind": cp.kind, "tries": cp.tries, "error": cp.error}
+        return [("step_failed", end), ("budget", budget)]
+    end = {"step": cp.key, "kind": cp.kind, "tries": cp.tries, "duration_ms": cp.duration_ms}
+    return [("step_completed", end), ("budget", budget)]
+
+
 class StepRunner(Protocol):
     """How a step not yet recorded is run. The embedded engine runs it here, in the workflow's own loop; a
-    distributed engine runs it as its own unit of work (a Temporal activity) and reports back."""
+    distributed engine runs it as its own unit of work (a Temporal activity), records its checkpoint, and hands
+    it to :meth:`WorkflowContext.settle`."""
 
-    async def execute(self, ctx: WorkflowContext, call: StepCall, key: str, seq: int, fn_id: str) -> Any: ...
-
-
-_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("keel_step_scope", default=None)
+    async def execute(self, ctx: WorkflowContext, step: PendingStep) -> Any: ...
 
 
 class WorkflowContext:
@@ -225,9 +323,13 @@ class WorkflowContext:
         services: Any = None,
         tenant: str = "",
         steps: StepRunner | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.task_id = journal.task_id
         self._steps = steps
+        self._sleep = sleep
+        """How a step's retries wait out their backoff (the embedded engine's; Temporal keeps its own timers).
+        Tests pass a fast one: the wait is never part of a run's history."""
         self.tenant = tenant
         self.policy: dict[str, Any] = dict(policy or {})
         self._catalog = tools or ToolCatalog()
@@ -257,6 +359,11 @@ class WorkflowContext:
         """Part of the input was left out (see :meth:`skipped`): a success becomes a partial success."""
         self.executed: list[str] = []
         """Keys of the steps this run actually executed (not replayed): what a crash test counts."""
+
+    @property
+    def journal(self) -> Journal:
+        """The engine side of this run: what the effect ledger and an engine's step runner write through."""
+        return self._journal
 
     # -- deterministic sources -------------------------------------------------------------------
 
@@ -712,175 +819,97 @@ class WorkflowContext:
                 step=cp.key,
             )
         self.meter.used.add(cp.usage)
-        self._time = max(self._time, cp.finished_at)
         if cp.kind == "tool":
             self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": cp.key})
+        return await self._conclude(cp, call, replayed=replayed)
+
+    async def _conclude(
+        self, cp: StepCheckpoint, call: StepCall, *, replayed: bool, cause: BaseException | None = None
+    ) -> Any:
+        """The end of every step, from its checkpoint alone, whoever ran it: workflow time, the step list, then
+        its value or its failure (raised as :class:`StepFailed`, chained to ``cause`` when this run saw it)."""
+        self._time = max(self._time, cp.finished_at)
         if not replayed:
             self.executed.append(cp.key)
-        errors = [cp.error["message"]] if cp.error else []
-        self.steps.append(
-            StepInfo(
-                name=cp.key,
-                kind=cp.kind,
-                status=cp.status.value,
-                duration_ms=cp.duration_ms,
-                attempts=cp.tries,
-                errors=errors,
-                replayed=replayed,
-                run_attempt=cp.run_attempt,
-                **_spend(cp.usage),
-            )
-        )
+        self.steps.append(StepInfo.of(cp, replayed=replayed))
         if cp.status is StepStatus.failed:
             err = cp.error or {}
             type_ = err.get("type", "step_failed")
-            raise StepFailed(
+            failure = StepFailed(
                 err.get("message", "step failed"),
                 type=type_,
                 step=cp.key,
                 pointer=err.get("pointer"),
                 recovery_suggested=not replayed and type_ in _TRANSIENT,
             )
+            if cause is not None:
+                raise failure from cause
+            raise failure
         value = await self._journal.load_blob(cp.result) if isinstance(cp.result, BlobRef) else cp.result
         if not replayed:
             self.meter.check_spend()
         return _revive(call.fn, value)
 
     async def _execute(self, call: StepCall, key: str, seq: int, fn_id: str) -> Any:
+        step = PendingStep(call=call, key=key, seq=seq, fn_id=fn_id, run_attempt=self.attempt)
         if self._steps is not None:
-            return await self._steps.execute(self, call, key, seq, fn_id)
+            return await self._steps.execute(self, step)
         self.meter.before_step(call.kind)
         if call.kind == "tool":
             self.metadata["tools_called"].append({"tool": fn_id.removeprefix("tool:"), "step": key})
-        scope = _Scope(key=key, usage=step_usage(call.kind))
-        self.meter.used.add(scope.usage)
-        await self._journal.emit(
-            "step_started", {"step": key, "kind": call.kind, "attempt": self.attempt}, durable=False
-        )
         policy = call.retry or DEFAULT_RETRY
         tries = 0
         started = time.perf_counter()
-        token = _scope.set(scope)
-        try:
-            async with asyncio.timeout(call.timeout):
-                # Each try gets its own copy of the arguments: a failed try that mutated them must not hand its
-                # partial state to the next one. The first try runs bare; tenacity takes over only on failure.
-                tries = 1
-                try:
-                    value = await _call(call.fn, copy.deepcopy(call.args))
-                except Exception as first:
-                    if policy.max_attempts <= 1 or not policy.is_retryable(first):
-                        raise
-                    await asyncio.sleep(policy.wait_after(1, first))
-                    async for attempt in policy.retrying(already=1):
-                        with attempt:
-                            tries += 1
-                            await self._journal.emit("step_retrying", {"step": key, "try": tries})
-                            value = await _call(call.fn, copy.deepcopy(call.args))
-        except asyncio.CancelledError:
-            self.steps.append(
-                StepInfo(
-                    name=key,
-                    kind=call.kind,
-                    status="cancelled",
-                    duration_ms=_ms(started),
-                    attempts=tries,
-                    run_attempt=self.attempt,
+        result: Any = None
+        error: dict[str, Any] | None = None
+        cause: Exception | None = None
+        with step_scope(key, call.kind) as scope:
+            self.meter.used.add(scope.usage)
+            await self._journal.emit(
+                "step_started", {"step": key, "kind": call.kind, "attempt": self.attempt}, durable=False
+            )
+            try:
+                async with asyncio.timeout(call.timeout):
+                    # The first try runs bare; tenacity takes over only on failure.
+                    tries = 1
+                    try:
+                        value = await call.attempt()
+                    except Exception as first:
+                        if policy.max_attempts <= 1 or not policy.is_retryable(first):
+                            raise
+                        await self._sleep(policy.wait_after(1, first))
+                        async for attempt in policy.retrying(already=1, sleep=self._sleep):
+                            with attempt:
+                                tries += 1
+                                await self._journal.emit("step_retrying", {"step": key, "try": tries})
+                                value = await call.attempt()
+            except _STOPS as exc:
+                # Never recorded: the next run executes the step again. Listed with what this run knows of it.
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                self.steps.append(
+                    StepInfo(
+                        name=key,
+                        kind=call.kind,
+                        status="cancelled" if cancelled else "stopped",
+                        duration_ms=_ms(started),
+                        attempts=tries,
+                        run_attempt=self.attempt,
+                    )
                 )
-            )
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._journal.emit("step_cancelled", {"step": key, "kind": call.kind}))
-            raise
-        except (BudgetExceeded, LeaseLost, Nondeterminism, ConfigError, AwaitingDecision):
-            self.steps.append(
-                StepInfo(
-                    name=key,
-                    kind=call.kind,
-                    status="stopped",
-                    duration_ms=_ms(started),
-                    attempts=tries,
-                    run_attempt=self.attempt,
-                )
-            )
-            raise
-        except Exception as exc:
-            type_, message = classify(exc, call.timeout)
-            pointer = getattr(exc, "pointer", None)
-            duration = _ms(started)
-            self.steps.append(
-                StepInfo(
-                    name=key,
-                    kind=call.kind,
-                    status="failed",
-                    duration_ms=duration,
-                    attempts=tries,
-                    errors=[message],
-                    run_attempt=self.attempt,
-                    **_spend(scope.usage),
-                )
-            )
-            cp = StepCheckpoint(
-                key=key,
-                seq=seq,
-                fn=fn_id,
-                kind=call.kind,
-                status=StepStatus.failed,
-                run_attempt=self.attempt,
-                tries=tries,
-                error={"type": type_, "message": message, **({"pointer": pointer} if pointer is not None else {})},
-                usage=scope.usage,
-                duration_ms=duration,
-                finished_at=self._clock(),
-            )
-            await self._journal.record_step(
-                cp,
-                [
-                    ("step_failed", {"step": key, "kind": call.kind, "tries": tries, "error": cp.error}),
-                    ("budget", self.meter.snapshot()),
-                ],
-            )
-            self._time = max(self._time, cp.finished_at)
-            raise StepFailed(
-                message, type=type_, step=key, recovery_suggested=type_ in _TRANSIENT, pointer=pointer
-            ) from exc
-        finally:
-            _scope.reset(token)
-        stored = pydantic_core.to_jsonable_python(value)
-        duration = _ms(started)
-        cp = StepCheckpoint(
-            key=key,
-            seq=seq,
-            fn=fn_id,
-            kind=call.kind,
-            run_attempt=self.attempt,
-            tries=tries,
-            result=stored,
-            usage=scope.usage,
-            duration_ms=duration,
-            finished_at=self._clock(),
+                if cancelled:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._journal.emit("step_cancelled", {"step": key, "kind": call.kind}))
+                raise
+            except Exception as exc:
+                error, cause = step_error(exc, call.timeout), exc
+        if cause is None:
+            result = pydantic_core.to_jsonable_python(value)
+        now = self._clock()
+        cp = step.checkpoint(
+            tries=tries, usage=scope.usage, started=started, finished_at=now, result=result, error=error
         )
-        await self._journal.record_step(
-            cp,
-            [
-                ("step_completed", {"step": key, "kind": call.kind, "tries": tries, "duration_ms": duration}),
-                ("budget", self.meter.snapshot()),
-            ],
-        )
-        self.executed.append(key)
-        self._time = max(self._time, cp.finished_at)
-        self.steps.append(
-            StepInfo(
-                name=key,
-                kind=call.kind,
-                status="completed",
-                duration_ms=duration,
-                attempts=tries,
-                run_attempt=self.attempt,
-                **_spend(scope.usage),
-            )
-        )
-        self.meter.check_spend()
-        return _revive(call.fn, stored)
+        await self._journal.record_step(cp, step_events(cp, self.meter.snapshot()))
+        return await self._conclude(cp, call, replayed=False, cause=cause)
 
 
 class HistoryExhausted(Nondeterminism):
@@ -889,6 +918,8 @@ class HistoryExhausted(Nondeterminism):
 
 _TRANSIENT = {"timeout", "rate_limited", "upstream_error", "connection_error"}
 _FATAL: tuple[type[BaseException], ...] = (BudgetExceeded, LeaseLost, Nondeterminism, ConfigError)
+_STOPS: tuple[type[BaseException], ...] = (asyncio.CancelledError, *_FATAL, AwaitingDecision)
+"""What stops a step without failing it: nothing is recorded, and the run itself stops (or parks)."""
 
 
 def classify(exc: BaseException, timeout: float | None = None) -> tuple[str, str]:

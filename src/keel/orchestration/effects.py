@@ -59,7 +59,7 @@ async def apply_write(
     ctx: WorkflowContext, tool: Tool, args: Any, raw: dict[str, Any], step: str, key: str, tc: ToolContext
 ) -> Any:
     """The body of a write tool's durable step."""
-    journal = ctx._journal
+    journal = ctx.journal
     fresh = EffectRecord(key=key, task_id=ctx.task_id, step=step, tool=tool.name, args=raw, executions=1)
     rec, created = await journal.begin_effect(fresh)
     if not created:
@@ -84,7 +84,7 @@ async def apply_write(
 async def _execute(
     ctx: WorkflowContext, tool: Tool, args: Any, raw: dict[str, Any], step: str, key: str, executions: int, tc: Any
 ) -> Any:
-    journal = ctx._journal
+    journal = ctx.journal
     await ctx.emit_nowait("effect_started", {"step": step, "tool": tool.name, "key": key, "execution": executions})
     try:
         result = await tool.invoke(args, tc)
@@ -115,7 +115,7 @@ async def _execute(
 async def _applied(ctx: WorkflowContext, key: str, result: Any) -> Any:
     """Settle the row as applied with ``result`` (the tool's, reconcile's or a person's), as the step stores it."""
     stored = pydantic_core.to_jsonable_python(result)
-    await ctx._journal.settle_effect(key, EffectStatus.applied, result=stored)
+    await ctx.journal.settle_effect(key, EffectStatus.applied, result=stored)
     return stored
 
 
@@ -132,7 +132,7 @@ async def _settle_unknown(
 ) -> tuple[bool, Any]:
     """(True, result) when the effect is known to have happened; (False, None) when it certainly did not and may
     run now. Otherwise the task waits for a person (raises AwaitingDecision)."""
-    journal = ctx._journal
+    journal = ctx.journal
     if tool.reconcile is not None:
         try:
             verdict = await tool.reconcile(key, tc)
@@ -148,20 +148,7 @@ async def _settle_unknown(
     decision = ctx.decisions.get(call_id)
     if decision is None or decision.verdict is None:
         why = f"{tool.name} was interrupted ({cause or 'the process stopped'}); keel cannot tell whether it ran"
-        raise AwaitingDecision(
-            [
-                Decision(
-                    task_id=ctx.task_id,
-                    call_id=call_id,
-                    kind=DecisionKind.outcome_unknown,
-                    tool=tool.name,
-                    args=raw,
-                    step=step,
-                    reason=why,
-                    effect_key=key,
-                )
-            ]
-        )
+        raise AwaitingDecision([_question(ctx, DecisionKind.outcome_unknown, call_id, tool, raw, step, key, why)])
     if decision.verdict is Verdict.applied:
         return True, await _applied(ctx, key, decision.result)
     if decision.verdict is Verdict.deny:
@@ -184,10 +171,24 @@ def approval_request(ctx: WorkflowContext, tool: Tool, raw: dict[str, Any], step
     if decision is not None and decision.verdict is Verdict.deny:
         note = f": {decision.note}" if decision.note else ""
         raise ApprovalDenied(f"{tool.name}: the call was denied{note}", tool=tool.name)
+    return _question(ctx, DecisionKind.approval, call_id, tool, raw, step, key, reason)
+
+
+def _question(
+    ctx: WorkflowContext,
+    kind: DecisionKind,
+    call_id: str,
+    tool: Tool,
+    raw: dict[str, Any],
+    step: str,
+    key: str,
+    reason: str,
+) -> Decision:
+    """What a person is asked about a write call: to approve it, or to say whether an interrupted one ran."""
     return Decision(
         task_id=ctx.task_id,
         call_id=call_id,
-        kind=DecisionKind.approval,
+        kind=kind,
         tool=tool.name,
         args=raw,
         step=step,

@@ -3,6 +3,12 @@
 The embedded engine (:class:`keel.orchestration.runtime.EmbeddedEngine`: the SQLite store and in-process workers)
 is the default. A distributed engine plugs in behind the same four methods; workflows never notice, because
 they only ever see their :class:`~keel.orchestration.context.WorkflowContext`.
+
+What an engine builds on is public: :class:`~keel.orchestration.runner.TaskQueue` leases queued tasks,
+:class:`~keel.orchestration.runner.TaskRunner` runs one and ends it through the engine's
+:class:`~keel.orchestration.runner.RunHost`, and a :class:`~keel.orchestration.context.StepRunner` may run each
+step elsewhere (``StepCall.attempt``, ``step_scope``, ``PendingStep.checkpoint``, ``WorkflowContext.settle``).
+Temporal (:mod:`keel.backends.temporal`) uses nothing else.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ validation errors (a malformed input or output will not fix itself), budget brea
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -52,13 +54,17 @@ class RetryPolicy:
         asked = retry_after(exc)
         return max(asked, backoff) if asked is not None else backoff
 
-    def retrying(self, *, already: int = 0) -> tenacity.AsyncRetrying:
-        """The tries left after ``already`` failed ones (whose wait the caller has slept)."""
+    def retrying(
+        self, *, already: int = 0, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> tenacity.AsyncRetrying:
+        """The tries left after ``already`` failed ones (whose wait the caller has slept). The waits go through
+        ``sleep``, which a test makes fast (see ``WorkflowContext(sleep=…)``)."""
         return tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(max(self.max_attempts - already, 1)),
             wait=_RetryAfterOrBackoff(self, already),
             retry=tenacity.retry_if_exception(self.is_retryable),
             reraise=True,
+            sleep=sleep,
         )
 
 
