@@ -44,6 +44,7 @@ from keel.memory.types import (
 )
 from keel.netguard import AllowList, resolve_target
 from keel.orchestration.engine import Engine
+from keel.orchestration.runner import cancelled_envelope
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
 from keel.orchestration.workflow import Workflow, WorkflowRegistry
 from keel.settings import Settings
@@ -58,7 +59,6 @@ __all__ = [
     "TaskPage",
     "Wakeups",
     "Webhook",
-    "cancelled_envelope",
     "settled",
 ]
 
@@ -136,26 +136,6 @@ class Ingested:
 def settled(task: Task) -> bool:
     """Whether waiting on the task is over: it is terminal, or it waits for a person and will not move by itself."""
     return task.status.terminal or task.status is TaskStatus.waiting_for_approval
-
-
-def cancelled_envelope(task: Task) -> dict[str, Any]:
-    """The envelope of a task cancelled before it ran or while parked for a decision. A parked task keeps what it
-    finished: its provisional envelope carries the partial result."""
-    waiting = task.status is TaskStatus.waiting_for_approval
-    partial = ((task.envelope or {}).get("result") or {}).get("partial") if waiting else None
-    return {
-        "status": "partial_success" if partial else "failed",
-        "result": partial,
-        "errors": [
-            {
-                "type": "cancelled",
-                "message": "cancelled while waiting for approval" if waiting else "cancelled before it started",
-                "severity": "warning",
-                "recovery_suggested": False,
-                "step": None,
-            }
-        ],
-    }
 
 
 @dataclass(kw_only=True)
@@ -316,8 +296,9 @@ class Keel:
         return task
 
     async def cancel(self, tenant: str, task_id: str) -> Task:
-        """Idempotent. A queued or parked task is cancelled at once (:func:`cancelled_envelope`); a running one is
-        interrupted and keeps its partial result. Returns the task as it is now (not terminal yet when running)."""
+        """Idempotent. A queued or parked task is cancelled at once (its envelope:
+        :func:`~keel.orchestration.runner.cancelled_envelope`); a running one is interrupted and keeps its partial
+        result. Returns the task as it is now (not terminal yet when running)."""
         task = await self.stores.tasks.request_cancel(task_id, tenant)
         if task is None:
             raise NotFound(f"no task {task_id}")

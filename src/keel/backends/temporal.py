@@ -63,6 +63,7 @@ from keel.orchestration.models import ModelRegistry
 from keel.orchestration.retry import DEFAULT_RETRY
 from keel.orchestration.runner import HandedBack, Interruption, StoreJournal, TaskQueue, TaskRunner
 from keel.orchestration.runtime import Notifier
+from keel.orchestration.toolbox import Services
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry
 
@@ -512,7 +513,7 @@ class TemporalEngine:
         notifier: Notifier | None = None,
         models: ModelRegistry | None = None,
         tools: ToolCatalog | None = None,
-        services: Any = None,
+        services: Services | None = None,
         approval_ttl_s: float | None = 72 * 3600,
         sweep_s: float = 60.0,
         run_workers: bool = True,
@@ -542,6 +543,7 @@ class TemporalEngine:
             poll_s=poll_s,
             approval_ttl_s=approval_ttl_s,
             sweep_s=sweep_s,
+            memory=services.memory if services is not None else None,
         )
         self.run_workers = run_workers
         self._client: Client | None = None

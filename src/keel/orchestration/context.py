@@ -61,6 +61,7 @@ from keel.orchestration.effects import apply_write, approval_request
 from keel.orchestration.models import Message, Model, ModelRegistry, ModelSettings
 from keel.orchestration.models.base import ToolCall, ToolSpec
 from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
+from keel.orchestration.toolbox import Services
 from keel.orchestration.tools import Tool, ToolCatalog, ToolContext, call_id_of, effect_key, permitted
 
 T = TypeVar("T")
@@ -320,7 +321,7 @@ class WorkflowContext:
         tools: ToolCatalog | None = None,
         policy: dict[str, Any] | None = None,
         decisions: Sequence[Decision] = (),
-        services: Any = None,
+        services: Services | None = None,
         tenant: str = "",
         steps: StepRunner | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,

@@ -22,7 +22,8 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from keel.errors import AwaitingDecision, BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
-from keel.memory.stores import EventSpec, Store
+from keel.memory.retrieval import Memory
+from keel.memory.stores import EventSpec, SessionStore, Store, VectorStore
 from keel.memory.types import (
     BlobRef,
     Decision,
@@ -40,6 +41,7 @@ from keel.orchestration.budget import Budget
 from keel.orchestration.context import EnvelopeError, Journal, StepRunner, WorkflowContext
 from keel.orchestration.envelope import Envelope, build_envelope
 from keel.orchestration.models import ModelRegistry
+from keel.orchestration.toolbox import Services
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry
 
@@ -93,7 +95,7 @@ class TaskRunner:
     registry: WorkflowRegistry
     models: ModelRegistry | None = None
     tools: ToolCatalog = field(default_factory=ToolCatalog)
-    services: Any = None
+    services: Services | None = None
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     """How step retries wait out their backoff (see ``WorkflowContext(sleep=…)``)."""
 
@@ -454,11 +456,14 @@ class StoreJournal:
 # -- the queue side of an engine ---------------------------------------------------------------------------------------
 
 
-async def sweep_expired(store: Store, now: float, *, approval_ttl_s: float | None) -> list[str]:
+async def sweep_expired(
+    store: Store, now: float, *, approval_ttl_s: float | None, memory: Memory | None = None
+) -> list[str]:
     """Expired idempotency keys are removed (they are never honoured past their expiry anyway), calls nobody
     approved within ``approval_ttl_s`` are denied, so their tasks go on (the call fails as ``approval_denied``)
-    instead of waiting forever, and expired memory (sessions, chunks, documents) is deleted. Returns the tasks
-    queued again. Every engine runs it periodically."""
+    instead of waiting forever, and expired memory (sessions, chunks, documents) is deleted: through ``memory``'s
+    handles when given (sessions may live in Redis), else in ``store``. Returns the tasks queued again. Every engine
+    runs it periodically."""
     removed = await store.sweep_idempotency(now)
     if removed:
         log.info("swept %d expired idempotency key(s)", removed)
@@ -468,8 +473,10 @@ async def sweep_expired(store: Store, now: float, *, approval_ttl_s: float | Non
         if requeued:
             log.info("denied the expired approvals of %d task(s)", len(requeued))
     # The memory tiers: expired sessions, chunks and documents. Reads already skip them; this reclaims space.
-    sessions = await store.sweep_sessions(now)
-    chunks = await store.sweep_chunks(now)
+    session_store: SessionStore = memory.sessions if memory is not None else store
+    vector_store: VectorStore = memory.vectors if memory is not None else store
+    sessions = await session_store.sweep_sessions(now)
+    chunks = await vector_store.sweep_chunks(now)
     if sessions or chunks:
         log.info("swept %d expired session(s) and %d expired chunk(s)", sessions, chunks)
     return requeued
@@ -492,6 +499,8 @@ class TaskQueue:
     poll_s: float
     approval_ttl_s: float | None
     sweep_s: float
+    memory: Memory | None = None
+    """The memory layer whose expired sessions and chunks the sweep deletes (None: the store's own)."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def wake(self) -> None:
@@ -513,7 +522,7 @@ class TaskQueue:
 
     async def sweep_once(self) -> None:
         """See :func:`sweep_expired`; tasks whose approvals expired are woken."""
-        requeued = await sweep_expired(self.store, self.clock(), approval_ttl_s=self.approval_ttl_s)
+        requeued = await sweep_expired(self.store, self.clock(), approval_ttl_s=self.approval_ttl_s, memory=self.memory)
         for task_id in requeued:
             self.notify(task_id)
         if requeued:

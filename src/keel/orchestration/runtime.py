@@ -21,6 +21,7 @@ from keel.memory.stores import Store
 from keel.memory.types import Decision, Lease, TaskStatus
 from keel.orchestration.models import ModelRegistry
 from keel.orchestration.runner import Interruption, StoreJournal, TaskQueue, TaskRunner, sweep_expired
+from keel.orchestration.toolbox import Services
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.workflow import WorkflowRegistry
 
@@ -67,7 +68,7 @@ class EmbeddedEngine:
         notifier: Notifier | None = None,
         models: ModelRegistry | None = None,
         tools: ToolCatalog | None = None,
-        services: Any = None,
+        services: Services | None = None,
         approval_ttl_s: float | None = 72 * 3600,
         sweep_s: float = 60.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -91,6 +92,7 @@ class EmbeddedEngine:
             poll_s=poll_s,
             approval_ttl_s=approval_ttl_s,
             sweep_s=sweep_s,
+            memory=services.memory if services is not None else None,
         )
         self._loops: list[asyncio.Task[None]] = []
         self._runs: dict[str, asyncio.Future[Any]] = {}
@@ -102,7 +104,7 @@ class EmbeddedEngine:
         return self.runner.models
 
     @property
-    def services(self) -> Any:
+    def services(self) -> Services | None:
         return self.runner.services
 
     async def start(self, *, recover: bool = True) -> None:
