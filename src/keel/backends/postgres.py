@@ -48,7 +48,6 @@ from keel.memory.types import (
     Decision,
     EffectRecord,
     EffectSettlement,
-    EffectStatus,
     EmailMessage,
     Event,
     IdempotencyClaim,
@@ -980,19 +979,7 @@ class PostgresStore(PostgresMemory):
 
         return await self._after(lease.task_id, op)
 
-    async def settle_effect(
-        self,
-        lease: Lease,
-        key: str,
-        status: EffectStatus,
-        now: float,
-        *,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        executions: int | None = None,
-    ) -> None:
-        settlement = EffectSettlement(key=key, status=status, result=result, error=error, executions=executions)
-
+    async def settle_effect(self, lease: Lease, settlement: EffectSettlement, now: float) -> None:
         async def op(conn: Conn) -> None:
             await self._fence(conn, lease)
             await self._settle(conn, settlement, now)

@@ -39,7 +39,6 @@ from keel.memory.types import (
     Decision,
     EffectRecord,
     EffectSettlement,
-    EffectStatus,
     EmailMessage,
     Event,
     IdempotencyClaim,
@@ -928,19 +927,7 @@ class SQLiteStore(SQLiteMemory):
 
         return await self._write(op)
 
-    async def settle_effect(
-        self,
-        lease: Lease,
-        key: str,
-        status: EffectStatus,
-        now: float,
-        *,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        executions: int | None = None,
-    ) -> None:
-        settlement = EffectSettlement(key=key, status=status, result=result, error=error, executions=executions)
-
+    async def settle_effect(self, lease: Lease, settlement: EffectSettlement, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:
             self._fence(conn, lease)
             self._settle(conn, settlement, now)

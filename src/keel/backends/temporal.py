@@ -47,7 +47,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from keel.errors import AwaitingDecision, ConfigError, LeaseLost
 from keel.memory.stores import Store
-from keel.memory.types import BlobRef, Decision, Lease, StepCheckpoint, Task, TaskStatus
+from keel.memory.types import BlobRef, Decision, EffectSettlement, Lease, StepCheckpoint, Task, TaskStatus
 from keel.orchestration.budget import BudgetMeter
 from keel.orchestration.context import (
     PendingStep,
@@ -203,8 +203,8 @@ class TemporalJournal:
     async def begin_effect(self, effect: Any) -> Any:
         return await self.local().begin_effect(effect)
 
-    async def settle_effect(self, key: str, status: Any, **kw: Any) -> None:
-        await self.local().settle_effect(key, status, **kw)
+    async def settle_effect(self, settlement: EffectSettlement) -> None:
+        await self.local().settle_effect(settlement)
 
 
 @activity.defn(name="keel.journal")

@@ -24,7 +24,6 @@ from keel.memory.types import (
     DocumentRecord,
     EffectRecord,
     EffectSettlement,
-    EffectStatus,
     EmailMessage,
     Event,
     IdempotencyClaim,
@@ -191,17 +190,7 @@ class EffectLedger(Backend, Protocol):
         Fenced by the lease, so a superseded worker cannot start an effect."""
         ...
 
-    async def settle_effect(
-        self,
-        lease: Lease,
-        key: str,
-        status: EffectStatus,
-        now: float,
-        *,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        executions: int | None = None,
-    ) -> None: ...
+    async def settle_effect(self, lease: Lease, settlement: EffectSettlement, now: float) -> None: ...
 
     async def get_effect(self, key: str) -> EffectRecord | None: ...
 

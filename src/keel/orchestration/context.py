@@ -50,7 +50,7 @@ from keel.memory.types import (
     BlobRef,
     Decision,
     EffectRecord,
-    EffectStatus,
+    EffectSettlement,
     ModelCallRecord,
     StepCheckpoint,
     StepStatus,
@@ -94,15 +94,7 @@ class Journal(Protocol):
         """The write's ledger row, inserted as pending unless its key exists (see :mod:`effects`)."""
         ...
 
-    async def settle_effect(
-        self,
-        key: str,
-        status: EffectStatus,
-        *,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        executions: int | None = None,
-    ) -> None: ...
+    async def settle_effect(self, settlement: EffectSettlement) -> None: ...
 
 
 @dataclass(kw_only=True, slots=True)

@@ -32,7 +32,7 @@ from keel.errors import (
     ToolError,
     UpstreamError,
 )
-from keel.memory.types import Decision, DecisionKind, EffectRecord, EffectStatus, Verdict
+from keel.memory.types import Decision, DecisionKind, EffectRecord, EffectSettlement, EffectStatus, Verdict
 from keel.orchestration.tools import Reconciled, Tool, ToolContext, call_id_of
 
 log = logging.getLogger("keel.effects")
@@ -71,13 +71,13 @@ async def apply_write(
             raise ToolError(err.get("message", "the call failed"), type=err.get("type", "tool_error"), tool=tool.name)
         if rec.status is EffectStatus.pending:
             # A run before this one recorded the call but never its outcome: it crashed in between.
-            await journal.settle_effect(key, EffectStatus.outcome_unknown)
+            await journal.settle_effect(EffectSettlement(key=key, status=EffectStatus.outcome_unknown))
             await ctx.emit("effect_outcome_unknown", {"step": step, "tool": tool.name, "key": key, "why": "crash"})
         applied, result = await _settle_unknown(ctx, tool, raw, step, key, rec.executions, tc)
         if applied:
             return result
         rec.executions += 1
-        await journal.settle_effect(key, EffectStatus.pending, executions=rec.executions)
+        await journal.settle_effect(EffectSettlement(key=key, status=EffectStatus.pending, executions=rec.executions))
     return await _execute(ctx, tool, args, raw, step, key, rec.executions, tc)
 
 
@@ -90,22 +90,26 @@ async def _execute(
         result = await tool.invoke(args, tc)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            await asyncio.shield(journal.settle_effect(key, EffectStatus.outcome_unknown))
+            await asyncio.shield(journal.settle_effect(EffectSettlement(key=key, status=EffectStatus.outcome_unknown)))
         raise
     except Exception as exc:
         if definite_failure(exc):
             error = {"type": getattr(exc, "type", "tool_error"), "message": getattr(exc, "message", str(exc))}
-            await journal.settle_effect(key, EffectStatus.failed, error=error)
+            await journal.settle_effect(EffectSettlement(key=key, status=EffectStatus.failed, error=error))
             raise
         await journal.settle_effect(
-            key, EffectStatus.outcome_unknown, error={"message": f"{type(exc).__name__}: {exc}"}
+            EffectSettlement(
+                key=key, status=EffectStatus.outcome_unknown, error={"message": f"{type(exc).__name__}: {exc}"}
+            )
         )
         await ctx.emit("effect_outcome_unknown", {"step": step, "tool": tool.name, "key": key, "why": str(exc)[:300]})
         applied, result = await _settle_unknown(ctx, tool, raw, step, key, executions, tc, cause=exc)
         if applied:
             return result
         # reconcile says it did not happen: the call failed cleanly, with the error it raised.
-        await journal.settle_effect(key, EffectStatus.failed, error={"type": "tool_error", "message": str(exc)})
+        await journal.settle_effect(
+            EffectSettlement(key=key, status=EffectStatus.failed, error={"type": "tool_error", "message": str(exc)})
+        )
         raise
     stored = await _applied(ctx, key, result)
     await ctx.emit_nowait("effect_applied", {"step": step, "tool": tool.name, "key": key})
@@ -115,7 +119,7 @@ async def _execute(
 async def _applied(ctx: WorkflowContext, key: str, result: Any) -> Any:
     """Settle the row as applied with ``result`` (the tool's, reconcile's or a person's), as the step stores it."""
     stored = pydantic_core.to_jsonable_python(result)
-    await ctx.journal.settle_effect(key, EffectStatus.applied, result=stored)
+    await ctx.journal.settle_effect(EffectSettlement(key=key, status=EffectStatus.applied, result=stored))
     return stored
 
 
@@ -153,7 +157,11 @@ async def _settle_unknown(
         return True, await _applied(ctx, key, decision.result)
     if decision.verdict is Verdict.deny:
         await journal.settle_effect(
-            key, EffectStatus.failed, error={"type": "approval_denied", "message": "a person abandoned the call"}
+            EffectSettlement(
+                key=key,
+                status=EffectStatus.failed,
+                error={"type": "approval_denied", "message": "a person abandoned the call"},
+            )
         )
         raise ApprovalDenied(f"{tool.name}: a person chose not to run the interrupted call again", tool=tool.name)
     return False, None  # approve: run it again, under the same idempotency key

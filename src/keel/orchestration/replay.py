@@ -13,7 +13,7 @@ from typing import Any
 
 from keel.errors import Nondeterminism, NotFound, WorkflowError
 from keel.memory.stores import Store
-from keel.memory.types import BlobRef, EffectRecord, EffectStatus, ModelCallRecord, StepCheckpoint
+from keel.memory.types import BlobRef, EffectRecord, EffectSettlement, ModelCallRecord, StepCheckpoint
 from keel.orchestration.budget import Budget
 from keel.orchestration.context import HistoryExhausted, WorkflowContext
 from keel.orchestration.workflow import Workflow
@@ -79,7 +79,7 @@ class _ReplayJournal:
     async def begin_effect(self, effect: EffectRecord) -> tuple[EffectRecord, bool]:
         raise Nondeterminism(f"replay tried to run the write {effect.tool!r}", type="nondeterminism", step=effect.step)
 
-    async def settle_effect(self, key: str, status: EffectStatus, **_: Any) -> None:
+    async def settle_effect(self, settlement: EffectSettlement) -> None:
         raise Nondeterminism("replay tried to settle a write", type="nondeterminism")
 
     def record_model_call(self, call: ModelCallRecord) -> None:

@@ -372,25 +372,15 @@ class StoreJournal:
         await self._write_held()
         return await self._store.begin_effect(self._lease, effect, self._clock())
 
-    async def settle_effect(
-        self,
-        key: str,
-        status: EffectStatus,
-        *,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        executions: int | None = None,
-    ) -> None:
+    async def settle_effect(self, settlement: EffectSettlement) -> None:
         await self._write_held()
-        if status is EffectStatus.applied:
+        if settlement.status is EffectStatus.applied:
             # Held for the step's checkpoint, which follows at once: one commit for both. If the process dies
             # first, the row is still pending, which the next run settles through reconcile like any crash
             # between the call and its record.
-            self._held_effect = EffectSettlement(key=key, status=status, result=result, executions=executions)
+            self._held_effect = settlement
             return
-        await self._store.settle_effect(
-            self._lease, key, status, self._clock(), result=result, error=error, executions=executions
-        )
+        await self._store.settle_effect(self._lease, settlement, self._clock())
 
     async def _write_held(self) -> None:
         """What is held back goes before any other write: the log and the ledger keep the order it happened in."""
@@ -400,14 +390,7 @@ class StoreJournal:
     async def _flush_effect(self) -> None:
         effect, self._held_effect = self._held_effect, None
         if effect is not None:
-            await self._store.settle_effect(
-                self._lease,
-                effect.key,
-                effect.status,
-                self._clock(),
-                result=effect.result,
-                executions=effect.executions,
-            )
+            await self._store.settle_effect(self._lease, effect, self._clock())
 
     def record_model_call(self, call: ModelCallRecord) -> None:
         # Counters are not part of the run's history: written alongside, never awaited by the step.

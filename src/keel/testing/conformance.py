@@ -42,6 +42,7 @@ from keel.memory.types import (
     DocumentRecord,
     DocumentStatus,
     EffectRecord,
+    EffectSettlement,
     EffectStatus,
     EmailMessage,
     IdempotencyClaim,
@@ -289,14 +290,16 @@ async def check_effect_ledger(store: TaskBackend) -> None:
     assert created and stored.status is EffectStatus.pending and stored.args == {"a": 1}
     again, created = await store.begin_effect(lease, rec, T0 + 1)
     assert not created and again.status is EffectStatus.pending  # the key is claimed once
-    await store.settle_effect(lease, "k1", EffectStatus.applied, T0 + 2, result={"ok": True}, executions=1)
+    await store.settle_effect(
+        lease, EffectSettlement(key="k1", status=EffectStatus.applied, result={"ok": True}, executions=1), T0 + 2
+    )
     got = await store.get_effect("k1")
     assert got is not None and got.status is EffectStatus.applied and got.result == {"ok": True}
     assert [e.key for e in await store.list_effects(res.task.id)] == ["k1"]
     stale = await store.lease_next("w2", T0 + 60, 30, 5)  # the first lease expired: a new owner
     assert stale is not None
     try:
-        await store.settle_effect(lease, "k1", EffectStatus.failed, T0 + 61)
+        await store.settle_effect(lease, EffectSettlement(key="k1", status=EffectStatus.failed), T0 + 61)
         raise AssertionError("a superseded lease settled an effect")
     except LeaseLost:
         pass

@@ -20,7 +20,6 @@ from keel.memory.types import (
     Decision,
     EffectRecord,
     EffectSettlement,
-    EffectStatus,
     EmailMessage,
     Event,
     IdempotencyClaim,
@@ -397,19 +396,9 @@ class InMemoryStore(InMemoryMemory):
         self._effects[effect.key] = stored
         return copy.deepcopy(stored), True
 
-    async def settle_effect(
-        self,
-        lease: Lease,
-        key: str,
-        status: EffectStatus,
-        now: float,
-        *,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        executions: int | None = None,
-    ) -> None:
+    async def settle_effect(self, lease: Lease, settlement: EffectSettlement, now: float) -> None:
         self._fence(lease)
-        self._settle(EffectSettlement(key=key, status=status, result=result, error=error, executions=executions), now)
+        self._settle(settlement, now)
 
     def _settle(self, s: EffectSettlement, now: float) -> None:
         rec = self._effects.get(s.key)
