@@ -115,6 +115,24 @@ async def test_open_stores_puts_sessions_in_redis(tmp_path: Path, redis_url: str
         await stores.aclose()
 
 
+async def test_the_engine_sweep_reaches_sessions_in_redis(tmp_path: Path, redis_url: str) -> None:
+    """The engine's periodic sweep deletes expired sessions through the memory layer's handle, so with Redis it is
+    Redis's index that is swept, not the SQL store's empty table."""
+    from types import SimpleNamespace
+
+    from keel.backends import open_stores
+    from keel.orchestration.runner import sweep_expired
+
+    stores = open_stores(f"sqlite:///{tmp_path / 'k.db'}", redis_url=redis_url)
+    try:
+        await stores.sessions.append_turns("t", "short-lived", [turn("hi")], 1, T0)
+        memory = SimpleNamespace(sessions=stores.sessions, vectors=stores.vectors)
+        await sweep_expired(stores.backend, T0 + 10, approval_ttl_s=None, memory=memory)  # type: ignore[arg-type]
+        assert await stores.sessions.sweep_sessions(T0 + 10) == 0  # already swept, by the engine's sweep
+    finally:
+        await stores.aclose()
+
+
 async def test_last_n_turns(sessions: RedisSessionStore) -> None:
     await sessions.append_turns("t", "s", [turn(f"m{i}") for i in range(1, 6)], 60, T0)
     got = await sessions.get_session("t", "s", T0, last=2)

@@ -195,6 +195,7 @@ def _engine(
         "models": models,
         "tools": tools,
         "services": services,
+        "memory": services.memory,
         "approval_ttl_s": settings.approval_ttl_hours * 3600 or None,
         "sweep_s": min(60.0, settings.memory_sweep_s),
     }

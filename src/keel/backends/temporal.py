@@ -46,6 +46,7 @@ from temporalio.exceptions import TimeoutError as TemporalTimeout
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from keel.errors import AwaitingDecision, ConfigError, LeaseLost
+from keel.memory.retrieval import Memory
 from keel.memory.stores import Store
 from keel.memory.types import BlobRef, Decision, EffectSettlement, Lease, StepCheckpoint, Task, TaskStatus
 from keel.orchestration.budget import BudgetMeter
@@ -514,6 +515,7 @@ class TemporalEngine:
         models: ModelRegistry | None = None,
         tools: ToolCatalog | None = None,
         services: Services | None = None,
+        memory: Memory | None = None,
         approval_ttl_s: float | None = 72 * 3600,
         sweep_s: float = 60.0,
         run_workers: bool = True,
@@ -543,7 +545,7 @@ class TemporalEngine:
             poll_s=poll_s,
             approval_ttl_s=approval_ttl_s,
             sweep_s=sweep_s,
-            memory=services.memory if services is not None else None,
+            memory=memory,
         )
         self.run_workers = run_workers
         self._client: Client | None = None

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from keel.errors import LeaseLost
+from keel.memory.retrieval import Memory
 from keel.memory.stores import Store
 from keel.memory.types import Decision, Lease, TaskStatus
 from keel.orchestration.models import ModelRegistry
@@ -69,11 +70,13 @@ class EmbeddedEngine:
         models: ModelRegistry | None = None,
         tools: ToolCatalog | None = None,
         services: Services | None = None,
+        memory: Memory | None = None,
         approval_ttl_s: float | None = 72 * 3600,
         sweep_s: float = 60.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """``sleep`` is how step retries wait out their backoff: tests pass a fast one."""
+        """``sleep`` is how step retries wait out their backoff: tests pass a fast one. ``memory``: the memory
+        layer whose expired sessions and chunks the sweeper deletes through its own handles (None: the store's)."""
         self.store = store
         self.runner = TaskRunner(
             registry=registry, models=models, tools=tools or ToolCatalog(), services=services, sleep=sleep
@@ -92,7 +95,7 @@ class EmbeddedEngine:
             poll_s=poll_s,
             approval_ttl_s=approval_ttl_s,
             sweep_s=sweep_s,
-            memory=services.memory if services is not None else None,
+            memory=memory,
         )
         self._loops: list[asyncio.Task[None]] = []
         self._runs: dict[str, asyncio.Future[Any]] = {}
