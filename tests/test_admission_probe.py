@@ -18,7 +18,7 @@ import pytest
 
 from conftest import LiveServer, wait_terminal
 from keel.netguard import AllowList
-from keel.orchestration.toolbox.fetch import FetchLimits, probe_document
+from keel.orchestration.tools.fetch import FetchLimits, probe_document
 from keel.settings import Settings
 from keel.testing.analyst import ScriptedAnalyst
 from keel.testing.fake_llm import FakeOpenAIServer

@@ -25,7 +25,7 @@ from httpx_sse import connect_sse
 from boundary_workflows import BoundaryInput, boundary
 from conftest import free_port, make_key, wait_terminal
 from keel.memory.types import BlobRef, StepCheckpoint
-from keel.orchestration.context import WorkflowContext
+from keel.orchestration.engine.context import WorkflowContext
 from keel_processes import KeelProcess, Servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

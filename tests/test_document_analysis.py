@@ -14,15 +14,15 @@ import pytest
 
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.types import NewTask, Task, TaskStatus
-from keel.orchestration.document_analysis import (
+from keel.orchestration.llm.models import ModelRegistry
+from keel.orchestration.tools.services import Services
+from keel.orchestration.workflows.document_analysis import (
     CHECKLIST,
     DOCUMENT_ANALYSIS,
     DocumentAnalysisResult,
     find_quote,
     same_position,
 )
-from keel.orchestration.models import ModelRegistry
-from keel.orchestration.toolbox import Services
 from keel.testing.analyst import FABRICATED_QUOTE, ScriptedAnalyst
 from keel.testing.embedders import HashEmbedder
 from keel.testing.models import FunctionModel

@@ -18,12 +18,12 @@ from pydantic import BaseModel
 
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.types import Decision, NewTask, Task, TaskStatus, Verdict
-from keel.orchestration.context import WorkflowContext
 from keel.orchestration.engine import Engine
-from keel.orchestration.retry import RetryPolicy
-from keel.orchestration.runtime import EmbeddedEngine
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.retry import RetryPolicy
+from keel.orchestration.engine.runtime import EmbeddedEngine
+from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.tools import Tool, ToolCatalog, ToolContext
-from keel.orchestration.workflow import Workflow, WorkflowRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS: dict[str, int] = {}

@@ -23,11 +23,11 @@ pytest.importorskip("llama_cpp", reason=EXTRA)
 
 from keel.backends.sqlite import SQLiteStore  # noqa: E402
 from keel.memory.types import NewTask, TaskStatus  # noqa: E402
-from keel.orchestration.document_analysis import DOCUMENT_ANALYSIS, DocumentAnalysisResult  # noqa: E402
-from keel.orchestration.envelope import Envelope  # noqa: E402
-from keel.orchestration.models import ModelRegistry  # noqa: E402
-from keel.orchestration.models.weights import DEFAULT_LOCAL, installed  # noqa: E402
-from keel.orchestration.toolbox import Services  # noqa: E402
+from keel.orchestration.engine.envelope import Envelope  # noqa: E402
+from keel.orchestration.llm.models import ModelRegistry  # noqa: E402
+from keel.orchestration.llm.models.weights import DEFAULT_LOCAL, installed  # noqa: E402
+from keel.orchestration.tools.services import Services  # noqa: E402
+from keel.orchestration.workflows.document_analysis import DOCUMENT_ANALYSIS, DocumentAnalysisResult  # noqa: E402
 from keel.testing.embedders import HashEmbedder  # noqa: E402
 from test_memory import Clock, memory_for  # noqa: E402
 from test_orchestration import engine_for, wait_terminal  # noqa: E402

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 from pypdf import PdfReader
 
-from keel.orchestration.document_analysis import CHECKLIST, Insight, KeyPoint, _compare, same_position, sentences
+from keel.orchestration.workflows.document_analysis import (
+    CHECKLIST,
+    Insight,
+    KeyPoint,
+    _compare,
+    same_position,
+    sentences,
+)
 from keel.testing.pdfs import WRAP_AT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

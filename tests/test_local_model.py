@@ -23,8 +23,10 @@ from llama_cpp import llama_chat_format  # noqa: E402
 
 from keel.errors import ConfigError, ModelOutputError  # noqa: E402
 from keel.memory.types import Event, NewTask, Task  # noqa: E402
-from keel.orchestration.context import WorkflowContext  # noqa: E402
-from keel.orchestration.models import (  # noqa: E402
+from keel.orchestration.engine.context import WorkflowContext  # noqa: E402
+from keel.orchestration.engine.runtime import EmbeddedEngine  # noqa: E402
+from keel.orchestration.engine.workflow import WorkflowRegistry, workflow  # noqa: E402
+from keel.orchestration.llm.models import (  # noqa: E402
     FinishEvent,
     Message,
     ModelSettings,
@@ -32,7 +34,7 @@ from keel.orchestration.models import (  # noqa: E402
     UsageEvent,
     infer_model,
 )
-from keel.orchestration.models.local import (  # noqa: E402
+from keel.orchestration.llm.models.local import (  # noqa: E402
     DEFAULT_REPEAT_PENALTY,
     LocalModel,
     _chat_formatter,
@@ -42,9 +44,7 @@ from keel.orchestration.models.local import (  # noqa: E402
     schema_grammar,
     usable_cores,
 )
-from keel.orchestration.models.structured import check_output  # noqa: E402
-from keel.orchestration.runtime import EmbeddedEngine  # noqa: E402
-from keel.orchestration.workflow import WorkflowRegistry, workflow  # noqa: E402
+from keel.orchestration.llm.models.structured import check_output  # noqa: E402
 from keel.testing.inmemory import InMemoryStore  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The embedded model's child process. llama.cpp runs in ``python -m keel.orchestration.models.local_worker``, so a
+"""The embedded model's child process. llama.cpp runs in ``python -m keel.orchestration.llm.models.local_worker``, so a
 crash inside it (on some CPUs llama.cpp segfaults in ``decode``) costs the calls in flight, not the server: killed
 mid-generation, a call fails with a retryable error that says so, the next call starts a new child, a task goes on
 through its step's retry, and `keel serve` keeps answering. The child never outlives its parent, a model it cannot
@@ -34,13 +34,13 @@ from conftest import free_port, make_key, start_server  # noqa: E402
 from conftest import wait_terminal as wait_terminal_http  # noqa: E402
 from keel.errors import ConfigError, UpstreamError  # noqa: E402
 from keel.memory.types import Event, NewTask, Task, TaskStatus  # noqa: E402
-from keel.orchestration.context import WorkflowContext, classify  # noqa: E402
-from keel.orchestration.models import Message, ModelSettings, TextDelta, infer_model  # noqa: E402
-from keel.orchestration.models.local import LocalModel, WorkerProcess  # noqa: E402
-from keel.orchestration.models.local_worker import Load, Ready, decode  # noqa: E402
-from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy  # noqa: E402
-from keel.orchestration.runtime import EmbeddedEngine  # noqa: E402
-from keel.orchestration.workflow import WorkflowRegistry, workflow  # noqa: E402
+from keel.orchestration.engine.context import WorkflowContext, classify  # noqa: E402
+from keel.orchestration.engine.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy  # noqa: E402
+from keel.orchestration.engine.runtime import EmbeddedEngine  # noqa: E402
+from keel.orchestration.engine.workflow import WorkflowRegistry, workflow  # noqa: E402
+from keel.orchestration.llm.models import Message, ModelSettings, TextDelta, infer_model  # noqa: E402
+from keel.orchestration.llm.models.local import LocalModel, WorkerProcess  # noqa: E402
+from keel.orchestration.llm.models.local_worker import Load, Ready, decode  # noqa: E402
 from keel.settings import Settings  # noqa: E402
 from keel.testing.inmemory import InMemoryStore  # noqa: E402
 from keel_processes import Servers  # noqa: E402
@@ -80,7 +80,7 @@ def children(pid: int) -> set[int]:
 
 def runs_a_model(child: int) -> bool:
     try:
-        return b"keel.orchestration.models.local_worker" in Path(f"/proc/{child}/cmdline").read_bytes()
+        return b"keel.orchestration.llm.models.local_worker" in Path(f"/proc/{child}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return False
 
@@ -204,7 +204,7 @@ def test_the_protocol_channel_is_kept_clean_of_what_native_code_prints() -> None
     land there, and the parent reads only protocol lines."""
     script = (
         "import ctypes, os\n"
-        "from keel.orchestration.models.local_worker import Channel, Ready\n"
+        "from keel.orchestration.llm.models.local_worker import Channel, Ready\n"
         "channel = Channel.take_stdio()\n"
         "print('python print')\n"
         "os.write(1, b'raw write to fd 1\\n')\n"
@@ -223,7 +223,7 @@ def test_the_protocol_channel_is_kept_clean_of_what_native_code_prints() -> None
 
 CHILD_PID_SCRIPT = """
 import asyncio, sys, time
-from keel.orchestration.models import Message, ModelSettings, infer_model
+from keel.orchestration.llm.models import Message, ModelSettings, infer_model
 
 model = infer_model("local:smollm2")
 asyncio.run(model.request([Message(role="user", content="Hi")], settings=ModelSettings(max_tokens=2)))

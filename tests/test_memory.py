@@ -22,11 +22,11 @@ from keel.memory.ingest.pipeline import Ingestor, IngestSettings
 from keel.memory.retrieval import ConfidencePolicy, Memory
 from keel.memory.types import DocumentStatus, NewTask, SessionTurn, TaskStatus
 from keel.netguard import AllowList
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.memory_workflows import INGEST, MEMORY_REINDEX, retrieve
-from keel.orchestration.toolbox import Services
-from keel.orchestration.toolbox.fetch import FetchLimits, document_fetcher
-from keel.orchestration.workflow import Workflow
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.workflow import Workflow
+from keel.orchestration.tools.fetch import FetchLimits, document_fetcher
+from keel.orchestration.tools.services import Services
+from keel.orchestration.workflows.memory import INGEST, MEMORY_REINDEX, retrieve
 from keel.testing.embedders import HashEmbedder
 from keel.testing.pdfs import corrupt_pdf
 from test_orchestration import engine_for, wait_terminal
@@ -364,8 +364,8 @@ async def test_session_turns_survive_a_restart_until_their_ttl(tmp_path: Path) -
 
 
 async def test_ask_with_a_session_remembers_earlier_turns(store: SQLiteStore, tmp_path: Path) -> None:
-    from keel.orchestration.models import ModelRegistry
-    from keel.orchestration.workflow import ASK
+    from keel.orchestration.engine.workflow import ASK
+    from keel.orchestration.llm.models import ModelRegistry
     from keel.testing.models import FunctionModel
 
     seen: list[list[str]] = []

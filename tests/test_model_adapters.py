@@ -22,8 +22,11 @@ from pydantic import BaseModel, ConfigDict
 from conftest import LiveServer
 from keel.errors import ConfigError, ModelHTTPError, ModelOutputError, StreamCut
 from keel.memory.types import NewTask, Task, TaskStatus
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.models import (
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.retry import RetryPolicy
+from keel.orchestration.engine.runtime import EmbeddedEngine
+from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry, workflow
+from keel.orchestration.llm.models import (
     FinishEvent,
     Message,
     Model,
@@ -36,13 +39,10 @@ from keel.orchestration.models import (
     UsageEvent,
     infer_model,
 )
-from keel.orchestration.models.anthropic import AnthropicModel
-from keel.orchestration.models.catalog import is_pinned, lookup
-from keel.orchestration.models.openai import OpenAIModel
-from keel.orchestration.models.structured import check_output
-from keel.orchestration.retry import RetryPolicy
-from keel.orchestration.runtime import EmbeddedEngine
-from keel.orchestration.workflow import Workflow, WorkflowRegistry, workflow
+from keel.orchestration.llm.models.anthropic import AnthropicModel
+from keel.orchestration.llm.models.catalog import is_pinned, lookup
+from keel.orchestration.llm.models.openai import OpenAIModel
+from keel.orchestration.llm.models.structured import check_output
 from keel.providers import Registry
 from keel.settings import Settings
 from keel.testing.fake_llm import Cut, Fail, FakeAnthropicServer, FakeOpenAIServer, Hang, Reply, ToolCallSpec
@@ -462,7 +462,7 @@ def test_infer_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_fallback_chain_moves_on_after_a_provider_error(openai_server: FakeOpenAIServer) -> None:
-    from keel.orchestration.models.fallback import FallbackModel
+    from keel.orchestration.llm.models.fallback import FallbackModel
 
     openai_server.reset()
     primary = OpenAIModel("gpt-4o-2024-08-06", base_url=openai_server.base_url, api_key="sk-test")
@@ -516,7 +516,7 @@ def test_the_test_doubles_are_found_in_a_fresh_process() -> None:
     before the spec is read."""
     code = (
         "import asyncio, sys\n"
-        "from keel.orchestration.models import Message, infer_model\n"
+        "from keel.orchestration.llm.models import Message, infer_model\n"
         "from keel.memory.embeddings import open_embedder\n"
         "assert not [m for m in sys.modules if m.startswith('keel.testing')]\n"
         "model = infer_model('test')\n"
@@ -551,7 +551,7 @@ def test_split_weights_are_joined_only_when_their_sha256_is_the_pinned_one(
 ) -> None:
     import hashlib
 
-    from keel.orchestration.models import weights
+    from keel.orchestration.llm.models import weights
 
     packages = tmp_path / "site"
     for i, data in enumerate((b"first half, ", b"second half"), start=1):

@@ -19,13 +19,13 @@ from pydantic import BaseModel, ConfigDict
 from keel.backends.sqlite import SQLiteStore
 from keel.errors import LeaseLost, Nondeterminism, UpstreamError
 from keel.memory.types import BlobRef, Event, NewTask, StepCheckpoint, Task, TaskStatus
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.planner import Plan
-from keel.orchestration.replay import load_history, replay
-from keel.orchestration.retry import RetryPolicy
-from keel.orchestration.runtime import EmbeddedEngine
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.replay import load_history, replay
+from keel.orchestration.engine.retry import RetryPolicy
+from keel.orchestration.engine.runtime import EmbeddedEngine
+from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry, workflow
+from keel.orchestration.llm.planner import Plan
 from keel.orchestration.tools import Tool, ToolCatalog
-from keel.orchestration.workflow import Workflow, WorkflowRegistry, workflow
 from keel.testing.inmemory import InMemoryStore
 from keel.testing.loop import LoopTicks
 from keel.testing.models import FunctionModel
@@ -766,7 +766,7 @@ async def test_deterministic_failures_are_not_retried(mem: InMemoryStore, exc: C
 
 
 def test_validation_error_message_points_at_the_field() -> None:
-    from keel.orchestration.context import classify
+    from keel.orchestration.engine.context import classify
 
     with pytest.raises(pydantic.ValidationError) as info:
         Strict.model_validate({"count": "many"})

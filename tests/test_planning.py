@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict
 
 from keel.memory.types import Event, NewTask, Task, TaskStatus
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.models import Message
-from keel.orchestration.planner import Plan, PlanIssue, check_plan
-from keel.orchestration.reduce import split_to_fit
-from keel.orchestration.runtime import EmbeddedEngine
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.runtime import EmbeddedEngine
+from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry, workflow
+from keel.orchestration.llm.models import Message
+from keel.orchestration.llm.planner import Plan, PlanIssue, check_plan
+from keel.orchestration.llm.reduce import split_to_fit
 from keel.orchestration.tools import Tool, ToolCatalog
-from keel.orchestration.workflow import Workflow, WorkflowRegistry, workflow
 from keel.testing.inmemory import InMemoryStore
 from keel.testing.models import AgentInfo, FakeModel, FunctionModel, count_words
 

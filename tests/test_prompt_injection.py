@@ -19,15 +19,15 @@ import pytest
 from pydantic import BaseModel
 
 from keel.memory.types import NewTask, Task, TaskStatus, Verdict
-from keel.orchestration.agent import run_agent
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.models.base import Message, ModelResponse, ToolCall
-from keel.orchestration.runtime import EmbeddedEngine
-from keel.orchestration.toolbox import Services
-from keel.orchestration.toolbox.builtins import READ_DOCUMENT
-from keel.orchestration.toolbox.email import SEND_EMAIL
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.runtime import EmbeddedEngine
+from keel.orchestration.engine.workflow import workflow
+from keel.orchestration.llm.agent import run_agent
+from keel.orchestration.llm.models.base import Message, ModelResponse, ToolCall
 from keel.orchestration.tools import Tool, ToolCatalog
-from keel.orchestration.workflow import workflow
+from keel.orchestration.tools.builtins import READ_DOCUMENT
+from keel.orchestration.tools.email import SEND_EMAIL
+from keel.orchestration.tools.services import Services
 from keel.testing.inmemory import InMemoryStore
 from keel.testing.models import AgentInfo, FunctionModel
 from keel.testing.pdfs import make_pdf

@@ -15,13 +15,13 @@ import pytest
 
 from keel.errors import BlockedAddress, ToolError
 from keel.netguard import AllowList
-from keel.orchestration.toolbox import Services
-from keel.orchestration.toolbox.documents import DocumentText, ReadDocumentArgs, html_to_text, read_document
 from keel.orchestration.tools import ToolContext
+from keel.orchestration.tools.documents import DocumentText, ReadDocumentArgs, html_to_text, read_document
+from keel.orchestration.tools.services import Services
 from keel.testing.loop import LoopTicks
 from keel.testing.pdfs import corrupt_pdf, make_pdf
 
-HAS_FETCH = importlib.util.find_spec("keel.orchestration.toolbox.fetch") is not None
+HAS_FETCH = importlib.util.find_spec("keel.orchestration.tools.fetch") is not None
 
 
 def ctx(services: Services) -> ToolContext:
@@ -281,7 +281,7 @@ def server() -> Iterator[str]:
         thread.join(5)
 
 
-@pytest.mark.skipif(not HAS_FETCH, reason="keel.orchestration.toolbox.fetch is not there yet")
+@pytest.mark.skipif(not HAS_FETCH, reason="keel.orchestration.tools.fetch is not there yet")
 async def test_pdf_and_html_by_url(server: str) -> None:
     services = Services(fetch_allow=AllowList.parse("127.0.0.1"))
     doc = await read(services, f"{server}/doc.pdf")
@@ -290,7 +290,7 @@ async def test_pdf_and_html_by_url(server: str) -> None:
     assert doc.kind == "html" and doc.pages[0].text == "remote page"
 
 
-@pytest.mark.skipif(not HAS_FETCH, reason="keel.orchestration.toolbox.fetch is not there yet")
+@pytest.mark.skipif(not HAS_FETCH, reason="keel.orchestration.tools.fetch is not there yet")
 async def test_url_without_the_allowance_is_refused(server: str) -> None:
     with pytest.raises((BlockedAddress, ToolError)) as info:
         await read(Services(), f"{server}/doc.pdf")
@@ -304,7 +304,7 @@ async def test_the_event_loop_keeps_running_while_a_pdf_is_parsed(services: Serv
     assert len(doc.pages) == 40 and loop.ticks > 0
 
 
-@pytest.mark.skipif(not HAS_FETCH, reason="keel.orchestration.toolbox.fetch is not there yet")
+@pytest.mark.skipif(not HAS_FETCH, reason="keel.orchestration.tools.fetch is not there yet")
 async def test_url_over_the_size_limit_is_refused(server: str) -> None:
     services = Services(fetch_allow=AllowList.parse("127.0.0.1"), fetch_max_bytes=100)
     err = await refused(services, f"{server}/doc.pdf")
@@ -319,7 +319,7 @@ async def test_pdf_encrypted_only_for_permissions_opens_without_a_password(servi
 async def test_a_slow_parse_times_out(services: Services, docs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from keel.orchestration.toolbox import documents
+    from keel.orchestration.tools.services import documents
 
     def slow(*args: object) -> None:
         time.sleep(0.2)

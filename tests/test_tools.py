@@ -14,12 +14,12 @@ from pydantic import BaseModel, ConfigDict
 
 from keel.errors import StepFailed, ToolArgsInvalid
 from keel.memory.types import Decision, DecisionKind, EffectRecord, EffectStatus, NewTask, Task, TaskStatus, Verdict
-from keel.orchestration.agent import run_agent
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.models.base import ModelResponse, ToolCall
-from keel.orchestration.runtime import EmbeddedEngine
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.runtime import EmbeddedEngine
+from keel.orchestration.engine.workflow import Workflow, workflow
+from keel.orchestration.llm.agent import run_agent
+from keel.orchestration.llm.models.base import ModelResponse, ToolCall
 from keel.orchestration.tools import Reconciled, Tool, ToolCatalog, ToolContext, effect_key, tool
-from keel.orchestration.workflow import Workflow, workflow
 from keel.testing.inmemory import InMemoryStore
 from keel.testing.models import AgentInfo, FunctionModel
 from test_orchestration import registry_of, wait_terminal
@@ -368,7 +368,7 @@ async def test_too_many_bad_tool_calls_end_the_loop_with_a_typed_error() -> None
 
 
 async def test_a_plan_node_waiting_for_approval_lets_independent_nodes_finish() -> None:
-    from keel.orchestration.planner import Plan
+    from keel.orchestration.llm.planner import Plan
 
     store, sink = InMemoryStore(), Sink()
     looked: list[str] = []

@@ -16,7 +16,7 @@ import pydantic
 from pydantic import BaseModel
 
 from keel.errors import ModelOutputError
-from keel.orchestration.models.base import ModelResponse
+from keel.orchestration.llm.models.base import ModelResponse
 
 REPAIRABLE = frozenset({"schema_violation", "schema_drift"})
 

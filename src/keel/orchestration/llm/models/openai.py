@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from keel.orchestration.models._http import EventDecoder, HTTPAdapter
-from keel.orchestration.models.base import (
+from keel.orchestration.llm.models._http import EventDecoder, HTTPAdapter
+from keel.orchestration.llm.models.base import (
     FinishEvent,
     FinishReason,
     Message,

@@ -2,10 +2,10 @@
 
 An engine leases a task from keel's queue and hands it here with a journal (where the run's writes go) and a
 :class:`RunHost` (the engine's side of the run: its heartbeat, what a cancellation meant, where the run's end is
-written). :class:`TaskRunner` builds the :class:`~keel.orchestration.context.WorkflowContext`, runs the workflow
+written). :class:`TaskRunner` builds the :class:`~keel.orchestration.engine.context.WorkflowContext`, runs the workflow
 under its deadline, and ends the task: finished with its envelope, parked as ``waiting_for_approval``, or failed.
-The embedded engine (:mod:`keel.orchestration.runtime`) and Temporal (:mod:`keel.backends.temporal`) both call it,
-so each rule about how a task ends is written once, here: the statuses, the envelope, the cancelled envelope, and
+The embedded engine (:mod:`keel.orchestration.engine.runtime`) and Temporal (:mod:`keel.backends.temporal`) both call
+it, so each rule about how a task ends is written once, here: the statuses, the envelope, the cancelled envelope, and
 the tenant's usage. The queue side both engines share (leasing, wake-ups, the sweeper) is :class:`TaskQueue`.
 """
 
@@ -37,13 +37,13 @@ from keel.memory.types import (
     Task,
     TaskStatus,
 )
-from keel.orchestration.budget import Budget
-from keel.orchestration.context import EnvelopeError, Journal, StepRunner, WorkflowContext
-from keel.orchestration.envelope import Envelope, build_envelope
-from keel.orchestration.models import ModelRegistry
-from keel.orchestration.toolbox import Services
+from keel.orchestration.engine.budget import Budget
+from keel.orchestration.engine.context import EnvelopeError, Journal, StepRunner, WorkflowContext
+from keel.orchestration.engine.envelope import Envelope, build_envelope
+from keel.orchestration.engine.workflow import WorkflowRegistry
+from keel.orchestration.llm.models import ModelRegistry
 from keel.orchestration.tools import ToolCatalog
-from keel.orchestration.workflow import WorkflowRegistry
+from keel.orchestration.tools.services import Services
 
 log = logging.getLogger("keel.runtime")
 

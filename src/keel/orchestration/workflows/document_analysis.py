@@ -41,11 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from keel.errors import ClarificationNeeded, InputError, StepFailed, WorkflowError
 from keel.memory.types import ChunkRecord, DocumentStatus
 from keel.netguard import AllowList
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.memory_workflows import ingest_one, memory_of, report_documents
-from keel.orchestration.models import Message, Model, ModelSettings
-from keel.orchestration.toolbox.fetch import FetchLimits, probe_document
-from keel.orchestration.workflow import Admission, Workflow
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.workflow import Admission, Workflow
+from keel.orchestration.llm.models import Message, Model, ModelSettings
+from keel.orchestration.tools.fetch import FetchLimits, probe_document
+from keel.orchestration.workflows.memory import ingest_one, memory_of, report_documents
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from keel.errors import ConfigError, DocumentRejected, WorkflowError
 from keel.memory.retrieval import Memory, Retrieval
 from keel.memory.types import DocumentRecord, DocumentStatus
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.workflow import Workflow
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.workflow import Workflow
 
 
 def memory_of(ctx: WorkflowContext) -> Memory:

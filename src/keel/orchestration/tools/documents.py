@@ -1,6 +1,6 @@
 """The body of the built-in ``read_document`` tool: the text of a PDF, a plain-text/Markdown file or an HTML page.
 
-A ``source`` is either an ``http(s)`` URL, fetched through :func:`keel.orchestration.toolbox.fetch.fetch` (so the
+A ``source`` is either an ``http(s)`` URL, fetched through :func:`keel.orchestration.tools.fetch.fetch` (so the
 SSRF guard, the size cap and the time limit all apply), or a path inside the operator's documents folder
 (``Services.documents_dir``, set with ``KEEL_DOCUMENTS_DIR``). A local path may not leave that folder: ``..``,
 absolute paths elsewhere and symlinks whose target lies outside are refused.
@@ -180,7 +180,7 @@ def _redirected(source: str, final: str) -> bool:
 
 async def _load_url(source: str, services: Any) -> _Raw:
     from keel.netguard import NO_ALLOW
-    from keel.orchestration.toolbox.fetch import FetchArgs, FetchLimits, FetchRefused, fetch
+    from keel.orchestration.tools.fetch import FetchArgs, FetchLimits, FetchRefused, fetch
 
     limits = FetchLimits(
         max_bytes=int(getattr(services, "fetch_max_bytes", 5_000_000)),

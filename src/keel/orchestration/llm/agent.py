@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keel.errors import StepFailed, WorkflowError
-from keel.orchestration.models import Message, Model
-from keel.orchestration.models.base import ToolSpec
+from keel.orchestration.llm.models import Message, Model
+from keel.orchestration.llm.models.base import ToolSpec
 from keel.orchestration.tools import Tool
 
 if TYPE_CHECKING:
-    from keel.orchestration.context import ModelTurn, WorkflowContext
+    from keel.orchestration.engine.context import ModelTurn, WorkflowContext
 
 _CALLER_MISTAKES = {"invalid_tool_args", "tool_not_allowed", "invalid_tool_call"}
 

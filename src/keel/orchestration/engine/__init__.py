@@ -1,13 +1,13 @@
 """The engine seam: what runs workflows durably (a queue, leases, checkpoints, resumption).
 
-The embedded engine (:class:`keel.orchestration.runtime.EmbeddedEngine`: the SQLite store and in-process workers)
+The embedded engine (:class:`keel.orchestration.engine.runtime.EmbeddedEngine`: the SQLite store and in-process workers)
 is the default. A distributed engine plugs in behind the same four methods; workflows never notice, because
-they only ever see their :class:`~keel.orchestration.context.WorkflowContext`.
+they only ever see their :class:`~keel.orchestration.engine.context.WorkflowContext`.
 
-What an engine builds on is public: :class:`~keel.orchestration.runner.TaskQueue` leases queued tasks,
-:class:`~keel.orchestration.runner.TaskRunner` runs one and ends it through the engine's
-:class:`~keel.orchestration.runner.RunHost`, and a :class:`~keel.orchestration.context.StepRunner` may run each
-step elsewhere (``StepCall.attempt``, ``step_scope``, ``PendingStep.checkpoint``, ``WorkflowContext.settle``).
+What an engine builds on is public: :class:`~keel.orchestration.engine.runner.TaskQueue` leases queued tasks,
+:class:`~keel.orchestration.engine.runner.TaskRunner` runs one and ends it through the engine's
+:class:`~keel.orchestration.engine.runner.RunHost`, and a :class:`~keel.orchestration.engine.context.StepRunner` may run
+each step elsewhere (``StepCall.attempt``, ``step_scope``, ``PendingStep.checkpoint``, ``WorkflowContext.settle``).
 Temporal (:mod:`keel.backends.temporal`) uses nothing else.
 """
 

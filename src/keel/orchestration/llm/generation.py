@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from keel.errors import ModelHTTPError, ModelOutputError, StreamCut, UpstreamError
 from keel.memory.types import ModelCallRecord
-from keel.orchestration.models.base import (
+from keel.orchestration.llm.models.base import (
     Message,
     Model,
     ModelResponse,
@@ -26,11 +26,11 @@ from keel.orchestration.models.base import (
     stream_response,
     supports_streaming,
 )
-from keel.orchestration.models.catalog import is_pinned
-from keel.orchestration.models.structured import REPAIRABLE, check_output, repair_prompt, strip_fences
+from keel.orchestration.llm.models.catalog import is_pinned
+from keel.orchestration.llm.models.structured import REPAIRABLE, check_output, repair_prompt, strip_fences
 
 if TYPE_CHECKING:
-    from keel.orchestration.context import WorkflowContext
+    from keel.orchestration.engine.context import WorkflowContext
 
 
 async def ask(

@@ -2,7 +2,7 @@
 
 Each run holds its lease with heartbeats; every write it makes is fenced by the lease's token, so a worker
 whose lease expired cannot commit. A cancel request reaches the running coroutine as asyncio cancellation.
-How a run goes, from its context to its end, is the task runner's (:mod:`keel.orchestration.runner`), which
+How a run goes, from its context to its end, is the task runner's (:mod:`keel.orchestration.engine.runner`), which
 Temporal shares; this module adds what is the embedded engine's own: workers in this process, and heartbeats.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 from keel.errors import LeaseLost
 from keel.memory.stores import Store
 from keel.memory.types import Decision, Lease, TaskStatus
-from keel.orchestration.models import ModelRegistry
-from keel.orchestration.runner import Interruption, StoreJournal, TaskQueue, TaskRunner, sweep_expired
-from keel.orchestration.toolbox import Services
+from keel.orchestration.engine.runner import Interruption, StoreJournal, TaskQueue, TaskRunner, sweep_expired
+from keel.orchestration.engine.workflow import WorkflowRegistry
+from keel.orchestration.llm.models import ModelRegistry
 from keel.orchestration.tools import ToolCatalog
-from keel.orchestration.workflow import WorkflowRegistry
+from keel.orchestration.tools.services import Services
 
 __all__ = ["EmbeddedEngine", "Notifier", "StoreJournal", "sweep_expired"]
 
@@ -133,7 +133,7 @@ class EmbeddedEngine:
             run.cancel()
 
     async def sweep_once(self) -> None:
-        """See :func:`~keel.orchestration.runner.sweep_expired`; tasks whose approvals expired are woken."""
+        """See :func:`~keel.orchestration.engine.runner.sweep_expired`; tasks whose approvals expired are woken."""
         await self.queue.sweep_once()
 
     async def _worker(self, index: int) -> None:
@@ -164,7 +164,7 @@ class EmbeddedEngine:
 
 
 class _EmbeddedRun:
-    """The embedded engine's side of one run (:class:`~keel.orchestration.runner.RunHost`): heartbeats from this
+    """The embedded engine's side of one run (:class:`~keel.orchestration.engine.runner.RunHost`): heartbeats from this
     process, and the run's end written straight to the store."""
 
     def __init__(self, engine: EmbeddedEngine, journal: StoreJournal) -> None:

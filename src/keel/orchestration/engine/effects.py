@@ -38,7 +38,7 @@ from keel.orchestration.tools import Reconciled, Tool, ToolContext, call_id_of
 log = logging.getLogger("keel.effects")
 
 if TYPE_CHECKING:
-    from keel.orchestration.context import WorkflowContext
+    from keel.orchestration.engine.context import WorkflowContext
 
 
 def definite_failure(exc: BaseException) -> bool:

@@ -17,11 +17,11 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import AwaitingDecision, ClarificationNeeded, StepFailed, ToolArgsInvalid, WorkflowError
-from keel.orchestration.models import Message, Model, ModelSettings
+from keel.orchestration.llm.models import Message, Model, ModelSettings
 from keel.orchestration.tools import ToolCatalog
 
 if TYPE_CHECKING:
-    from keel.orchestration.context import WorkflowContext
+    from keel.orchestration.engine.context import WorkflowContext
 
 
 class PlanNode(BaseModel):

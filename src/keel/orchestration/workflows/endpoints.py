@@ -16,12 +16,12 @@ import referencing.exceptions
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keel.errors import StepFailed, ToolArgsInvalid, WorkflowError
-from keel.orchestration.agent import run_agent
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.models import Message, ModelSettings
-from keel.orchestration.models.base import Role, ToolSpec
-from keel.orchestration.models.structured import strip_fences
-from keel.orchestration.workflow import Workflow
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.workflow import Workflow
+from keel.orchestration.llm.agent import run_agent
+from keel.orchestration.llm.models import Message, ModelSettings
+from keel.orchestration.llm.models.base import Role, ToolSpec
+from keel.orchestration.llm.models.structured import strip_fences
 
 __all__ = [
     "AGENT",

@@ -15,7 +15,7 @@ from httpx_sse import EventSource
 
 from keel.errors import ModelHTTPError, StreamCut
 from keel.headers import error_message, retry_after
-from keel.orchestration.models.base import (
+from keel.orchestration.llm.models.base import (
     FinishEvent,
     ModelCall,
     ModelResponse,
@@ -23,7 +23,7 @@ from keel.orchestration.models.base import (
     StreamEvent,
     StreamingAdapter,
 )
-from keel.orchestration.models.catalog import ModelInfo, lookup
+from keel.orchestration.llm.models.catalog import ModelInfo, lookup
 
 
 async def raise_for_status(provider: str, response: httpx.Response) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 from keel.errors import Nondeterminism, NotFound, WorkflowError
 from keel.memory.stores import Store
 from keel.memory.types import BlobRef, EffectRecord, EffectSettlement, ModelCallRecord, StepCheckpoint
-from keel.orchestration.budget import Budget
-from keel.orchestration.context import HistoryExhausted, WorkflowContext
-from keel.orchestration.workflow import Workflow
+from keel.orchestration.engine.budget import Budget
+from keel.orchestration.engine.context import HistoryExhausted, WorkflowContext
+from keel.orchestration.engine.workflow import Workflow
 
 
 @dataclass(kw_only=True, slots=True)

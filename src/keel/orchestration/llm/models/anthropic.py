@@ -10,8 +10,8 @@ import json
 from typing import Any
 
 from keel.errors import ModelHTTPError
-from keel.orchestration.models._http import EventDecoder, HTTPAdapter
-from keel.orchestration.models.base import (
+from keel.orchestration.llm.models._http import EventDecoder, HTTPAdapter
+from keel.orchestration.llm.models.base import (
     FinishEvent,
     FinishReason,
     Message,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keel.errors import ConfigError
-from keel.orchestration.models.base import (
+from keel.orchestration.llm.models.base import (
     FinishEvent,
     Message,
     Model,
@@ -31,7 +31,7 @@ from keel.orchestration.models.base import (
     stream_response,
     supports_streaming,
 )
-from keel.orchestration.models.catalog import lookup
+from keel.orchestration.llm.models.catalog import lookup
 from keel.providers import Provider, Registry, Spec
 
 __all__ = [
@@ -77,7 +77,7 @@ def infer_model(spec: str, *, prices: dict[str, Any] | None = None, allow_floati
     A comma-separated list (``anthropic:claude-…,openai:gpt-…``) is a fallback chain, tried in order.
     """
     if "," in spec and not spec.startswith("openai-compatible:"):
-        from keel.orchestration.models.fallback import FallbackModel
+        from keel.orchestration.llm.models.fallback import FallbackModel
 
         return FallbackModel(
             [infer_model(s.strip(), prices=prices, allow_floating=allow_floating) for s in spec.split(",") if s.strip()]
@@ -94,7 +94,7 @@ def infer_model(spec: str, *, prices: dict[str, Any] | None = None, allow_floati
 
 
 def _openai(spec: Spec, prices: dict[str, Any]) -> Model | None:
-    from keel.orchestration.models.openai import OpenAIModel
+    from keel.orchestration.llm.models.openai import OpenAIModel
 
     if spec.provider == "openai" and spec.rest:
         name, base_url = spec.rest, os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
@@ -108,7 +108,7 @@ def _openai(spec: Spec, prices: dict[str, Any]) -> Model | None:
 
 
 def _anthropic(spec: Spec, prices: dict[str, Any]) -> Model | None:
-    from keel.orchestration.models.anthropic import AnthropicModel
+    from keel.orchestration.llm.models.anthropic import AnthropicModel
 
     if not spec.rest:
         return None
@@ -124,7 +124,7 @@ def _local(spec: Spec, prices: dict[str, Any]) -> Model | None:
     if not spec.rest:
         return None
     try:
-        from keel.orchestration.models.local import LocalModel
+        from keel.orchestration.llm.models.local import LocalModel
     except ImportError as exc:
         raise ConfigError(
             f"model {spec.text!r} needs the embedded llama.cpp runtime: pip install 'keel[local]' ({exc})"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import httpx
 
 from keel.errors import ConfigError, UpstreamError
-from keel.orchestration.models.base import Adapter, Model, ModelCall, ModelResponse
+from keel.orchestration.llm.models.base import Adapter, Model, ModelCall, ModelResponse
 
 
 class FallbackModel(Adapter):

