@@ -103,7 +103,6 @@ async def ask(ctx: WorkflowContext, inp: AskInput) -> dict[str, Any]:
 
 def _session_loader(ctx: WorkflowContext, session: str, last: int) -> Callable[[], Awaitable[list[dict[str, str]]]]:
     async def load() -> list[dict[str, str]]:
-
         memory = memory_of(ctx)
         found = await memory.sessions.get_session(ctx.tenant, session, memory.clock(), last=last)
         return [{"role": t.role, "content": t.content} for t in found.turns] if found else []
