@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from engine_support import engine_for, wait_terminal
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.types import NewTask, Task, TaskStatus
 from keel.orchestration.llm.models import ModelRegistry
@@ -27,8 +28,7 @@ from keel.testing.analyst import FABRICATED_QUOTE, ScriptedAnalyst
 from keel.testing.embedders import HashEmbedder
 from keel.testing.models import FunctionModel
 from keel.testing.pdfs import make_pdf
-from test_memory import CONTRACT_A, CONTRACT_B, Clock, memory_for
-from test_orchestration import engine_for, wait_terminal
+from memory_support import CONTRACT_A, CONTRACT_B, Clock, memory_for
 
 REQUEST = "Analyse these documents, compare insights, and tell me the risks."
 CONTRACT_C = (

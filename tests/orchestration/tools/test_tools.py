@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from engine_support import registry_of, wait_terminal
 from keel.errors import StepFailed, ToolArgsInvalid
 from keel.memory.types import Decision, DecisionKind, EffectRecord, EffectStatus, NewTask, Task, TaskStatus, Verdict
 from keel.orchestration.engine.context import WorkflowContext
@@ -22,7 +23,6 @@ from keel.orchestration.llm.models.base import ModelResponse, ToolCall
 from keel.orchestration.tools import Reconciled, Tool, ToolCatalog, ToolContext, effect_key, tool
 from keel.testing.inmemory import InMemoryStore
 from keel.testing.models import AgentInfo, FunctionModel
-from test_orchestration import registry_of, wait_terminal
 
 TENANT = "acme"
 

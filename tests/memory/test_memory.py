@@ -15,11 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from engine_support import engine_for, wait_terminal
 from keel.backends.sqlite import SQLiteStore
 from keel.errors import BlockedAddress
 from keel.memory.ingest.chunking import chunk_spans
 from keel.memory.ingest.pipeline import Ingestor, IngestSettings
-from keel.memory.retrieval import ConfidencePolicy, Memory
+from keel.memory.retrieval import ConfidencePolicy
 from keel.memory.types import DocumentStatus, NewTask, SessionTurn, TaskStatus
 from keel.netguard import AllowList
 from keel.orchestration.engine.context import WorkflowContext
@@ -29,45 +30,9 @@ from keel.orchestration.tools.services import Services
 from keel.orchestration.workflows.memory import INGEST, MEMORY_REINDEX, retrieve
 from keel.testing.embedders import HashEmbedder
 from keel.testing.pdfs import corrupt_pdf
-from test_orchestration import engine_for, wait_terminal
+from memory_support import CONTRACT_A, CONTRACT_B, Clock, memory_for
 
-CONTRACT_A = (
-    "Vendor A shall invoice monthly. Payment is due within 30 days of the invoice date.\n\n"
-    "Liability is capped at the fees paid in the preceding twelve months. Either party may terminate on 90 days "
-    "written notice."
-)
-CONTRACT_B = (
-    "Vendor B requires payment within 60 days. Late payments accrue interest at 2% per month.\n\n"
-    "Vendor B's liability is unlimited for breaches of confidentiality."
-)
 UNRELATED = "The cafeteria menu changes on Mondays. Soup of the day is tomato. Parking passes renew in March."
-
-
-class Clock:
-    def __init__(self, t: float = 1_800_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def memory_for(store: Any, embedder: HashEmbedder, clock: Clock, tmp_path: Path, **kw: Any) -> Memory:
-    ingestor = Ingestor(
-        store,
-        embedder,
-        settings=IngestSettings(chunk_tokens=24, overlap_tokens=4, **kw),
-        clock=clock,
-        scratch_dir=tmp_path / "scratch",
-    )
-    return Memory(
-        sessions=store,
-        documents=store,
-        vectors=store,
-        embedder=embedder,
-        ingestor=ingestor,
-        clock=clock,
-        confidence=ConfidencePolicy(),
-    )
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ redis = pytest.importorskip("redis.asyncio", reason="the redis driver is not ins
 
 from keel.backends.redis import RedisNotifier, RedisSessionStore  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "redis.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "redis.sh"
 T0 = 1_000_000.0
 
 

@@ -20,8 +20,8 @@ from httpx_sse import connect_sse
 pytest.importorskip("psycopg", reason="the Postgres driver is not installed: pip install 'keel[postgres]'")
 pytest.importorskip("redis", reason="the Redis driver is not installed: pip install 'keel[redis]'")
 
+from payment_sink import Sink  # noqa: E402
 from scaleout import Cluster, Unavailable, cluster, run_crash_test  # noqa: E402
-from test_effects_crash import Sink  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from engine_support import registry_of, wait_terminal
 from keel.memory.types import NewTask, Task, TaskStatus, Verdict
 from keel.orchestration.engine.context import WorkflowContext
 from keel.orchestration.engine.runtime import EmbeddedEngine
@@ -31,7 +32,6 @@ from keel.orchestration.tools.services import Services
 from keel.testing.inmemory import InMemoryStore
 from keel.testing.models import AgentInfo, FunctionModel
 from keel.testing.pdfs import make_pdf
-from test_orchestration import registry_of, wait_terminal
 
 ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
 ORDER = re.compile(

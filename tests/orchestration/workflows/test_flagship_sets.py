@@ -22,7 +22,7 @@ from keel.orchestration.workflows.document_analysis import (
 )
 from keel.testing.pdfs import WRAP_AT
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
 import flagship_sets as fs  # noqa: E402
 
 SETS = fs.generate()

