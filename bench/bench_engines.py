@@ -62,8 +62,8 @@ async def per_step(engine: str, database: str, rounds: int) -> tuple[float, floa
     """Median ms per step of a 20-step task on ``engine``, and of the plain-loop baseline."""
     from keel.backends import open_store
     from keel.memory.types import NewTask
-    from keel.orchestration.runtime import EmbeddedEngine
-    from keel.orchestration.workflow import default_registry
+    from keel.orchestration.engine.runtime import EmbeddedEngine
+    from keel.orchestration.workflows import default_registry
 
     store = open_store(database)
     if engine == "temporal":

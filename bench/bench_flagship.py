@@ -34,11 +34,11 @@ from keel.backends.sqlite import SQLiteStore
 from keel.memory.ingest.pipeline import Ingestor, IngestSettings
 from keel.memory.retrieval import ConfidencePolicy, Memory
 from keel.memory.types import NewTask, TaskStatus
-from keel.orchestration.document_analysis import DOCUMENT_ANALYSIS
-from keel.orchestration.models import ModelRegistry
-from keel.orchestration.runtime import EmbeddedEngine
-from keel.orchestration.toolbox import Services
-from keel.orchestration.workflow import WorkflowRegistry
+from keel.orchestration.engine.runtime import EmbeddedEngine
+from keel.orchestration.engine.workflow import WorkflowRegistry
+from keel.orchestration.llm.models import ModelRegistry
+from keel.orchestration.tools.services import Services
+from keel.orchestration.workflows.document_analysis import DOCUMENT_ANALYSIS
 from keel.testing.analyst import ScriptedAnalyst
 from keel.testing.embedders import HashEmbedder
 from keel.testing.models import FunctionModel

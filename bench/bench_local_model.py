@@ -9,7 +9,7 @@ something else keeps busy, generating on all cores collapses (see below) and tho
 Same GGUF (SmolLM2-135M-Instruct Q4_1, ``local:smollm2``), same prompt, same chat layout, same sampling (greedy:
 temperature 0, fixed seed, repeat penalty 1.1 — keel's default — and llama-cpp-python's top-k/top-p/min-p
 defaults), same ``max_tokens``, same ``n_ctx`` and threads. keel's ``LocalModel`` generates in its child process
-(``keel.orchestration.models.local_worker``, started by the first call, which is the warm-up); the baseline is a
+(``keel.orchestration.llm.models.local_worker``, started by the first call, which is the warm-up); the baseline is a
 ``Llama`` on the same file in this process, opened with the thread counts keel sends its child. Paths measured,
 alternating in every round (the order flips each round), after one warm-up each:
 
@@ -54,10 +54,10 @@ import llama_cpp
 from _doc import cpu_model, write_section
 
 from keel.memory.types import NewTask
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.models import Message, ModelSettings, StreamEvent, TextDelta, stream_response
-from keel.orchestration.models.local import DEFAULT_REPEAT_PENALTY, LocalModel, default_threads
-from keel.orchestration.runtime import StoreJournal
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.runtime import StoreJournal
+from keel.orchestration.llm.models import Message, ModelSettings, StreamEvent, TextDelta, stream_response
+from keel.orchestration.llm.models.local import DEFAULT_REPEAT_PENALTY, LocalModel, default_threads
 from keel.testing.inmemory import InMemoryStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -602,7 +602,7 @@ def render(r: dict[str, Any], elapsed: float, command: str, note: str) -> str:
             "- **Threads.** Not measured in this run (`--skip-threads`: no all-cores or busy-process rounds). keel "
             f"generates on the usable cores but one ({main.threads[0]} here) and reads the prompt on all of them, "
             "because llama.cpp's threads meet at a barrier at every step and one preempted thread stalls them all; "
-            "see `default_threads` in `keel/orchestration/models/local.py`. `KEEL_LOCAL_THREADS` sets both counts "
+            "see `default_threads` in `keel/orchestration/llm/models/local.py`. `KEEL_LOCAL_THREADS` sets both counts "
             "on a machine dedicated to the model."
         )
     parts += [

@@ -26,9 +26,9 @@ from pydantic import BaseModel
 
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.types import NewTask
-from keel.orchestration.budget import Budget
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.runtime import StoreJournal
+from keel.orchestration.engine.budget import Budget
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.runtime import StoreJournal
 from keel.orchestration.tools import Tool, ToolCatalog, ToolContext
 
 CALLS = 20

@@ -62,11 +62,11 @@ from keel.backends.sqlite import SQLiteStore
 from keel.memory.blobs import INLINE_LIMIT, looks_small, pack, unpack_blob
 from keel.memory.stores import Store
 from keel.memory.types import BlobRef, Lease, NewTask, StepCheckpoint, Task, TaskStatus
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.envelope import build_envelope
-from keel.orchestration.retry import DEFAULT_RETRY
-from keel.orchestration.runtime import EmbeddedEngine, StoreJournal
-from keel.orchestration.workflow import Workflow, WorkflowRegistry, workflow
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.envelope import build_envelope
+from keel.orchestration.engine.retry import DEFAULT_RETRY
+from keel.orchestration.engine.runtime import EmbeddedEngine, StoreJournal
+from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry, workflow
 from keel.testing.inmemory import InMemoryStore
 
 ROOT = Path(__file__).resolve().parent.parent

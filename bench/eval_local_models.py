@@ -40,7 +40,7 @@ import flagship_sets as fs
 from _doc import cpu_model, write_section
 from flagship_run import analyse, demo_documents
 
-from keel.orchestration.models.weights import CATALOG, DEFAULT_LOCAL
+from keel.orchestration.llm.models.weights import CATALOG, DEFAULT_LOCAL
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "eval_local_models.json"
@@ -210,8 +210,8 @@ SPEED = ROOT / "bench" / "results" / "eval_local_models-speed.json"
 async def measure_speed(models: list[str]) -> dict[str, float]:
     """Tokens/s of one free-text call (128 tokens, greedy) per model, the median of 3 after a warm-up, each model
     alone on the machine: the flagship's own calls queue on one model, so their latency is no speed."""
-    from keel.orchestration.models import Message, ModelSettings
-    from keel.orchestration.models.local import LocalModel
+    from keel.orchestration.llm.models import Message, ModelSettings
+    from keel.orchestration.llm.models.local import LocalModel
 
     prompt = [Message(role="user", content="Explain in detail why contracts have a governing law clause.")]
     settings = ModelSettings(temperature=0.0, max_tokens=128)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from keel.orchestration.document_analysis import CHECKLIST, same_position
+from keel.orchestration.workflows.document_analysis import CHECKLIST, same_position
 from keel.testing.pdfs import WRAP_AT, make_pdf
 
 __all__ = [

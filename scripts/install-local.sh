@@ -69,7 +69,7 @@ fi
 
 if [ "$(cat "$MARK" 2>/dev/null)" = "$KEY" ] && "$BIN/python" -c 'import llama_cpp' 2>/dev/null; then
   "$BIN/pip" install -q -e "$EXTRAS"
-  "$BIN/python" -m keel.orchestration.models.weights --quiet
+  "$BIN/python" -m keel.orchestration.llm.models.weights --quiet
   exit 0
 fi
 
@@ -109,6 +109,6 @@ fi
 "$BIN/pip" install -q -e "$EXTRAS"
 printf '%s\n' "$KEY" > "$MARK"
 echo "  llama.cpp reports: $("$BIN/python" -c 'import llama_cpp; print(llama_cpp.llama_print_system_info().decode().strip())')"
-"$BIN/python" -m keel.orchestration.models.weights
+"$BIN/python" -m keel.orchestration.llm.models.weights
 elapsed=$(($(date +%s) - start))
 printf 'embedded model runtime installed in %dm%02ds\n' $((elapsed / 60)) $((elapsed % 60))

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from keel.orchestration.context import WorkflowContext
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.workflow import workflow
 from keel.orchestration.tools import Tool, ToolCatalog
-from keel.orchestration.workflow import workflow
 from keel.testing.models import FakeModel
 
 TOOL_RUNS: list[str] = []

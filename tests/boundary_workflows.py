@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.orchestration.context import WorkflowContext
-from keel.orchestration.workflow import workflow
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.workflow import workflow
 
 
 class BoundaryInput(BaseModel):

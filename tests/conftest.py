@@ -19,6 +19,8 @@ from keel.app import create_app
 from keel.backends import open_store
 from keel.settings import Settings
 from keel_processes import servers  # noqa: F401 - a fixture for the crash tests
+from postgres_server import pg_store, postgres_url  # noqa: F401 - fixtures: one Postgres for the session
+from webhook_receiver import receiver  # noqa: F401 - a fixture: a loopback webhook receiver
 
 REQUIRE_LOCAL = os.environ.get("KEEL_REQUIRE_LOCAL") == "1"
 """Set by .ci/run, which installs the `local` extra: there, a test skipped for want of the embedded model is a

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from keel.orchestration.context import WorkflowContext
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.workflow import workflow
 from keel.orchestration.tools import Reconciled, Tool, ToolContext
-from keel.orchestration.workflow import workflow
 
 
 def crash_if(point: str) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from keel.memory.types import NewTask, TaskStatus
-from keel.orchestration.runtime import EmbeddedEngine
-from keel.orchestration.workflow import Workflow, WorkflowRegistry
+from keel.orchestration.engine.runtime import EmbeddedEngine
+from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.testing.inmemory import InMemoryStore
 
 README = Path(__file__).resolve().parents[1] / "README.md"

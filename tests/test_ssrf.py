@@ -28,7 +28,7 @@ import pytest
 
 from keel.errors import BlockedAddress, UpstreamError
 from keel.netguard import AllowList
-from keel.orchestration.toolbox.fetch import FetchArgs, FetchLimits, FetchRefused, FetchResult, fetch
+from keel.orchestration.tools.fetch import FetchArgs, FetchLimits, FetchRefused, FetchResult, fetch
 from keel.testing.loop import LoopTicks
 
 PUBLIC = AllowList.parse("127.0.0.2")

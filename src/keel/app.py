@@ -37,14 +37,15 @@ from keel.memory.retrieval import ConfidencePolicy, Memory
 from keel.memory.stores import Stores
 from keel.netguard import AllowList
 from keel.orchestration.engine import Engine
-from keel.orchestration.models import ModelRegistry
-from keel.orchestration.runtime import EmbeddedEngine, Notifier
-from keel.orchestration.toolbox import Services
-from keel.orchestration.toolbox.builtins import builtin_tools, load_tools
-from keel.orchestration.toolbox.email import EmailRelay, Sender
-from keel.orchestration.toolbox.fetch import FetchLimits, document_fetcher
+from keel.orchestration.engine.runtime import EmbeddedEngine, Notifier
+from keel.orchestration.engine.workflow import WorkflowRegistry
+from keel.orchestration.llm.models import ModelRegistry
 from keel.orchestration.tools import ToolCatalog
-from keel.orchestration.workflow import WorkflowRegistry, default_registry
+from keel.orchestration.tools.builtins import builtin_tools, load_tools
+from keel.orchestration.tools.email import EmailRelay, Sender
+from keel.orchestration.tools.fetch import FetchLimits, document_fetcher
+from keel.orchestration.tools.services import Services
+from keel.orchestration.workflows import default_registry
 from keel.service import Keel
 from keel.settings import Settings
 
@@ -88,7 +89,7 @@ async def _tools(settings: Settings, stack: contextlib.AsyncExitStack) -> ToolCa
     """Built-ins, then ``KEEL_TOOLS``, then the tools of every mounted MCP server (sessions kept on ``stack``)."""
     catalog = ToolCatalog([*builtin_tools(), *load_tools(settings.tools)])
     if settings.mcp_servers:
-        from keel.orchestration.mcp_client import McpMounts, McpServerConfig
+        from keel.orchestration.tools.mcp_client import McpMounts, McpServerConfig
 
         mounts = McpMounts(McpServerConfig.parse_many(settings.mcp_servers))
         stack.push_async_callback(mounts.aclose)
@@ -335,11 +336,11 @@ class ModelReadiness:
         return problem
 
     def _check(self) -> str | None:
-        from keel.orchestration.models.weights import resolve
+        from keel.orchestration.llm.models.weights import resolve
 
         for alias in self._local:
             try:
-                importlib.import_module("keel.orchestration.models.local")
+                importlib.import_module("keel.orchestration.llm.models.local")
                 resolve(alias)
             except ImportError as exc:
                 return f"local:{alias} needs the embedded llama.cpp runtime: pip install 'keel[local]' ({exc})"

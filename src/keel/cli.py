@@ -478,7 +478,7 @@ def tasks_replay(task_id: str, data_dir: DataDir = None) -> None:
     from keel.app import registry_for
     from keel.backends import open_store
     from keel.errors import KeelError, NotFound
-    from keel.orchestration.replay import load_history, replay
+    from keel.orchestration.engine.replay import load_history, replay
 
     settings = _settings(data_dir)
     registry = registry_for(settings)

@@ -44,9 +44,9 @@ from keel.memory.types import (
 )
 from keel.netguard import AllowList, resolve_target
 from keel.orchestration.engine import Engine
-from keel.orchestration.runner import cancelled_envelope
+from keel.orchestration.engine.runner import cancelled_envelope
+from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
-from keel.orchestration.workflow import Workflow, WorkflowRegistry
 from keel.settings import Settings
 
 __all__ = [
@@ -297,8 +297,8 @@ class Keel:
 
     async def cancel(self, tenant: str, task_id: str) -> Task:
         """Idempotent. A queued or parked task is cancelled at once (its envelope:
-        :func:`~keel.orchestration.runner.cancelled_envelope`); a running one is interrupted and keeps its partial
-        result. Returns the task as it is now (not terminal yet when running)."""
+        :func:`~keel.orchestration.engine.runner.cancelled_envelope`); a running one is interrupted and keeps its
+        partial result. Returns the task as it is now (not terminal yet when running)."""
         task = await self.stores.tasks.request_cancel(task_id, tenant)
         if task is None:
             raise NotFound(f"no task {task_id}")

@@ -16,7 +16,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from keel.orchestration.models.weights import DEFAULT_LOCAL
+from keel.orchestration.llm.models.weights import DEFAULT_LOCAL
 
 
 class Settings(BaseSettings):

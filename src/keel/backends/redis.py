@@ -3,7 +3,7 @@
 * :class:`RedisSessionStore` is the session tier (:class:`~keel.memory.stores.SessionStore`) with SQLite's
   semantics: tenant-scoped, a sliding TTL, an expired session never read and started afresh by the next write.
   :func:`keel.backends.open_stores` makes it the app's ``sessions`` handle when ``KEEL_REDIS_URL`` is set.
-* :class:`RedisNotifier` is a :class:`~keel.orchestration.runtime.Notifier` whose ``notify`` also reaches the
+* :class:`RedisNotifier` is a :class:`~keel.orchestration.engine.runtime.Notifier` whose ``notify`` also reaches the
   other replicas over pub/sub. The durable event log stays the source of truth: a lost message, or Redis being
   down, only means a reader wakes at its poll interval instead of at once.
 
@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from keel.memory.types import Session, SessionTurn
-from keel.orchestration.runtime import Notifier
+from keel.orchestration.engine.runtime import Notifier
 
 __all__ = ["RedisNotifier", "RedisSessionStore"]
 
@@ -251,7 +251,7 @@ def _log_retry(state: RetryCallState) -> None:
 
 
 class RedisNotifier(Notifier):
-    """A :class:`~keel.orchestration.runtime.Notifier` shared by every replica through Redis pub/sub.
+    """A :class:`~keel.orchestration.engine.runtime.Notifier` shared by every replica through Redis pub/sub.
 
     ``notify`` wakes this process's waiters at once and queues the task id for publishing (it never blocks);
     one subscription per process wakes the waiters of ids published by the other replicas. When Redis is

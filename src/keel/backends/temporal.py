@@ -7,7 +7,7 @@ The mapping:
   process leases queued tasks from keel's store and starts their workflows; the workflow renews that lease while
   it runs (as the embedded engine's heartbeat does), so keel's own queue, fencing and dead-lettering keep working.
 * **Each ``ctx.step``, model call and tool call is a Temporal activity** (``keel.step``), scheduled by the
-  workflow with the step's timeout (``schedule_to_close``) and its :class:`~keel.orchestration.retry.RetryPolicy`
+  workflow with the step's timeout (``schedule_to_close``) and its :class:`~keel.orchestration.engine.retry.RetryPolicy`
   mapped onto Temporal's (``Retry-After`` becomes ``next_retry_delay``; a non-retryable error is non-retryable).
   Steps are local activities: the step's function may be a closure of the workflow's code, which only the process
   running that code can call. A cancellation reaches the running step at once, in the same process.
@@ -49,8 +49,8 @@ from keel.errors import AwaitingDecision, ConfigError, LeaseLost
 from keel.memory.retrieval import Memory
 from keel.memory.stores import Store
 from keel.memory.types import BlobRef, Decision, EffectSettlement, Lease, StepCheckpoint, Task, TaskStatus
-from keel.orchestration.budget import BudgetMeter
-from keel.orchestration.context import (
+from keel.orchestration.engine.budget import BudgetMeter
+from keel.orchestration.engine.context import (
     PendingStep,
     StepCall,
     StepScope,
@@ -60,13 +60,13 @@ from keel.orchestration.context import (
     step_scope,
     step_usage,
 )
-from keel.orchestration.models import ModelRegistry
-from keel.orchestration.retry import DEFAULT_RETRY
-from keel.orchestration.runner import HandedBack, Interruption, StoreJournal, TaskQueue, TaskRunner
-from keel.orchestration.runtime import Notifier
-from keel.orchestration.toolbox import Services
+from keel.orchestration.engine.retry import DEFAULT_RETRY
+from keel.orchestration.engine.runner import HandedBack, Interruption, StoreJournal, TaskQueue, TaskRunner
+from keel.orchestration.engine.runtime import Notifier
+from keel.orchestration.engine.workflow import WorkflowRegistry
+from keel.orchestration.llm.models import ModelRegistry
 from keel.orchestration.tools import ToolCatalog
-from keel.orchestration.workflow import WorkflowRegistry
+from keel.orchestration.tools.services import Services
 
 log = logging.getLogger("keel.temporal")
 
@@ -448,8 +448,8 @@ class KeelTask:
 
 
 class _TemporalRun:
-    """Temporal's side of one run (:class:`~keel.orchestration.runner.RunHost`), in workflow code: the heartbeat is
-    a durable timer, and the run's end is written to keel's store by an activity, so Temporal records it once."""
+    """Temporal's side of one run (:class:`~keel.orchestration.engine.runner.RunHost`), in workflow code: the heartbeat
+    is a durable timer, and the run's end is written to keel's store by an activity, so Temporal records it once."""
 
     def __init__(self, task: KeelTask, journal: TemporalJournal) -> None:
         self.task = task

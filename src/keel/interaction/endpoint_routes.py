@@ -37,7 +37,7 @@ from keel.interaction.schemas import (
 )
 from keel.interaction.sse import event_response
 from keel.memory.types import ApiKey, TaskStatus
-from keel.orchestration.endpoint_workflows import ChatMessage, check_output_schema
+from keel.orchestration.workflows.endpoints import ChatMessage, check_output_schema
 from keel.service import Keel
 
 router = APIRouter(prefix="/v1", tags=["endpoints"])

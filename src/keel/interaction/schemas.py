@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from keel.memory.types import EffectStatus, ModelStats, Task, TaskStatus, Verdict
-from keel.orchestration.envelope import Envelope
+from keel.orchestration.engine.envelope import Envelope
 from keel.service import Submission, Webhook
 
 __all__ = [

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from keel.orchestration.models import Message
+from keel.orchestration.llm.models import Message
 from keel.testing.fake_llm import Behaviour, Hang, Reply
 from keel.testing.models import AgentInfo
 

@@ -1,6 +1,6 @@
 """The store conformance suite, one suite per seam (STYLE.md pattern 2). Every backend passes the suites of the
-seams it serves: ``tests/test_store_conformance.py`` runs them all over the in-memory twin, SQLite and Postgres
-(each serves every seam), and ``tests/test_redis.py`` runs the session suite over Redis.
+seams it serves: ``tests/backends/test_store_conformance.py`` runs them all over the in-memory twin, SQLite and Postgres
+(each serves every seam), and ``tests/backends/test_redis.py`` runs the session suite over Redis.
 
 Each check is a plain ``async def check_*(store)`` so any test runner can drive it; its parameter's type says which
 seams it needs. Checks of the seams that commit together (tasks, events, outbox, workflow state, effects,

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
-from keel.orchestration.models.base import (
+from keel.orchestration.llm.models.base import (
     FinishEvent,
     Message,
     Model,

@@ -1,0 +1,97 @@
+"""Every store backend passes the same conformance suite (STYLE.md pattern 2)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from keel.backends import open_store
+from keel.backends.sqlite import SQLiteStore
+from keel.memory.stores import Store
+from keel.testing.conformance import SUITES
+from keel.testing.inmemory import InMemoryStore
+from postgres_server import fresh_postgres_store
+
+# -- a real Postgres for the session ----------------------------------------------------------------------------
+# Started once through scripts/postgres.sh (or taken from KEEL_TEST_POSTGRES_URL), shared by every module that
+# imports these fixtures, and stopped when the last of them is torn down. No server: the Postgres tests skip, with
+# the reason, never pass silently.
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "postgres":
+        s = await fresh_postgres_store(request.getfixturevalue("postgres_url"))
+    else:
+        s = InMemoryStore() if request.param == "memory" else open_store(f"sqlite:///{tmp_path / 'k.db'}")
+    yield s
+    await s.aclose()
+
+
+@pytest.mark.parametrize(
+    "check",
+    [pytest.param(check, id=f"{seam}-{check.__name__.removeprefix('check_')}") for seam, checks in SUITES.items()
+     for check in checks],
+)  # fmt: skip
+async def test_conformance(store: Store, check: Callable[[Store], Awaitable[None]]) -> None:
+    """Every seam's suite: each of these backends serves every seam."""
+    await check(store)
+
+
+def test_sqlite_is_wal_with_synchronous_full(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "k.db")
+    assert store.pragma("journal_mode") == "wal"
+    assert store.pragma("synchronous") == 2  # FULL
+
+
+async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
+    from keel.testing.conformance import _new
+
+    path = tmp_path / "k.db"
+    first = SQLiteStore(path)
+    res = await first.create_task(_new(), None, 1.0)
+    await first.aclose()
+    second = SQLiteStore(path)  # migrations are idempotent
+    assert res.task and await second.get_task(res.task.id)
+    await second.aclose()
+
+
+async def test_sqlite_replaced_state_blobs_are_collected_and_shared_ones_kept(tmp_path: Path) -> None:
+    """Overwriting a large partial result must not leave the old payload behind (the DB would grow with every
+    write); a blob still referenced by a step of the same content survives."""
+    import sqlite3
+
+    from keel.memory.blobs import INLINE_LIMIT
+    from keel.memory.types import StepCheckpoint
+    from keel.testing.conformance import _new
+
+    path = tmp_path / "k.db"
+    store = SQLiteStore(path)
+    res = await store.create_task(_new(), None, 1.0)
+    assert res.task
+    lease = await store.lease_next("w", 1.0, 30, 5)
+    assert lease
+    big = ["x" * (INLINE_LIMIT + i) for i in range(5)]
+    await store.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f", result=big[0]), [], 2.0)
+    for i, value in enumerate(big):
+        await store.set_state(lease, "partial:doc", value, None, 2.0 + i)
+    with sqlite3.connect(path) as conn:
+        sizes = sorted(r[0] for r in conn.execute("SELECT size FROM blobs"))
+    # big[0] is still the step's result; big[1..3] were replaced; big[4] is the current state.
+    assert sizes == sorted({len(big[0]) + 2, len(big[4]) + 2})
+    assert (await store.load_state(res.task.id))["partial:doc"] == big[4]
+    await store.aclose()
+
+
+def test_postgres_url_without_the_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from keel.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "keel.backends.postgres", raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'keel\[postgres\]'"):
+        open_store("postgresql://localhost/keel")
