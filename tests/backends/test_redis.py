@@ -121,7 +121,7 @@ async def test_the_engine_sweep_reaches_sessions_in_redis(tmp_path: Path, redis_
     from types import SimpleNamespace
 
     from keel.backends import open_stores
-    from keel.orchestration.runner import sweep_expired
+    from keel.orchestration.engine.runner import sweep_expired
 
     stores = open_stores(f"sqlite:///{tmp_path / 'k.db'}", redis_url=redis_url)
     try:
