@@ -329,8 +329,8 @@ async def test_session_turns_survive_a_restart_until_their_ttl(tmp_path: Path) -
 
 
 async def test_ask_with_a_session_remembers_earlier_turns(store: SQLiteStore, tmp_path: Path) -> None:
-    from keel.orchestration.engine.workflow import ASK
     from keel.orchestration.llm.models import ModelRegistry
+    from keel.orchestration.workflows.basic import ASK
     from keel.testing.models import FunctionModel
 
     seen: list[list[str]] = []

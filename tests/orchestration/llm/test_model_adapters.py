@@ -529,7 +529,7 @@ def test_the_test_doubles_are_found_in_a_fresh_process() -> None:
 
 
 def test_a_registered_provider_is_built_and_listed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from keel.orchestration import models
+    from keel.orchestration.llm import models
     from keel.testing.models import FakeModel
 
     monkeypatch.setattr(models, "MODEL_PROVIDERS", Registry("keel.models", []))

@@ -319,7 +319,7 @@ async def test_pdf_encrypted_only_for_permissions_opens_without_a_password(servi
 async def test_a_slow_parse_times_out(services: Services, docs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from keel.orchestration.tools.services import documents
+    from keel.orchestration.tools import documents
 
     def slow(*args: object) -> None:
         time.sleep(0.2)
