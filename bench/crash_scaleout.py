@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _doc import cpu_model, write_section  # noqa: E402
 
+from payment_sink import Sink  # noqa: E402
 from scaleout import CrashReport, cluster, run_crash_test, stop_services  # noqa: E402
-from test_effects_crash import Sink  # noqa: E402
 
 START, END = "<!-- crash_scaleout:start -->", "<!-- crash_scaleout:end -->"
 START_T, END_T = "<!-- crash_scaleout_temporal:start -->", "<!-- crash_scaleout_temporal:end -->"
