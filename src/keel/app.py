@@ -26,6 +26,7 @@ from keel.interaction.endpoint_routes import router as endpoint_router
 from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
 from keel.interaction.memory_routes import router as memory_router
+from keel.interaction.openai_compat import router as openai_router
 from keel.interaction.routes import router
 from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
@@ -386,6 +387,7 @@ def create_app(
     app.include_router(tool_router)
     app.include_router(memory_router)
     app.include_router(endpoint_router)
+    app.include_router(openai_router)  # after `router`: its /v1/models/stats wins over /v1/models/{id}
     app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
 
     @app.get("/healthz", include_in_schema=True, tags=["ops"])

@@ -8,8 +8,9 @@ from keel.orchestration.workflows.basic import ASK, DIAGNOSTIC, TOOL_CALL
 from keel.orchestration.workflows.document_analysis import DOCUMENT_ANALYSIS
 from keel.orchestration.workflows.endpoints import AGENT, FUNCTION_CALL, REASON
 from keel.orchestration.workflows.memory import INGEST, MEMORY_REINDEX
+from keel.orchestration.workflows.respond import RESPOND
 
-BUILTIN = (DIAGNOSTIC, ASK, TOOL_CALL, INGEST, MEMORY_REINDEX, DOCUMENT_ANALYSIS, AGENT, REASON, FUNCTION_CALL)
+BUILTIN = (DIAGNOSTIC, ASK, TOOL_CALL, INGEST, MEMORY_REINDEX, DOCUMENT_ANALYSIS, AGENT, REASON, FUNCTION_CALL, RESPOND)
 
 
 def default_registry() -> WorkflowRegistry:
