@@ -45,6 +45,7 @@ from keel.interaction.openai_stream import (
     ChunkEncoder,
     chat_id,
     numbered,
+    response_id_of,
     response_of,
     streamed_text,
     streams_answer,
@@ -102,12 +103,8 @@ def _sse(events: AsyncIterator[dict[str, Any]], keel: Keel, headers: dict[str, s
 
 def _stream(keel: Keel, task: Task, after: int = -1) -> EventSourceResponse:
     """The response's events after sequence number ``after``, from the task's log walked from its start."""
-    headers = {"X-Keel-Task-Id": task.id, "Location": f"/v1/responses/{task_id_of_response(task)}"}
+    headers = {"X-Keel-Task-Id": task.id, "Location": f"/v1/responses/{response_id_of(task.id)}"}
     return _sse(numbered(task, keel.events(task.id), after), keel, headers)
-
-
-def task_id_of_response(task: Task) -> str:
-    return "resp_" + task.id.removeprefix("tsk_")
 
 
 # -- POST /v1/responses ------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ __all__ = [
     "answer_delta",
     "final_text",
     "numbered",
-    "response_id",
+    "response_id_of",
     "response_of",
     "task_id_of",
 ]
@@ -65,7 +65,7 @@ TERMINAL_EVENT: dict[ResponseStatus, str] = {
 _TASK, _RESP = "tsk_", "resp_"
 
 
-def response_id(task_id: str) -> str:
+def response_id_of(task_id: str) -> str:
     """``tsk_…`` ↔ ``resp_…``: the same id, so a response is found without a lookup table."""
     return _RESP + task_id.removeprefix(_TASK)
 
@@ -147,7 +147,7 @@ def response_of(task: Task, streamed: str = "") -> ResponseObject:
     elif task.status is TaskStatus.waiting_for_approval:
         incomplete = IncompleteDetails(reason=task.status.value)
     return ResponseObject(
-        id=response_id(task.id),
+        id=response_id_of(task.id),
         created_at=int(task.created_at),
         completed_at=int(task.finished_at) if task.finished_at is not None and task.status.terminal else None,
         status=status,
