@@ -9,6 +9,7 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
     │   ├── NotFound                # no such resource for this tenant (404)
     │   ├── IdempotencyKeyReused    # same Idempotency-Key, different body (422)
     │   ├── IdempotencyInFlight     # same Idempotency-Key, original still being processed (409)
+    │   ├── TaskNotFinished         # an operation that needs an ended task, on one still running (409)
     │   └── BlockedAddress          # a URL whose target the SSRF rules refuse (422)
     ├── AuthError                   # missing or bad credentials (401)
     │   └── Forbidden               # authenticated, but lacks a scope (403)
@@ -78,6 +79,11 @@ class IdempotencyKeyReused(InputError):
 
 class IdempotencyInFlight(InputError):
     code = "idempotency_in_flight"
+    status = 409
+
+
+class TaskNotFinished(InputError):
+    code = "task_not_finished"
     status = 409
 
 

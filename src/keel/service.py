@@ -295,6 +295,13 @@ class Keel:
             task = found
         return task
 
+    async def delete(self, tenant: str, task_id: str) -> None:
+        """Forget an ended task and what it recorded (its events, steps, state, decisions, effect rows and
+        idempotency keys; deliveries it queued still go out). A task that has not ended is refused
+        (:class:`~keel.errors.TaskNotFinished`, 409): cancel it first."""
+        if not await self.stores.tasks.delete_task(task_id, tenant):
+            raise NotFound(f"no task {task_id}")
+
     async def cancel(self, tenant: str, task_id: str) -> Task:
         """Idempotent. A queued or parked task is cancelled at once (its envelope:
         :func:`~keel.orchestration.engine.runner.cancelled_envelope`); a running one is interrupted and keeps its

@@ -209,9 +209,18 @@ def test_errors_are_problems_with_the_status_codes_the_sdk_maps(env: Env) -> Non
     workflow = client.responses.create(model="keel:diagnostic", input='{"steps": 1, "step_seconds": 0}')
     with pytest.raises(openai.UnprocessableEntityError):
         client.responses.create(model="test", input="go on", previous_response_id=workflow.id)
-    with pytest.raises(openai.APIStatusError) as deleted:
+    running = client.responses.create(
+        model="keel:diagnostic", input='{"steps": 20, "step_seconds": 1}', background=True
+    )
+    with pytest.raises(openai.ConflictError):  # still running: cancel it first
+        client.responses.delete(running.id)
+    client.responses.cancel(running.id)
+    assert client.responses.retrieve(workflow.id).status == "completed"
+    client.responses.delete(workflow.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(workflow.id)
+    with pytest.raises(openai.NotFoundError):
         client.responses.delete(workflow.id)
-    assert deleted.value.status_code == 501
 
 
 # -- Chat Completions and Models --------------------------------------------------------------------------------

@@ -645,6 +645,23 @@ class PostgresStore(PostgresMemory):
 
         return await self._tx(op)
 
+    async def delete_task(self, task_id: str, tenant: str) -> bool:
+        async def op(conn: Conn) -> bool:
+            task = await self._get(conn, task_id, tenant=tenant, lock=True)
+            if task is None:
+                return False
+            task.check_deletable()
+            cur = await conn.execute(rows.TASK_BLOBS.format("%(id)s"), {"id": task_id})
+            blobs = [r["blob_id"] for r in await cur.fetchall()]
+            for table in rows.TASK_RECORDS:
+                await conn.execute(f"DELETE FROM {table} WHERE task_id = %s", (task_id,))
+            await conn.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
+            for blob in blobs:
+                await self._drop_blob_if_unused(conn, blob, None)
+            return True
+
+        return await self._tx(op)
+
     async def sweep_idempotency(self, now: float) -> int:
         async def op(conn: Conn) -> int:
             cur = await conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= %s", (now,))

@@ -41,6 +41,14 @@ from keel.memory.types import (
     webhook_payload,
 )
 
+TASK_RECORDS = ("events", "steps", "workflow_state", "decisions", "effects", "idempotency_keys")
+"""What a deleted task takes with it (``DELETE … WHERE task_id = …``); its outbox and emails stay, to be delivered."""
+TASK_BLOBS = (
+    "SELECT blob_id FROM steps WHERE task_id = {0} AND blob_id IS NOT NULL "
+    "UNION SELECT blob_id FROM workflow_state WHERE task_id = {0} AND blob_id IS NOT NULL"
+)
+"""The blobs a task's steps and state refer to (``.format(placeholder)``): deleted with it unless shared."""
+
 CHUNK_COLS = "id, document_id, tenant, space, page, char_start, char_end, text, content_hash, created_at, expires_at"
 """The chunk columns read back without the vector."""
 

@@ -632,6 +632,22 @@ class SQLiteStore(SQLiteMemory):
 
         return await self._write(op)
 
+    async def delete_task(self, task_id: str, tenant: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            task = tenants(self._get(conn, task_id), tenant)
+            if task is None:
+                return False
+            task.check_deletable()
+            blobs = [r[0] for r in conn.execute(rows.TASK_BLOBS.format("?"), (task_id, task_id))]
+            for table in rows.TASK_RECORDS:
+                conn.execute(f"DELETE FROM {table} WHERE task_id = ?", (task_id,))
+            conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+            for blob in blobs:
+                self._drop_blob_if_unused(conn, blob, None)
+            return True
+
+        return await self._write(op)
+
     async def sweep_idempotency(self, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)).rowcount

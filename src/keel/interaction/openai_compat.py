@@ -33,6 +33,7 @@ from keel.interaction.openai_schemas import (
     ChatMessageOut,
     ChatUsage,
     CreateResponse,
+    DeletedResponse,
     FormatJsonObject,
     FormatJsonSchema,
     FunctionToolRef,
@@ -296,24 +297,19 @@ async def cancel_response(response_id: str, keel: App, key: Writer) -> ResponseO
 @router.delete(
     "/responses/{response_id}",
     operation_id="deleteResponse",
-    status_code=501,
+    response_model=DeletedResponse,
     responses={
         **errors("No such response for this tenant"),
-        501: problem("keel keeps every task's record; deleting one is not served yet. Cancel it to stop it."),
+        409: problem("The response has not ended: cancel it first"),
     },
-    summary="Delete a response (not served)",
+    summary="Delete a response",
 )
-async def delete_response(response_id: str, keel: App, key: Writer) -> Response:
-    """keel keeps a task's record (its envelope, event log and effect ledger) and has no deletion yet; this says
-    so with a problem rather than claiming a deletion that did not happen. Unknown ids are a 404."""
-    await _task(keel, key.tenant, response_id)
-    return problem_response(
-        501,
-        "Not Implemented",
-        "keel keeps every response's record (envelope, events, effect ledger); deleting one is not served yet. "
-        "POST /v1/responses/{id}/cancel stops a running one.",
-        type="urn:keel:problem:not_implemented",
-    )
+async def delete_response(response_id: str, keel: App, key: Writer) -> DeletedResponse:
+    """Forget an ended response: its task, event log, steps, state and effect rows (a webhook or email it already
+    queued is still delivered). A response still running is a 409: cancel it, then delete it."""
+    task = await _task(keel, key.tenant, response_id)
+    await keel.delete(key.tenant, task.id)
+    return DeletedResponse(id=response_id)
 
 
 # -- POST /v1/chat/completions ---------------------------------------------------------------------------------------

@@ -88,6 +88,14 @@ class TaskStore(Backend, Protocol):
 
     async def request_cancel(self, task_id: str, tenant: str) -> Task | None: ...
 
+    async def delete_task(self, task_id: str, tenant: str) -> bool:
+        """Delete an ended task of ``tenant`` and what it recorded, in one transaction: its events, steps, state,
+        decisions, effect ledger rows and idempotency keys (a blob no other task refers to goes too). Deliveries it
+        already queued (webhook messages, emails) are kept: they are promises made before the deletion. False when
+        the tenant has no such task; a task that has not ended raises
+        :class:`~keel.errors.TaskNotFinished` (:meth:`Task.check_deletable`)."""
+        ...
+
     async def sweep_idempotency(self, now: float) -> int: ...
 
 

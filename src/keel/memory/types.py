@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from keel.errors import InputError, NotFound
+from keel.errors import InputError, NotFound, TaskNotFinished
 
 
 class TaskStatus(StrEnum):
@@ -90,6 +90,12 @@ class Task:
     dead_lettered: bool = False
     policy: dict[str, Any] = field(default_factory=dict)
     cache_key: str | None = None
+
+    def check_deletable(self) -> None:
+        """Only a task that has ended may be deleted: a queued, running or parked one still has a worker, a lease or
+        a person's decision pointing at it. Cancel it, and delete it once it has ended."""
+        if not self.status.terminal:
+            raise TaskNotFinished(f"task {self.id} is {self.status.value}: cancel it, and delete it once it has ended")
 
     def request_cancel(self) -> bool:
         """Ask the task to stop. A terminal task is final, so it is left as it is; a queued, running or parked

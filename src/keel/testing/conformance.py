@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from keel.errors import InputError, LeaseLost, NotFound
+from keel.errors import InputError, LeaseLost, NotFound, TaskNotFinished
 from keel.memory.blobs import INLINE_LIMIT
 from keel.memory.stores import (
     DecisionStore,
@@ -550,6 +550,37 @@ async def check_result_cache(store: CachedTasks) -> None:
     assert await store.cached_result("t1", "fp2", T0) is None  # only successes are reused
 
 
+async def check_delete_task(store: TaskBackend) -> None:
+    res = await store.create_task(_new(), _claim("del", "h1"), T0)
+    assert res.task is not None
+    tid = res.task.id
+    lease = await store.lease_next("w", T0, 30, 5)
+    assert lease is not None
+    try:
+        await store.delete_task(tid, "t1")
+        raise AssertionError("a running task was deleted")
+    except TaskNotFinished:
+        pass
+    big_value = {"text": "lorem ipsum " * (INLINE_LIMIT // 6)}
+    await store.record_step(lease, StepCheckpoint(key="a", seq=1, fn="m.a", result=big_value), [], T0 + 1)
+    await store.set_state(lease, "partial", {"n": 1}, None, T0 + 1)
+    effect = EffectRecord(key="dk", task_id=tid, step="tool:x", tool="x", args={}, executions=1)
+    await store.begin_effect(lease, effect, T0 + 1)
+    [step] = await store.load_steps(tid)
+    assert isinstance(step.result, BlobRef)
+    await store.finish(lease, tid, TaskStatus.succeeded, {"status": "success", "result": None, "errors": []}, T0 + 2)
+    assert not await store.delete_task(tid, "t2")  # another tenant's task looks missing, and stays
+    assert await store.get_task(tid) is not None
+    assert await store.delete_task(tid, "t1")
+    assert await store.get_task(tid) is None and await store.read(tid, 0) == []
+    assert await store.load_steps(tid) == [] and await store.load_state(tid) == {}
+    assert await store.get_effect("dk") is None
+    assert not await store.delete_task(tid, "t1")  # already gone
+    # the idempotency key went with it: the same request makes a new task
+    again = await store.create_task(_new(), _claim("del", "h1"), T0 + 3)
+    assert again.outcome is CreateOutcome.created and again.task is not None and again.task.id != tid
+
+
 TASK_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_create_and_get,
     check_idempotency,
@@ -558,6 +589,7 @@ TASK_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_lease_fencing,
     check_cancel_and_requeue,
     check_poison_dead_letter,
+    check_delete_task,
 ]
 OUTBOX_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_finish_outbox_and_end_event,

@@ -234,6 +234,19 @@ class InMemoryStore(InMemoryMemory):
             task.request_cancel()
         return copy.deepcopy(task)
 
+    async def delete_task(self, task_id: str, tenant: str) -> bool:
+        task = tenants(self._task(task_id), tenant)
+        if task is None:
+            return False
+        task.check_deletable()
+        del self._tasks[task_id]
+        self._steps.pop(task_id, None)
+        self._state.pop(task_id, None)
+        self._keys = {k: c for k, c in self._keys.items() if c.task_id != task_id}
+        self._effects = {k: e for k, e in self._effects.items() if e.task_id != task_id}
+        self._decisions = {k: d for k, d in self._decisions.items() if d.task_id != task_id}
+        return True
+
     def _put(self, value: Any) -> Any:
         packed = pack(value)
         if packed.blob_id is not None and packed.blob is not None:
