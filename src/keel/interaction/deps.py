@@ -8,15 +8,13 @@ from fastapi import Depends, Request
 
 from keel.service import Keel
 
-PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
-"""An OpenAPI response body: RFC 9457 problem details (``keel.interaction.problems`` writes them)."""
-
 Responses = dict[int | str, dict[str, Any]]
 
 
 def problem(description: str) -> dict[str, Any]:
-    """One documented problem answer."""
-    return {"description": description, **PROBLEM}
+    """One documented problem answer. Its body schema, ``Problem`` as ``application/problem+json``, is added to
+    every non-2xx answer in one place (:func:`keel.interaction.openapi.finish`)."""
+    return {"description": description}
 
 
 def errors(missing: str | None = None) -> Responses:

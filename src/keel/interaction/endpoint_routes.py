@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from keel.errors import InputError
 from keel.interaction.auth import Writer
 from keel.interaction.deps import App, errors, problem
+from keel.interaction.openapi import EventStream, event_stream
 from keel.interaction.routes import IdempotencyKey, submit_task, submitted_headers
 from keel.interaction.schemas import (
     BudgetSpec,
@@ -265,17 +266,28 @@ def _responses(ok: dict[str, Any], *, sync: bool = True, sse: bool = False) -> d
     return out
 
 
-def _answering(path: str, *, summary: str, ok: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
+def _answering(
+    path: str, *, summary: str, ok: str, operation_id: str
+) -> Callable[[DecoratedCallable], DecoratedCallable]:
     """A synchronous endpoint's route: 200 with the task's envelope when it is done within `wait_s`, else 202."""
-    return router.post(path, response_model=TaskResult, responses=_responses({"description": ok}), summary=summary)
+    return router.post(
+        path,
+        response_model=TaskResult,
+        responses=_responses({"description": ok}),
+        summary=summary,
+        operation_id=operation_id,
+    )
 
 
-SSE_OK = {
-    "description": "Server-sent events from the task's durable log: `token` events as the model writes, then "
-    "`end` with the envelope. `id:` is the event's sequence number; after a dropped connection resume with "
+SSE_OK = event_stream(
+    "Server-sent events from the task's durable log: `token` events as the model writes, then `end` with the "
+    "envelope. `id:` is the event's sequence number; after a dropped connection resume with "
     "`GET /v1/tasks/{id}/events` and `Last-Event-ID`. Headers: `Location` and `X-Keel-Task-Id`.",
-    "content": {"text/event-stream": {"example": 'id: 4\nevent: token\ndata: {"step": "answer", "text": "Hi"}\n\n'}},
-}
+    'id: 3\nevent: step_started\ndata: {"step": "answer", "kind": "model", "attempt": 1}\n\n'
+    'id: 4\nevent: token\ndata: {"step": "answer", "text": "Hi"}\n\n'
+    'id: 7\nevent: end\ndata: {"status": "succeeded", "envelope": {"status": "success", '
+    '"result": {"answer": "Hi there."}, "errors": [], "metadata": {}}}\n\n',
+)
 
 
 # -- chat ---------------------------------------------------------------------------------------------------------
@@ -301,12 +313,13 @@ CHAT_EXAMPLES: dict[str, Any] = {
             {
                 "description": "The answer (`envelope.result.answer`) with its session; or, with `stream: true`, "
                 "`text/event-stream` (see `POST /v1/stream`).",
-                "content": {"text/event-stream": {}},
+                "content": SSE_OK["content"],
             }
         ),
         202: {"model": ChatAccepted, "description": "Not done within `wait_s`: the task handle and the session."},
     },
     summary="Chat with session memory",
+    operation_id="chat",
 )
 async def chat(
     body: Annotated[ChatRequest, Body(openapi_examples=CHAT_EXAMPLES)],
@@ -358,6 +371,7 @@ AGENT_EXAMPLES: dict[str, Any] = {
     response_model=TaskAccepted,
     responses=_responses({}, sync=False),
     summary="Run a tool-using agent",
+    operation_id="runAgent",
 )
 async def run(
     body: Annotated[AgentRequest, Body(openapi_examples=AGENT_EXAMPLES)],
@@ -406,6 +420,7 @@ REASON_EXAMPLES: dict[str, Any] = {
 @_answering(
     "/reason",
     summary="Structured reasoning against a JSON Schema",
+    operation_id="reason",
     ok="Done within `wait_s`: `envelope.result` is the JSON answer. `success`: it satisfies the schema; "
     "`partial_success`: the best answer, with one `schema_violation` error (and its `pointer` into the result) per "
     "violation; `failed` with `invalid_json`: no answer was JSON.",
@@ -452,6 +467,7 @@ FUNCTION_CALL_EXAMPLES: dict[str, Any] = {
 @_answering(
     "/function-call",
     summary="Tool calls from a model, checked (and optionally run)",
+    operation_id="functionCall",
     ok="Done within `wait_s`: `envelope.result` is `{calls: [{id, tool, arguments, valid, problems?, ok?, result?, "
     "error?}], text, executed}`. Invalid calls are never run; each problem is also an envelope error with a "
     "`pointer` into `result`.",
@@ -495,8 +511,9 @@ STREAM_EXAMPLES: dict[str, Any] = {
 @router.post(
     "/stream",
     responses=_responses(SSE_OK, sse=True),
-    response_class=Response,
+    response_class=EventStream,
     summary="Stream a model's answer (SSE)",
+    operation_id="streamAnswer",
 )
 async def stream(
     body: Annotated[StreamRequest, Body(openapi_examples=STREAM_EXAMPLES)],

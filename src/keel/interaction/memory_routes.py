@@ -131,6 +131,7 @@ async def _read_request(request: Request) -> tuple[bytes | None, str, str | None
         422: problem("No file, an empty file, a bad JSON body, or a URL the SSRF rules refuse"),
     },
     summary="Ingest a document",
+    operation_id="ingestDocument",
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -169,26 +170,44 @@ async def ingest_document(request: Request, keel: App, key: Writer) -> JSONRespo
     )
 
 
-@router.get("/documents/{document_id}", response_model=DocumentView, responses=ERRORS, summary="A document")
+@router.get(
+    "/documents/{document_id}",
+    response_model=DocumentView,
+    responses=ERRORS,
+    summary="A document",
+    operation_id="getDocument",
+)
 async def get_document(document_id: str, keel: App, key: Reader) -> DocumentView:
     return DocumentView(**(await keel.document(key.tenant, document_id)).public())
 
 
-@router.get("/documents", response_model=list[DocumentView], responses=ERRORS, summary="Documents")
+@router.get(
+    "/documents",
+    response_model=list[DocumentView],
+    responses=errors(),
+    summary="Documents",
+    operation_id="listDocuments",
+)
 async def list_documents(
     keel: App, key: Reader, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> list[DocumentView]:
     return [DocumentView(**d.public()) for d in await keel.documents(key.tenant, limit=limit)]
 
 
-@router.delete("/documents/{document_id}", status_code=204, responses=ERRORS, summary="Forget a document")
+@router.delete(
+    "/documents/{document_id}",
+    status_code=204,
+    responses=ERRORS,
+    summary="Forget a document",
+    operation_id="deleteDocument",
+)
 async def delete_document(document_id: str, keel: App, key: Writer) -> Response:
     """Delete the document and every chunk of it, in every embedding space."""
     await keel.delete_document(key.tenant, document_id)
     return Response(status_code=204)
 
 
-@router.post("/memory/search", responses=ERRORS, summary="Search vector memory")
+@router.post("/memory/search", responses=ERRORS, summary="Search vector memory", operation_id="searchMemory")
 async def search(body: SearchBody, keel: App, key: Reader) -> dict[str, Any]:
     """The `k` passages closest to `query`, with cosine scores and a confidence signal (`confidence` 0–1 and
     `level` high/medium/low/none). Only chunks of the configured embedding model's version are compared."""
@@ -196,14 +215,14 @@ async def search(body: SearchBody, keel: App, key: Reader) -> dict[str, Any]:
     return found.summary(text_chars=4000)
 
 
-@router.get("/memory/spaces", responses=ERRORS, summary="Embedding spaces")
+@router.get("/memory/spaces", responses=errors(), summary="Embedding spaces", operation_id="listEmbeddingSpaces")
 async def spaces(keel: App, key: Reader) -> dict[str, Any]:
     """Every embedding space (model@version) that holds chunks, and which one queries use now."""
     current, spaces = await keel.spaces()
     return {"current": current, "spaces": spaces}
 
 
-@router.get("/sessions/{session_id}", responses=ERRORS, summary="A session's memory")
+@router.get("/sessions/{session_id}", responses=ERRORS, summary="A session's memory", operation_id="getSession")
 async def get_session(session_id: str, keel: App, key: Reader) -> dict[str, Any]:
     session = await keel.session(key.tenant, session_id)
     return {
@@ -214,7 +233,13 @@ async def get_session(session_id: str, keel: App, key: Reader) -> dict[str, Any]
     }
 
 
-@router.delete("/sessions/{session_id}", status_code=204, responses=ERRORS, summary="Forget a session")
+@router.delete(
+    "/sessions/{session_id}",
+    status_code=204,
+    responses=ERRORS,
+    summary="Forget a session",
+    operation_id="deleteSession",
+)
 async def delete_session(session_id: str, keel: App, key: Writer) -> Response:
     await keel.delete_session(key.tenant, session_id)
     return Response(status_code=204)

@@ -401,7 +401,7 @@ async def create_chat_completion(
             "no answer in time; the task goes on",
             type="urn:keel:problem:timeout",
             headers=headers,
-            context={"task_id": task.id},
+            extensions={"task_id": task.id},
         )
     if task.status not in (TaskStatus.succeeded, TaskStatus.partial_success):
         errs = (task.envelope or {}).get("errors") or []
@@ -411,7 +411,7 @@ async def create_chat_completion(
             errs[0]["message"] if errs else "the task failed",
             type="urn:keel:problem:task_failed",
             headers=headers,
-            context={"task_id": task.id, "status": task.status.value, "errors": errs},
+            extensions={"task_id": task.id, "task_status": task.status.value, "task_errors": errs},
         )
     done = _completion(task, model, body.session)
     return JSONResponse(done.model_dump(mode="json"), headers=headers)

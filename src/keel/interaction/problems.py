@@ -1,4 +1,12 @@
-"""RFC 9457 problem details: every non-2xx response, mapped in one place. No tracebacks, no paths."""
+"""RFC 9457 problem details: every non-2xx response, mapped in one place. No tracebacks, no paths.
+
+One shape on every endpoint: ``type`` (``urn:keel:problem:<slug>``), ``title``, ``status``, ``detail``, and the
+error's own extension members at the top level. A request that does not validate, whether FastAPI found it (the
+body or a parameter) or keel did (a workflow's input schema, a tool allowlist, an upload), is ``validation_error``
+with ``errors[]``: one ``{pointer, message}`` per problem, ``pointer`` a JSON pointer into the request body.
+:class:`Problem` is that shape; the OpenAPI document declares it on every non-2xx response
+(:mod:`keel.interaction.openapi`), and every body here is built through it, so the two cannot drift.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +18,59 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from keel.errors import KeelError
+from keel.errors import InputError, KeelError
 
 log = logging.getLogger("keel.http")
 PROBLEM_JSON = "application/problem+json"
+VALIDATION_ERROR = "urn:keel:problem:validation_error"
+
+
+class ProblemError(BaseModel):
+    """One reason a request was refused."""
+
+    model_config = ConfigDict(extra="allow")
+    pointer: str = Field(description="JSON pointer (RFC 6901) into the request body, e.g. `/input/documents/0`.")
+    message: str = Field(description="What is wrong there.")
+    type: str | None = Field(None, description="The validator's kind, e.g. `missing` or `string_too_short`.")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: the body of every non-2xx answer (`application/problem+json`)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "urn:keel:problem:not_found",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "no task tsk_9c1f0e",
+                },
+                {
+                    "type": VALIDATION_ERROR,
+                    "title": "Validation failed",
+                    "status": 422,
+                    "detail": "input does not match the workflow's schema",
+                    "errors": [{"pointer": "/input/steps", "message": "Input should be a valid integer"}],
+                },
+            ]
+        },
+    )
+    type: str = Field("about:blank", description="`urn:keel:problem:<slug>`; the slug is stable and machine-readable.")
+    title: str = Field(description="The HTTP status phrase, or a short summary of the problem kind.")
+    status: int = Field(ge=400, le=599, description="The HTTP status code, repeated.")
+    detail: str | None = Field(None, description="What went wrong with this request, for a person.")
+    instance: str | None = Field(None, description="A URI for this occurrence, when there is one.")
+    errors: list[ProblemError] | None = Field(
+        None, description="With `validation_error`: every field that failed, by JSON pointer."
+    )
+
+
+_MEMBERS = frozenset(Problem.model_fields)
 
 
 def problem(
@@ -25,13 +80,21 @@ def problem(
     *,
     type: str | None = None,
     headers: Mapping[str, str] | None = None,
-    **extra: Any,
+    extensions: Mapping[str, object] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"type": type or "about:blank", "title": title, "status": status}
-    if detail:
-        body["detail"] = detail
-    body.update(extra)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    """A problem+json answer. ``extensions`` are extension members (``errors`` among them); they never shadow the
+    standard ones (a colliding name, such as an upstream ``status``, is left out rather than misreport the
+    answer's own)."""
+    extra = {k: v for k, v in (extensions or {}).items() if k not in _MEMBERS or k == "errors"}
+    body = Problem.model_validate(
+        {**extra, "type": type or "about:blank", "title": title, "status": status, "detail": detail or None}
+    )
+    return JSONResponse(
+        body.model_dump(mode="json", exclude_none=True),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
 
 
 def _pointer(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -41,18 +104,27 @@ def _pointer(loc: tuple[Any, ...] | list[Any]) -> str:
     return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
+def of_error(exc: KeelError) -> JSONResponse:
+    """A :class:`KeelError` as a problem: its code is the slug, its message the detail, its ``detail`` mapping
+    the extension members. A plain :class:`InputError` that lists ``errors`` is a ``validation_error``, the same
+    kind as a body FastAPI refused: a client handles one shape, whichever layer caught the mistake."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if type(exc) is InputError and "errors" in exc.detail:
+        return problem(exc.status, "Validation failed", exc.message, type=VALIDATION_ERROR, extensions=exc.detail)
+    return problem(
+        exc.status,
+        HTTPStatus(exc.status).phrase,
+        exc.message,
+        type=f"urn:keel:problem:{exc.code}",
+        headers=headers,
+        extensions=exc.detail,
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return problem(
-            exc.status,
-            HTTPStatus(exc.status).phrase,
-            exc.message,
-            type=f"urn:keel:problem:{exc.code}",
-            headers=headers,
-            **({"context": exc.detail} if exc.detail else {}),
-        )
+        return of_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -65,8 +137,8 @@ def install(app: FastAPI) -> None:
             422,
             "Malformed JSON" if malformed else "Validation failed",
             "The request body is not valid JSON." if malformed else "The request does not match the schema.",
-            type="urn:keel:problem:" + ("malformed_json" if malformed else "validation_error"),
-            errors=errors,
+            type="urn:keel:problem:malformed_json" if malformed else VALIDATION_ERROR,
+            extensions={"errors": errors},
         )
 
     @app.exception_handler(StarletteHTTPException)

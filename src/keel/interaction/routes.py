@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
@@ -12,12 +13,14 @@ from fastapi.responses import JSONResponse
 from keel.errors import InputError
 from keel.interaction.auth import Admin, Reader, Writer
 from keel.interaction.deps import App, errors, problem
+from keel.interaction.openapi import EventStream, event_stream
 from keel.interaction.schemas import ModelStatsView, SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
 from keel.interaction.sse import event_response
 from keel.memory.types import ApiKey, TaskStatus
 from keel.service import Idempotency, Keel, Submitted
 
 router = APIRouter(prefix="/v1")
+TASKS: list[str | Enum] = ["tasks"]
 ERRORS = errors("No such task for this tenant")
 
 IdempotencyKey = Annotated[
@@ -50,12 +53,17 @@ def submitted_headers(submitted: Submitted) -> dict[str, str]:
     response_model=TaskAccepted,
     responses={
         **ERRORS,
-        200: {"description": "Answered from the result cache (`cache.max_age_s` allowed it): the earlier task"},
+        200: {
+            "model": TaskView,
+            "description": "Answered from the result cache (`cache.max_age_s` allowed it): the earlier task",
+        },
         409: problem("A request with this Idempotency-Key is still in flight"),
         413: problem("Body too large"),
         422: problem("Invalid body, or Idempotency-Key reused with a different body"),
     },
     summary="Submit a task",
+    operation_id="submitTask",
+    tags=TASKS,
 )
 async def submit(body: SubmitTask, keel: App, key: Writer, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Validate, store durably, and return 202 with the task's handle. Nothing is stored if validation fails."""
@@ -67,7 +75,7 @@ async def submit(body: SubmitTask, keel: App, key: Writer, idempotency_key: Idem
     )
 
 
-@router.get("/workflows", responses=ERRORS, summary="List workflows")
+@router.get("/workflows", responses=errors(), summary="List workflows", operation_id="listWorkflows", tags=TASKS)
 async def list_workflows(keel: App, key: Reader) -> list[dict[str, Any]]:
     """Every workflow `POST /v1/tasks` accepts, with its description and the JSON Schema of its `input` (with
     examples where the workflow gives them): what a client needs to build a valid request without guessing."""
@@ -77,7 +85,9 @@ async def list_workflows(keel: App, key: Reader) -> list[dict[str, Any]]:
     ]
 
 
-@router.get("/tasks", response_model=TaskPage, responses=ERRORS, summary="List tasks")
+@router.get(
+    "/tasks", response_model=TaskPage, responses=errors(), summary="List tasks", operation_id="listTasks", tags=TASKS
+)
 async def list_tasks(
     keel: App,
     key: Reader,
@@ -89,7 +99,14 @@ async def list_tasks(
     return TaskPage(items=[view(t) for t in page.tasks], next_cursor=page.next_cursor)
 
 
-@router.get("/tasks/{task_id}", response_model=TaskView, responses=ERRORS, summary="Poll a task")
+@router.get(
+    "/tasks/{task_id}",
+    response_model=TaskView,
+    responses=ERRORS,
+    summary="Poll a task",
+    operation_id="getTask",
+    tags=TASKS,
+)
 async def get_task(task_id: str, keel: App, response: Response, key: Reader) -> TaskView:
     """Status, progress and timestamps; `Retry-After` while running; the envelope once terminal."""
     task = await keel.get(key.tenant, task_id)
@@ -103,8 +120,10 @@ async def get_task(task_id: str, keel: App, response: Response, key: Reader) -> 
 @router.post(
     "/tasks/{task_id}/cancel",
     response_model=TaskView,
-    responses={**ERRORS, 202: {"description": "Cancellation requested; the task is winding down"}},
+    responses={**ERRORS, 202: {"model": TaskView, "description": "Cancellation requested; the task is winding down"}},
     summary="Cancel a task",
+    operation_id="cancelTask",
+    tags=TASKS,
 )
 async def cancel(task_id: str, keel: App, key: Writer) -> JSONResponse:
     """Idempotent. A running task stops at once and keeps its partial result."""
@@ -114,12 +133,24 @@ async def cancel(task_id: str, keel: App, key: Writer) -> JSONResponse:
 
 @router.get(
     "/tasks/{task_id}/events",
+    response_class=EventStream,
     responses={
         **ERRORS,
-        200: {"content": {"text/event-stream": {}}, "description": "SSE from the durable event log"},
+        200: event_stream(
+            "Server-sent events from the task's durable log, up to and including `end`. `id:` is the event's "
+            "sequence number: after a drop, reconnect with `Last-Event-ID` and nothing is lost or repeated.",
+            'retry: 2000\n\nid: 1\nevent: status\ndata: {"status": "queued"}\n\n'
+            'id: 2\nevent: status\ndata: {"status": "running", "attempt": 1}\n\n'
+            'id: 5\nevent: progress\ndata: {"progress": 0.5, "step": "step-2"}\n\n'
+            'id: 9\nevent: end\ndata: {"status": "succeeded", "envelope": {"status": "success", "result": {}, '
+            '"errors": [], "metadata": {}}}\n\n',
+        ),
         204: {"description": "The task is finished and nothing follows Last-Event-ID"},
+        422: problem("`Last-Event-ID` is not an event sequence number"),
     },
     summary="Stream a task's events (SSE)",
+    operation_id="streamTaskEvents",
+    tags=TASKS,
 )
 async def events(
     task_id: str,
@@ -146,6 +177,7 @@ async def events(
     responses=errors(),
     summary="Rolling per-model counters",
     tags=["models"],
+    operation_id="getModelStats",
 )
 async def model_stats(
     keel: App,

@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1", tags=["tools"])
 ERRORS = errors("No such task (or call) for this tenant")
 
 
-@router.get("/tools", response_model=list[ToolView], responses=ERRORS, summary="List tools")
+@router.get("/tools", response_model=list[ToolView], responses=errors(), summary="List tools", operation_id="listTools")
 async def list_tools(keel: App, key: Reader) -> list[ToolView]:
     """Every registered tool, with its JSON Schema, effect, scopes and approval rule. `permitted` says whether
     this key may give it to a task. The same tools are served over MCP at `/mcp`."""
@@ -21,7 +21,11 @@ async def list_tools(keel: App, key: Reader) -> list[ToolView]:
 
 
 @router.get(
-    "/tasks/{task_id}/approvals", response_model=list[DecisionView], responses=ERRORS, summary="A task's decisions"
+    "/tasks/{task_id}/approvals",
+    response_model=list[DecisionView],
+    responses=ERRORS,
+    summary="A task's decisions",
+    operation_id="listApprovals",
 )
 async def list_decisions(task_id: str, keel: App, key: Reader) -> list[DecisionView]:
     """The tool calls this task asked a person about, pending (verdict null) and decided."""
@@ -33,6 +37,7 @@ async def list_decisions(task_id: str, keel: App, key: Reader) -> list[DecisionV
     response_model=DecisionView,
     responses={**ERRORS, 422: problem("Already decided otherwise, or the wrong verdict")},
     summary="Approve or deny a tool call",
+    operation_id="decideApproval",
 )
 async def decide(task_id: str, call_id: str, body: DecisionBody, keel: App, key: Approver) -> DecisionView:
     """Answer a paused task (`waiting_for_approval`). Once nothing it waits on is undecided, it is queued again and
@@ -42,7 +47,11 @@ async def decide(task_id: str, call_id: str, body: DecisionBody, keel: App, key:
 
 
 @router.get(
-    "/tasks/{task_id}/effects", response_model=list[EffectView], responses=ERRORS, summary="A task's write effects"
+    "/tasks/{task_id}/effects",
+    response_model=list[EffectView],
+    responses=ERRORS,
+    summary="A task's write effects",
+    operation_id="listEffects",
 )
 async def list_effects(task_id: str, keel: App, key: Reader) -> list[EffectView]:
     """The effect ledger: every write-tool call of the task, by idempotency key, with its state

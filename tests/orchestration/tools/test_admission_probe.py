@@ -214,13 +214,13 @@ def test_unreachable_urls_are_refused_at_submission_with_no_model_call(
         r = submit(live, [good, bad])
         assert r.status_code == 422, (why, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
-        [error] = r.json()["context"]["errors"]
+        [error] = r.json()["errors"]
         assert error["pointer"] == "/input/documents/1", (why, error)
         assert bad in error["message"], (why, error)
     # All at once: each bad entry named by its own pointer, the good ones not.
     r = submit(live, [cases["404"], good, cases["closed port"], cases["unresolvable"]])
     assert r.status_code == 422
-    pointers = [e["pointer"] for e in r.json()["context"]["errors"]]
+    pointers = [e["pointer"] for e in r.json()["errors"]]
     assert pointers == ["/input/documents/0", "/input/documents/2", "/input/documents/3"]
     assert llm.requests == []  # not one model call
     with live.client() as c:
