@@ -5,6 +5,8 @@ resuming a cut stream without a gap or a duplicate."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -445,3 +447,15 @@ async def test_async_waits_with_the_injected_clock() -> None:
     async with http, AsyncKeelClient(http_client=http, clock=clock, sleep=clock.asleep) as keel:
         assert (await keel.wait("tsk_1")).status is TaskStatus.failed
     assert clock.slept == [4]
+
+
+def test_the_client_needs_nothing_of_the_server() -> None:
+    """``import keel.client`` loads no web framework, driver or model runtime: a caller installs keel's base
+    dependencies and nothing of the server is started or imported but the wire enums."""
+    code = (
+        "import sys, keel.client; "
+        "print(sorted(m for m in sys.modules if m.startswith('keel.') and not m.startswith('keel.client'))); "
+        "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'numpy', 'sse_starlette') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["['keel.errors', 'keel.memory', 'keel.memory.types']", "[]"], done.stdout
