@@ -74,7 +74,7 @@ def test_upload_submit_wait_result(live: LiveServer, tmp_path: Path) -> None:
         assert again.id == handle.id and again.replayed
         with pytest.raises(InvalidRequest) as reused:
             keel.submit("diagnostic", {"steps": 3}, idempotency_key="k-1")
-        assert reused.value.code == "idempotency_key_reused"
+        assert reused.value.status == 422 and "Idempotency-Key" in str(reused.value.detail)
 
         done = keel.wait(handle.id, timeout=30)
         assert done.status is TaskStatus.succeeded and done.metadata == {"ticket": "OPS-1"}
