@@ -6,11 +6,9 @@ take, and delivery of the same envelope by polling, SSE and a signed webhook."""
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -239,24 +237,3 @@ def test_bad_documents_are_refused_with_422_before_any_model_call(flagship: Flag
             assert r.headers["content-type"].startswith("application/problem+json")
             assert "/input/documents/0" in r.text, (why, r.text)
     assert flagship.fake.requests == []  # not one model call
-
-
-def test_the_readme_python_snippet_runs_the_flagship(
-    flagship: Flagship, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    flagship.script(ScriptedAnalyst())
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = readme[readme.index("## The flagship request") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None
-    monkeypatch.setenv("KEEL_URL", flagship.keel.url)
-    monkeypatch.setenv("KEEL_API_KEY", flagship.key)
-    namespace: dict[str, Any] = {"__name__": "readme_flagship"}
-    exec(compile(code.group(1), "README.md", "exec"), namespace)
-    paths = []
-    for name in ("vendor-a.pdf", "vendor-b.pdf"):
-        (tmp_path / name).write_bytes(make_pdf([CONTRACTS[name]]))
-        paths.append(str(tmp_path / name))
-    envelope = namespace["analyse"](paths, REQUEST)
-    assert envelope["status"] == "success" and len(envelope["result"]["insights"]) == 2
-    assert "… extract" in capsys.readouterr().out
