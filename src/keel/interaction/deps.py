@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -34,3 +36,11 @@ def keel_of(request: Request) -> Keel:
 
 App = Annotated[Keel, Depends(keel_of)]
 """A route parameter: the application service."""
+
+
+def new_session(tenant: str, idempotency_key: str | None) -> str:
+    """The session a conversation starts when the caller names none. A retry with the same Idempotency-Key must
+    mint the same session, or its body (and so its hash) would differ and the retry would be refused."""
+    if idempotency_key is not None:
+        return "ses_" + hashlib.sha256(f"{tenant}\x1f{idempotency_key}".encode()).hexdigest()[:24]
+    return "ses_" + secrets.token_hex(12)

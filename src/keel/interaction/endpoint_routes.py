@@ -10,8 +10,6 @@ that was accepted is lost.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self
@@ -23,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from keel.errors import InputError
 from keel.interaction.auth import Writer
-from keel.interaction.deps import App, errors, problem
+from keel.interaction.deps import App, errors, new_session, problem
 from keel.interaction.openapi import EventStream, event_stream
 from keel.interaction.routes import IdempotencyKey, submit_task, submitted_headers
 from keel.interaction.schemas import (
@@ -189,13 +187,6 @@ class ChatAccepted(TaskAccepted):
 # -- helpers ------------------------------------------------------------------------------------------------------
 
 
-def _session(tenant: str, idempotency_key: str | None) -> str:
-    # A retry with the same Idempotency-Key must mint the same session, or its body (and so its hash) would differ.
-    if idempotency_key is not None:
-        return "ses_" + hashlib.sha256(f"{tenant}\x1f{idempotency_key}".encode()).hexdigest()[:24]
-    return "ses_" + secrets.token_hex(12)
-
-
 @dataclass(kw_only=True, slots=True)
 class Caller:
     """Who calls an endpoint, with which ``Idempotency-Key``: what every endpoint family submits its task with,
@@ -331,7 +322,7 @@ async def chat(
     Not streamed: 200 with `{task_id, status, links, envelope, session}` when the answer is ready within `wait_s`,
     else 202 with the handle (`Location: /v1/tasks/{id}`). Streamed: `text/event-stream` relaying the task's
     events, with `Location` and `X-Keel-Task-Id` for resumption. Every answer carries `X-Keel-Session`."""
-    session = body.session or _session(call.key.tenant, call.idempotency_key)
+    session = body.session or new_session(call.key.tenant, call.idempotency_key)
     ask = {
         "question": body.message,
         "system": body.system,

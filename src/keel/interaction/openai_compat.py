@@ -12,9 +12,7 @@ the status codes the SDK maps onto its exception types (401, 403, 404, 409, 422)
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -24,7 +22,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from keel.errors import InputError, NotFound
 from keel.interaction.auth import Reader, Writer
-from keel.interaction.deps import App, errors, problem
+from keel.interaction.deps import App, errors, new_session, problem
 from keel.interaction.openai_schemas import (
     ChatChoice,
     ChatCompletion,
@@ -68,13 +66,6 @@ CANCEL_WAIT_S = 10.0
 WORKFLOW_PREFIX = "keel:"
 
 UNPROCESSABLE = problem("An invalid body (with JSON pointers): nothing was stored, no model was called.")
-
-
-def _session(tenant: str, idempotency_key: str | None) -> str:
-    # A retry with the same Idempotency-Key must mint the same session, or its body (and so its hash) would differ.
-    if idempotency_key is not None:
-        return "ses_" + hashlib.sha256(f"{tenant}\x1f{idempotency_key}".encode()).hexdigest()[:24]
-    return "ses_" + secrets.token_hex(12)
 
 
 async def _task(keel: Keel, tenant: str, resp_id: str) -> Task:
@@ -185,7 +176,7 @@ async def _submission(keel: Keel, key: ApiKey, body: CreateResponse, idempotency
     if body.previous_response_id:
         session = await _previous_session(keel, key.tenant, body.previous_response_id)
     else:
-        session = _session(key.tenant, idempotency_key)
+        session = new_session(key.tenant, idempotency_key)
     fmt = body.text.format if body.text else None
     schema = (
         fmt.json_schema
