@@ -279,6 +279,7 @@ def flagship(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveSe
             default_model=f"openai-compatible:{fake.base_url}#analyst-2026-01-01",
             model_prices={"analyst": {"input": 1.0, "output": 2.0, "context_window": 16_000}},
             embedding_model="hash:64",
+            workflows=["ui_workflows:WORKFLOWS"],  # `recall`: a task whose trace has retrieval hits
         )
         settings.data_dir.mkdir(parents=True)
         key = make_key(settings.data_dir, "acme", frozenset({"tasks:read", "tasks:write"}))
@@ -323,5 +324,19 @@ def test_a_flagship_trace_shows_tool_calls_model_calls_cost_and_retrieval_confid
     expect(page.locator("#cost")).to_contain_text(f"${metadata['cost_usd']:.4f}")
     expect(page.locator("#tools tbody tr")).to_have_count(len(metadata["tools_called"]))
     expect(page.locator("#plan")).to_contain_text("Planner confidence")
+    expect(page.locator("#steps .s-completed").first).to_be_visible()
     shoot(page, "ui-trace.png")
+
+    # The flagship retrieves nothing (it reads every document whole): retrieval shows on a task that does.
+    with flagship.client() as c:
+        rid = submit(c, "recall", {"query": "When is payment due?", "documents": docs})
+        recalled = wait_terminal(c, rid)
+        assert recalled["status"] in ("succeeded", "partial_success"), recalled
+        (found,) = recalled["envelope"]["metadata"]["retrieval"]  # type: ignore[index]
+    page.goto(f"{flagship.url}/ui/#/tasks/{rid}")
+    expect(page.locator("#retrieval .confidence")).to_have_text(str(found["confidence"]))
+    expect(page.locator("#retrieval")).to_contain_text(found["level"])
+    hits = page.locator("#retrieval tbody tr")
+    expect(hits).to_have_count(len(found["hits"]))
+    expect(hits.first).to_contain_text(str(found["hits"][0]["score"]))
     assert watched.errors == []
