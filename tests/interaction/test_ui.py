@@ -63,7 +63,7 @@ def settings(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
     controller.start()
     settings.documents_dir = docs
     settings.smtp_url = f"smtp://127.0.0.1:{port}"
-    settings.workflows = ["tools_api_workflows:WORKFLOWS"]
+    settings.workflows = ["tools_api_workflows:WORKFLOWS", "ui_workflows:WORKFLOWS"]
     try:
         yield settings
     finally:
@@ -217,6 +217,37 @@ def test_sign_in_and_watch_a_running_task_live_and_another_tenant_sees_nothing(
 
 
 @needs_chromium
+def test_cancel_a_running_task_and_read_a_failed_ones_errors(live: LiveServer, watched: Watched) -> None:
+    page = watched.page
+    with live.client() as c:
+        failing = submit(c, "diagnostic", {"steps": 3, "step_seconds": 0, "fail_at": 2})
+        wait_terminal(c, failing)
+        page.goto(f"{live.url}/ui/#key={live.key}")
+        expect(page.locator("#list")).to_be_visible()
+        page.goto(f"{live.url}/ui/#/tasks/{failing}")
+        expect(page.locator("#t-status")).to_have_text("failed")
+        errors = page.locator("#envelope-errors tbody tr")
+        expect(errors.first).to_contain_text("diagnostic_failure")
+        expect(errors.first).to_contain_text("step-2")
+        expect(page.locator('#steps tr[data-step="step-2"]')).to_contain_text("failed")
+        expect(page.locator("#cancel")).to_be_hidden()
+
+        retried = submit(c, "flaky", {})
+        assert wait_terminal(c, retried)["status"] == "succeeded"
+        page.goto(f"{live.url}/ui/#/tasks/{retried}")
+        expect(page.locator('#steps tr[data-step="shaky"]')).to_contain_text("2 (1 retry)")
+
+        running = submit(c, "diagnostic", {"steps": 30, "step_seconds": 1})
+        page.goto(f"{live.url}/ui/#/tasks/{running}")
+        expect(page.locator('#steps tr[data-step="step-2"]')).to_be_visible(timeout=10_000)  # step-1 is done
+        page.click("#cancel")
+        expect(page.locator("#t-status")).to_have_text("cancelled", timeout=10_000)
+        expect(page.locator("#envelope")).to_contain_text("completed_steps", timeout=10_000)  # the partial result
+        assert wait_terminal(c, running)["status"] == "cancelled"
+    assert watched.errors == []
+
+
+@needs_chromium
 def test_approve_a_parked_write_and_watch_the_task_finish(live: LiveServer, watched: Watched) -> None:
     writer = new_key(live, "acme", "tasks:read,tasks:write,tools:email")
     approver = new_key(live, "acme", "tasks:read,tasks:approve")
@@ -247,6 +278,9 @@ def test_approve_a_parked_write_and_watch_the_task_finish(live: LiveServer, watc
         sent = page.locator('#tools tr[data-tool="send_email"]')
         expect(sent).to_contain_text("applied", timeout=10_000)
         expect(page.locator("#cancel")).to_be_hidden()
+        # The run after the approval replays the read from its checkpoint, and runs the write.
+        expect(page.locator('#steps tr[data-step="tool:read_document"]')).to_contain_text("replayed")
+        expect(page.locator('#steps tr[data-step="tool:send_email"] .s-replayed')).to_have_count(0)
         assert wait_terminal(c, tid)["status"] == "succeeded"
         (effect,) = c.get(f"/v1/tasks/{tid}/effects").json()
         assert effect["status"] == "applied"
