@@ -184,6 +184,10 @@ def test_sign_in_and_watch_a_running_task_live_and_another_tenant_sees_nothing(
         page.select_option("#f-status", "succeeded")
         expect(row).to_have_count(0)
         page.select_option("#f-status", "")
+        page.select_option("#f-workflow", "email_report")
+        expect(page.locator("#list-empty")).to_be_visible()
+        page.select_option("#f-workflow", "diagnostic")
+        expect(page.locator("#tasks tbody tr")).to_have_count(2)
         row.click()
 
         steps = page.locator("#steps tbody tr")

@@ -106,11 +106,19 @@ async function loadWorkflows() {
 async function renderList() {
   const status = $("#f-status").value;
   const workflow = $("#f-workflow").value;
-  const query = new URLSearchParams({ limit: "200" });
-  if (status) query.append("status", status);
   try {
-    const page = await api(`/v1/tasks?${query}`);
-    const items = page.items.filter((t) => !workflow || t.workflow === workflow);
+    // The API filters by status; the workflow filter is applied here, over up to five pages of the newest tasks.
+    let items = [];
+    let cursor = null;
+    for (let pages = 0; pages < 5 && items.length < 200; pages++) {
+      const query = new URLSearchParams({ limit: "200" });
+      if (status) query.append("status", status);
+      if (cursor) query.append("cursor", cursor);
+      const page = await api(`/v1/tasks?${query}`);
+      items = items.concat(page.items.filter((t) => !workflow || t.workflow === workflow));
+      cursor = page.next_cursor;
+      if (!cursor || !workflow) break;
+    }
     replace(
       $("#tasks tbody"),
       items.map((t) => {
