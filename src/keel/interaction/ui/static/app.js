@@ -6,6 +6,9 @@
 const KEY = "keel.key";
 const TERMINAL = new Set(["succeeded", "partial_success", "failed", "needs_clarification", "cancelled"]);
 const $ = (sel) => document.querySelector(sel);
+// keel's root, from the page's own address (…/ui/): the page keeps working behind a proxy that adds a prefix.
+const ROOT = new URL("../", document.baseURI).pathname;
+const url = (path) => ROOT + path.replace(/^\//, "");
 
 // -- small helpers --------------------------------------------------------------------------------------------
 
@@ -54,7 +57,7 @@ class ApiError extends Error {
 async function api(path, { method = "GET", body, key = sessionStorage.getItem(KEY) } = {}) {
   const headers = { Authorization: `Bearer ${key}`, Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const r = await fetch(url(path), { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const text = await r.text();
   const data = text ? JSON.parse(text) : null;
   if (!r.ok) throw new ApiError(r.status, data);
@@ -325,7 +328,7 @@ async function stream(t) {
     if (t.lastId) headers["Last-Event-ID"] = t.lastId;
     $("#t-live").textContent = "● live";
     try {
-      const r = await fetch(`/v1/tasks/${t.id}/events`, { headers, signal: t.abort.signal });
+      const r = await fetch(url(`/v1/tasks/${t.id}/events`), { headers, signal: t.abort.signal });
       if (r.status === 204) break; // finished, and nothing after our cursor
       if (!r.ok) throw new ApiError(r.status, await r.json().catch(() => null));
       const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
