@@ -414,6 +414,8 @@ function renderSteps(t) {
         h("td", { class: "num" }, fmtMs(s.duration_ms)),
         h("td", { class: "num" }, s.tries ?? "–", s.tries > 1 ? ` (${s.tries - 1} retr${s.tries > 2 ? "ies" : "y"})` : ""),
         h("td", { class: "num" }, s.run_attempt ?? "–"),
+        h("td", { class: "num" }, s.tokens ? s.tokens : "–"),
+        h("td", { class: "num" }, s.cost_usd ? fmtUsd(s.cost_usd) : "–"),
         h(
           "td",
           {},
