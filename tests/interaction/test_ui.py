@@ -86,7 +86,8 @@ def browser() -> Iterator[Browser]:
 
 
 class Watched:
-    """A page that records every URL it asks for, so a test can check the key never rides in one."""
+    """A page that records every URL it asks for (so a test can check the key never rides in one), its script
+    errors and what its CSP refused."""
 
     def __init__(self, browser: Browser) -> None:
         self.context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -95,6 +96,8 @@ class Watched:
         self.page.on("request", lambda r: self.urls.append(r.url))
         self.errors: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        # Anything the page's CSP refuses is a bug in the page (4xx answers are logged too, and are expected).
+        self.page.on("console", lambda m: "Content Security Policy" in m.text and self.errors.append(m.text))
 
     def close(self) -> None:
         self.context.close()
