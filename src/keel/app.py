@@ -32,6 +32,7 @@ from keel.interaction.openapi import KeelAPI, add_docs, add_webhooks, operation_
 from keel.interaction.routes import router
 from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
+from keel.interaction.ui import add_ui
 from keel.interaction.webhooks import WebhookDispatcher
 from keel.memory.embeddings import Embedder, open_embedder
 from keel.memory.ingest.pdf import ParseLimits
@@ -412,6 +413,7 @@ def create_app(
     app.include_router(endpoint_router)
     app.include_router(openai_router)  # after `router`: its /v1/models/stats wins over /v1/models/{id}
     app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
+    add_ui(app)  # the live trace page at /ui/
 
     @app.get("/healthz", include_in_schema=True, tags=["ops"], operation_id="healthz")
     async def healthz() -> dict[str, str]:

@@ -37,6 +37,7 @@ from keel.memory.types import (
     ModelStats,
     NewTask,
     Session,
+    StepCheckpoint,
     Task,
     TaskStatus,
     Verdict,
@@ -380,6 +381,12 @@ class Keel:
     async def effects(self, tenant: str, task_id: str) -> list[EffectRecord]:
         await self.get(tenant, task_id)
         return await self.stores.effects.list_effects(task_id)
+
+    async def steps(self, tenant: str, task_id: str) -> list[StepCheckpoint]:
+        """The task's recorded steps in call order, with when each finished and how long it took: the timeline a
+        trace shows, for a task whose log was written before anyone watched it."""
+        await self.get(tenant, task_id)
+        return await self.stores.workflows.load_steps(task_id)
 
     # -- catalog ---------------------------------------------------------------------------------------------------
 
