@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
+from keel import observability
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
 from keel.memory.retrieval import Memory, Retrieval
 from keel.memory.stores import Stores
@@ -192,7 +193,7 @@ class Keel:
             webhook_url=sub.webhook.url if sub.webhook else None,
             webhook_secret=sub.webhook.secret if sub.webhook else None,
             budget=sub.budget,
-            metadata=sub.metadata,
+            metadata=observability.current().carry(sub.metadata),
             estimated_duration_s=wf.estimate(parsed),
             policy=policy,
             cache_key=fingerprint,
@@ -222,6 +223,7 @@ class Keel:
         if result.outcome is CreateOutcome.replayed:
             return Submitted(task=result.task, outcome="replayed")
         self.runtime.wake()
+        observability.current().task_created(result.task.id, result.task.workflow)
         return Submitted(task=result.task, outcome="created")
 
     def _fingerprint(self, sub: Submission, input_json: dict[str, Any]) -> str:

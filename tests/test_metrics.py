@@ -1,0 +1,95 @@
+"""``GET /metrics`` on a live server: parsed with the Prometheus text parser, its counters move as tasks run."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import LiveServer, make_key, wait_terminal
+from keel.observability import Metrics, Observer
+
+
+def scrape(live: LiveServer, key: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as ``(name, sorted labels) -> value``."""
+    response = httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(response.text):
+        assert family.name.startswith("keel_"), family.name
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def submit(client: httpx.Client, workflow: str, inp: dict[str, object], **extra: object) -> str:
+    response = client.post("/v1/tasks", json={"workflow": workflow, "input": inp, **extra})
+    assert response.status_code == 202, response.text
+    task_id: str = response.json()["id"]
+    return task_id
+
+
+def test_metrics_need_the_metrics_or_admin_scope(live: LiveServer) -> None:
+    assert httpx.get(f"{live.url}/metrics").status_code == 401
+    forbidden = httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {live.key}"})
+    assert forbidden.status_code == 403
+    assert forbidden.headers["content-type"].startswith("application/problem+json")
+    admin = make_key(live.data_dir, "ops", frozenset({"admin"}))
+    assert httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+
+
+def test_counters_move_as_tasks_run(live: LiveServer) -> None:
+    scraper = make_key(live.data_dir, "ops", frozenset({"metrics"}))
+    before = scrape(live, scraper)
+    assert value(before, "keel_tasks_created_total", workflow="diagnostic") == 0
+    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {live.key}"}) as client:
+        done = submit(client, "diagnostic", {"steps": 2, "step_seconds": 0})
+        assert wait_terminal(client, done)["status"] == "succeeded"
+        asked = submit(client, "ask", {"question": "how are you"})
+        assert wait_terminal(client, asked)["status"] == "succeeded"
+        tripped = submit(client, "diagnostic", {"steps": 3, "step_seconds": 0}, budget={"max_steps": 1})
+        assert wait_terminal(client, tripped)["status"] == "partial_success"
+    after = scrape(live, scraper)
+    assert value(after, "keel_tasks_created_total", workflow="diagnostic") == 2
+    assert value(after, "keel_tasks_created_total", workflow="ask") == 1
+    assert value(after, "keel_tasks_finished_total", workflow="diagnostic", status="succeeded") == 1
+    assert value(after, "keel_tasks_finished_total", workflow="diagnostic", status="partial_success") == 1
+    assert value(after, "keel_task_duration_seconds_count", workflow="diagnostic") == 2
+    assert value(after, "keel_queue_depth") == 0
+    assert value(after, "keel_step_duration_seconds_count", kind="step", status="succeeded") == 3
+    assert value(after, "keel_budget_trips_total", budget="steps") == 1
+    # The `test` model: one call, its tokens counted per model id.
+    models = {dict(labels)["model"] for (name, labels) in after if name == "keel_model_calls_total"}
+    assert len(models) == 1
+    (model,) = models
+    assert value(after, "keel_model_calls_total", model=model, outcome="ok") == 1
+    assert value(after, "keel_model_tokens_total", model=model, direction="input") > 0
+    assert value(after, "keel_model_call_latency_seconds_count", model=model) == 1
+    assert value(after, "keel_model_errors_total", model=model) == 0
+
+
+def test_open_streams_are_counted(live: LiveServer) -> None:
+    scraper = make_key(live.data_dir, "ops", frozenset({"metrics"}))
+    headers = {"Authorization": f"Bearer {live.key}"}
+    with httpx.Client(base_url=live.url, headers=headers, timeout=10) as client:
+        task_id = submit(client, "diagnostic", {"steps": 2, "step_seconds": 1})
+        with client.stream("GET", f"/v1/tasks/{task_id}/events") as stream:
+            lines = stream.iter_lines()  # kept: closing the iterator early closes the connection
+            while not next(lines).startswith("event:"):
+                pass
+            assert value(scrape(live, scraper), "keel_sse_open_streams") == 1
+        wait_terminal(client, task_id)
+    assert value(scrape(live, scraper), "keel_sse_open_streams") == 0
+
+
+def test_each_app_has_its_own_registry() -> None:
+    one, two = Observer(), Observer()
+    one.task_created("t1", "diagnostic")
+    assert one.metrics is not None and two.metrics is not None
+    assert b'keel_tasks_created_total{workflow="diagnostic"} 1.0' in one.metrics.render()
+    assert b"keel_tasks_created_total{" not in two.metrics.render()
+    assert isinstance(one.metrics, Metrics)

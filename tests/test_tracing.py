@@ -1,0 +1,135 @@
+"""OpenTelemetry spans with the in-memory exporter: one task gives one trace, from the submitting request through
+the task run and its steps to the model and tool calls, each span under the right parent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import BaseModel
+
+from conftest import make_key, wait_terminal
+from keel import observability
+from keel.app import create_app, registry_for
+from keel.observability import Observer
+from keel.observability.tracing import Tracing
+from keel.orchestration.engine.context import WorkflowContext
+from keel.orchestration.engine.workflow import Workflow
+from keel.settings import Settings
+
+
+class TracedInput(BaseModel):
+    question: str
+
+
+async def traced(ctx: WorkflowContext, inp: TracedInput) -> dict[str, Any]:
+    answer = await ctx.generate("answer", ctx.model(), inp.question)
+    price = await ctx.tool("lookup", {"sku": "a1"})
+    return {"answer": answer, "price": price}
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def server(settings: Settings, exporter: InMemorySpanExporter) -> Iterator[tuple[str, str]]:
+    import threading
+    import time
+
+    settings.tools = ["endpoint_tools:TOOLS"]
+    registry = registry_for(settings)
+    registry.register(Workflow(name="traced", input_model=TracedInput, fn=traced))
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(settings, registry, observer=Observer(tracing=Tracing(provider)))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = make_key(settings.data_dir, "acme", frozenset({"tasks:read", "tasks:write"}))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "keel test server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{settings.port}", key
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=15)
+
+
+def test_one_task_gives_one_trace(server: tuple[str, str], exporter: InMemorySpanExporter) -> None:
+    url, key = server
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as client:
+        response = client.post(
+            "/v1/tasks",
+            json={"workflow": "traced", "input": {"question": "what does a1 cost"}},
+            headers={"traceparent": caller},
+        )
+        assert response.status_code == 202, response.text
+        task_id = response.json()["id"]
+        assert wait_terminal(client, task_id)["status"] == "succeeded"
+
+    spans = exporter.get_finished_spans()
+    request = one(spans, "POST /v1/tasks")
+    trace_id = request.context.trace_id
+    assert f"{trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"  # the caller's trace goes on
+    in_trace = [s for s in spans if s.context.trace_id == trace_id]
+    task = one(in_trace, "task traced")
+    assert parent_of(task) == request.context.span_id
+    assert task.attributes is not None and task.attributes["keel.task.id"] == task_id
+    answer, lookup = one(in_trace, "step answer"), one(in_trace, "step tool:lookup")
+    assert parent_of(answer) == parent_of(lookup) == task.context.span_id
+    model = next(s for s in in_trace if s.name.startswith("chat "))
+    assert parent_of(model) == answer.context.span_id
+    attributes = dict(model.attributes or {})
+    for name in ("gen_ai.system", "gen_ai.request.model", "gen_ai.response.model"):
+        assert attributes[name], name
+    assert int(str(attributes["gen_ai.usage.input_tokens"])) > 0
+    assert "gen_ai.usage.output_tokens" in attributes
+    tool = one(in_trace, "execute_tool lookup")
+    assert parent_of(tool) == lookup.context.span_id
+    assert (tool.attributes or {})["gen_ai.tool.name"] == "lookup"
+    # Polling is not part of the task's trace: each GET starts its own.
+    polls = [s for s in spans if s.name == "GET /v1/tasks/{task_id}"]
+    assert polls and all(s.context.trace_id != trace_id for s in polls)
+
+
+def test_without_tracing_nothing_is_carried() -> None:
+    observer = Observer()
+    assert observer.carry({"a": 1}) == {"a": 1}
+    assert observer.outgoing_headers() == {}
+    assert observability.current().metrics is None  # no app here: the no-op observer
+
+
+def test_the_submitters_context_travels_in_the_task(exporter: InMemorySpanExporter) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    observer = Observer(tracing=tracing)
+    with tracing.tracer.start_as_current_span("request") as span:
+        carried = observer.carry({"a": 1})
+        headers = observer.outgoing_headers()
+    trace = f"{span.get_span_context().trace_id:032x}"
+    assert carried["a"] == 1 and trace in carried["traceparent"]
+    assert headers == {"traceparent": carried["traceparent"]}
+
+
+def one(spans: Any, name: str) -> ReadableSpan:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, (name, sorted(s.name for s in spans))
+    span: ReadableSpan = found[0]
+    return span
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
