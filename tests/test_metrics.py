@@ -7,14 +7,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LiveServer, make_key, wait_terminal
 from keel.observability import Metrics, Observer
+from webhook_receiver import Receiver, new_secret, wait_for
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(live: LiveServer, key: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(live: LiveServer, key: str) -> Samples:
     """Every sample as ``(name, sorted labels) -> value``."""
     response = httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    samples: Samples = {}
     for family in text_string_to_metric_families(response.text):
         assert family.name.startswith("keel_"), family.name
         for sample in family.samples:
@@ -22,7 +25,7 @@ def scrape(live: LiveServer, key: str) -> dict[tuple[str, tuple[tuple[str, str],
     return samples
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -42,18 +45,27 @@ def test_metrics_need_the_metrics_or_admin_scope(live: LiveServer) -> None:
     assert httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
 
 
-def test_counters_move_as_tasks_run(live: LiveServer) -> None:
+def test_counters_move_as_tasks_run(live: LiveServer, receiver: Receiver) -> None:
     scraper = make_key(live.data_dir, "ops", frozenset({"metrics"}))
     before = scrape(live, scraper)
     assert value(before, "keel_tasks_created_total", workflow="diagnostic") == 0
     with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {live.key}"}) as client:
-        done = submit(client, "diagnostic", {"steps": 2, "step_seconds": 0})
+        receiver.respond((503, {}), default=(200, {}))  # one failed delivery, then delivered
+        hook = {"url": receiver.url, "secret": new_secret()}
+        done = submit(client, "diagnostic", {"steps": 2, "step_seconds": 0}, webhook=hook)
         assert wait_terminal(client, done)["status"] == "succeeded"
+        receiver.wait_hits(2)
         asked = submit(client, "ask", {"question": "how are you"})
         assert wait_terminal(client, asked)["status"] == "succeeded"
         tripped = submit(client, "diagnostic", {"steps": 3, "step_seconds": 0}, budget={"max_steps": 1})
         assert wait_terminal(client, tripped)["status"] == "partial_success"
-    after = scrape(live, scraper)
+
+    # The dispatcher counts a delivery once the receiver has answered: wait for that, not for the hit.
+    def counted() -> Samples | None:
+        samples = scrape(live, scraper)
+        return samples if value(samples, "keel_webhook_deliveries_total", outcome="delivered") else None
+
+    after = wait_for(counted, 10, "the delivery to be counted")
     assert value(after, "keel_tasks_created_total", workflow="diagnostic") == 2
     assert value(after, "keel_tasks_created_total", workflow="ask") == 1
     assert value(after, "keel_tasks_finished_total", workflow="diagnostic", status="succeeded") == 1
@@ -62,6 +74,9 @@ def test_counters_move_as_tasks_run(live: LiveServer) -> None:
     assert value(after, "keel_queue_depth") == 0
     assert value(after, "keel_step_duration_seconds_count", kind="step", status="succeeded") == 3
     assert value(after, "keel_budget_trips_total", budget="steps") == 1
+    assert value(after, "keel_webhook_deliveries_total", outcome="retry") == 1
+    assert value(after, "keel_webhook_deliveries_total", outcome="delivered") == 1
+    assert value(after, "keel_webhook_failures_total") == 1
     # The `test` model: one call, its tokens counted per model id.
     models = {dict(labels)["model"] for (name, labels) in after if name == "keel_model_calls_total"}
     assert len(models) == 1

@@ -22,6 +22,7 @@ from keel.observability.tracing import Tracing
 from keel.orchestration.engine.context import WorkflowContext
 from keel.orchestration.engine.workflow import Workflow
 from keel.settings import Settings
+from webhook_receiver import Receiver, new_secret
 
 
 class TracedInput(BaseModel):
@@ -66,13 +67,17 @@ def server(settings: Settings, exporter: InMemorySpanExporter) -> Iterator[tuple
         thread.join(timeout=15)
 
 
-def test_one_task_gives_one_trace(server: tuple[str, str], exporter: InMemorySpanExporter) -> None:
+def test_one_task_gives_one_trace(server: tuple[str, str], exporter: InMemorySpanExporter, receiver: Receiver) -> None:
     url, key = server
     caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as client:
         response = client.post(
             "/v1/tasks",
-            json={"workflow": "traced", "input": {"question": "what does a1 cost"}},
+            json={
+                "workflow": "traced",
+                "input": {"question": "what does a1 cost"},
+                "webhook": {"url": receiver.url, "secret": new_secret()},
+            },
             headers={"traceparent": caller},
         )
         assert response.status_code == 202, response.text
@@ -99,6 +104,9 @@ def test_one_task_gives_one_trace(server: tuple[str, str], exporter: InMemorySpa
     tool = one(in_trace, "execute_tool lookup")
     assert parent_of(tool) == lookup.context.span_id
     assert (tool.attributes or {})["gen_ai.tool.name"] == "lookup"
+    # The webhook delivery carries the run's context: its receiver continues the same trace, from the task span.
+    [hit] = receiver.wait_hits(1)
+    assert hit.headers["traceparent"] == f"00-{trace_id:032x}-{task.context.span_id:016x}-01"
     # Polling is not part of the task's trace: each GET starts its own.
     polls = [s for s in spans if s.name == "GET /v1/tasks/{task_id}"]
     assert polls and all(s.context.trace_id != trace_id for s in polls)
