@@ -3,6 +3,9 @@ the task run and its steps to the model and tool calls, each span under the righ
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -141,3 +144,24 @@ def one(spans: Any, name: str) -> ReadableSpan:
 
 def parent_of(span: ReadableSpan) -> int | None:
     return span.parent.span_id if span.parent is not None else None
+
+
+def test_otlp_export_only_when_its_endpoint_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    assert observability.from_env().tracing is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    observer = observability.from_env()
+    assert observer.tracing is not None
+    processors = observer.tracing.provider._active_span_processor._span_processors  # noqa: SLF001
+    assert [type(p).__name__ for p in processors] == ["BatchSpanProcessor"]
+    observer.shutdown()  # nothing was recorded: nothing is sent
+
+
+def test_without_an_endpoint_the_sdk_is_never_imported() -> None:
+    code = (
+        "import sys; from keel.app import create_app; from keel import observability; observability.from_env(); "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

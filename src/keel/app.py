@@ -247,11 +247,13 @@ def _shared(settings: Settings, role: Role) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role = "all") -> AsyncIterator[Keel]:
+async def running(
+    settings: Settings, registry: WorkflowRegistry, *, role: Role = "all", observer: Observer | None = None
+) -> AsyncIterator[Keel]:
     """Open the store, the memory layer and the tools, build the service on them, and run what ``role`` asks for:
     ``all`` (one process: the API and the workers, the embedded default), ``api`` (answers HTTP; the queue is
     worked elsewhere) or ``worker`` (runs tasks, webhooks and emails; no HTTP). Everything is stopped and closed
-    on exit."""
+    on exit. ``observer`` (default: :func:`keel.observability.from_env`) is current for everything started here."""
     shared = _shared(settings, role)
     lock = None if shared else _lock_data_dir(settings)
     # With Redis, sessions live there (stores.sessions), and every process hears every task's new events at once
@@ -260,6 +262,10 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
     notifier = Notifier()
     stack = contextlib.AsyncExitStack()
     try:
+        if observer is None:  # a worker process: spans, no /metrics
+            observer = observability.from_env()
+            stack.callback(observer.shutdown)
+        stack.enter_context(observability.use(observer))  # before the engine starts: its workers inherit it
         if settings.redis_url:
             from keel.backends.redis import RedisNotifier
 
@@ -399,13 +405,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The observer is current before the engine starts: its workers and dispatchers inherit it.
-        with observability.use(observer):
-            async with running(settings, registry, role=role) as keel:
-                app.state.keel = keel
-                async with mcp.running():  # stops (its calls cancelled) before the runtime and the store
-                    yield
-        observer.shutdown()
+        async with running(settings, registry, role=role, observer=observer) as keel:
+            app.state.keel = keel
+            async with mcp.running():  # stops (its calls cancelled) before the runtime and the store
+                yield
+        observer.shutdown()  # flushes the spans still batched
 
     app = KeelAPI(
         title="keel",
