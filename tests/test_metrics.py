@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LiveServer, make_key, wait_terminal
 from keel.observability import Metrics, Observer
+from keel.settings import Settings
 from webhook_receiver import Receiver, new_secret, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -87,23 +89,33 @@ def test_counters_move_as_tasks_run(live: LiveServer, receiver: Receiver) -> Non
     assert value(after, "keel_model_errors_total", model=model) == 0
 
 
-def test_open_streams_are_counted(live: LiveServer) -> None:
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    settings.workers = 1  # a second task waits in the queue while the first runs
+    return settings
+
+
+def test_open_streams_and_queue_depth(live: LiveServer) -> None:
     scraper = make_key(live.data_dir, "ops", frozenset({"metrics"}))
     headers = {"Authorization": f"Bearer {live.key}"}
     with httpx.Client(base_url=live.url, headers=headers, timeout=10) as client:
         task_id = submit(client, "diagnostic", {"steps": 2, "step_seconds": 1})
         with client.stream("GET", f"/v1/tasks/{task_id}/events") as stream:
             lines = stream.iter_lines()  # kept: closing the iterator early closes the connection
-            while not next(lines).startswith("event:"):
+            while next(lines) != "event: token":  # the first task runs: the worker is busy
                 pass
-            assert value(scrape(live, scraper), "keel_sse_open_streams") == 1
+            waiting = submit(client, "diagnostic", {"steps": 1, "step_seconds": 0})
+            during = scrape(live, scraper)
+            assert value(during, "keel_sse_open_streams") == 1
+            assert value(during, "keel_queue_depth") == 1
+        wait_terminal(client, waiting)
         wait_terminal(client, task_id)
     assert value(scrape(live, scraper), "keel_sse_open_streams") == 0
 
 
 def test_each_app_has_its_own_registry() -> None:
     one, two = Observer(), Observer()
-    one.task_created("t1", "diagnostic")
+    one.task_created("diagnostic")
     assert one.metrics is not None and two.metrics is not None
     assert b'keel_tasks_created_total{workflow="diagnostic"} 1.0' in one.metrics.render()
     assert b"keel_tasks_created_total{" not in two.metrics.render()

@@ -223,7 +223,7 @@ class Keel:
         if result.outcome is CreateOutcome.replayed:
             return Submitted(task=result.task, outcome="replayed")
         self.runtime.wake()
-        observability.current().task_created(result.task.id, result.task.workflow)
+        observability.current().task_created(result.task.workflow)
         return Submitted(task=result.task, outcome="created")
 
     def _fingerprint(self, sub: Submission, input_json: dict[str, Any]) -> str:
@@ -398,6 +398,10 @@ class Keel:
 
     async def verify_key(self, token: str) -> ApiKey | None:
         return await self.stores.keys.verify_key(token)
+
+    async def queue_depth(self) -> int:
+        """Tasks waiting for a worker, every tenant's (for ``/metrics``)."""
+        return await self.stores.tasks.queued_count()
 
     async def ping(self) -> None:
         """A read that fails when the store is unreachable (``/readyz``)."""

@@ -56,7 +56,6 @@ class Observer:
 
     metrics: Metrics | None = field(default_factory=Metrics)
     tracing: Tracing | None = None
-    _queued: set[str] = field(default_factory=set, init=False, repr=False)
 
     # -- tasks ---------------------------------------------------------------------------------------------------
 
@@ -68,20 +67,15 @@ class Observer:
         parent = self.tracing.traceparent()
         return {**metadata, TRACEPARENT: parent} if parent else metadata
 
-    def task_created(self, task_id: str, workflow: str) -> None:
+    def task_created(self, workflow: str) -> None:
         if self.metrics is not None:
             self.metrics.tasks_created.labels(workflow).inc()
-            self._queued.add(task_id)
-            self.metrics.queue_depth.set(len(self._queued))
 
     @contextlib.contextmanager
     def task_run(self, task: Task) -> Iterator[TaskSeen]:
         """Around one run of a task: its span (a child of the submitting request's, carried in its metadata) and,
         once it has ended, its duration and status."""
         seen = TaskSeen()
-        if self.metrics is not None:
-            self._queued.discard(task.id)
-            self.metrics.queue_depth.set(len(self._queued))
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             if self.tracing is not None:

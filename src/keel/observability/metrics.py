@@ -33,7 +33,7 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(
-            "keel_queue_depth", "Tasks this process accepted that no worker has started yet.", registry=r
+            "keel_queue_depth", "Tasks waiting for a worker (read from the store at each scrape).", registry=r
         )
         self.step_duration = Histogram(
             "keel_step_duration_seconds", "Executed steps (not replayed), by kind and outcome.", ["kind", "status"],
