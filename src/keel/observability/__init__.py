@@ -2,7 +2,7 @@
 Prometheus metrics (:mod:`keel.observability.metrics`, always) and OpenTelemetry spans
 (:mod:`keel.observability.tracing`, only with the ``otel`` extra and an exporter).
 
-A call site is one line: ``observe.current().step(...)``. The observer is ambient (a context variable) rather
+A call site is one line: ``observability.current().step(...)``. The observer is ambient (a context variable) rather
 than passed down, because a task runs much later than it is submitted, in a worker that both engines start:
 :func:`keel.app.running` sets it before the engine starts (its workers inherit it) and the HTTP middleware sets it
 for every request. Each app has its own observer and its own Prometheus registry, so apps in one process (tests)
@@ -104,16 +104,13 @@ class Observer:
         its duration, retries and outcome."""
         seen = StepSeen()
         started = time.perf_counter()
-        status = "failed"
+        status = "stopped"  # cancelled, or stopped by a breaker or a lost lease: never recorded
         try:
             with contextlib.ExitStack() as stack:
                 if self.tracing is not None:
                     stack.enter_context(self.tracing.step_span(key, kind, fn_id, seen))
                 yield seen
             status = "failed" if seen.error is not None else "succeeded"
-        except BaseException:
-            status = "stopped"
-            raise
         finally:
             if self.metrics is not None:
                 self.metrics.step_duration.labels(kind, status).observe(time.perf_counter() - started)
