@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -20,10 +23,12 @@ from pydantic import BaseModel
 from conftest import make_key, wait_terminal
 from keel import observability
 from keel.app import create_app, registry_for
+from keel.netguard import AllowList
 from keel.observability import Observer
 from keel.observability.tracing import Tracing
 from keel.orchestration.engine.context import WorkflowContext
 from keel.orchestration.engine.workflow import Workflow
+from keel.orchestration.tools.fetch import FetchArgs, FetchLimits, fetch
 from keel.settings import Settings
 from webhook_receiver import Receiver, new_secret
 
@@ -45,9 +50,6 @@ def exporter() -> InMemorySpanExporter:
 
 @pytest.fixture
 def server(settings: Settings, exporter: InMemorySpanExporter) -> Iterator[tuple[str, str]]:
-    import threading
-    import time
-
     settings.tools = ["endpoint_tools:TOOLS"]
     registry = registry_for(settings)
     registry.register(Workflow(name="traced", input_model=TracedInput, fn=traced))
@@ -165,3 +167,46 @@ def test_without_an_endpoint_the_sdk_is_never_imported() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def page() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A loopback page that records each GET's headers."""
+    seen: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_tool_fetch_carries_the_trace_downstream(
+    page: tuple[str, list[dict[str, str]]], exporter: InMemorySpanExporter
+) -> None:
+    url, seen = page
+    limits = FetchLimits(allow=AllowList.parse("127.0.0.1"))
+    await fetch(FetchArgs(url=url), limits)  # no observer, no tracing: nothing is added
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    with observability.use(Observer(tracing=tracing)), tracing.tracer.start_as_current_span("execute_tool") as span:
+        assert (await fetch(FetchArgs(url=url), limits)).text == "ok"
+    context = span.get_span_context()
+    assert "traceparent" not in seen[0]
+    assert seen[1]["traceparent"].startswith(f"00-{context.trace_id:032x}-{context.span_id:016x}-")
