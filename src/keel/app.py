@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.routing import Route
 
+from keel import observability
 from keel.backends import open_stores
 from keel.errors import ConfigError
 from keel.interaction import problems
@@ -27,6 +28,7 @@ from keel.interaction.endpoint_routes import router as endpoint_router
 from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
 from keel.interaction.memory_routes import router as memory_router
+from keel.interaction.metrics import router as metrics_router
 from keel.interaction.openai_compat import router as openai_router
 from keel.interaction.openapi import KeelAPI, add_docs, add_webhooks, operation_id
 from keel.interaction.routes import router
@@ -40,6 +42,8 @@ from keel.memory.ingest.pipeline import Ingestor, IngestSettings
 from keel.memory.retrieval import ConfidencePolicy, Memory
 from keel.memory.stores import Stores
 from keel.netguard import AllowList
+from keel.observability import Observer
+from keel.observability.asgi import ObserveRequests
 from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runtime import EmbeddedEngine, Notifier
 from keel.orchestration.engine.workflow import WorkflowRegistry
@@ -244,11 +248,13 @@ def _shared(settings: Settings, role: Role) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role = "all") -> AsyncIterator[Keel]:
+async def running(
+    settings: Settings, registry: WorkflowRegistry, *, role: Role = "all", observer: Observer | None = None
+) -> AsyncIterator[Keel]:
     """Open the store, the memory layer and the tools, build the service on them, and run what ``role`` asks for:
     ``all`` (one process: the API and the workers, the embedded default), ``api`` (answers HTTP; the queue is
     worked elsewhere) or ``worker`` (runs tasks, webhooks and emails; no HTTP). Everything is stopped and closed
-    on exit."""
+    on exit. ``observer`` (default: :func:`keel.observability.from_env`) is current for everything started here."""
     shared = _shared(settings, role)
     lock = None if shared else _lock_data_dir(settings)
     # With Redis, sessions live there (stores.sessions), and every process hears every task's new events at once
@@ -257,6 +263,10 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
     notifier = Notifier()
     stack = contextlib.AsyncExitStack()
     try:
+        if observer is None:  # a worker process: spans, no /metrics
+            observer = observability.from_env()
+            stack.callback(observer.shutdown)
+        stack.enter_context(observability.use(observer))  # before the engine starts: its workers inherit it
         if settings.redis_url:
             from keel.backends.redis import RedisNotifier
 
@@ -367,10 +377,16 @@ class ModelReadiness:
 
 
 def create_app(
-    settings: Settings | None = None, registry: WorkflowRegistry | None = None, *, role: Role = "all"
+    settings: Settings | None = None,
+    registry: WorkflowRegistry | None = None,
+    *,
+    role: Role = "all",
+    observer: Observer | None = None,
 ) -> FastAPI:
-    """The ASGI app: the API, and with ``role="all"`` (the default) the workers in the same process."""
+    """The ASGI app: the API, and with ``role="all"`` (the default) the workers in the same process. ``observer``
+    receives its metrics and spans (default: :func:`keel.observability.from_env`)."""
     settings = settings or Settings()
+    observer = observer or observability.from_env()
     if role == "worker":
         raise ConfigError("a worker serves no HTTP: run `keel worker`")
     _shared(settings, role)  # refuse an impossible role now, not at start-up
@@ -390,10 +406,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with running(settings, registry, role=role) as keel:
+        async with running(settings, registry, role=role, observer=observer) as keel:
             app.state.keel = keel
             async with mcp.running():  # stops (its calls cancelled) before the runtime and the store
                 yield
+        observer.shutdown()  # flushes the spans still batched
 
     app = KeelAPI(
         title="keel",
@@ -404,6 +421,7 @@ def create_app(
         redoc_url=None,
         generate_unique_id_function=operation_id,
     )
+    app.state.observer = observer
     problems.install(app)
     add_docs(app)
     add_webhooks(app)
@@ -411,6 +429,7 @@ def create_app(
     app.include_router(tool_router)
     app.include_router(memory_router)
     app.include_router(endpoint_router)
+    app.include_router(metrics_router)
     app.include_router(openai_router)  # after `router`: its /v1/models/stats wins over /v1/models/{id}
     app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
     add_ui(app)  # the live trace page at /ui/
@@ -445,4 +464,5 @@ def create_app(
     # A multipart upload carries the document plus its form framing.
     uploads = {"/v1/documents": settings.ingest_max_bytes + 64 * 1024}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path=uploads)
+    app.add_middleware(ObserveRequests, observer=observer)  # outermost: the request span covers everything
     return app

@@ -129,7 +129,9 @@ def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant that owns the key's tasks.")],
     scopes: Annotated[
         str,
-        typer.Option(help="Comma-separated: tasks:read, tasks:write, tasks:approve, tools:net, tools:email, admin."),
+        typer.Option(
+            help="Comma-separated: tasks:read, tasks:write, tasks:approve, tools:net, tools:email, metrics, admin."
+        ),
     ] = "tasks:read,tasks:write,tasks:approve,tools:net",
     data_dir: DataDir = None,
 ) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
+from keel import observability
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
 from keel.memory.retrieval import Memory, Retrieval
 from keel.memory.stores import Stores
@@ -193,7 +194,7 @@ class Keel:
             webhook_url=sub.webhook.url if sub.webhook else None,
             webhook_secret=sub.webhook.secret if sub.webhook else None,
             budget=sub.budget,
-            metadata=sub.metadata,
+            metadata=observability.current().carry(sub.metadata),
             estimated_duration_s=wf.estimate(parsed),
             policy=policy,
             cache_key=fingerprint,
@@ -223,6 +224,7 @@ class Keel:
         if result.outcome is CreateOutcome.replayed:
             return Submitted(task=result.task, outcome="replayed")
         self.runtime.wake()
+        observability.current().task_created(result.task.workflow)
         return Submitted(task=result.task, outcome="created")
 
     def _fingerprint(self, sub: Submission, input_json: dict[str, Any]) -> str:
@@ -403,6 +405,10 @@ class Keel:
 
     async def verify_key(self, token: str) -> ApiKey | None:
         return await self.stores.keys.verify_key(token)
+
+    async def queue_depth(self) -> int:
+        """Tasks waiting for a worker, every tenant's (for ``/metrics``)."""
+        return await self.stores.tasks.queued_count()
 
     async def ping(self) -> None:
         """A read that fails when the store is unreachable (``/readyz``)."""

@@ -547,6 +547,13 @@ class PostgresStore(PostgresMemory):
 
         return await self._read(op)
 
+    async def queued_count(self) -> int:
+        async def op(conn: Conn) -> int:
+            row = await _one(conn, "SELECT count(*) AS n FROM tasks WHERE status = 'queued'")
+            return int(row["n"]) if row else 0
+
+        return await self._read(op)
+
     async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
         async def op(conn: Conn) -> Lease | None:
             while True:

@@ -537,6 +537,13 @@ class SQLiteStore(SQLiteMemory):
 
         return await self._read(op)
 
+    async def queued_count(self) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            count: int = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'queued'").fetchone()[0]
+            return count
+
+        return await self._read(op)
+
     async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
         def op(conn: sqlite3.Connection) -> Lease | None:
             while True:

@@ -20,6 +20,7 @@ SCOPES = frozenset(
         "tasks:approve",  # decide on a paused task's tool calls
         "tools:net",  # fetch_url: outbound HTTP to public addresses
         "tools:email",  # send_email
+        "metrics",  # GET /metrics (Prometheus)
         "admin",
     }
 )

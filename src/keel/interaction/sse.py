@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from keel import observability
 from keel.memory.types import Event
 from keel.service import Keel
 
@@ -24,9 +25,10 @@ def frame(event: Event) -> ServerSentEvent:
 
 async def frames(events: AsyncIterator[Event], *, retry_ms: int) -> AsyncIterator[ServerSentEvent]:
     """``retry:`` first (how long a client waits before reconnecting), then one frame per event."""
-    yield ServerSentEvent(comment="keel event stream", retry=retry_ms)
-    async for event in events:
-        yield frame(event)
+    with observability.current().stream_open():
+        yield ServerSentEvent(comment="keel event stream", retry=retry_ms)
+        async for event in events:
+            yield frame(event)
 
 
 def event_response(

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import httpx
 from standardwebhooks.webhooks import Webhook
 
+from keel import observability
 from keel.errors import BlockedAddress
 from keel.headers import retry_after_seconds
 from keel.memory.stores import Outbox
@@ -115,7 +116,8 @@ class WebhookDispatcher:
                 allow=self.allow,
                 max_redirects=0,
                 content=body.encode(),
-                headers=sign(msg, body, datetime.fromtimestamp(now, UTC)),
+                headers=sign(msg, body, datetime.fromtimestamp(now, UTC))
+                | observability.current().webhook_headers(msg),
             )
         except BlockedAddress as exc:
             if "redirect" in exc.message:
@@ -127,14 +129,17 @@ class WebhookDispatcher:
             await self._retry(msg, attempt, f"{type(exc).__name__}: {exc}", None)
             return
         if 200 <= response.status_code < 300:
+            observability.current().webhook_delivered("delivered")
             await self.outbox.delivered(msg.id, self.clock())
         elif response.status_code == 410:
+            observability.current().webhook_delivered("disabled")
             await self.outbox.disable_endpoint(msg.tenant, msg.url, self.clock())
         else:
             hint = retry_after_seconds(response.headers.get("retry-after"), self.clock())
             await self._retry(msg, attempt, f"HTTP {response.status_code}", hint)
 
     async def _retry(self, msg: OutboxMessage, attempt: int, error: str, retry_after: float | None) -> None:
+        observability.current().webhook_delivered("dead" if attempt >= self.max_attempts else "retry")
         if attempt >= self.max_attempts:
             log.warning("webhook %s dead-lettered after %d attempts: %s", msg.id, attempt, error)
             await self.outbox.dead(msg.id, error)

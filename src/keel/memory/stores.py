@@ -60,6 +60,10 @@ class TaskStore(Backend, Protocol):
         self, tenant: str, *, statuses: Sequence[TaskStatus] = (), limit: int = 50, before: str | None = None
     ) -> list[Task]: ...
 
+    async def queued_count(self) -> int:
+        """How many tasks wait for a worker, every tenant's (the queue depth ``/metrics`` reports)."""
+        ...
+
     async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
         """Claim the oldest runnable task (queued, or running with an expired lease)."""
         ...

@@ -126,6 +126,9 @@ async def check_list_pagination_and_filter(store: TaskStore) -> None:
     assert await store.list_tasks("t1", statuses=[TaskStatus.failed]) == []
     assert len(await store.list_tasks("t1", statuses=[TaskStatus.queued])) == 5
     assert await store.list_tasks("nobody") == []
+    assert await store.queued_count() == 5
+    assert await store.lease_next("w", T0 + 10, 10, 5) is not None
+    assert await store.queued_count() == 4
 
 
 async def check_lease_fencing(store: TaskBackend) -> None:

@@ -144,6 +144,9 @@ class InMemoryStore(InMemoryMemory):
         rows = [t for t in reversed(rows) if (not statuses or t.status in statuses) and (not before or t.id < before)]
         return [copy.deepcopy(t) for t in rows[:limit]]
 
+    async def queued_count(self) -> int:
+        return sum(r.task.status is TaskStatus.queued for r in self._tasks.values())
+
     async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
         for task_id in sorted(self._tasks):
             row = self._tasks[task_id]

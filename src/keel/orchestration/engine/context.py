@@ -31,6 +31,7 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
+from keel import observability
 from keel.errors import (
     AwaitingDecision,
     BranchesFailed,
@@ -386,6 +387,7 @@ class WorkflowContext:
 
     def record_model_call(self, call: ModelCallRecord) -> None:
         self._journal.record_model_call(call)
+        observability.current().model_call(call)
 
     async def progress(self, fraction: float, step: str | None = None) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
@@ -856,7 +858,7 @@ class WorkflowContext:
         result: Any = None
         error: dict[str, Any] | None = None
         cause: Exception | None = None
-        with step_scope(key, call.kind) as scope:
+        with step_scope(key, call.kind) as scope, observability.current().step(key, call.kind, fn_id) as seen:
             self.meter.used.add(scope.usage)
             await self._journal.emit(
                 "step_started", {"step": key, "kind": call.kind, "attempt": self.attempt}, durable=False
@@ -895,6 +897,7 @@ class WorkflowContext:
                 raise
             except Exception as exc:
                 error, cause = step_error(exc, call.timeout), exc
+            seen.tries, seen.error = tries, error
         if cause is None:
             result = pydantic_core.to_jsonable_python(value)
         now = self._clock()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from keel import observability
 from keel.errors import AwaitingDecision, BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
 from keel.memory.retrieval import Memory
 from keel.memory.stores import EventSpec, SessionStore, Store, VectorStore
@@ -135,6 +136,11 @@ class TaskRunner:
     async def run(self, task: Task, ctx: WorkflowContext, host: RunHost) -> TaskStatus | None:
         """Run ``task``'s workflow on ``ctx`` and end the task through ``host``. Returns the status written, or None
         when the run was handed back unfinished (a lost lease, a graceful stop)."""
+        with observability.current().task_run(task) as seen:
+            seen.status = await self._run(task, ctx, host)
+        return seen.status
+
+    async def _run(self, task: Task, ctx: WorkflowContext, host: RunHost) -> TaskStatus | None:
         started = time.perf_counter()
         wf = self.registry.get(task.workflow)
         extra: list[EnvelopeError] = []
@@ -244,6 +250,7 @@ def _ending(exc: Exception, ctx: WorkflowContext) -> tuple[TaskStatus, Any, Enve
     """How a run that raised ends: its status, its (partial) result and the envelope error that explains it."""
     partial = ctx.partial or None
     if isinstance(exc, BudgetExceeded):
+        observability.current().budget_tripped(exc.budget)
         # A breaker: keep what finished; usable output makes it a partial success.
         status = TaskStatus.partial_success if partial else TaskStatus.failed
         return status, partial, EnvelopeError(type="budget_exceeded", message=exc.message, recovery_suggested=True)
@@ -427,12 +434,14 @@ class StoreJournal:
         another run owns the task now."""
         await self.drain()
         envelope["metadata"]["tenant_usage"] = await tenant_usage(self._store, self.tenant, self._clock())
+        observability.current().stamp(envelope["metadata"])
         await self._store.finish(self._lease, self.task_id, status, envelope, self._clock())
 
     async def park(self, requests: list[Decision], envelope: dict[str, Any]) -> None:
         """Park the run until people decide: the task waits as ``waiting_for_approval`` (holding no worker) with
         its provisional envelope, and a decision queues it again to resume from its checkpoints."""
         await self.drain()
+        observability.current().stamp(envelope["metadata"])
         await self._store.request_decisions(self._lease, requests, envelope, self._clock())
 
 

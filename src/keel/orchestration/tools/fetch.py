@@ -25,6 +25,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from keel import observability
 from keel.errors import BlockedAddress, DocumentRejected, KeelError, UpstreamError
 from keel.headers import retry_after
 from keel.memory.ingest.pipeline import Fetched, Fetcher
@@ -178,7 +179,8 @@ async def _fetch_body(client: httpx.AsyncClient, url: str, cap: int, limits: Fet
         allow=limits.allow,
         max_redirects=limits.max_redirects,
         stream=True,
-        headers={"Accept-Encoding": "identity"},  # the size cap counts what is buffered: no compression bombs
+        # The size cap counts what is buffered: no compression bombs. The trace goes on downstream when tracing.
+        headers={"Accept-Encoding": "identity", **observability.current().outgoing_headers()},
     )
     try:
         final_url = _logical_url(response)
