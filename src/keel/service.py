@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
+from keel import logs
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
 from keel.memory.retrieval import Memory, Retrieval
 from keel.memory.stores import Stores
@@ -178,6 +179,8 @@ class Keel:
         if sub.webhook is not None:
             await resolve_target(sub.webhook.url, allow=self.webhook_allow)
         policy = self._policy(sub, key)
+        if (request := logs.request_id.get()) is not None:
+            policy["request_id"] = request  # so the worker's log lines about the task name the request behind it
         input_json = parsed.model_dump(mode="json")
         fingerprint = self._fingerprint(sub, input_json)
         if sub.cache_max_age_s is not None:
