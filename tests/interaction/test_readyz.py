@@ -3,8 +3,11 @@ an RFC 9457 problem naming the parts that are not ready. And every answer carrie
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -119,3 +122,31 @@ def test_x_request_id_is_echoed_or_minted(live: LiveServer) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", minted.headers["x-request-id"])
     assert re.fullmatch(r"[0-9a-f]{32}", refused.headers["x-request-id"])
     assert problem.status_code == 404 and problem.headers["x-request-id"] == "req-43"
+
+
+REDIS_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "redis.sh"
+
+
+def redis(command: str, where: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KEEL_REDIS_DIR": str(where)}
+    return subprocess.run(["bash", str(REDIS_SCRIPT), command], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_redis_is_checked_when_configured(settings: Settings, serve: Any, tmp_path: Path) -> None:
+    pytest.importorskip("redis.asyncio", reason="the redis driver is not installed: pip install 'keel[redis]'")
+    where = tmp_path / "redis"
+    started = redis("start", where)
+    if started.returncode != 0:
+        pytest.skip(f"no Redis for this test: scripts/redis.sh start failed: {started.stderr.strip()}")
+    try:
+        settings.redis_url = started.stdout.strip().splitlines()[-1]
+        server = serve()
+        up = httpx.get(server.url + "/readyz")
+        assert up.status_code == 200 and up.json()["checks"]["redis"] == "ok", up.text
+        redis("stop", where)
+        down = httpx.get(server.url + "/readyz", timeout=30)
+        assert down.status_code == 503 and down.json()["not_ready"] == ["redis"], down.text
+    finally:
+        redis("stop", where)
