@@ -164,6 +164,7 @@ def test_every_line_of_a_task_life_through_kill9_is_json_and_names_the_task(serv
     assert any(line["message"] == "re-queued 1 task(s) left running by a dead process" for line in after)
     about_task = [line for line in before + after if line.get("task_id") == task_id]
     assert [line["message"] for line in about_task] == [
+        "queued diagnostic",
         "running diagnostic (attempt 1)",
         "running diagnostic (attempt 2)",
         "run ended: succeeded",
@@ -207,3 +208,12 @@ def test_a_bad_setting_fails_in_one_line(tmp_path: Path, env: dict[str, str], st
     (only,) = done.stderr.splitlines()
     assert only.startswith(line), only
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
+    cmd = [str(KEEL), "worker", "--data-dir", str(tmp_path / "keel")]
+    done = subprocess.run(cmd, env=full, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    (only,) = done.stderr.splitlines()
+    assert only.startswith("error: role 'worker' needs a store shared by every process"), only

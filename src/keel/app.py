@@ -344,6 +344,7 @@ async def running(settings: Settings, registry: WorkflowRegistry, *, role: Role 
         await stores.aclose()
         if lock is not None:
             lock.close()
+    log.info("keel stopped")
 
 
 class _Probe:

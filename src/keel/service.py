@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ from keel.orchestration.engine.runner import cancelled_envelope
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
 from keel.settings import Settings
+
+log = logging.getLogger("keel.service")
 
 __all__ = [
     "Idempotency",
@@ -225,7 +228,9 @@ class Keel:
         if result.outcome is CreateOutcome.replayed:
             return Submitted(task=result.task, outcome="replayed")
         self.runtime.wake()
-        return Submitted(task=result.task, outcome="created")
+        task = result.task
+        log.info("queued %s", task.workflow, extra={"task_id": task.id, "tenant": task.tenant})
+        return Submitted(task=task, outcome="created")
 
     def _fingerprint(self, sub: Submission, input_json: dict[str, Any]) -> str:
         """What makes two requests identical for the result cache: workflow, validated input (a document id is
