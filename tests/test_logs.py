@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,18 @@ def test_configuring_again_replaces_the_handler(stream: io.StringIO) -> None:
     logging.getLogger("keel.test").info("once")
     assert len(lines(stream)) == 1
     assert sum(1 for h in logging.getLogger().handlers if h.get_name() == "keel") == 1
+
+
+def test_the_default_stream_is_stderr_as_it_is_when_a_line_is_logged(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logs.configure("json")
+    first.close()  # as a test runner closes the stderr it lent a command
+    monkeypatch.setattr(sys, "stderr", stream)
+    logging.getLogger("keel.test").info("still heard")
+    assert json.loads(stream.getvalue())["message"] == "still heard"
 
 
 class Tty(io.StringIO):

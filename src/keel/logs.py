@@ -94,6 +94,19 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record) + (f" [{context}]" if context else "")
 
 
+class StderrHandler(logging.StreamHandler[IO[str]]):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not what it was when logging was configured: a
+    test runner, or an embedding application, may swap it and close the old one."""
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def resolve_format(fmt: LogFormat | None, stream: IO[str]) -> LogFormat:
     """``fmt``, or text on a terminal and JSON otherwise (a file, a pipe, a log collector)."""
     if fmt is not None:
@@ -102,14 +115,14 @@ def resolve_format(fmt: LogFormat | None, stream: IO[str]) -> LogFormat:
 
 
 def configure(fmt: LogFormat | None = None, level: str = "INFO", *, stream: IO[str] | None = None) -> LogFormat:
-    """Send every logger's records to one handler on ``stream`` (stderr), formatted as ``fmt``.
+    """Send every logger's records to one handler on ``stream`` (by default stderr, whatever it is at the time),
+    formatted as ``fmt``.
 
     keel's own loggers (``keel.*``) emit at ``level``; other libraries at ``WARNING`` or above unless ``level`` is
     higher (httpx alone would log every request at INFO). uvicorn's loggers keep the level uvicorn sets and reach
     this handler by propagation. Calling it again replaces the handler. Returns the format chosen."""
-    stream = stream if stream is not None else sys.stderr
-    chosen = resolve_format(fmt, stream)
-    handler = logging.StreamHandler(stream)
+    chosen = resolve_format(fmt, stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
