@@ -150,3 +150,33 @@ def test_redis_is_checked_when_configured(settings: Settings, serve: Any, tmp_pa
         assert down.status_code == 503 and down.json()["not_ready"] == ["redis"], down.text
     finally:
         redis("stop", where)
+
+
+TEMPORAL_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "temporal.sh"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_temporal_is_checked_when_configured(settings: Settings, serve: Any, tmp_path: Path) -> None:
+    pytest.importorskip("temporalio", reason="the Temporal SDK is not installed: pip install 'keel[temporal]'")
+    env = {**os.environ, "KEEL_TEMPORAL_DIR": str(tmp_path / "temporal")}
+
+    def temporal(command: str) -> subprocess.CompletedProcess[str]:
+        cmd = ["bash", str(TEMPORAL_SCRIPT), command]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    started = temporal("start")
+    if started.returncode != 0:
+        pytest.skip(f"no Temporal dev server for this test: {started.stderr.strip()[-300:]}")
+    try:
+        settings.engine = "temporal"
+        settings.temporal_address = started.stdout.strip().splitlines()[-1]
+        settings.temporal_task_queue = f"keel-readyz-{os.getpid()}"
+        server = serve()
+        up = httpx.get(server.url + "/readyz")
+        assert up.status_code == 200 and up.json()["checks"]["temporal"] == "ok", up.text
+        temporal("stop")
+        down = httpx.get(server.url + "/readyz", timeout=30)
+        assert down.status_code == 503 and down.json()["not_ready"] == ["temporal"], down.text
+    finally:
+        temporal("stop")
