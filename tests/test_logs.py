@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from conftest import free_port, make_key, wait_terminal
 from keel import logs
+from keel.app import redacted
 from keel.settings import Settings
 from keel_processes import KEEL, Servers
 
@@ -230,3 +232,18 @@ def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None
     assert done.returncode == 1
     (only,) = done.stderr.splitlines()
     assert only.startswith("error: role 'worker' needs a store shared by every process"), only
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_sigterm_stops_the_server_cleanly_and_says_so(servers: Servers, tmp_path: Path) -> None:
+    server = servers.start(free_port(), tmp_path / "keel", env=JSON_LOGS)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0
+    assert parsed(server.log)[-1]["message"] == "keel stopped"  # after the store closed, not cut short
+
+
+def test_urls_in_logs_lose_their_password() -> None:
+    assert redacted("postgresql://keel:s3cr3t@db:5432/keel") == "postgresql://keel:***@db:5432/keel"
+    assert redacted("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redacted("sqlite:///.keel/keel.db") == "sqlite:///.keel/keel.db"

@@ -257,7 +257,7 @@ def _shared(settings: Settings, role: Role) -> bool:
 
 
 def redacted(url: str) -> str:
-    """A URL without its password, for logs."""
+    """``url`` without its password, for logs (``postgresql://keel:***@db/keel``)."""
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 

@@ -92,10 +92,13 @@ def serve(
             config = uvicorn.Config(
                 app, host=settings.host, port=settings.port, log_level=log_level, log_config=None, lifespan="off"
             )
-            # uvicorn raises the signal that stopped it again once it has; the app still has to close after it.
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: None)
-            await uvicorn.Server(config).serve()
+            # uvicorn raises the signal that stopped it again once it has, which must not cut the app's close short.
+            previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                await uvicorn.Server(config).serve()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     _start(run)
 
@@ -107,7 +110,7 @@ def worker(data_dir: DataDir = None) -> None:
     import logging
     import signal
 
-    from keel.app import registry_for, running
+    from keel.app import redacted, registry_for, running
 
     settings = _start_settings(data_dir)
     log = logging.getLogger("keel.worker")
@@ -118,7 +121,7 @@ def worker(data_dir: DataDir = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with running(settings, registry_for(settings), role="worker"):
-            log.info("keel worker %d is working the queue of %s", os.getpid(), _redacted(settings.resolved_store_url))
+            log.info("keel worker %d is working the queue of %s", os.getpid(), redacted(settings.resolved_store_url))
             await stop.wait()
         log.info("keel worker stopped")
 
@@ -156,16 +159,11 @@ def _start(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         _fail(_one_line(exc.message))
     except Exception as exc:
         logging.getLogger("keel").debug("start-up failed", exc_info=exc)
-        _fail(_one_line(f"keel stopped: {type(exc).__name__}: {exc}"))
+        _fail(_one_line(f"keel stopped: {type(exc).__name__}: {exc} (KEEL_LOG_LEVEL=DEBUG logs the traceback)"))
 
 
 def _one_line(message: str) -> str:
     return " ".join(message.split())
-
-
-def _redacted(url: str) -> str:
-    """A store URL without its password, for logs."""
-    return str(httpx.URL(url).copy_with(password=None)) if "@" in url else url
 
 
 @keys_app.command("create")
