@@ -10,17 +10,21 @@ import asyncio
 import contextlib
 import fcntl
 import importlib
+import logging
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import IO, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.datastructures import MutableHeaders
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keel import observability
+from keel import logs, observability
 from keel.backends import open_stores
 from keel.errors import ConfigError
 from keel.interaction import problems
@@ -74,10 +78,19 @@ Each operation's security requirement names the scope it needs (`tasks:read`, `t
 """
 
 
-class Readiness(BaseModel):
-    """What `/readyz` answers, 200 or 503."""
+log = logging.getLogger("keel.app")
 
-    status: Literal["ready", "starting", "model_unavailable"]
+
+class Readiness(BaseModel):
+    """What `/readyz` answers when keel is ready (200). Not ready, it answers 503 with a problem whose
+    ``not_ready`` member lists the parts that are not, and whose ``checks`` member holds every part's answer."""
+
+    status: Literal["ready"]
+    checks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Each part checked (store; redis and temporal when configured; model; embedder) and `ok`, or "
+        "why it is not ready.",
+    )
     model: dict[str, Any] | None = Field(None, description="With a local default model: `{spec, loadable, error?}`.")
 
 
@@ -247,6 +260,11 @@ def _shared(settings: Settings, role: Role) -> bool:
     return True
 
 
+def redacted(url: str) -> str:
+    """``url`` without its password, for logs (``postgresql://keel:***@db/keel``)."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings, registry: WorkflowRegistry, *, role: Role = "all", observer: Observer | None = None
@@ -319,31 +337,60 @@ async def running(
             stack.push_async_callback(webhooks.stop)
             relay.start()
             stack.push_async_callback(relay.stop)
+        log.info(
+            "keel started: role=%s store=%s engine=%s redis=%s model=%s embedder=%s workers=%d tools=%s",
+            role,
+            redacted(settings.resolved_store_url),
+            settings.engine,
+            redacted(settings.redis_url) if settings.redis_url else "off",
+            redacted(settings.default_model),
+            settings.embedding_model,
+            settings.workers if role != "api" else 0,
+            ",".join(sorted(tools.names())) or "none",
+        )
         yield keel
     finally:
         await stack.aclose()
         await stores.aclose()
         if lock is not None:
             lock.close()
+    log.info("keel stopped")
 
 
-class ModelReadiness:
+class _Probe:
+    """A readiness check that is cached: a success for good, a failure for ``retry_s`` (an install or a restored
+    file fixes it without a restart). Concurrent probes share one check."""
+
+    def __init__(self, *, retry_s: float = 30.0) -> None:
+        self.retry_s = retry_s
+        self._checked: tuple[float, str | None] | None = None
+        self._running: asyncio.Future[str | None] | None = None
+
+    async def _problem(self, check: Callable[[], Awaitable[str | None]]) -> str | None:
+        checked = self._checked
+        if checked is not None and (checked[1] is None or time.monotonic() - checked[0] < self.retry_s):
+            return checked[1]
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(check())
+        problem = await asyncio.shield(self._running)
+        self._checked = (time.monotonic(), problem)
+        return problem
+
+
+class ModelReadiness(_Probe):
     """Whether the default model can load, for ``/readyz``. Only ``local:`` models are checked (another provider
     would need a network call): the runtime imports and the weights resolve; the model itself is not loaded by a
-    probe. Checked in a thread, once; a failure is checked again after ``retry_s`` (an install fixes it without a
-    restart)."""
+    probe. Checked in a thread, once; a failure is checked again after ``retry_s``."""
 
     def __init__(self, spec: str, *, retry_s: float = 30.0) -> None:
+        super().__init__(retry_s=retry_s)
         self.spec = spec
-        self.retry_s = retry_s
         chain = [spec] if spec.startswith("openai-compatible:") else spec.split(",")  # as infer_model reads it
         self._local: list[str] = []
         for part in chain:
             provider, _, rest = part.strip().partition(":")
             if provider == "local" and rest:
                 self._local.append(rest)
-        self._checked: tuple[float, str | None] | None = None
-        self._running: asyncio.Future[str | None] | None = None
 
     @property
     def local(self) -> bool:
@@ -351,14 +398,7 @@ class ModelReadiness:
 
     async def problem(self) -> str | None:
         """Why the model cannot load, or None when it can."""
-        checked = self._checked
-        if checked is not None and (checked[1] is None or time.monotonic() - checked[0] < self.retry_s):
-            return checked[1]
-        if self._running is None or self._running.done():  # concurrent probes share one check
-            self._running = asyncio.ensure_future(asyncio.to_thread(self._check))
-        problem = await asyncio.shield(self._running)
-        self._checked = (time.monotonic(), problem)
-        return problem
+        return await self._problem(lambda: asyncio.to_thread(self._check))
 
     def _check(self) -> str | None:
         from keel.orchestration.llm.models.weights import resolve
@@ -374,6 +414,81 @@ class ModelReadiness:
             except OSError as exc:  # the weights' files or the model cache cannot be read
                 return f"local:{alias}: {exc}"
         return None
+
+
+REMOTE_EMBEDDERS = ("openai:", "openai-compatible:")
+
+
+class EmbedderReadiness(_Probe):
+    """Whether the default embedder can embed, for ``/readyz``: it embeds one short text (a local embedder loads
+    its weights then, as the first ingest would). A remote embedder is not probed: each probe would be a paid
+    network call, and its failures show on the calls themselves."""
+
+    def __init__(self, spec: str, *, retry_s: float = 30.0) -> None:
+        super().__init__(retry_s=retry_s)
+        self.spec = spec
+        self.probed = not spec.startswith(REMOTE_EMBEDDERS)
+
+    async def problem(self, embedder: Embedder) -> str | None:
+        """Why ``embedder`` cannot embed, or None when it can (or is remote)."""
+        if not self.probed:
+            return None
+
+        async def check() -> str | None:
+            try:
+                await embedder.embed(["readiness probe"])
+            except Exception as exc:
+                return f"{self.spec}: {_reason(exc)}"
+            return None
+
+        return await self._problem(check)
+
+
+def _reason(exc: BaseException) -> str:
+    message = exc.message if isinstance(exc, ConfigError) else str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+async def _answers(check: Awaitable[object], timeout_s: float = 5.0) -> str:
+    """``ok``, or why the part did not answer within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await check
+    except TimeoutError:
+        return f"no answer within {timeout_s:g}s"
+    except Exception as exc:
+        return _reason(exc)
+    return "ok"
+
+
+class RequestId:
+    """ASGI middleware: the request's id, from ``X-Request-ID`` (when it is a sane token) or minted, echoed in the
+    response's ``X-Request-ID`` and set in :data:`keel.logs.request_id` for every line logged while serving it; a
+    task submitted by the request keeps it (``Keel.submit``), so its run's lines carry it too."""
+
+    HEADER = "x-request-id"
+    VALID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # goes into logs and headers: no spaces, no control characters
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        request = given if self.VALID.fullmatch(given) else logs.new_request_id()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-ID"] = request
+            await send(message)
+
+        token = logs.request_id.set(request)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logs.request_id.reset(token)
 
 
 def create_app(
@@ -440,29 +555,54 @@ def create_app(
 
     # An API-only process runs no model: whether the workers can load theirs is for their own health.
     model = ModelReadiness(settings.default_model) if role != "api" else None
+    embedder = EmbedderReadiness(settings.embedding_model)
 
     @app.get(
         "/readyz",
         tags=["ops"],
         operation_id="readyz",
         response_model=Readiness,
-        responses={503: {"model": Readiness, "description": "Starting, or the default model cannot load"}},
+        responses={503: {"description": "Starting, or a part is not ready: the problem's `not_ready` names it."}},
     )
     async def readyz() -> JSONResponse:
         keel: Keel | None = getattr(app.state, "keel", None)
         if keel is None:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        await keel.ping()
-        if model is None or not model.local:
-            return JSONResponse({"status": "ready"})
-        problem = await model.problem()
-        if problem is not None:
-            body = {"status": "model_unavailable", "model": {"spec": model.spec, "loadable": False, "error": problem}}
-            return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ready", "model": {"spec": model.spec, "loadable": True}})
+            return problems.problem(
+                503, "Not ready", "keel is starting", type=NOT_READY, extensions={"not_ready": ["startup"]}
+            )
+        checks = {"store": await _answers(keel.ping())}
+        if settings.redis_url:
+            checks["redis"] = await _answers(keel.stores.sessions.get_session("readyz", "readyz", time.time()))
+        if settings.engine == "temporal":
+            checks["temporal"] = await _answers(_temporal_ping(keel))
+        extra: dict[str, Any] = {}
+        if model is not None and model.local:
+            problem = await model.problem()
+            checks["model"] = problem or "ok"
+            extra["model"] = {"spec": model.spec, "loadable": problem is None} | ({"error": problem} if problem else {})
+        checks["embedder"] = await embedder.problem(keel.memory.embedder) or "ok"
+        failing = [part for part, answer in checks.items() if answer != "ok"]
+        if failing:
+            detail = "; ".join(f"{part}: {checks[part]}" for part in failing)
+            log.warning("not ready: %s", detail)
+            return problems.problem(
+                503, "Not ready", detail, type=NOT_READY, extensions={"not_ready": failing, "checks": checks, **extra}
+            )
+        return JSONResponse({"status": "ready", "checks": checks, **extra})
 
     # A multipart upload carries the document plus its form framing.
     uploads = {"/v1/documents": settings.ingest_max_bytes + 64 * 1024}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path=uploads)
-    app.add_middleware(ObserveRequests, observer=observer)  # outermost: the request span covers everything
+    app.add_middleware(ObserveRequests, observer=observer)  # the request span covers everything inside
+    app.add_middleware(RequestId)  # outermost: every answer carries the id, a refused body's too
     return app
+
+
+NOT_READY = "urn:keel:problem:not_ready"
+
+
+async def _temporal_ping(keel: Keel) -> None:
+    from keel.backends.temporal import TemporalEngine
+
+    if isinstance(keel.runtime, TemporalEngine):
+        await keel.runtime.ping()

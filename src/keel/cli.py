@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -15,6 +15,7 @@ import httpx
 import typer
 from httpx_sse import connect_sse
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
@@ -45,7 +46,7 @@ ApiKeyOpt = Annotated[str, typer.Option("--api-key", envvar="KEEL_API_KEY", help
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -63,7 +64,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (loopback by default).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     data_dir: DataDir = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level (keel's own: KEEL_LOG_LEVEL).")] = "info",
     role: Annotated[
         str,
         typer.Option(
@@ -73,35 +74,46 @@ def serve(
     ] = "all",
 ) -> None:
     """Serve the HTTP API, with the runtime in-process unless --role api."""
+    import signal
+
     import uvicorn
 
     from keel.app import create_app
-    from keel.errors import KeelError
 
     if role not in ("all", "api"):
         _fail(f"--role must be all or api, not {role!r} (workers run with `keel worker`)", 2)
-    settings = _settings(data_dir, host=host, port=port)
-    try:
-        uvicorn.run(
-            create_app(settings, role="api" if role == "api" else "all"),
-            host=settings.host,
-            port=settings.port,
-            log_level=log_level,
-        )
-    except KeelError as exc:
-        _fail(exc.message)
+    settings = _start_settings(data_dir, host=host, port=port)
+
+    async def run() -> None:
+        app = create_app(settings, role="api" if role == "api" else "all")
+        # The app starts here rather than in uvicorn's lifespan, which would print a start-up failure as a
+        # traceback: the store, the engine and the models are up before the socket opens.
+        async with app.router.lifespan_context(app):
+            config = uvicorn.Config(
+                app, host=settings.host, port=settings.port, log_level=log_level, log_config=None, lifespan="off"
+            )
+            # uvicorn raises the signal that stopped it again once it has, which must not cut the app's close short.
+            previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                await uvicorn.Server(config).serve()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    _start(run)
 
 
 @app.command()
 def worker(data_dir: DataDir = None) -> None:
     """Run tasks, webhooks and emails from a shared store (KEEL_STORE_URL=postgresql://…), without HTTP; as many
     as you like, on any machines. Stops gracefully on SIGTERM or Ctrl-C: in-flight runs go back to the queue."""
+    import logging
     import signal
 
-    from keel.app import registry_for, running
-    from keel.errors import KeelError
+    from keel.app import redacted, registry_for, running
 
-    settings = _settings(data_dir)
+    settings = _start_settings(data_dir)
+    log = logging.getLogger("keel.worker")
 
     async def work() -> None:
         stop = asyncio.Event()
@@ -109,19 +121,49 @@ def worker(data_dir: DataDir = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with running(settings, registry_for(settings), role="worker"):
-            err.print(f"keel worker {os.getpid()} is working the queue of {_redacted(settings.resolved_store_url)}")
+            log.info("keel worker %d is working the queue of %s", os.getpid(), redacted(settings.resolved_store_url))
             await stop.wait()
-        err.print("keel worker stopped")
+        log.info("keel worker stopped")
+
+    _start(work)
+
+
+def _start_settings(data_dir: Path | None, **overrides: Any) -> Settings:
+    """The settings of a long-running command, and logging configured from them; a bad setting is one line."""
+    from pydantic import ValidationError
+
+    from keel import logs
 
     try:
-        asyncio.run(work())
+        settings = _settings(data_dir, **overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        _fail(f"bad setting: {problems}", 2)
+    logs.configure(settings.log_format, settings.log_level)
+    return settings
+
+
+def _start(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a long-running command. A failure to start (a data dir in use, missing weights, an unreachable store)
+    is one line on stderr and exit status 1, never a traceback; the traceback goes to the log at DEBUG."""
+    import logging
+
+    from keel.errors import KeelError
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
     except KeelError as exc:
-        _fail(exc.message)
+        logging.getLogger("keel").debug("start-up failed", exc_info=exc)
+        _fail(_one_line(exc.message))
+    except Exception as exc:
+        logging.getLogger("keel").debug("start-up failed", exc_info=exc)
+        _fail(_one_line(f"keel stopped: {type(exc).__name__}: {exc} (KEEL_LOG_LEVEL=DEBUG logs the traceback)"))
 
 
-def _redacted(url: str) -> str:
-    """A store URL without its password, for logs."""
-    return str(httpx.URL(url).copy_with(password=None)) if "@" in url else url
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 @keys_app.command("create")

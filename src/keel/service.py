@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from keel import observability
+from keel import logs, observability
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
 from keel.memory.retrieval import Memory, Retrieval
 from keel.memory.stores import Stores
@@ -50,6 +51,8 @@ from keel.orchestration.engine.runner import cancelled_envelope
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
 from keel.settings import Settings
+
+log = logging.getLogger("keel.service")
 
 __all__ = [
     "Idempotency",
@@ -180,6 +183,8 @@ class Keel:
         if sub.webhook is not None:
             await resolve_target(sub.webhook.url, allow=self.webhook_allow)
         policy = self._policy(sub, key)
+        if (request := logs.request_id.get()) is not None:
+            policy["request_id"] = request  # so the worker's log lines about the task name the request behind it
         input_json = parsed.model_dump(mode="json")
         fingerprint = self._fingerprint(sub, input_json)
         if sub.cache_max_age_s is not None:
@@ -224,8 +229,10 @@ class Keel:
         if result.outcome is CreateOutcome.replayed:
             return Submitted(task=result.task, outcome="replayed")
         self.runtime.wake()
-        observability.current().task_created(result.task.workflow)
-        return Submitted(task=result.task, outcome="created")
+        task = result.task
+        observability.current().task_created(task.workflow)
+        log.info("queued %s", task.workflow, extra={"task_id": task.id, "tenant": task.tenant})
+        return Submitted(task=task, outcome="created")
 
     def _fingerprint(self, sub: Submission, input_json: dict[str, Any]) -> str:
         """What makes two requests identical for the result cache: workflow, validated input (a document id is

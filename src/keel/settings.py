@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     store_url: str | None = Field(None, description="Defaults to sqlite:///<data_dir>/keel.db.")
     host: str = "127.0.0.1"
     port: int = 8000
+    log_format: Literal["json", "text"] | None = Field(
+        None,
+        description="How log lines look on stderr: json (one object a line) or text. Default: text on a "
+        "terminal, json otherwise.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="The level of keel's own loggers (keel.*); other libraries log at WARNING or above."
+    )
     max_body_bytes: int = Field(1_048_576, description="Larger request bodies get 413.")
     workers: int = Field(4, ge=1, description="Concurrent tasks run by the in-process worker pool.")
     lease_seconds: float = Field(15.0, gt=0)
@@ -129,6 +137,16 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, v: object) -> object:
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return (v.lower() or None) if isinstance(v, str) else v
 
     @field_validator("data_dir")
     @classmethod

@@ -591,6 +591,12 @@ class TemporalEngine:
         self._loops.append(asyncio.create_task(self._dispatch()))
         self._loops.append(asyncio.create_task(self.queue.sweep_forever()))
 
+    async def ping(self) -> None:
+        """Fails when the Temporal frontend does not answer a health check (``/readyz``)."""
+        if self._client is None:
+            raise ConfigError("not connected to Temporal")
+        await self._client.service_client.check_health()
+
     async def _run_worker(self, worker: Worker) -> None:
         try:
             await worker.run()

@@ -248,7 +248,7 @@ def _components() -> dict[str, Any]:
 
 def _replace_problem(response: dict[str, Any]) -> None:
     """Declare ``response`` as a problem, keeping its examples. A response that names a schema of its own (not
-    FastAPI's validation error) is left alone: a body that is not a problem, such as ``/readyz``'s 503."""
+    FastAPI's validation error) is left alone: a body that is not a problem."""
     media = response.get("content", {})
     if any(m.get("schema") not in (None, {}, _FASTAPI_422) for m in media.values()):
         return

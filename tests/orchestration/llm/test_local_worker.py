@@ -343,12 +343,15 @@ def test_readyz_says_whether_the_default_model_can_load(settings: Settings, spec
     assert first.json() == again.json()
     body = first.json()
     if spec == "test":
-        assert body == {"status": "ready"}
+        assert body == {"status": "ready", "checks": {"store": "ok", "embedder": "ok"}}
     elif status == 200:
-        assert body == {"status": "ready", "model": {"spec": spec, "loadable": True}}
+        assert body["status"] == "ready" and body["checks"]["model"] == "ok"
+        assert body["model"] == {"spec": spec, "loadable": True}
     else:
-        assert body["status"] == "model_unavailable" and body["model"]["loadable"] is False
-        assert body["model"]["error"].startswith(spec)
+        assert first.headers["content-type"] == "application/problem+json"
+        assert body["status"] == 503 and body["not_ready"] == ["model"]
+        assert body["model"]["loadable"] is False and body["model"]["error"].startswith(spec)
+        assert body["checks"]["model"] == body["model"]["error"] and body["detail"].startswith("model: " + spec)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from keel import observability
+from keel import logs, observability
 from keel.errors import AwaitingDecision, BudgetExceeded, ClarificationNeeded, LeaseLost, WorkflowError
 from keel.memory.retrieval import Memory
 from keel.memory.stores import EventSpec, SessionStore, Store, VectorStore
@@ -135,9 +135,13 @@ class TaskRunner:
 
     async def run(self, task: Task, ctx: WorkflowContext, host: RunHost) -> TaskStatus | None:
         """Run ``task``'s workflow on ``ctx`` and end the task through ``host``. Returns the status written, or None
-        when the run was handed back unfinished (a lost lease, a graceful stop)."""
-        with observability.current().task_run(task) as seen:
-            seen.status = await self._run(task, ctx, host)
+        when the run was handed back unfinished (a lost lease, a graceful stop). Every line logged meanwhile (the
+        steps and heartbeats too) carries the task's id, tenant and the request that created it."""
+        with logs.task_scope(task.id, task.tenant, task.policy.get("request_id")):
+            log.info("running %s (attempt %d)", task.workflow, task.attempts)
+            with observability.current().task_run(task) as seen:
+                seen.status = await self._run(task, ctx, host)
+            log.info("run ended: %s", seen.status.value if seen.status is not None else "handed back")
         return seen.status
 
     async def _run(self, task: Task, ctx: WorkflowContext, host: RunHost) -> TaskStatus | None:
