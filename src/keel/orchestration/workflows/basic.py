@@ -4,18 +4,16 @@ question to the configured model, streamed) and ``tool_call`` (one tool call as 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import WorkflowError
-from keel.memory.types import SessionTurn
 from keel.orchestration.engine.context import WorkflowContext
 from keel.orchestration.engine.workflow import Workflow
 from keel.orchestration.llm.models import Message, ModelSettings
 from keel.orchestration.llm.models.base import Role
-from keel.orchestration.workflows.memory import memory_of
+from keel.orchestration.workflows.memory import session_loader, session_saver
 
 # -- the built-in diagnostic workflow ------------------------------------------------------------------
 
@@ -89,35 +87,16 @@ async def ask(ctx: WorkflowContext, inp: AskInput) -> dict[str, Any]:
     model = ctx.model(inp.model)
     messages = [Message(role="system", content=inp.system)] if inp.system else []
     if inp.session:
-        history = await ctx.step("session.load", _session_loader(ctx, inp.session, inp.history_turns))
+        history = await ctx.step("session.load", session_loader(ctx, inp.session, inp.history_turns))
         messages += [Message(role=cast(Role, t["role"]), content=t["content"]) for t in history]
     messages.append(Message(role="user", content=inp.question))
     answer = await ctx.generate(
         "answer", model, messages, settings=ModelSettings(max_tokens=inp.max_tokens, temperature=0.2)
     )
     if inp.session:
-        await ctx.step("session.save", _session_saver(ctx, inp.session, inp.question, answer))
+        await ctx.step("session.save", session_saver(ctx, inp.session, [("user", inp.question), ("assistant", answer)]))
     await ctx.progress(1.0, "answer")
     return {"answer": answer, **({"session": inp.session} if inp.session else {})}
-
-
-def _session_loader(ctx: WorkflowContext, session: str, last: int) -> Callable[[], Awaitable[list[dict[str, str]]]]:
-    async def load() -> list[dict[str, str]]:
-        memory = memory_of(ctx)
-        found = await memory.sessions.get_session(ctx.tenant, session, memory.clock(), last=last)
-        return [{"role": t.role, "content": t.content} for t in found.turns] if found else []
-
-    return load
-
-
-def _session_saver(ctx: WorkflowContext, session: str, question: str, answer: str) -> Callable[[], Awaitable[int]]:
-    async def save() -> int:
-        memory = memory_of(ctx)
-        turns = [SessionTurn(role="user", content=question), SessionTurn(role="assistant", content=answer)]
-        stored = await memory.sessions.append_turns(ctx.tenant, session, turns, memory.session_ttl_s, memory.clock())
-        return len(stored.turns)
-
-    return save
 
 
 ASK: Workflow[AskInput] = Workflow(

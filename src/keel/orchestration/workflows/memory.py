@@ -5,13 +5,14 @@ retrieval step other workflows call.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.errors import ConfigError, DocumentRejected, WorkflowError
 from keel.memory.retrieval import Memory, Retrieval
-from keel.memory.types import DocumentRecord, DocumentStatus
+from keel.memory.types import DocumentRecord, DocumentStatus, SessionTurn
 from keel.orchestration.engine.context import WorkflowContext
 from keel.orchestration.engine.workflow import Workflow
 
@@ -21,6 +22,30 @@ def memory_of(ctx: WorkflowContext) -> Memory:
     if not isinstance(memory, Memory):
         raise ConfigError("this workflow needs the memory layer (Services.memory), and this engine has none")
     return memory
+
+
+def session_loader(ctx: WorkflowContext, session: str, last: int) -> Callable[[], Awaitable[list[dict[str, str]]]]:
+    """A step body: the session's last ``last`` turns as ``{"role", "content"}`` messages (none when the session is
+    unknown or expired). Every conversational workflow reads its history so."""
+
+    async def load() -> list[dict[str, str]]:
+        memory = memory_of(ctx)
+        found = await memory.sessions.get_session(ctx.tenant, session, memory.clock(), last=last)
+        return [{"role": t.role, "content": t.content} for t in found.turns] if found else []
+
+    return load
+
+
+def session_saver(ctx: WorkflowContext, session: str, turns: Sequence[tuple[str, str]]) -> Callable[[], Awaitable[int]]:
+    """A step body: append ``(role, content)`` turns to the session (its TTL slides); returns its length."""
+
+    async def save() -> int:
+        memory = memory_of(ctx)
+        new = [SessionTurn(role=role, content=content) for role, content in turns]
+        stored = await memory.sessions.append_turns(ctx.tenant, session, new, memory.session_ttl_s, memory.clock())
+        return len(stored.turns)
+
+    return save
 
 
 # -- retrieval ----------------------------------------------------------------------------------------------

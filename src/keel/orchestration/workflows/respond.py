@@ -12,22 +12,21 @@ the tokens of an agent's turns.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jsonschema
 import jsonschema.validators
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keel.errors import WorkflowError
-from keel.memory.types import SessionTurn
 from keel.orchestration.engine.context import WorkflowContext
 from keel.orchestration.engine.workflow import Workflow
 from keel.orchestration.llm.agent import run_agent
 from keel.orchestration.llm.models import Message, ModelSettings
+from keel.orchestration.llm.models.base import Role
 from keel.orchestration.llm.models.structured import strip_fences
 from keel.orchestration.workflows.endpoints import check_output_schema
-from keel.orchestration.workflows.memory import memory_of
+from keel.orchestration.workflows.memory import session_loader, session_saver
 
 __all__ = ["ANSWER_STEP", "RESPOND", "RespondInput", "Turn"]
 
@@ -78,8 +77,8 @@ async def respond(ctx: WorkflowContext, inp: RespondInput) -> dict[str, Any]:
     model = ctx.model(inp.model)
     messages = [Message(role="system", content=inp.instructions)] if inp.instructions else []
     if inp.session and inp.history_turns:
-        history = await ctx.step("session.load", _loader(ctx, inp.session, inp.history_turns))
-        messages += [Message(role=t["role"], content=t["content"]) for t in history]
+        history = await ctx.step("session.load", session_loader(ctx, inp.session, inp.history_turns))
+        messages += [Message(role=cast(Role, t["role"]), content=t["content"]) for t in history]
     messages += [Message(role=m.role, content=m.content) for m in inp.messages]
     settings = ModelSettings(max_tokens=inp.max_output_tokens, temperature=inp.temperature)
     out: dict[str, Any] = {}
@@ -93,7 +92,10 @@ async def respond(ctx: WorkflowContext, inp: RespondInput) -> dict[str, Any]:
         out["parsed"] = _checked(answer, inp.output_schema)
     if inp.session:
         asked = [m for m in inp.messages if m.role != "system"]
-        await ctx.step("session.save", _saver(ctx, inp.session, asked, answer))
+        await ctx.step(
+            "session.save",
+            session_saver(ctx, inp.session, [*((m.role, m.content) for m in asked), ("assistant", answer)]),
+        )
         out["session"] = inp.session
     await ctx.progress(1.0, ANSWER_STEP)
     return {"answer": answer, **out}
@@ -112,26 +114,6 @@ def _checked(answer: str, schema: dict[str, Any]) -> Any:
         message = f"the answer violates the schema at {where}: {problems[0].message}"
         raise WorkflowError(message, type="schema_violation")
     return value
-
-
-def _loader(ctx: WorkflowContext, session: str, last: int) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
-    async def load() -> list[dict[str, Any]]:
-        memory = memory_of(ctx)
-        found = await memory.sessions.get_session(ctx.tenant, session, memory.clock(), last=last)
-        return [{"role": t.role, "content": t.content} for t in found.turns] if found else []
-
-    return load
-
-
-def _saver(ctx: WorkflowContext, session: str, asked: list[Turn], answer: str) -> Callable[[], Awaitable[int]]:
-    async def save() -> int:
-        memory = memory_of(ctx)
-        turns = [SessionTurn(role=m.role, content=m.content) for m in asked]
-        turns.append(SessionTurn(role="assistant", content=answer))
-        stored = await memory.sessions.append_turns(ctx.tenant, session, turns, memory.session_ttl_s, memory.clock())
-        return len(stored.turns)
-
-    return save
 
 
 RESPOND: Workflow[RespondInput] = Workflow(
