@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
 import shlex
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -19,6 +16,7 @@ from keel.settings import Settings
 from keel.testing.analyst import ScriptedAnalyst
 from keel.testing.fake_llm import FakeOpenAIServer
 from keel.testing.pdfs import make_pdf
+from pdf_site import PdfSite
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -144,35 +142,6 @@ def readme_submit_lines() -> list[str]:
     return [m.strip() for m in re.findall(r"keel (submit [^`\n]*)", README.read_text())]
 
 
-class _PdfSite:
-    """A loopback server that hands out one PDF at any path (for the README's example URLs)."""
-
-    def __init__(self, body: bytes) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
-                self.send_response(200)
-                self.send_header("Content-Type", "application/pdf")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.do_HEAD()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 def test_every_readme_submit_line_runs_as_written(
     request: pytest.FixtureRequest, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -184,7 +153,7 @@ def test_every_readme_submit_line_runs_as_written(
     monkeypatch.chdir(tmp_path)
     for name in ("a.pdf", "b.pdf"):
         (tmp_path / name).write_bytes(make_pdf([f"Contract {name}: payment is due within 30 days."]))
-    site = _PdfSite(make_pdf(["Contract d: payment is due within 60 days."]))
+    site = PdfSite(make_pdf(["Contract d: payment is due within 60 days."]))
     with FakeOpenAIServer() as llm:
         try:
             llm.respond_with(ScriptedAnalyst().http_reply)

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from keel.testing.analyst import ScriptedAnalyst
 from keel.testing.fake_llm import FakeOpenAIServer
 from keel.testing.inmemory import InMemoryStore
 from keel.testing.pdfs import make_pdf
+from pdf_site import PdfSite
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 REQUEST = "Analyse these PDFs, compare insights, and tell me the risks."
@@ -137,35 +136,6 @@ def env(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> LiveServer:
     monkeypatch.setenv("KEEL_URL", live.url)
     monkeypatch.setenv("KEEL_API_KEY", live.key)
     return live
-
-
-class PdfSite:
-    """A loopback server that hands out one PDF at any path (for the README's example URLs)."""
-
-    def __init__(self, body: bytes) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
-                self.send_response(200)
-                self.send_header("Content-Type", "application/pdf")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.do_HEAD()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture
