@@ -7,7 +7,8 @@
 # through the HTTP API with `keel submit` (live progress, then the envelope), and stops the server cleanly.
 # The encrypted file is flagged and skipped, so the envelope says partial_success. It prints the comparison table
 # (worked out in code from each document's per-topic quotes), the risks the model worded from it (each citing
-# document, page and verified quote), and checks that at least 4 of the 6 conflicts the documents plant are named.
+# document, page and verified quote, with the passages vector memory finds nearest it), and checks that at least
+# 4 of the 6 conflicts the documents plant are named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -75,6 +76,9 @@ for risk in result.get("risks") or []:
     for ev in risk["evidence"]:
         mark = "verified" if ev["verified"] else "NOT FOUND in the source"
         print(f"      {ev['label']} p.{ev['page']}: \"{ev['quote'][:100]}\" ({mark})")
+    if support := risk.get("support"):
+        near = ", ".join(f"{p['label']} p.{p['page']} ({p['score']:.2f})" for p in support["passages"])
+        print(f"      nearest passages: {near}; retrieval {support['level']} ({support['confidence']:.2f})")
 named = named_conflicts(result)
 print(f"\nthe documents plant 6 conflicts; the analysis names {sum(ok for _, ok in named)}:")
 for what, ok in named:

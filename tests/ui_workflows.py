@@ -1,9 +1,11 @@
 """Workflows for ``tests/interaction/test_ui.py``, loaded with ``KEEL_WORKFLOWS=ui_workflows:WORKFLOWS``: ``recall``
-searches vector memory over the given documents, so its trace has retrieval hits with scores and a confidence (no
-built-in workflow retrieves yet); ``flaky`` has a step that succeeds on its second try, so its trace has a retry."""
+searches vector memory over the given documents, so its trace has retrieval hits with scores and a confidence;
+``flaky`` has a step that succeeds on its second try, so its trace has a retry; ``musing`` asks the model, then
+waits, so a page can show the model call while the task still runs."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -45,4 +47,21 @@ async def flaky(ctx: WorkflowContext, req: Nothing) -> dict[str, Any]:
     return {"shaky": await ctx.step("shaky", shaky, retry=RetryPolicy(initial_interval=0.05, jitter=0))}
 
 
-WORKFLOWS = [recall, flaky]
+class Musing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    then_wait_s: float
+
+
+@workflow(name="musing")
+async def musing(ctx: WorkflowContext, req: Musing) -> dict[str, Any]:
+    answer = await ctx.generate("think", ctx.model(), req.prompt)
+
+    async def wait() -> None:
+        await asyncio.sleep(req.then_wait_s)
+
+    await ctx.step("wait", wait)
+    return {"answer": answer}
+
+
+WORKFLOWS = [recall, flaky, musing]

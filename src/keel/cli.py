@@ -397,6 +397,7 @@ _STAGES = {
     "extract": "reading each document, topic by topic",
     "compare": "comparing",
     "risks": "wording the risks",
+    "corroborate": "looking each risk up in the documents",
     "validate": "checking quotes",
 }
 

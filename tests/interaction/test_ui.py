@@ -363,21 +363,43 @@ def test_a_flagship_trace_shows_tool_calls_model_calls_cost_and_retrieval_confid
     expect(models.first).to_contain_text("analyst-2026-01-01")
     assert models.count() == len(metadata["model_calls"]) > 0
     expect(page.locator("#cost")).to_contain_text(f"${metadata['cost_usd']:.4f}")
-    expect(page.locator("#tools tbody tr")).to_have_count(len(metadata["tools_called"]))
+    # The flagship looks each risk up in the documents' passages with the search_memory tool: a tool call per
+    # risk, each a retrieval with its scores and confidence.
+    risks = task["envelope"]["result"]["risks"]  # type: ignore[index]
+    assert len(metadata["tools_called"]) == len(risks) > 0
+    tools = page.locator("#tools tbody tr")
+    expect(tools).to_have_count(len(risks))
+    expect(tools.first).to_contain_text("search_memory")
+    expect(tools.first).to_contain_text("read")
+    found = metadata["retrieval"]
+    assert [r["query"] for r in found] == [f"{r['topic']}: {r['risk']}" for r in risks]
+    confidences = [f"{r['confidence']:g}" for r in found]  # as JS prints a number
+    expect(page.locator("#retrieval .confidence")).to_have_text(confidences)
+    expect(page.locator("#retrieval")).to_contain_text(found[0]["level"])
+    hits = page.locator("#retrieval tbody tr")
+    expect(hits).to_have_count(sum(len(r["hits"]) for r in found))
+    expect(hits.first).to_contain_text(str(found[0]["hits"][0]["score"]))
     expect(page.locator("#plan")).to_contain_text("Planner confidence")
+    expect(page.locator("#plan")).to_contain_text("corroborate")
     expect(page.locator("#steps .s-completed").first).to_be_visible()
     shoot(page, "ui-trace.png")
+    assert watched.errors == []
 
-    # The flagship retrieves nothing (it reads every document whole): retrieval shows on a task that does.
-    with flagship.client() as c:
-        rid = submit(c, "recall", {"query": "When is payment due?", "documents": docs})
-        recalled = wait_terminal(c, rid)
-        assert recalled["status"] in ("succeeded", "partial_success"), recalled
-        (found,) = recalled["envelope"]["metadata"]["retrieval"]  # type: ignore[index]
-    page.goto(f"{flagship.url}/ui/#/tasks/{rid}")
-    expect(page.locator("#retrieval .confidence")).to_have_text(str(found["confidence"]))
-    expect(page.locator("#retrieval")).to_contain_text(found["level"])
-    hits = page.locator("#retrieval tbody tr")
-    expect(hits).to_have_count(len(found["hits"]))
-    expect(hits.first).to_contain_text(str(found["hits"][0]["score"]))
+
+@needs_chromium
+def test_a_model_call_shows_while_its_task_still_runs(live: LiveServer, watched: Watched) -> None:
+    page = watched.page
+    with live.client() as c:
+        tid = submit(c, "musing", {"prompt": "Say hello.", "then_wait_s": 4})
+        page.goto(f"{live.url}/ui/#key={live.key}")
+        page.goto(f"{live.url}/ui/#/tasks/{tid}")
+        models = page.locator("#models tbody tr")
+        expect(models).to_have_count(1, timeout=10_000)
+        assert c.get(f"/v1/tasks/{tid}").json()["status"] == "running"  # so the row came from the stream
+        expect(models.first).to_contain_text("ok")
+        expect(page.locator("#t-status")).to_have_text("succeeded", timeout=15_000)
+        done = wait_terminal(c, tid)
+        (call,) = done["envelope"]["metadata"]["model_calls"]  # type: ignore[index]
+        expect(models).to_have_count(1)
+        expect(models.first).to_contain_text(str(call["output_tokens"]))
     assert watched.errors == []

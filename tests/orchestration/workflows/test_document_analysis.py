@@ -16,6 +16,8 @@ from engine_support import engine_for, wait_terminal
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.types import NewTask, Task, TaskStatus
 from keel.orchestration.llm.models import ModelRegistry
+from keel.orchestration.tools import ToolCatalog
+from keel.orchestration.tools.builtins import builtin_tools
 from keel.orchestration.tools.services import Services
 from keel.orchestration.workflows.document_analysis import (
     CHECKLIST,
@@ -45,7 +47,14 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 class Harness:
-    def __init__(self, store: SQLiteStore, tmp_path: Path, analyst: ScriptedAnalyst, window: int = 8192) -> None:
+    def __init__(
+        self,
+        store: SQLiteStore,
+        tmp_path: Path,
+        analyst: ScriptedAnalyst,
+        window: int = 8192,
+        tools: ToolCatalog | None = None,
+    ) -> None:
         self.store, self.clock = store, Clock(time.time())
         self.memory = memory_for(store, HashEmbedder(), self.clock, tmp_path)
         self.analyst = analyst
@@ -53,7 +62,11 @@ class Harness:
         models = ModelRegistry("scripted")
         models.add("scripted", self.model)
         self.engine = engine_for(
-            store, DOCUMENT_ANALYSIS, services=Services(store=store, memory=self.memory), models=models
+            store,
+            DOCUMENT_ANALYSIS,
+            services=Services(store=store, memory=self.memory),
+            models=models,
+            tools=ToolCatalog(builtin_tools()) if tools is None else tools,
         )
 
     async def add(self, text: str, name: str) -> str:
@@ -101,10 +114,22 @@ async def test_all_documents_fine_is_a_success_with_cited_verified_risks(store: 
         for ev in risk.evidence:
             assert ev.verified and ev.document in docs and ev.page == 1 and ev.quote
     assert result.components == {
-        "ingest": "ok", "extraction": "ok", "comparison": "ok", "risks": "ok", "validation": "ok",
+        "ingest": "ok", "extraction": "ok", "comparison": "ok", "risks": "ok", "corroboration": "ok",
+        "validation": "ok",
     }  # fmt: skip
     meta = done.envelope["metadata"]
-    assert [n["id"] for n in meta["plan"]["nodes"]][-3:] == ["risks", "aggregate", "validate"]
+    assert [n["id"] for n in meta["plan"]["nodes"]][-4:] == ["risks", "corroborate", "aggregate", "validate"]
+    # each risk was looked up in the documents' passages through the search_memory tool: its support is the best
+    # passage of each document, best first, with the retrieval's confidence, and the trace has the same lookup
+    assert [c["tool"] for c in meta["tools_called"]] == ["search_memory"] * len(result.risks)
+    assert len(meta["retrieval"]) == len(result.risks)
+    for risk, trace in zip(result.risks, meta["retrieval"], strict=True):
+        assert risk.support is not None and trace["query"] == f"{risk.topic}: {risk.risk}"
+        assert (risk.support.confidence, risk.support.level) == (trace["confidence"], trace["level"])
+        passages = risk.support.passages
+        assert {p.document for p in passages} == set(docs) and {p.label for p in passages} == {"D1", "D2"}
+        assert [p.score for p in passages] == sorted((p.score for p in passages), reverse=True)
+        assert passages[0].score == trace["hits"][0]["score"] and all(p.text for p in passages)
     assert meta["plan"]["topics"][:5] == ["payment terms", "liability", "termination", "data location", "governing law"]
     assert h.analyst.calls.count("extract") == 2 and h.analyst.calls[0] == "plan"
     # one wording per topic the documents differ on or only one addresses: nothing else is asked of the model
@@ -121,6 +146,20 @@ async def test_the_callers_topics_replace_the_checklist(store: SQLiteStore, tmp_
     result = done.envelope["result"]
     assert result["topics"] == ["payment", "liability"]
     assert [r["topic"] for r in result["comparison"]["table"]] == ["payment", "liability"]
+
+
+async def test_without_the_search_tool_the_risks_come_back_unsupported_with_one_warning(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    h = Harness(store, tmp_path, ScriptedAnalyst(), tools=ToolCatalog())  # a catalog without search_memory
+    done = await h.run([await h.add(CONTRACT_A, "a.txt"), await h.add(CONTRACT_B, "b.txt")])
+    assert done.status is TaskStatus.succeeded and done.envelope is not None, done.envelope
+    result = DocumentAnalysisResult.model_validate(done.envelope["result"])
+    assert len(result.risks or []) > 1 and all(r.support is None and r.supported for r in result.risks or [])
+    assert result.components["corroboration"] == "skipped"
+    [warning] = errors_of(done, "corroboration_skipped")
+    assert warning["severity"] == "warning" and "search_memory" in warning["message"]
+    assert done.envelope["metadata"]["retrieval"] == []
 
 
 async def test_an_encrypted_document_is_skipped_with_a_warning_and_the_rest_analysed(

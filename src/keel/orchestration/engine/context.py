@@ -641,7 +641,7 @@ class WorkflowContext:
         async def ask(_: str) -> dict[str, Any]:
             scope = _scope.get()
             key = scope.key if scope is not None else name
-            return await generation.ask(
+            out: dict[str, Any] = await generation.ask(
                 self,
                 key,
                 model,
@@ -653,6 +653,9 @@ class WorkflowContext:
                 stream=stream,
                 tools=tools,
             )
+            for record in out["calls"]:  # live, for a trace page; the envelope lists them all at the end
+                await self.emit("model_call", {"step": key, **record})
+            return out
 
         call = StepCall(name=name, fn=ask, args=(model.name,), kind="model", timeout=timeout, retry=retry)
         out: dict[str, Any] = await self._run(call, fn_id=f"model:{output_type.__name__ if output_type else 'text'}")

@@ -21,6 +21,11 @@ The work is cut into steps a small local model does well, and everything that ca
   per topic only one document addresses), giving a risk, a severity and a rationale; the evidence is the
   table's verified quotes. A worded risk that is junk (a number or a bare label for a title, a duplicate, a
   rationale citing nothing) is dropped with a ``low_quality_output`` warning saying how many.
+* **corroborate**: each risk is looked up in the documents' passages with the ``search_memory`` tool (vector
+  memory, the same search an agent uses): the best passage per document, its page and cosine score, and the
+  retrieval's confidence become the risk's ``support``. It is a second reader beside the table: a document the
+  table shows silent on the topic but with a strong passage is worth a look. Without the tool (a task allowlist
+  without it, no vector memory) the risks come back without ``support`` and a warning says why.
 * **validate**: the result is checked against its schema, and every quote is looked up in the source again.
 """
 
@@ -48,7 +53,7 @@ from keel.orchestration.tools.fetch import FetchLimits, probe_document
 from keel.orchestration.workflows.memory import ingest_one, memory_of, report_documents
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
 __all__ = ["DOCUMENT_ANALYSIS", "DocumentAnalysisInput", "DocumentAnalysisResult", "find_quote"]
 
@@ -147,6 +152,23 @@ class Evidence(BaseModel):
     found_on_page: int | None = None
 
 
+class Passage(BaseModel):
+    document: str = Field(description="The document id.")
+    label: str
+    page: int
+    score: float = Field(description="Cosine similarity of the passage to the risk, as vector memory scored it.")
+    text: str = Field(description="The passage's opening, for a reader to check.")
+
+
+class Support(BaseModel):
+    confidence: float = Field(ge=0, le=1, description="The retrieval's confidence (see `level`).")
+    level: Literal["high", "medium", "low", "none"] = Field(
+        description="How strongly the documents' passages match the risk: says that similar text was found, "
+        "not that the risk is right (its evidence is the verified quotes)."
+    )
+    passages: list[Passage] = Field(description="The best passage of each document, best first.")
+
+
 class Risk(BaseModel):
     risk: str
     severity: Literal["low", "medium", "high", "critical"]
@@ -154,6 +176,9 @@ class Risk(BaseModel):
     topic: str = Field(description="The row of the comparison table this risk words.")
     evidence: list[Evidence]
     supported: bool = Field(description="At least one piece of its evidence was found in the sources.")
+    support: Support | None = Field(
+        None, description="The documents' passages nearest the risk (vector memory); null when not looked up."
+    )
 
 
 class KeyPoint(BaseModel):
@@ -405,15 +430,18 @@ async def document_analysis(ctx: WorkflowContext, inp: DocumentAnalysisInput) ->
     await ctx.progress(0.75, "compare")
 
     drafts, risk_state = await _word(run, comparison)
-    await ctx.progress(0.95, "risks")
+    await ctx.progress(0.9, "risks")
+    support, corroboration = await _corroborate(run, drafts)
+    await ctx.progress(0.95, "corroborate")
 
     await ctx.emit("stage", {"stage": "validate"})
-    risks, validation_state = _validate_evidence(run, drafts)
+    risks, validation_state = _validate_evidence(run, drafts, support)
     components: dict[str, Component] = {
         "ingest": "ok" if all(e.status == DocumentStatus.ingested.value for e in entries) else "partial",
         "extraction": "ok" if len(insights) == len(run.docs) else "partial",
         "comparison": "ok" if len(insights) > 1 else "skipped",
         "risks": risk_state,
+        "corroboration": corroboration,
         "validation": "partial" if flagged or validation_state == "partial" else validation_state,
     }
     result = DocumentAnalysisResult(
@@ -479,7 +507,8 @@ def _record_graph(ctx: WorkflowContext, intent: Intent, refs: list[str], topics:
     nodes += [
         {"id": "compare", "kind": "code", "depends_on": extractions},
         {"id": "risks", "kind": "model", "depends_on": ["compare"], "one_call_per": "differing or single topic"},
-        {"id": "aggregate", "kind": "join", "depends_on": [*extractions, "compare", "risks"]},
+        {"id": "corroborate", "kind": "tool", "depends_on": ["risks"], "tool": "search_memory", "one_call_per": "risk"},
+        {"id": "aggregate", "kind": "join", "depends_on": [*extractions, "compare", "risks", "corroborate"]},
         {"id": "validate", "kind": "check", "depends_on": ["aggregate"]},
     ]
     ctx.metadata["plan"] = {
@@ -1066,6 +1095,99 @@ class RiskDraft:
     evidence: list[EvidenceDraft]
 
 
+# -- corroborate ---------------------------------------------------------------------------------------------------
+
+PASSAGE_CHARS = 300
+
+
+async def _corroborate(run: _Run, drafts: list[RiskDraft] | None) -> tuple[list[Support | None], Component]:
+    """Each risk, looked up in the documents' passages through the ``search_memory`` tool (a durable read step per
+    risk, in the task's tool trace), then narrowed to the sentence of each document nearest the risk: a chunk's
+    score says little when a short document is one chunk, a sentence's says where the document speaks to it. The
+    sentence scores and their confidence go into the retrieval trace. A refused or failed lookup leaves that risk
+    without ``support``, never the analysis without its risks."""
+    ctx = run.ctx
+    if not drafts:
+        return [], "skipped"
+    await ctx.emit("stage", {"stage": "corroborate", "done": 0, "total": len(drafts)})
+    ids = [d.id for d in run.docs]
+    top_k = min(50, 3 * len(ids))  # enough for a few passages of each document, most of the time
+    traces: dict[int, dict[str, Any]] = {}
+
+    async def one(i: int, draft: RiskDraft) -> Support | None:
+        query = f"{draft.topic}: {draft.risk}"
+        try:
+            found: dict[str, Any] = await ctx.tool(
+                "search_memory", {"query": query, "top_k": top_k, "documents": ids}, name=f"corroborate[{i + 1}]"
+            )
+        except StepFailed as exc:
+            _looked_up_nothing(ctx, exc)
+            return None
+        ranked: dict[str, Any] = await ctx.step(f"nearest[{i + 1}]", _nearest_sentences(run), query, found["results"])
+        support = Support.model_validate(ranked)
+        trace = {
+            "query": query,
+            "space": found["space"],
+            "confidence": support.confidence,
+            "level": support.level,
+            "step": f"corroborate[{i + 1}]",
+            "hits": [p.model_dump(exclude={"label"}) for p in support.passages],
+        }
+        traces[i] = trace
+        await ctx.emit("retrieval", trace)
+        return support
+
+    outcomes = await ctx.concurrently(*(one(i, d) for i, d in enumerate(drafts)))
+    if traces:
+        ctx.metadata.setdefault("retrieval", []).extend(traces[i] for i in sorted(traces))  # in the risks' order
+    support = [s if isinstance(s, Support) else None for s in outcomes]
+    await ctx.emit("stage", {"stage": "corroborate", "done": len(drafts), "total": len(drafts)})
+    found = sum(s is not None for s in support)
+    return support, "ok" if found == len(drafts) else "partial" if found else "skipped"
+
+
+def _nearest_sentences(run: _Run) -> Callable[[str, list[dict[str, Any]]], Awaitable[dict[str, Any]]]:
+    """A step body: the sentences of the passages found, embedded beside the query in the memory's own space; the
+    best of each document, best first, judged by the memory's confidence policy."""
+    memory = memory_of(run.ctx)
+    labels = {d.id: d.label for d in run.docs}
+
+    async def nearest(query: str, hits: list[dict[str, Any]]) -> dict[str, Any]:
+        candidates = list(
+            dict.fromkeys(
+                (hit["document"], page, text)
+                for hit in hits
+                if hit["document"] in labels
+                for page, text in sentences([{"page": hit["page"], "text": hit["text"]}])
+            )
+        )
+        if not candidates:
+            return Support(confidence=0.0, level="none", passages=[]).model_dump()
+        vectors = await memory.embedder.embed([query, *(text for _, _, text in candidates)])
+        scores = vectors[1:] @ vectors[0]
+        best: dict[str, Passage] = {}
+        for (doc, page, text), score in sorted(zip(candidates, scores.tolist(), strict=True), key=lambda c: -c[1]):
+            if doc not in best:
+                best[doc] = Passage(
+                    document=doc, label=labels[doc], page=page, score=round(score, 4), text=text[:PASSAGE_CHARS]
+                )
+        confidence, level = memory.confidence.judge([p.score for p in best.values()])
+        return Support(confidence=confidence, level=level, passages=list(best.values())).model_dump()
+
+    return nearest
+
+
+def _looked_up_nothing(ctx: WorkflowContext, exc: StepFailed) -> None:
+    """One warning per task, however many risks: the reason is the same for all of them."""
+    if not any(e.type == "corroboration_skipped" for e in ctx.errors):
+        ctx.warn(
+            "corroboration_skipped",
+            f"the risks were not looked up in the documents' passages ({exc.type}: {exc.message}); "
+            "they come back without `support`",
+            step=exc.step,
+        )
+
+
 # -- validate ------------------------------------------------------------------------------------------------------
 
 _PUNCT = str.maketrans(
@@ -1103,7 +1225,9 @@ def find_quote(quote: str, pages: Sequence[dict[str, Any]]) -> int | None:
     return None
 
 
-def _validate_evidence(run: _Run, drafts: list[RiskDraft] | None) -> tuple[list[Risk] | None, Component]:
+def _validate_evidence(
+    run: _Run, drafts: list[RiskDraft] | None, support: Sequence[Support | None]
+) -> tuple[list[Risk] | None, Component]:
     """Every quote given as evidence is looked up once more in its document's text before delivery: the
     extraction already checked it, so a miss here means the pages changed under the analysis."""
     ctx = run.ctx
@@ -1111,7 +1235,7 @@ def _validate_evidence(run: _Run, drafts: list[RiskDraft] | None) -> tuple[list[
         return None, "skipped"
     flagged = 0
     risks: list[Risk] = []
-    for i, draft in enumerate(drafts):
+    for i, (draft, found) in enumerate(zip(drafts, support, strict=True)):
         evidence: list[Evidence] = []
         for j, ev in enumerate(draft.evidence):
             doc = run.by_label(ev.document)
@@ -1144,6 +1268,7 @@ def _validate_evidence(run: _Run, drafts: list[RiskDraft] | None) -> tuple[list[
                 topic=draft.topic,
                 evidence=evidence,
                 supported=any(e.verified for e in evidence),
+                support=found,
             )
         )
     return risks, "partial" if flagged else "ok"

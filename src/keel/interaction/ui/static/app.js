@@ -168,6 +168,7 @@ function freshTrace(id) {
     budget: null,
     plan: null,
     retrieval: [],
+    modelCalls: [], // from model_call events, while the task runs; the envelope lists them all at the end
     effects: [],
     approvals: [],
     envelope: null,
@@ -303,6 +304,9 @@ function onEvent(t, type, data, id) {
       break;
     case "retrieval":
       t.retrieval = [...t.retrieval, data];
+      break;
+    case "model_call":
+      t.modelCalls = [...t.modelCalls, data];
       break;
     case "decision_requested":
     case "decision_made":
@@ -456,7 +460,7 @@ function renderTools(t) {
 }
 
 function renderModels(t) {
-  const calls = t.envelope ? t.envelope.metadata.model_calls || [] : [];
+  const calls = t.envelope ? t.envelope.metadata.model_calls || [] : t.modelCalls;
   replace(
     $("#models tbody"),
     calls.map((c) =>
