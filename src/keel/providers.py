@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 
 from keel.errors import ConfigError
 
-__all__ = ["OPENAI_BASE_URL", "OpenAIEndpoint", "Provider", "Registry", "Spec", "openai_endpoint"]
+__all__ = ["OPENAI_BASE_URL", "OpenAIEndpoint", "Provider", "Registry", "Spec", "chain", "openai_endpoint"]
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -43,6 +43,14 @@ class Spec:
     def parse(cls, text: str) -> Spec:
         provider, _, rest = text.strip().partition(":")
         return cls(text=text, provider=provider, rest=rest)
+
+
+def chain(spec: str) -> list[str]:
+    """The specs of a fallback chain ``a,b`` in order (one spec when there is no comma). An ``openai-compatible:``
+    spec is one model whatever it holds: its URL may contain a comma."""
+    if "," in spec and not spec.strip().startswith("openai-compatible:"):
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    return [spec.strip()]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -32,7 +32,7 @@ from keel.orchestration.llm.models.base import (
     supports_streaming,
 )
 from keel.orchestration.llm.models.catalog import price
-from keel.providers import Provider, Registry, Spec, openai_endpoint
+from keel.providers import Provider, Registry, Spec, chain, openai_endpoint
 
 __all__ = [
     "FinishEvent",
@@ -76,12 +76,12 @@ def infer_model(spec: str, *, prices: dict[str, Any] | None = None, allow_floati
 
     A comma-separated list (``anthropic:claude-…,openai:gpt-…``) is a fallback chain, tried in order.
     """
-    if "," in spec and not spec.startswith("openai-compatible:"):
+    members = chain(spec)
+    if len(members) > 1:
         from keel.orchestration.llm.models.fallback import FallbackModel
 
-        return FallbackModel(
-            [infer_model(s.strip(), prices=prices, allow_floating=allow_floating) for s in spec.split(",") if s.strip()]
-        )
+        return FallbackModel([infer_model(s, prices=prices, allow_floating=allow_floating) for s in members])
+    spec = members[0] if members else spec
     parsed = Spec.parse(spec)
     provider = MODEL_PROVIDERS.get(parsed.provider)
     model = provider.build(parsed, prices or {}) if provider is not None else None

@@ -18,12 +18,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import genai_prices
-from genai_prices.types import TieredPrices
+from keel.providers import Spec, chain
 
-from keel.providers import Spec
+if TYPE_CHECKING:  # loaded on the first lookup (0.3 s of price data): importing the models stays cheap
+    import genai_prices
+    from genai_prices.types import TieredPrices
 
 FREE_PROVIDERS = frozenset({"local", "test"})
 """Providers whose models cost nothing: the embedded model runs on this machine; ``test`` is scripted."""
@@ -80,7 +81,7 @@ def unpriced(spec: str, overrides: dict[str, Any] | None = None) -> list[str]:
     """The models of ``spec`` (each of a fallback chain ``a,b``) whose price is unknown: what a ``max_cost_usd``
     budget could never count."""
     out = []
-    for member in _members(spec):
+    for member in chain(spec):
         parsed = Spec.parse(member)
         base_url, name = None, parsed.rest
         if parsed.provider == "openai-compatible":
@@ -90,15 +91,10 @@ def unpriced(spec: str, overrides: dict[str, Any] | None = None) -> list[str]:
     return out
 
 
-def _members(spec: str) -> list[str]:
-    # The same split as infer_model's: an openai-compatible URL may hold a comma, so such a spec is one model.
-    if "," in spec and not spec.startswith("openai-compatible:"):
-        return [s.strip() for s in spec.split(",") if s.strip()]
-    return [spec.strip()]
-
-
 def _maintained(provider: str | None, model: str, base_url: str | None) -> ModelInfo | None:
     """The model's current list price from genai-prices, or None when it knows no such model."""
+    import genai_prices
+
     usage = genai_prices.Usage(input_tokens=0, output_tokens=0)
     try:
         if provider in PROVIDER_IDS:
@@ -124,6 +120,8 @@ def _by_url_then_name(
     """A known host (Groq, Together, OpenRouter, …) prices its own models; on any other host (a proxy on your own
     machine, say) a model named like a provider's (``gpt-4o-mini``) is priced as that provider's, as keel's
     built-in table did. A self-hosted open model (``Qwen/Qwen2.5-7B-Instruct``) matches neither: unknown."""
+    import genai_prices
+
     if base_url:
         try:
             return genai_prices.calc_price(usage, model, provider_api_url=base_url)
@@ -134,6 +132,8 @@ def _by_url_then_name(
 
 def _per_mtok(value: Decimal | TieredPrices | None) -> float:
     """A tiered price (more per token past 200k, say) is charged at its base tier: keel's calls stay below it."""
+    from genai_prices.types import TieredPrices
+
     if isinstance(value, TieredPrices):
         return float(value.base)
     return float(value) if value is not None else 0.0
