@@ -218,3 +218,10 @@ def _yaml(text: str) -> dict[str, Any]:
 
     loaded: dict[str, Any] = yaml.safe_load(text)
     return loaded
+
+
+def test_a_bad_suite_or_model_is_one_line_and_exit_2(suite_file: Path, tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["eval", str(tmp_path / "nope.yaml"), "--model", "test"])
+    assert missing.exit_code == 2 and "cannot read the suite" in missing.output
+    unknown = runner.invoke(app, ["eval", str(suite_file), "--model", "nosuch:model"])
+    assert unknown.exit_code == 2 and "unknown model" in unknown.output
