@@ -68,6 +68,8 @@ CHECKS: dict[str, str] = {
     "@tool(effect=": "test_tool_example (run with the names it assumes: ChargeArgs, lookup_charge, http)",
     "streamable_http_client": "test_mcp_example",
     "documents add": CLI,
+    "keel eval evals/flagship.yaml": "not run: against a paid provider; `keel eval` runs on scripted models in "
+    "tests/orchestration/llm/test_evaluation.py, and on the embedded one in `make eval`",
     "KEEL_STORE_URL=postgresql": "not run: needs Postgres, Redis and Temporal; tests/scaleout.py and the crash "
     "test run that configuration",
 }

@@ -16,10 +16,13 @@ import typer
 from httpx_sse import connect_sse
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
 if TYPE_CHECKING:  # imported when a command needs it: `keel --help` stays fast
+    from keel.orchestration.llm.evaluation import EvalReport, ModelRun
+    from keel.orchestration.llm.evaluation import Suite as EvalSuite
+    from keel.orchestration.llm.models import Model
     from keel.settings import Settings
 
 app = typer.Typer(help="keel: a durable runtime for LLM-native REST APIs.", no_args_is_help=True)
@@ -637,6 +640,91 @@ def documents_add(
             bad += doc["status"] != "ingested"
     if bad:
         raise typer.Exit(1)
+
+
+@app.command("eval")
+def eval_(
+    suite: Annotated[Path, typer.Argument(help="A suite: YAML or JSON (see evals/flagship.yaml).")],
+    model: Annotated[str, typer.Option("--model", help="The model to evaluate (a spec, as KEEL_DEFAULT_MODEL).")],
+    baseline: Annotated[
+        str | None, typer.Option(help="A model to compare with: each check's difference, with its significance.")
+    ] = None,
+    runs: Annotated[int, typer.Option(min=1, help="Runs of every case, each with its own seed.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the first run (run r uses seed + r).")] = 0,
+    gate: Annotated[
+        bool, typer.Option("--gate", help="Exit 1 on a violated threshold or a significant regression.")
+    ] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the report here, as JSON.")] = None,
+) -> None:
+    """Behavioural regression between pinned models: run SUITE's cases RUNS times on --model (and --baseline),
+    and report per check (json, schema, expected, refusal) the rate with its Wilson 95% interval, the verdict
+    against the suite's threshold, and against the baseline the difference with a two-proportion z-test."""
+    from keel.errors import KeelError
+    from keel.orchestration.llm.evaluation import EvalReport, load_suite
+    from keel.orchestration.llm.models import infer_model
+
+    try:
+        loaded = load_suite(suite)
+        settings = _settings(None)
+        specs = [spec for spec in (model, baseline) if spec is not None]
+        models = [infer_model(spec, prices=settings.model_prices, allow_floating=True) for spec in specs]
+        try:
+            done = asyncio.run(_evaluate(loaded, models, runs=runs, seed=seed))
+        finally:
+            for m in models:
+                close = getattr(m, "close", None)
+                if callable(close):
+                    close()
+    except KeelError as exc:
+        _fail(exc.message, 2)
+    result = EvalReport(suite=loaded, runs=runs, model=done[0], baseline=done[1] if len(done) > 1 else None)
+    _print_eval(result)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    failures = result.gate_failures()
+    for failure in failures:
+        err.print(f"[bold red]gate:[/] {escape(failure)}", soft_wrap=True, highlight=False)
+    if gate and failures:
+        raise typer.Exit(1)
+
+
+async def _evaluate(suite: EvalSuite, models: list[Model], *, runs: int, seed: int) -> list[ModelRun]:
+    """Each model through the suite in turn, a progress bar each."""
+    from keel.orchestration.llm.evaluation import run_suite
+
+    done = []
+    with Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        for m in models:
+            bar = progress.add_task(m.name[:48], total=runs * len(suite.cases))
+
+            def advance(_: object, bar: TaskID = bar) -> None:
+                progress.advance(bar)
+
+            done.append(await run_suite(suite, m, runs=runs, seed=seed, on_result=advance))
+    return done
+
+
+def _print_eval(result: EvalReport) -> None:
+    from keel.orchestration.llm.evaluation import summary_rows
+
+    title = f"{result.suite.name}: {result.model.model}"
+    if result.baseline is not None:
+        title += f" vs {result.baseline.model}"
+    table = Table(title=f"{title}, {result.runs} run(s)")
+    for name in ("check", "rate [95% CI]", "n", "threshold", "verdict", "baseline [95% CI]", "diff", "p"):
+        table.add_column(name, overflow="fold")
+    for row in summary_rows(result):
+        table.add_row(*row)
+    out.print(table)
+    if result.baseline is not None:
+        out.print(f"two-sided two-proportion z-test at alpha {result.suite.alpha}; * marks a significant difference")
 
 
 def main() -> None:

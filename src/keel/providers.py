@@ -12,6 +12,7 @@ provider the same way, without keel knowing its name.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from typing import Generic, TypeVar
 
 from keel.errors import ConfigError
 
-__all__ = ["Provider", "Registry", "Spec"]
+__all__ = ["OPENAI_BASE_URL", "OpenAIEndpoint", "Provider", "Registry", "Spec", "chain", "openai_endpoint"]
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 B = TypeVar("B")
 
@@ -40,6 +43,14 @@ class Spec:
     def parse(cls, text: str) -> Spec:
         provider, _, rest = text.strip().partition(":")
         return cls(text=text, provider=provider, rest=rest)
+
+
+def chain(spec: str) -> list[str]:
+    """The specs of a fallback chain ``a,b`` in order (one spec when there is no comma). An ``openai-compatible:``
+    spec is one model whatever it holds: its URL may contain a comma."""
+    if "," in spec and not spec.strip().startswith("openai-compatible:"):
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    return [spec.strip()]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -95,3 +106,34 @@ class Registry(Generic[B]):
         provider: Provider[B] = loaded
         self._providers.setdefault(ep.name, provider)
         return self._providers[ep.name]
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class OpenAIEndpoint:
+    """Where an OpenAI-style spec's requests go, and the key they carry."""
+
+    base_url: str
+    model: str
+    api_key: str | None
+
+
+def openai_endpoint(spec: Spec, *, api_key: str | None = None) -> OpenAIEndpoint | None:
+    """The endpoint an ``openai:<model>`` or ``openai-compatible:<base_url>#<model>`` spec names, with the settings
+    read from the environment: one reading for chat models and embedders alike, so an embedder reaches whatever a
+    chat model reaches. None for any other spec.
+
+    ``openai:`` goes to ``OPENAI_BASE_URL`` (default the OpenAI API) with ``OPENAI_API_KEY``, which it needs;
+    ``openai-compatible:`` goes to its own URL with ``OPENAI_COMPATIBLE_API_KEY``, else ``OPENAI_API_KEY``, else
+    none (a server on your own machine may want none). ``api_key`` (passed in code) wins over the environment."""
+    if spec.provider == "openai" and spec.rest:
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise ConfigError(f"{spec.text!r} needs an API key: set OPENAI_API_KEY")
+        return OpenAIEndpoint(
+            base_url=os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL, model=spec.rest, api_key=key
+        )
+    if spec.provider == "openai-compatible" and "#" in spec.rest:
+        base_url, _, model = spec.rest.rpartition("#")
+        key = api_key or os.environ.get("OPENAI_COMPATIBLE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        return OpenAIEndpoint(base_url=base_url, model=model, api_key=key)
+    return None

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from keel import logs, observability
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
@@ -49,6 +49,7 @@ from keel.netguard import AllowList, resolve_target
 from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runner import cancelled_envelope
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
+from keel.orchestration.llm.models.catalog import unpriced
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
 from keel.settings import Settings
 
@@ -178,6 +179,7 @@ class Keel:
         except ValidationError as exc:
             errors = [{"pointer": "/input/" + "/".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
             raise InputError("input does not match the workflow's schema", detail={"errors": errors}) from None
+        self._check_cost_budget(sub, parsed)
         if wf.admit is not None:
             await wf.admit(self, key.tenant, parsed)
         if sub.webhook is not None:
@@ -252,6 +254,28 @@ class Keel:
             separators=(",", ":"),
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def _check_cost_budget(self, sub: Submission, parsed: BaseModel) -> None:
+        """A ``max_cost_usd`` budget on a model whose price nobody knows could never trip (its calls count $0):
+        refuse it before anything runs. The model is the input's ``model`` or ``KEEL_DEFAULT_MODEL``."""
+        if sub.budget.get("max_cost_usd") is None:
+            return
+        chosen = getattr(parsed, "model", None)
+        spec = chosen if isinstance(chosen, str) and chosen else self.settings.default_model
+        missing = unpriced(spec, self.settings.model_prices)
+        if missing:
+            raise InputError(
+                "max_cost_usd cannot be enforced: no price is known for " + ", ".join(missing),
+                detail={
+                    "errors": [
+                        {
+                            "pointer": "/budget/max_cost_usd",
+                            "message": f"no price is known for {', '.join(missing)}; set it in KEEL_MODEL_PRICES "
+                            "or drop the cost budget",
+                        }
+                    ]
+                },
+            )
 
     def _policy(self, sub: Submission, key: ApiKey) -> dict[str, Any]:
         """What the task may do, fixed at submission: its tool allowlist, the submitting key's scopes, approvals."""

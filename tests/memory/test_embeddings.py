@@ -234,10 +234,72 @@ async def test_reorders_by_index(remote: OpenAIEmbedder, server: FakeOpenAIServe
 
 
 async def test_space_of_a_compatible_server(remote: OpenAIEmbedder, server: FakeOpenAIServer) -> None:
-    assert remote.space == EmbeddingSpace(model=f"openai-compatible:{server.base_url}#{MODEL}", version="1", dim=0)
+    assert remote.space == EmbeddingSpace(model=f"openai-compatible:{MODEL}", version="1", dim=0)  # no host:port
     await remote.embed(["learn the dimension"])
     assert remote.space.dim == 64
     assert remote.max_tokens == 8191
+
+
+async def test_the_compatible_embedder_sends_the_key_the_chat_adapter_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: the ``openai-compatible:`` embedder sent no key, so a key-protected server refused every call."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", "sk-private")
+    with FakeOpenAIServer(api_key="sk-private") as private:
+        embedder = open_embedder(f"openai-compatible:{private.base_url}#{MODEL}")
+        try:
+            vectors = await embedder.embed(["a clause"])
+        finally:
+            await embedder.aclose()
+        assert vectors.shape == (1, 64)
+        assert private.embedding_headers[0]["authorization"] == "Bearer sk-private"
+        monkeypatch.delenv("OPENAI_COMPATIBLE_API_KEY")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-private")  # the chat adapters' fallback, read the same way
+        embedder = open_embedder(f"openai-compatible:{private.base_url}#{MODEL}")
+        try:
+            await embedder.embed(["a clause"])
+        finally:
+            await embedder.aclose()
+        assert private.embedding_headers[1]["authorization"] == "Bearer sk-private"
+
+
+async def test_the_openai_embedder_honours_openai_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeOpenAIServer(api_key="sk-private") as proxy:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-private")
+        monkeypatch.setenv("OPENAI_BASE_URL", proxy.base_url)
+        embedder = open_embedder(f"openai:{MODEL}")
+        try:
+            vectors = await embedder.embed(["a clause", "another"])
+        finally:
+            await embedder.aclose()
+        assert len(proxy.embedding_requests) == 1 and vectors.shape == (2, 64)
+        assert proxy.embedding_headers[0]["authorization"] == "Bearer sk-private"
+        assert embedder.space.key == f"openai:{MODEL}@1"  # the proxy's address is not part of the space
+
+
+async def test_moving_the_server_keeps_the_stored_vectors_in_reach(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Chunks embedded through one host are found by a query embedded through another host serving the model."""
+    from keel.backends.sqlite import SQLiteStore
+    from memory_support import CONTRACT_A, Clock, memory_for
+
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", "sk-test")
+    store = SQLiteStore(tmp_path / "keel.db")
+    try:
+        with FakeOpenAIServer() as old_host, FakeOpenAIServer() as new_host:
+            assert old_host.base_url != new_host.base_url
+            before = open_embedder(f"openai-compatible:{old_host.base_url}#{MODEL}")
+            doc = await memory_for(store, before, Clock(), tmp_path).ingestor.ingest_bytes(
+                "t1", CONTRACT_A.encode(), source="upload:a.txt"
+            )
+            after = open_embedder(f"openai-compatible:{new_host.base_url}#{MODEL}")
+            found = await memory_for(store, after, Clock(), tmp_path).search("t1", "payment due within 30 days", k=3)
+            await before.aclose()
+            await after.aclose()
+        assert after.space.key == before.space.key == doc.space
+        assert found.hits and found.hits[0].chunk.document_id == doc.id and new_host.embedding_requests
+    finally:
+        await store.aclose()
 
 
 async def test_429_with_retry_after_is_retried(

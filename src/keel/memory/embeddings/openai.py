@@ -34,7 +34,8 @@ import tenacity
 
 from keel.errors import ConfigError, ModelHTTPError, UpstreamError
 from keel.headers import error_message, retry_after
-from keel.memory.embeddings import OPENAI_BASE_URL, EmbeddingSpace
+from keel.memory.embeddings import EmbeddingSpace
+from keel.providers import OPENAI_BASE_URL
 
 __all__ = ["OpenAIEmbedder"]
 
@@ -80,7 +81,7 @@ class OpenAIEmbedder:
         ``timeout_s``: per request. ``max_attempts``: tries per batch, the first included. ``initial_backoff``,
         ``max_backoff``, ``jitter``: seconds of exponential backoff (doubling, capped) plus up to ``jitter`` random
         seconds. ``max_retry_after``: a ``Retry-After`` asking for longer than this fails at once instead.
-        ``space_model``: overrides the space's model name (e.g. to keep a stable name when a server moves).
+        ``space_model``: overrides the space's model name (``<provider>:<model>``, whatever the host).
         ``client``: an httpx client to use (the caller closes it). ``sleep``: the async sleep between tries.
         """
         if batch_size < 1:
@@ -92,7 +93,9 @@ class OpenAIEmbedder:
         self.model = model
         self.provider = provider
         self.base_url = base_url.rstrip("/")
-        name = f"openai:{model}" if provider == "openai" else f"{provider}:{self.base_url}#{model}"
+        # The model and its version name the space, not the host: a server that moves (or OPENAI_BASE_URL pointed
+        # at a proxy) serves the same vectors, so what was stored stays in reach.
+        name = f"{provider}:{model}"
         dim = dimensions or (KNOWN_DIMS.get(model, 0) if provider == "openai" else 0)
         self.space = EmbeddingSpace(
             model=space_model or name,

@@ -26,7 +26,7 @@ from keel.orchestration.llm.models.base import (
     stream_response,
     supports_streaming,
 )
-from keel.orchestration.llm.models.catalog import is_pinned
+from keel.orchestration.llm.models.catalog import ModelInfo, is_pinned
 from keel.orchestration.llm.models.structured import REPAIRABLE, check_output, repair_prompt, strip_fences
 
 if TYPE_CHECKING:
@@ -199,8 +199,28 @@ def absorb(ctx: WorkflowContext, model: Model, out: dict[str, Any]) -> None:
                     "Pin a dated checkpoint, or allow floating aliases in the settings.",
                     step=step,
                 )
+            if not _price_known(model, call):
+                ctx.warn(
+                    "price_unknown",
+                    f"no price is known for model {model_id!r}: its calls were counted at $0, so the cost and any "
+                    "cost budget leave them out. Set its price in KEEL_MODEL_PRICES.",
+                    step=step,
+                )
     if out.get("finish_reason") == "length" and isinstance(out.get("output"), str):
         ctx.warn("truncation", "the answer stopped at the token limit; it may be incomplete", step=step)
+
+
+def _price_known(model: Model, call: dict[str, Any]) -> bool:
+    """Whether the model that made ``call`` (``model`` itself, or the member of its fallback chain that answered)
+    has a known price. A model without catalog ``info`` (local, test doubles) is one the catalog calls free."""
+    members: list[Model] = getattr(model, "models", None) or [model]
+    for member in members:
+        if getattr(member, "provider", None) == call.get("provider") and getattr(member, "model", None) == call.get(
+            "requested_model"
+        ):
+            info: ModelInfo | None = getattr(member, "info", None)
+            return info is None or info.known
+    return True
 
 
 def messages_of(prompt: str | Sequence[Message]) -> list[Message]:

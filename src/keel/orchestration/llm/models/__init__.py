@@ -31,8 +31,8 @@ from keel.orchestration.llm.models.base import (
     stream_response,
     supports_streaming,
 )
-from keel.orchestration.llm.models.catalog import lookup
-from keel.providers import Provider, Registry, Spec
+from keel.orchestration.llm.models.catalog import price
+from keel.providers import Provider, Registry, Spec, chain, openai_endpoint
 
 __all__ = [
     "FinishEvent",
@@ -76,12 +76,12 @@ def infer_model(spec: str, *, prices: dict[str, Any] | None = None, allow_floati
 
     A comma-separated list (``anthropic:claude-…,openai:gpt-…``) is a fallback chain, tried in order.
     """
-    if "," in spec and not spec.startswith("openai-compatible:"):
+    members = chain(spec)
+    if len(members) > 1:
         from keel.orchestration.llm.models.fallback import FallbackModel
 
-        return FallbackModel(
-            [infer_model(s.strip(), prices=prices, allow_floating=allow_floating) for s in spec.split(",") if s.strip()]
-        )
+        return FallbackModel([infer_model(s, prices=prices, allow_floating=allow_floating) for s in members])
+    spec = members[0] if members else spec
     parsed = Spec.parse(spec)
     provider = MODEL_PROVIDERS.get(parsed.provider)
     model = provider.build(parsed, prices or {}) if provider is not None else None
@@ -96,15 +96,11 @@ def infer_model(spec: str, *, prices: dict[str, Any] | None = None, allow_floati
 def _openai(spec: Spec, prices: dict[str, Any]) -> Model | None:
     from keel.orchestration.llm.models.openai import OpenAIModel
 
-    if spec.provider == "openai" and spec.rest:
-        name, base_url = spec.rest, os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
-        api_key: str | None = _key("OPENAI_API_KEY", spec.text)
-    elif spec.provider == "openai-compatible" and "#" in spec.rest:
-        base_url, _, name = spec.rest.rpartition("#")
-        api_key = os.environ.get("OPENAI_COMPATIBLE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    else:
+    where = openai_endpoint(spec)
+    if where is None:
         return None
-    return OpenAIModel(name, base_url=base_url, api_key=api_key, provider=spec.provider, info=lookup(name, prices))
+    info = price(spec.provider, where.model, prices, base_url=where.base_url)
+    return OpenAIModel(where.model, base_url=where.base_url, api_key=where.api_key, provider=spec.provider, info=info)
 
 
 def _anthropic(spec: Spec, prices: dict[str, Any]) -> Model | None:
@@ -116,7 +112,7 @@ def _anthropic(spec: Spec, prices: dict[str, Any]) -> Model | None:
         spec.rest,
         base_url=os.environ.get("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
         api_key=_key("ANTHROPIC_API_KEY", spec.text),
-        info=lookup(spec.rest, prices),
+        info=price("anthropic", spec.rest, prices),
     )
 
 

@@ -23,7 +23,7 @@ from keel.orchestration.llm.models.base import (
     StreamEvent,
     StreamingAdapter,
 )
-from keel.orchestration.llm.models.catalog import ModelInfo, lookup
+from keel.orchestration.llm.models.catalog import ModelInfo, price
 
 
 async def raise_for_status(provider: str, response: httpx.Response) -> None:
@@ -96,7 +96,7 @@ class HTTPAdapter(StreamingAdapter):
         self.provider = provider or self.provider
         self.base_url = (base_url or self.default_base_url).rstrip("/")
         self.name = self.spec()
-        self.info = info or lookup(model)
+        self.info = info or price(self.provider, model, base_url=self.base_url)
         self.context_window = self.info.context_window
         self._headers = self.auth_headers(api_key)
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0))
