@@ -50,6 +50,7 @@ from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runner import cancelled_envelope
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
+from keel.secretbox import SecretBox
 from keel.settings import Settings
 
 log = logging.getLogger("keel.service")
@@ -160,6 +161,8 @@ class Keel:
     memory: Memory
     webhook_allow: AllowList
     """Hosts a webhook may target although they resolve to a private address (tests, local development)."""
+    secrets: SecretBox
+    """Seals a webhook's secret before it is stored: the store never holds it in plain text."""
     clock: Callable[[], float] = time.time
     _in_flight: set[tuple[str, str]] = field(default_factory=set, init=False)
     """``(tenant, idempotency key)`` of submissions being stored right now: a concurrent twin gets a 409."""
@@ -197,7 +200,7 @@ class Keel:
             workflow=sub.workflow,
             input=input_json,
             webhook_url=sub.webhook.url if sub.webhook else None,
-            webhook_secret=sub.webhook.secret if sub.webhook else None,
+            webhook_secret=self.secrets.seal(sub.webhook.secret) if sub.webhook else None,
             budget=sub.budget,
             metadata=observability.current().carry(sub.metadata),
             estimated_duration_s=wf.estimate(parsed),
