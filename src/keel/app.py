@@ -30,6 +30,7 @@ from keel.errors import ConfigError
 from keel.files import private_dir, private_file
 from keel.interaction import problems
 from keel.interaction.endpoint_routes import router as endpoint_router
+from keel.interaction.key_routes import router as key_router
 from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
 from keel.interaction.memory_routes import router as memory_router
@@ -565,6 +566,7 @@ def create_app(
     add_webhooks(app)
     app.include_router(router)
     app.include_router(tool_router)
+    app.include_router(key_router)
     app.include_router(memory_router)
     app.include_router(endpoint_router)
     app.include_router(metrics_router)

@@ -249,7 +249,8 @@ def keys_create(
     if not tenant.strip():
         _fail("--tenant must not be empty", 2)
     expires_at = _expiry(expires, time.time()) if expires is not None else None
-    print(_keys(data_dir, lambda keys: keys.create(tenant, wanted, expires_at=expires_at)))
+    _record, plaintext = _keys(data_dir, lambda keys: keys.create(tenant, wanted, expires_at=expires_at))
+    print(plaintext)
 
 
 @keys_app.command("list")

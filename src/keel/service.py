@@ -37,6 +37,7 @@ from keel.memory.types import (
     Event,
     IdempotencyClaim,
     KeyRecord,
+    KeySecret,
     ModelStats,
     NewTask,
     Session,
@@ -150,14 +151,22 @@ class Keys:
     store: KeyStore
     clock: Callable[[], float] = time.time
 
-    async def create(self, tenant: str, scopes: frozenset[str], *, expires_at: float | None = None) -> str:
-        """A new key's plaintext (shown once)."""
+    async def create(
+        self, tenant: str, scopes: frozenset[str], *, expires_at: float | None = None
+    ) -> tuple[KeyRecord, str]:
+        """A new key: its record and its plaintext (shown once)."""
         now = self.clock()
-        if not tenant.strip():
+        tenant = tenant.strip()
+        if not tenant:
             raise InputError("a key needs a tenant")
+        if not scopes:
+            raise InputError("a key needs at least one scope")
         if expires_at is not None and expires_at <= now:
             raise InputError("a key's expiry must be in the future")
-        return await self.store.create_key(tenant.strip(), scopes, now, expires_at=expires_at)
+        plaintext = await self.store.create_key(tenant, scopes, now, expires_at=expires_at)
+        minted = KeySecret.parse(plaintext)
+        assert minted is not None
+        return minted.record(tenant, scopes, now, expires_at), plaintext
 
     async def list(self, tenant: str | None = None) -> list[KeyRecord]:
         return await self.store.list_keys(tenant)

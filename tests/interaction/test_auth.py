@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -58,7 +59,7 @@ def test_expired_key_gets_401(live: LiveServer) -> None:
         try:
             now = time.time()
             past = await store.create_key("acme", frozenset({"tasks:read"}), now - 60, expires_at=now - 1)
-            future = await Keys(store=store).create("acme", frozenset({"tasks:read"}), expires_at=now + 3600)
+            _, future = await Keys(store=store).create("acme", frozenset({"tasks:read"}), expires_at=now + 3600)
             return past, future
         finally:
             await store.aclose()
@@ -102,3 +103,43 @@ def test_revocation_holds_on_another_replica(servers: Servers, postgres_url: str
     done = keel_cli("keys", "revoke", key_id(key), env={"KEEL_STORE_URL": postgres_url})
     assert done.returncode == 0, done.stderr
     assert [status(r.url, key) for r in replicas] == [401, 401]
+
+
+EXPIRES = datetime(2099, 1, 31, tzinfo=UTC).timestamp()
+
+
+def test_a_tenants_admin_manages_its_keys_over_http(live: LiveServer) -> None:
+    admin = live.new_key("acme", "admin")
+    other = live.new_key("beta", "admin")
+    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {admin}"}) as c:
+        assert httpx.get(f"{live.url}/v1/keys", headers={"Authorization": f"Bearer {live.key}"}).status_code == 403
+        made = c.post("/v1/keys", json={"scopes": ["tasks:read"], "expires_at": "2099-01-31T00:00:00Z"})
+        assert made.status_code == 201, made.text
+        body = made.json()
+        assert body["state"] == "active" and body["scopes"] == ["tasks:read"] and body["expires_at"] == EXPIRES
+        new = body["key"]
+        assert status(live.url, new) == 200
+        listed = c.get("/v1/keys").json()
+        assert {k["id"] for k in listed} == {key_id(live.key), key_id(admin), body["id"]}  # acme's only
+        assert all("key" not in k and "secret_hash" not in k for k in listed)
+        # Bad input is a 422 problem, never a key: unknown scopes, an expiry in the past or without a zone.
+        for bad in (
+            {"scopes": ["root"]},
+            {"scopes": []},
+            {"scopes": ["tasks:read"], "expires_at": "2001-01-01T00:00:00Z"},
+            {"scopes": ["tasks:read"], "expires_at": "2099-01-01T00:00:00"},
+            {"scopes": "tasks:read"},
+        ):
+            r = c.post("/v1/keys", json=bad)
+            assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json"), bad
+        # Another tenant's key does not exist here.
+        assert c.post(f"/v1/keys/{key_id(other)}/revoke").status_code == 404
+        assert c.post(f"/v1/keys/{key_id(other)}/rotate").status_code == 404
+        assert status(live.url, other) == 200
+        rotated = c.post(f"/v1/keys/{body['id']}/rotate", json={"grace_s": 3600})
+        assert rotated.status_code == 201 and rotated.json()["expires_at"] == EXPIRES
+        assert status(live.url, new) == 200 and status(live.url, rotated.json()["key"]) == 200  # in its grace
+        revoked = c.post(f"/v1/keys/{body['id']}/revoke")
+        assert revoked.status_code == 200 and revoked.json()["state"] == "revoked"
+        assert status(live.url, new) == 401
+        assert c.post(f"/v1/keys/{body['id']}/rotate").status_code == 422  # revoked: make a new one instead
