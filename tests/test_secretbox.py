@@ -58,6 +58,10 @@ def test_the_key_file_is_made_once_and_private(tmp_path: Path) -> None:
     assert SecretBox.configured(None, data).open(first.seal("x")) == "x"  # the same key next start
     env_key = SecretBox.generate()
     assert SecretBox.configured(env_key, data).open(SecretBox([env_key]).seal("y")) == "y"  # the setting wins
+    assert [p.name for p in data.iterdir()] == [KEY_FILE]  # nothing left aside
+    (data / KEY_FILE).write_text("garbage")
+    with pytest.raises(ConfigError, match="secret.key holds no Fernet key"):
+        SecretBox.configured(None, data)
 
 
 async def test_sqlite_files_are_private_whatever_the_umask(tmp_path: Path) -> None:

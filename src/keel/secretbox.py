@@ -19,6 +19,8 @@ itself), and start-up seals it (:meth:`SecretBox.reseal`, over :meth:`SecretStor
 from __future__ import annotations
 
 import binascii
+import contextlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,10 +55,23 @@ class SecretBox:
         """From ``KEEL_SECRET_KEY`` when set, else from the data dir's key file (made on first use)."""
         if secret_key:
             return cls([k for k in secret_key.split(",") if k.strip()])
-        path = data_dir / KEY_FILE
-        if not path.exists() or not path.read_bytes().strip():
-            private_file(private_dir(data_dir) / KEY_FILE).write_bytes(Fernet.generate_key() + b"\n")
-        return cls([path.read_bytes().strip()])
+        path = private_dir(data_dir) / KEY_FILE
+        if not path.exists():
+            # Written aside, then linked into place: two processes starting at once end up with the same key (the
+            # first link wins), and nobody ever reads a half-written file.
+            aside = private_file(data_dir / f".{KEY_FILE}.{os.getpid()}")
+            try:
+                aside.write_bytes(Fernet.generate_key() + b"\n")
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+            finally:
+                aside.unlink()
+        try:
+            return cls([path.read_bytes().strip()])
+        except ConfigError:
+            raise ConfigError(
+                f"{path} holds no Fernet key: restore it, or set KEEL_SECRET_KEY to the key it held"
+            ) from None
 
     @staticmethod
     def generate() -> str:
