@@ -692,6 +692,8 @@ class PostgresStore(PostgresMemory):
             ended = [t for t in map(_task, await cur.fetchall()) if t.status.terminal]
             for task in ended:
                 await self._delete_in(conn, task.id)
+                for table, settled in rows.TASK_DELIVERIES:
+                    await conn.execute(f"DELETE FROM {table} WHERE task_id = %s AND {settled}", (task.id,))
             return len(ended)
 
         return await self._tx(op)

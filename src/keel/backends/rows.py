@@ -43,6 +43,9 @@ from keel.memory.types import (
 
 TASK_RECORDS = ("events", "steps", "workflow_state", "decisions", "effects", "idempotency_keys")
 """What a deleted task takes with it (``DELETE … WHERE task_id = …``); its outbox and emails stay, to be delivered."""
+TASK_DELIVERIES = (("outbox", "status <> 'pending'"), ("emails", "status <> 'queued'"))
+"""What the retention sweep also takes from an expired task: its settled deliveries (table, which rows). One still
+being tried stays, a promise made before the task expired."""
 TASK_BLOBS = (
     "SELECT blob_id FROM steps WHERE task_id = {0} AND blob_id IS NOT NULL "
     "UNION SELECT blob_id FROM workflow_state WHERE task_id = {0} AND blob_id IS NOT NULL"

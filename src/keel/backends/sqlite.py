@@ -684,6 +684,8 @@ class SQLiteStore(SQLiteMemory):
             ended = [t for t in map(_task, found) if t.status.terminal]
             for task in ended:
                 self._delete_in(conn, task.id)
+                for table, settled in rows.TASK_DELIVERIES:
+                    conn.execute(f"DELETE FROM {table} WHERE task_id = ? AND {settled}", (task.id,))
             return len(ended)
 
         return await self._write(op)

@@ -105,10 +105,11 @@ class TaskStore(Backend, Protocol):
 
     async def sweep_tasks(self, finished_before: float, limit: int) -> int:
         """Delete up to ``limit`` ended tasks that finished before ``finished_before`` (oldest first), each with
-        what :meth:`delete_task` takes with it, in one transaction; returns how many went. The retention
-        sweeper calls it in bounded batches, so one sweep never holds the writer long. A task is deleted whole or
-        not at all, so its events stay readable (and its stream resumable) for exactly as long as it is kept, and
-        its idempotency keys never outlive its answer."""
+        what :meth:`delete_task` takes with it and its settled deliveries (webhook messages delivered, dead or
+        disabled; emails sent or failed: one still being tried stays), in one transaction; returns how many
+        went. The retention sweeper calls it in bounded batches, so one sweep never holds the writer long. A task
+        is deleted whole or not at all, so its events stay readable (and its stream resumable) for exactly as
+        long as it is kept, and its idempotency keys never outlive its answer."""
         ...
 
 

@@ -342,10 +342,14 @@ async def check_sweep_tasks(store: TaskBackend) -> None:
     running, parked and younger tasks stay, with every event still readable."""
     ids = []
     for i in range(3):
-        res = await store.create_task(_new(), _claim(f"ret{i}", "h"), T0)
+        hook = {"webhook_url": "https://h.example/x", "webhook_secret": "s"} if i < 2 else {}
+        res = await store.create_task(_new(**hook), _claim(f"ret{i}", "h"), T0)
         assert res.task is not None
         ids.append(res.task.id)
         await store.finish(None, res.task.id, TaskStatus.cancelled, {"status": "failed", "errors": []}, T0 + i)
+    # Of the expired tasks' webhook messages, a delivered one goes with its task; one still being tried stays.
+    delivered, pending = [m for t in ids[:2] for m in await store.messages(t)]
+    await store.delivered(delivered.id, T0 + 3)
     young = await store.create_task(_new(), None, T0)
     assert young.task is not None
     await store.finish(None, young.task.id, TaskStatus.cancelled, {"status": "failed", "errors": []}, T0 + 100)
@@ -358,6 +362,7 @@ async def check_sweep_tasks(store: TaskBackend) -> None:
     assert await store.get_task(ids[0]) is None and await store.read(ids[0], 0) == []
     assert await store.get_task(ids[2]) is not None
     assert await store.sweep_tasks(T0 + 50, 2) == 1 and await store.sweep_tasks(T0 + 50, 2) == 0
+    assert await store.messages(ids[0]) == [] and [m.id for m in await store.messages(ids[1])] == [pending.id]
     assert await store.get_task(young.task.id) is not None
     assert [e.type for e in await store.read(young.task.id, 0)] == ["status", "end"]
     leased = await store.get_task(lease.task_id)

@@ -263,6 +263,8 @@ class InMemoryStore(InMemoryMemory):
         gone = [t.id for t in ended if (t.finished_at or 0.0) < finished_before][:limit]
         for task_id in gone:
             self._delete(task_id)
+            self._outbox = {k: m for k, m in self._outbox.items() if m.task_id != task_id or m.status == "pending"}
+            self._emails = {k: e for k, e in self._emails.items() if e.task_id != task_id or e.status == "queued"}
         return len(gone)
 
     def _put(self, value: Any) -> Any:
