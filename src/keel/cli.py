@@ -266,7 +266,9 @@ def keys_list(
     if as_json:
         print(json.dumps([k.public(now) for k in found], indent=2))
         return
-    table = Table("id", "tenant", "scopes", "state", "created", "expires", "last used")
+    table = Table(
+        Column("id", no_wrap=True, min_width=12), "tenant", "scopes", "state", "created", "expires", "last used"
+    )
     for k in found:
         table.add_row(
             k.id, k.tenant, ",".join(sorted(k.scopes)), k.state(now).value, _stamp(k.created_at),
