@@ -27,8 +27,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keel import logs, observability
 from keel.backends import open_stores
 from keel.errors import ConfigError
+from keel.files import private_dir, private_file
 from keel.interaction import problems
 from keel.interaction.endpoint_routes import router as endpoint_router
+from keel.interaction.key_routes import router as key_router
 from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
 from keel.interaction.memory_routes import router as memory_router
@@ -58,6 +60,7 @@ from keel.orchestration.tools.email import EmailRelay, Sender
 from keel.orchestration.tools.fetch import FetchLimits, document_fetcher
 from keel.orchestration.tools.services import Services
 from keel.orchestration.workflows import default_registry
+from keel.secretbox import KEY_FILE, SecretBox
 from keel.service import Keel
 from keel.settings import Settings
 
@@ -103,8 +106,8 @@ def registry_for(settings: Settings) -> WorkflowRegistry:
 
 
 def _lock_data_dir(settings: Settings) -> IO[str]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(settings.data_dir / "keel.lock", "w")  # noqa: SIM115 - held for the process lifetime
+    lock = private_file(private_dir(settings.data_dir) / "keel.lock")
+    handle = open(lock, "w")  # noqa: SIM115 - held for the process lifetime
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -231,6 +234,7 @@ def _engine(
         "memory": services.memory,
         "approval_ttl_s": settings.approval_ttl_hours * 3600 or None,
         "sweep_s": min(60.0, settings.memory_sweep_s),
+        "task_retention_s": settings.task_retention_days * 86400 or None,
     }
     if settings.engine == "temporal":
         from keel.backends.temporal import TemporalEngine
@@ -245,6 +249,23 @@ def _engine(
             **common,
         )
     return EmbeddedEngine(stores.backend, registry, **common)
+
+
+async def _secrets(settings: Settings, stores: Stores, *, shared: bool) -> SecretBox:
+    """The box sealing webhook secrets (:mod:`keel.secretbox`), after sealing what an older keel stored in plain
+    text and re-encrypting what an older key sealed. A store whose secrets no configured key opens stops start-up
+    here, with the setting to fix."""
+    key = settings.secret_key.get_secret_value() if settings.secret_key else None
+    if shared and not key:
+        log.warning(
+            "KEEL_SECRET_KEY is not set: webhook secrets are sealed with %s, which every process sharing this store "
+            "needs too; set KEEL_SECRET_KEY (the same on every process) instead",
+            settings.data_dir / KEY_FILE,
+        )
+    box = SecretBox.configured(key, settings.data_dir)
+    if resealed := await stores.secrets.reseal_secrets(box.reseal):
+        log.info("sealed %d stored webhook secret(s) with the current secret key", resealed)
+    return box
 
 
 def _shared(settings: Settings, role: Role) -> bool:
@@ -292,6 +313,7 @@ async def running(
             await fanout.start()
             stack.push_async_callback(fanout.stop)
             notifier = fanout
+        secrets = await _secrets(settings, stores, shared=shared)
         tools = await _tools(settings, stack)
         memory, embedders = _memory(settings, stores, time.time)
         stack.push_async_callback(embedders.aclose)
@@ -315,6 +337,7 @@ async def running(
             tools=tools,
             memory=memory,
             webhook_allow=allow,
+            secrets=secrets,
         )
         if role != "api" or settings.engine == "temporal":
             # A process that owns its store alone knows that whatever is still `running` belongs to a dead one;
@@ -332,6 +355,7 @@ async def running(
                 backoff_max_s=settings.webhook_backoff_max_s,
                 timeout_s=settings.webhook_timeout_s,
                 poll_s=settings.poll_interval_s,
+                open_secret=secrets.open,
             )
             webhooks.start()
             stack.push_async_callback(webhooks.stop)
@@ -542,6 +566,7 @@ def create_app(
     add_webhooks(app)
     app.include_router(router)
     app.include_router(tool_router)
+    app.include_router(key_router)
     app.include_router(memory_router)
     app.include_router(endpoint_router)
     app.include_router(metrics_router)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import httpx
 import typer
@@ -23,7 +24,10 @@ if TYPE_CHECKING:  # imported when a command needs it: `keel --help` stays fast
     from keel.orchestration.llm.evaluation import EvalReport, ModelRun
     from keel.orchestration.llm.evaluation import Suite as EvalSuite
     from keel.orchestration.llm.models import Model
+    from keel.service import Keys
     from keel.settings import Settings
+
+T = TypeVar("T")
 
 app = typer.Typer(help="keel: a durable runtime for LLM-native REST APIs.", no_args_is_help=True)
 tasks_app = typer.Typer(help="Inspect, cancel and approve tasks on a running server.", no_args_is_help=True)
@@ -169,6 +173,60 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def _keys(data_dir: Path | None, op: Callable[[Keys], Coroutine[Any, Any, T]]) -> T:
+    """Run ``op`` on the key service over the configured store (the data dir's SQLite, or KEEL_STORE_URL): no
+    server needed, and a running one sees the change on its next request."""
+    from keel.backends import open_store
+    from keel.errors import KeelError
+    from keel.service import Keys
+
+    settings = _settings(data_dir)
+
+    async def run() -> T:
+        store = open_store(settings.resolved_store_url)
+        try:
+            return await op(Keys(store=store))
+        finally:
+            await store.aclose()
+
+    try:
+        return asyncio.run(run())
+    except KeelError as exc:
+        _fail(exc.message, 2 if exc.status < 500 else 1)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _expiry(text: str, now: float) -> float:
+    """``--expires``: a duration from now (``90d``, ``12h``, ``30m``, ``2w``) or a date or time (ISO 8601,
+    ``2027-01-31`` or ``2027-01-31T12:00:00+01:00``; UTC unless it says otherwise)."""
+    from datetime import UTC, datetime
+
+    if match := _DURATION.fullmatch(text.strip().lower()):
+        return now + float(match[1]) * _UNITS[match[2]]
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        _fail(f"--expires {text!r}: give a duration (90d, 12h, 30m, 2w) or a date (2027-01-31)", 2)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _key_id(key: str) -> str:
+    """A key's id, given the id or the whole key (``keel_<id>_<secret>``: revoking a leaked key by pasting it)."""
+    from keel.memory.types import KeySecret
+
+    parsed = KeySecret.parse(key.strip())
+    return parsed.id if parsed else key.strip()
+
+
+def _stamp(at: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC") if at is not None else "-"
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant that owns the key's tasks.")],
@@ -178,10 +236,13 @@ def keys_create(
             help="Comma-separated: tasks:read, tasks:write, tasks:approve, tools:net, tools:email, metrics, admin."
         ),
     ] = "tasks:read,tasks:write,tasks:approve,tools:net",
+    expires: Annotated[
+        str | None,
+        typer.Option(help="When the key stops working: a duration (90d, 12h, 2w) or a date (2027-01-31, UTC)."),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create an API key and print it on stdout (and nothing else). It is shown only once."""
-    from keel.backends import open_store
     from keel.interaction.auth import SCOPES
 
     wanted = frozenset(s.strip() for s in scopes.split(",") if s.strip())
@@ -190,16 +251,75 @@ def keys_create(
         _fail(f"unknown or empty scopes {sorted(unknown)}; choose from {sorted(SCOPES)}", 2)
     if not tenant.strip():
         _fail("--tenant must not be empty", 2)
-    settings = _settings(data_dir)
+    expires_at = _expiry(expires, time.time()) if expires is not None else None
+    _record, plaintext = _keys(data_dir, lambda keys: keys.create(tenant, wanted, expires_at=expires_at))
+    print(plaintext)
 
-    async def create() -> str:
-        store = open_store(settings.resolved_store_url)
-        try:
-            return await store.create_key(tenant.strip(), wanted, time.time())
-        finally:
-            await store.aclose()
 
-    print(asyncio.run(create()))
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Every key (revoked and expired ones too) with its state, expiry and last use (accurate to a minute). Never
+    a key's secret: that was shown once, when it was made."""
+    now = time.time()
+    found = _keys(data_dir, lambda keys: keys.list(tenant))
+    if as_json:
+        print(json.dumps([k.public(now) for k in found], indent=2))
+        return
+    table = Table(
+        Column("id", no_wrap=True, min_width=12), "tenant", "scopes", "state", "created", "expires", "last used"
+    )
+    for k in found:
+        table.add_row(
+            k.id, k.tenant, ",".join(sorted(k.scopes)), k.state(now).value, _stamp(k.created_at),
+            _stamp(k.expires_at), _stamp(k.last_used_at),
+        )  # fmt: skip
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key's id (from `keel keys list`), or the whole key.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Revoke a key at once: its next request gets 401, on every server sharing the store. Repeatable."""
+    record = _keys(data_dir, lambda keys: keys.revoke(_key_id(key)))
+    err.print(f"revoked key {record.id} of tenant {escape(record.tenant)} at {_stamp(record.revoked_at)}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key: Annotated[str, typer.Argument(help="The key's id (from `keel keys list`), or the whole key.")],
+    grace: Annotated[
+        str | None,
+        typer.Option(help="Keep the old key working this long (a duration: 1h, 7d), so clients can switch over."),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Replace a key by a new one with the same tenant, scopes and expiry, printed on stdout (and nothing else;
+    shown only once). The old key stops at once, or after --grace."""
+    grace_s = 0.0
+    if grace is not None:
+        if not _DURATION.fullmatch(grace.strip().lower()):
+            _fail(f"--grace {grace!r}: give a duration (1h, 7d)", 2)
+        grace_s = _expiry(grace, 0.0)
+    record, plaintext = _keys(data_dir, lambda keys: keys.rotate(_key_id(key), grace_s=grace_s))
+    err.print(f"new key {record.id} for tenant {escape(record.tenant)}; the old key " + (
+        f"works until {_stamp(time.time() + grace_s)}" if grace_s else "is revoked"
+    ))  # fmt: skip
+    print(plaintext)
+
+
+@keys_app.command("secret-key")
+def keys_secret_key() -> None:
+    """Print a new key for KEEL_SECRET_KEY, which seals webhook secrets at rest. To rotate, put the new key first:
+    KEEL_SECRET_KEY=new,old (start-up re-seals every stored secret with it; drop the old key after that)."""
+    from keel.secretbox import SecretBox
+
+    print(SecretBox.generate())
 
 
 def _client(url: str, api_key: str) -> httpx.Client:

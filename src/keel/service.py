@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from keel import logs, observability
 from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
 from keel.memory.retrieval import Memory, Retrieval
-from keel.memory.stores import Stores
+from keel.memory.stores import KeyStore, Stores
 from keel.memory.types import (
     ApiKey,
     CreateOutcome,
@@ -36,6 +36,8 @@ from keel.memory.types import (
     EffectRecord,
     Event,
     IdempotencyClaim,
+    KeyRecord,
+    KeySecret,
     ModelStats,
     NewTask,
     Session,
@@ -51,6 +53,7 @@ from keel.orchestration.engine.runner import cancelled_envelope
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.llm.models.catalog import unpriced
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
+from keel.secretbox import SecretBox
 from keel.settings import Settings
 
 log = logging.getLogger("keel.service")
@@ -59,6 +62,7 @@ __all__ = [
     "Idempotency",
     "Ingested",
     "Keel",
+    "Keys",
     "Progress",
     "Submission",
     "Submitted",
@@ -139,6 +143,57 @@ class Ingested:
     """False when the same bytes were ingested before (the stored document is returned)."""
 
 
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Keys:
+    """API key management, for the operator's CLI (on the data dir or store, no server needed) and any edge to
+    come alike: what a key's life allows is :class:`~keel.memory.types.KeyRecord`'s, stored through the
+    :class:`~keel.memory.stores.KeyStore` seam. ``tenant`` limits an operation to one tenant's keys (None: any)."""
+
+    store: KeyStore
+    clock: Callable[[], float] = time.time
+
+    async def create(
+        self, tenant: str, scopes: frozenset[str], *, expires_at: float | None = None
+    ) -> tuple[KeyRecord, str]:
+        """A new key: its record and its plaintext (shown once)."""
+        now = self.clock()
+        tenant = tenant.strip()
+        if not tenant:
+            raise InputError("a key needs a tenant")
+        if not scopes:
+            raise InputError("a key needs at least one scope")
+        if expires_at is not None and expires_at <= now:
+            raise InputError("a key's expiry must be in the future")
+        plaintext = await self.store.create_key(tenant, scopes, now, expires_at=expires_at)
+        minted = KeySecret.parse(plaintext)
+        assert minted is not None
+        return minted.record(tenant, scopes, now, expires_at), plaintext
+
+    async def list(self, tenant: str | None = None) -> list[KeyRecord]:
+        return await self.store.list_keys(tenant)
+
+    async def revoke(self, key_id: str, *, tenant: str | None = None) -> KeyRecord:
+        """Revoked at once: the next request with it is refused, on every replica (they verify against the
+        store). Repeatable."""
+        key = await self.store.revoke_key(key_id, self.clock(), tenant=tenant)
+        if key is None:
+            raise NotFound(f"no key {key_id}")
+        return key
+
+    async def rotate(self, key_id: str, *, grace_s: float = 0.0, tenant: str | None = None) -> tuple[KeyRecord, str]:
+        """A new key (record, plaintext) with the old one's tenant, scopes and expiry; the old one is revoked at
+        once, or expires after ``grace_s``."""
+        if grace_s < 0:
+            raise InputError("the grace period cannot be negative")
+        rotated = await self.store.rotate_key(key_id, self.clock(), grace_s=grace_s, tenant=tenant)
+        if rotated is None:
+            raise NotFound(f"no key {key_id}")
+        return rotated
+
+    async def verify(self, token: str) -> ApiKey | None:
+        return await self.store.verify_key(token, self.clock())
+
+
 def settled(task: Task) -> bool:
     """Whether waiting on the task is over: it is terminal, or it waits for a person and will not move by itself."""
     return task.status.terminal or task.status is TaskStatus.waiting_for_approval
@@ -161,6 +216,8 @@ class Keel:
     memory: Memory
     webhook_allow: AllowList
     """Hosts a webhook may target although they resolve to a private address (tests, local development)."""
+    secrets: SecretBox
+    """Seals a webhook's secret before it is stored: the store never holds it in plain text."""
     clock: Callable[[], float] = time.time
     _in_flight: set[tuple[str, str]] = field(default_factory=set, init=False)
     """``(tenant, idempotency key)`` of submissions being stored right now: a concurrent twin gets a 409."""
@@ -199,7 +256,7 @@ class Keel:
             workflow=sub.workflow,
             input=input_json,
             webhook_url=sub.webhook.url if sub.webhook else None,
-            webhook_secret=sub.webhook.secret if sub.webhook else None,
+            webhook_secret=self.secrets.seal(sub.webhook.secret) if sub.webhook else None,
             budget=sub.budget,
             metadata=observability.current().carry(sub.metadata),
             estimated_duration_s=wf.estimate(parsed),
@@ -434,8 +491,14 @@ class Keel:
     async def model_stats(self, model_id: str | None, *, hours: float) -> list[ModelStats]:
         return await self.stores.stats.model_stats(model_id, self.clock() - hours * 3600)
 
+    @property
+    def keys(self) -> Keys:
+        return Keys(store=self.stores.keys, clock=self.clock)
+
     async def verify_key(self, token: str) -> ApiKey | None:
-        return await self.stores.keys.verify_key(token)
+        """The key behind ``token``, if it may be used now; read from the store every time (no cache), so a
+        revocation or an expiry holds from the next request on, on every replica."""
+        return await self.keys.verify(token)
 
     async def queue_depth(self) -> int:
         """Tasks waiting for a worker, every tenant's (for ``/metrics``)."""

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -42,6 +42,18 @@ class Settings(BaseSettings):
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_retry_ms: int = 2000
     idempotency_ttl_hours: float = Field(24.0, ge=24.0, description="Idempotency keys are kept at least 24 h.")
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Fernet keys sealing webhook secrets at rest, comma-separated, newest first (rotation: put a "
+        "new one first; the others still open old secrets). Unset: <data_dir>/secret.key, made 0600 on first start. "
+        "Processes sharing a store must share it. `keel keys secret-key` prints a new key.",
+    )
+    task_retention_days: float = Field(
+        30.0,
+        ge=0,
+        description="Ended tasks are deleted this many days after they finished, with their events, steps, state, "
+        "blobs and idempotency keys (0: kept until deleted).",
+    )
     webhook_allow_hosts: str = Field("", description="Comma-separated hosts or CIDRs exempt from SSRF rules.")
     webhook_max_attempts: int = Field(8, ge=1)
     webhook_backoff_base_s: float = Field(1.0, gt=0)

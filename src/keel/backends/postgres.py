@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from keel.errors import ConfigError, KeelError, LeaseLost, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, looks_small, pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
+    LAST_USED_EVERY_S,
     ApiKey,
     BlobRef,
     CreateOutcome,
@@ -51,6 +53,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeyRecord,
     KeySecret,
     Lease,
     LeaseState,
@@ -272,6 +275,13 @@ MIGRATIONS: list[str] = [
     """
     + ";"
     + MEMORY_SCHEMA,
+    # v2: keys get an expiry and a last-used time (issue 21); retention finds ended tasks by when they finished.
+    """
+    ALTER TABLE api_keys ADD COLUMN expires_at DOUBLE PRECISION;
+    ALTER TABLE api_keys ADD COLUMN last_used_at DOUBLE PRECISION;
+    CREATE INDEX api_keys_by_tenant ON api_keys(tenant, created_at);
+    CREATE INDEX tasks_finished ON tasks(finished_at) WHERE finished_at IS NOT NULL;
+    """,
 ]
 """Version N is ``MIGRATIONS[N - 1]``; append, never edit. (Version 1 is the SQLite schema as of its v6.)"""
 
@@ -658,14 +668,33 @@ class PostgresStore(PostgresMemory):
             if task is None:
                 return False
             task.check_deletable()
-            cur = await conn.execute(rows.TASK_BLOBS.format("%(id)s"), {"id": task_id})
-            blobs = [r["blob_id"] for r in await cur.fetchall()]
-            for table in rows.TASK_RECORDS:
-                await conn.execute(f"DELETE FROM {table} WHERE task_id = %s", (task_id,))
-            await conn.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
-            for blob in blobs:
-                await self._drop_blob_if_unused(conn, blob, None)
+            await self._delete_in(conn, task_id)
             return True
+
+        return await self._tx(op)
+
+    async def _delete_in(self, conn: Conn, task_id: str) -> None:
+        cur = await conn.execute(rows.TASK_BLOBS.format("%(id)s"), {"id": task_id})
+        blobs = [r["blob_id"] for r in await cur.fetchall()]
+        for table in rows.TASK_RECORDS:
+            await conn.execute(f"DELETE FROM {table} WHERE task_id = %s", (task_id,))
+        await conn.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
+        for blob in blobs:
+            await self._drop_blob_if_unused(conn, blob, None)
+
+    async def sweep_tasks(self, finished_before: float, limit: int) -> int:
+        async def op(conn: Conn) -> int:
+            cur = await conn.execute(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE finished_at IS NOT NULL AND finished_at < %s "
+                "ORDER BY finished_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (finished_before, limit),
+            )
+            ended = [t for t in map(_task, await cur.fetchall()) if t.status.terminal]
+            for task in ended:
+                await self._delete_in(conn, task.id)
+                for table, settled in rows.TASK_DELIVERIES:
+                    await conn.execute(f"DELETE FROM {table} WHERE task_id = %s AND {settled}", (task.id,))
+            return len(ended)
 
         return await self._tx(op)
 
@@ -960,28 +989,92 @@ class PostgresStore(PostgresMemory):
 
     # -- KeyStore ----------------------------------------------------------------------------------
 
-    async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
+    async def create_key(
+        self, tenant: str, scopes: frozenset[str], now: float, *, expires_at: float | None = None
+    ) -> str:
         new = KeySecret.mint()
         await self._exec(
-            "INSERT INTO api_keys(id, tenant, secret_hash, scopes, created_at) VALUES (%s, %s, %s, %s, %s)",
-            (new.id, tenant, new.hash, rows.scopes_text(scopes), now),
+            f"INSERT INTO api_keys{_values(rows.KEY_INSERT)}",
+            rows.key_params(new.record(tenant, scopes, now, expires_at)),
         )
         return new.plaintext
 
-    async def verify_key(self, key: str) -> ApiKey | None:
+    @staticmethod
+    async def _key(conn: Conn, key_id: str, tenant: str | None, *, lock: bool = False) -> KeyRecord | None:
+        row = await _one(conn, "SELECT * FROM api_keys WHERE id = %s" + (" FOR UPDATE" if lock else ""), (key_id,))
+        key = rows.key_of(row) if row else None
+        return key if key is not None and tenant in (None, key.tenant) else None
+
+    async def verify_key(self, key: str, now: float | None = None) -> ApiKey | None:
         presented = KeySecret.parse(key)
         if presented is None:
             return None
+        at = time.time() if now is None else now
+        record = await self._read(lambda conn: self._key(conn, presented.id, None))
+        if record is None or not record.accepts(presented, at):
+            return None
+        if record.use_due(at):
+            await self._exec(rows.KEY_USED.format("%s"), (at, record.id, at - LAST_USED_EVERY_S))
+        return record.api_key()
 
-        async def op(conn: Conn) -> ApiKey | None:
-            row = await _one(
-                conn,
-                "SELECT tenant, secret_hash, scopes FROM api_keys WHERE id = %s AND revoked_at IS NULL",
-                (presented.id,),
-            )
-            return rows.api_key_of(presented.id, row) if row and presented.matches(row["secret_hash"]) else None
+    async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
+        async def op(conn: Conn) -> list[KeyRecord]:
+            if tenant is None:
+                cur = await conn.execute("SELECT * FROM api_keys ORDER BY created_at, id")
+            else:
+                cur = await conn.execute("SELECT * FROM api_keys WHERE tenant = %s ORDER BY created_at, id", (tenant,))
+            return [rows.key_of(r) for r in await cur.fetchall()]
 
         return await self._read(op)
+
+    async def revoke_key(self, key_id: str, now: float, *, tenant: str | None = None) -> KeyRecord | None:
+        async def op(conn: Conn) -> KeyRecord | None:
+            key = await self._key(conn, key_id, tenant, lock=True)
+            if key is None:
+                return None
+            revoked = key.revoked(now)
+            await conn.execute(
+                f"UPDATE api_keys SET {rows.KEY_LIFETIME.format('%s')} WHERE id = %s", rows.key_lifetime_params(revoked)
+            )
+            return revoked
+
+        return await self._tx(op)
+
+    async def rotate_key(
+        self, key_id: str, now: float, *, grace_s: float = 0.0, tenant: str | None = None
+    ) -> tuple[KeyRecord, str] | None:
+        minted = KeySecret.mint()
+
+        async def op(conn: Conn) -> KeyRecord | None:
+            key = await self._key(conn, key_id, tenant, lock=True)
+            if key is None:
+                return None
+            old, new = key.retired(now, grace_s), key.successor(minted, now)
+            await conn.execute(
+                f"UPDATE api_keys SET {rows.KEY_LIFETIME.format('%s')} WHERE id = %s", rows.key_lifetime_params(old)
+            )
+            await conn.execute(f"INSERT INTO api_keys{_values(rows.KEY_INSERT)}", rows.key_params(new))
+            return new
+
+        new = await self._tx(op)
+        return None if new is None else (new, minted.plaintext)
+
+    # -- SecretStore -------------------------------------------------------------------------------
+
+    async def reseal_secrets(self, reseal: Callable[[str], str | None]) -> int:
+        async def op(conn: Conn) -> int:
+            changed = 0
+            for table, column, key in rows.SECRET_COLUMNS:
+                cur = await conn.execute(f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL FOR UPDATE")
+                found = await cur.fetchall()
+                updates = [(new, r[key]) for r in found if (new := reseal(r[column])) is not None]
+                if updates:
+                    async with conn.cursor() as many:
+                        await many.executemany(f"UPDATE {table} SET {column} = %s WHERE {key} = %s", updates)
+                changed += len(updates)
+            return changed
+
+        return await self._tx(op)
 
     # -- EffectLedger ------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from typing import Any, Protocol, TypeVar
 
 from keel.memory.blobs import dumps
 from keel.memory.types import (
-    ApiKey,
     BlobRef,
     ChunkRecord,
     Decision,
@@ -25,6 +24,7 @@ from keel.memory.types import (
     EffectSettlement,
     EffectStatus,
     EmailMessage,
+    KeyRecord,
     ModelCallRecord,
     NewTask,
     OutboxMessage,
@@ -43,6 +43,9 @@ from keel.memory.types import (
 
 TASK_RECORDS = ("events", "steps", "workflow_state", "decisions", "effects", "idempotency_keys")
 """What a deleted task takes with it (``DELETE … WHERE task_id = …``); its outbox and emails stay, to be delivered."""
+TASK_DELIVERIES = (("outbox", "status <> 'pending'"), ("emails", "status <> 'queued'"))
+"""What the retention sweep also takes from an expired task: its settled deliveries (table, which rows). One still
+being tried stays, a promise made before the task expired."""
 TASK_BLOBS = (
     "SELECT blob_id FROM steps WHERE task_id = {0} AND blob_id IS NOT NULL "
     "UNION SELECT blob_id FROM workflow_state WHERE task_id = {0} AND blob_id IS NOT NULL"
@@ -127,8 +130,31 @@ def scopes_text(scopes: frozenset[str]) -> str:
     return ",".join(sorted(scopes))
 
 
-def api_key_of(key_id: str, row: Row) -> ApiKey:
-    return ApiKey(id=key_id, tenant=row["tenant"], scopes=frozenset(filter(None, row["scopes"].split(","))))
+key_of = _decoder(KeyRecord, scopes=lambda text: frozenset(filter(None, text.split(","))))
+
+KEY_INSERT = "id, tenant, secret_hash, scopes, created_at, expires_at"
+
+
+def key_params(key: KeyRecord) -> tuple[Any, ...]:
+    """``KEY_INSERT``."""
+    return (key.id, key.tenant, key.secret_hash, scopes_text(key.scopes), key.created_at, key.expires_at)
+
+
+KEY_LIFETIME = "revoked_at = {0}, expires_at = {0}"
+"""The SET clause that revokes or retires a key (``{0}`` the driver's placeholder); then ``WHERE id = {0}``."""
+
+
+def key_lifetime_params(key: KeyRecord) -> tuple[Any, ...]:
+    """``KEY_LIFETIME`` and the key's id."""
+    return (key.revoked_at, key.expires_at, key.id)
+
+
+SECRET_COLUMNS = (("tasks", "webhook_secret", "id"), ("outbox", "secret", "id"))
+"""Where webhook secrets are kept: (table, column, key column)."""
+
+KEY_USED = "UPDATE api_keys SET last_used_at = {0} WHERE id = {0} AND (last_used_at IS NULL OR last_used_at <= {0})"
+"""Record a use (``now``, id, ``now - LAST_USED_EVERY_S``): the compare-and-set of :meth:`KeyRecord.use_due`, so
+replicas racing on one key write once."""
 
 
 def step_of(row: Row) -> StepCheckpoint:

@@ -15,6 +15,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ from keel.backends.rows import outbox_of as _outbox
 from keel.backends.rows import task_of as _task
 from keel.backends.sqlite_memory import MEMORY_MIGRATION, SQLiteMemory
 from keel.errors import LeaseLost, StoreError
+from keel.files import private_dir, private_file
 from keel.memory.blobs import INLINE_LIMIT, Packed, looks_small, pack, unpack_blob
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
+    LAST_USED_EVERY_S,
     ApiKey,
     BlobRef,
     CreateOutcome,
@@ -42,6 +45,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeyRecord,
     KeySecret,
     Lease,
     LeaseState,
@@ -299,6 +303,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX emails_due ON emails(status, next_at);
     """,
     MEMORY_MIGRATION,
+    # v7: keys get an expiry and a last-used time (issue 21); retention finds ended tasks by when they finished.
+    """
+    ALTER TABLE api_keys ADD COLUMN expires_at REAL;
+    ALTER TABLE api_keys ADD COLUMN last_used_at REAL;
+    CREATE INDEX api_keys_by_tenant ON api_keys(tenant, created_at);
+    CREATE INDEX tasks_finished ON tasks(finished_at) WHERE finished_at IS NOT NULL;
+    """,
 ]
 
 _TASK_COLS = (
@@ -313,7 +324,12 @@ class SQLiteStore(SQLiteMemory):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        # SQLite gives the -wal and -shm files the database file's mode, so a 0600 database keeps them 0600 too;
+        # ones an older keel left behind are narrowed here.
+        for file in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+            if file == self.path or file.exists():
+                private_file(file)
         self._local = threading.local()
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._writer_loop, name="keel-sqlite-writer", daemon=True)
@@ -645,13 +661,32 @@ class SQLiteStore(SQLiteMemory):
             if task is None:
                 return False
             task.check_deletable()
-            blobs = [r[0] for r in conn.execute(rows.TASK_BLOBS.format("?"), (task_id, task_id))]
-            for table in rows.TASK_RECORDS:
-                conn.execute(f"DELETE FROM {table} WHERE task_id = ?", (task_id,))
-            conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
-            for blob in blobs:
-                self._drop_blob_if_unused(conn, blob, None)
+            self._delete_in(conn, task_id)
             return True
+
+        return await self._write(op)
+
+    def _delete_in(self, conn: sqlite3.Connection, task_id: str) -> None:
+        blobs = [r[0] for r in conn.execute(rows.TASK_BLOBS.format("?"), (task_id, task_id))]
+        for table in rows.TASK_RECORDS:
+            conn.execute(f"DELETE FROM {table} WHERE task_id = ?", (task_id,))
+        conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+        for blob in blobs:
+            self._drop_blob_if_unused(conn, blob, None)
+
+    async def sweep_tasks(self, finished_before: float, limit: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            found = conn.execute(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ? "
+                "ORDER BY finished_at LIMIT ?",
+                (finished_before, limit),
+            ).fetchall()
+            ended = [t for t in map(_task, found) if t.status.terminal]
+            for task in ended:
+                self._delete_in(conn, task.id)
+                for table, settled in rows.TASK_DELIVERIES:
+                    conn.execute(f"DELETE FROM {table} WHERE task_id = ? AND {settled}", (task.id,))
+            return len(ended)
 
         return await self._write(op)
 
@@ -904,31 +939,89 @@ class SQLiteStore(SQLiteMemory):
 
     # -- KeyStore ----------------------------------------------------------------------------------
 
-    async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
+    async def create_key(
+        self, tenant: str, scopes: frozenset[str], now: float, *, expires_at: float | None = None
+    ) -> str:
         new = KeySecret.mint()
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO api_keys(id, tenant, secret_hash, scopes, created_at) VALUES (?, ?, ?, ?, ?)",
-                (new.id, tenant, new.hash, rows.scopes_text(scopes), now),
-            )
-
-        await self._write(op)
+        record = new.record(tenant, scopes, now, expires_at)
+        await self._write(
+            lambda c: c.execute(f"INSERT INTO api_keys{_values(rows.KEY_INSERT)}", rows.key_params(record))
+        )
         return new.plaintext
 
-    async def verify_key(self, key: str) -> ApiKey | None:
+    @staticmethod
+    def _key(conn: sqlite3.Connection, key_id: str, tenant: str | None) -> KeyRecord | None:
+        row = conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        key = rows.key_of(row) if row else None
+        return key if key is not None and tenant in (None, key.tenant) else None
+
+    async def verify_key(self, key: str, now: float | None = None) -> ApiKey | None:
         presented = KeySecret.parse(key)
         if presented is None:
             return None
+        at = time.time() if now is None else now
+        record = await self._read(lambda conn: self._key(conn, presented.id, None))
+        if record is None or not record.accepts(presented, at):
+            return None
+        if record.use_due(at):
+            await self._write(lambda c: c.execute(rows.KEY_USED.format("?"), (at, record.id, at - LAST_USED_EVERY_S)))
+        return record.api_key()
 
-        def op(conn: sqlite3.Connection) -> ApiKey | None:
-            row = conn.execute(
-                "SELECT tenant, secret_hash, scopes FROM api_keys WHERE id = ? AND revoked_at IS NULL",
-                (presented.id,),
-            ).fetchone()
-            return rows.api_key_of(presented.id, row) if row and presented.matches(row["secret_hash"]) else None
+    async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
+        def op(conn: sqlite3.Connection) -> list[KeyRecord]:
+            if tenant is None:
+                found = conn.execute("SELECT * FROM api_keys ORDER BY created_at, id")
+            else:
+                found = conn.execute("SELECT * FROM api_keys WHERE tenant = ? ORDER BY created_at, id", (tenant,))
+            return [rows.key_of(r) for r in found]
 
         return await self._read(op)
+
+    async def revoke_key(self, key_id: str, now: float, *, tenant: str | None = None) -> KeyRecord | None:
+        def op(conn: sqlite3.Connection) -> KeyRecord | None:
+            key = self._key(conn, key_id, tenant)
+            if key is None:
+                return None
+            revoked = key.revoked(now)
+            conn.execute(
+                f"UPDATE api_keys SET {rows.KEY_LIFETIME.format('?')} WHERE id = ?", rows.key_lifetime_params(revoked)
+            )
+            return revoked
+
+        return await self._write(op)
+
+    async def rotate_key(
+        self, key_id: str, now: float, *, grace_s: float = 0.0, tenant: str | None = None
+    ) -> tuple[KeyRecord, str] | None:
+        minted = KeySecret.mint()
+
+        def op(conn: sqlite3.Connection) -> KeyRecord | None:
+            key = self._key(conn, key_id, tenant)
+            if key is None:
+                return None
+            old, new = key.retired(now, grace_s), key.successor(minted, now)
+            conn.execute(
+                f"UPDATE api_keys SET {rows.KEY_LIFETIME.format('?')} WHERE id = ?", rows.key_lifetime_params(old)
+            )
+            conn.execute(f"INSERT INTO api_keys{_values(rows.KEY_INSERT)}", rows.key_params(new))
+            return new
+
+        new = await self._write(op)
+        return None if new is None else (new, minted.plaintext)
+
+    # -- SecretStore -------------------------------------------------------------------------------
+
+    async def reseal_secrets(self, reseal: Callable[[str], str | None]) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            changed = 0
+            for table, column, key in rows.SECRET_COLUMNS:
+                found = conn.execute(f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL").fetchall()
+                updates = [(new, r[0]) for r in found if (new := reseal(r[1])) is not None]
+                conn.executemany(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", updates)
+                changed += len(updates)
+            return changed
+
+        return await self._write(op)
 
     # -- EffectLedger ------------------------------------------------------------------------------
 

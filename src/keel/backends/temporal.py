@@ -518,6 +518,7 @@ class TemporalEngine:
         memory: Memory | None = None,
         approval_ttl_s: float | None = 72 * 3600,
         sweep_s: float = 60.0,
+        task_retention_s: float | None = None,
         run_workers: bool = True,
         graceful_shutdown_s: float = 5.0,
         store_lease_s: float | None = None,
@@ -546,6 +547,7 @@ class TemporalEngine:
             approval_ttl_s=approval_ttl_s,
             sweep_s=sweep_s,
             memory=memory,
+            task_retention_s=task_retention_s,
         )
         self.run_workers = run_workers
         self._client: Client | None = None

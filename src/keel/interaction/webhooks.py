@@ -29,8 +29,9 @@ from keel.netguard import AllowList, guarded_request
 log = logging.getLogger("keel.webhooks")
 
 
-def sign(msg: OutboxMessage, body: str, timestamp: datetime) -> dict[str, str]:
-    signature = Webhook(msg.secret).sign(msg.id, timestamp, body)
+def sign(msg: OutboxMessage, body: str, timestamp: datetime, secret: str | None = None) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt, signed with ``secret`` (default: the message's own)."""
+    signature = Webhook(secret if secret is not None else msg.secret).sign(msg.id, timestamp, body)
     return {
         "webhook-id": msg.id,
         "webhook-timestamp": str(int(timestamp.timestamp())),
@@ -52,8 +53,12 @@ class WebhookDispatcher:
         timeout_s: float = 10.0,
         poll_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        open_secret: Callable[[str], str] | None = None,
     ) -> None:
+        """``open_secret`` turns a stored secret into the signing key (:meth:`keel.secretbox.SecretBox.open`; the
+        app always passes it); None for an outbox that holds plain secrets (unit tests)."""
         self.outbox = outbox
+        self.open_secret = open_secret
         self.allow = allow
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
@@ -116,7 +121,12 @@ class WebhookDispatcher:
                 allow=self.allow,
                 max_redirects=0,
                 content=body.encode(),
-                headers=sign(msg, body, datetime.fromtimestamp(now, UTC))
+                headers=sign(
+                    msg,
+                    body,
+                    datetime.fromtimestamp(now, UTC),
+                    self.open_secret(msg.secret) if self.open_secret else None,
+                )
                 | observability.current().webhook_headers(msg),
             )
         except BlockedAddress as exc:

@@ -10,7 +10,7 @@ backend serves the seams it is good at and no forwarding class stands in between
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeyRecord,
     Lease,
     LeaseState,
     ModelCallRecord,
@@ -101,6 +102,15 @@ class TaskStore(Backend, Protocol):
         ...
 
     async def sweep_idempotency(self, now: float) -> int: ...
+
+    async def sweep_tasks(self, finished_before: float, limit: int) -> int:
+        """Delete up to ``limit`` ended tasks that finished before ``finished_before`` (oldest first), each with
+        what :meth:`delete_task` takes with it and its settled deliveries (webhook messages delivered, dead or
+        disabled; emails sent or failed: one still being tried stays), in one transaction; returns how many
+        went. The retention sweeper calls it in bounded batches, so one sweep never holds the writer long. A task
+        is deleted whole or not at all, so its events stay readable (and its stream resumable) for exactly as
+        long as it is kept, and its idempotency keys never outlive its answer."""
+        ...
 
 
 EventSpec = tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], float]
@@ -187,11 +197,48 @@ class Outbox(Backend, Protocol):
 
 
 class KeyStore(Backend, Protocol):
-    async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
+    """API keys. The rules of a key's life are :class:`~keel.memory.types.KeyRecord`'s; a store loads the row and
+    compares-and-sets."""
+
+    async def create_key(
+        self, tenant: str, scopes: frozenset[str], now: float, *, expires_at: float | None = None
+    ) -> str:
         """Store a new key's hash and return the plaintext key (shown once)."""
         ...
 
-    async def verify_key(self, key: str) -> ApiKey | None: ...
+    async def verify_key(self, key: str, now: float | None = None) -> ApiKey | None:
+        """The key, when it exists, matches and is neither revoked nor expired at ``now`` (None: the clock).
+        Read from the store on every call, so a revocation holds at once on every replica; records the use, at
+        most once every :data:`~keel.memory.types.LAST_USED_EVERY_S` per key."""
+        ...
+
+    async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
+        """Every key (of ``tenant``), revoked and expired ones too, oldest first."""
+        ...
+
+    async def revoke_key(self, key_id: str, now: float, *, tenant: str | None = None) -> KeyRecord | None:
+        """Revoke the key (repeatable: the first revocation time stays); None when there is no such key (of
+        ``tenant``)."""
+        ...
+
+    async def rotate_key(
+        self, key_id: str, now: float, *, grace_s: float = 0.0, tenant: str | None = None
+    ) -> tuple[KeyRecord, str] | None:
+        """Replace the key by a new one with its tenant, scopes and expiry, retiring the old one
+        (:meth:`~keel.memory.types.KeyRecord.retired`) in the same transaction. Returns the new key's record and
+        its plaintext (shown once); None when there is no such key (of ``tenant``)."""
+        ...
+
+
+class SecretStore(Backend, Protocol):
+    """Webhook secrets at rest. A store keeps them as given (sealed by :class:`keel.secretbox.SecretBox` before
+    they reach it); this seam lets start-up seal old plaintext rows and re-encrypt under a new key."""
+
+    async def reseal_secrets(self, reseal: Callable[[str], str | None]) -> int:
+        """Pass every stored webhook secret (the tasks' and the outbox messages') through ``reseal``, and store
+        what it returns in its place (None: leave it), in one transaction. Returns how many changed. An
+        exception from ``reseal`` rolls everything back."""
+        ...
 
 
 class EffectLedger(Backend, Protocol):
@@ -355,6 +402,7 @@ class Store(
     EventLog,
     Outbox,
     KeyStore,
+    SecretStore,
     EffectLedger,
     DecisionStore,
     EmailOutbox,
@@ -386,6 +434,8 @@ class Stores:
     decisions: DecisionStore
     cache: ResultCache
     keys: KeyStore
+    secrets: SecretStore
+    """Webhook secrets at rest: served with ``tasks`` and ``outbox``, whose rows hold them."""
     emails: EmailOutbox
     stats: ModelStatsStore
     sessions: SessionStore
@@ -407,6 +457,7 @@ class Stores:
             decisions=backend,
             cache=backend,
             keys=backend,
+            secrets=backend,
             emails=backend,
             stats=backend,
             sessions=sessions or backend,

@@ -311,9 +311,97 @@ class OutboxMessage:
 
 @dataclass(kw_only=True, slots=True)
 class ApiKey:
+    """A verified key: who asks (``tenant``) and what it may do."""
+
     id: str
     tenant: str
     scopes: frozenset[str]
+    expires_at: float | None = None
+    """When the key stops working (None: never). A cache of verified keys must not keep one past this time, and
+    must not outlive a revocation either (see :meth:`KeyStore.verify_key <keel.memory.stores.KeyStore>`)."""
+
+
+LAST_USED_EVERY_S = 60.0
+"""A key's ``last_used_at`` is written at most this often: a verification writes only when the stored time is
+older (a conditional update, so even several replicas write about once a minute per key, never once a request)."""
+
+
+class KeyState(StrEnum):
+    active = "active"
+    revoked = "revoked"
+    expired = "expired"
+
+
+@dataclass(kw_only=True, slots=True)
+class KeyRecord:
+    """An API key as a store keeps it: its id, owner, scopes and lifetime, and the hash of its secret (never the
+    secret). The rules of a key's life (may it be used, is its use worth recording, how is it retired) are here;
+    a store only loads the row and compares-and-sets."""
+
+    id: str
+    tenant: str
+    scopes: frozenset[str]
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    """Accurate to :data:`LAST_USED_EVERY_S`."""
+    secret_hash: str = field(default="", repr=False)
+
+    def state(self, now: float) -> KeyState:
+        if self.revoked_at is not None:
+            return KeyState.revoked
+        return KeyState.active if alive(self.expires_at, now) else KeyState.expired
+
+    def accepts(self, presented: KeySecret, now: float) -> bool:
+        """Whether ``presented`` is this key, and it may be used at ``now``: not revoked, not expired."""
+        return self.state(now) is KeyState.active and presented.matches(self.secret_hash)
+
+    def use_due(self, now: float) -> bool:
+        """Whether a use at ``now`` is worth writing down (see :data:`LAST_USED_EVERY_S`)."""
+        return self.last_used_at is None or now - self.last_used_at >= LAST_USED_EVERY_S
+
+    def api_key(self) -> ApiKey:
+        return ApiKey(id=self.id, tenant=self.tenant, scopes=self.scopes, expires_at=self.expires_at)
+
+    def revoked(self, now: float) -> KeyRecord:
+        """Revoked at ``now``; revoking again keeps the first time (so revoking is repeatable)."""
+        return self if self.revoked_at is not None else dataclasses.replace(self, revoked_at=now)
+
+    def retired(self, now: float, grace_s: float) -> KeyRecord:
+        """This key once a successor replaces it: revoked at once, or (``grace_s`` > 0) expiring ``grace_s`` from
+        now, so clients can switch over (never later than it would have expired anyway). A key that no longer
+        works cannot be rotated: its holder is not who should get a new one."""
+        if self.state(now) is not KeyState.active:
+            raise InputError(f"key {self.id} is {self.state(now).value}: create a new key instead")
+        if grace_s <= 0:
+            return self.revoked(now)
+        until = now + grace_s if self.expires_at is None else min(self.expires_at, now + grace_s)
+        return dataclasses.replace(self, expires_at=until)
+
+    def successor(self, minted: KeySecret, now: float) -> KeyRecord:
+        """A new key with this one's tenant, scopes and expiry."""
+        return KeyRecord(
+            id=minted.id,
+            tenant=self.tenant,
+            scopes=self.scopes,
+            created_at=now,
+            expires_at=self.expires_at,
+            secret_hash=minted.hash,
+        )
+
+    def public(self, now: float) -> dict[str, Any]:
+        """What listing a key shows: everything but its hash."""
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "scopes": sorted(self.scopes),
+            "state": self.state(now).value,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+            "last_used_at": self.last_used_at,
+        }
 
 
 def hour_bucket(at: float) -> int:
@@ -360,6 +448,12 @@ class KeySecret:
 
     def matches(self, stored_hash: str) -> bool:
         return hmac.compare_digest(stored_hash, self.hash)
+
+    def record(self, tenant: str, scopes: frozenset[str], now: float, expires_at: float | None) -> KeyRecord:
+        """The row a store keeps for this new key."""
+        return KeyRecord(
+            id=self.id, tenant=tenant, scopes=scopes, created_at=now, expires_at=expires_at, secret_hash=self.hash
+        )
 
 
 def dead_letter_envelope(attempts: int) -> dict[str, Any]:

@@ -150,6 +150,12 @@ class Observer:
             if outcome != "delivered":
                 self.metrics.webhook_failures.inc()
 
+    def retention_deleted(self, tier: str, count: int) -> None:
+        """The sweeper deleted ``count`` expired rows of a memory tier (tasks, sessions, chunks,
+        idempotency_keys)."""
+        if self.metrics is not None and count:
+            self.metrics.retention_deleted.labels(tier).inc(count)
+
     @contextlib.contextmanager
     def stream_open(self) -> Iterator[None]:
         """While an SSE stream is open."""

@@ -63,6 +63,9 @@ class Metrics:
             "keel_webhook_failures", "Webhook delivery attempts that did not deliver.", registry=r
         )
         self.open_streams = Gauge("keel_sse_open_streams", "SSE event streams open now.", registry=r)
+        self.retention_deleted = Counter(
+            "keel_retention_deleted", "Expired rows the sweeper deleted, by memory tier.", ["tier"], registry=r
+        )
         self.budget_trips = Counter(
             "keel_budget_trips", "Runs stopped by a budget breaker, by budget.", ["budget"], registry=r
         )

@@ -27,6 +27,7 @@ from keel.memory.stores import (
     ModelStatsStore,
     Outbox,
     ResultCache,
+    SecretStore,
     SessionStore,
     Store,
     TaskStore,
@@ -46,6 +47,8 @@ from keel.memory.types import (
     EffectStatus,
     EmailMessage,
     IdempotencyClaim,
+    KeySecret,
+    KeyState,
     ModelCallRecord,
     NewTask,
     SessionTurn,
@@ -69,6 +72,10 @@ class VectorBackend(DocumentStore, VectorStore, Protocol):
 
 class CachedTasks(TaskStore, ResultCache, Protocol):
     """The result cache reads finished tasks."""
+
+
+class SealedTasks(TaskBackend, SecretStore, Protocol):
+    """Webhook secrets live in the task and outbox rows: one backend serves both."""
 
 
 def _new(tenant: str = "t1", **kw: object) -> NewTask:
@@ -240,10 +247,129 @@ async def check_poison_dead_letter(store: TaskStore) -> None:
 async def check_api_keys(store: KeyStore) -> None:
     key = await store.create_key("acme", frozenset({"tasks:read"}), T0)
     found = await store.verify_key(key)
-    assert found and found.tenant == "acme" and found.scopes == {"tasks:read"}
+    assert found and found.tenant == "acme" and found.scopes == {"tasks:read"} and found.expires_at is None
     assert await store.verify_key(key + "x") is None
     assert await store.verify_key("keel_nope_nope") is None
     assert await store.verify_key("garbage") is None
+
+
+def _key_id(plaintext: str) -> str:
+    parsed = KeySecret.parse(plaintext)
+    assert parsed is not None
+    return parsed.id
+
+
+async def check_key_expiry_and_last_use(store: KeyStore) -> None:
+    key = await store.create_key("acme", frozenset({"tasks:read"}), T0, expires_at=T0 + 100)
+    found = await store.verify_key(key, T0 + 10)
+    assert found is not None and found.expires_at == T0 + 100
+    assert await store.verify_key(key, T0 + 100) is None  # expired at its expires_at
+    [listed] = [k for k in await store.list_keys("acme") if k.id == _key_id(key)]
+    assert listed.last_used_at == T0 + 10 and listed.state(T0 + 100) is KeyState.expired
+    # A use is recorded at most once a minute: a verification 30 s later writes nothing, one 61 s later does.
+    await store.verify_key(key, T0 + 40)
+    assert [k.last_used_at for k in await store.list_keys("acme") if k.id == listed.id] == [T0 + 10]
+    await store.verify_key(key, T0 + 71)
+    assert [k.last_used_at for k in await store.list_keys("acme") if k.id == listed.id] == [T0 + 71]
+
+
+async def check_key_revoke_and_rotate(store: KeyStore) -> None:
+    a = await store.create_key("acme", frozenset({"tasks:read", "tasks:write"}), T0, expires_at=T0 + 10_000)
+    b = await store.create_key("other", frozenset({"tasks:read"}), T0 + 1)
+    assert {k.id for k in await store.list_keys("acme")} >= {_key_id(a)}
+    assert _key_id(b) not in {k.id for k in await store.list_keys("acme")}
+    assert {_key_id(a), _key_id(b)} <= {k.id for k in await store.list_keys()}
+    # Another tenant's key looks missing; revoking takes effect on the next verification, and is repeatable.
+    assert await store.revoke_key(_key_id(b), T0 + 2, tenant="acme") is None
+    assert await store.verify_key(b, T0 + 3) is not None
+    revoked = await store.revoke_key(_key_id(b), T0 + 3)
+    assert revoked is not None and revoked.revoked_at == T0 + 3 and revoked.state(T0 + 3) is KeyState.revoked
+    assert await store.verify_key(b, T0 + 3) is None
+    again = await store.revoke_key(_key_id(b), T0 + 9)
+    assert again is not None and again.revoked_at == T0 + 3
+    assert await store.revoke_key("nope", T0) is None
+    # Rotation: the new key has the old one's tenant, scopes and expiry; the old one stops at once...
+    rotated = await store.rotate_key(_key_id(a), T0 + 4)
+    assert rotated is not None
+    record, plaintext = rotated
+    assert (
+        record.tenant == "acme" and record.scopes == {"tasks:read", "tasks:write"} and record.expires_at == T0 + 10_000
+    )
+    assert await store.verify_key(a, T0 + 5) is None
+    new = await store.verify_key(plaintext, T0 + 5)
+    assert new is not None and new.id == record.id != _key_id(a)
+    # ...or after a grace period, never later than it would have expired.
+    rotated = await store.rotate_key(record.id, T0 + 6, grace_s=60)
+    assert rotated is not None
+    assert await store.verify_key(plaintext, T0 + 65) is not None and await store.verify_key(plaintext, T0 + 66) is None
+    assert await store.verify_key(rotated[1], T0 + 66) is not None
+    # A revoked key cannot be rotated (its holder is not who should get a new one); a missing one is None.
+    try:
+        await store.rotate_key(_key_id(b), T0 + 7)
+        raise AssertionError("a revoked key was rotated")
+    except InputError:
+        pass
+    assert await store.rotate_key("nope", T0) is None
+
+
+async def check_reseal_secrets(store: SealedTasks) -> None:
+    res = await store.create_task(_new(webhook_url="https://h.example/x", webhook_secret="plain"), None, T0)
+    assert res.task is not None
+    await store.finish(None, res.task.id, TaskStatus.cancelled, {"status": "failed", "errors": []}, T0 + 1)
+    [msg] = await store.messages(res.task.id)
+    assert msg.secret == "plain"
+    assert await store.reseal_secrets(lambda s: None if s.startswith("sealed:") else "sealed:" + s) == 2
+    [msg] = await store.messages(res.task.id)
+    task = await store.get_task(res.task.id)
+    assert msg.secret == "sealed:plain" and task is not None and task.webhook_secret == "sealed:plain"
+    assert await store.reseal_secrets(lambda s: None if s.startswith("sealed:") else "sealed:" + s) == 0
+
+    # All or nothing: a failure part-way stores nothing.
+    def fail(secret: str) -> str:
+        raise ValueError("no key opens it")
+
+    try:
+        await store.reseal_secrets(fail)
+        raise AssertionError("reseal_secrets swallowed the failure")
+    except ValueError:
+        pass
+    [msg] = await store.messages(res.task.id)
+    assert msg.secret == "sealed:plain"
+
+
+async def check_sweep_tasks(store: TaskBackend) -> None:
+    """Retention: ended tasks older than the cut-off go whole (events, steps, idempotency keys), in batches;
+    running, parked and younger tasks stay, with every event still readable."""
+    ids = []
+    for i in range(3):
+        hook = {"webhook_url": "https://h.example/x", "webhook_secret": "s"} if i < 2 else {}
+        res = await store.create_task(_new(**hook), _claim(f"ret{i}", "h"), T0)
+        assert res.task is not None
+        ids.append(res.task.id)
+        await store.finish(None, res.task.id, TaskStatus.cancelled, {"status": "failed", "errors": []}, T0 + i)
+    # Of the expired tasks' webhook messages, a delivered one goes with its task; one still being tried stays.
+    delivered, pending = [m for t in ids[:2] for m in await store.messages(t)]
+    await store.delivered(delivered.id, T0 + 3)
+    young = await store.create_task(_new(), None, T0)
+    assert young.task is not None
+    await store.finish(None, young.task.id, TaskStatus.cancelled, {"status": "failed", "errors": []}, T0 + 100)
+    running = await store.create_task(_new(), None, T0)
+    assert running.task is not None
+    lease = await store.lease_next("w", T0, 1_000_000, 5)
+    assert lease is not None
+    await store.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f", result={"x": 1}), [], T0 + 1)
+    assert await store.sweep_tasks(T0 + 50, 2) == 2  # a bounded batch: the oldest two
+    assert await store.get_task(ids[0]) is None and await store.read(ids[0], 0) == []
+    assert await store.get_task(ids[2]) is not None
+    assert await store.sweep_tasks(T0 + 50, 2) == 1 and await store.sweep_tasks(T0 + 50, 2) == 0
+    assert await store.messages(ids[0]) == [] and [m.id for m in await store.messages(ids[1])] == [pending.id]
+    assert await store.get_task(young.task.id) is not None
+    assert [e.type for e in await store.read(young.task.id, 0)] == ["status", "end"]
+    leased = await store.get_task(lease.task_id)
+    assert leased is not None and leased.status is TaskStatus.running and await store.load_steps(lease.task_id)
+    # An idempotency key never outlives its task's answer: the same request now makes a new task.
+    again = await store.create_task(_new(), _claim("ret0", "h"), T0 + 60)
+    assert again.outcome is CreateOutcome.created and again.task is not None and again.task.id != ids[0]
 
 
 async def check_workflow_steps_and_blobs(store: TaskBackend) -> None:
@@ -593,6 +719,7 @@ TASK_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_cancel_and_requeue,
     check_poison_dead_letter,
     check_delete_task,
+    check_sweep_tasks,
 ]
 OUTBOX_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_finish_outbox_and_end_event,
@@ -606,7 +733,12 @@ DECISION_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_expired_decisions_are_denied,
 ]
 CACHE_CHECKS: list[Callable[[CachedTasks], Awaitable[None]]] = [check_result_cache]
-KEY_CHECKS: list[Callable[[KeyStore], Awaitable[None]]] = [check_api_keys]
+KEY_CHECKS: list[Callable[[KeyStore], Awaitable[None]]] = [
+    check_api_keys,
+    check_key_expiry_and_last_use,
+    check_key_revoke_and_rotate,
+]
+SECRET_CHECKS: list[Callable[[SealedTasks], Awaitable[None]]] = [check_reseal_secrets]
 EMAIL_CHECKS: list[Callable[[EmailOutbox], Awaitable[None]]] = [check_email_outbox, check_due_emails_are_claimed]
 STATS_CHECKS: list[Callable[[ModelStatsStore], Awaitable[None]]] = [check_model_stats]
 SESSION_CHECKS: list[Callable[[SessionStore], Awaitable[None]]] = [check_session_memory_ttl]
@@ -625,6 +757,7 @@ SUITES: dict[str, Sequence[Callable[[Store], Awaitable[None]]]] = {
     "decisions": DECISION_CHECKS,
     "cache": CACHE_CHECKS,
     "keys": KEY_CHECKS,
+    "secrets": SECRET_CHECKS,
     "emails": EMAIL_CHECKS,
     "stats": STATS_CHECKS,
     "sessions": SESSION_CHECKS,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,7 @@ from keel.memory.types import (
     EmailMessage,
     Event,
     IdempotencyClaim,
+    KeyRecord,
     KeySecret,
     Lease,
     LeaseState,
@@ -68,7 +70,7 @@ class InMemoryStore(InMemoryMemory):
         self._outbox: dict[str, OutboxMessage] = {}
         self._next_at: dict[str, float] = {}
         self._disabled: set[tuple[str, str]] = set()
-        self._api_keys: dict[str, tuple[str, str, frozenset[str]]] = {}
+        self._api_keys: dict[str, KeyRecord] = {}
         self._effects: dict[str, EffectRecord] = {}
         self._decisions: dict[tuple[str, str], Decision] = {}
         self._emails: dict[str, EmailMessage] = {}
@@ -242,13 +244,28 @@ class InMemoryStore(InMemoryMemory):
         if task is None:
             return False
         task.check_deletable()
+        self._delete(task_id)
+        return True
+
+    def _delete(self, task_id: str) -> None:
         del self._tasks[task_id]
         self._steps.pop(task_id, None)
         self._state.pop(task_id, None)
         self._keys = {k: c for k, c in self._keys.items() if c.task_id != task_id}
         self._effects = {k: e for k, e in self._effects.items() if e.task_id != task_id}
         self._decisions = {k: d for k, d in self._decisions.items() if d.task_id != task_id}
-        return True
+
+    async def sweep_tasks(self, finished_before: float, limit: int) -> int:
+        ended = sorted(
+            (t for row in self._tasks.values() if (t := row.task).status.terminal and t.finished_at is not None),
+            key=lambda t: t.finished_at or 0.0,
+        )
+        gone = [t.id for t in ended if (t.finished_at or 0.0) < finished_before][:limit]
+        for task_id in gone:
+            self._delete(task_id)
+            self._outbox = {k: m for k, m in self._outbox.items() if m.task_id != task_id or m.status == "pending"}
+            self._emails = {k: e for k, e in self._emails.items() if e.task_id != task_id or e.status == "queued"}
+        return len(gone)
 
     def _put(self, value: Any) -> Any:
         packed = pack(value)
@@ -389,17 +406,62 @@ class InMemoryStore(InMemoryMemory):
     async def messages(self, task_id: str) -> list[OutboxMessage]:
         return [replace(m) for m in sorted(self._outbox.values(), key=lambda m: m.id) if m.task_id == task_id]
 
-    async def create_key(self, tenant: str, scopes: frozenset[str], now: float) -> str:
+    async def create_key(
+        self, tenant: str, scopes: frozenset[str], now: float, *, expires_at: float | None = None
+    ) -> str:
         new = KeySecret.mint()
-        self._api_keys[new.id] = (tenant, new.hash, scopes)
+        self._api_keys[new.id] = new.record(tenant, scopes, now, expires_at)
         return new.plaintext
 
-    async def verify_key(self, key: str) -> ApiKey | None:
+    def _key(self, key_id: str, tenant: str | None) -> KeyRecord | None:
+        key = self._api_keys.get(key_id)
+        return key if key is not None and tenant in (None, key.tenant) else None
+
+    async def verify_key(self, key: str, now: float | None = None) -> ApiKey | None:
         presented = KeySecret.parse(key)
-        if presented is None or presented.id not in self._api_keys:
+        record = self._api_keys.get(presented.id) if presented is not None else None
+        at = time.time() if now is None else now
+        if presented is None or record is None or not record.accepts(presented, at):
             return None
-        tenant, digest, scopes = self._api_keys[presented.id]
-        return ApiKey(id=presented.id, tenant=tenant, scopes=scopes) if presented.matches(digest) else None
+        if record.use_due(at):
+            record.last_used_at = at
+        return record.api_key()
+
+    async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
+        found = [k for k in self._api_keys.values() if tenant in (None, k.tenant)]
+        return [replace(k) for k in sorted(found, key=lambda k: (k.created_at, k.id))]
+
+    async def revoke_key(self, key_id: str, now: float, *, tenant: str | None = None) -> KeyRecord | None:
+        key = self._key(key_id, tenant)
+        if key is None:
+            return None
+        self._api_keys[key_id] = key.revoked(now)
+        return replace(self._api_keys[key_id])
+
+    async def rotate_key(
+        self, key_id: str, now: float, *, grace_s: float = 0.0, tenant: str | None = None
+    ) -> tuple[KeyRecord, str] | None:
+        key = self._key(key_id, tenant)
+        if key is None:
+            return None
+        minted = KeySecret.mint()
+        old, new = key.retired(now, grace_s), key.successor(minted, now)
+        self._api_keys[key_id], self._api_keys[new.id] = old, new
+        return replace(new), minted.plaintext
+
+    async def reseal_secrets(self, reseal: Callable[[str], str | None]) -> int:
+        # All or nothing, as one transaction: every new value is worked out before any is stored.
+        tasks = {
+            i: new
+            for i, r in self._tasks.items()
+            if r.task.webhook_secret and (new := reseal(r.task.webhook_secret)) is not None
+        }
+        messages = {i: new for i, m in self._outbox.items() if m.secret and (new := reseal(m.secret)) is not None}
+        for task_id, secret in tasks.items():
+            self._tasks[task_id].task.webhook_secret = secret
+        for msg_id, secret in messages.items():
+            self._outbox[msg_id].secret = secret
+        return len(tasks) + len(messages)
 
     # -- EffectLedger ------------------------------------------------------------------------------
 

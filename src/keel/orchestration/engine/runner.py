@@ -452,17 +452,50 @@ class StoreJournal:
 # -- the queue side of an engine ---------------------------------------------------------------------------------------
 
 
+RETENTION_BATCH = 200
+"""Tasks deleted per transaction by the retention sweep: small enough that other writes never wait long."""
+RETENTION_BATCHES = 25
+"""Batches per sweep at most; a larger backlog (the first sweep after enabling retention) goes on next sweep."""
+
+
+async def sweep_tasks(store: Store, now: float, retention_s: float) -> int:
+    """The workflow-memory tier's expiry: delete ended tasks that finished more than ``retention_s`` ago, with
+    their events, steps, state, decisions, effects, idempotency keys and unshared blobs
+    (:meth:`~keel.memory.stores.TaskStore.sweep_tasks`), in bounded batches. Returns how many went."""
+    deleted = 0
+    for _ in range(RETENTION_BATCHES):
+        n = await store.sweep_tasks(now - retention_s, RETENTION_BATCH)
+        deleted += n
+        if n < RETENTION_BATCH:
+            break
+    return deleted
+
+
 async def sweep_expired(
-    store: Store, now: float, *, approval_ttl_s: float | None, memory: Memory | None = None
+    store: Store,
+    now: float,
+    *,
+    approval_ttl_s: float | None,
+    memory: Memory | None = None,
+    task_retention_s: float | None = None,
 ) -> list[str]:
     """Expired idempotency keys are removed (they are never honoured past their expiry anyway), calls nobody
     approved within ``approval_ttl_s`` are denied, so their tasks go on (the call fails as ``approval_denied``)
-    instead of waiting forever, and expired memory (sessions, chunks, documents) is deleted: through ``memory``'s
-    handles when given (sessions may live in Redis), else in ``store``. Returns the tasks queued again. Every engine
-    runs it periodically."""
+    instead of waiting forever, expired memory (sessions, chunks, documents) is deleted: through ``memory``'s
+    handles when given (sessions may live in Redis), else in ``store``, and ended tasks older than
+    ``task_retention_s`` go (:func:`sweep_tasks`; None: kept). What each tier lost is counted in
+    ``keel_retention_deleted_total{tier}`` and logged. Returns the tasks queued again. Every engine runs it
+    periodically."""
+    observer = observability.current()
     removed = await store.sweep_idempotency(now)
+    observer.retention_deleted("idempotency_keys", removed)
     if removed:
         log.info("swept %d expired idempotency key(s)", removed)
+    if task_retention_s:
+        tasks = await sweep_tasks(store, now, task_retention_s)
+        observer.retention_deleted("tasks", tasks)
+        if tasks:
+            log.info("retention: deleted %d task(s) that ended over %g day(s) ago", tasks, task_retention_s / 86400)
     requeued: list[str] = []
     if approval_ttl_s:
         requeued = await store.expire_decisions(now - approval_ttl_s, now)
@@ -473,6 +506,8 @@ async def sweep_expired(
     vector_store: VectorStore = memory.vectors if memory is not None else store
     sessions = await session_store.sweep_sessions(now)
     chunks = await vector_store.sweep_chunks(now)
+    observer.retention_deleted("sessions", sessions)
+    observer.retention_deleted("chunks", chunks)
     if sessions or chunks:
         log.info("swept %d expired session(s) and %d expired chunk(s)", sessions, chunks)
     return requeued
@@ -497,6 +532,8 @@ class TaskQueue:
     sweep_s: float
     memory: Memory | None = None
     """The memory layer whose expired sessions and chunks the sweep deletes (None: the store's own)."""
+    task_retention_s: float | None = None
+    """How long ended tasks are kept (None: until deleted)."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def wake(self) -> None:
@@ -518,7 +555,13 @@ class TaskQueue:
 
     async def sweep_once(self) -> None:
         """See :func:`sweep_expired`; tasks whose approvals expired are woken."""
-        requeued = await sweep_expired(self.store, self.clock(), approval_ttl_s=self.approval_ttl_s, memory=self.memory)
+        requeued = await sweep_expired(
+            self.store,
+            self.clock(),
+            approval_ttl_s=self.approval_ttl_s,
+            memory=self.memory,
+            task_retention_s=self.task_retention_s,
+        )
         for task_id in requeued:
             self.notify(task_id)
         if requeued:

@@ -73,6 +73,7 @@ class EmbeddedEngine:
         memory: Memory | None = None,
         approval_ttl_s: float | None = 72 * 3600,
         sweep_s: float = 60.0,
+        task_retention_s: float | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """``sleep`` is how step retries wait out their backoff: tests pass a fast one. ``memory``: the memory
@@ -96,6 +97,7 @@ class EmbeddedEngine:
             approval_ttl_s=approval_ttl_s,
             sweep_s=sweep_s,
             memory=memory,
+            task_retention_s=task_retention_s,
         )
         self._loops: list[asyncio.Task[None]] = []
         self._runs: dict[str, asyncio.Future[Any]] = {}
