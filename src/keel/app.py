@@ -29,12 +29,14 @@ from keel.backends import open_stores
 from keel.errors import ConfigError
 from keel.interaction import problems
 from keel.interaction.endpoint_routes import router as endpoint_router
+from keel.interaction.limit_routes import router as limit_router
 from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
 from keel.interaction.memory_routes import router as memory_router
 from keel.interaction.metrics import router as metrics_router
 from keel.interaction.openai_compat import router as openai_router
 from keel.interaction.openapi import KeelAPI, add_docs, add_webhooks, operation_id
+from keel.interaction.ratelimit import RateLimitHeaders
 from keel.interaction.routes import router
 from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
@@ -545,6 +547,7 @@ def create_app(
     app.include_router(memory_router)
     app.include_router(endpoint_router)
     app.include_router(metrics_router)
+    app.include_router(limit_router)
     app.include_router(openai_router)  # after `router`: its /v1/models/stats wins over /v1/models/{id}
     app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
     add_ui(app)  # the live trace page at /ui/
@@ -592,6 +595,7 @@ def create_app(
 
     # A multipart upload carries the document plus its form framing.
     uploads = {"/v1/documents": settings.ingest_max_bytes + 64 * 1024}
+    app.add_middleware(RateLimitHeaders)  # inside the error handlers' answers too: a 404 still spent a token
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path=uploads)
     app.add_middleware(ObserveRequests, observer=observer)  # the request span covers everything inside
     app.add_middleware(RequestId)  # outermost: every answer carries the id, a refused body's too

@@ -30,6 +30,7 @@ from keel.backends.rows import task_of as _task
 from keel.backends.sqlite_memory import MEMORY_MIGRATION, SQLiteMemory
 from keel.errors import LeaseLost, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, looks_small, pack, unpack_blob
+from keel.memory.limits import Bucket, RateDecision, TenantLimits, take_token
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
     ApiKey,
@@ -299,6 +300,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX emails_due ON emails(status, next_at);
     """,
     MEMORY_MIGRATION,
+    rows.LIMITS_SCHEMA,
 ]
 
 _TASK_COLS = (
@@ -815,6 +817,52 @@ class SQLiteStore(SQLiteMemory):
                 output_tokens=row[2],
                 cost_usd=row[3],
             )
+
+        return await self._read(op)
+
+    # -- per-tenant limits ------------------------------------------------------------------------
+
+    async def get_limits(self, tenant: str) -> TenantLimits | None:
+        def op(conn: sqlite3.Connection) -> TenantLimits | None:
+            row = conn.execute(f"SELECT {rows.LIMIT_COLS} FROM tenant_limits WHERE tenant = ?", (tenant,)).fetchone()
+            return rows.limits_of(row) if row else None
+
+        return await self._read(op)
+
+    async def set_limits(self, tenant: str, limits: TenantLimits, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM tenant_limits WHERE tenant = ?", (tenant,))
+            if limits != TenantLimits():
+                conn.execute(
+                    f"INSERT INTO tenant_limits{_values('tenant, updated_at, ' + rows.LIMIT_COLS)}",
+                    (tenant, now, *rows.limits_params(limits)),
+                )
+
+        await self._write(op)
+
+    async def take_token(self, bucket: str, rate_per_s: float, size: int, now: float) -> RateDecision:
+        # In the writer's transaction (BEGIN IMMEDIATE): no other write, from this process or another on the same
+        # file, runs between the read and the save.
+        def op(conn: sqlite3.Connection) -> RateDecision:
+            row = conn.execute("SELECT tokens, at FROM rate_buckets WHERE name = ?", (bucket,)).fetchone()
+            stored, decision = take_token(
+                Bucket(tokens=row["tokens"], at=row["at"]) if row else None, rate_per_s, size, now
+            )
+            conn.execute(
+                "INSERT INTO rate_buckets(name, tokens, at) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
+                (bucket, stored.tokens, stored.at),
+            )
+            return decision
+
+        return await self._write(op)
+
+    async def active_tasks(self, tenant: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            count: int = conn.execute(
+                "SELECT COUNT(*) FROM tasks WHERE tenant = ? AND status IN ('queued', 'running')", (tenant,)
+            ).fetchone()[0]
+            return count
 
         return await self._read(op)
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from keel.memory.limits import RateDecision, TenantLimits
 from keel.memory.types import (
     ApiKey,
     BlobRef,
@@ -348,6 +349,30 @@ class ResultCache(Backend, Protocol):
         ...
 
 
+class LimitStore(Backend, Protocol):
+    """Per-tenant limits: what an operator set, the request-rate buckets, and the count a concurrency cap reads.
+
+    Served by the task store's backend (the active count reads its tasks table), so every replica on the same
+    store shares the buckets and the limits."""
+
+    async def get_limits(self, tenant: str) -> TenantLimits | None:
+        """The limits set for ``tenant``, or None when none were (the defaults apply)."""
+        ...
+
+    async def set_limits(self, tenant: str, limits: TenantLimits, now: float) -> None:
+        """Replace ``tenant``'s limits; all None forgets them (the defaults apply again)."""
+        ...
+
+    async def take_token(self, bucket: str, rate_per_s: float, size: int, now: float) -> RateDecision:
+        """Take one token from the named bucket (:func:`keel.memory.limits.take_token`), atomically: load, refill,
+        take and save in one transaction, so concurrent requests on any replica never spend the same token."""
+        ...
+
+    async def active_tasks(self, tenant: str) -> int:
+        """How many of ``tenant``'s tasks are queued or running."""
+        ...
+
+
 class Store(
     TaskStore,
     WorkflowStore,
@@ -362,6 +387,7 @@ class Store(
     DocumentStore,
     VectorStore,
     ResultCache,
+    LimitStore,
     Protocol,
 ):
     """Every seam over one database: what the SQL backends (and the in-memory twin) implement."""
@@ -391,6 +417,8 @@ class Stores:
     sessions: SessionStore
     documents: DocumentStore
     vectors: VectorStore
+    limits: LimitStore
+    """Per-tenant limits, rate buckets and the active-task count."""
     backend: Store
     """The backend serving every seam not given to another. For components still written against the whole
     :class:`Store`; a new component takes the handles it uses instead."""
@@ -412,6 +440,7 @@ class Stores:
             sessions=sessions or backend,
             documents=backend,
             vectors=backend,
+            limits=backend,
             backend=backend,
         )
 
