@@ -33,6 +33,8 @@ memory_app = typer.Typer(help="Vector memory on a running server: spaces, search
 documents_app = typer.Typer(help="Ingest documents into vector memory on a running server.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
 app.add_typer(documents_app, name="documents")
+workflows_app = typer.Typer(help="The workflows a running server accepts.", no_args_is_help=True)
+app.add_typer(workflows_app, name="workflows")
 
 WAITING_EXIT = 3
 """Exit status of `submit` and `tasks approve` when the task stopped to wait for a person's decision."""
@@ -43,6 +45,30 @@ out = Console()
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="State directory (default ./.keel).")]
 Url = Annotated[str, typer.Option("--url", envvar="KEEL_URL", help="Base URL of a keel server.")]
 ApiKeyOpt = Annotated[str, typer.Option("--api-key", envvar="KEEL_API_KEY", help="Bearer API key.")]
+ResultOpt = Annotated[
+    bool, typer.Option("--result", help="Print only the envelope's `result` (JSON), e.g. to pipe into jq.")
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress; print only the task's status (its id for `submit --no-follow`)."),
+]
+
+
+def _output(result: bool, quiet: bool) -> str:
+    """The output mode: ``envelope`` (the default: the whole JSON), ``result`` or ``quiet``."""
+    if result and quiet:
+        _fail("choose one of --result and --quiet", 2)
+    return "result" if result else "quiet" if quiet else "envelope"
+
+
+def _print(mode: str, whole: dict[str, Any], envelope: dict[str, Any] | None, status: str) -> None:
+    """``whole`` (a task or an envelope) as JSON, the envelope's ``result`` only, or the task's status only."""
+    if mode == "quiet":
+        print(status)
+    elif mode == "result":
+        out.print_json(data=(envelope or {}).get("result"))
+    else:
+        out.print_json(data=whole)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -253,11 +279,14 @@ def submit(
             "(repeatable).",
         ),
     ] = None,
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Submit a task, follow its stream with a live progress bar, then print the envelope.
 
     Exits 1 when the task failed, and 3 when it stopped to wait for a person's approval (the command to answer
     is printed; `keel tasks approve` resumes it)."""
+    mode = _output(result, quiet)
     raw = Path(input[1:]).read_text() if input.startswith("@") else input
     try:
         payload = json.loads(raw)
@@ -291,17 +320,23 @@ def submit(
             client.timeout = httpx.Timeout(30)
         accepted = _call(client, "POST", "/v1/tasks", json=body, headers=headers)
         task = accepted.json()
-        err.print(f"[bold]submitted[/] {task['id']} ({task['status']})")
+        if mode != "quiet":
+            err.print(f"[bold]submitted[/] {task['id']} ({task['status']})")
         if not follow:
-            out.print_json(data=task)
+            if mode == "quiet":
+                print(task["id"])
+            else:
+                _print(mode, task, task.get("envelope"), task["status"])
             return
-        _finish(client, task["id"])
+        _finish(client, task["id"], mode)
 
 
-def _finish(client: httpx.Client, task_id: str) -> None:
-    """Follow to the end (or to a pause for approval), print the envelope, exit with the matching status."""
-    envelope, waiting = _follow(client, task_id)
-    out.print_json(data=envelope)
+def _finish(client: httpx.Client, task_id: str, mode: str = "envelope") -> None:
+    """Follow to the end (or to a pause for approval), print the envelope as ``mode`` asks, exit with the
+    matching status."""
+    envelope, status = _follow(client, task_id, quiet=mode == "quiet")
+    waiting = status == "waiting_for_approval"
+    _print(mode, envelope, envelope, status)
     if waiting:
         pending = (envelope.get("result") or {}).get("pending_decisions") or []
         err.print(f"[bold yellow]waiting for approval[/]: {len(pending)} call(s) need a person's decision")
@@ -314,8 +349,9 @@ def _finish(client: httpx.Client, task_id: str) -> None:
         raise typer.Exit(1)
 
 
-def _follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], bool]:
-    """The task's envelope, and whether it is a provisional one (the task waits for a decision)."""
+def _follow(client: httpx.Client, task_id: str, *, quiet: bool = False) -> tuple[dict[str, Any], str]:
+    """The task's envelope and its status once it ended or waits for a decision (then the envelope is a
+    provisional one). A dropped connection is resumed from the last event seen (``Last-Event-ID``)."""
     last_id = ""
     with Progress(
         TextColumn("[bold blue]{task.description}"),
@@ -323,6 +359,7 @@ def _follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], bool]:
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
         console=err,
+        disable=quiet,
     ) as progress:
         view = _StreamView(progress)
         for _ in range(100):  # bounded reconnects; the log makes each one lossless
@@ -336,7 +373,7 @@ def _follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], bool]:
                         data = json.loads(sse.data) if sse.data else {}
                         seen = view.show(sse.event, data)
                         if seen == "end":
-                            return dict(data["envelope"]), False
+                            return dict(data["envelope"]), str(data["status"])
                         if seen == "parked" and _status(client, task_id) == "waiting_for_approval":
                             break  # parked now (not an old pause read back from the log): wait for a decision
                     else:
@@ -346,7 +383,7 @@ def _follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], bool]:
                 progress.update(view.bar, description="reconnecting…")
                 time.sleep(1)
     task = _call(client, "GET", f"/v1/tasks/{task_id}").json()
-    return dict(task.get("envelope") or {}), task["status"] == "waiting_for_approval"
+    return dict(task.get("envelope") or {}), str(task["status"])
 
 
 def _status(client: httpx.Client, task_id: str) -> str:
@@ -442,17 +479,60 @@ def tasks_list(
 
 
 @tasks_app.command("show")
-def tasks_show(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+def tasks_show(
+    task_id: str,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Show one task, with its envelope once it is terminal."""
+    mode = _output(result, quiet)
     with _client(url, api_key) as client:
-        out.print_json(data=_call(client, "GET", f"/v1/tasks/{task_id}").json())
+        task = _call(client, "GET", f"/v1/tasks/{task_id}").json()
+    _print(mode, task, task.get("envelope"), task["status"])
+
+
+@tasks_app.command("watch")
+def tasks_watch(
+    task_id: str,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-attach to a task: follow its stream live with the progress bar (resuming after a dropped connection
+    from the last event seen), then print the envelope. Exits as `submit` does: 1 failed, 3 waiting for approval."""
+    mode = _output(result, quiet)
+    with _client(url, api_key) as client:
+        _finish(client, task_id, mode)
 
 
 @tasks_app.command("cancel")
-def tasks_cancel(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
-    """Cancel a task (idempotent); it keeps its partial result."""
+def tasks_cancel(
+    task_id: str,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+    wait: Annotated[bool, typer.Option(help="Wait until the task has stopped, and report how it ended.")] = True,
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Cancel a task (idempotent); it keeps its partial result. A running task stops at its next await: this
+    waits for that and prints the task as it ended (`cancelled`, or how it had already ended). Exits 1 when it has
+    not stopped (--no-wait: when it has not stopped yet)."""
+    mode = _output(result, quiet)
     with _client(url, api_key) as client:
-        out.print_json(data=_call(client, "POST", f"/v1/tasks/{task_id}/cancel").json())
+        task = _call(client, "POST", f"/v1/tasks/{task_id}/cancel").json()
+        if wait and task["status"] in ("queued", "running"):
+            _follow(client, task_id, quiet=mode == "quiet")
+            task = _call(client, "GET", f"/v1/tasks/{task_id}").json()
+    status = task["status"]
+    if mode != "quiet":
+        said = "cancelled" if status == "cancelled" else f"not cancelled: it is {status}"
+        err.print(f"[bold]{said}[/] {task_id}" + (" (its partial result is kept)" if status == "cancelled" else ""))
+    _print(mode, task, task.get("envelope"), status)
+    if status in ("queued", "running"):
+        raise typer.Exit(1)
 
 
 @tasks_app.command("approvals")
@@ -479,12 +559,15 @@ def tasks_approve(
     follow: Annotated[bool, typer.Option(help="Follow the task until it ends or waits again.")] = True,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKeyOpt = "",
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Approve (or deny) a call a paused task waits on; the task resumes once nothing it waits on is open.
 
     Needs a key with the tasks:approve scope."""
     if deny and applied:
         _fail("choose one of --deny and --applied", 2)
+    mode = _output(result, quiet)
     decision = "deny" if deny else "applied" if applied else "approve"
     body = {"decision": decision, **({"note": note} if note else {})}
     with _client(url, api_key) as client:
@@ -492,7 +575,7 @@ def tasks_approve(
         said = {"approve": "approved", "deny": "denied", "applied": "marked as applied"}[made["verdict"]]
         err.print(f"[bold]{said}[/] {made['tool']} ({call_id})")
         if follow:
-            _finish(client, task_id)
+            _finish(client, task_id, mode)
 
 
 @tools_app.command("list")
@@ -511,6 +594,20 @@ def tools_list(url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> N
             t["source"],
             t["description"][:60],
         )
+    out.print(table)
+
+
+@workflows_app.command("list")
+def workflows_list(url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+    """Every workflow the server accepts, with its description and input fields (`GET /v1/workflows`)."""
+    with _client(url, api_key) as client:
+        rows = _call(client, "GET", "/v1/workflows").json()
+    table = Table(Column("name", no_wrap=True), "input", "description")
+    for wf in rows:
+        schema = wf["input_schema"]
+        required = set(schema.get("required", []))
+        fields = [f"{name}{'' if name in required else '?'}" for name in schema.get("properties", {})]
+        table.add_row(wf["name"], ", ".join(fields), (wf["description"] or "").split("\n")[0][:80])
     out.print(table)
 
 
@@ -565,16 +662,19 @@ def memory_reindex(
     prune: Annotated[bool, typer.Option(help="Delete the source space once every chunk has a twin.")] = False,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKeyOpt = "",
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Re-embed vector memory under another model or version, as a background task (resumable after a crash),
     with a progress bar. Queries keep using the configured model's space until KEEL_EMBEDDING_MODEL changes."""
+    mode = _output(result, quiet)
     body = {"workflow": "memory_reindex", "input": {"model": model, "source": source, "batch": batch, "prune": prune}}
     steps = 100_000  # one durable step per batch: a large space needs more than the default step budget
     body["budget"] = {"max_steps": steps}
     with _client(url, api_key) as client:
         task = _call(client, "POST", "/v1/tasks", json=body).json()
         err.print(f"[bold]re-embedding[/] as task {task['id']}")
-        _finish(client, task["id"])
+        _finish(client, task["id"], mode)
 
 
 @memory_app.command("spaces")
