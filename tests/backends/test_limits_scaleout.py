@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytest.importorskip("psycopg", reason="the Postgres driver is not installed: pip install 'keel[postgres]'")
-pytest.importorskip("redis", reason="the Redis driver is not installed: pip install 'keel[redis]'")
+pytest.importorskip("psycopg", reason="the Postgres driver is not installed: pip install 'keel-runtime[postgres]'")
+pytest.importorskip("redis", reason="the Redis driver is not installed: pip install 'keel-runtime[redis]'")
 
 from scaleout import TESTS, Cluster, Unavailable, cluster  # noqa: E402
 

@@ -23,7 +23,7 @@ from keel.memory.stores import SessionStore
 from keel.memory.types import SessionTurn
 from keel.testing.conformance import SESSION_CHECKS
 
-redis = pytest.importorskip("redis.asyncio", reason="the redis driver is not installed: pip install 'keel[redis]'")
+redis = pytest.importorskip("redis.asyncio", reason="no redis driver: pip install 'keel-runtime[redis]'")
 
 from keel.backends.redis import RedisNotifier, RedisSessionStore  # noqa: E402
 

@@ -18,7 +18,7 @@ def open_store(url: str) -> Store:
             from keel.backends.postgres import PostgresStore
         except ImportError as exc:  # the driver is an extra
             raise ConfigError(
-                f"the Postgres backend needs its driver ({exc.name or exc}): pip install 'keel[postgres]'"
+                f"the Postgres backend needs its driver ({exc.name or exc}): pip install 'keel-runtime[postgres]'"
             ) from exc
         return PostgresStore(url)
     raise ConfigError(f"unknown store URL {url!r}: expected sqlite:///PATH or postgresql://…")

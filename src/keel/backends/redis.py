@@ -40,7 +40,7 @@ try:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("Redis support needs the redis driver: pip install 'keel[redis]'") from exc
+    raise ImportError("Redis support needs the redis driver: pip install 'keel-runtime[redis]'") from exc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from keel.memory.types import Session, SessionTurn
