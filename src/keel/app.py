@@ -36,7 +36,7 @@ from keel.interaction.memory_routes import router as memory_router
 from keel.interaction.metrics import router as metrics_router
 from keel.interaction.openai_compat import router as openai_router
 from keel.interaction.openapi import KeelAPI, add_docs, add_webhooks, operation_id
-from keel.interaction.ratelimit import RateLimitHeaders
+from keel.interaction.ratelimit import RateLimitHeaders, rate_limited
 from keel.interaction.routes import router
 from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
@@ -542,7 +542,7 @@ def create_app(
     # lifespan has built the service.
     mcp = build_mcp(
         TaskToolBackend(service),
-        lambda token: service().verify_key(token),
+        rate_limited(service),  # an MCP request spends a token of its tenant's rate, as a REST one does
         allowed_origins=settings.mcp_allowed_origins,
     )
 

@@ -69,6 +69,10 @@ __all__ = [
     "settled",
 ]
 
+LIMITS_FRESH_S = 1.0
+"""How long a tenant's limits, once read, are used without reading them again: every authenticated request needs
+them, and a change made through another replica applies here within this time."""
+
 Progress = Callable[[float, str | None], Awaitable[None]]
 """``progress(done, current_step)``: told each time a task being waited on gets further."""
 
@@ -180,6 +184,8 @@ class Keel:
     _in_flight: set[tuple[str, str]] = field(default_factory=set, init=False)
     """``(tenant, idempotency key)`` of submissions being stored right now: a concurrent twin gets a 409."""
     _admitting: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
+    _limits_read: dict[str, tuple[float, TenantLimits | None]] = field(default_factory=dict, init=False)
+    """Per tenant: when its own limits were read from the store (monotonic), and what they were."""
     """Per tenant with a task cap: its count and its insert happen under this lock, so the cap is exact here."""
 
     # -- submission ------------------------------------------------------------------------------------------------
@@ -250,8 +256,14 @@ class Keel:
         )
 
     async def limits(self, tenant: str) -> TenantLimits:
-        """The limits that apply to ``tenant``: its own over the server's defaults."""
-        own = await self.stores.limits.get_limits(tenant)
+        """The limits that apply to ``tenant``: its own (read at most :data:`LIMITS_FRESH_S` ago) over the server's
+        defaults."""
+        read = self._limits_read.get(tenant)
+        now = time.monotonic()
+        if read is None or now - read[0] > LIMITS_FRESH_S:
+            read = (now, await self.stores.limits.get_limits(tenant))
+            self._limits_read[tenant] = read
+        own = read[1]
         return own.over(self.default_limits) if own is not None else self.default_limits
 
     async def limits_view(self, tenant: str) -> LimitsView:
@@ -270,6 +282,7 @@ class Keel:
     async def set_limits(self, tenant: str, limits: TenantLimits) -> LimitsView:
         """Replace ``tenant``'s own limits (every replica reads them from the store on the next request)."""
         await self.stores.limits.set_limits(tenant, limits, self.clock())
+        self._limits_read.pop(tenant, None)
         return await self.limits_view(tenant)
 
     async def take_request(self, tenant: str) -> RateDecision | None:

@@ -67,6 +67,16 @@ def test_the_request_rate_answers_429_with_retry_after_and_the_ratelimit_fields(
         assert client.get("/v1/tasks").status_code == 200  # limits forgotten: the defaults (none) apply
 
 
+def test_mcp_requests_spend_the_same_bucket(live: LiveServer) -> None:
+    _set(live, "acme", rate_per_s=0.1, burst=1)
+    key = live.new_key("acme", "tasks:read,tasks:write")
+    with live.client(key) as client:
+        assert client.get("/v1/tasks").status_code == 200  # the bucket's one token
+        refused = client.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["type"] == "urn:keel:problem:rate_limited" and int(refused.headers["Retry-After"]) >= 1
+
+
 def test_queued_and_running_tasks_are_capped_per_tenant(live: LiveServer) -> None:
     _set(live, "acme", max_tasks=2)
     with live.client() as client:

@@ -85,8 +85,8 @@ async def get_limits(tenant: Tenant, keel: App, key: Admin) -> TenantLimitsView:
     tags=TAGS,
 )
 async def set_limits(tenant: Tenant, body: Limits, keel: App, key: Admin) -> TenantLimitsView:
-    """Replace the tenant's own limits (a field left out takes the default). Every replica applies them from its
-    next request. Needs `admin`."""
+    """Replace the tenant's own limits (a field left out takes the default). Every replica applies them within a
+    second. Needs `admin`."""
     return _view(await keel.set_limits(tenant, body.limits()))
 
 

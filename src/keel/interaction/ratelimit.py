@@ -8,6 +8,7 @@ it; this module only turns the service's decision into headers and a problem.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from starlette.datastructures import MutableHeaders
@@ -32,20 +33,39 @@ def rate_headers(decision: RateDecision) -> dict[str, str]:
     }
 
 
-async def charge(request: Request, keel: Keel, key: ApiKey) -> None:
+async def spend(keel: Keel, key: ApiKey) -> RateDecision | None:
     """Spend one of the key's tenant's request tokens: raises :class:`RateLimited` (429, ``Retry-After`` and the
-    fields) when none is left; otherwise the answer carries the fields (:class:`RateLimitHeaders`)."""
+    fields) when none is left. None when the tenant has no rate limit."""
     decision = await keel.take_request(key.tenant)
-    if decision is None:
-        return
-    if not decision.allowed:
+    if decision is not None and not decision.allowed:
         raise RateLimited(
             "this tenant's request rate is exceeded; retry after the time Retry-After gives",
             retry_after_s=decision.retry_after_s,
             headers=rate_headers(decision),
             detail={"limit": decision.limit, "window_s": decision.window_s},
         )
-    request.scope.setdefault("state", {})[_STATE] = decision
+    return decision
+
+
+async def charge(request: Request, keel: Keel, key: ApiKey) -> None:
+    """:func:`spend`, and the answer carries the fields (:class:`RateLimitHeaders`)."""
+    decision = await spend(keel, key)
+    if decision is not None:
+        request.scope.setdefault("state", {})[_STATE] = decision
+
+
+def rate_limited(service: Callable[[], Keel]) -> Callable[[str], Awaitable[ApiKey | None]]:
+    """A ``verify_key`` for an edge served outside FastAPI's dependencies (``/mcp``): the key, charged one request
+    of its tenant's rate as a REST request is."""
+
+    async def verify(token: str) -> ApiKey | None:
+        keel = service()
+        key = await keel.verify_key(token)
+        if key is not None:
+            await spend(keel, key)
+        return key
+
+    return verify
 
 
 class RateLimitHeaders:
