@@ -267,6 +267,10 @@ def test_tasks_watch_reattaches_and_resumes_after_a_dropped_connection(live: Liv
     assert resumed and int(resumed.group(1)) >= 2  # resumed after the events already shown, not from the start
     with live.client() as c:
         assert c.get(f"/v1/tasks/{tid}").json()["status"] == "succeeded"
+    missing = runner.invoke(
+        app, ["tasks", "watch", "tsk_0123456789abcdef01234567", "--url", live.url, "--api-key", live.key]
+    )
+    assert missing.exit_code == 1 and "HTTP 404" in missing.output and "Traceback" not in missing.output
 
 
 def test_result_and_quiet_output_modes(live: LiveServer) -> None:

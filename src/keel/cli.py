@@ -385,8 +385,8 @@ def _follow(client: httpx.Client, task_id: str, *, quiet: bool = False) -> tuple
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 with connect_sse(client, "GET", f"/v1/tasks/{task_id}/events", headers=headers, timeout=None) as source:
-                    if source.response.status_code == 204:
-                        break
+                    if source.response.status_code == 204 or source.response.is_error:
+                        break  # finished and read; or refused (no such task…): the GET below says why
                     for sse in source.iter_sse():
                         last_id = sse.id or last_id
                         data = json.loads(sse.data) if sse.data else {}
