@@ -273,7 +273,14 @@ MIGRATIONS: list[str] = [
     """
     + ";"
     + MEMORY_SCHEMA,
-    rows.LIMITS_SCHEMA,
+    rows.LIMITS_SCHEMA
+    + """;
+    CREATE TABLE rate_buckets (
+        name TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    )
+    """,
 ]
 """Version N is ``MIGRATIONS[N - 1]``; append, never edit. (Version 1 is the SQLite schema as of its v6.)"""
 

@@ -364,15 +364,11 @@ LIMITS_SCHEMA = """
         monthly_cost_usd DOUBLE PRECISION,
         updated_at DOUBLE PRECISION NOT NULL
     );
-    CREATE TABLE rate_buckets (
-        name TEXT PRIMARY KEY,
-        tokens DOUBLE PRECISION NOT NULL,
-        at DOUBLE PRECISION NOT NULL
-    );
     CREATE INDEX tasks_active ON tasks(tenant, status) WHERE status IN ('queued', 'running')
 """
-"""The per-tenant limits' tables, the same DDL on SQLite and Postgres; the partial index serves the concurrency
-cap's count of a tenant's queued and running tasks."""
+"""The per-tenant limits' table, the same DDL on SQLite and Postgres; the partial index serves the concurrency
+cap's count of a tenant's queued and running tasks. (Request-rate buckets are Postgres's alone: SQLite keeps them
+in the one process that serves it.)"""
 
 
 DOCUMENT_INSERT = (

@@ -353,7 +353,8 @@ class LimitStore(Backend, Protocol):
     """Per-tenant limits: what an operator set, the request-rate buckets, and the count a concurrency cap reads.
 
     Served by the task store's backend (the active count reads its tasks table), so every replica on the same
-    store shares the buckets and the limits."""
+    store shares the buckets and the limits. (A SQLite store, which one process serves, keeps its buckets in that
+    process.)"""
 
     async def get_limits(self, tenant: str) -> TenantLimits | None:
         """The limits set for ``tenant``, or None when none were (the defaults apply)."""
