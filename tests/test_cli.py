@@ -49,6 +49,7 @@ def test_submit_follows_stream_and_prints_envelope(live: LiveServer) -> None:
     assert shown.exit_code == 0 and json.loads(shown.stdout)["status"] == "succeeded"
     cancelled = runner.invoke(app, ["tasks", "cancel", tid, *args])
     assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "succeeded"
+    assert "not cancelled: it had already ended (succeeded)" in cancelled.stderr
 
 
 def test_failed_task_exits_nonzero(live: LiveServer) -> None:
@@ -310,3 +311,10 @@ def test_tasks_cancel_waits_for_and_reports_the_final_state(live: LiveServer) ->
     assert f"cancelled {tid}" in r.stderr
     again = runner.invoke(app, ["tasks", "cancel", tid, "--quiet", *args])
     assert again.exit_code == 0 and again.stdout == "cancelled\n"
+
+
+def test_version_is_the_packages() -> None:
+    import keel
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout == f"keel {keel.__version__}\n"

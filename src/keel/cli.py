@@ -537,8 +537,8 @@ def tasks_cancel(
     quiet: QuietOpt = False,
 ) -> None:
     """Cancel a task (idempotent); it keeps its partial result. A running task stops at its next await: this
-    waits for that and prints the task as it ended (`cancelled`, or how it had already ended). Exits 1 when it has
-    not stopped (--no-wait: when it has not stopped yet)."""
+    waits for that and prints the task as it ended (`cancelled`, or how it had already ended); exits 1 if it has
+    not stopped. With --no-wait it prints the task as the request left it."""
     mode = _output(result, quiet)
     with _client(url, api_key) as client:
         task = _call(client, "POST", f"/v1/tasks/{task_id}/cancel").json()
@@ -547,10 +547,16 @@ def tasks_cancel(
             task = _call(client, "GET", f"/v1/tasks/{task_id}").json()
     status = task["status"]
     if mode != "quiet":
-        said = "cancelled" if status == "cancelled" else f"not cancelled: it is {status}"
+        said = (
+            "cancelled"
+            if status == "cancelled"
+            else f"cancel requested: it is {status}"
+            if status in ("queued", "running")
+            else f"not cancelled: it had already ended ({status})"
+        )
         err.print(f"[bold]{said}[/] {task_id}" + (" (its partial result is kept)" if status == "cancelled" else ""))
     _print(mode, task, task.get("envelope"), status)
-    if status in ("queued", "running"):
+    if wait and status in ("queued", "running"):
         raise typer.Exit(1)
 
 
