@@ -161,8 +161,16 @@ def test_limits_are_admin_only_and_validated(live: LiveServer) -> None:
     with live.client() as client:
         assert client.get("/v1/tenants/acme/limits").status_code == 403
     with _admin(live) as admin:
-        for bad in ({"rate_per_s": 0}, {"max_tasks": True}, {"burst": "3"}, {"daily_cost_usd": -1}, {"x": 1}):
-            answer = admin.put("/v1/tenants/acme/limits", json=bad)
+        for bad in (
+            '{"rate_per_s": 0}',
+            '{"max_tasks": true}',
+            '{"burst": "3"}',
+            '{"daily_cost_usd": -1}',
+            '{"x": 1}',
+            '{"burst": 1000000000000000000000000000000}',  # would overflow the store's INTEGER
+            '{"rate_per_s": 1e999}',
+        ):
+            answer = admin.put("/v1/tenants/acme/limits", content=bad, headers={"content-type": "application/json"})
             assert answer.status_code == 422, (bad, answer.text)
             assert answer.headers["content-type"] == "application/problem+json"
         view = admin.get("/v1/tenants/acme/limits").json()

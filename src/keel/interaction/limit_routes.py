@@ -23,13 +23,17 @@ class Limits(BaseModel):
     """A tenant's limits. Each is optional: unset (null) takes the server's default (`KEEL_LIMIT_*`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    # Bounded above so that every value fits a 64-bit column and means something (a 500 from an overflowing
+    # INTEGER is what a huge Last-Event-ID once gave).
     rate_per_s: float | None = Field(
-        None, gt=0, description="Requests per second (token bucket); over it: 429 with Retry-After."
+        None, gt=0, le=1e9, description="Requests per second (token bucket); over it: 429 with Retry-After."
     )
-    burst: int | None = Field(None, ge=1, description="The bucket's size (default: the rate, at least 1).")
-    max_tasks: int | None = Field(None, ge=1, description="Tasks queued or running at once; beyond it: 429.")
-    daily_cost_usd: float | None = Field(None, ge=0, description="Model spend per UTC day; once spent: 429.")
-    monthly_cost_usd: float | None = Field(None, ge=0, description="Model spend per UTC month; once spent: 429.")
+    burst: int | None = Field(None, ge=1, le=10**9, description="The bucket's size (default: the rate, at least 1).")
+    max_tasks: int | None = Field(None, ge=1, le=10**9, description="Tasks queued or running at once; beyond: 429.")
+    daily_cost_usd: float | None = Field(None, ge=0, le=1e12, description="Model spend per UTC day; once spent: 429.")
+    monthly_cost_usd: float | None = Field(
+        None, ge=0, le=1e12, description="Model spend per UTC month; once spent: 429."
+    )
 
     @classmethod
     def of(cls, limits: TenantLimits) -> Limits:
