@@ -16,7 +16,10 @@ from keel.service import LimitsView
 
 router = APIRouter(prefix="/v1")
 TAGS: list[str | Enum] = ["admin"]
-Tenant = Annotated[str, Path(min_length=1, max_length=200, description="The tenant, as its keys name it.")]
+Tenant = Annotated[
+    str,
+    Path(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", description="The tenant, as its keys name it."),
+]
 
 
 class Limits(BaseModel):
