@@ -291,7 +291,7 @@ class Keel:
         limits = await self.limits(tenant)
         if limits.rate_per_s is None:
             return None
-        return await self.stores.limits.take_token(
+        return await self.stores.buckets.take_token(
             f"tenant:{tenant}", limits.rate_per_s, limits.bucket_size, self.clock()
         )
 

@@ -77,16 +77,19 @@ def take_token(bucket: Bucket | None, rate_per_s: float, size: int, now: float) 
     allowed = tokens >= 1.0
     if allowed:
         tokens -= 1.0
-    missing = size - tokens
-    decision = RateDecision(
+    return Bucket(tokens=tokens, at=now), decision(allowed, tokens, rate_per_s, size)
+
+
+def decision(allowed: bool, tokens: float, rate_per_s: float, size: int) -> RateDecision:
+    """What a take that left ``tokens`` in the bucket reports (also for a store that takes in its own language)."""
+    return RateDecision(
         allowed=allowed,
         limit=size,
         remaining=int(tokens),
         window_s=size / rate_per_s,
-        reset_s=missing / rate_per_s,
+        reset_s=(size - tokens) / rate_per_s,
         retry_after_s=0.0 if allowed else (1.0 - tokens) / rate_per_s,
     )
-    return Bucket(tokens=tokens, at=now), decision
 
 
 def day_start(at: float) -> float:

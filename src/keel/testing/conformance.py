@@ -17,7 +17,7 @@ from typing import Protocol
 
 from keel.errors import InputError, LeaseLost, NotFound, TaskNotFinished
 from keel.memory.blobs import INLINE_LIMIT
-from keel.memory.limits import TenantLimits
+from keel.memory.limits import TenantLimits, take_token
 from keel.memory.stores import (
     DecisionStore,
     DocumentStore,
@@ -28,6 +28,7 @@ from keel.memory.stores import (
     LimitStore,
     ModelStatsStore,
     Outbox,
+    RateBuckets,
     ResultCache,
     SessionStore,
     Store,
@@ -647,7 +648,7 @@ async def check_tenant_limits(store: LimitedTasks) -> None:
     assert await store.active_tasks(done.tenant) == (2 if done.tenant == "t1" else 0)
 
 
-async def check_rate_buckets_are_atomic(store: LimitStore) -> None:
+async def check_rate_buckets_are_atomic(store: RateBuckets) -> None:
     first = await store.take_token("t1", 1.0, 3, T0)
     assert first.allowed and first.limit == 3 and first.remaining == 2 and first.window_s == 3.0
     # Ten requests at once on a bucket with two tokens left: exactly two pass, whatever the interleaving.
@@ -659,7 +660,22 @@ async def check_rate_buckets_are_atomic(store: LimitStore) -> None:
     assert (await store.take_token("t2", 1.0, 3, T0)).remaining == 2  # every bucket is its own
 
 
-LIMIT_CHECKS: list[Callable[[Store], Awaitable[None]]] = [check_tenant_limits, check_rate_buckets_are_atomic]
+async def check_rate_buckets_follow_the_rule(store: RateBuckets) -> None:
+    """Every decision is the one :func:`keel.memory.limits.take_token` makes (a backend that takes in its own
+    language, Redis's Lua, is held to the Python rule here)."""
+    bucket = None
+    for i, at in enumerate([0.0, 0.1, 0.1, 0.2, 0.2, 0.2, 1.3, 1.35, 5.0, 5.01, 4.0, 4.5, 9.99, 10.0]):
+        bucket, expected = take_token(bucket, 2.5, 3, T0 + at)
+        got = await store.take_token("rule", 2.5, 3, T0 + at)
+        assert (got.allowed, got.remaining, got.limit) == (expected.allowed, expected.remaining, expected.limit), i
+        assert abs(got.retry_after_s - expected.retry_after_s) < 1e-9 and abs(got.reset_s - expected.reset_s) < 1e-9
+
+
+LIMIT_CHECKS: list[Callable[[Store], Awaitable[None]]] = [check_tenant_limits]
+BUCKET_CHECKS: list[Callable[[Store], Awaitable[None]]] = [
+    check_rate_buckets_are_atomic,
+    check_rate_buckets_follow_the_rule,
+]
 
 
 SUITES: dict[str, Sequence[Callable[[Store], Awaitable[None]]]] = {
@@ -676,6 +692,7 @@ SUITES: dict[str, Sequence[Callable[[Store], Awaitable[None]]]] = {
     "documents": DOCUMENT_CHECKS,
     "vectors": VECTOR_CHECKS,
     "limits": LIMIT_CHECKS,
+    "buckets": BUCKET_CHECKS,
 }
 """Each seam's suite, named as its handle on :class:`~keel.memory.stores.Stores`. A backend that serves every seam
 (a :class:`~keel.memory.stores.Store`) runs them all."""
