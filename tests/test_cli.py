@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,7 @@ def test_submit_follows_stream_and_prints_envelope(live: LiveServer) -> None:
     assert shown.exit_code == 0 and json.loads(shown.stdout)["status"] == "succeeded"
     cancelled = runner.invoke(app, ["tasks", "cancel", tid, *args])
     assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "succeeded"
+    assert "not cancelled: it had already ended (succeeded)" in cancelled.stderr
 
 
 def test_failed_task_exits_nonzero(live: LiveServer) -> None:
@@ -184,3 +189,132 @@ def test_every_readme_submit_line_runs_as_written(
         tasks = {t["workflow"]: t for t in c.get("/v1/tasks", params={"limit": 50}).json()["items"]}
         task = c.get(f"/v1/tasks/{tasks['document_analysis']['id']}").json()
     assert task["status"] == "succeeded", task
+
+
+class CuttingProxy:
+    """A loopback TCP proxy in front of a server that cuts the first event stream through it once two events have
+    passed, as a dropped connection would, and keeps the head of every request that opens a connection."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.heads: list[bytes] = []
+        self.cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+
+    def _serve(self, conn: socket.socket) -> None:
+        up = socket.create_connection(self.upstream)
+        head = conn.recv(65536)
+        self.heads.append(head)
+        up.sendall(head)
+        cutting = not self.cut and b"/events" in head.split(b"\r\n", 1)[0]
+        self.cut = self.cut or cutting
+        threading.Thread(target=self._pipe, args=(conn, up), daemon=True).start()
+        seen = b""
+        with contextlib.suppress(OSError):
+            while data := up.recv(65536):
+                conn.sendall(data)
+                seen += data
+                if cutting and seen.count(b"\nid: ") + seen.startswith(b"id: ") >= 2:
+                    break
+        for s in (conn, up):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_workflows_list_names_every_workflow(live: LiveServer) -> None:
+    r = runner.invoke(app, ["workflows", "list", "--url", live.url, "--api-key", live.key])
+    assert r.exit_code == 0, r.output
+    for name in ("diagnostic", "document_analysis", "ask", "tool_call"):
+        assert name in r.stdout
+    assert "steps?" in r.stdout  # diagnostic's optional input field
+
+
+def test_tasks_watch_reattaches_and_resumes_after_a_dropped_connection(live: LiveServer) -> None:
+    with live.client() as c:
+        tid = c.post("/v1/tasks", json={"workflow": "diagnostic", "input": {"steps": 8, "step_seconds": 0.3}}).json()[
+            "id"
+        ]
+    proxy = CuttingProxy(live.url)
+    try:
+        r = runner.invoke(app, ["tasks", "watch", tid, "--url", proxy.url, "--api-key", live.key])
+    finally:
+        proxy.close()
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["status"] == "success"
+    streams = [h for h in proxy.heads if b"/events" in h.split(b"\r\n", 1)[0]]
+    assert proxy.cut and len(streams) >= 2, proxy.heads
+    resumed = re.search(rb"(?i)\r\nlast-event-id: (\d+)\r\n", streams[1])
+    assert resumed and int(resumed.group(1)) >= 2  # resumed after the events already shown, not from the start
+    with live.client() as c:
+        assert c.get(f"/v1/tasks/{tid}").json()["status"] == "succeeded"
+    missing = runner.invoke(
+        app, ["tasks", "watch", "tsk_0123456789abcdef01234567", "--url", live.url, "--api-key", live.key]
+    )
+    assert missing.exit_code == 1 and "HTTP 404" in missing.output and "Traceback" not in missing.output
+
+
+def test_result_and_quiet_output_modes(live: LiveServer) -> None:
+    args = ["--url", live.url, "--api-key", live.key]
+    diag = ["submit", "diagnostic", "-i", '{"steps": 2, "step_seconds": 0}']
+    quiet = runner.invoke(app, [*diag, "--quiet", *args])
+    assert quiet.exit_code == 0 and quiet.stdout == "succeeded\n", quiet.output
+    assert "submitted" not in quiet.stderr and "%" not in quiet.stderr  # no "submitted" line, no progress bar
+    only = runner.invoke(app, [*diag, "--result", *args])
+    assert only.exit_code == 0, only.output
+    with live.client() as c:
+        tid = c.get("/v1/tasks").json()["items"][0]["id"]
+        assert json.loads(only.stdout) == c.get(f"/v1/tasks/{tid}").json()["envelope"]["result"]
+    handle = runner.invoke(app, [*diag, "--no-follow", "-q", *args])
+    assert handle.exit_code == 0 and re.fullmatch(r"tsk_\w+\n", handle.stdout), handle.output
+    shown = runner.invoke(app, ["tasks", "show", tid, "--quiet", *args])
+    assert shown.exit_code == 0 and shown.stdout == "succeeded\n"
+    shown = runner.invoke(app, ["tasks", "show", tid, "--result", *args])
+    assert json.loads(shown.stdout) == json.loads(only.stdout)
+    both = runner.invoke(app, ["tasks", "show", tid, "--result", "--quiet", *args])
+    assert both.exit_code == 2 and "choose one of --result and --quiet" in both.output
+
+
+def test_tasks_cancel_waits_for_and_reports_the_final_state(live: LiveServer) -> None:
+    args = ["--url", live.url, "--api-key", live.key]
+    with live.client() as c:
+        tid = c.post("/v1/tasks", json={"workflow": "diagnostic", "input": {"steps": 50, "step_seconds": 0.2}}).json()[
+            "id"
+        ]
+        deadline = time.monotonic() + 10
+        while c.get(f"/v1/tasks/{tid}").json()["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    r = runner.invoke(app, ["tasks", "cancel", tid, *args])
+    assert r.exit_code == 0, r.output
+    task = json.loads(r.stdout)
+    assert task["status"] == "cancelled" and task["envelope"] is not None
+    assert f"cancelled {tid}" in r.stderr
+    again = runner.invoke(app, ["tasks", "cancel", tid, "--quiet", *args])
+    assert again.exit_code == 0 and again.stdout == "cancelled\n"
+
+
+def test_version_is_the_packages() -> None:
+    import keel
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout == f"keel {keel.__version__}\n"

@@ -66,7 +66,7 @@ def test_wheels_pip_built_itself_are_purged_from_its_cache(tmp_path: Path) -> No
 
 def test_the_installed_runtime_was_built_without_avx512_or_amx() -> None:
     if importlib.util.find_spec("llama_cpp") is None:  # not imported here: its import leaves /dev/null open
-        pytest.skip("the embedded model needs the 'local' extra: keel[local]")
+        pytest.skip("the embedded model needs the 'local' extra: keel-runtime[local]")
     probe = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
     info = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert "AVX2 = 1" in info or "NEON = 1" in info, info

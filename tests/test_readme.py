@@ -56,6 +56,7 @@ CLI = "not run here: keel CLI lines; every `keel submit` line in the README runs
 CHECKS: dict[str, str] = {
     # marker (a string only that block contains) → what checks it
     "make demo": "not run: the two commands that open the README set up .venv and run the whole suite",
+    "pip install keel-runtime": "tests/test_package.py (the wheel of this tree, in a clean venv, then both commands)",
     "jq -r .id": "test_flagship_over_http",
     "def analyse(paths": "test_flagship_from_python",
     '{"status": "partial_success"': "test_envelope_example_is_the_wire_shape",

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
     from keel.orchestration.engine.workflow import Workflow, workflow
     from keel.orchestration.tools import Reconciled, ToolContext, tool
 
-__all__ = ["Reconciled", "ToolContext", "Workflow", "WorkflowContext", "tool", "workflow"]
+__all__ = ["Reconciled", "ToolContext", "Workflow", "WorkflowContext", "__version__", "tool", "workflow"]
+
+__version__ = "0.1.0"
+"""The version of keel (distributed as ``keel-runtime``); the wheel's metadata is built from this line."""
 
 _HOMES = {
     "WorkflowContext": "keel.orchestration.engine.context",

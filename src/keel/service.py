@@ -24,7 +24,8 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from keel import logs, observability
-from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound
+from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound, QuotaExceeded, TooManyTasks
+from keel.memory.limits import RateDecision, TenantLimits, day_start, month_start, next_month_start
 from keel.memory.retrieval import Memory, Retrieval
 from keel.memory.stores import KeyStore, Stores
 from keel.memory.types import (
@@ -63,6 +64,7 @@ __all__ = [
     "Ingested",
     "Keel",
     "Keys",
+    "LimitsView",
     "Progress",
     "Submission",
     "Submitted",
@@ -71,6 +73,10 @@ __all__ = [
     "Webhook",
     "settled",
 ]
+
+LIMITS_FRESH_S = 1.0
+"""How long a tenant's limits, once read, are used without reading them again: every authenticated request needs
+them, and a change made through another replica applies here within this time."""
 
 Progress = Callable[[float, str | None], Awaitable[None]]
 """``progress(done, current_step)``: told each time a task being waited on gets further."""
@@ -194,6 +200,20 @@ class Keys:
         return await self.store.verify_key(token, self.clock())
 
 
+@dataclass(kw_only=True, slots=True)
+class LimitsView:
+    """A tenant's limits as an operator sees them: its own, the server's defaults, what applies, and where the
+    tenant stands against them."""
+
+    tenant: str
+    own: TenantLimits
+    defaults: TenantLimits
+    effective: TenantLimits
+    active_tasks: int
+    cost_today_usd: float
+    cost_month_usd: float
+
+
 def settled(task: Task) -> bool:
     """Whether waiting on the task is over: it is terminal, or it waits for a person and will not move by itself."""
     return task.status.terminal or task.status is TaskStatus.waiting_for_approval
@@ -221,6 +241,10 @@ class Keel:
     clock: Callable[[], float] = time.time
     _in_flight: set[tuple[str, str]] = field(default_factory=set, init=False)
     """``(tenant, idempotency key)`` of submissions being stored right now: a concurrent twin gets a 409."""
+    _admitting: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
+    _limits_read: dict[str, tuple[float, TenantLimits | None]] = field(default_factory=dict, init=False)
+    """Per tenant: when its own limits were read from the store (monotonic), and what they were."""
+    """Per tenant with a task cap: its count and its insert happen under this lock, so the cap is exact here."""
 
     # -- submission ------------------------------------------------------------------------------------------------
 
@@ -251,19 +275,110 @@ class Keel:
             if cached is not None:
                 age = max(0, int(self.clock() - (cached.finished_at or self.clock())))
                 return Submitted(task=cached, outcome="cached", age_s=age)
+        limits = await self.limits(key.tenant)
+        budget = await self._within_quota(key.tenant, limits, sub.budget)
         new = NewTask(
             tenant=key.tenant,
             workflow=sub.workflow,
             input=input_json,
             webhook_url=sub.webhook.url if sub.webhook else None,
             webhook_secret=self.secrets.seal(sub.webhook.secret) if sub.webhook else None,
-            budget=sub.budget,
+            budget=budget,
             metadata=observability.current().carry(sub.metadata),
             estimated_duration_s=wf.estimate(parsed),
             policy=policy,
             cache_key=fingerprint,
         )
-        return await self._store_task(key.tenant, new, idempotency)
+        if limits.max_tasks is None:
+            return await self._store_task(key.tenant, new, idempotency)
+        async with self._admitting.setdefault(key.tenant, asyncio.Lock()):
+            active = await self.stores.limits.active_tasks(key.tenant)
+            if active >= limits.max_tasks:
+                raise TooManyTasks(
+                    f"this tenant has {active} tasks queued or running, its limit; submit again when one ends",
+                    retry_after_s=2.0,  # as a queued task's poll asks: a slot frees when any task ends
+                    detail={"limit": limits.max_tasks, "active": active},
+                )
+            return await self._store_task(key.tenant, new, idempotency)
+
+    # -- per-tenant limits -----------------------------------------------------------------------------------------
+
+    @property
+    def default_limits(self) -> TenantLimits:
+        s = self.settings
+        return TenantLimits(
+            rate_per_s=s.limit_rate_per_s,
+            burst=s.limit_burst,
+            max_tasks=s.limit_max_tasks,
+            daily_cost_usd=s.limit_daily_cost_usd,
+            monthly_cost_usd=s.limit_monthly_cost_usd,
+        )
+
+    async def limits(self, tenant: str) -> TenantLimits:
+        """The limits that apply to ``tenant``: its own (read at most :data:`LIMITS_FRESH_S` ago) over the server's
+        defaults."""
+        read = self._limits_read.get(tenant)
+        now = time.monotonic()
+        if read is None or now - read[0] > LIMITS_FRESH_S:
+            read = (now, await self.stores.limits.get_limits(tenant))
+            self._limits_read[tenant] = read
+        own = read[1]
+        return own.over(self.default_limits) if own is not None else self.default_limits
+
+    async def limits_view(self, tenant: str) -> LimitsView:
+        own = await self.stores.limits.get_limits(tenant) or TenantLimits()
+        now = self.clock()
+        return LimitsView(
+            tenant=tenant,
+            own=own,
+            defaults=self.default_limits,
+            effective=own.over(self.default_limits),
+            active_tasks=await self.stores.limits.active_tasks(tenant),
+            cost_today_usd=(await self.stores.stats.tenant_usage(tenant, day_start(now))).cost_usd,
+            cost_month_usd=(await self.stores.stats.tenant_usage(tenant, month_start(now))).cost_usd,
+        )
+
+    async def set_limits(self, tenant: str, limits: TenantLimits) -> LimitsView:
+        """Replace ``tenant``'s own limits (every replica reads them from the store on the next request)."""
+        await self.stores.limits.set_limits(tenant, limits, self.clock())
+        self._limits_read.pop(tenant, None)
+        return await self.limits_view(tenant)
+
+    async def take_request(self, tenant: str) -> RateDecision | None:
+        """Spend one of the tenant's request tokens; None when it has no rate limit. The edge refuses the request
+        when the decision says so, and reports the decision in its headers either way."""
+        limits = await self.limits(tenant)
+        if limits.rate_per_s is None:
+            return None
+        return await self.stores.buckets.take_token(
+            f"tenant:{tenant}", limits.rate_per_s, limits.bucket_size, self.clock()
+        )
+
+    async def _within_quota(self, tenant: str, limits: TenantLimits, budget: dict[str, Any]) -> dict[str, Any]:
+        """The task's budget, its ``max_cost_usd`` lowered to what is left of the tenant's daily and monthly
+        quotas, so a run that would overspend stops ``budget_exceeded`` like any budget. Refuses the submission
+        (:class:`QuotaExceeded`, 429 until the period ends) when nothing is left."""
+        now = self.clock()
+        left: list[float] = []
+        for quota, since, until, period in (
+            (limits.daily_cost_usd, day_start(now), day_start(now) + 86400, "daily"),
+            (limits.monthly_cost_usd, month_start(now), next_month_start(now), "monthly"),
+        ):
+            if quota is None:
+                continue
+            spent = (await self.stores.stats.tenant_usage(tenant, since)).cost_usd
+            if spent >= quota:
+                raise QuotaExceeded(
+                    f"this tenant's {period} cost quota of ${quota:g} is spent (${spent:.4f})",
+                    retry_after_s=until - now,
+                    detail={"quota": period, "limit_usd": quota, "spent_usd": round(spent, 10)},
+                )
+            left.append(quota - spent)
+        if not left:
+            return budget
+        cap = min(left)
+        given = budget.get("max_cost_usd")
+        return {**budget, "max_cost_usd": cap if given is None else min(given, cap)}
 
     async def _store_task(self, tenant: str, new: NewTask, idempotency: Idempotency | None) -> Submitted:
         claim = None

@@ -130,6 +130,26 @@ class Settings(BaseSettings):
     retrieval_low: float = Field(0.25, description="Cosine score below which retrieval is `low` confidence.")
     memory_sweep_s: float = Field(60.0, gt=0, description="How often expired sessions and chunks are deleted.")
 
+    # -- per-tenant limits (issue 21): the defaults; `PUT /v1/tenants/{tenant}/limits` sets a tenant's own --------
+    limit_rate_per_s: float | None = Field(
+        None, gt=0, le=1e9, description="Requests per second per tenant (token bucket); over it: 429 with Retry-After."
+    )
+    limit_burst: int | None = Field(
+        None,
+        ge=1,
+        le=10**9,
+        description="Token bucket size: requests at once after a quiet spell (default: rate, at least 1).",
+    )
+    limit_max_tasks: int | None = Field(
+        None, ge=1, le=10**9, description="Tasks per tenant queued or running at once; a submission beyond it: 429."
+    )
+    limit_daily_cost_usd: float | None = Field(
+        None, ge=0, description="Model spend per tenant per UTC day; once spent, submissions get 429 until midnight."
+    )
+    limit_monthly_cost_usd: float | None = Field(
+        None, ge=0, description="Model spend per tenant per UTC month; once spent, submissions get 429."
+    )
+
     # -- scale-out (issue 8) ---------------------------------------------------------------------------------------
     engine: Literal["embedded", "temporal"] = Field(
         "embedded",

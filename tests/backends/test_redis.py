@@ -21,11 +21,12 @@ import pytest
 from keel.backends.sqlite import SQLiteStore
 from keel.memory.stores import SessionStore
 from keel.memory.types import SessionTurn
-from keel.testing.conformance import SESSION_CHECKS
+from keel.testing.conformance import BUCKET_CHECKS, SESSION_CHECKS
 
-redis = pytest.importorskip("redis.asyncio", reason="the redis driver is not installed: pip install 'keel[redis]'")
+redis = pytest.importorskip("redis.asyncio", reason="no redis driver: pip install 'keel-runtime[redis]'")
 
-from keel.backends.redis import RedisNotifier, RedisSessionStore  # noqa: E402
+from keel.backends.redis import RedisNotifier, RedisRateBuckets, RedisSessionStore  # noqa: E402
+from keel.memory.stores import RateBuckets  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "redis.sh"
 T0 = 1_000_000.0
@@ -99,6 +100,18 @@ async def test_session_conformance(
     await check(sessions)
 
 
+@pytest.mark.parametrize("check", BUCKET_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+async def test_rate_bucket_conformance(
+    redis_url: str, prefix: str, check: Callable[[RateBuckets], Awaitable[None]]
+) -> None:
+    """The request-rate buckets' suite on Redis: its Lua script decides as keel.memory.limits.take_token does."""
+    buckets = RedisRateBuckets(redis_url, prefix=prefix)
+    try:
+        await check(buckets)
+    finally:
+        await buckets.aclose()
+
+
 async def test_open_stores_puts_sessions_in_redis(tmp_path: Path, redis_url: str) -> None:
     """With a Redis URL, the sessions handle is Redis's and every other handle the SQL store; closing the set
     closes both, each once."""
@@ -107,6 +120,7 @@ async def test_open_stores_puts_sessions_in_redis(tmp_path: Path, redis_url: str
     stores = open_stores(f"sqlite:///{tmp_path / 'k.db'}", redis_url=redis_url)
     try:
         assert isinstance(stores.sessions, RedisSessionStore) and isinstance(stores.tasks, SQLiteStore)
+        assert isinstance(stores.buckets, RedisRateBuckets)
         assert stores.documents is stores.tasks is stores.events is stores.backend
         await stores.sessions.append_turns("t", "open-stores", [turn("hi")], 60, T0)
         assert await stores.backend.get_session("t", "open-stores", T0) is None  # not in SQLite

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-pytest.importorskip("psycopg", reason="the Postgres driver is not installed: pip install 'keel[postgres]'")
-pytest.importorskip("redis", reason="the Redis driver is not installed: pip install 'keel[redis]'")
+pytest.importorskip("psycopg", reason="the Postgres driver is not installed: pip install 'keel-runtime[postgres]'")
+pytest.importorskip("redis", reason="the Redis driver is not installed: pip install 'keel-runtime[redis]'")
 
 from payment_sink import Sink  # noqa: E402
 from scaleout import Cluster, Unavailable, cluster, run_crash_test  # noqa: E402
@@ -37,7 +37,7 @@ def sink() -> Iterator[Sink]:
 @pytest.fixture(params=["embedded", "temporal"])
 def two_by_two(request: pytest.FixtureRequest, tmp_path: Path, sink: Sink) -> Iterator[Cluster]:
     if request.param == "temporal":
-        pytest.importorskip("temporalio", reason="the Temporal SDK is not installed: pip install 'keel[temporal]'")
+        pytest.importorskip("temporalio", reason="no Temporal SDK: pip install 'keel-runtime[temporal]'")
     try:
         with cluster(tmp_path, apis=2, workers=2, sink_url=sink.url, engine=request.param) as c:
             yield c

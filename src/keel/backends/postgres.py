@@ -40,6 +40,7 @@ from keel.backends.rows import outbox_of as _outbox
 from keel.backends.rows import task_of as _task
 from keel.errors import ConfigError, KeelError, LeaseLost, StoreError
 from keel.memory.blobs import INLINE_LIMIT, Packed, looks_small, pack, unpack_blob
+from keel.memory.limits import Bucket, RateDecision, TenantLimits, take_token
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
     LAST_USED_EVERY_S,
@@ -281,6 +282,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE api_keys ADD COLUMN last_used_at DOUBLE PRECISION;
     CREATE INDEX api_keys_by_tenant ON api_keys(tenant, created_at);
     CREATE INDEX tasks_finished ON tasks(finished_at) WHERE finished_at IS NOT NULL;
+    """,
+    # v3: per-tenant limits and their rate buckets (issue 21).
+    rows.LIMITS_SCHEMA
+    + """;
+    CREATE TABLE rate_buckets (
+        name TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    )
     """,
 ]
 """Version N is ``MIGRATIONS[N - 1]``; append, never edit. (Version 1 is the SQLite schema as of its v6.)"""
@@ -876,6 +886,56 @@ class PostgresStore(PostgresMemory):
                 output_tokens=row["o"],
                 cost_usd=row["c"],
             )
+
+        return await self._read(op)
+
+    # -- per-tenant limits ------------------------------------------------------------------------
+
+    async def get_limits(self, tenant: str) -> TenantLimits | None:
+        async def op(conn: Conn) -> TenantLimits | None:
+            row = await _one(conn, f"SELECT {rows.LIMIT_COLS} FROM tenant_limits WHERE tenant = %s", (tenant,))
+            return rows.limits_of(row) if row else None
+
+        return await self._read(op)
+
+    async def set_limits(self, tenant: str, limits: TenantLimits, now: float) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute("DELETE FROM tenant_limits WHERE tenant = %s", (tenant,))
+            if limits != TenantLimits():
+                await conn.execute(
+                    f"INSERT INTO tenant_limits{_values('tenant, updated_at, ' + rows.LIMIT_COLS)}",
+                    (tenant, now, *rows.limits_params(limits)),
+                )
+
+        await self._tx(op)
+
+    async def take_token(self, bucket: str, rate_per_s: float, size: int, now: float) -> RateDecision:
+        # The row is locked (FOR UPDATE) from the read to the save; a bucket's first request inserts it, and a
+        # racing first request's insert does nothing, then locks and reads the row the other one made.
+        async def op(conn: Conn) -> RateDecision:
+            await conn.execute(
+                "INSERT INTO rate_buckets(name, tokens, at) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                (bucket, float(size), now),
+            )
+            row = await _one(conn, "SELECT tokens, at FROM rate_buckets WHERE name = %s FOR UPDATE", (bucket,))
+            assert row is not None
+            stored, decision = take_token(Bucket(tokens=row["tokens"], at=row["at"]), rate_per_s, size, now)
+            await conn.execute(
+                "UPDATE rate_buckets SET tokens = %s, at = %s WHERE name = %s", (stored.tokens, stored.at, bucket)
+            )
+            return decision
+
+        return await self._tx(op)
+
+    async def active_tasks(self, tenant: str) -> int:
+        async def op(conn: Conn) -> int:
+            row = await _one(
+                conn,
+                "SELECT COUNT(*) AS n FROM tasks WHERE tenant = %s AND status IN ('queued', 'running')",
+                (tenant,),
+            )
+            assert row is not None
+            return int(row["n"])
 
         return await self._read(op)
 

@@ -3,6 +3,8 @@
 * :class:`RedisSessionStore` is the session tier (:class:`~keel.memory.stores.SessionStore`) with SQLite's
   semantics: tenant-scoped, a sliding TTL, an expired session never read and started afresh by the next write.
   :func:`keel.backends.open_stores` makes it the app's ``sessions`` handle when ``KEEL_REDIS_URL`` is set.
+* :class:`RedisRateBuckets` are the request-rate token buckets (:class:`~keel.memory.stores.RateBuckets`) of every
+  replica, one Lua script a take: no row lock for a busy tenant, as Postgres's table has.
 * :class:`RedisNotifier` is a :class:`~keel.orchestration.engine.runtime.Notifier` whose ``notify`` also reaches the
   other replicas over pub/sub. The durable event log stays the source of truth: a lost message, or Redis being
   down, only means a reader wakes at its poll interval instead of at once.
@@ -12,6 +14,7 @@ Keys (``P`` is the prefix; tenant and session id are percent-encoded, so neither
     P:session:TENANT:SID          hash: created_at, updated_at, expires_at, next_seq, context (JSON)
     P:session:TENANT:SID:turns    list of turns (JSON), oldest first
     P:sessions:expiry             sorted set: TENANT:SID scored by expires_at, for sweep_sessions
+    P:bucket:NAME                 hash: tokens, at (expires once a bucket left alone would be full again)
 
 Every write is one Lua script, so it is atomic. Redis expires both keys by itself ``ttl`` after the write
 (a relative ``PEXPIRE``: never before the stored ``expires_at`` on the writer's clock, whatever the skew between
@@ -40,13 +43,14 @@ try:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("Redis support needs the redis driver: pip install 'keel[redis]'") from exc
+    raise ImportError("Redis support needs the redis driver: pip install 'keel-runtime[redis]'") from exc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
+from keel.memory.limits import RateDecision, decision
 from keel.memory.types import Session, SessionTurn
 from keel.orchestration.engine.runtime import Notifier
 
-__all__ = ["RedisNotifier", "RedisSessionStore"]
+__all__ = ["RedisNotifier", "RedisRateBuckets", "RedisSessionStore"]
 
 log = logging.getLogger("keel.redis")
 
@@ -110,6 +114,29 @@ return n
 """
 
 _SWEEP_BATCH = 500
+
+# keel.memory.limits.take_token, in Lua (the conformance suite holds the two to the same decisions). KEYS: the
+# bucket. ARGV: rate per second, size, now. Returns {1 if taken else 0, tokens left} (a string: Redis would
+# truncate a Lua number to an integer).
+_TAKE = """
+local rate = tonumber(ARGV[1])
+local size = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local tokens = size
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+if held[1] then
+  tokens = math.min(size, tonumber(held[1]) + math.max(0, now - tonumber(held[2])) * rate)
+end
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+local left = string.format('%.17g', tokens)
+redis.call('HSET', KEYS[1], 'tokens', left, 'at', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil((size - tokens) / rate * 1000) + 1000)
+return {taken, left}
+"""
 
 
 def _num(value: float) -> str:
@@ -248,6 +275,34 @@ def _log_retry(state: RetryCallState) -> None:
         state.outcome.exception() if state.outcome else None,
         state.next_action.sleep if state.next_action else 0.0,
     )
+
+
+class RedisRateBuckets:
+    """Request-rate token buckets in Redis (:class:`~keel.memory.stores.RateBuckets`), shared by every replica.
+    ``url`` and ``prefix`` as for :class:`RedisSessionStore`. A take is not retried: its reply lost, it may have
+    spent the token, and the request fails rather than spend two."""
+
+    def __init__(
+        self, url: str, *, prefix: str = "keel", max_connections: int = 32, pool_timeout_s: float = 10.0
+    ) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._redis = aioredis.Redis.from_pool(pool)
+        self._prefix = prefix
+        self._take = self._redis.register_script(_TAKE)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def take_token(self, bucket: str, rate_per_s: float, size: int, now: float) -> RateDecision:
+        key = f"{self._prefix}:bucket:{quote(bucket, safe='')}"
+        taken, left = await self._take(keys=[key], args=[_num(rate_per_s), size, _num(now)])
+        return decision(bool(taken), float(left), rate_per_s, size)
 
 
 class RedisNotifier(Notifier):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from keel.memory.blobs import dumps
+from keel.memory.limits import TenantLimits
 from keel.memory.types import (
     BlobRef,
     ChunkRecord,
@@ -364,6 +365,36 @@ USAGE_INSERT = "tenant, day, calls, input_tokens, output_tokens, cost_usd"
 def usage_params(tenant: str, call: ModelCallRecord) -> tuple[Any, ...]:
     """One call's contribution to its tenant's day (``USAGE_INSERT``)."""
     return (tenant, day_bucket(call.at), 1, call.input_tokens, call.output_tokens, call.cost_usd)
+
+
+LIMIT_COLS = ", ".join(f.name for f in dataclasses.fields(TenantLimits))
+"""A tenant's limits, one nullable column each, named as :class:`TenantLimits`' fields."""
+
+
+def limits_of(row: Row) -> TenantLimits:
+    return TenantLimits(**{f.name: row[f.name] for f in dataclasses.fields(TenantLimits)})
+
+
+def limits_params(limits: TenantLimits) -> tuple[Any, ...]:
+    """``LIMIT_COLS``' values, in order."""
+    return tuple(getattr(limits, f.name) for f in dataclasses.fields(TenantLimits))
+
+
+LIMITS_SCHEMA = """
+    CREATE TABLE tenant_limits (
+        tenant TEXT PRIMARY KEY,
+        rate_per_s DOUBLE PRECISION,
+        burst INTEGER,
+        max_tasks INTEGER,
+        daily_cost_usd DOUBLE PRECISION,
+        monthly_cost_usd DOUBLE PRECISION,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX tasks_active ON tasks(tenant, status) WHERE status IN ('queued', 'running')
+"""
+"""The per-tenant limits' table, the same DDL on SQLite and Postgres; the partial index serves the concurrency
+cap's count of a tenant's queued and running tasks. (Request-rate buckets are Postgres's alone: SQLite keeps them
+in the one process that serves it.)"""
 
 
 DOCUMENT_INSERT = (

@@ -32,6 +32,7 @@ from keel.backends.sqlite_memory import MEMORY_MIGRATION, SQLiteMemory
 from keel.errors import LeaseLost, StoreError
 from keel.files import private_dir, private_file
 from keel.memory.blobs import INLINE_LIMIT, Packed, looks_small, pack, unpack_blob
+from keel.memory.limits import Bucket, RateDecision, TenantLimits, take_token
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
     LAST_USED_EVERY_S,
@@ -310,6 +311,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX api_keys_by_tenant ON api_keys(tenant, created_at);
     CREATE INDEX tasks_finished ON tasks(finished_at) WHERE finished_at IS NOT NULL;
     """,
+    # v8: per-tenant limits and their rate buckets (issue 21).
+    rows.LIMITS_SCHEMA,
 ]
 
 _TASK_COLS = (
@@ -335,6 +338,7 @@ class SQLiteStore(SQLiteMemory):
         self._writer = threading.Thread(target=self._writer_loop, name="keel-sqlite-writer", daemon=True)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-sqlite-r")
         self._conns: list[sqlite3.Connection] = []
+        self._buckets: dict[str, Bucket] = {}
         self._lock = threading.Lock()
         self._memory_init()
         conn = self._conn()
@@ -850,6 +854,43 @@ class SQLiteStore(SQLiteMemory):
                 output_tokens=row[2],
                 cost_usd=row[3],
             )
+
+        return await self._read(op)
+
+    # -- per-tenant limits ------------------------------------------------------------------------
+
+    async def get_limits(self, tenant: str) -> TenantLimits | None:
+        def op(conn: sqlite3.Connection) -> TenantLimits | None:
+            row = conn.execute(f"SELECT {rows.LIMIT_COLS} FROM tenant_limits WHERE tenant = ?", (tenant,)).fetchone()
+            return rows.limits_of(row) if row else None
+
+        return await self._read(op)
+
+    async def set_limits(self, tenant: str, limits: TenantLimits, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM tenant_limits WHERE tenant = ?", (tenant,))
+            if limits != TenantLimits():
+                conn.execute(
+                    f"INSERT INTO tenant_limits{_values('tenant, updated_at, ' + rows.LIMIT_COLS)}",
+                    (tenant, now, *rows.limits_params(limits)),
+                )
+
+        await self._write(op)
+
+    async def take_token(self, bucket: str, rate_per_s: float, size: int, now: float) -> RateDecision:
+        # In this process's memory, not the file: one process serves a SQLite store (the data dir's lock; an API
+        # replica needs a shared store), so the bucket is exact here, and a request pays no fsync for it (a
+        # write per request cost 2-4 ms). A restart refills the buckets, which only forgives a burst.
+        # No await between the read and the write: atomic on the event loop.
+        self._buckets[bucket], decision = take_token(self._buckets.get(bucket), rate_per_s, size, now)
+        return decision
+
+    async def active_tasks(self, tenant: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            count: int = conn.execute(
+                "SELECT COUNT(*) FROM tasks WHERE tenant = ? AND status IN ('queued', 'running')", (tenant,)
+            ).fetchone()[0]
+            return count
 
         return await self._read(op)
 

@@ -19,6 +19,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 
 from keel.errors import AuthError, Forbidden
 from keel.interaction.deps import keel_of
+from keel.interaction.ratelimit import charge
 from keel.memory.types import ApiKey
 
 SCOPES = frozenset(
@@ -66,15 +67,19 @@ async def authenticate(authorization: str, verify_key: VerifyKey, scope: str) ->
 
 
 def require(scope: str) -> Callable[..., Awaitable[ApiKey]]:
-    """A route dependency: the request's key, holding ``scope``. Through :data:`BEARER` with ``scope`` as the
-    requirement's role, so the OpenAPI document lists both on every protected operation."""
+    """A route dependency: the request's key, holding ``scope``, charged one request of its tenant's rate. Through
+    :data:`BEARER` with ``scope`` as the requirement's role, so the OpenAPI document lists both on every protected
+    operation."""
 
     # The default, not an Annotated hint: this module's annotations are strings, and ``scope`` is no global.
     async def dependency(
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Security(BEARER, scopes=[scope]),  # noqa: B008
     ) -> ApiKey:
-        return await authorize(credentials.credentials if credentials else None, keel_of(request).verify_key, scope)
+        keel = keel_of(request)
+        key = await authorize(credentials.credentials if credentials else None, keel.verify_key, scope)
+        await charge(request, keel, key)  # the tenant's request rate: 429 when its bucket is empty
+        return key
 
     return dependency
 

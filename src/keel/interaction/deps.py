@@ -20,9 +20,13 @@ def problem(description: str) -> dict[str, Any]:
 
 
 def errors(missing: str | None = None) -> Responses:
-    """The problem answers every authenticated route documents: 401 and 403, and 404 when ``missing`` says what
-    may not be found."""
-    table: Responses = {401: problem("Missing or invalid API key"), 403: problem("The key lacks a scope")}
+    """The problem answers every authenticated route documents: 401, 403, 429 (the tenant's request rate), and 404
+    when ``missing`` says what may not be found."""
+    table: Responses = {
+        401: problem("Missing or invalid API key"),
+        403: problem("The key lacks a scope"),
+        429: problem("A limit of the key's tenant: its request rate, tasks or cost quota (see `Retry-After`)"),
+    }
     if missing is not None:
         table[404] = problem(missing)
     return table

@@ -55,7 +55,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -70,7 +69,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keel.errors import Forbidden, KeelError
 from keel.interaction.auth import VerifyKey, authenticate
-from keel.interaction.problems import problem
+from keel.interaction.problems import of_error, problem
 from keel.memory.types import ApiKey
 from keel.orchestration.tools import Tool
 from keel.service import Progress as Progress  # a ToolBackend's progress callback
@@ -129,14 +128,8 @@ def _version() -> str:
 
 
 def _problem(exc: KeelError) -> Response:
-    """The RFC 9457 body ``problems.install`` gives the same error on the REST API."""
-    return problem(
-        exc.status,
-        HTTPStatus(exc.status).phrase,
-        exc.message,
-        type=f"urn:keel:problem:{exc.code}",
-        headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None,
-    )
+    """The RFC 9457 body (and headers: ``WWW-Authenticate``, ``Retry-After``) the REST API gives the same error."""
+    return of_error(exc)
 
 
 def origin_allowed(origin: str, host: str | None, allowed: Sequence[str] = ()) -> bool:

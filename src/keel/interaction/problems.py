@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from keel.errors import InputError, KeelError
+from keel.errors import InputError, KeelError, LimitExceeded
 
 log = logging.getLogger("keel.http")
 PROBLEM_JSON = "application/problem+json"
@@ -109,6 +109,8 @@ def of_error(exc: KeelError) -> JSONResponse:
     the extension members. A plain :class:`InputError` that lists ``errors`` is a ``validation_error``, the same
     kind as a body FastAPI refused: a client handles one shape, whichever layer caught the mistake."""
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if isinstance(exc, LimitExceeded):
+        headers = exc.headers
     if type(exc) is InputError and "errors" in exc.detail:
         return problem(exc.status, "Validation failed", exc.message, type=VALIDATION_ERROR, extensions=exc.detail)
     return problem(

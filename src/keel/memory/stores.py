@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from keel.memory.limits import RateDecision, TenantLimits
 from keel.memory.types import (
     ApiKey,
     BlobRef,
@@ -395,6 +396,34 @@ class ResultCache(Backend, Protocol):
         ...
 
 
+class LimitStore(Backend, Protocol):
+    """Per-tenant limits: what an operator set, and the count a concurrency cap reads. Served by the task store's
+    backend (the active count reads its tasks table), so every replica on the same store shares them."""
+
+    async def get_limits(self, tenant: str) -> TenantLimits | None:
+        """The limits set for ``tenant``, or None when none were (the defaults apply)."""
+        ...
+
+    async def set_limits(self, tenant: str, limits: TenantLimits, now: float) -> None:
+        """Replace ``tenant``'s limits; all None forgets them (the defaults apply again)."""
+        ...
+
+    async def active_tasks(self, tenant: str) -> int:
+        """How many of ``tenant``'s tasks are queued or running."""
+        ...
+
+
+class RateBuckets(Backend, Protocol):
+    """Request-rate token buckets, shared by every replica that shares the backend: Postgres's table, or Redis
+    with ``KEEL_REDIS_URL`` (a Lua script: no row lock for a busy tenant). A SQLite store, which one process
+    serves, keeps them in that process."""
+
+    async def take_token(self, bucket: str, rate_per_s: float, size: int, now: float) -> RateDecision:
+        """Take one token from the named bucket as :func:`keel.memory.limits.take_token` says, atomically (load,
+        refill, take and save as one), so concurrent requests on any replica never spend the same token."""
+        ...
+
+
 class Store(
     TaskStore,
     WorkflowStore,
@@ -410,6 +439,8 @@ class Store(
     DocumentStore,
     VectorStore,
     ResultCache,
+    LimitStore,
+    RateBuckets,
     Protocol,
 ):
     """Every seam over one database: what the SQL backends (and the in-memory twin) implement."""
@@ -441,13 +472,20 @@ class Stores:
     sessions: SessionStore
     documents: DocumentStore
     vectors: VectorStore
+    limits: LimitStore
+    """Per-tenant limits and the active-task count."""
+    buckets: RateBuckets
+    """Request-rate buckets: the store's, or Redis's."""
     backend: Store
     """The backend serving every seam not given to another. For components still written against the whole
     :class:`Store`; a new component takes the handles it uses instead."""
 
     @classmethod
-    def over(cls, backend: Store, *, sessions: SessionStore | None = None) -> Stores:
-        """Every seam served by ``backend``, but session memory by ``sessions`` when given."""
+    def over(
+        cls, backend: Store, *, sessions: SessionStore | None = None, buckets: RateBuckets | None = None
+    ) -> Stores:
+        """Every seam served by ``backend``, but session memory by ``sessions`` and the request-rate buckets by
+        ``buckets`` when given."""
         return cls(
             tasks=backend,
             events=backend,
@@ -463,6 +501,8 @@ class Stores:
             sessions=sessions or backend,
             documents=backend,
             vectors=backend,
+            limits=backend,
+            buckets=buckets or backend,
             backend=backend,
         )
 

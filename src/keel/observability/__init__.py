@@ -200,6 +200,8 @@ def from_env() -> Observer:
     try:
         from keel.observability.tracing import Tracing
     except ImportError:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but the otel extra is not installed: pip install 'keel[otel]'")
+        log.warning(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the otel extra is not installed: pip install 'keel-runtime[otel]'"
+        )
         return Observer()
     return Observer(tracing=Tracing.otlp())

