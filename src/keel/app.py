@@ -52,6 +52,7 @@ from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runtime import EmbeddedEngine, Notifier
 from keel.orchestration.engine.workflow import WorkflowRegistry
 from keel.orchestration.llm.models import ModelRegistry
+from keel.orchestration.llm.models.circuit import CircuitBreaker
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.tools.builtins import builtin_tools, load_tools
 from keel.orchestration.tools.email import EmailRelay, Sender
@@ -216,8 +217,18 @@ def _engine(
     run_workers: bool,
 ) -> Engine:
     """The engine ``KEEL_ENGINE`` names: the embedded one (the default) or Temporal."""
+    breaker = CircuitBreaker(
+        thresholds=settings.slo,
+        window_s=settings.slo_window_h * 3600,
+        cooldown_s=settings.breaker_cooldown_s,
+        probes=settings.breaker_probes,
+        min_calls=settings.breaker_min_calls,
+    )
     models = ModelRegistry(
-        settings.default_model, prices=settings.model_prices, allow_floating=settings.allow_floating_models
+        settings.default_model,
+        prices=settings.model_prices,
+        allow_floating=settings.allow_floating_models,
+        breaker=breaker,
     )
     common: dict[str, Any] = {
         "workers": settings.workers,
