@@ -49,6 +49,7 @@ from keel.netguard import AllowList, resolve_target
 from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runner import cancelled_envelope
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
+from keel.orchestration.llm.reliability import SloReport, report
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
 from keel.settings import Settings
 
@@ -409,6 +410,13 @@ class Keel:
 
     async def model_stats(self, model_id: str | None, *, hours: float) -> list[ModelStats]:
         return await self.stores.stats.model_stats(model_id, self.clock() - hours * 3600)
+
+    async def slo(self) -> SloReport:
+        """Each pinned model's rates over the last ``KEEL_SLO_WINDOW_H``, judged against ``KEEL_SLO`` (also what
+        the verdict gauges of ``/metrics`` are read from, at each scrape)."""
+        window_s = self.settings.slo_window_h * 3600
+        windows = await self.stores.stats.model_window(self.clock() - window_s)
+        return SloReport(window_s=window_s, models=[report(w, self.settings.slo) for w in windows])
 
     async def verify_key(self, token: str) -> ApiKey | None:
         return await self.stores.keys.verify_key(token)

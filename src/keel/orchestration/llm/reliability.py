@@ -129,3 +129,11 @@ def report(window: ModelWindow, thresholds: Mapping[str, float]) -> ModelReport:
         latency_p95_ms=window.latency_ms(0.95),
         latency_n=sum(window.latency_bins.values()),
     )
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SloReport:
+    """``GET /v1/slo``: every model called within the window, its rates, intervals and verdicts."""
+
+    window_s: float
+    models: list[ModelReport]
