@@ -206,17 +206,8 @@ def _memory(settings: Settings, stores: Stores, clock: Callable[[], float]) -> t
 Role = Literal["all", "api", "worker"]
 
 
-def _engine(
-    settings: Settings,
-    stores: Stores,
-    registry: WorkflowRegistry,
-    notifier: Notifier,
-    tools: ToolCatalog,
-    services: Services,
-    *,
-    run_workers: bool,
-) -> Engine:
-    """The engine ``KEEL_ENGINE`` names: the embedded one (the default) or Temporal."""
+def _models(settings: Settings) -> ModelRegistry:
+    """The process's models, built once per spec, and the circuit breaker of its fallback chains."""
     breaker = CircuitBreaker(
         thresholds=settings.slo,
         window_s=settings.slo_window_h * 3600,
@@ -224,12 +215,26 @@ def _engine(
         probes=settings.breaker_probes,
         min_calls=settings.breaker_min_calls,
     )
-    models = ModelRegistry(
+    return ModelRegistry(
         settings.default_model,
         prices=settings.model_prices,
         allow_floating=settings.allow_floating_models,
         breaker=breaker,
     )
+
+
+def _engine(
+    settings: Settings,
+    stores: Stores,
+    registry: WorkflowRegistry,
+    notifier: Notifier,
+    tools: ToolCatalog,
+    services: Services,
+    models: ModelRegistry,
+    *,
+    run_workers: bool,
+) -> Engine:
+    """The engine ``KEEL_ENGINE`` names: the embedded one (the default) or Temporal."""
     common: dict[str, Any] = {
         "workers": settings.workers,
         "lease_s": settings.lease_seconds,
@@ -315,7 +320,9 @@ async def running(
             fetch_max_bytes=settings.fetch_max_bytes,
             fetch_timeout_s=settings.fetch_timeout_s,
         )
-        runtime = _engine(settings, stores, registry, notifier, tools, services, run_workers=role != "api")
+        models = _models(settings)
+        stack.push_async_callback(models.aclose)  # after the engine has stopped (callbacks run last first)
+        runtime = _engine(settings, stores, registry, notifier, tools, services, models, run_workers=role != "api")
         allow = AllowList.parse(settings.webhook_allow_hosts)
         keel = Keel(
             settings=settings,

@@ -186,6 +186,14 @@ class ModelRegistry:
             )
         return self._models[key]
 
+    async def aclose(self) -> None:
+        """Close the models built here that hold connections (an HTTP adapter's pool, a chain's models)."""
+        built, self._models = list(self._models.values()), {}
+        for model in built:
+            close = getattr(model, "aclose", None)
+            if callable(close):
+                await close()
+
     def add(self, spec: str, model: Model) -> None:
         """Register a ready-made model under a name (tests, custom adapters)."""
         self._models[spec] = model

@@ -85,6 +85,12 @@ class FallbackModel(Adapter):
     def count_tokens(self, text: str) -> int:
         return max(m.count_tokens(text) for m in self.models)
 
+    async def aclose(self) -> None:
+        for model in self.models:
+            close = getattr(model, "aclose", None)
+            if callable(close):
+                await close()
+
     async def answer(self, call: ModelCall) -> ModelResponse:
         log = _watching.get() or ChainLog()
         last: BaseException | None = None
