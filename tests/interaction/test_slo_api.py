@@ -84,6 +84,7 @@ def test_reason_counts_as_structured_output(live: LiveServer, llm: FakeOpenAISer
     assert (jv["n"], jv["rate"], jv["threshold"], jv["verdict"]) == (4, 0.75, 0.97, "violated")
     assert jv["low"] < 0.75 < jv["high"] < 0.97
     assert model["metrics"]["schema_valid"]["rate"] == 0.5 and model["metrics"]["error"]["verdict"] == "uncertain"
+    assert (model["metrics"]["repair"]["rate"], model["metrics"]["repair"]["n"]) == (0.25, 4)  # reason's own re-ask
     assert model["latency_ms"]["n"] == 4 and model["latency_ms"]["p50"] > 0
 
 

@@ -629,6 +629,7 @@ class WorkflowContext:
         repairs: int = 1,
         stream: bool = True,
         tools: Sequence[ToolSpec] = (),
+        repairing: bool = False,
     ) -> Any:
         """Ask a model, as a durable step; tokens stream into the task's log as ``token`` events.
 
@@ -641,6 +642,8 @@ class WorkflowContext:
         recorded in the envelope and the per-model counters.
         With ``tools`` the model may answer with tool calls: the result is then a :class:`ModelTurn` (text and
         calls; nothing is executed here, see :func:`keel.orchestration.llm.agent.run_agent`).
+        ``repairing`` says this step re-asks after an answer the caller found unusable (a repair loop of its own,
+        as ``/v1/reason``'s): its calls count as repairs in the per-model rates.
         """
         messages = generation.messages_of(prompt)
         if json_schema is None and output_type is not None:
@@ -661,6 +664,7 @@ class WorkflowContext:
                 repairs=repairs,
                 stream=stream,
                 tools=tools,
+                repairing=repairing,
             )
 
         ran = False  # whether this run asked the model (its calls are in the envelope already) or replayed the step

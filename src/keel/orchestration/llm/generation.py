@@ -49,14 +49,16 @@ async def ask(
     repairs: int,
     stream: bool,
     tools: Sequence[ToolSpec] = (),
+    repairing: bool = False,
 ) -> dict[str, Any]:
     """One durable model step's body. Returns what the checkpoint keeps; raises ModelOutputError when the
-    answer stays unusable after ``repairs`` re-asks."""
+    answer stays unusable after ``repairs`` re-asks. ``repairing``: the step itself is a caller's re-ask."""
     conversation = list(messages)
     calls: list[dict[str, Any]] = []
     for attempt in range(repairs + 1):
-        resp = await _call(ctx, key, model, conversation, schema, settings, stream, tools, repair=attempt > 0)
-        answer = Answer(output_type=output_type, schema=schema, settings=settings, repair=attempt > 0)
+        repair = repairing or attempt > 0
+        resp = await _call(ctx, key, model, conversation, schema, settings, stream, tools, repair=repair)
+        answer = Answer(output_type=output_type, schema=schema, settings=settings, repair=repair)
         try:
             value = check_output(resp, output_type)
         except ModelOutputError as exc:

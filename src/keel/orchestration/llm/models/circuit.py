@@ -22,8 +22,8 @@ from enum import StrEnum
 from typing import Any
 
 from keel.memory.types import WINDOW_COUNTERS, ModelCallRecord
-from keel.orchestration.llm.intervals import RateVerdict
-from keel.orchestration.llm.reliability import BREAKER_METRICS, RateReport, rate_reports
+from keel.orchestration.llm.intervals import Direction, RateVerdict
+from keel.orchestration.llm.reliability import BREAKER_METRICS, METRICS, RateReport, rate_reports
 
 
 class CircuitState(StrEnum):
@@ -104,7 +104,7 @@ class _Circuit:
 
 
 def _describe(name: str, r: RateReport) -> str:
-    side = "above" if name.startswith("error") else "below"
+    side = "below" if METRICS[name].direction is Direction.floor else "above"
     return f"{name} {r.rate:.3f} (95% interval {r.low:.3f}–{r.high:.3f} over {r.n} calls) is {side} {r.threshold}"
 
 
