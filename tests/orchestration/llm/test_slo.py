@@ -9,6 +9,9 @@ import asyncio
 import random
 from pathlib import Path
 
+import pydantic
+import pytest
+
 from keel.app import running
 from keel.interaction.schemas import SloView
 from keel.memory.types import ModelCallRecord
@@ -90,3 +93,17 @@ async def test_json_validity_moves_from_ok_through_uncertain_to_violated(tmp_pat
         assert after["verdict"] == "violated" and WINDOW <= after["n"] <= WINDOW + 1  # type: ignore[operator]
         assert after["low"] <= 0.92 <= after["high"], after  # type: ignore[operator]
         assert after["threshold"] == 0.97
+
+
+def test_keel_slo_is_checked_when_the_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_SLO", '{"json_valid": 0.97, "error": 0.02}')
+    assert Settings().slo == {"json_valid": 0.97, "error": 0.02}
+    for bad, why in (('{"jsonvalid": 0.97}', "unknown rate 'jsonvalid'"), ('{"error": 2}', "between 0 and 1"),
+                     ('{"error": true}', "between 0 and 1"), ("[0.97]", "JSON object")):  # fmt: skip
+        monkeypatch.setenv("KEEL_SLO", bad)
+        with pytest.raises(pydantic.ValidationError, match=why):
+            Settings()
+    monkeypatch.setenv("KEEL_SLO_WINDOW_H", "200")
+    monkeypatch.delenv("KEEL_SLO")
+    with pytest.raises(pydantic.ValidationError, match="less than or equal to 168"):  # the rows are kept a week
+        Settings()
