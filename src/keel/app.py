@@ -334,6 +334,11 @@ async def running(
             memory=memory,
             webhook_allow=allow,
         )
+        if role != "api" and models.breaker is not None and settings.slo and settings.breaker_shared_s:
+            # The circuits count every replica's calls too; the first read before any task runs.
+            await models.breaker.refresh(stores.stats, shared_s=settings.breaker_shared_s)
+            follow = asyncio.create_task(models.breaker.follow(stores.stats, shared_s=settings.breaker_shared_s))
+            stack.push_async_callback(_cancelled, follow)
         if role != "api" or settings.engine == "temporal":
             # A process that owns its store alone knows that whatever is still `running` belongs to a dead one;
             # with a shared store, other workers' leases simply run out. (An API process on Temporal only holds
@@ -373,6 +378,12 @@ async def running(
         if lock is not None:
             lock.close()
     log.info("keel stopped")
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class _Probe:

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     breaker_probes: int = Field(
         2, ge=1, description="Half-open probes that must answer in a row before a model's circuit closes again."
     )
+    breaker_shared_s: float = Field(
+        300.0,
+        ge=0,
+        description="How far back a circuit also counts every replica's calls, from the shared stats (read every "
+        "15 s); 0: only this process's own calls.",
+    )
     breaker_min_calls: int = Field(
         5, ge=1, description="Calls a rate needs before its violated verdict opens a circuit (a blip is not a trend)."
     )

@@ -159,3 +159,40 @@ def test_a_fallback_chain_counts_its_failing_primary_and_opens_its_circuit(
     with live.client(admin(live)) as c:
         metrics = c.get("/metrics").text
     assert f'keel_slo_verdict{{metric="error",model_id="{ANTHROPIC_ID}",provider="anthropic"}} 2.0' in metrics
+
+
+def test_a_circuit_opens_on_the_calls_of_every_replica(
+    settings: Settings, llm: FakeOpenAIServer, claude: FakeAnthropicServer
+) -> None:
+    """Another replica saw the primary fail (its calls are in the shared stats): this one skips it on its first call."""
+    import asyncio
+
+    from conftest import start_server
+    from keel.backends import open_store
+    from keel.memory.types import ModelCallRecord
+
+    async def elsewhere() -> None:
+        store = open_store(settings.resolved_store_url)
+        failed = ModelCallRecord(provider="anthropic", requested_model=ANTHROPIC_ID, model_id=ANTHROPIC_ID,
+                                 at=time.time() - 30, error=True, error_class="5xx", outcome="http_529")  # fmt: skip
+        await asyncio.gather(*(store.record_model_call("other", failed) for _ in range(5)))
+        await store.aclose()
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(elsewhere())
+    key = make_key(settings.data_dir, "acme", frozenset({"tasks:read", "tasks:write"}))
+    llm.respond_with(lambda body: Reply(text='"yes"', model=OPENAI_ID))
+    chain = f"anthropic:{ANTHROPIC_ID},openai-compatible:{llm.base_url}#{OPENAI_ID}"
+    server, thread = start_server(settings)
+    live = LiveServer(url=f"http://127.0.0.1:{settings.port}", data_dir=settings.data_dir, settings=settings, key=key)
+    try:
+        with live.client() as c:
+            r = c.post("/v1/reason", json={"prompt": "Urgent?", "schema": {"type": "string"}, "model": chain})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+    skipped, answered = r.json()["envelope"]["metadata"]["model_calls"]
+    assert (skipped["model_id"], skipped["outcome"]) == (ANTHROPIC_ID, "skipped")
+    assert skipped["reason"].startswith("across replicas: error 1.000")
+    assert answered["provider"] == "openai-compatible" and claude.requests == []

@@ -229,3 +229,44 @@ def test_invalid_json_opens_the_circuit(valid: bool) -> None:
     admission = breaker.admit("p", "m")
     assert admission.allowed is valid
     assert admission.verdicts == {"json_valid": "ok" if valid else "violated"}
+
+
+def test_every_replicas_calls_open_a_circuit_but_not_again_after_it_closed() -> None:
+    from keel.memory.types import ModelCallRecord, ModelWindow
+
+    clock = Clock()
+    breaker = CircuitBreaker(thresholds={"error": 0.05}, cooldown_s=10, probes=1, min_calls=3, clock=clock)
+    elsewhere = ModelWindow(provider="p", model_id="m")
+    for _ in range(6):  # another replica's failures, as the shared stats hold them
+        elsewhere.add(ModelCallRecord(provider="p", requested_model="m", model_id="m", error=True).window_counts(), -1)
+    breaker.observe_shared([elsewhere], since=clock.now - 300)
+    admission = breaker.admit("p", "m")
+    assert not admission.allowed and admission.reason.startswith("across replicas: error 1.000")
+    assert admission.verdicts == {"error": "violated"}  # this process has no calls of its own: the shared say so
+    clock.now += 11
+    assert breaker.admit("p", "m").probe
+    assert breaker.settle("p", "m", ok=True) is not None  # closed
+    assert breaker.admit("p", "m").allowed  # the snapshot reaches back before the close: not counted again
+    breaker.observe_shared([elsewhere], since=clock.now + 1)  # a later snapshot that still shows failures
+    assert not breaker.admit("p", "m").allowed
+
+
+async def test_a_failed_read_of_the_shared_stats_keeps_the_last_snapshot(caplog: pytest.LogCaptureFixture) -> None:
+    from keel.memory.types import ModelCallRecord
+
+    store = InMemoryStore()
+    clock = Clock(now=time.time())
+    breaker = CircuitBreaker(thresholds={"error": 0.05}, min_calls=3, clock=clock)
+    failed = ModelCallRecord(provider="p", requested_model="m", model_id="m", error=True, at=clock.now - 10)
+    for _ in range(3):
+        await store.record_model_call("t", failed)
+    await breaker.refresh(store, shared_s=300)
+    await store.aclose()
+
+    async def broken(since: float) -> list[Any]:
+        raise OSError("the database is down")
+
+    store.model_window = broken  # type: ignore[method-assign]
+    await breaker.refresh(store, shared_s=300)
+    assert "could not read the shared model stats: the database is down" in caplog.text
+    assert not breaker.admit("p", "m").allowed  # still judged on the last snapshot

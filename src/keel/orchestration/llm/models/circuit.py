@@ -6,24 +6,32 @@ it for ``cooldown_s``. Then it is *half-open*: one call at a time is let through
 probes in a row close it again (its counts start afresh, so the failures that opened it do not open it at once
 again), and a failed probe opens it for another cooldown.
 
-The counts are this process's own calls, kept in :class:`CircuitBreaker` (one per process, shared by every worker
-of the engine: the state changes run without an ``await`` in between, so workers on one event loop see one
-consistent state, and two workers never both probe). Replicas do not share a breaker: each opens on what its own
-calls saw, and the shared per-model stats (``/v1/slo``) show the whole picture.
+The state is kept in :class:`CircuitBreaker`, one per process, shared by every worker of the engine: the state
+changes run without an ``await`` in between, so workers on one event loop see one consistent state, and two
+workers never both probe. A circuit opens on either of two counts, judged apart (so no call counts twice): this
+process's own calls since the circuit last closed, and every replica's calls over the last ``shared_s`` seconds,
+read from the shared per-model stats every few seconds (:meth:`CircuitBreaker.follow`, matched by model id, which
+for a pinned model is the one requested). A snapshot that reaches back before the circuit last closed is ignored
+for it, so the failures that opened it do not open it again. Each replica still probes for itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from keel.memory.types import WINDOW_COUNTERS, ModelCallRecord
+from keel.memory.stores import ModelStatsStore
+from keel.memory.types import WINDOW_COUNTERS, ModelCallRecord, ModelWindow
 from keel.orchestration.llm.intervals import Direction, RateVerdict
 from keel.orchestration.llm.reliability import BREAKER_METRICS, METRICS, RateReport, rate_reports
+
+log = logging.getLogger("keel.models")
 
 
 class CircuitState(StrEnum):
@@ -95,6 +103,8 @@ class _Recent:
 @dataclass(kw_only=True, slots=True)
 class _Circuit:
     recent: _Recent
+    closed_at: float = 0.0
+    """When probes last closed it: the shared counts from before then are not its own any more."""
     state: CircuitState = CircuitState.closed
     until: float = 0.0
     reason: str = ""
@@ -131,6 +141,8 @@ class CircuitBreaker:
         self.max_recent = max_recent
         self.clock = clock
         self._circuits: dict[tuple[str, str], _Circuit] = {}
+        self._shared: dict[tuple[str, str], dict[str, int]] = {}
+        self._shared_since = 0.0
 
     def _circuit(self, provider: str, model: str) -> _Circuit:
         key = (provider, model)
@@ -147,15 +159,46 @@ class CircuitBreaker:
     def state(self, provider: str, model: str) -> CircuitState:
         return self._circuit(provider, model).state
 
-    def _judge(self, c: _Circuit, now: float) -> tuple[dict[str, str], str | None]:
+    def observe_shared(self, windows: Iterable[ModelWindow], since: float) -> None:
+        """Every replica's counts per model since ``since`` (a snapshot of the shared stats)."""
+        self._shared = {(w.provider, w.model_id): dict(w.counts) for w in windows}
+        self._shared_since = since
+
+    async def refresh(self, stats: ModelStatsStore, *, shared_s: float) -> None:
+        """Read every replica's last ``shared_s`` seconds from the shared stats. A failed read keeps the last
+        snapshot (and says so): the breaker must not stop a chain because the store hiccuped."""
+        since = self.clock() - shared_s
+        try:
+            self.observe_shared(await stats.model_window(since), since)
+        except Exception as exc:  # any store failure: keep going on what we have
+            log.warning("the circuit breaker could not read the shared model stats: %s", exc)
+
+    async def follow(self, stats: ModelStatsStore, *, shared_s: float, every_s: float = 15.0) -> None:
+        """:meth:`refresh` every ``every_s`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.refresh(stats, shared_s=shared_s)
+
+    def _judge(self, key: tuple[str, str], c: _Circuit, now: float) -> tuple[dict[str, str], str | None]:
         """The verdicts of the breaker's rates, and why the circuit must open (None: it need not)."""
         c.recent.trim(now - self.window_s)
-        reports = rate_reports(c.recent.counts(), self.thresholds)
+        verdicts, why = self._verdicts(c.recent.counts(), "")
+        shared = self._shared.get(key)
+        if shared is not None and self._shared_since >= c.closed_at:
+            across, why_across = self._verdicts(shared, "across replicas: ")
+            for name, v in across.items():
+                if v == RateVerdict.violated.value:
+                    verdicts[name] = v
+            why = why or why_across
+        return verdicts, why
+
+    def _verdicts(self, counts: dict[str, int], prefix: str) -> tuple[dict[str, str], str | None]:
+        reports = rate_reports(counts, self.thresholds)
         verdicts = {n: r.verdict.value for n in self.thresholds if (r := reports[n]).verdict is not None}
         for name in self.thresholds:
             r = reports[name]
             if r.verdict is RateVerdict.violated and r.n >= self.min_calls:
-                return verdicts, _describe(name, r)
+                return verdicts, prefix + _describe(name, r)
         return verdicts, None
 
     def admit(self, provider: str, model: str) -> Admission:
@@ -163,7 +206,7 @@ class CircuitBreaker:
         now = self.clock()
         change: CircuitChange | None = None
         if c.state is CircuitState.closed:
-            verdicts, why = self._judge(c, now) if self.thresholds else ({}, None)
+            verdicts, why = self._judge((provider, model), c, now) if self.thresholds else ({}, None)
             if why is None:
                 return Admission(allowed=True, state=c.state, verdicts=verdicts)
             c.verdicts, c.reason = verdicts, why
@@ -194,7 +237,7 @@ class CircuitBreaker:
         if c.successes < self.probes:
             return None
         c.recent = _Recent(self.max_recent)  # counting starts afresh: the old failures are not the model's now
-        c.verdicts, c.reason = {}, ""
+        c.verdicts, c.reason, c.closed_at = {}, "", now
         return self._move(c, provider, model, CircuitState.closed, f"{c.successes} probe(s) in a row answered", now)
 
     def release(self, provider: str, model: str) -> None:
