@@ -56,6 +56,7 @@ from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runtime import EmbeddedEngine, Notifier
 from keel.orchestration.engine.workflow import WorkflowRegistry
 from keel.orchestration.llm.models import ModelRegistry
+from keel.orchestration.llm.models.circuit import CircuitBreaker
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.tools.builtins import builtin_tools, load_tools
 from keel.orchestration.tools.email import EmailRelay, Sender
@@ -235,6 +236,23 @@ def _memory(settings: Settings, stores: Stores, clock: Callable[[], float]) -> t
 Role = Literal["all", "api", "worker"]
 
 
+def _models(settings: Settings) -> ModelRegistry:
+    """The process's models, built once per spec, and the circuit breaker of its fallback chains."""
+    breaker = CircuitBreaker(
+        thresholds=settings.slo,
+        window_s=settings.slo_window_h * 3600,
+        cooldown_s=settings.breaker_cooldown_s,
+        probes=settings.breaker_probes,
+        min_calls=settings.breaker_min_calls,
+    )
+    return ModelRegistry(
+        settings.default_model,
+        prices=settings.model_prices,
+        allow_floating=settings.allow_floating_models,
+        breaker=breaker,
+    )
+
+
 def _engine(
     settings: Settings,
     stores: Stores,
@@ -242,13 +260,11 @@ def _engine(
     notifier: Notifier,
     tools: ToolCatalog,
     services: Services,
+    models: ModelRegistry,
     *,
     run_workers: bool,
 ) -> Engine:
     """The engine ``KEEL_ENGINE`` names: the embedded one (the default) or Temporal."""
-    models = ModelRegistry(
-        settings.default_model, prices=settings.model_prices, allow_floating=settings.allow_floating_models
-    )
     common: dict[str, Any] = {
         "workers": settings.workers,
         "lease_s": settings.lease_seconds,
@@ -353,7 +369,9 @@ async def running(
             fetch_max_bytes=settings.fetch_max_bytes,
             fetch_timeout_s=settings.fetch_timeout_s,
         )
-        runtime = _engine(settings, stores, registry, notifier, tools, services, run_workers=role != "api")
+        models = _models(settings)
+        stack.push_async_callback(models.aclose)  # after the engine has stopped (callbacks run last first)
+        runtime = _engine(settings, stores, registry, notifier, tools, services, models, run_workers=role != "api")
         allow = AllowList.parse(settings.webhook_allow_hosts)
         keel = Keel(
             settings=settings,
@@ -366,6 +384,11 @@ async def running(
             webhook_allow=allow,
             secrets=secrets,
         )
+        if role != "api" and models.breaker is not None and settings.slo and settings.breaker_shared_s:
+            # The circuits count every replica's calls too; the first read before any task runs.
+            await models.breaker.refresh(stores.stats, shared_s=settings.breaker_shared_s)
+            follow = asyncio.create_task(models.breaker.follow(stores.stats, shared_s=settings.breaker_shared_s))
+            stack.push_async_callback(_cancelled, follow)
         if role != "api" or settings.engine == "temporal":
             # A process that owns its store alone knows that whatever is still `running` belongs to a dead one;
             # with a shared store, other workers' leases simply run out. (An API process on Temporal only holds
@@ -406,6 +429,12 @@ async def running(
         if lock is not None:
             lock.close()
     log.info("keel stopped")
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class _Probe:

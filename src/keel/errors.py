@@ -27,6 +27,7 @@ mistakes (configuration, misuse of the API) from runtime failures (a task, a sto
         │   ├── Nondeterminism      # the code took a different path than the recorded history
         │   ├── ClarificationNeeded # the plan is unsure or incomplete: ask the caller, run nothing expensive
         │   ├── ModelOutputError    # a 200 that is not usable: schema_violation, truncation, refusal, schema_drift
+        │   ├── ModelUnavailable    # every model of a fallback chain has its circuit open: fail fast, not retried
         │   ├── DocumentRejected    # one document could not be ingested (encrypted, corrupt, a bomb, unreachable)
         │   └── ToolError           # a tool call failed; its message goes back to the model
         │       ├── ToolArgsInvalid # the arguments do not match the tool's schema (never retried)
@@ -358,6 +359,20 @@ class ModelOutputError(WorkflowError):
     schema_drift; ``pointer`` locates the problem in the output."""
 
     code = "model_output_error"
+
+
+class ModelUnavailable(WorkflowError):
+    """No model of a fallback chain may be asked now: each one's circuit is open (or half-open with a probe in
+    flight). Not retried: the cooldown, not a backoff, decides when a model is asked again. ``detail["models"]``
+    names each model, its circuit state, why and its verdicts."""
+
+    code = "model_unavailable"
+
+    def __init__(self, models: list[dict[str, object]]) -> None:
+        named = "; ".join(f"{m['provider']}:{m['model_id']} ({m['reason']})" for m in models)
+        super().__init__(
+            f"every model of the chain is unavailable: {named}", type="model_unavailable", detail={"models": models}
+        )
 
 
 class DeliveryError(RuntimeFailure):

@@ -53,6 +53,7 @@ from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runner import cancelled_envelope
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.llm.models.catalog import unpriced
+from keel.orchestration.llm.reliability import SloReport, report
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
 from keel.secretbox import SecretBox
 from keel.settings import Settings
@@ -609,6 +610,13 @@ class Keel:
     @property
     def keys(self) -> Keys:
         return Keys(store=self.stores.keys, clock=self.clock)
+
+    async def slo(self) -> SloReport:
+        """Each pinned model's rates over the last ``KEEL_SLO_WINDOW_H``, judged against ``KEEL_SLO`` (also what
+        the verdict gauges of ``/metrics`` are read from, at each scrape)."""
+        window_s = self.settings.slo_window_h * 3600
+        windows = await self.stores.stats.model_window(self.clock() - window_s)
+        return SloReport(window_s=window_s, models=[report(w, self.settings.slo) for w in windows])
 
     async def verify_key(self, token: str) -> ApiKey | None:
         """The key behind ``token``, if it may be used now; read from the store every time (no cache), so a

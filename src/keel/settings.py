@@ -3,6 +3,7 @@ named by ``KEEL_CONFIG``."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,7 +17,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from keel.errors import ConfigError
 from keel.orchestration.llm.models.weights import DEFAULT_LOCAL
+from keel.orchestration.llm.reliability import check_thresholds
 
 
 class Settings(BaseSettings):
@@ -71,6 +74,30 @@ class Settings(BaseSettings):
     )
     allow_floating_models: bool = Field(
         False, description="Accept floating model aliases (e.g. gpt-4o) without a warning in the envelope."
+    )
+    slo: dict[str, float] = Field(
+        default_factory=dict,
+        description='Statistical SLAs per pinned model, as rate thresholds: {"json_valid": 0.97, "error": 0.02}. '
+        "Validity rates (json_valid, schema_valid) are floors, the others (error, error_429, error_5xx, "
+        "error_timeout, error_cut, refusal, truncation, repair, fallback, cancelled) ceilings. GET /v1/slo judges "
+        "each against its Wilson 95% interval; an error or validity rate that is violated opens the model's "
+        "circuit in fallback chains.",
+    )
+    slo_window_h: float = Field(24.0, gt=0, le=168, description="The rolling window of GET /v1/slo, in hours.")
+    breaker_cooldown_s: float = Field(
+        60.0, gt=0, description="How long a fallback chain skips a model whose circuit opened, before probing it."
+    )
+    breaker_probes: int = Field(
+        2, ge=1, description="Half-open probes that must answer in a row before a model's circuit closes again."
+    )
+    breaker_shared_s: float = Field(
+        300.0,
+        ge=0,
+        description="How far back a circuit also counts every replica's calls, from the shared stats (read every "
+        "15 s); 0: only this process's own calls.",
+    )
+    breaker_min_calls: int = Field(
+        5, ge=1, description="Calls a rate needs before its violated verdict opens a circuit (a blip is not a trend)."
     )
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -169,6 +196,18 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, v: object) -> object:
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("slo", mode="before")
+    @classmethod
+    def _slo(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from a TOML file or the constructor; the environment's is JSON-decoded already
+            v = json.loads(v) if v.strip() else {}
+        if not isinstance(v, dict):
+            raise ValueError('KEEL_SLO is a JSON object of rate thresholds, e.g. {"json_valid": 0.97}')
+        try:
+            return check_thresholds(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("log_level", mode="before")
     @classmethod

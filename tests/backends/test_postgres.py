@@ -290,6 +290,9 @@ async def test_model_stats_and_tenant_usage_match_sqlite(pg: PostgresStore, tmp_
             assert len(got) == len(want)
             for g, w in zip(got, want, strict=True):
                 assert dataclasses.asdict(g) == pytest.approx(dataclasses.asdict(w))
+        for since in (0.0, T0 + 1800, T0 + 90_000):  # the SLO window: the same sums and latency bins
+            want_w, got_w = await lite.model_window(since), await pg.model_window(since)
+            assert [dataclasses.asdict(w) for w in got_w] == [dataclasses.asdict(w) for w in want_w] and want_w
         for tenant, since in (("acme", 0.0), ("beta", T0 + 86_400), ("nobody", 0.0)):
             want_u, got_u = await lite.tenant_usage(tenant, since), await pg.tenant_usage(tenant, since)
             assert dataclasses.asdict(got_u) == pytest.approx(dataclasses.asdict(want_u))

@@ -95,3 +95,30 @@ def test_postgres_url_without_the_driver_names_the_extra(monkeypatch: pytest.Mon
     monkeypatch.delitem(sys.modules, "keel.backends.postgres", raising=False)
     with pytest.raises(ConfigError, match=r"pip install 'keel-runtime\[postgres\]'"):
         open_store("postgresql://localhost/keel")
+
+
+async def test_the_sqlite_stats_migration_keeps_the_hour_buckets_and_keys_them_by_provider(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database from before v9 (stats keyed by model id alone) migrates with its counters."""
+    import sqlite3
+
+    from keel.backends import sqlite as sqlite_backend
+
+    path = tmp_path / "k.db"
+    full = list(sqlite_backend.MIGRATIONS)
+    before = next(i for i, step in enumerate(full) if "CREATE TABLE model_minutes" in step)
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", full[:before])
+    await SQLiteStore(path).aclose()
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO model_stats (model_id, bucket, provider, calls, errors) VALUES ('m-1', 3600, 'p', 5, 2)"
+        )
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", full)
+    store = SQLiteStore(path)
+    try:
+        [row] = await store.model_stats("m-1")
+        assert (row.provider, row.bucket, row.calls, row.errors) == ("p", 3600, 5, 2)
+        assert await store.model_window(0) == []
+    finally:
+        await store.aclose()

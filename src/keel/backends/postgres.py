@@ -60,6 +60,7 @@ from keel.memory.types import (
     LeaseState,
     ModelCallRecord,
     ModelStats,
+    ModelWindow,
     NewTask,
     OutboxMessage,
     StepCheckpoint,
@@ -70,9 +71,11 @@ from keel.memory.types import (
     dead_letter_envelope,
     decide,
     hour_bucket,
+    minute_bucket,
     new_id,
     park_status,
     tenants,
+    window_horizon,
 )
 
 T = TypeVar("T")
@@ -292,6 +295,33 @@ MIGRATIONS: list[str] = [
         at DOUBLE PRECISION NOT NULL
     )
     """,
+    # v4: reliability per (provider, model id): the hour buckets keyed by provider too (two providers serving one
+    # id were one row), and per-minute rows, by latency bin, for the rolling SLO window (see ModelStatsStore).
+    """
+    ALTER TABLE model_stats DROP CONSTRAINT model_stats_pkey, ADD PRIMARY KEY (provider, model_id, bucket);
+    CREATE TABLE model_minutes (
+        provider TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        minute BIGINT NOT NULL,
+        lat_bin INTEGER NOT NULL,
+        calls BIGINT NOT NULL DEFAULT 0,
+        errors BIGINT NOT NULL DEFAULT 0,
+        errors_429 BIGINT NOT NULL DEFAULT 0,
+        errors_5xx BIGINT NOT NULL DEFAULT 0,
+        errors_timeout BIGINT NOT NULL DEFAULT 0,
+        errors_cut BIGINT NOT NULL DEFAULT 0,
+        structured BIGINT NOT NULL DEFAULT 0,
+        json_valid BIGINT NOT NULL DEFAULT 0,
+        schema_valid BIGINT NOT NULL DEFAULT 0,
+        refusals BIGINT NOT NULL DEFAULT 0,
+        truncations BIGINT NOT NULL DEFAULT 0,
+        repairs BIGINT NOT NULL DEFAULT 0,
+        cancelled BIGINT NOT NULL DEFAULT 0,
+        fallbacks BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (provider, model_id, minute, lat_bin)
+    );
+    CREATE INDEX model_minutes_by_minute ON model_minutes(minute);
+    """,
 ]
 """Version N is ``MIGRATIONS[N - 1]``; append, never edit. (Version 1 is the SQLite schema as of its v6.)"""
 
@@ -361,6 +391,7 @@ class PostgresStore(PostgresMemory):
             open=False,
         )
         self._opened = False
+        self._window_swept = 0
         self._closed = False
         self._opening: asyncio.Lock | None = None
         self._tails: dict[str, asyncio.Future[Any]] = {}
@@ -836,7 +867,7 @@ class PostgresStore(PostgresMemory):
         async def op(conn: Conn) -> None:
             await conn.execute(
                 f"INSERT INTO model_stats AS m{_values(rows.MODEL_STATS_INSERT)} "
-                "ON CONFLICT (model_id, bucket) DO UPDATE SET calls = m.calls + 1, "
+                "ON CONFLICT (provider, model_id, bucket) DO UPDATE SET calls = m.calls + 1, "
                 "errors = m.errors + excluded.errors, "
                 "structured = m.structured + excluded.structured, json_valid = m.json_valid + excluded.json_valid, "
                 "schema_valid = m.schema_valid + excluded.schema_valid, refusals = m.refusals + excluded.refusals, "
@@ -847,6 +878,15 @@ class PostgresStore(PostgresMemory):
                 "output_tokens = m.output_tokens + excluded.output_tokens, cost_usd = m.cost_usd + excluded.cost_usd",
                 rows.model_stats_params(call),
             )
+            await conn.execute(
+                f"INSERT INTO model_minutes AS w{_values(rows.MODEL_MINUTES_INSERT)} "
+                "ON CONFLICT (provider, model_id, minute, lat_bin) DO UPDATE SET " + rows.MODEL_MINUTES_ADD.format("w"),
+                rows.model_minutes_params(call),
+            )
+            horizon = window_horizon(call.at)
+            if horizon > self._window_swept:  # once a minute per process: rows past the longest window go
+                self._window_swept = horizon
+                await conn.execute("DELETE FROM model_minutes WHERE minute < %s", (horizon,))
             await conn.execute(
                 f"INSERT INTO tenant_usage AS u{_values(rows.USAGE_INSERT)} ON CONFLICT (tenant, day) DO UPDATE SET "
                 "calls = u.calls + 1, input_tokens = u.input_tokens + excluded.input_tokens, "
@@ -862,9 +902,16 @@ class PostgresStore(PostgresMemory):
             if model_id is not None:
                 query += " AND model_id = %(model)s"
             cur = await conn.execute(
-                query + " ORDER BY model_id, bucket", {"bucket": hour_bucket(since), "model": model_id}
+                query + " ORDER BY model_id, bucket, provider", {"bucket": hour_bucket(since), "model": model_id}
             )
             return [ModelStats(**r) for r in await cur.fetchall()]
+
+        return await self._read(op)
+
+    async def model_window(self, since: float) -> list[ModelWindow]:
+        async def op(conn: Conn) -> list[ModelWindow]:
+            cur = await conn.execute(rows.MODEL_WINDOW_SELECT.format("%s"), (minute_bucket(since),))
+            return ModelWindow.fold([tuple(r.values()) for r in await cur.fetchall()])
 
         return await self._read(op)
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 from keel.memory.blobs import dumps
 from keel.memory.limits import TenantLimits
 from keel.memory.types import (
+    WINDOW_COUNTERS,
     BlobRef,
     ChunkRecord,
     Decision,
@@ -39,6 +40,7 @@ from keel.memory.types import (
     Verdict,
     day_bucket,
     hour_bucket,
+    minute_bucket,
     webhook_payload,
 )
 
@@ -357,6 +359,24 @@ def model_stats_params(call: ModelCallRecord) -> tuple[Any, ...]:
         call.output_tokens,
         call.cost_usd,
     )
+
+
+MODEL_MINUTES_INSERT = "provider, model_id, minute, lat_bin, " + ", ".join(WINDOW_COUNTERS)
+
+MODEL_MINUTES_ADD = ", ".join(f"{c} = {{0}}.{c} + excluded.{c}" for c in WINDOW_COUNTERS)
+"""The upsert's SET clause, ``{0}`` the table's name or alias: every column is a sum."""
+
+MODEL_WINDOW_SELECT = (
+    "SELECT provider, model_id, lat_bin, "
+    + ", ".join(f"SUM({c}) AS {c}" for c in WINDOW_COUNTERS)  # named: a dict row keeps every column
+    + " FROM model_minutes WHERE minute >= {0} GROUP BY provider, model_id, lat_bin"
+)
+"""A window's rows for :meth:`ModelWindow.fold`, ``{0}`` the driver's placeholder for the first minute."""
+
+
+def model_minutes_params(call: ModelCallRecord) -> tuple[Any, ...]:
+    """One call's contribution to its model's minute (``MODEL_MINUTES_INSERT``)."""
+    return (call.provider, call.model_id, minute_bucket(call.at), call.latency_bin(), *call.window_counts())
 
 
 USAGE_INSERT = "tenant, day, calls, input_tokens, output_tokens, cost_usd"

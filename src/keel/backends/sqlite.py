@@ -52,6 +52,7 @@ from keel.memory.types import (
     LeaseState,
     ModelCallRecord,
     ModelStats,
+    ModelWindow,
     NewTask,
     OutboxMessage,
     StepCheckpoint,
@@ -62,9 +63,11 @@ from keel.memory.types import (
     dead_letter_envelope,
     decide,
     hour_bucket,
+    minute_bucket,
     new_id,
     park_status,
     tenants,
+    window_horizon,
 )
 
 T = TypeVar("T")
@@ -313,6 +316,57 @@ MIGRATIONS: list[str] = [
     """,
     # v8: per-tenant limits and their rate buckets (issue 21).
     rows.LIMITS_SCHEMA,
+    # v9: reliability per (provider, model id). The hour buckets were keyed by model id alone, so two providers
+    # serving one id (a fallback chain's backup, a self-hosted copy) shared a row under the first one's name;
+    # and per-minute rows, by latency bin, for the rolling SLO window (see ModelStatsStore).
+    """
+    CREATE TABLE model_stats_v8 (
+        provider TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        calls INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        structured INTEGER NOT NULL DEFAULT 0,
+        json_valid INTEGER NOT NULL DEFAULT 0,
+        schema_valid INTEGER NOT NULL DEFAULT 0,
+        refusals INTEGER NOT NULL DEFAULT 0,
+        truncations INTEGER NOT NULL DEFAULT 0,
+        latency_ms_sum REAL NOT NULL DEFAULT 0,
+        latency_ms_max REAL NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (provider, model_id, bucket)
+    ) WITHOUT ROWID;
+    INSERT INTO model_stats_v8 (provider, model_id, bucket, calls, errors, structured, json_valid, schema_valid,
+        refusals, truncations, latency_ms_sum, latency_ms_max, input_tokens, output_tokens, cost_usd)
+        SELECT provider, model_id, bucket, calls, errors, structured, json_valid, schema_valid, refusals,
+        truncations, latency_ms_sum, latency_ms_max, input_tokens, output_tokens, cost_usd FROM model_stats;
+    DROP TABLE model_stats;
+    ALTER TABLE model_stats_v8 RENAME TO model_stats;
+    CREATE TABLE model_minutes (
+        provider TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        lat_bin INTEGER NOT NULL,
+        calls INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        errors_429 INTEGER NOT NULL DEFAULT 0,
+        errors_5xx INTEGER NOT NULL DEFAULT 0,
+        errors_timeout INTEGER NOT NULL DEFAULT 0,
+        errors_cut INTEGER NOT NULL DEFAULT 0,
+        structured INTEGER NOT NULL DEFAULT 0,
+        json_valid INTEGER NOT NULL DEFAULT 0,
+        schema_valid INTEGER NOT NULL DEFAULT 0,
+        refusals INTEGER NOT NULL DEFAULT 0,
+        truncations INTEGER NOT NULL DEFAULT 0,
+        repairs INTEGER NOT NULL DEFAULT 0,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        fallbacks INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (provider, model_id, minute, lat_bin)
+    ) WITHOUT ROWID;
+    CREATE INDEX model_minutes_by_minute ON model_minutes(minute);
+    """,
 ]
 
 _TASK_COLS = (
@@ -340,6 +394,7 @@ class SQLiteStore(SQLiteMemory):
         self._conns: list[sqlite3.Connection] = []
         self._buckets: dict[str, Bucket] = {}
         self._lock = threading.Lock()
+        self._window_swept = 0
         self._memory_init()
         conn = self._conn()
         self._migrate(conn)
@@ -809,7 +864,8 @@ class SQLiteStore(SQLiteMemory):
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 f"INSERT INTO model_stats{_values(rows.MODEL_STATS_INSERT)} "
-                "ON CONFLICT(model_id, bucket) DO UPDATE SET calls = calls + 1, errors = errors + excluded.errors, "
+                "ON CONFLICT(provider, model_id, bucket) DO UPDATE SET calls = calls + 1, "
+                "errors = errors + excluded.errors, "
                 "structured = structured + excluded.structured, json_valid = json_valid + excluded.json_valid, "
                 "schema_valid = schema_valid + excluded.schema_valid, refusals = refusals + excluded.refusals, "
                 "truncations = truncations + excluded.truncations, "
@@ -819,6 +875,16 @@ class SQLiteStore(SQLiteMemory):
                 "output_tokens = output_tokens + excluded.output_tokens, cost_usd = cost_usd + excluded.cost_usd",
                 rows.model_stats_params(call),
             )
+            conn.execute(
+                f"INSERT INTO model_minutes{_values(rows.MODEL_MINUTES_INSERT)} "
+                "ON CONFLICT(provider, model_id, minute, lat_bin) DO UPDATE SET "
+                + rows.MODEL_MINUTES_ADD.format("model_minutes"),
+                rows.model_minutes_params(call),
+            )
+            horizon = window_horizon(call.at)
+            if horizon > self._window_swept:  # once a minute: rows past the longest window go
+                conn.execute("DELETE FROM model_minutes WHERE minute < ?", (horizon,))
+                self._window_swept = horizon
             conn.execute(
                 f"INSERT INTO tenant_usage{_values(rows.USAGE_INSERT)} ON CONFLICT(tenant, day) DO UPDATE SET "
                 "calls = calls + 1, input_tokens = input_tokens + excluded.input_tokens, "
@@ -834,8 +900,14 @@ class SQLiteStore(SQLiteMemory):
             if model_id is not None:
                 sql += " AND model_id = ?"
                 args.append(model_id)
-            found = conn.execute(sql + " ORDER BY model_id, bucket", args)
+            found = conn.execute(sql + " ORDER BY model_id, bucket, provider", args)
             return [ModelStats(**{k: r[k] for k in r.keys()}) for r in found]
+
+        return await self._read(op)
+
+    async def model_window(self, since: float) -> list[ModelWindow]:
+        def op(conn: sqlite3.Connection) -> list[ModelWindow]:
+            return ModelWindow.fold(conn.execute(rows.MODEL_WINDOW_SELECT.format("?"), (minute_bucket(since),)))
 
         return await self._read(op)
 

@@ -28,5 +28,6 @@ async def metrics(request: Request, keel: App, _: Annotated[ApiKey, Depends(requ
         return Response(b"", media_type=CONTENT_TYPE)
     # Read from the store at each scrape: the queue is shared by every process, and only the store knows it.
     observer.metrics.queue_depth.set(await keel.queue_depth())
+    observer.metrics.slo(await keel.slo())  # the verdicts come from the shared stats, as for the queue
     body = observer.metrics.render()
     return Response(body, media_type=CONTENT_TYPE)

@@ -14,7 +14,16 @@ from keel.errors import InputError
 from keel.interaction.auth import Admin, Reader, Writer
 from keel.interaction.deps import App, errors, problem
 from keel.interaction.openapi import EventStream, event_stream
-from keel.interaction.schemas import ModelStatsView, SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
+from keel.interaction.schemas import (
+    ModelStatsView,
+    SloView,
+    SubmitTask,
+    TaskAccepted,
+    TaskPage,
+    TaskView,
+    accepted,
+    view,
+)
 from keel.interaction.sse import event_response
 from keel.memory.types import ApiKey, TaskStatus
 from keel.service import Idempotency, Keel, Submitted
@@ -188,3 +197,19 @@ async def model_stats(
     """Per pinned model and hour: calls, errors, JSON- and schema-valid rates, refusals, truncations, latency,
     tokens and cost. The raw material for statistical SLAs on a model that may drift under a stable name."""
     return [ModelStatsView.of(r) for r in await keel.model_stats(model_id, hours=hours)]
+
+
+@router.get(
+    "/slo",
+    response_model=SloView,
+    responses=errors(),
+    summary="Statistical SLAs per pinned model",
+    tags=["models"],
+    operation_id="getSlo",
+)
+async def slo(keel: App, key: Admin) -> SloView:
+    """Per (provider, model id), over the last `KEEL_SLO_WINDOW_H` hours: JSON validity, schema adherence, refusals,
+    truncations, errors by class (429, 5xx, timeout, cut stream), repairs, fallbacks and cancellations, each with
+    its Wilson 95% interval, its `n` and, where `KEEL_SLO` sets a threshold, a verdict (ok, uncertain, violated);
+    and latency p50 and p95. A violated error or validity rate opens the model's circuit in fallback chains."""
+    return SloView.of(await keel.slo())

@@ -9,12 +9,14 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from keel.memory.types import EffectStatus, ModelStats, Task, TaskStatus, Verdict
 from keel.orchestration.engine.envelope import Envelope
+from keel.orchestration.llm.reliability import SloReport
 from keel.service import Submission, Webhook
 
 __all__ = [
     "BudgetSpec",
     "Envelope",
     "ModelStatsView",
+    "SloView",
     "SubmitTask",
     "TaskAccepted",
     "TaskView",
@@ -309,3 +311,61 @@ class ModelStatsView(BaseModel):
             output_tokens=s.output_tokens,
             cost_usd=round(s.cost_usd, 10),
         )
+
+
+class RateView(BaseModel):
+    """One rate over the window: the share of ``n`` calls, its Wilson 95% interval, and its verdict."""
+
+    rate: float | None = Field(description="The measured share; null when no call counts toward it yet.")
+    low: float = Field(description="Lower bound of the Wilson 95% interval.")
+    high: float = Field(description="Upper bound of the Wilson 95% interval.")
+    n: int = Field(description="Calls the rate is measured over (its denominator).")
+    threshold: float | None = Field(
+        description="From KEEL_SLO: a floor for json_valid and schema_valid, a ceiling for the others."
+    )
+    verdict: Literal["ok", "uncertain", "violated"] | None = Field(
+        description="ok: the whole interval is on the right side of the threshold; violated: the whole interval is "
+        "past it; uncertain: it straddles it. Null without a threshold."
+    )
+
+
+class LatencyView(BaseModel):
+    p50: float | None = Field(description="Median latency of the answered calls, ms (from log-scale bins, ±5%).")
+    p95: float | None = Field(description="95th percentile latency of the answered calls, ms.")
+    n: int = Field(description="Answered calls timed (failed and cancelled calls are not).")
+
+
+class SloModelView(BaseModel):
+    provider: str
+    model_id: str
+    metrics: dict[str, RateView] = Field(
+        description="json_valid, schema_valid (over structured answers); error, error_429, error_5xx, error_timeout, "
+        "error_cut, refusal, truncation (over calls not cancelled); repair, fallback, cancelled (over all calls)."
+    )
+    latency_ms: LatencyView
+
+
+class SloView(BaseModel):
+    """Statistical SLAs per pinned model, over a rolling window."""
+
+    window_s: float = Field(description="The window (KEEL_SLO_WINDOW_H), seconds.")
+    models: list[SloModelView]
+
+    @classmethod
+    def of(cls, r: SloReport) -> SloView:
+        return cls(
+            window_s=r.window_s,
+            models=[
+                SloModelView(
+                    provider=m.provider,
+                    model_id=m.model_id,
+                    metrics={k: RateView.model_validate(v.as_dict()) for k, v in m.metrics.items()},
+                    latency_ms=LatencyView(p50=_ms(m.latency_p50_ms), p95=_ms(m.latency_p95_ms), n=m.latency_n),
+                )
+                for m in r.models
+            ],
+        )
+
+
+def _ms(v: float | None) -> float | None:
+    return round(v, 3) if v is not None else None

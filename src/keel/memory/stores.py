@@ -33,6 +33,7 @@ from keel.memory.types import (
     LeaseState,
     ModelCallRecord,
     ModelStats,
+    ModelWindow,
     NewTask,
     OutboxMessage,
     Session,
@@ -154,11 +155,20 @@ class WorkflowStore(Backend, Protocol):
 
 
 class ModelStatsStore(Backend, Protocol):
-    """Rolling per-model counters (hour buckets) and per-tenant spend (day buckets)."""
+    """Rolling per-model counters and per-tenant spend (day buckets). A model is a (provider, model id) pair.
+
+    One call, one write, three tables: hour buckets for ``/v1/models/stats`` (kept long), per-minute rows for the
+    rolling SLO window (``/v1/slo``, kept :data:`~keel.memory.types.WINDOW_RETENTION_S`), and the tenant's day.
+    The per-minute rows are also keyed by latency bin, so that every column is a plain sum (an upsert adds, never
+    reads) and a window's percentiles come from a few dozen rows per model, not one row per call."""
 
     async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None: ...
 
     async def model_stats(self, model_id: str | None = None, since: float = 0.0) -> list[ModelStats]: ...
+
+    async def model_window(self, since: float) -> list[ModelWindow]:
+        """Each model's counters from the start of ``since``'s minute on, sorted by provider and model id."""
+        ...
 
     async def tenant_usage(self, tenant: str, since: float) -> TenantUsage:
         """Sum of the tenant's model calls from the start of ``since``'s UTC day."""

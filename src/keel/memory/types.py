@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -242,12 +244,20 @@ class ModelCallRecord:
     truncated: bool = False
     error: bool = False
     """The call itself failed (HTTP error, cut stream, timeout): no usable response at all."""
+    error_class: str = ""
+    """For a failed call, one of :data:`ERROR_CLASSES`: what the per-class error rates count."""
     outcome: str = "ok"
     settings: dict[str, Any] = field(default_factory=dict)
     usage_counted: bool = False
+    repair: bool = False
+    """A re-ask after an unusable answer (not the first try of its step)."""
+    cancelled: bool = False
+    """The call was abandoned before it ended (the task was cancelled, or its step timed out)."""
+    fallback: bool = False
+    """Made by a fallback chain after an earlier model of the chain failed or was skipped."""
 
     def as_metadata(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "provider": self.provider,
             "requested_model": self.requested_model,
             "model_id": self.model_id,
@@ -261,11 +271,136 @@ class ModelCallRecord:
             "finish_reason": self.finish_reason,
             "outcome": self.outcome,
         }
+        # Only where they say something, so the common call's entry stays as it was.
+        out.update({k: True for k in ("error", "repair", "cancelled", "fallback") if getattr(self, k)})
+        if self.error_class:
+            out["error_class"] = self.error_class
+        return out
+
+    def window_counts(self) -> tuple[int, ...]:
+        """What this call adds to its model's windowed counters, in :data:`WINDOW_COUNTERS` order: the one rule the
+        backends (and the in-memory twin) sum. A cancelled call counts as a call and as cancelled, nothing else:
+        it says nothing about the model."""
+        settled = not self.cancelled
+        structured = settled and self.json_valid is not None
+        return (
+            1,
+            int(settled and self.error),
+            int(settled and self.error_class == "429"),
+            int(settled and self.error_class == "5xx"),
+            int(settled and self.error_class == "timeout"),
+            int(settled and self.error_class == "cut"),
+            int(structured),
+            int(structured and bool(self.json_valid)),
+            int(structured and bool(self.schema_valid)),
+            int(settled and self.refusal),
+            int(settled and self.truncated),
+            int(self.repair),
+            int(self.cancelled),
+            int(self.fallback),
+        )
+
+    def latency_bin(self) -> int:
+        """The latency histogram bin this call falls in; -1 for a call with no answer to time (failed,
+        cancelled), which latency percentiles leave out."""
+        return -1 if self.error or self.cancelled else latency_bin(self.latency_ms)
+
+
+ERROR_CLASSES = ("429", "5xx", "timeout", "cut", "other")
+"""How a failed model call is classed: rate-limited, a server error, a timeout, a cut stream, anything else."""
+
+WINDOW_COUNTERS = (
+    "calls",
+    "errors",
+    "errors_429",
+    "errors_5xx",
+    "errors_timeout",
+    "errors_cut",
+    "structured",
+    "json_valid",
+    "schema_valid",
+    "refusals",
+    "truncations",
+    "repairs",
+    "cancelled",
+    "fallbacks",
+)
+"""The per-minute counters of a model's rolling window (the columns of the ``model_minutes`` tables)."""
+
+WINDOW_RETENTION_S = 7 * 86400
+"""How long per-minute rows are kept: the longest ``KEEL_SLO_WINDOW_H`` allowed. The hour buckets of
+``/v1/models/stats`` are kept apart, for longer."""
+
+_BINS_PER_DOUBLING = 8
+
+
+def latency_bin(ms: float) -> int:
+    """A log-scale histogram bin: 8 per doubling, so a percentile read from the bins is within ~4.5% of the true
+    one, and a model's latencies over a day take a few dozen rows however many calls it made."""
+    return max(0, math.ceil(math.log2(max(ms, 1.0)) * _BINS_PER_DOUBLING))
+
+
+def bin_latency(b: int) -> float:
+    """The latency a bin stands for: the geometric middle of its edges (its upper edge for bin 0, <= 1 ms)."""
+    return 1.0 if b <= 0 else 2 ** ((b - 0.5) / _BINS_PER_DOUBLING)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelWindow:
+    """One pinned model's counters over a rolling window, summed from its per-minute rows: the raw material of
+    ``GET /v1/slo``."""
+
+    provider: str
+    model_id: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WINDOW_COUNTERS, 0))
+    """By :data:`WINDOW_COUNTERS` name."""
+    latency_bins: dict[int, int] = field(default_factory=dict)
+    """Answered calls per latency bin (:func:`latency_bin`)."""
+
+    def add(self, counts: Sequence[int], bin: int) -> None:
+        """Add one row's sums (``counts`` in :data:`WINDOW_COUNTERS` order) whose calls fell in ``bin``."""
+        for name, n in zip(WINDOW_COUNTERS, counts, strict=True):
+            self.counts[name] += int(n)
+        if bin >= 0:
+            self.latency_bins[bin] = self.latency_bins.get(bin, 0) + int(counts[0])
+
+    def latency_ms(self, q: float) -> float | None:
+        """The ``q``-quantile of the answered calls' latency (nearest rank over the bins); None without any."""
+        total = sum(self.latency_bins.values())
+        if not total:
+            return None
+        rank, seen = max(1, math.ceil(q * total)), 0
+        for b in sorted(self.latency_bins):
+            seen += self.latency_bins[b]
+            if seen >= rank:
+                return bin_latency(b)
+        raise AssertionError("unreachable: the ranks add up to the total")
+
+    @staticmethod
+    def fold(rows: Iterable[Sequence[Any]]) -> list[ModelWindow]:
+        """Windows from rows of ``(provider, model_id, latency bin, *counts)``, sorted by provider and model."""
+        out: dict[tuple[str, str], ModelWindow] = {}
+        for provider, model_id, bin, *counts in rows:
+            key = (str(provider), str(model_id))
+            window = out.get(key) or out.setdefault(key, ModelWindow(provider=key[0], model_id=key[1]))
+            window.add(counts, int(bin))
+        return [out[k] for k in sorted(out)]
+
+
+def minute_bucket(at: float) -> int:
+    """Start of ``at``'s minute, epoch seconds."""
+    return int(at // 60 * 60)
+
+
+def window_horizon(at: float) -> int:
+    """The first minute still kept once a call made at ``at`` is written: older per-minute rows go."""
+    return minute_bucket(at - WINDOW_RETENTION_S)
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelStats:
-    """Rolling counters of one pinned model over one hour bucket."""
+    """Rolling counters of one pinned model (a provider and a model id: two providers serving the same id are two
+    rows) over one hour bucket."""
 
     model_id: str
     provider: str

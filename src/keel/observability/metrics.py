@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 if TYPE_CHECKING:
     from keel.memory.types import ModelCallRecord
+    from keel.orchestration.llm.reliability import SloReport
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The Prometheus text exposition format."""
@@ -66,9 +67,23 @@ class Metrics:
         self.retention_deleted = Counter(
             "keel_retention_deleted", "Expired rows the sweeper deleted, by memory tier.", ["tier"], registry=r
         )
+        self.slo_verdict = Gauge(
+            "keel_slo_verdict",
+            "Each rate with a KEEL_SLO threshold, per model: 0 ok, 1 uncertain, 2 violated (read at each scrape).",
+            ["provider", "model_id", "metric"],
+            registry=r,
+        )
         self.budget_trips = Counter(
             "keel_budget_trips", "Runs stopped by a budget breaker, by budget.", ["budget"], registry=r
         )
+
+    def slo(self, report: SloReport) -> None:
+        """Replace the verdict gauges with ``report``'s: a model or a threshold gone from it leaves no stale gauge."""
+        self.slo_verdict.clear()
+        for m in report.models:
+            for metric, r in m.metrics.items():
+                if r.verdict is not None:
+                    self.slo_verdict.labels(m.provider, m.model_id, metric).set(r.verdict.level)
 
     def model_call(self, call: ModelCallRecord) -> None:
         model = call.model_id or call.requested_model

@@ -38,6 +38,7 @@ from keel.memory.stores import (
     WorkflowStore,
 )
 from keel.memory.types import (
+    WINDOW_RETENTION_S,
     BlobRef,
     ChunkRecord,
     CreateOutcome,
@@ -59,6 +60,8 @@ from keel.memory.types import (
     StepStatus,
     TaskStatus,
     Verdict,
+    bin_latency,
+    latency_bin,
 )
 
 T0 = 1_000_000.0
@@ -527,6 +530,41 @@ async def check_model_stats(store: ModelStatsStore) -> None:
     usage = await store.tenant_usage("t1", hour)
     assert (usage.calls, usage.input_tokens, usage.output_tokens, usage.cost_usd) == (2, 20, 10, 1.0)
     assert (await store.tenant_usage("nobody", hour)).calls == 0
+    # Two providers serving one model id are two models, never one row under the first one's name.
+    await store.record_model_call("t1", dataclasses.replace(ok, provider="openai-compatible", error=True))
+    assert [(s.provider, s.calls, s.errors) for s in await store.model_stats("m-1")] == [
+        ("openai", 2, 1),
+        ("openai-compatible", 1, 1),
+    ]
+
+
+async def check_model_window(store: ModelStatsStore) -> None:
+    """The rolling window: per-minute sums by (provider, model id), latency percentiles from the bins, a
+    cancelled call counted as nothing but a call, and rows past the retention dropped."""
+    minute = T0 - T0 % 60
+    base = ModelCallRecord(provider="p", requested_model="m", model_id="m-1", at=minute + 1, latency_ms=100.0)
+    for i in range(20):  # 20 answered calls, 10 ms to 200 ms
+        await store.record_model_call("t", dataclasses.replace(base, latency_ms=10.0 * (i + 1), json_valid=i < 19,
+                                                                schema_valid=i < 18))  # fmt: skip
+    await store.record_model_call("t", dataclasses.replace(base, error=True, error_class="429", at=minute + 61))
+    await store.record_model_call("t", dataclasses.replace(base, error=True, error_class="cut", truncated=True))
+    await store.record_model_call("t", dataclasses.replace(base, cancelled=True, error=True))
+    await store.record_model_call("t", dataclasses.replace(base, provider="q", refusal=True, fallback=True))
+    [p, q] = await store.model_window(minute)
+    assert (p.provider, p.model_id, q.provider) == ("p", "m-1", "q")
+    c = p.counts
+    assert (c["calls"], c["errors"], c["errors_429"], c["errors_cut"], c["cancelled"]) == (23, 2, 1, 1, 1)
+    assert (c["structured"], c["json_valid"], c["schema_valid"], c["truncations"]) == (20, 19, 18, 1)
+    assert sum(p.latency_bins.values()) == 20  # the failed and the cancelled calls have no latency
+    p50, p95 = p.latency_ms(0.5), p.latency_ms(0.95)
+    assert p50 is not None and p95 is not None
+    assert 100 * 0.95 <= p50 <= 100 * 1.05 and 190 * 0.95 <= p95 <= 190 * 1.05  # within a bin's width
+    assert (q.counts["refusals"], q.counts["fallbacks"], q.latency_ms(0.5)) == (1, 1, bin_latency(latency_bin(100.0)))
+    [later] = await store.model_window(minute + 60)  # from the next minute on: only the 429
+    assert (later.provider, later.counts["calls"], later.counts["errors_429"]) == ("p", 1, 1)
+    await store.record_model_call("t", dataclasses.replace(base, at=minute + WINDOW_RETENTION_S + 120))
+    [kept] = await store.model_window(0)
+    assert kept.counts["calls"] == 1  # a week later, what the window can no longer reach is gone
 
 
 # -- memory tiers -------------------------------------------------------------------------------------------
@@ -747,7 +785,7 @@ KEY_CHECKS: list[Callable[[KeyStore], Awaitable[None]]] = [
 ]
 SECRET_CHECKS: list[Callable[[SealedTasks], Awaitable[None]]] = [check_reseal_secrets]
 EMAIL_CHECKS: list[Callable[[EmailOutbox], Awaitable[None]]] = [check_email_outbox, check_due_emails_are_claimed]
-STATS_CHECKS: list[Callable[[ModelStatsStore], Awaitable[None]]] = [check_model_stats]
+STATS_CHECKS: list[Callable[[ModelStatsStore], Awaitable[None]]] = [check_model_stats, check_model_window]
 SESSION_CHECKS: list[Callable[[SessionStore], Awaitable[None]]] = [check_session_memory_ttl]
 DOCUMENT_CHECKS: list[Callable[[DocumentStore], Awaitable[None]]] = [check_documents]
 VECTOR_CHECKS: list[Callable[[VectorBackend], Awaitable[None]]] = [

@@ -15,6 +15,7 @@ from keel.memory.blobs import pack, unpack_blob
 from keel.memory.limits import Bucket, RateDecision, TenantLimits, take_token
 from keel.memory.stores import EventSpec
 from keel.memory.types import (
+    WINDOW_COUNTERS,
     ApiKey,
     BlobRef,
     CreateOutcome,
@@ -31,6 +32,7 @@ from keel.memory.types import (
     LeaseState,
     ModelCallRecord,
     ModelStats,
+    ModelWindow,
     NewTask,
     OutboxMessage,
     StepCheckpoint,
@@ -42,10 +44,12 @@ from keel.memory.types import (
     dead_letter_envelope,
     decide,
     hour_bucket,
+    minute_bucket,
     new_id,
     park_status,
     tenants,
     webhook_payload,
+    window_horizon,
 )
 from keel.testing.inmemory_memory import InMemoryMemory
 
@@ -66,7 +70,8 @@ class InMemoryStore(InMemoryMemory):
         self._steps: dict[str, dict[str, StepCheckpoint]] = {}
         self._state: dict[str, dict[str, Any]] = {}
         self._blobs: dict[str, bytes] = {}
-        self._model_stats: dict[tuple[str, int], ModelStats] = {}
+        self._model_stats: dict[tuple[str, int, str], ModelStats] = {}
+        self._model_minutes: dict[tuple[str, str, int, int], list[int]] = {}
         self._tenant_usage: dict[tuple[str, int], list[float]] = {}
         self._outbox: dict[str, OutboxMessage] = {}
         self._next_at: dict[str, float] = {}
@@ -324,10 +329,16 @@ class InMemoryStore(InMemoryMemory):
         return len(expired)
 
     async def record_model_call(self, tenant: str, call: ModelCallRecord) -> None:
-        key = (call.model_id, hour_bucket(call.at))
+        key = (call.model_id, hour_bucket(call.at), call.provider)
         st = self._model_stats.setdefault(
             key, ModelStats(model_id=call.model_id, provider=call.provider, bucket=key[1])
         )
+        minute = (call.provider, call.model_id, minute_bucket(call.at), call.latency_bin())
+        sums = self._model_minutes.setdefault(minute, [0] * len(WINDOW_COUNTERS))
+        sums[:] = [a + b for a, b in zip(sums, call.window_counts(), strict=True)]
+        horizon = window_horizon(call.at)
+        for stale in [k for k in self._model_minutes if k[2] < horizon]:
+            del self._model_minutes[stale]
         st.calls += 1
         st.errors += int(call.error)
         st.structured += int(call.json_valid is not None)
@@ -349,10 +360,18 @@ class InMemoryStore(InMemoryMemory):
     async def model_stats(self, model_id: str | None = None, since: float = 0.0) -> list[ModelStats]:
         rows = [
             replace(st)
-            for (mid, bucket), st in sorted(self._model_stats.items())
+            for (mid, bucket, _), st in sorted(self._model_stats.items())
             if bucket >= hour_bucket(since) and (model_id is None or mid == model_id)
         ]
         return rows
+
+    async def model_window(self, since: float) -> list[ModelWindow]:
+        first = minute_bucket(since)
+        return ModelWindow.fold(
+            (provider, model_id, b, *sums)
+            for (provider, model_id, minute, b), sums in self._model_minutes.items()
+            if minute >= first
+        )
 
     async def tenant_usage(self, tenant: str, since: float) -> TenantUsage:
         days = [v for (t, day), v in self._tenant_usage.items() if t == tenant and day >= day_bucket(since)]

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from keel.cli import app
 from keel.errors import ConfigError
 from keel.orchestration.llm.evaluation import EvalReport, Suite, load_suite, run_suite
+from keel.orchestration.llm.intervals import two_proportion_z_test
 from keel.orchestration.llm.models import Message, Model, ModelResponse, register_model_provider
-from keel.orchestration.llm.stats import two_proportion_z_test, verdict, wilson_interval
 from keel.providers import Spec
 from keel.testing.models import AgentInfo, FunctionModel
 
@@ -88,16 +88,7 @@ def suite_file(tmp_path: Path) -> Path:
     return path
 
 
-# -- the statistics -------------------------------------------------------------------------------------------------
-
-
-def test_wilson_interval_matches_the_published_values() -> None:
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-    with pytest.raises(ValueError):
-        wilson_interval(11, 10)
+# -- the statistics (Wilson and the verdicts: test_intervals.py) ----------------------------------------------------
 
 
 def test_two_proportion_z_test_matches_a_hand_computation() -> None:
@@ -105,12 +96,6 @@ def test_two_proportion_z_test_matches_a_hand_computation() -> None:
     assert test.diff == pytest.approx(-0.15) and test.z == pytest.approx(-2.1240, abs=1e-3)
     assert test.p_value == pytest.approx(0.0337, abs=1e-3)
     assert two_proportion_z_test(10, 10, 10, 10).p_value == 1.0
-
-
-def test_verdict_is_by_the_whole_interval() -> None:
-    assert verdict(0.975, 0.99, 0.97) == "ok"
-    assert verdict(0.95, 0.98, 0.97) == "uncertain"
-    assert verdict(0.90, 0.96, 0.97) == "violated"
 
 
 # -- suites ---------------------------------------------------------------------------------------------------------

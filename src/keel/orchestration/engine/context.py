@@ -386,8 +386,17 @@ class WorkflowContext:
         await self._journal.emit(type, data, durable=False)
 
     def record_model_call(self, call: ModelCallRecord) -> None:
+        """Account for a call as it happens: the envelope's ``model_calls`` (so that a failed, refused or cancelled
+        call is there even when its step never completes), the per-model counters, the circuit breaker, metrics."""
+        self.metadata["model_calls"].append(call.as_metadata())
         self._journal.record_model_call(call)
+        if self._models is not None and self._models.breaker is not None:
+            self._models.breaker.record(call)
         observability.current().model_call(call)
+
+    def note_model_call(self, entry: dict[str, Any]) -> None:
+        """An envelope ``model_calls`` entry that is not a call made (a model a fallback chain skipped)."""
+        self.metadata["model_calls"].append(entry)
 
     async def progress(self, fraction: float, step: str | None = None) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
@@ -620,6 +629,7 @@ class WorkflowContext:
         repairs: int = 1,
         stream: bool = True,
         tools: Sequence[ToolSpec] = (),
+        repairing: bool = False,
     ) -> Any:
         """Ask a model, as a durable step; tokens stream into the task's log as ``token`` events.
 
@@ -632,6 +642,8 @@ class WorkflowContext:
         recorded in the envelope and the per-model counters.
         With ``tools`` the model may answer with tool calls: the result is then a :class:`ModelTurn` (text and
         calls; nothing is executed here, see :func:`keel.orchestration.llm.agent.run_agent`).
+        ``repairing`` says this step re-asks after an answer the caller found unusable (a repair loop of its own,
+        as ``/v1/reason``'s): its calls count as repairs in the per-model rates.
         """
         messages = generation.messages_of(prompt)
         if json_schema is None and output_type is not None:
@@ -652,14 +664,22 @@ class WorkflowContext:
                 repairs=repairs,
                 stream=stream,
                 tools=tools,
+                repairing=repairing,
             )
             for record in out["calls"]:  # live, for a trace page; the envelope lists them all at the end
                 await self.emit("model_call", {"step": key, **record})
             return out
 
-        call = StepCall(name=name, fn=ask, args=(model.name,), kind="model", timeout=timeout, retry=retry)
+        ran = False  # whether this run asked the model (its calls are in the envelope already) or replayed the step
+
+        async def run_step(key: str) -> dict[str, Any]:
+            nonlocal ran
+            ran = True
+            return await ask(key)
+
+        call = StepCall(name=name, fn=run_step, args=(model.name,), kind="model", timeout=timeout, retry=retry)
         out: dict[str, Any] = await self._run(call, fn_id=f"model:{output_type.__name__ if output_type else 'text'}")
-        generation.absorb(self, model, out)
+        generation.absorb(self, model, out, replayed=not ran)
         if tools:
             calls = [ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in out["tool_calls"]]
             return ModelTurn(text=out["output"] if isinstance(out["output"], str) else "", tool_calls=calls)

@@ -38,8 +38,11 @@ class EnvelopeMetadata(BaseModel):
     model_ids: list[str] = Field(default_factory=list, description="Pinned model ids the providers returned.")
     model_calls: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="Every model call: provider, requested model, the model id that answered, adapter version, "
-        "settings, tokens (from the provider, or counted), cost, latency, finish reason and outcome.",
+        description="Every model call, failed, refused and cancelled ones included: provider, requested model, the "
+        "model id that answered, adapter version, settings, tokens (from the provider, or counted), cost, latency, "
+        "finish reason and outcome (ok, refusal, http_529, cancelled, ...), with error, error_class, repair, "
+        "cancelled and fallback flags where they apply. A model a fallback chain skipped is listed with outcome "
+        "skipped, the reason, its circuit state and its verdicts.",
     )
     tenant_usage: dict[str, Any] | None = Field(
         None, description="The tenant's model calls and spend so far today (UTC), this task included."

@@ -37,9 +37,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keel.errors import ConfigError, ModelOutputError, UpstreamError
+from keel.orchestration.llm.intervals import Direction, two_proportion_z_test, verdict, wilson
 from keel.orchestration.llm.models.base import Message, Model, ModelResponse, ModelSettings
 from keel.orchestration.llm.models.structured import check_output, strip_fences
-from keel.orchestration.llm.stats import two_proportion_z_test, verdict, wilson_interval
 
 __all__ = [
     "CHECKS",
@@ -224,7 +224,8 @@ class ModelRun:
             if not outcomes:
                 continue
             successes, n = sum(outcomes), len(outcomes)
-            low, high = wilson_interval(successes, n)
+            interval = wilson(successes, n)
+            low, high = interval.low, interval.high
             threshold = thresholds.get(check)
             out[check] = Rate(
                 check=check,
@@ -233,7 +234,8 @@ class ModelRun:
                 low=low,
                 high=high,
                 threshold=threshold,
-                verdict=verdict(low, high, threshold) if threshold is not None else None,
+                # every check is a rate of good answers, so its threshold is a floor
+                verdict=verdict(interval, threshold, Direction.floor).value if threshold is not None else None,
             )
         return out
 

@@ -175,7 +175,9 @@ async def reason(ctx: WorkflowContext, inp: ReasonInput) -> Any:
     best: tuple[Any, list[tuple[str, str]], str] | None = None  # (value, violations, step)
     for attempt in range(inp.repairs + 1):
         step = "reason" if attempt == 0 else f"reason:repair-{attempt}"
-        text: str = await ctx.generate(step, model, messages, json_schema=schema, settings=settings)
+        text: str = await ctx.generate(
+            step, model, messages, json_schema=schema, settings=settings, repairing=attempt > 0
+        )
         try:
             value = json.loads(strip_fences(text))
         except json.JSONDecodeError as exc:

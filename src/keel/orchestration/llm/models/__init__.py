@@ -32,6 +32,7 @@ from keel.orchestration.llm.models.base import (
     supports_streaming,
 )
 from keel.orchestration.llm.models.catalog import price
+from keel.orchestration.llm.models.circuit import CircuitBreaker
 from keel.providers import Provider, Registry, Spec, chain, openai_endpoint
 
 __all__ = [
@@ -71,16 +72,25 @@ def register_model_provider(name: str, build: ModelFactory, *, form: str) -> Non
     MODEL_PROVIDERS.register(Provider(name=name, form=form, build=build))
 
 
-def infer_model(spec: str, *, prices: dict[str, Any] | None = None, allow_floating: bool = False) -> Model:
+def infer_model(
+    spec: str,
+    *,
+    prices: dict[str, Any] | None = None,
+    allow_floating: bool = False,
+    breaker: CircuitBreaker | None = None,
+) -> Model:
     """Build the adapter that ``spec`` names. API keys come from the usual environment variables.
 
-    A comma-separated list (``anthropic:claude-…,openai:gpt-…``) is a fallback chain, tried in order.
+    A comma-separated list (``anthropic:claude-…,openai:gpt-…``) is a fallback chain, tried in order, skipping the
+    models whose circuit ``breaker`` holds open.
     """
     members = chain(spec)
     if len(members) > 1:
         from keel.orchestration.llm.models.fallback import FallbackModel
 
-        return FallbackModel([infer_model(s, prices=prices, allow_floating=allow_floating) for s in members])
+        return FallbackModel(
+            [infer_model(s, prices=prices, allow_floating=allow_floating) for s in members], breaker=breaker
+        )
     spec = members[0] if members else spec
     parsed = Spec.parse(spec)
     provider = MODEL_PROVIDERS.get(parsed.provider)
@@ -148,19 +158,38 @@ MODEL_PROVIDERS: Registry[ModelFactory] = Registry(
 
 
 class ModelRegistry:
-    """Builds each model spec once and shares it: what ``ctx.model()`` draws from."""
+    """Builds each model spec once and shares it: what ``ctx.model()`` draws from. Its ``breaker`` (one per
+    process) holds the circuits of every fallback chain it builds, and is fed every model call the process makes."""
 
-    def __init__(self, default: str, *, prices: dict[str, Any] | None = None, allow_floating: bool = False) -> None:
+    def __init__(
+        self,
+        default: str,
+        *,
+        prices: dict[str, Any] | None = None,
+        allow_floating: bool = False,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.default = default
         self._prices = prices or {}
         self._allow_floating = allow_floating
+        self.breaker = breaker
         self._models: dict[str, Model] = {}
 
     def get(self, spec: str | None = None) -> Model:
         key = spec or self.default
         if key not in self._models:
-            self._models[key] = infer_model(key, prices=self._prices, allow_floating=self._allow_floating)
+            self._models[key] = infer_model(
+                key, prices=self._prices, allow_floating=self._allow_floating, breaker=self.breaker
+            )
         return self._models[key]
+
+    async def aclose(self) -> None:
+        """Close the models built here that hold connections (an HTTP adapter's pool, a chain's models)."""
+        built, self._models = list(self._models.values()), {}
+        for model in built:
+            close = getattr(model, "aclose", None)
+            if callable(close):
+                await close()
 
     def add(self, spec: str, model: Model) -> None:
         """Register a ready-made model under a name (tests, custom adapters)."""

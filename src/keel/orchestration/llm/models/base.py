@@ -141,6 +141,8 @@ class ModelResponse:
     latency_ms: float = 0.0
     usage_counted: bool = False
     """True when the provider reported no usage and keel counted the tokens itself."""
+    fallback: bool = False
+    """Answered by a fallback chain after an earlier model of it failed or was skipped."""
 
 
 class Model(Protocol):

@@ -12,7 +12,10 @@ import json
 import re
 from typing import Any
 
+import jsonschema
+import jsonschema.validators
 import pydantic
+import referencing.exceptions
 from pydantic import BaseModel
 
 from keel.errors import ModelOutputError
@@ -67,6 +70,16 @@ def check_output(resp: ModelResponse, output_type: type[BaseModel] | None) -> An
         raise ModelOutputError(
             f"the output does not match the schema: {detail}", type="schema_violation", pointer=first
         ) from None
+
+
+def adheres(value: Any, schema: dict[str, Any]) -> bool:
+    """Whether ``value`` is valid against the JSON Schema ``schema`` (its own draft, else 2020-12). A schema that
+    cannot be applied (an unresolvable reference) says nothing about the answer: it counts as adhering."""
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    try:
+        return bool(validator.is_valid(value))
+    except referencing.exceptions.Unresolvable:
+        return True
 
 
 def strip_fences(text: str) -> str:
