@@ -53,6 +53,7 @@ from keel.interaction.openai_stream import (
 from keel.interaction.problems import problem as problem_response
 from keel.interaction.routes import IdempotencyKey, submit_task
 from keel.interaction.schemas import Envelope, SubmitTask
+from keel.interaction.sse import MAX_EVENT_ID, event_id
 from keel.memory.types import ApiKey, Task, TaskStatus
 from keel.service import Keel
 
@@ -252,7 +253,7 @@ async def get_response(
     key: Reader,
     stream: Annotated[bool, Query(description="Stream the response's events (SSE).")] = False,
     starting_after: Annotated[
-        int | None, Query(ge=-1, description="With `stream`: the events after this sequence number.")
+        int | None, Query(ge=-1, le=MAX_EVENT_ID, description="With `stream`: the events after this sequence number.")
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> Response:
@@ -263,9 +264,7 @@ async def get_response(
         return JSONResponse((await _response(keel, task)).model_dump(mode="json"))
     after = starting_after if starting_after is not None else -1
     if starting_after is None and last_event_id:
-        if not last_event_id.strip().isdigit():
-            raise InputError("Last-Event-ID must be an event sequence number")
-        after = int(last_event_id.strip())
+        after = event_id(last_event_id)
     return _stream(keel, task, after)
 
 

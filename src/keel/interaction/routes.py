@@ -15,7 +15,7 @@ from keel.interaction.auth import Admin, Reader, Writer
 from keel.interaction.deps import App, errors, problem
 from keel.interaction.openapi import EventStream, event_stream
 from keel.interaction.schemas import ModelStatsView, SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
-from keel.interaction.sse import event_response
+from keel.interaction.sse import MAX_EVENT_ID, event_id, event_response
 from keel.memory.types import ApiKey, TaskStatus
 from keel.service import Idempotency, Keel, Submitted
 
@@ -157,15 +157,16 @@ async def events(
     keel: App,
     key: Reader,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id_q: Annotated[int | None, Query(alias="last_event_id", ge=0)] = None,
+    last_event_id_q: Annotated[int | None, Query(alias="last_event_id", ge=0, le=MAX_EVENT_ID)] = None,
 ) -> Response:
     """`id:` is the event's sequence number; resume with `Last-Event-ID` (header or query), even after a restart."""
     after = last_event_id_q or 0
     if last_event_id:
-        if not (last_event_id.strip().isascii() and last_event_id.strip().isdigit()):
+        try:
+            after = event_id(last_event_id)
+        except InputError:
             await keel.get(key.tenant, task_id)  # another tenant's task is a 404 before the header is a 422
-            raise InputError("Last-Event-ID must be an event sequence number")
-        after = int(last_event_id)
+            raise
     if not await keel.has_events(key.tenant, task_id, after):
         return Response(status_code=204)
     return event_response(keel, task_id, after)
