@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, description="Larger request bodies get 413.")
     workers: int = Field(4, ge=1, description="Concurrent tasks run by the in-process worker pool.")
     lease_seconds: float = Field(15.0, gt=0)
-    max_task_attempts: int = Field(5, ge=1, description="Leases before a crashing task is dead-lettered.")
+    max_task_attempts: int = Field(
+        5, ge=1, description="Leases in a row that record no step before a crashing task is dead-lettered."
+    )
     poll_interval_s: float = Field(0.5, gt=0)
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_retry_ms: int = 2000
