@@ -8,7 +8,6 @@ from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import JSONResponse
 
 from keel.errors import InputError
 from keel.interaction.auth import Admin, Reader, Writer
@@ -16,6 +15,7 @@ from keel.interaction.deps import App, errors, problem
 from keel.interaction.openapi import EventStream, event_stream
 from keel.interaction.schemas import ModelStatsView, SubmitTask, TaskAccepted, TaskPage, TaskView, accepted, view
 from keel.interaction.sse import MAX_EVENT_ID, event_id, event_response
+from keel.interaction.wire_json import render
 from keel.memory.types import ApiKey, TaskStatus
 from keel.service import Idempotency, Keel, Submitted
 
@@ -65,14 +65,12 @@ def submitted_headers(submitted: Submitted) -> dict[str, str]:
     operation_id="submitTask",
     tags=TASKS,
 )
-async def submit(body: SubmitTask, keel: App, key: Writer, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+async def submit(body: SubmitTask, keel: App, key: Writer, idempotency_key: IdempotencyKey = None) -> Response:
     """Validate, store durably, and return 202 with the task's handle. Nothing is stored if validation fails."""
     submitted = await submit_task(keel, key, body, idempotency_key)
     cached = submitted.outcome == "cached"
     payload = view(submitted.task) if cached else accepted(submitted.task)
-    return JSONResponse(
-        payload.model_dump(mode="json"), status_code=200 if cached else 202, headers=submitted_headers(submitted)
-    )
+    return render(payload, status_code=200 if cached else 202, headers=submitted_headers(submitted))
 
 
 @router.get("/workflows", responses=errors(), summary="List workflows", operation_id="listWorkflows", tags=TASKS)
@@ -94,9 +92,9 @@ async def list_tasks(
     status: Annotated[list[TaskStatus] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
-) -> TaskPage:
+) -> Response:
     page = await keel.list_tasks(key.tenant, statuses=status or (), limit=limit, cursor=cursor)
-    return TaskPage(items=[view(t) for t in page.tasks], next_cursor=page.next_cursor)
+    return render(TaskPage(items=[view(t) for t in page.tasks], next_cursor=page.next_cursor))
 
 
 @router.get(
@@ -107,14 +105,15 @@ async def list_tasks(
     operation_id="getTask",
     tags=TASKS,
 )
-async def get_task(task_id: str, keel: App, response: Response, key: Reader) -> TaskView:
+async def get_task(task_id: str, keel: App, key: Reader) -> Response:
     """Status, progress and timestamps; `Retry-After` while running; the envelope once terminal."""
     task = await keel.get(key.tenant, task_id)
+    headers = {}
     if not task.status.terminal:
         # A task waiting for a person will not move by itself soon: poll slowly.
         wait = {TaskStatus.running: "1", TaskStatus.waiting_for_approval: "30"}
-        response.headers["Retry-After"] = wait.get(task.status, "2")
-    return view(task)
+        headers["Retry-After"] = wait.get(task.status, "2")
+    return render(view(task), headers=headers)
 
 
 @router.post(
@@ -125,10 +124,10 @@ async def get_task(task_id: str, keel: App, response: Response, key: Reader) -> 
     operation_id="cancelTask",
     tags=TASKS,
 )
-async def cancel(task_id: str, keel: App, key: Writer) -> JSONResponse:
+async def cancel(task_id: str, keel: App, key: Writer) -> Response:
     """Idempotent. A running task stops at once and keeps its partial result."""
     task = await keel.cancel(key.tenant, task_id)
-    return JSONResponse(view(task).model_dump(mode="json"), status_code=200 if task.status.terminal else 202)
+    return render(view(task), status_code=200 if task.status.terminal else 202)
 
 
 @router.get(
