@@ -114,6 +114,13 @@ class Idempotency:
     key: str
     request_hash: str
 
+    @classmethod
+    def of(cls, edge: Literal["rest", "mcp"], key: str, request_hash: str) -> Idempotency:
+        """The caller's ``key`` in its edge's own namespace: a REST ``Idempotency-Key: mcp:k`` and an MCP
+        ``_meta.idempotency_key`` ``k`` are two keys, not one (each edge hashes its request in its own format, so
+        one edge's key reused by the other would only ever be refused as "a different request")."""
+        return cls(key=f"{edge}:{key}", request_hash=request_hash)
+
 
 @dataclass(kw_only=True, slots=True)
 class Submitted:

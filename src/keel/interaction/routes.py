@@ -33,7 +33,7 @@ async def submit_task(keel: Keel, key: ApiKey, body: SubmitTask, idempotency_key
     idempotency = None
     if idempotency_key is not None:
         canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        idempotency = Idempotency(key=idempotency_key, request_hash=hashlib.sha256(canonical.encode()).hexdigest())
+        idempotency = Idempotency.of("rest", idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
     return await keel.submit(key, body.submission(), idempotency)
 
 
