@@ -333,6 +333,8 @@ async def running(
                 backoff_max_s=settings.webhook_backoff_max_s,
                 timeout_s=settings.webhook_timeout_s,
                 poll_s=settings.poll_interval_s,
+                concurrency=settings.webhook_concurrency,
+                per_endpoint=settings.webhook_endpoint_concurrency,
             )
             webhooks.start()
             stack.push_async_callback(webhooks.stop)

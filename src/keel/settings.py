@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     webhook_backoff_base_s: float = Field(1.0, gt=0)
     webhook_backoff_max_s: float = Field(3600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_concurrency: int = Field(32, ge=1, description="Webhook requests in flight at once, in all.")
+    webhook_endpoint_concurrency: int = Field(
+        1, ge=1, description="Webhook requests in flight at once to one endpoint (tenant and URL); 1 keeps order."
+    )
     default_model: str = Field(
         f"local:{DEFAULT_LOCAL}",
         description="What `ctx.model()` answers with: openai:<model>, openai-compatible:<url>#<model>, "
