@@ -181,7 +181,9 @@ class Keel:
         if wf is None:
             raise InputError(f"unknown workflow {sub.workflow!r}", detail={"known": self.registry.names()})
         try:
-            parsed = wf.input_model.model_validate(sub.input)
+            # Strict, as JSON: `true` is no step count and `"5"` no integer, while a string still makes an enum or
+            # a date (what JSON has for them). The input came as JSON, so writing it out again loses nothing.
+            parsed = wf.input_model.model_validate_json(json.dumps(sub.input), strict=True)
         except ValidationError as exc:
             errors = [{"pointer": "/input/" + "/".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
             raise InputError("input does not match the workflow's schema", detail={"errors": errors}) from None

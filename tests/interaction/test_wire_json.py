@@ -84,6 +84,8 @@ def test_strict_json_that_is_valid_still_passes(live: LiveServer) -> None:
         ("/v1/stream", {"prompt": "hi", "max_tokens": 1.0}, "/max_tokens"),
         ("/v1/tasks", {"workflow": "diagnostic", "budget": {"max_steps": True}}, "/budget/max_steps"),
         ("/v1/tasks", {"workflow": "diagnostic", "cache": {"max_age_s": "60"}}, "/cache/max_age_s"),
+        ("/v1/tasks", {"workflow": "diagnostic", "input": {"steps": True}}, "/input/steps"),
+        ("/v1/tasks", {"workflow": "diagnostic", "input": {"steps": "3"}}, "/input/steps"),
         ("/v1/chat/completions", {"model": "test", "messages": [], "max_tokens": True}, "/max_tokens"),
     ],
 )
