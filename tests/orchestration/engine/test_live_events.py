@@ -1,0 +1,77 @@
+"""Live events (tokens): they go to the store at once, ride one batch while the previous one commits, and wake
+readers only once committed. The crash side (a reader never sees a token the log could lose) is held by
+``test_crash_resume.py::test_kill9_mid_stream_every_token_a_reader_saw_is_in_the_log``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from keel.memory.stores import Store
+from keel.memory.types import Event, Lease
+from keel.orchestration.engine.runner import StoreJournal
+
+LEASE = Lease(task_id="tsk_1", owner="w", token=1, attempt=1)
+
+
+class CommitByHand:
+    """Just the event log, with each append's commit landing only when the test says so."""
+
+    def __init__(self) -> None:
+        self.appended: list[tuple[str, dict[str, Any]]] = []
+        self.pending: list[tuple[asyncio.Future[Event], Event]] = []
+
+    def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> asyncio.Future[Event]:
+        self.appended.append((type, data))
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        event = Event(task_id=lease.task_id, seq=len(self.appended), type=type, data=data, created_at=now)
+        self.pending.append((future, event))
+        return future
+
+    async def commit(self) -> None:
+        """Land every append made so far, in order, and let their callbacks run."""
+        pending, self.pending = self.pending, []
+        for future, event in pending:
+            future.set_result(event)
+        await asyncio.sleep(0)
+
+
+def journal(store: CommitByHand, notified: list[str]) -> StoreJournal:
+    # An hour's hold: anything that reaches the store before the step ends got there without the timer.
+    return StoreJournal(cast(Store, store), LEASE, lambda: 1.0, notified.append, hold_s=3600)
+
+
+async def test_a_live_event_goes_to_the_store_at_once_and_wakes_readers_only_once_committed() -> None:
+    store, notified = CommitByHand(), []
+    j = journal(store, notified)
+    await j.emit("token", {"i": 0}, durable=False, live=True)
+    assert store.appended == [("token", {"i": 0})]
+    await asyncio.sleep(0)
+    assert notified == [], "a reader was woken before the commit"
+    await store.commit()
+    assert notified == ["tsk_1"]
+
+
+async def test_live_events_emitted_while_a_commit_is_in_flight_ride_the_next_batch_together() -> None:
+    store, notified = CommitByHand(), []
+    j = journal(store, notified)
+    await j.emit("token", {"i": 0}, durable=False, live=True)
+    for i in range(1, 6):
+        await j.emit("token", {"i": i}, durable=False, live=True)
+    assert [d["i"] for _, d in store.appended] == [0], "one commit in flight per stream"
+    await store.commit()
+    assert [d["i"] for _, d in store.appended] == [0, 1, 2, 3, 4, 5]
+    assert notified == ["tsk_1"]
+    await store.commit()
+    assert notified == ["tsk_1", "tsk_1"], "one wake-up per batch, once its last event is committed"
+    await j.emit("token", {"i": 6}, durable=False, live=True)
+    assert [d["i"] for _, d in store.appended][-1] == 6, "nothing in flight: at once again"
+
+
+async def test_a_held_step_start_goes_out_first_with_the_next_live_event() -> None:
+    store, notified = CommitByHand(), []
+    j = journal(store, notified)
+    await j.emit("step_started", {"step": "s"}, durable=False)
+    assert store.appended == [], "a step start still waits for its step's checkpoint (or the hold)"
+    await j.emit("token", {"i": 0}, durable=False, live=True)
+    assert [t for t, _ in store.appended] == ["step_started", "token"]
