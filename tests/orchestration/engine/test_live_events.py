@@ -5,9 +5,10 @@ readers only once committed. The crash side (a reader never sees a token the log
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, cast
 
-from keel.memory.stores import Store
+from keel.memory.stores import EventSpec, Store
 from keel.memory.types import Event, Lease
 from keel.orchestration.engine.runner import StoreJournal
 
@@ -15,24 +16,28 @@ LEASE = Lease(task_id="tsk_1", owner="w", token=1, attempt=1)
 
 
 class CommitByHand:
-    """Just the event log, with each append's commit landing only when the test says so."""
+    """Just the event log, with each write's commit landing only when the test says so."""
 
     def __init__(self) -> None:
         self.appended: list[tuple[str, dict[str, Any]]] = []
-        self.pending: list[tuple[asyncio.Future[Event], Event]] = []
+        self.writes = 0
+        self.pending: list[tuple[asyncio.Future[list[Event]], list[Event]]] = []
 
-    def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> asyncio.Future[Event]:
-        self.appended.append((type, data))
-        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        event = Event(task_id=lease.task_id, seq=len(self.appended), type=type, data=data, created_at=now)
-        self.pending.append((future, event))
+    def append_batch_nowait(self, lease: Lease, events: Sequence[EventSpec], now: float) -> asyncio.Future[list[Event]]:
+        self.writes += 1
+        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        out = []
+        for spec in events:
+            self.appended.append((spec[0], spec[1]))
+            out.append(Event(task_id=lease.task_id, seq=len(self.appended), type=spec[0], data=spec[1], created_at=now))
+        self.pending.append((future, out))
         return future
 
     async def commit(self) -> None:
-        """Land every append made so far, in order, and let their callbacks run."""
+        """Land every write made so far, in order, and let their callbacks run."""
         pending, self.pending = self.pending, []
-        for future, event in pending:
-            future.set_result(event)
+        for future, events in pending:
+            future.set_result(events)
         await asyncio.sleep(0)
 
 
@@ -61,6 +66,7 @@ async def test_live_events_emitted_while_a_commit_is_in_flight_ride_the_next_bat
     assert [d["i"] for _, d in store.appended] == [0], "one commit in flight per stream"
     await store.commit()
     assert [d["i"] for _, d in store.appended] == [0, 1, 2, 3, 4, 5]
+    assert store.writes == 2, "the five that waited went as one write"
     assert notified == ["tsk_1"]
     await store.commit()
     assert notified == ["tsk_1", "tsk_1"], "one wake-up per batch, once its last event is committed"

@@ -335,8 +335,10 @@ class StoreJournal:
         self._held: list[tuple[str, dict[str, Any], float]] = []
         self._held_effect: EffectSettlement | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._queued: list[Awaitable[Event]] = []
-        self._committing: asyncio.Future[Event] | None = None  # the last write of the last release, until it lands
+        self._queued: list[Awaitable[Any]] = []
+        self._committing: asyncio.Future[list[Event]] | None = (
+            None  # the last write of the last release, until it lands
+        )
         self._live_held = False  # a live event waits for that write
 
     async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True, live: bool = False) -> None:
@@ -356,16 +358,13 @@ class StoreJournal:
 
     def _release_held(self) -> None:
         held = self._take_held()
-        for i, (type, data, at) in enumerate(held):
-            queued = self._store.append_nowait(self._lease, type, data, at)
-            self._queued.append(queued)
-            if not isinstance(queued, asyncio.Future):
-                continue
-            if i < len(held) - 1:
-                queued.add_done_callback(_retrieve)
-            else:  # writes commit in order: readers are woken once, when the release's last write lands
-                self._committing = queued
-                queued.add_done_callback(self._committed)
+        if not held:
+            return
+        queued = self._store.append_batch_nowait(self._lease, held, self._clock())
+        self._queued.append(queued)
+        if isinstance(queued, asyncio.Future):
+            self._committing = queued
+            queued.add_done_callback(self._committed)
 
     def _take_held(self) -> list[tuple[str, dict[str, Any], float]]:
         if self._timer is not None:
@@ -375,7 +374,7 @@ class StoreJournal:
         held, self._held = self._held, []
         return held
 
-    def _committed(self, future: asyncio.Future[Event]) -> None:
+    def _committed(self, future: asyncio.Future[list[Event]]) -> None:
         if future is self._committing:
             self._committing = None
             if self._live_held:
