@@ -13,11 +13,13 @@ status codes and SSE framing stay in ``keel.interaction``; what they report come
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -54,6 +56,9 @@ from keel.settings import Settings
 
 log = logging.getLogger("keel.service")
 
+IDLE_POLL_FACTOR = 8
+"""An idle event stream backs off its safety-net poll up to this many poll intervals (see :meth:`Keel.events`)."""
+
 __all__ = [
     "Idempotency",
     "Ingested",
@@ -78,6 +83,10 @@ class Wakeups(Protocol):
     def notify(self, task_id: str) -> None: ...
 
     async def wait(self, task_id: str, timeout: float) -> None: ...
+
+    def watch(self, task_id: str) -> AbstractContextManager[asyncio.Event]:
+        """An event every notify for the task sets while the block runs (clear it, read, then wait on it)."""
+        ...
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -291,18 +300,21 @@ class Keel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         reported = -1.0
-        while not settled(task):
-            if progress is not None and task.progress > reported:
-                reported = task.progress
-                await progress(task.progress, task.current_step)
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            await self.notifier.wait(task.id, min(left, self.settings.poll_interval_s))
-            found = await self.stores.tasks.get_task(task.id, tenant)
-            if found is None:  # cannot happen for a task the caller holds; answer with it all the same
-                break
-            task = found
+        with self.notifier.watch(task.id) as woken:
+            while not settled(task):
+                if progress is not None and task.progress > reported:
+                    reported = task.progress
+                    await progress(task.progress, task.current_step)
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(left, self.settings.poll_interval_s))
+                woken.clear()  # before the read: a commit landing during it wakes the next wait
+                found = await self.stores.tasks.get_task(task.id, tenant)
+                if found is None:  # cannot happen for a task the caller holds; answer with it all the same
+                    break
+                task = found
         return task
 
     async def delete(self, tenant: str, task_id: str) -> None:
@@ -339,17 +351,29 @@ class Keel:
         return not (task.status.terminal and not await self.stores.events.read(task_id, after, limit=1))
 
     async def events(self, task_id: str, after: int = 0) -> AsyncIterator[Event]:
-        """The task's durable event log after sequence number ``after``, as it grows, up to and including ``end``."""
+        """The task's durable event log after sequence number ``after``, as it grows, up to and including ``end``.
+
+        A reader is woken as soon as an event of the task is committed (the notifier: in process, or through Redis
+        across replicas); the poll is only the safety net for a wake-up that cannot come. So an idle stream polls
+        less and less often, up to ``IDLE_POLL_FACTOR`` poll intervals, and back to one as soon as anything arrives:
+        ten thousand streams of tasks waiting in the queue must not read the log twenty thousand times a second."""
         cursor = after
-        while True:
-            batch = await self.stores.events.read(task_id, cursor)
-            for ev in batch:
-                cursor = ev.seq
-                yield ev
-                if ev.type == "end":
-                    return
-            if not batch:
-                await self.notifier.wait(task_id, self.settings.poll_interval_s)
+        wait = self.settings.poll_interval_s
+        with self.notifier.watch(task_id) as woken:
+            while True:
+                woken.clear()  # before the read: a commit landing during it still wakes the wait below
+                batch = await self.stores.events.read(task_id, cursor)
+                for ev in batch:
+                    cursor = ev.seq
+                    yield ev
+                    if ev.type == "end":
+                        return
+                if batch:
+                    wait = self.settings.poll_interval_s
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), wait)
+                wait = min(2 * wait, IDLE_POLL_FACTOR * self.settings.poll_interval_s)
 
     # -- approvals and effects -------------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Live events (tokens): they go to the store at once, ride one batch while the previous one commits, and wake
-readers only once committed. The crash side (a reader never sees a token the log could lose) is held by
+readers only once committed; a reader's wake-up is not lost while it reads, and an idle stream backs off its poll.
+The crash side (a reader never sees a token the log could lose) is held by
 ``test_crash_resume.py::test_kill9_mid_stream_every_token_a_reader_saw_is_in_the_log``."""
 
 from __future__ import annotations
@@ -8,9 +9,13 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, cast
 
-from keel.memory.stores import EventSpec, Store
-from keel.memory.types import Event, Lease
+from keel.memory.stores import EventSpec, Store, Stores
+from keel.memory.types import Event, Lease, NewTask
 from keel.orchestration.engine.runner import StoreJournal
+from keel.orchestration.engine.runtime import Notifier
+from keel.service import Keel
+from keel.settings import Settings
+from keel.testing.inmemory import InMemoryStore
 
 LEASE = Lease(task_id="tsk_1", owner="w", token=1, attempt=1)
 
@@ -81,3 +86,51 @@ async def test_a_held_step_start_goes_out_first_with_the_next_live_event() -> No
     assert store.appended == [], "a step start still waits for its step's checkpoint (or the hold)"
     await j.emit("token", {"i": 0}, durable=False, live=True)
     assert [t for t, _ in store.appended] == ["step_started", "token"]
+
+
+async def test_a_notify_during_the_read_still_wakes_the_watcher() -> None:
+    """The reader clears, reads, then waits: a commit that lands while it reads is not lost (it would cost the
+    reader a whole poll interval, up to the idle back-off's eight)."""
+    notifier = Notifier()
+    with notifier.watch("tsk_1") as woken:
+        woken.clear()
+        notifier.notify("tsk_1")  # lands "during the read"
+        await asyncio.wait_for(woken.wait(), timeout=5)
+    assert notifier._waiters == {}, "the watch is gone with its block"
+
+
+async def test_an_idle_stream_polls_less_and_less_and_a_wakeup_still_reaches_it_at_once() -> None:
+    store = InMemoryStore()
+    unused = cast(Any, None)  # the seams a stream does not touch
+    keel = Keel(
+        settings=Settings(poll_interval_s=0.05),
+        stores=Stores.over(store),
+        notifier=Notifier(),
+        registry=unused,
+        runtime=unused,
+        tools=unused,
+        memory=unused,
+        webhook_allow=unused,
+    )
+    created = await store.create_task(NewTask(tenant="t", workflow="w", input={}), None, 1.0)
+    assert created.task is not None
+    task_id = created.task.id
+    reads = 0
+    read = store.read
+
+    async def counted(task_id: str, after: int, limit: int = 500) -> list[Event]:
+        nonlocal reads
+        reads += 1
+        return await read(task_id, after, limit)
+
+    store.read = counted  # type: ignore[method-assign]
+    stream = keel.events(task_id)
+    assert (await anext(stream)).type == "status"
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(1.0)  # 20 poll intervals of idleness: 0.05, 0.1, 0.2, then 0.4 s apart
+    assert 2 <= reads < 12, f"{reads} reads in 20 idle poll intervals: no back-off"
+    lease = await store.lease_next("w", 2.0, 30, 5)
+    assert lease is not None
+    keel.notifier.notify(task_id)
+    assert (await asyncio.wait_for(pending, timeout=5)).data["status"] == "running"
+    await stream.aclose()

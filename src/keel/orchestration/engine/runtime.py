@@ -42,11 +42,19 @@ class Notifier:
             ev.set()
 
     async def wait(self, task_id: str, timeout: float) -> None:
+        with self.watch(task_id) as woken:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout)
+
+    @contextlib.contextmanager
+    def watch(self, task_id: str) -> Iterator[asyncio.Event]:
+        """An event set by every notify for the task while the block runs. A reader clears it, then reads the log,
+        then waits on it: a commit that lands during the read still wakes it (with :meth:`wait` alone, a notify
+        between the read and the wait is lost, and the reader sleeps a whole poll interval)."""
         ev = asyncio.Event()
         self._waiters.setdefault(task_id, set()).add(ev)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), timeout)
+            yield ev
         finally:
             waiters = self._waiters.get(task_id)
             if waiters is not None:
