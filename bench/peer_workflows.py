@@ -34,7 +34,7 @@ class TokensInput(BaseModel):
 class FanoutInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     branches: int = Field(4, ge=1, le=100)
-    seconds: float = Field(1.0, ge=0, le=60)
+    seconds: float = Field(1.0, ge=0, le=86_400)
 
 
 async def _noop(i: int) -> int:
