@@ -77,13 +77,17 @@ class _Write:
     future: asyncio.Future[Any]
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+Settlement = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+def _settle(settlements: list[Settlement]) -> None:
+    for future, result, error in settlements:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 MIGRATIONS: list[str] = [
@@ -416,8 +420,13 @@ class SQLiteStore(SQLiteMemory):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(None, exc)] * len(batch)
+        # One wake-up of each waiting loop per commit, not one per write: a burst of writes (a stream's tokens,
+        # 32 POSTs) is settled in one callback, in queue order.
+        by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = {}
         for job, (result, error) in zip(batch, outcomes, strict=True):
-            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+            by_loop.setdefault(job.loop, []).append((job.future, result, error))
+        for loop, settlements in by_loop.items():
+            loop.call_soon_threadsafe(_settle, settlements)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, lambda: fn(self._conn()))
