@@ -33,7 +33,7 @@ from bench_api import Server, create_key, keel_command, serve
 from bench_peer import FLOOR_APP, keel_env
 
 START_MARK, END_MARK = "<!-- bench_streams:start -->", "<!-- bench_streams:end -->"
-TASK_S = 5.0
+TASK_S = 30.0  # long enough that the driver (about 100 submissions a second here) keeps them all in flight
 IDLE_S = 20.0
 
 

@@ -336,10 +336,9 @@ class StoreJournal:
         self._held_effect: EffectSettlement | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._queued: list[Awaitable[Any]] = []
-        self._committing: asyncio.Future[list[Event]] | None = (
-            None  # the last write of the last release, until it lands
-        )
-        self._live_held = False  # a live event waits for that write
+        # The last release's write until it lands; a live event emitted meanwhile is held for the next one.
+        self._committing: asyncio.Future[list[Event]] | None = None
+        self._live_held = False
 
     async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True, live: bool = False) -> None:
         if not durable:
