@@ -50,6 +50,7 @@ from keel.memory.types import (
 from keel.netguard import AllowList, resolve_target
 from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runner import cancelled_envelope
+from keel.orchestration.engine.runtime import Watch
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
 from keel.settings import Settings
@@ -84,8 +85,9 @@ class Wakeups(Protocol):
 
     async def wait(self, task_id: str, timeout: float) -> None: ...
 
-    def watch(self, task_id: str) -> AbstractContextManager[asyncio.Event]:
-        """An event every notify for the task sets while the block runs (clear it, read, then wait on it)."""
+    def watch(self, task_id: str) -> AbstractContextManager[Watch]:
+        """The task's wake-ups and the events this process committed for it, while the block runs (clear ``woken``,
+        take or read, then wait on it)."""
         ...
 
 
@@ -300,7 +302,8 @@ class Keel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         reported = -1.0
-        with self.notifier.watch(task.id) as woken:
+        with self.notifier.watch(task.id) as watch:
+            woken = watch.woken
             while not settled(task):
                 if progress is not None and task.progress > reported:
                     reported = task.progress
@@ -359,10 +362,11 @@ class Keel:
         ten thousand streams of tasks waiting in the queue must not read the log twenty thousand times a second."""
         cursor = after
         wait = self.settings.poll_interval_s
-        with self.notifier.watch(task_id) as woken:
+        with self.notifier.watch(task_id) as watch:
             while True:
-                woken.clear()  # before the read: a commit landing during it still wakes the wait below
-                batch = await self.stores.events.read(task_id, cursor)
+                watch.woken.clear()  # before the read: a commit landing during it still wakes the wait below
+                # What this process just committed comes with the wake-up; anything else is read from the log.
+                batch = watch.take(cursor) or await self.stores.events.read(task_id, cursor)
                 for ev in batch:
                     cursor = ev.seq
                     yield ev
@@ -372,7 +376,7 @@ class Keel:
                     wait = self.settings.poll_interval_s
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), wait)
+                    await asyncio.wait_for(watch.woken.wait(), wait)
                 wait = min(2 * wait, IDLE_POLL_FACTOR * self.settings.poll_interval_s)
 
     # -- approvals and effects -------------------------------------------------------------------------------------

@@ -92,11 +92,41 @@ async def test_a_notify_during_the_read_still_wakes_the_watcher() -> None:
     """The reader clears, reads, then waits: a commit that lands while it reads is not lost (it would cost the
     reader a whole poll interval, up to the idle back-off's eight)."""
     notifier = Notifier()
-    with notifier.watch("tsk_1") as woken:
-        woken.clear()
+    with notifier.watch("tsk_1") as watch:
+        watch.woken.clear()
         notifier.notify("tsk_1")  # lands "during the read"
-        await asyncio.wait_for(woken.wait(), timeout=5)
+        await asyncio.wait_for(watch.woken.wait(), timeout=5)
     assert notifier._waiters == {}, "the watch is gone with its block"
+
+
+def _events(*seqs: int) -> list[Event]:
+    return [Event(task_id="tsk_1", seq=s, type="token", data={"i": s}, created_at=1.0) for s in seqs]
+
+
+async def test_a_reader_takes_committed_events_that_follow_its_cursor_and_reads_the_log_across_a_gap() -> None:
+    notifier = Notifier()
+    with notifier.watch("tsk_1") as watch:
+        notifier.committed("tsk_1", _events(3, 4))
+        assert watch.woken.is_set()
+        assert [e.seq for e in watch.take(2)] == [3, 4]
+        assert watch.take(4) == []
+        notifier.committed("tsk_1", _events(7, 8))  # 5 and 6 were written by a write that only notified
+        assert watch.take(4) == [], "a gap: the reader must read the log"
+        assert [e.seq for e in watch.take(6)] == [7, 8], "after reading 5 and 6 from the log"
+        notifier.committed("tsk_1", _events(9))
+        assert watch.take(12) == [] and watch.committed == [], "what the reader already has is dropped"
+
+
+async def test_the_journal_hands_committed_tokens_to_readers_and_nothing_before_the_commit() -> None:
+    store, notified = CommitByHand(), []
+    notifier = Notifier()
+    j = StoreJournal(cast(Store, store), LEASE, lambda: 1.0, notified.append, hold_s=3600, deliver=notifier.committed)
+    with notifier.watch("tsk_1") as watch:
+        await j.emit("token", {"i": 0}, durable=False, live=True)
+        await asyncio.sleep(0)
+        assert watch.committed == [] and not watch.woken.is_set()
+        await store.commit()
+        assert [(e.seq, e.data) for e in watch.take(0)] == [(1, {"i": 0})] and watch.woken.is_set()
 
 
 async def test_an_idle_stream_polls_less_and_less_and_a_wakeup_still_reaches_it_at_once() -> None:

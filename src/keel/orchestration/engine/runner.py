@@ -310,7 +310,9 @@ class StoreJournal:
     unless this journal's previous release is still committing, and then with everything held when that commit
     lands. So a stream's first token is one commit away from its readers, and a burst commits in as many batches
     as the store has commits to spare (group commit per stream), never one commit per token. Readers are woken
-    only once a commit lands: no reader ever sees an event the log could still lose.
+    only once a commit lands: no reader ever sees an event the log could still lose. With ``deliver``, the
+    committed events themselves go to this process's readers (``Notifier.committed``), which then need not read
+    them back from the log.
     """
 
     def __init__(
@@ -322,6 +324,7 @@ class StoreJournal:
         *,
         tenant: str = "",
         hold_s: float = 0.05,
+        deliver: Callable[[str, list[Event]], None] | None = None,
     ) -> None:
         self.task_id = lease.task_id
         self.tenant = tenant
@@ -332,6 +335,7 @@ class StoreJournal:
         self._clock = clock
         self._notify = notify
         self._hold_s = hold_s
+        self._deliver = deliver
         self._held: list[tuple[str, dict[str, Any], float]] = []
         self._held_effect: EffectSettlement | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -378,7 +382,11 @@ class StoreJournal:
             self._committing = None
             if self._live_held:
                 self._release_held()
-        if _retrieve(future):
+        if not _retrieve(future):
+            return
+        if self._deliver is not None:
+            self._deliver(self.task_id, future.result())  # committed: readers here take them without a read
+        else:
             self._notify(self.task_id)
 
     async def _settle_queued(self) -> None:
