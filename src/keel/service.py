@@ -354,12 +354,20 @@ class Keel:
         return not (task.status.terminal and not await self.stores.events.read(task_id, after, limit=1))
 
     async def events(self, task_id: str, after: int = 0) -> AsyncIterator[Event]:
-        """The task's durable event log after sequence number ``after``, as it grows, up to and including ``end``.
+        """The task's durable event log after sequence number ``after``, as it grows, up to and including ``end``."""
+        async for batch in self.event_batches(task_id, after):
+            for ev in batch:
+                yield ev
+
+    async def event_batches(self, task_id: str, after: int = 0) -> AsyncIterator[list[Event]]:
+        """:meth:`events` as the batches they become available in, so an edge can send each batch at once (one
+        socket write for a burst of tokens, not one per token).
 
         A reader is woken as soon as an event of the task is committed (the notifier: in process, or through Redis
-        across replicas); the poll is only the safety net for a wake-up that cannot come. So an idle stream polls
-        less and less often, up to ``IDLE_POLL_FACTOR`` poll intervals, and back to one as soon as anything arrives:
-        ten thousand streams of tasks waiting in the queue must not read the log twenty thousand times a second."""
+        across replicas), and the events this process committed come with the wake-up; the log is read for the
+        rest. The poll is only the safety net for a wake-up that cannot come, so an idle stream polls less and less
+        often, up to ``IDLE_POLL_FACTOR`` poll intervals, and back to one as soon as anything arrives: ten thousand
+        streams of tasks waiting in the queue must not read the log twenty thousand times a second."""
         cursor = after
         wait = self.settings.poll_interval_s
         with self.notifier.watch(task_id) as watch:
@@ -367,12 +375,13 @@ class Keel:
                 watch.woken.clear()  # before the read: a commit landing during it still wakes the wait below
                 # What this process just committed comes with the wake-up; anything else is read from the log.
                 batch = watch.take(cursor) or await self.stores.events.read(task_id, cursor)
-                for ev in batch:
-                    cursor = ev.seq
-                    yield ev
-                    if ev.type == "end":
-                        return
                 if batch:
+                    ends = [i for i, ev in enumerate(batch) if ev.type == "end"]
+                    batch = batch[: ends[0] + 1] if ends else batch
+                    cursor = batch[-1].seq
+                    yield batch
+                    if ends:
+                        return
                     wait = self.settings.poll_interval_s
                     continue
                 with contextlib.suppress(TimeoutError):
