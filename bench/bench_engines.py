@@ -22,6 +22,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -58,23 +59,32 @@ def throughput(engine: str, workers: int, tasks: int) -> float:
     return tasks / elapsed
 
 
-async def per_step(engine: str, database: str, rounds: int) -> tuple[float, float]:
-    """Median ms per step of a 20-step task on ``engine``, and of the plain-loop baseline."""
+async def per_step(engine: str, database: str, rounds: int, *, noop: bool = False) -> tuple[float, float]:
+    """Median ms per step of a 20-step task on ``engine``, and of the plain-loop baseline. ``diagnostic`` steps each
+    write 4 durable tokens, a partial result and progress; ``noop``: ``peer_chain``, steps that only checkpoint."""
     from keel.backends import open_store
     from keel.memory.types import NewTask
     from keel.orchestration.engine.runtime import EmbeddedEngine
     from keel.orchestration.workflows import default_registry
+
+    def default_registry_and_peers() -> Any:
+        registry = default_registry()
+        registry.load("peer_workflows:WORKFLOWS")
+        return registry
 
     store = open_store(database)
     if engine == "temporal":
         from keel.backends.temporal import TemporalEngine
 
         runtime: object = TemporalEngine(
-            store, default_registry(), address=service_url("temporal"), task_queue=f"bench-{uuid.uuid4().hex[:8]}",
+            store,
+            default_registry_and_peers(),
+            address=service_url("temporal"),
+            task_queue=f"bench-{uuid.uuid4().hex[:8]}",
             poll_s=0.01,
-        )  # fmt: skip
+        )
     else:
-        runtime = EmbeddedEngine(store, default_registry(), poll_s=0.01)
+        runtime = EmbeddedEngine(store, default_registry_and_peers(), poll_s=0.01)
     await runtime.start(recover=False)  # type: ignore[attr-defined]
     try:
         per, base = [], []
@@ -83,7 +93,8 @@ async def per_step(engine: str, database: str, rounds: int) -> tuple[float, floa
             for _ in range(20):
                 await asyncio.sleep(0)
             base.append((time.perf_counter() - t0) * 1000 / 20)
-            new = NewTask(tenant="bench", workflow="diagnostic", input={"steps": 20, "step_seconds": 0})
+            inp = {"steps": 20} if noop else {"steps": 20, "step_seconds": 0}
+            new = NewTask(tenant="bench", workflow="peer_chain" if noop else "diagnostic", input=inp)
             created = await store.create_task(new, None, time.time())
             assert created.task is not None
             runtime.wake()  # type: ignore[attr-defined]

@@ -365,7 +365,7 @@ class NullJournal:
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
 
-    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True, live: bool = False) -> None:
         return None
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None:

@@ -231,7 +231,8 @@ def cluster(
         "KEEL_LEASE_SECONDS": "3",
         "KEEL_POLL_INTERVAL_S": "0.1",
         "KEEL_WORKERS": "8",
-        "PYTHONPATH": str(TESTS),
+        # The test helpers, then whatever the test run put first (a worktree's src): the servers run that code.
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p),
         "PYTHONUNBUFFERED": "1",
         "SINK_URL": sink_url,
         **(extra_env or {}),

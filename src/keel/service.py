@@ -13,11 +13,13 @@ status codes and SSE framing stay in ``keel.interaction``; what they report come
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -51,6 +53,7 @@ from keel.memory.types import (
 from keel.netguard import AllowList, resolve_target
 from keel.orchestration.engine import Engine
 from keel.orchestration.engine.runner import cancelled_envelope
+from keel.orchestration.engine.runtime import Watch
 from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.llm.models.catalog import unpriced
 from keel.orchestration.llm.reliability import SloReport, report
@@ -59,6 +62,9 @@ from keel.secretbox import SecretBox
 from keel.settings import Settings
 
 log = logging.getLogger("keel.service")
+
+IDLE_POLL_FACTOR = 8
+"""An idle event stream backs off its safety-net poll up to this many poll intervals (see :meth:`Keel.events`)."""
 
 __all__ = [
     "Idempotency",
@@ -90,6 +96,11 @@ class Wakeups(Protocol):
     def notify(self, task_id: str) -> None: ...
 
     async def wait(self, task_id: str, timeout: float) -> None: ...
+
+    def watch(self, task_id: str) -> AbstractContextManager[Watch]:
+        """The task's wake-ups and the events this process committed for it, while the block runs (clear ``woken``,
+        take or read, then wait on it)."""
+        ...
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -497,18 +508,22 @@ class Keel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         reported = -1.0
-        while not settled(task):
-            if progress is not None and task.progress > reported:
-                reported = task.progress
-                await progress(task.progress, task.current_step)
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            await self.notifier.wait(task.id, min(left, self.settings.poll_interval_s))
-            found = await self.stores.tasks.get_task(task.id, tenant)
-            if found is None:  # cannot happen for a task the caller holds; answer with it all the same
-                break
-            task = found
+        with self.notifier.watch(task.id) as watch:
+            woken = watch.woken
+            while not settled(task):
+                if progress is not None and task.progress > reported:
+                    reported = task.progress
+                    await progress(task.progress, task.current_step)
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(left, self.settings.poll_interval_s))
+                woken.clear()  # before the read: a commit landing during it wakes the next wait
+                found = await self.stores.tasks.get_task(task.id, tenant)
+                if found is None:  # cannot happen for a task the caller holds; answer with it all the same
+                    break
+                task = found
         return task
 
     async def delete(self, tenant: str, task_id: str) -> None:
@@ -546,16 +561,38 @@ class Keel:
 
     async def events(self, task_id: str, after: int = 0) -> AsyncIterator[Event]:
         """The task's durable event log after sequence number ``after``, as it grows, up to and including ``end``."""
-        cursor = after
-        while True:
-            batch = await self.stores.events.read(task_id, cursor)
+        async for batch in self.event_batches(task_id, after):
             for ev in batch:
-                cursor = ev.seq
                 yield ev
-                if ev.type == "end":
-                    return
-            if not batch:
-                await self.notifier.wait(task_id, self.settings.poll_interval_s)
+
+    async def event_batches(self, task_id: str, after: int = 0) -> AsyncIterator[list[Event]]:
+        """:meth:`events` as the batches they become available in, so an edge can send each batch at once (one
+        socket write for a burst of tokens, not one per token).
+
+        A reader is woken as soon as an event of the task is committed (the notifier: in process, or through Redis
+        across replicas), and the events this process committed come with the wake-up; the log is read for the
+        rest. The poll is only the safety net for a wake-up that cannot come, so an idle stream polls less and less
+        often, up to ``IDLE_POLL_FACTOR`` poll intervals, and back to one as soon as anything arrives: ten thousand
+        streams of tasks waiting in the queue must not read the log twenty thousand times a second."""
+        cursor = after
+        wait = self.settings.poll_interval_s
+        with self.notifier.watch(task_id) as watch:
+            while True:
+                watch.woken.clear()  # before the read: a commit landing during it still wakes the wait below
+                # What this process just committed comes with the wake-up; anything else is read from the log.
+                batch = watch.take(cursor) or await self.stores.events.read(task_id, cursor)
+                if batch:
+                    ends = [i for i, ev in enumerate(batch) if ev.type == "end"]
+                    batch = batch[: ends[0] + 1] if ends else batch
+                    cursor = batch[-1].seq
+                    yield batch
+                    if ends:
+                        return
+                    wait = self.settings.poll_interval_s
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watch.woken.wait(), wait)
+                wait = min(2 * wait, IDLE_POLL_FACTOR * self.settings.poll_interval_s)
 
     # -- approvals and effects -------------------------------------------------------------------------------------
 

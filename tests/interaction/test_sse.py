@@ -91,11 +91,11 @@ def test_a_huge_last_event_id_is_a_422_not_an_overflow(live: LiveServer) -> None
 async def test_frames_are_encoded_without_a_server() -> None:
     """The SSE framing is a pure encoder: `retry:` first, then `id:` = sequence number, `event:` = type, JSON data."""
 
-    async def log() -> AsyncIterator[Event]:
-        yield Event(task_id="tsk_1", seq=1, type="status", data={"status": "running"}, created_at=0.0)
-        yield Event(task_id="tsk_1", seq=2, type="end", data={"status": "succeeded"}, created_at=1.0)
+    async def log() -> AsyncIterator[list[Event]]:
+        yield [Event(task_id="tsk_1", seq=1, type="status", data={"status": "running"}, created_at=0.0)]
+        yield [Event(task_id="tsk_1", seq=2, type="end", data={"status": "succeeded"}, created_at=1.0)]
 
-    encoded = b"".join([f.encode() async for f in frames(log(), retry_ms=1500)])
+    encoded = b"".join([f async for f in frames(log(), retry_ms=1500)])
     assert encoded.decode().split("\r\n") == [
         ": keel event stream",
         "retry: 1500",
@@ -110,3 +110,15 @@ async def test_frames_are_encoded_without_a_server() -> None:
         "",
         "",
     ]
+
+
+async def test_a_batch_of_events_is_one_chunk() -> None:
+    """A burst (a batch of committed tokens) goes out as one send, so one socket write, not one per token."""
+
+    async def log() -> AsyncIterator[list[Event]]:
+        yield [Event(task_id="tsk_1", seq=i, type="token", data={"i": i}, created_at=0.0) for i in (1, 2, 3)]
+
+    chunks = [f async for f in frames(log(), retry_ms=1500)]
+    assert len(chunks) == 2  # the opening `retry:`, then the batch
+    assert chunks[1].decode().count("event: token") == 3
+    assert [line for line in chunks[1].decode().split("\r\n") if line.startswith("id: ")] == ["id: 1", "id: 2", "id: 3"]

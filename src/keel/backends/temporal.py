@@ -174,9 +174,9 @@ class TemporalJournal:
             journal_op, request, start_to_close_timeout=_LOCAL, retry_policy=_OP_RETRY
         )
 
-    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True, live: bool = False) -> None:
         if activity.in_activity():
-            await self.local().emit(type, data, durable=durable)
+            await self.local().emit(type, data, durable=durable, live=live)
         else:
             await self._op("emit", type=type, data=pydantic_core.to_jsonable_python(data))
 

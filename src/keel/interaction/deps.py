@@ -38,7 +38,12 @@ def keel_of(request: Request) -> Keel:
     return keel
 
 
-App = Annotated[Keel, Depends(keel_of)]
+async def _app(request: Request) -> Keel:
+    # A coroutine, not a plain function: FastAPI runs a plain dependency in a worker thread, one hop per request.
+    return keel_of(request)
+
+
+App = Annotated[Keel, Depends(_app)]
 """A route parameter: the application service."""
 
 

@@ -121,6 +121,11 @@ EventSpec = tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], float]
 """An event to append: ``(type, data)``, or ``(type, data, created_at)``."""
 
 
+def at_of(spec: EventSpec, now: float) -> float:
+    """When the event happened: its own time if it carries one (held back, then written later), else ``now``."""
+    return spec[2] if len(spec) == 3 else now
+
+
 class WorkflowStore(Backend, Protocol):
     """Workflow memory: step checkpoints, named workflow state, and out-of-line blobs for large payloads."""
 
@@ -186,6 +191,12 @@ class EventLog(Backend, Protocol):
         """Start an append without waiting for it to be durable. Writes this process makes afterwards commit after
         it (so a step's checkpoint can share its ``step_started`` event's commit); await the result to learn of
         a lost lease."""
+        ...
+
+    def append_batch_nowait(self, lease: Lease, events: Sequence[EventSpec], now: float) -> Awaitable[list[Event]]:
+        """:meth:`append_nowait` for several events at once, with consecutive seqs in their order: one fence
+        check and one write for a stream's burst of tokens, all committed or none. ``now`` for an event that
+        carries no time of its own."""
         ...
 
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]: ...

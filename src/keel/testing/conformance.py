@@ -148,6 +148,37 @@ async def check_list_pagination_and_filter(store: TaskStore) -> None:
     assert await store.queued_count() == 4
 
 
+async def check_batch_append(store: TaskBackend) -> None:
+    """A batch takes consecutive seqs in its order, after what this process queued before it, each event at its
+    own time or ``now``; under a lost lease none of it is written."""
+    res = await store.create_task(_new(), None, T0)
+    assert res.task
+    lease = await store.lease_next("w1", T0, 10, 5)
+    assert lease is not None
+    first = store.append_nowait(lease, "step_started", {"step": "s"}, T0 + 1)
+    batch = store.append_batch_nowait(lease, [("token", {"i": 0}, T0 + 1.5), ("token", {"i": 1})], T0 + 2)
+    assert (await first).seq == 3  # queued, running, step_started
+    written = await batch
+    assert [(e.seq, e.type, e.data, e.created_at) for e in written] == [
+        (4, "token", {"i": 0}, T0 + 1.5),
+        (5, "token", {"i": 1}, T0 + 2),
+    ]
+    assert await store.append_batch_nowait(lease, [], T0 + 2) == []
+    read = await store.read(res.task.id, 2)
+    assert [(e.seq, e.type, e.data) for e in read] == [(3, "step_started", {"step": "s"})] + [
+        (e.seq, e.type, e.data) for e in written
+    ]
+    lease2 = await store.lease_next("w2", T0 + 11, 10, 5)  # the first lease expired: w1 is fenced out
+    assert lease2 is not None
+    try:
+        await store.append_batch_nowait(lease, [("token", {"i": 2}), ("token", {"i": 3})], T0 + 12)
+    except LeaseLost:
+        pass
+    else:
+        raise AssertionError("a batch under an expired lease was committed")
+    assert [e.type for e in await store.read(res.task.id, 5)] == ["status"]  # only w2's running
+
+
 async def check_lease_fencing(store: TaskBackend) -> None:
     res = await store.create_task(_new(), None, T0)
     assert res.task
@@ -782,6 +813,7 @@ TASK_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_concurrent_idempotent_creates,
     check_list_pagination_and_filter,
     check_lease_fencing,
+    check_batch_append,
     check_cancel_and_requeue,
     check_poison_dead_letter,
     check_progress_is_not_poison,

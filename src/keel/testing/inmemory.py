@@ -13,7 +13,7 @@ from typing import Any
 from keel.errors import LeaseLost, StoreError
 from keel.memory.blobs import pack, unpack_blob
 from keel.memory.limits import Bucket, RateDecision, TenantLimits, take_token
-from keel.memory.stores import EventSpec
+from keel.memory.stores import EventSpec, at_of
 from keel.memory.types import (
     WINDOW_COUNTERS,
     ApiKey,
@@ -301,7 +301,7 @@ class InMemoryStore(InMemoryMemory):
         if effect is not None:
             self._settle(effect, now)
         for ev in events:
-            self._append(row, ev[0], ev[1], ev[2] if len(ev) == 3 else now)
+            self._append(row, ev[0], ev[1], at_of(ev, now))
 
     async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
         steps = sorted(self._steps.get(task_id, {}).values(), key=lambda s: (s.seq, s.key))
@@ -413,6 +413,15 @@ class InMemoryStore(InMemoryMemory):
         future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         try:
             future.set_result(self._append(self._fence(lease), type, data, now))
+        except LeaseLost as exc:
+            future.set_exception(exc)
+        return future
+
+    def append_batch_nowait(self, lease: Lease, events: Sequence[EventSpec], now: float) -> asyncio.Future[list[Event]]:
+        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        try:
+            row = self._fence(lease)
+            future.set_result([self._append(row, ev[0], ev[1], at_of(ev, now)) for ev in events])
         except LeaseLost as exc:
             future.set_exception(exc)
         return future

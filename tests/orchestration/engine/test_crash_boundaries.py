@@ -95,7 +95,7 @@ class _Journal:
         self.run_attempt = 1
         self.recorded: list[str] = []
 
-    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True, live: bool = False) -> None:
         pass
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None:

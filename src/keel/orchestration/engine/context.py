@@ -75,8 +75,9 @@ class Journal(Protocol):
     task_id: str
     run_attempt: int
 
-    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
-        """Append an event. ``durable=False`` may return before the commit, which the next write then shares."""
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True, live: bool = False) -> None:
+        """Append an event. ``durable=False`` may return before the commit, which the next write then shares;
+        ``live`` asks for that commit soon (a token a reader waits for) rather than with the step's checkpoint."""
         ...
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None: ...
@@ -382,8 +383,9 @@ class WorkflowContext:
         await self._journal.emit(type, data)
 
     async def emit_nowait(self, type: str, data: dict[str, Any]) -> None:
-        """Append an event that may share a later commit (tokens): readers see it within ~50 ms."""
-        await self._journal.emit(type, data, durable=False)
+        """Append an event without waiting for its commit (tokens): it commits at once, or with the next batch
+        if the previous one is still committing, and readers see it when it has."""
+        await self._journal.emit(type, data, durable=False, live=True)
 
     def record_model_call(self, call: ModelCallRecord) -> None:
         """Account for a call as it happens: the envelope's ``model_calls`` (so that a failed, refused or cancelled

@@ -63,7 +63,7 @@ class _ReplayJournal:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._store = store
 
-    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True, live: bool = False) -> None:
         self.events.append((type, data))
 
     async def record_step(self, step: StepCheckpoint, events: Sequence[tuple[str, dict[str, Any]]]) -> None:

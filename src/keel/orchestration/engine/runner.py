@@ -290,6 +290,12 @@ async def tenant_usage(store: Store, tenant: str, now: float) -> dict[str, Any] 
     return {"since": usage.since, "model_calls": usage.calls, "cost_usd": round(usage.cost_usd, 10)}
 
 
+def _retrieve(future: asyncio.Future[Any]) -> bool:
+    """Whether a write succeeded. Reading the exception also keeps a lost lease from surfacing as "exception never
+    retrieved": the run learns of it from the next write it awaits."""
+    return not future.cancelled() and future.exception() is None
+
+
 # -- the run's journal on the store -----------------------------------------------------------------------------------
 
 
@@ -299,6 +305,14 @@ class StoreJournal:
     A non-durable event (``step_started``) is held for up to ``hold_s``: a step that finishes sooner commits it
     in its checkpoint's transaction (one fsync per step instead of two); a longer step has it written on its own,
     so stream readers still see the step start while it runs.
+
+    A live event (a token: ``durable=False, live=True``) is not held for that long: it goes to the store at once,
+    unless this journal's previous release is still committing, and then with everything held when that commit
+    lands. So a stream's first token is one commit away from its readers, and a burst commits in as many batches
+    as the store has commits to spare (group commit per stream), never one commit per token. Readers are woken
+    only once a commit lands: no reader ever sees an event the log could still lose. With ``deliver``, the
+    committed events themselves go to this process's readers (``Notifier.committed``), which then need not read
+    them back from the log.
     """
 
     def __init__(
@@ -310,6 +324,7 @@ class StoreJournal:
         *,
         tenant: str = "",
         hold_s: float = 0.05,
+        deliver: Callable[[str, list[Event]], None] | None = None,
     ) -> None:
         self.task_id = lease.task_id
         self.tenant = tenant
@@ -320,15 +335,24 @@ class StoreJournal:
         self._clock = clock
         self._notify = notify
         self._hold_s = hold_s
+        self._deliver = deliver
         self._held: list[tuple[str, dict[str, Any], float]] = []
         self._held_effect: EffectSettlement | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._queued: list[Awaitable[Event]] = []
+        self._queued: list[Awaitable[Any]] = []
+        # The last release's write until it lands; a live event emitted meanwhile is held for the next one.
+        self._committing: asyncio.Future[list[Event]] | None = None
+        self._live_held = False
 
-    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True) -> None:
+    async def emit(self, type: str, data: dict[str, Any], *, durable: bool = True, live: bool = False) -> None:
         if not durable:
             self._held.append((type, data, self._clock()))
-            if self._timer is None:
+            if live:
+                if self._committing is None:
+                    self._release_held()
+                else:
+                    self._live_held = True  # released by _committed, in the next batch
+            elif self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(self._hold_s, self._release_held)
             return
         await self._write_held()
@@ -336,22 +360,33 @@ class StoreJournal:
         self._notify(self.task_id)
 
     def _release_held(self) -> None:
-        for type, data, at in self._take_held():
-            queued = self._store.append_nowait(self._lease, type, data, at)
-            if isinstance(queued, asyncio.Future):
-                queued.add_done_callback(self._committed)
-            self._queued.append(queued)
+        held = self._take_held()
+        if not held:
+            return
+        queued = self._store.append_batch_nowait(self._lease, held, self._clock())
+        self._queued.append(queued)
+        if isinstance(queued, asyncio.Future):
+            self._committing = queued
+            queued.add_done_callback(self._committed)
 
     def _take_held(self) -> list[tuple[str, dict[str, Any], float]]:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._live_held = False
         held, self._held = self._held, []
         return held
 
-    def _committed(self, future: asyncio.Future[Event]) -> None:
-        # Reading the exception also keeps a lost lease from surfacing as "exception never retrieved".
-        if not future.cancelled() and future.exception() is None:
+    def _committed(self, future: asyncio.Future[list[Event]]) -> None:
+        if future is self._committing:
+            self._committing = None
+            if self._live_held:
+                self._release_held()
+        if not _retrieve(future):
+            return
+        if self._deliver is not None:
+            self._deliver(self.task_id, future.result())  # committed: readers here take them without a read
+        else:
             self._notify(self.task_id)
 
     async def _settle_queued(self) -> None:

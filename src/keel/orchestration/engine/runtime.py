@@ -13,44 +13,85 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from keel.errors import LeaseLost
 from keel.memory.retrieval import Memory
 from keel.memory.stores import Store
-from keel.memory.types import Decision, Lease, TaskStatus
+from keel.memory.types import Decision, Event, Lease, TaskStatus
 from keel.orchestration.engine.runner import Interruption, StoreJournal, TaskQueue, TaskRunner, sweep_expired
 from keel.orchestration.engine.workflow import WorkflowRegistry
 from keel.orchestration.llm.models import ModelRegistry
 from keel.orchestration.tools import ToolCatalog
 from keel.orchestration.tools.services import Services
 
-__all__ = ["EmbeddedEngine", "Notifier", "StoreJournal", "sweep_expired"]
+__all__ = ["EmbeddedEngine", "Notifier", "StoreJournal", "Watch", "sweep_expired"]
 
 log = logging.getLogger("keel.runtime")
+
+
+@dataclass(eq=False, slots=True)
+class Watch:
+    """What a reader watching a task hears: ``woken`` is set by every notify, and ``committed`` collects the events
+    this process committed for the task meanwhile (tokens: :meth:`Notifier.committed`), so the reader can pass them
+    on without reading them back from the log."""
+
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+    committed: list[Event] = field(default_factory=list)
+
+    def take(self, cursor: int) -> list[Event]:
+        """The committed events that follow ``cursor`` without a gap (a write that only notified leaves one: then
+        nothing, and the reader reads the log)."""
+        pending = [e for e in self.committed if e.seq > cursor]
+        run = [e for i, e in enumerate(pending) if e.seq == cursor + 1 + i]
+        self.committed = pending[len(run) :]
+        return run
 
 
 class Notifier:
     """In-process wake-ups for SSE readers; the durable log stays the source of truth."""
 
+    MAX_HELD = 2000
+    """Committed events held for one slow reader; past that it reads them from the log instead."""
+
     def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[Watch]] = {}
 
     def notify(self, task_id: str) -> None:
-        for ev in self._waiters.get(task_id, ()):
-            ev.set()
+        for w in self._waiters.get(task_id, ()):
+            w.woken.set()
+
+    def committed(self, task_id: str, events: Sequence[Event]) -> None:
+        """``events`` are committed (consecutive seqs): hand them to this process's readers, then wake them all
+        (:meth:`notify`, which a fan-out subclass also publishes)."""
+        for w in self._waiters.get(task_id, ()):
+            if len(w.committed) < self.MAX_HELD:
+                w.committed.extend(events)
+            else:
+                w.committed.clear()
+        self.notify(task_id)
 
     async def wait(self, task_id: str, timeout: float) -> None:
-        ev = asyncio.Event()
-        self._waiters.setdefault(task_id, set()).add(ev)
-        try:
+        with self.watch(task_id) as w:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), timeout)
+                await asyncio.wait_for(w.woken.wait(), timeout)
+
+    @contextlib.contextmanager
+    def watch(self, task_id: str) -> Iterator[Watch]:
+        """A :class:`Watch` of the task while the block runs. A reader clears ``woken``, takes what was committed
+        or reads the log, then waits on ``woken``: a commit that lands during the read still wakes it (with
+        :meth:`wait` alone, a notify between the read and the wait is lost, and the reader sleeps a whole poll
+        interval)."""
+        w = Watch()
+        self._waiters.setdefault(task_id, set()).add(w)
+        try:
+            yield w
         finally:
             waiters = self._waiters.get(task_id)
             if waiters is not None:
-                waiters.discard(ev)
+                waiters.discard(w)
                 if not waiters:
                     del self._waiters[task_id]
 
@@ -153,7 +194,9 @@ class EmbeddedEngine:
         task = await self.store.get_task(lease.task_id)
         if task is None:
             return
-        journal = StoreJournal(self.store, lease, self.clock, self.notifier.notify, tenant=task.tenant)
+        journal = StoreJournal(
+            self.store, lease, self.clock, self.notifier.notify, tenant=task.tenant, deliver=self.notifier.committed
+        )
         ctx = self.runner.context(
             task,
             journal,

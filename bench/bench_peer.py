@@ -1,0 +1,581 @@
+"""keel against a bare FastAPI + uvicorn floor, same client, same workloads, in one run; writes docs/benchmarks.md.
+
+Run: ``.venv/bin/python bench/bench_peer.py`` (about 2 minutes on 2 cores; ``--repeats N`` for more).
+
+Both servers run at once as subprocesses on loopback; every workload runs on one, then on the other, interleaved,
+``REPEATS`` times (the order flips each repeat), and the tables give medians of the repeats and keel/floor ratios.
+On a shared machine only the ratios mean much: both columns saw the same load at nearly the same time.
+
+* keel: ``keel serve`` on a fresh data dir (SQLite, WAL, synchronous=FULL: every 202 waits for an fsync'd commit,
+  every step is checkpointed, every token is a durable event), with the workloads of ``bench/peer_workflows.py``.
+* the floor: one FastAPI app answering the same routes (``POST /v1/tasks``, ``GET /v1/tasks/{id}/events`` with
+  ``Last-Event-ID``) from memory, the workloads as plain asyncio coroutines; it stores nothing and survives nothing.
+* LangGraph's dev server is a third column only if ``langgraph-cli[inmem]`` is installed; it is not run otherwise
+  (and this script does not drive it yet: see the printed note).
+
+The client is httpx (one keep-alive connection per user) with httpx_sse; "done" is the ``end`` event on the stream
+opened right after the 202.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _doc import cpu_model, write_section
+from bench_api import Server, create_key, keel_command, percentile, serve
+from httpx_sse import aconnect_sse
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+START_MARK, END_MARK = "<!-- bench_peer:start -->", "<!-- bench_peer:end -->"
+
+REPEATS = 3
+SUBMIT_N = 300  # sequential POSTs at 1 client
+DONE_N = 60  # sequential submit -> end at 1 client
+DONE_C, DONE_C_N = 32, 640  # concurrent users, runs in all
+CHAIN_STEPS, CHAIN_N = 20, 10
+BURST_N, BURST_RUNS = 500, 5
+FLOOD_N = 5000  # token events to one client, for the events/s figure
+PACED_N, PACED_MS, PACED_RUNS = 200, 2.0, 5
+FANOUT = {"branches": 4, "seconds": 1.0}
+RESUME_N, RESUME_AT, RESUME_GAP_S = 300, 100, 0.25
+
+NOOP = {"workflow": "peer_chain", "input": {"steps": 0}}
+
+FLOOR_APP = '''
+"""The floor: keel's routes answered from memory by plain asyncio, with sse_starlette as keel uses it."""
+import asyncio
+import itertools
+import time
+from typing import Any
+
+from fastapi import FastAPI, Header
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+app = FastAPI()
+_ids = itertools.count()
+_tasks: dict[str, "Run"] = {}
+
+
+class SubmitTask(BaseModel):
+    workflow: str = Field(min_length=1, max_length=100)
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class Run:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = [("status", {"status": "queued"})]
+        self.changed = asyncio.Event()
+
+    def emit(self, type: str, data: dict[str, Any]) -> None:
+        self.events.append((type, data))
+        self.changed.set()
+
+
+async def _noop(i: int) -> int:
+    return i
+
+
+async def execute(run: Run, body: SubmitTask) -> None:
+    await asyncio.sleep(0)
+    run.emit("status", {"status": "running"})
+    inp = body.input
+    if body.workflow == "peer_chain":
+        for i in range(inp.get("steps", 0)):
+            await _noop(i)
+    elif body.workflow == "peer_tokens":
+        for i in range(inp.get("n", 500)):
+            await asyncio.sleep(inp.get("pace_ms", 0.0) / 1000)
+            run.emit("token", {"i": i, "text": f"t{i} ", "t": time.time()})
+    elif body.workflow == "peer_fanout":
+        await asyncio.gather(*(asyncio.sleep(inp.get("seconds", 1.0)) for _ in range(inp.get("branches", 4))))
+    run.emit("end", {"status": "succeeded"})
+
+
+_running: set[asyncio.Task[None]] = set()
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.post("/v1/tasks", status_code=202)
+async def submit(body: SubmitTask, authorization: str = Header()) -> JSONResponse:
+    task_id = f"tsk_{next(_ids):016x}"
+    run = _tasks[task_id] = Run()
+    job = asyncio.create_task(execute(run, body))
+    _running.add(job)
+    job.add_done_callback(_running.discard)
+    base = f"/v1/tasks/{task_id}"
+    links = {"self": base, "events": base + "/events", "cancel": base + "/cancel"}
+    content = {"id": task_id, "status": "queued", "links": links, "estimated_duration_s": 0.0}
+    return JSONResponse(content, status_code=202, headers={"Location": base})
+
+
+@app.get("/v1/tasks/{task_id}/events")
+async def events(task_id: str, authorization: str = Header(), last_event_id: str | None = Header(None)):
+    run = _tasks[task_id]
+    after = int(last_event_id or 0)
+
+    async def frames():
+        yield ServerSentEvent(comment="floor event stream", retry=2000)
+        cursor = after
+        while True:
+            while cursor < len(run.events):
+                type, data = run.events[cursor]
+                cursor += 1
+                yield ServerSentEvent(id=str(cursor), event=type, data=__import__("json").dumps(data))
+                if type == "end":
+                    return
+            run.changed.clear()
+            await run.changed.wait()
+
+    return EventSourceResponse(frames(), ping=15, send_timeout=30)
+'''
+
+
+# -- the client: one code path for every server ---------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    seq: int
+    type: str
+    data: dict[str, Any]
+    at: float
+    wall: float  # time.time() on arrival, against a token's own ``t``
+
+
+async def submit(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
+    response = await client.post("/v1/tasks", json=body)
+    if response.status_code != 202:
+        raise RuntimeError(f"POST /v1/tasks answered {response.status_code}: {response.text[:300]}")
+    return str(response.json()["id"])
+
+
+async def stream(
+    client: httpx.AsyncClient, task_id: str, *, after: int = 0, stop_after_tokens: int | None = None
+) -> list[Received]:
+    """The task's events after ``after`` up to ``end`` (or until ``stop_after_tokens`` tokens: then drop)."""
+    headers = {"Last-Event-ID": str(after)} if after else {}
+    out: list[Received] = []
+    tokens = 0
+    async with aconnect_sse(client, "GET", f"/v1/tasks/{task_id}/events", headers=headers) as source:
+        source.response.raise_for_status()
+        async for sse in source.aiter_sse():
+            if not sse.id:
+                continue
+            out.append(Received(int(sse.id), sse.event, json.loads(sse.data), time.perf_counter(), time.time()))
+            tokens += sse.event == "token"
+            if sse.event == "end" or (stop_after_tokens is not None and tokens >= stop_after_tokens):
+                break
+    return out
+
+
+def client_for(server: Server, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=server.url,
+        headers={"Authorization": f"Bearer {key}"},
+        limits=httpx.Limits(max_connections=1),
+        timeout=httpx.Timeout(30, read=120),
+    )
+
+
+# -- the workloads: each returns {figure: value} for one repeat on one server -----------------------------------
+
+
+async def w_submit(server: Server, key: str) -> dict[str, float]:
+    async with client_for(server, key) as client:
+        for _ in range(30):
+            await submit(client, NOOP)
+        latencies = []
+        for _ in range(SUBMIT_N):
+            t0 = time.perf_counter()
+            await submit(client, NOOP)
+            latencies.append(time.perf_counter() - t0)
+    latencies.sort()
+    return {"submit_p50_ms": 1000 * percentile(latencies, 0.5), "submit_p99_ms": 1000 * percentile(latencies, 0.99)}
+
+
+async def _run_to_end(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, list[Received], float]:
+    t0 = time.perf_counter()
+    events = await stream(client, await submit(client, body))
+    if not events or events[-1].type != "end":
+        raise RuntimeError(f"stream ended without `end`: {[e.type for e in events][-5:]}")
+    return time.perf_counter() - t0, events, t0
+
+
+async def w_done(server: Server, key: str) -> dict[str, float]:
+    async with client_for(server, key) as client:
+        for _ in range(5):
+            await _run_to_end(client, NOOP)
+        walls = []
+        t0 = time.perf_counter()
+        for _ in range(DONE_N):
+            walls.append((await _run_to_end(client, NOOP))[0])
+        rate1 = DONE_N / (time.perf_counter() - t0)
+    walls.sort()
+    return {"done_p50_ms": 1000 * percentile(walls, 0.5), "done_rps_1": rate1}
+
+
+async def w_done_concurrent(server: Server, key: str) -> dict[str, float]:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(client_for(server, key)) for _ in range(DONE_C)]
+        remaining = DONE_C_N
+        walls: list[float] = []
+
+        async def user(client: httpx.AsyncClient, count: int | None = None) -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                walls.append((await _run_to_end(client, NOOP))[0])
+
+        remaining = DONE_C * 2  # warm-up: two runs each
+        await asyncio.gather(*(user(c) for c in clients))
+        walls.clear()
+        remaining = DONE_C_N
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user(c) for c in clients))
+        elapsed = time.perf_counter() - t0
+    walls.sort()
+    return {"done_rps_32": DONE_C_N / elapsed, "done_p99_ms_32": 1000 * percentile(walls, 0.99)}
+
+
+async def w_chain(server: Server, key: str) -> dict[str, float]:
+    body = {"workflow": "peer_chain", "input": {"steps": CHAIN_STEPS}}
+    async with client_for(server, key) as client:
+        await _run_to_end(client, body)
+        noop = sorted([(await _run_to_end(client, NOOP))[0] for _ in range(CHAIN_N)])
+        walls = sorted([(await _run_to_end(client, body))[0] for _ in range(CHAIN_N)])
+    per_step = (statistics.median(walls) - statistics.median(noop)) / CHAIN_STEPS
+    return {"chain_wall_ms": 1000 * statistics.median(walls), "chain_step_ms": 1000 * per_step}
+
+
+def _tokens(events: list[Received]) -> list[Received]:
+    return [e for e in events if e.type == "token"]
+
+
+async def w_burst(server: Server, key: str) -> dict[str, float]:
+    body = {"workflow": "peer_tokens", "input": {"n": BURST_N, "pace_ms": 0}}
+    flood = {"workflow": "peer_tokens", "input": {"n": FLOOD_N, "pace_ms": 0}}
+    async with client_for(server, key) as client:
+        firsts, distinct = [], []
+        for _ in range(BURST_RUNS):
+            _, events, t0 = await _run_to_end(client, body)
+            tokens = _tokens(events)
+            firsts.append(tokens[0].at - t0)
+            distinct.append(len({e.seq for e in tokens}))
+        _, events, _ = await _run_to_end(client, flood)
+        tokens = _tokens(events)
+        if len(tokens) != FLOOD_N or [e.data["i"] for e in tokens] != list(range(FLOOD_N)):
+            raise RuntimeError(f"{server.name}: the flood lost or reordered tokens")
+        rate = (len(tokens) - 1) / max(tokens[-1].at - tokens[0].at, 1e-9)
+    return {
+        "burst_first_ms": 1000 * statistics.median(firsts),
+        "burst_distinct": min(distinct),
+        "token_events_per_s": rate,
+    }
+
+
+async def w_paced(server: Server, key: str) -> dict[str, float]:
+    body = {"workflow": "peer_tokens", "input": {"n": PACED_N, "pace_ms": PACED_MS}}
+    async with client_for(server, key) as client:
+        firsts, delays, gaps = [], [], []
+        for _ in range(PACED_RUNS):
+            _, events, t0 = await _run_to_end(client, body)
+            tokens = _tokens(events)
+            firsts.append(tokens[0].at - t0)
+            delays.append(tokens[0].wall - tokens[0].data["t"])
+            # How long the slowest token took from its emission to the client (a commit, when durable).
+            gaps.append(max(e.wall - e.data["t"] for e in tokens))
+    return {
+        "paced_first_ms": 1000 * statistics.median(firsts),
+        "paced_first_delay_ms": 1000 * statistics.median(delays),
+        "paced_max_lag_ms": 1000 * statistics.median(gaps),
+    }
+
+
+async def w_fanout(server: Server, key: str) -> dict[str, float]:
+    body = {"workflow": "peer_fanout", "input": FANOUT}
+    async with client_for(server, key) as client:
+        walls = [(await _run_to_end(client, body))[0] for _ in range(2)]
+    return {"fanout_wall_s": statistics.median(walls)}
+
+
+async def w_resume(server: Server, key: str) -> dict[str, float]:
+    body = {"workflow": "peer_tokens", "input": {"n": RESUME_N, "pace_ms": PACED_MS}}
+    async with client_for(server, key) as client:
+        task_id = await submit(client, body)
+        first = await stream(client, task_id, stop_after_tokens=RESUME_AT)
+    await asyncio.sleep(RESUME_GAP_S)  # the connection is closed: the client is gone for the gap
+    async with client_for(server, key) as client:
+        rest = await stream(client, task_id, after=first[-1].seq)
+    seen = [e.data["i"] for e in _tokens(first + rest)]
+    return {
+        "resume_lost": RESUME_N - len(set(seen)),
+        "resume_duplicated": len(seen) - len(set(seen)),
+        "resume_ids_distinct": float(len({e.seq for e in first + rest}) == len(first + rest)),
+    }
+
+
+WORKLOADS: list[tuple[str, Callable[[Server, str], Awaitable[dict[str, float]]]]] = [
+    ("submit", w_submit),
+    ("submit → done", w_done),
+    (f"submit → done, {DONE_C} clients", w_done_concurrent),
+    (f"{CHAIN_STEPS}-step chain", w_chain),
+    (f"{BURST_N}-token burst", w_burst),
+    (f"stream paced at {PACED_MS:g} ms", w_paced),
+    ("4 × 1 s fan-out", w_fanout),
+    ("resume after a gap", w_resume),
+]
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    figures: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # server -> figure -> repeats
+
+    def add(self, server: str, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.figures.setdefault(server, {}).setdefault(name, []).append(value)
+
+    def median(self, server: str, name: str) -> float | None:
+        values = self.figures.get(server, {}).get(name)
+        return statistics.median(values) if values else None
+
+
+def say(message: str) -> None:
+    print(f"[bench_peer {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def fsync_commit_ms(directory: Path, n: int = 100) -> float:
+    """p50 of a bare fsync'd SQLite commit of one row (WAL, synchronous=FULL) on keel's disk: what any durable
+    write costs here, right now, before keel does anything."""
+    path = directory / "fsync-probe.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (x TEXT)")
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?)", ("x" * 200,))
+            conn.execute("COMMIT")
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+async def drive(servers: list[tuple[Server, str]], repeats: int, run: Run, probe_dir: Path) -> None:
+    for rep in range(repeats):
+        order = servers if rep % 2 == 0 else servers[::-1]
+        for label, workload in WORKLOADS:
+            run.add("disk", {"fsync_commit_ms": fsync_commit_ms(probe_dir)})
+            for server, key in order:
+                say(f"repeat {rep + 1}/{repeats}: {label} on {server.name}")
+                run.add(server.name, await workload(server, key))
+
+
+def keel_env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH", "")) if p)
+    return {"KEEL_WORKFLOWS": "peer_workflows:WORKFLOWS", "PYTHONPATH": path}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md")
+    args = parser.parse_args()
+    langgraph = importlib.util.find_spec("langgraph_cli") is not None
+    if langgraph:
+        say("langgraph-cli is installed, but this script does not drive LangGraph yet: two columns only")
+    started = time.monotonic()
+    run = Run()
+    with tempfile.TemporaryDirectory(prefix="keel-peer-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        data_dir = workdir / "keel-data"
+        env = keel_env()
+        key = create_key(data_dir)
+        cmd = [keel_command("keel"), "serve", "--port", "{port}", "--data-dir", str(data_dir)]
+        keel = stack.enter_context(serve("keel", [*cmd, "--log-level", "warning"], workdir, "/readyz", env))
+        (workdir / "floor_app.py").write_text(FLOOR_APP)
+        floor_cmd = [sys.executable, "-m", "uvicorn", "floor_app:app", "--app-dir", str(workdir)]
+        floor_cmd += ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
+        floor = stack.enter_context(serve("floor", floor_cmd, workdir, "/healthz"))
+        import uvloop
+
+        uvloop.run(drive([(keel, key), (floor, "floor")], args.repeats, run, workdir))
+    elapsed = time.monotonic() - started
+    say(f"done in {elapsed:.0f} s")
+    section = render(run, args.repeats, elapsed, langgraph)
+    print(section)
+    if not args.no_write:
+        write_section(section, START_MARK, END_MARK)
+
+
+# -- the report -------------------------------------------------------------------------------------------------
+
+# figure, label, unit, format, lower is better, goal (text, test on keel's value and the ratio) or None
+Goal = tuple[str, Callable[[float, float], bool]] | None
+FIGURES: list[tuple[str, str, str, bool, Goal]] = [
+    ("submit_p50_ms", "`POST /v1/tasks` p50, 1 client", "ms", True, ("≤ 1.5 ms", lambda k, r: k <= 1.5)),
+    ("submit_p99_ms", "`POST /v1/tasks` p99, 1 client", "ms", True, None),
+    ("done_p50_ms", "no-op run, submit → done, p50", "ms", True, None),
+    ("done_rps_1", "completed no-op runs/s, 1 client", "/s", False, None),
+    (
+        "done_rps_32",
+        f"completed no-op runs/s, {DONE_C} clients",
+        "/s",
+        False,
+        ("≥ 0.6× the floor", lambda k, r: r >= 0.6),
+    ),
+    (
+        "done_p99_ms_32",
+        f"submit → done p99, {DONE_C} clients",
+        "ms",
+        True,
+        ("< 50 ms", lambda k, r: k < 50),
+    ),
+    ("chain_step_ms", f"per step, {CHAIN_STEPS}-step chain", "ms", True, None),
+    ("burst_first_ms", f"submit → first token, {BURST_N}-token burst", "ms", True, None),
+    ("burst_distinct", f"distinct event ids in a {BURST_N}-token burst", "", False, None),
+    (
+        "token_events_per_s",
+        f"token events/s to one client ({FLOOD_N:,} tokens)",
+        "/s",
+        False,
+        ("≥ 20,000/s", lambda k, r: k >= 20_000),
+    ),
+    (
+        "paced_first_ms",
+        f"submit → first token, stream paced at {PACED_MS:g} ms",
+        "ms",
+        True,
+        None,
+    ),
+    (
+        "paced_first_delay_ms",
+        f"first token, emitted → at the client, stream paced at {PACED_MS:g} ms",
+        "ms",
+        True,
+        ("≤ 5 ms", lambda k, r: k <= 5),
+    ),
+    ("paced_max_lag_ms", f"slowest token, emitted → at the client, paced at {PACED_MS:g} ms", "ms", True, None),
+    ("fanout_wall_s", "4 × 1 s fan-out, wall", "s", True, None),
+    ("resume_lost", f"resume after a {RESUME_GAP_S * 1000:.0f} ms gap: tokens lost", "", True, None),
+    ("resume_duplicated", f"resume after a {RESUME_GAP_S * 1000:.0f} ms gap: tokens duplicated", "", True, None),
+]
+
+
+NO_RATIO = {"chain_step_ms"}  # the floor's step is an awaited no-op: a ratio to it says nothing
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "/s" or value >= 100:
+        return f"{value:,.0f}{'' if unit in ('/s', '') else ' ' + unit}"
+    if unit == "":
+        return f"{value:g}"
+    return f"{value:.2f} {unit}" if unit == "ms" else f"{value:.3f} {unit}"
+
+
+def render(run: Run, repeats: int, elapsed: float, langgraph: bool) -> str:
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    rows = []
+    for name, label, unit, _, goal in FIGURES:
+        k, f = run.median("keel", name), run.median("floor", name)
+        ratio = k / f if k is not None and f is not None and f > 0 and name not in NO_RATIO else None
+        verdict = ""
+        if goal is not None and k is not None:
+            met = goal[1](k, ratio if ratio is not None else float("nan"))
+            verdict = f"{goal[0]}: {'met' if met else '**missed**'}"
+        spread = run.figures.get("keel", {}).get(name, [])
+        keel_cell = fmt(k, unit) + (f" ({fmt(min(spread), unit)}–{fmt(max(spread), unit)})" if len(spread) > 1 else "")
+        floor_cell = fmt(f, unit) if name not in NO_RATIO else f"{fmt(f, unit)} (nothing to checkpoint)"
+        rows.append([label, keel_cell, floor_cell, f"{ratio:.2f}×" if ratio is not None else "—", verdict])
+    lines = ["| figure | keel (min–max) | floor | keel/floor | goal |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    disk = run.figures.get("disk", {}).get("fsync_commit_ms", [])
+    if disk:
+        lines += [
+            "",
+            f"A bare fsync'd SQLite commit of one row on the same disk, measured before each workload, took "
+            f"{statistics.median(disk):.2f} ms (median; {min(disk):.2f}–{max(disk):.2f} ms): every keel figure "
+            "that waits for durability pays at least that, and the floor never does.",
+        ]
+    method = textwrap.dedent(
+        f"""\
+        - Both servers run at once on loopback with uvicorn's defaults (uvloop, httptools, one process,
+          `--log-level warning`): keel as `keel serve --data-dir <fresh temp dir>` with its default settings
+          (SQLite WAL + synchronous=FULL, `KEEL_WORKERS` 4) and `KEEL_WORKFLOWS=peer_workflows:WORKFLOWS`
+          (`bench/peer_workflows.py`); the floor as one FastAPI app (in this script) answering `POST /v1/tasks` and
+          `GET /v1/tasks/{{id}}/events` (sse_starlette, `Last-Event-ID`) from memory, running the same workloads as
+          plain coroutines. keel's key comes from `keel keys create`; the floor only requires the header.
+        - Every workload runs on one server, then on the other; {repeats} repeats, the order flipped each repeat;
+          each cell is the median of the repeats (keel's min–max beside it). Ratios are of those medians.
+        - Client: httpx on uvloop in this process, one keep-alive connection per user, httpx_sse for streams.
+          "Done" is the `end` event on the stream opened right after the 202.
+        - submit: {SUBMIT_N} sequential `POST /v1/tasks` of a no-op run (`peer_chain`, steps=0) after 30 warm-ups.
+          submit → done: {DONE_N} sequential no-op runs; with {DONE_C} clients, {DONE_C_N} runs after 2 warm-ups
+          each. {CHAIN_STEPS}-step chain: per step = (median wall of {CHAIN_N} chains − median wall of
+          {CHAIN_N} no-op runs) / {CHAIN_STEPS}.
+        - Tokens (`peer_tokens`): one durable step emitting `token` events with `ctx.emit_nowait`, the path a model
+          stream takes, yielding to the loop between tokens. Burst: {BURST_N} tokens, {BURST_RUNS} runs; events/s:
+          one run of {FLOOD_N:,} tokens, (tokens − 1) / (last − first arrival), checked complete and in order.
+          Paced: {PACED_N} tokens {PACED_MS:g} ms apart, {PACED_RUNS} runs; "emitted → at the client" compares the
+          wall clock the token carries (stamped as it is emitted) with the client's on arrival (same machine).
+        - Fan-out: `ctx.map` of {FANOUT["branches"]} × {FANOUT["seconds"]:g} s sleeps, 2 runs. Resume:
+          {RESUME_N} tokens {PACED_MS:g} ms apart; the client drops the connection after {RESUME_AT} tokens,
+          waits {RESUME_GAP_S * 1000:.0f} ms and reconnects with `Last-Event-ID`; lost and duplicated are counted by
+          the tokens' own index."""
+    )
+    lg = (
+        "langgraph-cli is installed but this script does not drive LangGraph yet."
+        if langgraph
+        else "`langgraph-cli[inmem]` is not installed here, so there is no LangGraph column."
+    )
+    parts = [
+        START_MARK,
+        "## keel against the floor (`bench/bench_peer.py`)",
+        "",
+        f"Generated by `.venv/bin/python bench/bench_peer.py` on {now} in {elapsed:.0f} s. {lg}",
+        "",
+        f"**Machine:** nproc={os.cpu_count()}, {cpu_model()}; Python {platform.python_version()} on "
+        f"{platform.system()} {platform.release()}. Shared with other work while it ran: read the ratios.",
+        "",
+        *lines,
+        "",
+        "### Method",
+        "",
+        method,
+        END_MARK,
+    ]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
