@@ -120,6 +120,7 @@ TEXTS = [
 ]
 
 
+@pytest.mark.timeout(600)  # a hang guard, not a speed target: 20 generations take 60-120 s on 2 busy cores
 async def test_schema_constrained_output_is_valid_on_20_of_20_prompts(model: LocalModel) -> None:
     assert len(set(TEXTS)) == 20
     schema = RiskReport.model_json_schema()
