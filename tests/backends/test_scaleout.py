@@ -45,6 +45,7 @@ def two_by_two(request: pytest.FixtureRequest, tmp_path: Path, sink: Sink) -> It
         pytest.skip(f"scale-out servers unavailable: {exc}")
 
 
+@pytest.mark.timeout(300)  # the drain's own bound (180 s) decides, not the suite's 120 s hang guard
 def test_killing_workers_loses_no_task_and_duplicates_no_effect(two_by_two: Cluster, sink: Sink) -> None:
     report = run_crash_test(two_by_two, sink, tasks=30, kill_every=(1.0, 3.0), drain_timeout=180)
     print("\n".join(report.lines()))
