@@ -45,6 +45,8 @@ class Receiver:
     script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     default: tuple[int, dict[str, str]] = (200, {})
     hits: list[Hit] = field(default_factory=list)
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+    """A path whose requests are held, unanswered, until its event is set (a slow receiver, without a clock)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
 
@@ -84,6 +86,9 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             status, extra = rec.handle(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            gate = rec.gates.get(self.path)
+            if gate is not None:
+                gate.wait(timeout=30)
             self.send_response(status)
             for name, value in extra.items():
                 self.send_header(name, value)
@@ -99,6 +104,8 @@ def receiver() -> Iterator[Receiver]:
     try:
         yield rec
     finally:
+        for gate in rec.gates.values():
+            gate.set()
         rec.server.shutdown()
         rec.server.server_close()
         thread.join(timeout=5)

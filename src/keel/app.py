@@ -44,6 +44,7 @@ from keel.interaction.tool_calls import TaskToolBackend
 from keel.interaction.tool_routes import router as tool_router
 from keel.interaction.ui import add_ui
 from keel.interaction.webhooks import WebhookDispatcher
+from keel.interaction.wire_json import StrictJson
 from keel.memory.embeddings import Embedder, EmbeddingSpace, open_embedder
 from keel.memory.ingest.pdf import ParseLimits
 from keel.memory.ingest.pipeline import Ingestor, IngestSettings
@@ -406,6 +407,8 @@ async def running(
                 timeout_s=settings.webhook_timeout_s,
                 poll_s=settings.poll_interval_s,
                 open_secret=secrets.open,
+                concurrency=settings.webhook_concurrency,
+                per_endpoint=settings.webhook_endpoint_concurrency,
             )
             webhooks.start()
             stack.push_async_callback(webhooks.stop)
@@ -675,6 +678,7 @@ def create_app(
     # A multipart upload carries the document plus its form framing.
     uploads = {"/v1/documents": settings.ingest_max_bytes + 64 * 1024}
     app.add_middleware(RateLimitHeaders)  # inside the error handlers' answers too: a 404 still spent a token
+    app.add_middleware(StrictJson)  # inside the body limit: it reads only what the limit lets through
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path=uploads)
     app.add_middleware(ObserveRequests, observer=observer)  # the request span covers everything inside
     app.add_middleware(RequestId)  # outermost: every answer carries the id, a refused body's too

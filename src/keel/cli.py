@@ -131,6 +131,7 @@ def serve(
     import uvicorn
 
     from keel.app import create_app
+    from keel.interaction.server import guarded
 
     if role not in ("all", "api"):
         _fail(f"--role must be all or api, not {role!r} (workers run with `keel worker`)", 2)
@@ -142,7 +143,20 @@ def serve(
         # traceback: the store, the engine and the models are up before the socket opens.
         async with app.router.lifespan_context(app):
             config = uvicorn.Config(
-                app, host=settings.host, port=settings.port, log_level=log_level, log_config=None, lifespan="off"
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level=log_level,
+                log_config=None,
+                lifespan="off",
+                # Slow clients: deadlines for reading a request (uvicorn has none), a cap on connections.
+                http=guarded(
+                    header_timeout_s=settings.http_header_timeout_s,
+                    body_timeout_s=settings.http_body_timeout_s,
+                    max_header_bytes=settings.http_max_header_bytes,
+                ),
+                limit_concurrency=settings.http_max_connections,
+                timeout_keep_alive=settings.http_keep_alive_s,
             )
             # uvicorn raises the signal that stopped it again once it has, which must not cut the app's close short.
             previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -344,6 +344,7 @@ DOCUMENT_REASONS = (
     "encrypted",  # needs a password and none was given
     "wrong_password",  # a password was given and does not open it
     "corrupt",  # not a readable PDF (or not the type it claims)
+    "not_found",  # a document id the tenant does not have (unknown, expired, deleted, or another tenant's)
     "too_many_pages",  # over the page cap
     "too_large",  # over the byte cap, or decompresses past the decompressed-bytes cap
     "limit_exceeded",  # the parser hit its memory or CPU limit (a PDF bomb, usually)

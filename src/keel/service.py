@@ -126,6 +126,13 @@ class Idempotency:
     key: str
     request_hash: str
 
+    @classmethod
+    def of(cls, edge: Literal["rest", "mcp"], key: str, request_hash: str) -> Idempotency:
+        """The caller's ``key`` in its edge's own namespace: a REST ``Idempotency-Key: mcp:k`` and an MCP
+        ``_meta.idempotency_key`` ``k`` are two keys, not one (each edge hashes its request in its own format, so
+        one edge's key reused by the other would only ever be refused as "a different request")."""
+        return cls(key=f"{edge}:{key}", request_hash=request_hash)
+
 
 @dataclass(kw_only=True, slots=True)
 class Submitted:
@@ -257,7 +264,9 @@ class Keel:
         if wf is None:
             raise InputError(f"unknown workflow {sub.workflow!r}", detail={"known": self.registry.names()})
         try:
-            parsed = wf.input_model.model_validate(sub.input)
+            # Strict, as JSON: `true` is no step count and `"5"` no integer, while a string still makes an enum or
+            # a date (what JSON has for them). The input came as JSON, so writing it out again loses nothing.
+            parsed = wf.input_model.model_validate_json(json.dumps(sub.input), strict=True)
         except ValidationError as exc:
             errors = [{"pointer": "/input/" + "/".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
             raise InputError("input does not match the workflow's schema", detail={"errors": errors}) from None

@@ -38,9 +38,26 @@ class Settings(BaseSettings):
         "INFO", description="The level of keel's own loggers (keel.*); other libraries log at WARNING or above."
     )
     max_body_bytes: int = Field(1_048_576, description="Larger request bodies get 413.")
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="`keel serve`: a request's line and headers must arrive within this (else 408)."
+    )
+    http_body_timeout_s: float = Field(
+        60.0, gt=0, description="`keel serve`: a request's body must arrive within this after its headers (else 408)."
+    )
+    http_max_header_bytes: int = Field(
+        65_536, ge=1024, description="`keel serve`: larger request lines and headers get 431."
+    )
+    http_max_connections: int = Field(
+        1000, ge=1, description="`keel serve`: connections (and requests in flight) past this get 503."
+    )
+    http_keep_alive_s: int = Field(
+        5, ge=1, description="`keel serve`: an idle kept-alive connection closes after this."
+    )
     workers: int = Field(4, ge=1, description="Concurrent tasks run by the in-process worker pool.")
     lease_seconds: float = Field(15.0, gt=0)
-    max_task_attempts: int = Field(5, ge=1, description="Leases before a crashing task is dead-lettered.")
+    max_task_attempts: int = Field(
+        5, ge=1, description="Leases in a row that record no step before a crashing task is dead-lettered."
+    )
     poll_interval_s: float = Field(0.5, gt=0)
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_retry_ms: int = 2000
@@ -62,6 +79,10 @@ class Settings(BaseSettings):
     webhook_backoff_base_s: float = Field(1.0, gt=0)
     webhook_backoff_max_s: float = Field(3600.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_concurrency: int = Field(32, ge=1, description="Webhook requests in flight at once, in all.")
+    webhook_endpoint_concurrency: int = Field(
+        1, ge=1, description="Webhook requests in flight at once to one endpoint (tenant and URL); 1 keeps order."
+    )
     default_model: str = Field(
         f"local:{DEFAULT_LOCAL}",
         description="What `ctx.model()` answers with: openai:<model>, openai-compatible:<url>#<model>, "

@@ -168,6 +168,25 @@ def test_ingest_workflow_batch_with_urls_and_bad_documents(live: LiveServer) -> 
         assert events.count("event: ingest_retry") == 3  # the dead URL: 3 retries, then skipped
 
 
+def test_another_tenants_document_id_is_not_found(live: LiveServer) -> None:
+    """Issue 21, defect 7: another tenant's document id was reported as ``document_corrupt``. It is not found,
+    exactly as an id that never existed: by the document API (404) and at submission (422, by pointer)."""
+    other = live.new_key("globex")
+    with live.client(other) as c:
+        theirs = c.post("/v1/documents", files={"file": ("n.txt", NOTES, "text/plain")}).json()["id"]
+    with live.client() as c:
+        mine = c.post("/v1/documents", files={"file": ("m.txt", NOTES, "text/plain")}).json()["id"]
+        assert c.get(f"/v1/documents/{theirs}").status_code == 404
+        for workflow, extra in (("ingest", {}), ("document_analysis", {"request": "Compare them."})):
+            body = {"workflow": workflow, "input": {"documents": [mine, theirs, "doc_never"], **extra}}
+            r = c.post("/v1/tasks", json=body)
+            assert r.status_code == 422, r.text
+            errors = r.json()["errors"]
+            assert [e["pointer"] for e in errors] == ["/input/documents/1", "/input/documents/2"]
+            assert errors[0]["message"] == errors[1]["message"].replace("doc_never", theirs)  # no tell
+            assert "corrupt" not in r.text
+
+
 class socket_closed:
     def __enter__(self) -> int:
         import socket

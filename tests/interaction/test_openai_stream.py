@@ -175,4 +175,10 @@ def test_a_bad_resume_cursor_is_a_422(live: LiveServer) -> None:
         assert r.status_code == 422
         r = c.get(f"/v1/responses/{resp['id']}?stream=true", headers={"Last-Event-ID": "abc"})
         assert r.status_code == 422
+        # Issue 21, defect 1: an id past a 64-bit integer is a 422 here too (one parser: keel.interaction.sse).
+        for value in [str(2**63 + 1), "9" * 30, "7" * 5000]:
+            r = c.get(f"/v1/responses/{resp['id']}?stream=true", headers={"Last-Event-ID": value}, timeout=5)
+            assert r.status_code == 422, r.text
+            r = c.get(f"/v1/responses/{resp['id']}", params={"stream": "true", "starting_after": value}, timeout=5)
+            assert r.status_code == 422, r.text
         assert httpx.get(live.url + f"/v1/responses/{resp['id']}").status_code == 401

@@ -70,6 +70,24 @@ def test_bad_last_event_id_is_problem(live: LiveServer) -> None:
         assert sup.status_code == 422
 
 
+HUGE_IDS = [str(2**63 + 1), "9" * 30, "7" * 5000]
+
+
+def test_a_huge_last_event_id_is_a_422_not_an_overflow(live: LiveServer) -> None:
+    """Issue 21, defect 1: past a 64-bit integer, the id overflowed SQLite's INTEGER and answered 500."""
+    with live.client() as c:
+        tid = c.post("/v1/tasks", json={"workflow": "diagnostic", "input": {"steps": 1, "step_seconds": 0}}).json()[
+            "id"
+        ]
+        for value in HUGE_IDS:
+            for kwargs in ({"headers": {"Last-Event-ID": value}}, {"params": {"last_event_id": value}}):
+                r = c.get(f"/v1/tasks/{tid}/events", timeout=5, **kwargs)  # type: ignore[arg-type]
+                assert r.status_code == 422, (value[:20], r.text)
+                assert r.headers["content-type"].startswith("application/problem+json")
+        # The largest id a log can hold is still only a cursor it never issued: 422 too, never a 500.
+        assert c.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": str(2**63 - 1)}).status_code == 422
+
+
 async def test_frames_are_encoded_without_a_server() -> None:
     """The SSE framing is a pure encoder: `retry:` first, then `id:` = sequence number, `event:` = type, JSON data."""
 

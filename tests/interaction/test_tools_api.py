@@ -115,6 +115,9 @@ def assert_pointers(r: httpx.Response, pointers: list[str]) -> None:
 # -- the catalog and the allowlist ------------------------------------------------------------------------------
 
 
+DIAG_ONE = {"workflow": "diagnostic", "input": {"steps": 1, "step_seconds": 0}}
+
+
 def test_tool_catalog_lists_builtins_with_permissions(live: LiveServer) -> None:
     with live.client() as plain, live.client(live.new_key("acme", EMAIL_SCOPES)) as mailer:
         without = {t["name"]: t for t in plain.get("/v1/tools").json()}
@@ -224,6 +227,27 @@ async def test_mcp_endpoint_lists_and_calls_keel_tools(live: LiveServer, mailer:
 
 
 # -- approvals ------------------------------------------------------------------------------------------------------
+
+
+async def test_a_rest_key_and_an_mcp_key_never_collide(live: LiveServer) -> None:
+    """Issue 21, defect 7: MCP's ``_meta.idempotency_key`` ``k`` was stored as ``mcp:k``, the very key a REST
+    ``Idempotency-Key: mcp:k`` stored, so one edge's request was refused (or answered) as the other's."""
+    with live.client() as c:
+        rest = c.post("/v1/tasks", json=DIAG_ONE, headers={"Idempotency-Key": "mcp:shared"})
+        assert rest.status_code == 202, rest.text
+    async with mcp_client(f"{live.url}/mcp", live.key) as client:
+        first = await client.call_tool("search_memory", {"query": "x"}, meta={"idempotency_key": "shared"})
+        assert not first.is_error, text_of(first)
+        assert first.meta is not None and first.meta[TASK_ID_META] != rest.json()["id"]
+        # and the other way round: a REST key equal to what MCP stored is a new request too
+        again = await client.call_tool("search_memory", {"query": "x"}, meta={"idempotency_key": "shared"})
+        assert again.meta is not None and again.meta[TASK_ID_META] == first.meta[TASK_ID_META]
+    with live.client() as c:
+        other = c.post("/v1/tasks", json=DIAG_ONE, headers={"Idempotency-Key": "shared"})
+        assert other.status_code == 202 and "idempotent-replayed" not in other.headers, other.text
+        assert other.json()["id"] not in (rest.json()["id"], first.meta[TASK_ID_META])
+        replay = c.post("/v1/tasks", json=DIAG_ONE, headers={"Idempotency-Key": "mcp:shared"})
+        assert replay.headers.get("idempotent-replayed") == "true" and replay.json()["id"] == rest.json()["id"]
 
 
 def events_until(c: httpx.Client, tid: str, wanted: str) -> list[tuple[str, str]]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import inspect
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,7 @@ from keel.errors import BlockedAddress
 from keel.headers import retry_after_seconds
 from keel.interaction import webhooks
 from keel.interaction.webhooks import WebhookDispatcher
-from keel.memory.types import OutboxMessage
+from keel.memory.types import NewTask, OutboxMessage, TaskStatus
 from keel.netguard import AllowList
 from keel.settings import Settings
 from webhook_receiver import Receiver, new_secret, verify, wait_for
@@ -364,3 +366,94 @@ async def test_unicode_digit_retry_after_still_schedules_a_retry(receiver: Recei
     finally:
         await d.stop()
     assert [c[0] for c in out.calls] == ["retry_at"]
+
+
+# -- each endpoint on its own (issue 21, defects 4 and 5) ------------------------------------------------------
+
+
+async def enqueue(store: Any, tenant: str, url: str, n: int = 1) -> list[str]:
+    """``n`` tasks of ``tenant`` with a webhook to ``url``, finished at once: one outbox message each."""
+    ids = []
+    for _ in range(n):
+        new = NewTask(tenant=tenant, workflow="diagnostic", input={}, webhook_url=url, webhook_secret=new_secret())
+        created = await store.create_task(new, None, time.time())
+        await store.finish(None, created.task.id, TaskStatus.succeeded, {"status": "success"}, time.time())
+        ids.append(created.task.id)
+    return ids
+
+
+async def until(probe: Any, what: str, timeout: float = 10) -> None:
+    """Wait for ``probe()`` (a plain or an async predicate) to hold."""
+    deadline = time.monotonic() + timeout
+    while not (await result if inspect.isawaitable(result := probe()) else result):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_slow_receiver_does_not_delay_another_tenants_webhook(receiver: Receiver, tmp_path: Any) -> None:
+    """The battery: a healthy endpoint queued 1 s after a slow one got its delivery only at the slow one's
+    timeout, because deliveries went in batches that waited for their slowest member."""
+    receiver.gates["/slow"] = threading.Event()
+    store = open_store(f"sqlite:///{tmp_path / 'k.db'}")
+    d = WebhookDispatcher(store, allow=AllowList.parse("127.0.0.1"), timeout_s=20, poll_s=0.05)
+    d.start()
+    try:
+        await enqueue(store, "slowcorp", receiver.base + "/slow")
+        await until(lambda: len(receiver.snapshot()) == 1, "the slow delivery to start")
+        [healthy] = await enqueue(store, "acme", receiver.url)
+        d.wake()
+        await until(lambda: any(h.path == "/hook" for h in receiver.snapshot()), "the healthy delivery")
+        assert not receiver.gates["/slow"].is_set(), "the slow receiver has not answered yet"
+        await until(lambda: _status(store, healthy, "delivered"), "the healthy message to be delivered")
+    finally:
+        receiver.gates["/slow"].set()
+        await d.stop()
+        await store.aclose()
+
+
+async def test_a_410_stops_the_rest_of_its_endpoints_messages(receiver: Receiver, tmp_path: Any) -> None:
+    """The battery: three messages to one endpoint sat in one batch and all three were sent, though the first
+    answered 410."""
+    receiver.respond((410, {}))
+    store = open_store(f"sqlite:///{tmp_path / 'k.db'}")
+    ids = await enqueue(store, "acme", receiver.url, 3)
+    d = WebhookDispatcher(store, allow=AllowList.parse("127.0.0.1"), poll_s=0.05)
+    d.start()
+    try:
+
+        async def all_disabled() -> bool:
+            return all([await _status(store, i, "disabled") for i in ids])
+
+        await until(all_disabled, "the endpoint's messages to be disabled")
+        await asyncio.sleep(0.3)  # anything still queued in the dispatcher would go now
+    finally:
+        await d.stop()
+        await store.aclose()
+    assert [h.status for h in receiver.snapshot()] == [410]
+
+
+async def test_concurrency_is_bounded_per_endpoint_and_overall(receiver: Receiver, tmp_path: Any) -> None:
+    receiver.gates["/a"] = threading.Event()
+    receiver.gates["/b"] = threading.Event()
+    store = open_store(f"sqlite:///{tmp_path / 'k.db'}")
+    for path in ("/a", "/b"):
+        await enqueue(store, "acme", receiver.base + path, 4)
+    d = WebhookDispatcher(
+        store, allow=AllowList.parse("127.0.0.1"), timeout_s=20, poll_s=0.05, concurrency=3, per_endpoint=2
+    )
+    d.start()
+    try:
+        await until(lambda: len(receiver.snapshot()) >= 3, "three deliveries in flight")
+        await asyncio.sleep(0.3)  # a fourth would arrive now if the bounds did not hold
+        paths = [h.path for h in receiver.snapshot()]
+        assert len(paths) == 3 and max(paths.count("/a"), paths.count("/b")) == 2, paths
+        receiver.gates["/a"].set()
+        receiver.gates["/b"].set()
+        await until(lambda: len(receiver.snapshot()) == 8, "every message")
+    finally:
+        await d.stop()
+        await store.aclose()
+
+
+async def _status(store: Any, task_id: str, status: str) -> bool:
+    return [m.status for m in await store.messages(task_id)] == [status]

@@ -71,6 +71,7 @@ from keel.memory.types import (
     dead_letter_envelope,
     decide,
     hour_bucket,
+    leases_without_progress,
     minute_bucket,
     new_id,
     park_status,
@@ -622,11 +623,15 @@ class PostgresStore(PostgresMemory):
                 if row is None:
                     return None
                 if row["attempts"] >= max_attempts:
-                    # A poison task: it has taken down its worker too often. Dead-letter it, do not retry.
-                    await conn.execute("UPDATE tasks SET dead_lettered = TRUE WHERE id = %s", (row["id"],))
-                    envelope = dead_letter_envelope(row["attempts"])
-                    await self._finish_in(conn, row["id"], TaskStatus.failed, envelope, now)
-                    continue
+                    last = await _one(
+                        conn, "SELECT MAX(run_attempt) AS run FROM steps WHERE task_id = %s", (row["id"],)
+                    )
+                    streak = leases_without_progress(row["attempts"], last["run"] if last else None)
+                    if streak >= max_attempts:
+                        # A poison task: it took down its worker at the same place too often. Dead-letter it.
+                        await conn.execute("UPDATE tasks SET dead_lettered = TRUE WHERE id = %s", (row["id"],))
+                        await self._finish_in(conn, row["id"], TaskStatus.failed, dead_letter_envelope(streak), now)
+                        continue
                 new = await _one(
                     conn,
                     "UPDATE tasks SET status = 'running', lease_owner = %s, lease_expires_at = %s, "

@@ -63,6 +63,7 @@ from keel.memory.types import (
     dead_letter_envelope,
     decide,
     hour_bucket,
+    leases_without_progress,
     minute_bucket,
     new_id,
     park_status,
@@ -637,10 +638,13 @@ class SQLiteStore(SQLiteMemory):
                 if row is None:
                     return None
                 if row["attempts"] >= max_attempts:
-                    # A poison task: it has taken down its worker too often. Dead-letter it, do not retry.
-                    conn.execute("UPDATE tasks SET dead_lettered = 1 WHERE id = ?", (row["id"],))
-                    self._finish_in(conn, row["id"], TaskStatus.failed, dead_letter_envelope(row["attempts"]), now)
-                    continue
+                    last = conn.execute("SELECT MAX(run_attempt) FROM steps WHERE task_id = ?", (row["id"],))
+                    streak = leases_without_progress(row["attempts"], last.fetchone()[0])
+                    if streak >= max_attempts:
+                        # A poison task: it took down its worker at the same place too often. Dead-letter it.
+                        conn.execute("UPDATE tasks SET dead_lettered = 1 WHERE id = ?", (row["id"],))
+                        self._finish_in(conn, row["id"], TaskStatus.failed, dead_letter_envelope(streak), now)
+                        continue
                 new = conn.execute(
                     "UPDATE tasks SET status = 'running', lease_owner = ?, lease_expires_at = ?, "
                     "fencing_token = fencing_token + 1, attempts = attempts + 1, updated_at = ?, "

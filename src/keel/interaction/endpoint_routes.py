@@ -28,6 +28,7 @@ from keel.interaction.schemas import (
     BudgetSpec,
     Envelope,
     Links,
+    RequestBody,
     SubmitTask,
     TaskAccepted,
     WebhookSpec,
@@ -60,7 +61,7 @@ WaitS = Annotated[
 # -- wire schemas -------------------------------------------------------------------------------------------------
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(RequestBody):
     """Body of `POST /v1/chat`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -81,7 +82,7 @@ class ChatRequest(BaseModel):
     wait_s: WaitS = 30
 
 
-class AgentRequest(BaseModel):
+class AgentRequest(RequestBody):
     """Body of `POST /v1/agent`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -104,7 +105,7 @@ class AgentRequest(BaseModel):
     )
 
 
-class ReasonRequest(BaseModel):
+class ReasonRequest(RequestBody):
     """Body of `POST /v1/reason`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -126,7 +127,7 @@ class ReasonRequest(BaseModel):
         return check_output_schema(v)
 
 
-class FunctionCallRequest(BaseModel):
+class FunctionCallRequest(RequestBody):
     """Body of `POST /v1/function-call`: `prompt` or `messages`, not both."""
 
     model_config = ConfigDict(extra="forbid")
@@ -157,7 +158,7 @@ class FunctionCallRequest(BaseModel):
         return self
 
 
-class StreamRequest(BaseModel):
+class StreamRequest(RequestBody):
     """Body of `POST /v1/stream`."""
 
     model_config = ConfigDict(extra="forbid")

@@ -8,10 +8,11 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, Field, field_validator
 
 from keel.interaction.auth import SCOPES, Admin
 from keel.interaction.deps import App, errors, problem
+from keel.interaction.schemas import RequestBody
 from keel.memory.types import KeyRecord
 
 router = APIRouter(prefix="/v1", tags=["keys"])
@@ -39,9 +40,7 @@ class NewKey(KeyView):
     key: str = Field(description="The key itself, `keel_<id>_<secret>`: shown only in this answer.")
 
 
-class CreateKey(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class CreateKey(RequestBody):
     scopes: Annotated[list[str], Field(min_length=1, description="What the key may do (see the security scheme).")]
     # JSON has no datetime: the RFC 3339 string is parsed (the one field not strict), and must carry its zone.
     expires_at: AwareDatetime | None = Field(
@@ -57,9 +56,7 @@ class CreateKey(BaseModel):
         return v
 
 
-class RotateKey(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class RotateKey(RequestBody):
     grace_s: float = Field(
         0.0, ge=0, le=90 * 86400, description="Keep the old key working this many seconds (0: revoked at once)."
     )

@@ -7,10 +7,11 @@ from enum import Enum
 from typing import Annotated
 
 from fastapi import APIRouter, Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from keel.interaction.auth import Admin
 from keel.interaction.deps import App, errors, problem
+from keel.interaction.schemas import RequestBody
 from keel.memory.limits import TenantLimits
 from keel.service import LimitsView
 
@@ -22,10 +23,9 @@ Tenant = Annotated[
 ]
 
 
-class Limits(BaseModel):
+class Limits(RequestBody):
     """A tenant's limits. Each is optional: unset (null) takes the server's default (`KEEL_LIMIT_*`)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     # Bounded above so that every value fits a 64-bit column and means something (a 500 from an overflowing
     # INTEGER is what a huge Last-Event-ID once gave).
     rate_per_s: float | None = Field(

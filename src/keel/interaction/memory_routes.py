@@ -12,6 +12,7 @@ from starlette.datastructures import UploadFile
 from keel.errors import InputError
 from keel.interaction.auth import Reader, Writer
 from keel.interaction.deps import App, errors, problem
+from keel.interaction.schemas import RequestBody
 
 router = APIRouter(prefix="/v1", tags=["memory"])
 ERRORS = errors("No such document for this tenant")
@@ -36,13 +37,13 @@ class DocumentView(BaseModel):
     expires_at: float | None
 
 
-class IngestUrl(BaseModel):
+class IngestUrl(RequestBody):
     model_config = ConfigDict(extra="forbid")
     url: str = Field(max_length=4096, description="An http(s) URL; private and internal addresses are refused.")
     password: str | None = Field(None, max_length=1024, description="Opens an encrypted PDF; never stored.")
 
 
-class SearchBody(BaseModel):
+class SearchBody(RequestBody):
     model_config = ConfigDict(extra="forbid")
     query: str = Field(min_length=1, max_length=2000)
     k: int = Field(5, ge=1, le=100)

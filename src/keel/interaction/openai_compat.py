@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from keel.errors import InputError, NotFound
@@ -53,6 +52,8 @@ from keel.interaction.openai_stream import (
 from keel.interaction.problems import problem as problem_response
 from keel.interaction.routes import IdempotencyKey, submit_task
 from keel.interaction.schemas import Envelope, SubmitTask
+from keel.interaction.sse import MAX_EVENT_ID, event_id
+from keel.interaction.wire_json import render
 from keel.memory.types import ApiKey, Task, TaskStatus
 from keel.service import Keel
 
@@ -226,7 +227,7 @@ async def create_response(
         return _stream(keel, task)
     if not body.background:
         task = await keel.wait(task, wait_s=SYNC_WAIT_S, tenant=key.tenant)
-    return JSONResponse((await _response(keel, task)).model_dump(mode="json"))
+    return render(await _response(keel, task))
 
 
 # -- GET, cancel, DELETE ---------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ async def get_response(
     key: Reader,
     stream: Annotated[bool, Query(description="Stream the response's events (SSE).")] = False,
     starting_after: Annotated[
-        int | None, Query(ge=-1, description="With `stream`: the events after this sequence number.")
+        int | None, Query(ge=-1, le=MAX_EVENT_ID, description="With `stream`: the events after this sequence number.")
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> Response:
@@ -260,12 +261,10 @@ async def get_response(
     as keel keeps the task's events (`starting_after`, or `Last-Event-ID`)."""
     task = await _task(keel, key.tenant, response_id)
     if not stream:
-        return JSONResponse((await _response(keel, task)).model_dump(mode="json"))
+        return render(await _response(keel, task))
     after = starting_after if starting_after is not None else -1
     if starting_after is None and last_event_id:
-        if not last_event_id.strip().isdigit():
-            raise InputError("Last-Event-ID must be an event sequence number")
-        after = int(last_event_id.strip())
+        after = event_id(last_event_id)
     return _stream(keel, task, after)
 
 
@@ -405,7 +404,7 @@ async def create_chat_completion(
             extensions={"task_id": task.id, "task_status": task.status.value, "task_errors": errs},
         )
     done = _completion(task, model, body.session)
-    return JSONResponse(done.model_dump(mode="json"), headers=headers)
+    return render(done, headers=headers)
 
 
 async def _chunks(keel: Keel, task: Task, model: str, include_usage: bool) -> AsyncIterator[ServerSentEvent]:

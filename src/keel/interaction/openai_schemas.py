@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keel.interaction.schemas import Envelope, Links
+from keel.interaction.schemas import Envelope, Links, RequestBody
 from keel.memory.types import TaskStatus
 from keel.orchestration.workflows.endpoints import check_output_schema
 
@@ -23,7 +23,7 @@ MODEL_SPEC = Field(
 # -- Responses: the request --------------------------------------------------------------------------------------
 
 
-class InputText(BaseModel):
+class InputText(RequestBody):
     """A text part of a message (`input_text`; `output_text` on an earlier assistant message)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -31,7 +31,7 @@ class InputText(BaseModel):
     text: str = Field(max_length=200_000)
 
 
-class InputMessage(BaseModel):
+class InputMessage(RequestBody):
     """A message item of `input` (the SDK's `EasyInputMessage` or `ResponseInputItem.Message`). `developer` is
     taken as `system`. Other item types (function call outputs, files, images) are refused with a 422."""
 
@@ -46,7 +46,7 @@ class InputMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionToolRef(BaseModel):
+class FunctionToolRef(RequestBody):
     """A tool as the SDK describes one (`{"type": "function", "name": …}`): only `name` counts, and it must be a
     keel tool (`GET /v1/tools`); keel's own definition is the one the model sees."""
 
@@ -55,17 +55,17 @@ class FunctionToolRef(BaseModel):
     name: str = Field(min_length=1, max_length=64)
 
 
-class FormatText(BaseModel):
+class FormatText(RequestBody):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
 
 
-class FormatJsonObject(BaseModel):
+class FormatJsonObject(RequestBody):
     model_config = ConfigDict(extra="forbid")
     type: Literal["json_object"]
 
 
-class FormatJsonSchema(BaseModel):
+class FormatJsonSchema(RequestBody):
     """Structured output: the answer is JSON valid against `schema` (checked by keel; the task fails with
     `schema_violation` or `invalid_json` otherwise)."""
 
@@ -85,13 +85,13 @@ class FormatJsonSchema(BaseModel):
 TextFormat = Annotated[FormatText | FormatJsonObject | FormatJsonSchema, Field(discriminator="type")]
 
 
-class TextConfig(BaseModel):
+class TextConfig(RequestBody):
     model_config = ConfigDict(extra="forbid")
     format: TextFormat = Field(default_factory=lambda: FormatText(type="text"))
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class CreateResponse(BaseModel):
+class CreateResponse(RequestBody):
     """Body of `POST /v1/responses` (OpenAI Responses API). Fields keel does not serve are refused (422), never
     silently ignored."""
 
@@ -228,13 +228,13 @@ class DeletedResponse(BaseModel):
 # -- Chat Completions --------------------------------------------------------------------------------------------
 
 
-class ChatPart(BaseModel):
+class ChatPart(RequestBody):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str = Field(max_length=200_000)
 
 
-class ChatMessageIn(BaseModel):
+class ChatMessageIn(RequestBody):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ChatPart] = Field(max_length=200_000)
@@ -244,12 +244,12 @@ class ChatMessageIn(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestBody):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
-class JsonSchemaSpec(BaseModel):
+class JsonSchemaSpec(RequestBody):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str = Field(min_length=1, max_length=64)
     json_schema: dict[str, Any] = Field(alias="schema")
@@ -262,13 +262,13 @@ class JsonSchemaSpec(BaseModel):
         return check_output_schema(v)
 
 
-class ChatResponseFormat(BaseModel):
+class ChatResponseFormat(RequestBody):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(RequestBody):
     """Body of `POST /v1/chat/completions`. Run as a `respond` task; `session` (a keel extension: pass it in the
     SDK's `extra_body`) puts the session's earlier turns before `messages` and keeps this turn."""
 

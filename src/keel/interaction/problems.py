@@ -11,15 +11,17 @@ with ``errors[]``: one ``{pointer, message}`` per problem, ``pointer`` a JSON po
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from keel.errors import InputError, KeelError, LimitExceeded
 
@@ -123,6 +125,22 @@ def of_error(exc: KeelError) -> JSONResponse:
     )
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> set[str]:
+    """Every method some route serves at the request's path (asked of the routes themselves, as the router asks
+    them), and ``OPTIONS``, which every path with a route answers (204 with this set as ``Allow``). A 405's
+    ``Allow`` is the same set, so the two always agree with the routes."""
+    methods = {"OPTIONS"}
+    base = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", ""), "headers": []}
+    for method in _METHODS:
+        probe = {**base, "method": method}
+        if any(route.matches(dict(probe))[0] is Match.FULL for route in routes):
+            methods.add(method)
+    return methods
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> JSONResponse:
@@ -144,14 +162,21 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         slug = "body_too_large" if exc.status_code == 413 else None
+        headers = exc.headers
+        if exc.status_code == 405:
+            # The router names only the first route that matched the path; a path is often served by several.
+            allow = ", ".join(sorted(allowed_methods(request.app.routes, request.scope)))
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allow})
+            headers = {**(headers or {}), "Allow": allow}
         return problem(
             exc.status_code,
             HTTPStatus(exc.status_code).phrase,
             str(exc.detail) if exc.detail else None,
             type=f"urn:keel:problem:{slug}" if slug else None,
-            headers=exc.headers,
+            headers=headers,
         )
 
     @app.exception_handler(Exception)

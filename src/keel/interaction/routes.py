@@ -8,7 +8,6 @@ from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import JSONResponse
 
 from keel.errors import InputError
 from keel.interaction.auth import Admin, Reader, Writer
@@ -24,7 +23,8 @@ from keel.interaction.schemas import (
     accepted,
     view,
 )
-from keel.interaction.sse import event_response
+from keel.interaction.sse import MAX_EVENT_ID, event_id, event_response
+from keel.interaction.wire_json import render
 from keel.memory.types import ApiKey, TaskStatus
 from keel.service import Idempotency, Keel, Submitted
 
@@ -42,7 +42,7 @@ async def submit_task(keel: Keel, key: ApiKey, body: SubmitTask, idempotency_key
     idempotency = None
     if idempotency_key is not None:
         canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        idempotency = Idempotency(key=idempotency_key, request_hash=hashlib.sha256(canonical.encode()).hexdigest())
+        idempotency = Idempotency.of("rest", idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
     return await keel.submit(key, body.submission(), idempotency)
 
 
@@ -74,14 +74,12 @@ def submitted_headers(submitted: Submitted) -> dict[str, str]:
     operation_id="submitTask",
     tags=TASKS,
 )
-async def submit(body: SubmitTask, keel: App, key: Writer, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+async def submit(body: SubmitTask, keel: App, key: Writer, idempotency_key: IdempotencyKey = None) -> Response:
     """Validate, store durably, and return 202 with the task's handle. Nothing is stored if validation fails."""
     submitted = await submit_task(keel, key, body, idempotency_key)
     cached = submitted.outcome == "cached"
     payload = view(submitted.task) if cached else accepted(submitted.task)
-    return JSONResponse(
-        payload.model_dump(mode="json"), status_code=200 if cached else 202, headers=submitted_headers(submitted)
-    )
+    return render(payload, status_code=200 if cached else 202, headers=submitted_headers(submitted))
 
 
 @router.get("/workflows", responses=errors(), summary="List workflows", operation_id="listWorkflows", tags=TASKS)
@@ -103,9 +101,9 @@ async def list_tasks(
     status: Annotated[list[TaskStatus] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
-) -> TaskPage:
+) -> Response:
     page = await keel.list_tasks(key.tenant, statuses=status or (), limit=limit, cursor=cursor)
-    return TaskPage(items=[view(t) for t in page.tasks], next_cursor=page.next_cursor)
+    return render(TaskPage(items=[view(t) for t in page.tasks], next_cursor=page.next_cursor))
 
 
 @router.get(
@@ -116,14 +114,15 @@ async def list_tasks(
     operation_id="getTask",
     tags=TASKS,
 )
-async def get_task(task_id: str, keel: App, response: Response, key: Reader) -> TaskView:
+async def get_task(task_id: str, keel: App, key: Reader) -> Response:
     """Status, progress and timestamps; `Retry-After` while running; the envelope once terminal."""
     task = await keel.get(key.tenant, task_id)
+    headers = {}
     if not task.status.terminal:
         # A task waiting for a person will not move by itself soon: poll slowly.
         wait = {TaskStatus.running: "1", TaskStatus.waiting_for_approval: "30"}
-        response.headers["Retry-After"] = wait.get(task.status, "2")
-    return view(task)
+        headers["Retry-After"] = wait.get(task.status, "2")
+    return render(view(task), headers=headers)
 
 
 @router.post(
@@ -134,10 +133,10 @@ async def get_task(task_id: str, keel: App, response: Response, key: Reader) -> 
     operation_id="cancelTask",
     tags=TASKS,
 )
-async def cancel(task_id: str, keel: App, key: Writer) -> JSONResponse:
+async def cancel(task_id: str, keel: App, key: Writer) -> Response:
     """Idempotent. A running task stops at once and keeps its partial result."""
     task = await keel.cancel(key.tenant, task_id)
-    return JSONResponse(view(task).model_dump(mode="json"), status_code=200 if task.status.terminal else 202)
+    return render(view(task), status_code=200 if task.status.terminal else 202)
 
 
 @router.get(
@@ -166,15 +165,16 @@ async def events(
     keel: App,
     key: Reader,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id_q: Annotated[int | None, Query(alias="last_event_id", ge=0)] = None,
+    last_event_id_q: Annotated[int | None, Query(alias="last_event_id", ge=0, le=MAX_EVENT_ID)] = None,
 ) -> Response:
     """`id:` is the event's sequence number; resume with `Last-Event-ID` (header or query), even after a restart."""
     after = last_event_id_q or 0
     if last_event_id:
-        if not (last_event_id.strip().isascii() and last_event_id.strip().isdigit()):
+        try:
+            after = event_id(last_event_id)
+        except InputError:
             await keel.get(key.tenant, task_id)  # another tenant's task is a 404 before the header is a 422
-            raise InputError("Last-Event-ID must be an event sequence number")
-        after = int(last_event_id)
+            raise
     if not await keel.has_events(key.tenant, task_id, after):
         return Response(status_code=204)
     return event_response(keel, task_id, after)

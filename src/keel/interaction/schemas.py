@@ -13,6 +13,7 @@ from keel.orchestration.llm.reliability import SloReport
 from keel.service import Submission, Webhook
 
 __all__ = [
+    "RequestBody",
     "BudgetSpec",
     "Envelope",
     "ModelStatsView",
@@ -26,7 +27,18 @@ __all__ = [
 ]
 
 
-class WebhookSpec(BaseModel):
+class RequestBody(BaseModel):
+    """The base of every JSON request body: strict types, so ``true`` is not ``1``, ``false`` not ``0.0`` and
+    ``"5"`` not ``5`` (pydantic's lax mode coerces them, and a client's mistake would pass unseen). Unknown members
+    are refused. The body's bytes were already held to strict JSON (:mod:`keel.interaction.wire_json`).
+
+    FastAPI validates the decoded body as Python data, where strict mode wants an enum member rather than its
+    value: an enum field says ``Field(strict=False)``; a ``Literal`` needs nothing."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class WebhookSpec(RequestBody):
     model_config = ConfigDict(extra="forbid")
     url: AnyHttpUrl = Field(description="Receiver; refused if it resolves to a private address (SSRF).")
     secret: str = Field(
@@ -49,7 +61,7 @@ class WebhookSpec(BaseModel):
         return v
 
 
-class BudgetSpec(BaseModel):
+class BudgetSpec(RequestBody):
     """Per-task caps. Crossing any of them stops the task (`budget_exceeded`), keeping its partial result."""
 
     model_config = ConfigDict(extra="forbid")
@@ -60,7 +72,7 @@ class BudgetSpec(BaseModel):
     deadline_s: float | None = Field(None, gt=0, le=7 * 86400, description="Wall-clock seconds from submission.")
 
 
-class CacheSpec(BaseModel):
+class CacheSpec(RequestBody):
     """Permission to answer from the result cache."""
 
     model_config = ConfigDict(extra="forbid")
@@ -73,7 +85,7 @@ class CacheSpec(BaseModel):
     )
 
 
-class SubmitTask(BaseModel):
+class SubmitTask(RequestBody):
     """Body of `POST /v1/tasks`."""
 
     model_config = ConfigDict(
@@ -145,7 +157,7 @@ class SubmitTask(BaseModel):
         )
 
 
-class DecisionBody(BaseModel):
+class DecisionBody(RequestBody):
     """Body of `POST /v1/tasks/{id}/approvals/{call_id}`."""
 
     model_config = ConfigDict(
@@ -153,8 +165,9 @@ class DecisionBody(BaseModel):
         json_schema_extra={"examples": [{"decision": "approve"}, {"decision": "deny", "note": "not to that address"}]},
     )
     decision: Verdict = Field(
+        strict=False,
         description="`approve` runs the call (for an unknown outcome: again, with the same idempotency key); "
-        "`deny` does not (the call fails as `approval_denied`); `applied` says an interrupted call did happen."
+        "`deny` does not (the call fails as `approval_denied`); `applied` says an interrupted call did happen.",
     )
     note: str | None = Field(None, max_length=2000, description="Why; recorded with the decision.")
     result: Any = Field(None, description="With `applied`: the call's result, as the workflow should see it.")

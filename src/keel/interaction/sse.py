@@ -14,8 +14,22 @@ from collections.abc import AsyncIterator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from keel import observability
+from keel.errors import InputError
 from keel.memory.types import Event
 from keel.service import Keel
+
+MAX_EVENT_ID = 2**63 - 1
+"""The largest sequence number an event log holds: a signed 64-bit integer in SQLite and Postgres."""
+
+
+def event_id(value: str) -> int:
+    """A ``Last-Event-ID`` as a sequence number. An id the log cannot have issued (not ASCII digits, or past a
+    64-bit integer) is the client's mistake, refused here as a 422 before a store is asked (where a huge one
+    would overflow the driver's integer and become a 500). Every edge that resumes a stream parses it here."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_EVENT_ID)) or int(text) > MAX_EVENT_ID:
+        raise InputError("Last-Event-ID must be an event sequence number")
+    return int(text)
 
 
 def frame(event: Event) -> ServerSentEvent:

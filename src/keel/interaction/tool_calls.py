@@ -47,7 +47,7 @@ class TaskToolBackend:
         idempotency = None
         if idempotency_key is not None:
             digest = hashlib.sha256(canonical_json(call).encode()).hexdigest()
-            idempotency = Idempotency(key=f"mcp:{idempotency_key}", request_hash=digest)
+            idempotency = Idempotency.of("mcp", idempotency_key, digest)
         sub = Submission(workflow="tool_call", input=call, tools=[name], metadata={"via": "mcp"})
         try:
             task = (await keel.submit(key, sub, idempotency)).task

@@ -68,7 +68,9 @@ class TaskStore(Backend, Protocol):
         ...
 
     async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
-        """Claim the oldest runnable task (queued, or running with an expired lease)."""
+        """Claim the oldest runnable task (queued, or running with an expired lease). One whose worker died
+        ``max_attempts`` leases in a row without recording a step
+        (:func:`~keel.memory.types.leases_without_progress`) is dead-lettered instead, and the next is tried."""
         ...
 
     async def renew_lease(self, lease: Lease, now: float, lease_s: float) -> LeaseState: ...

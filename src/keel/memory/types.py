@@ -591,14 +591,28 @@ class KeySecret:
         )
 
 
+def leases_without_progress(attempts: int, last_step_run: int | None) -> int:
+    """How many of a task's leases in a row ended without recording a step: the crash count that dead-letters it.
+
+    ``attempts`` counts every lease (it numbers the runs, and each checkpoint records the run that made it), so it
+    is no measure of poison on its own: a long task whose worker is killed from outside five times, making progress
+    each time, is healthy. What marks a poison task is that it crashes its worker again and again *at the same
+    place*: its newest checkpoint (``last_step_run``, the highest run any step was recorded in; None when none was)
+    stops moving while the leases go on. A backend loads that number when ``attempts`` alone already reaches the
+    limit (the streak is never longer than the leases) and dead-letters the task when this reaches it too."""
+    return attempts - (last_step_run or 0)
+
+
 def dead_letter_envelope(attempts: int) -> dict[str, Any]:
+    """The envelope of a task dead-lettered after ``attempts`` leases in a row that recorded no step."""
     return {
         "status": "failed",
         "result": None,
         "errors": [
             {
                 "type": "dead_letter",
-                "message": f"the task crashed its worker {attempts} times and was moved to the dead-letter list",
+                "message": f"the task crashed its worker {attempts} times in a row without recording a step and was "
+                "moved to the dead-letter list",
                 "severity": "error",
                 "recovery_suggested": False,
                 "step": None,

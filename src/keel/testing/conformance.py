@@ -254,6 +254,27 @@ async def check_poison_dead_letter(store: TaskStore) -> None:
     assert task.envelope and task.envelope["errors"][0]["type"] == "dead_letter"
 
 
+async def check_progress_is_not_poison(store: TaskBackend) -> None:
+    """A task whose worker is killed from outside on every lease, but which records a step each time, is never
+    dead-lettered; once its checkpoints stop moving, the same number of crashes in a row dead-letters it."""
+    res = await store.create_task(_new(), None, T0)
+    assert res.task
+    now = T0
+    for seq in range(1, 8):  # seven crashes, well past the limit of 3, each after one new checkpoint
+        lease = await store.lease_next("w", now, 1, 3)
+        assert lease is not None and lease.task_id == res.task.id, f"dead-lettered while progressing (lease {seq})"
+        step = StepCheckpoint(key=f"s{seq}", seq=seq, fn="f", run_attempt=lease.attempt)
+        await store.record_step(lease, step, [], now)
+        now += 2  # the worker "crashed": its lease expires
+    for _ in range(3):  # now it crashes at the same place: no new checkpoint
+        assert await store.lease_next("w", now, 1, 3) is not None
+        now += 2
+    assert await store.lease_next("w", now, 1, 3) is None
+    task = await store.get_task(res.task.id)
+    assert task and task.status is TaskStatus.failed and task.dead_lettered and task.attempts == 10
+    assert task.envelope and "3 times in a row" in task.envelope["errors"][0]["message"]
+
+
 async def check_api_keys(store: KeyStore) -> None:
     key = await store.create_key("acme", frozenset({"tasks:read"}), T0)
     found = await store.verify_key(key)
@@ -763,6 +784,7 @@ TASK_CHECKS: list[Callable[[TaskBackend], Awaitable[None]]] = [
     check_lease_fencing,
     check_cancel_and_requeue,
     check_poison_dead_letter,
+    check_progress_is_not_poison,
     check_delete_task,
     check_sweep_tasks,
 ]

@@ -44,6 +44,7 @@ from keel.memory.types import (
     dead_letter_envelope,
     decide,
     hour_bucket,
+    leases_without_progress,
     minute_bucket,
     new_id,
     park_status,
@@ -167,9 +168,12 @@ class InMemoryStore(InMemoryMemory):
             if not runnable:
                 continue
             if t.attempts >= max_attempts:
-                t.dead_lettered = True
-                self._finish_in(row, TaskStatus.failed, dead_letter_envelope(t.attempts), now)
-                continue
+                runs = [s.run_attempt for s in self._steps.get(task_id, {}).values()]
+                streak = leases_without_progress(t.attempts, max(runs, default=None))
+                if streak >= max_attempts:
+                    t.dead_lettered = True
+                    self._finish_in(row, TaskStatus.failed, dead_letter_envelope(streak), now)
+                    continue
             row.token += 1
             t.attempts += 1
             t.status = TaskStatus.running

@@ -526,7 +526,8 @@ class TaskQueue:
     """Wakes a task's stream readers (a requeued task has news)."""
     lease_s: float
     max_attempts: int
-    """Leases of one task before it is dead-lettered."""
+    """Leases of one task in a row that record no step before it is dead-lettered (see
+    :func:`keel.memory.types.leases_without_progress`)."""
     poll_s: float
     approval_ttl_s: float | None
     sweep_s: float

@@ -50,7 +50,7 @@ from keel.orchestration.engine.context import WorkflowContext
 from keel.orchestration.engine.workflow import Admission, Workflow
 from keel.orchestration.llm.models import Message, Model, ModelSettings
 from keel.orchestration.tools.fetch import FetchLimits, probe_document
-from keel.orchestration.workflows.memory import ingest_one, memory_of, report_documents
+from keel.orchestration.workflows.memory import ingest_one, memory_of, report_documents, unknown_documents
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -1294,15 +1294,10 @@ async def admit(app: Admission, tenant: str, inp: DocumentAnalysisInput) -> None
     SSRF rules and answer a probe (all at once, a few seconds at most). A refused connection, a host that does not
     resolve or an HTTP 4xx is refused here; a timeout or a 5xx is not (ingestion retries it). A 422 names each bad
     entry by its JSON pointer."""
-    problems: dict[int, str] = {}
     settings = app.settings
     limits = FetchLimits(timeout_s=settings.fetch_timeout_s, allow=AllowList.parse(settings.fetch_allow_hosts))
-    urls: dict[int, str] = {}
-    for i, ref in enumerate(inp.documents):
-        if not ref.startswith("doc_"):
-            urls[i] = ref
-        elif await app.find_document(tenant, ref) is None:
-            problems[i] = f"no document {ref} (unknown, expired or deleted)"
+    problems = await unknown_documents(app, tenant, inp.documents)
+    urls = {i: ref for i, ref in enumerate(inp.documents) if not ref.startswith("doc_")}
     probes = await asyncio.gather(*(probe_document(url, limits) for url in urls.values()))
     problems |= {i: p.reason for i, p in zip(urls, probes, strict=True) if p.verdict == "unreachable"}
     if problems:

@@ -10,11 +10,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from keel.errors import ConfigError, DocumentRejected, WorkflowError
+from keel.errors import ConfigError, DocumentRejected, InputError, WorkflowError
 from keel.memory.retrieval import Memory, Retrieval
 from keel.memory.types import DocumentRecord, DocumentStatus, SessionTurn
 from keel.orchestration.engine.context import WorkflowContext
-from keel.orchestration.engine.workflow import Workflow
+from keel.orchestration.engine.workflow import Admission, Workflow
 
 
 def memory_of(ctx: WorkflowContext) -> Memory:
@@ -111,12 +111,34 @@ async def ingest_one(ctx: WorkflowContext, ref: str) -> dict[str, Any]:
     if ref.startswith("doc_"):
         doc: DocumentRecord | None = await memory.documents.get_document(ctx.tenant, ref, memory.clock())
         if doc is None:
-            raise DocumentRejected(f"no document {ref!r} (unknown, expired or deleted)", reason="corrupt", document=ref)
+            raise DocumentRejected(
+                f"no document {ref!r} (unknown, expired or deleted)", reason="not_found", document=ref
+            )
     elif ref.startswith(("http://", "https://")):
         doc = await memory.ingestor.ingest_url(ctx.tenant, ref, progress=progress)
     else:
         raise DocumentRejected(f"{ref!r} is neither a document id nor an http(s) URL", reason="unsupported_type")
     return doc.public()
+
+
+async def unknown_documents(app: Admission, tenant: str, refs: Sequence[str]) -> dict[int, str]:
+    """The document ids in ``refs`` the tenant does not have (unknown, expired, deleted, or another tenant's: the
+    same answer, so an id says nothing about other tenants), by position, with the reason."""
+    return {
+        i: f"no document {ref} (unknown, expired or deleted)"
+        for i, ref in enumerate(refs)
+        if ref.startswith("doc_") and await app.find_document(tenant, ref) is None
+    }
+
+
+async def admit_ingest(app: Admission, tenant: str, inp: IngestInput) -> None:
+    """At submission: every document id must be the tenant's (a 422 naming each by its JSON pointer)."""
+    problems = await unknown_documents(app, tenant, inp.documents)
+    if problems:
+        errors = [{"pointer": f"/input/documents/{i}", "message": problems[i]} for i in sorted(problems)]
+        raise InputError(
+            f"{len(problems)} of {len(inp.documents)} documents cannot be ingested", detail={"errors": errors}
+        )
 
 
 def report_documents(ctx: WorkflowContext, docs: list[dict[str, Any]], step: str = "ingest") -> None:
@@ -178,6 +200,7 @@ INGEST: Workflow[IngestInput] = Workflow(
     fn=ingest,
     estimate=lambda inp: 5.0 * len(inp.documents),
     description="Ingest documents (ids or URLs) into vector memory; each bad one becomes an envelope error.",
+    admit=admit_ingest,
 )
 
 
