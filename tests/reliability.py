@@ -164,26 +164,38 @@ def schemathesis(
     max_examples: int,
     max_time: int,
     paths: str = "",
-    labels: tuple[str, ...] = ("admin", "normal"),
+    labels: tuple[str, ...] = ("normal", "admin", "admin: key revocation"),
 ) -> Family:
-    """Schemathesis with every check over the whole OpenAPI document the server serves, once as the tenant's admin
-    and once with a normal key. Every failure it reports is listed; a 5xx also counts as a server error."""
+    """Schemathesis with every check over the whole OpenAPI document the server serves: with a normal key, then with
+    an admin key, each a fresh key of its own tenant. The admin run leaves out revoking and rotating keys (its
+    stateful phase would revoke the key it runs with, and every later request would be a 401); a short last run
+    covers those two with another fresh admin key. Every failure it reports is listed; a 5xx also counts as a
+    server error."""
     fam = Family("schemathesis")
     t0 = time.monotonic()
     st = str(Path(sys.executable).parent / "schemathesis")
+    revocation = r"^/v1/keys/[^/]+/(revoke|rotate)$"
     for label in labels:
-        key = target.keys.admin if label == "admin" else target.keys.alpha
-        report = report_dir / f"schemathesis-{label}.json"
+        scopes = READ_WRITE if label == "normal" else "admin"
+        key = make_key(target.data_dir, f"fuzz-{label.split(':')[0]}", frozenset(scopes.split(",")))
+        budget = max_time if label != "admin: key revocation" else max(5, max_time // 10)
+        report = report_dir / f"schemathesis-{label.split(':')[0]}-{len(fam.facts)}.json"
         cmd = [
             st, "run", f"{target.server.url}/openapi.json", "--checks", "all", "--max-examples", str(max_examples),
-            "--max-time", str(max_time), "--workers", "2", "--seed", "21", "--no-shrink", "--request-timeout", "10",
+            "--max-time", str(budget), "--workers", "2", "--seed", "21", "--no-shrink", "--request-timeout", "10",
             "-H", f"Authorization: Bearer {key}", "--report", "json", "--report-json-path", str(report),
             "--suppress-health-check", "all",
         ]  # fmt: skip
+        if label == "admin":
+            cmd += ["--exclude-path-regex", revocation]
+        elif label == "admin: key revocation":
+            cmd += ["--include-path-regex", revocation]
         if paths:
             cmd += ["--include-path-regex", paths]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=max_time + 600, check=False)
-        (report_dir / f"schemathesis-{label}.txt").write_text(out.stdout + out.stderr)
+        out = subprocess.run(  # in report_dir, where it keeps its .schemathesis cache
+            cmd, capture_output=True, text=True, timeout=max_time + 600, check=False, cwd=report_dir
+        )
+        report.with_suffix(".txt").write_text(out.stdout + out.stderr)
         if not report.exists():
             fam.defect(f"[{label}] schemathesis wrote no report: {out.stdout[-2000:]} {out.stderr[-2000:]}")
             continue
@@ -200,6 +212,8 @@ def schemathesis(
                 fam.server_errors += f["count"]
         for detail in _failure_details(out.stdout):
             fam.defect(f"[{label}] {detail}")
+        if "Authentication failed" in out.stdout and label != "admin: key revocation":
+            fam.defect(f"[{label}] its key stopped working during the run: {out.stdout[-1500:]}")
         for error in summary["errors"]:
             fam.defect(f"[{label}] schemathesis error: {str(error)[:500]}")
     fam.seconds = time.monotonic() - t0
@@ -639,64 +653,95 @@ def slow_clients(target: Target, connections: int, wait_s: float) -> Family:
 
 
 def kill_loop(
-    servers: Servers, data_dir: Path, *, short: int, long: int, kills: int, every_s: float, long_steps: int = 40
+    servers: Servers,
+    data_dir: Path,
+    *,
+    short: int,
+    long: int,
+    kills: int,
+    every_s: float,
+    long_steps: int = 40,
+    long_step_s: float = 0.5,
 ) -> Family:
-    """``short`` 3-step tasks and ``long`` tasks of ``long_steps`` 0.2 s steps, with the server killed by SIGKILL
-    and restarted ``kills`` times, ``every_s`` apart. Every accepted task must end succeeded with each step's
-    checkpoint completed exactly once."""
+    """``long`` tasks of ``long_steps`` steps of ``long_step_s`` (they outlast every kill) and ``short`` 3-step
+    tasks, submitted in batches after each restart so that kills land on them too; the server is killed by SIGKILL
+    and restarted ``kills`` times, ``every_s`` apart. Every accepted task must end succeeded, with each step's
+    checkpoint completed exactly once; the long tasks must have been running at every kill and moved on between
+    them."""
     fam = Family("kill -9")
     t0 = time.monotonic()
-    target = start(servers, data_dir)
-    server, port = target.server, int(target.server.url.rsplit(":", 1)[1])
+    env = {"KEEL_EMBEDDING_MODEL": "hash:64", "KEEL_WORKERS": "8"}
+    target = start(servers, data_dir, env)
+    mine = [target.server]
+    port = int(target.server.url.rsplit(":", 1)[1])
     expected: dict[str, int] = {}
+    batches = [short // (kills + 1) + (1 if i < short % (kills + 1) else 0) for i in range(kills + 1)]
     with target.client() as c:
         for _ in range(long):
-            expected[submit(c, fam, long_steps, 0.2)] = long_steps
-        for _ in range(short):
-            expected[submit(c, fam, 3, 0.05)] = 3
-    longs = [tid for tid, n in expected.items() if n == long_steps]
+            expected[submit(c, fam, long_steps, long_step_s)] = long_steps
+    longs = list(expected)
     progress: dict[str, list[str]] = {tid: [] for tid in longs}
-    for _ in range(kills):
+    hit: Counter[str] = Counter()  # tasks running when the server died
+    for n in range(kills + 1):
+        with target.client() as c:
+            for _ in range(batches[n]):
+                expected[submit(c, fam, 3, 0.3)] = 3
+        if n == kills:
+            break
         time.sleep(every_s)
-        with target.client() as c:  # where each long task stood when its worker died
+        with target.client() as c:  # where each task stood when its worker died
+            running = c.get("/v1/tasks", params={"status": "running", "limit": 200}).json()["items"]
+            by_id = {t["id"]: t for t in running}
+            hit.update(by_id.keys())
             for tid in longs:
-                view = c.get(f"/v1/tasks/{tid}").json()
-                progress[tid].append(
-                    f"{round(view['progress'] * long_steps)}"
-                    + ("" if view["status"] == "running" else f" {view['status']}")
-                )
-        server.kill9()
-        server = servers.start(port, data_dir, env={"KEEL_EMBEDDING_MODEL": "hash:64"}, timeout=60)
-        target.server = server
-    outcome: Counter[str] = Counter()
-    attempts: dict[str, Any] = {}
+                view = by_id.get(tid) or c.get(f"/v1/tasks/{tid}").json()
+                done = round(view["progress"] * long_steps)
+                progress[tid].append(f"{done}" + ("" if view["status"] == "running" else f" ({view['status']})"))
+        target.server.kill9()
+        target.server = servers.start(port, data_dir, env=env, timeout=60)
+        mine.append(target.server)
     with target.client() as c:
-        for tid, steps in expected.items():
-            body = wait_done(c, fam, tid, timeout=600)
-            outcome[body["status"]] += 1
-            attempts[tid] = body.get("attempts")
-            if body["status"] != "succeeded":
-                fam.lost += 1
-                err = (body.get("envelope") or {}).get("errors") or body.get("error")
-                fam.defect(f"task {tid} ({steps} steps) ended {body['status']}: {str(err)[:300]}")
-                continue
-            log = [e for _, e in _events(c, fam, tid)]
-            completed = Counter(e for e in log if e)
-            twice = sum(n - 1 for n in completed.values() if n > 1)
-            if twice:
-                fam.duplicates += twice
-                fam.defect(f"task {tid}: steps completed more than once: {completed}")
-            if len((body.get("envelope") or {}).get("result", {}).get("steps", [])) != steps:
-                fam.lost += 1
-                fam.defect(f"task {tid}: result holds the wrong steps: {str(body)[:300]}")
-    fam.facts["tasks"] = f"{len(expected)} ({long} of {long_steps} x 0.2 s steps)"
-    fam.facts["kills"] = kills
+        outcome, attempts = _check_finished(c, fam, expected)
+    for tid in longs:
+        if hit[tid] < min(kills, 5):
+            fam.defect(f"long task {tid} was running at only {hit[tid]} of {kills} kills: make it longer")
+    fam.facts["tasks"] = f"{len(expected)}: {long} of {long_steps} x {long_step_s:g} s steps, {short} of 3 x 0.3 s"
+    fam.facts["kills"] = f"{kills}, {every_s:g} s apart"
+    fam.facts["tasks running at a kill"] = f"{len(hit)} tasks, {sum(hit.values())} task-kills"
     fam.facts["long tasks: steps done at each kill"] = {tid: " → ".join(p) for tid, p in progress.items()}
     fam.facts["long tasks: attempts"] = {tid: attempts.get(tid) for tid in longs}
     fam.facts["outcomes"] = dict(outcome)
-    fam.facts["tracebacks in the server logs"] = sum(len(log_tracebacks(s)) for s in servers.running)
+    tracebacks = [line for server in mine for line in log_tracebacks(server)]
+    fam.server_errors += len(tracebacks)
+    for line in tracebacks[:10]:
+        fam.defect(f"traceback in a kill-loop server's log: {line}")
     fam.seconds = time.monotonic() - t0
     return fam
+
+
+def _check_finished(c: httpx.Client, fam: Family, expected: dict[str, int]) -> tuple[Counter[str], dict[str, int]]:
+    """Wait for every task of ``expected`` (id → steps): each must succeed with all its steps, each completed once.
+    Returns how the tasks ended and each one's lease count."""
+    outcome: Counter[str] = Counter()
+    attempts: dict[str, int] = {}
+    for tid, steps in expected.items():
+        body = wait_done(c, fam, tid, timeout=600)
+        outcome[body["status"]] += 1
+        attempts[tid] = body.get("attempts", -1)
+        if body["status"] != "succeeded":
+            fam.lost += 1
+            err = (body.get("envelope") or {}).get("errors") or body.get("error")
+            fam.defect(f"task {tid} ({steps} steps) ended {body['status']}: {str(err)[:300]}")
+            continue
+        completed = Counter(step for _, step in _events(c, fam, tid) if step)
+        twice = sum(n - 1 for n in completed.values() if n > 1)
+        if twice:
+            fam.duplicates += twice
+            fam.defect(f"task {tid}: steps completed more than once: {completed}")
+        if len((body.get("envelope") or {}).get("result", {}).get("steps", [])) != steps:
+            fam.lost += 1
+            fam.defect(f"task {tid}: result holds the wrong steps: {str(body)[:300]}")
+    return outcome, attempts
 
 
 def _events(c: httpx.Client, fam: Family, tid: str) -> list[tuple[int, str]]:
@@ -840,7 +885,7 @@ class Scale:
     schemathesis_examples: int = 30
     schemathesis_max_time: int = 200
     schemathesis_paths: str = ""
-    schemathesis_keys: tuple[str, ...] = ("admin", "normal")
+    schemathesis_keys: tuple[str, ...] = ("normal", "admin", "admin: key revocation")
     sse_cycles: int = 200
     race_rounds: int = 10
     race_concurrency: int = 16
@@ -855,8 +900,9 @@ class Scale:
     kill_short: int = 100
     kill_long: int = 4
     kill_count: int = 6
-    kill_every_s: float = 5.0
+    kill_every_s: float = 6.0
     kill_long_steps: int = 40
+    kill_long_step_s: float = 0.5
     ssrf_limit: int | None = None
     families: tuple[str, ...] = (
         "bola", "sse", "idempotency", "hostile", "pdfs", "slow", "ssrf", "kill", "schemathesis"
@@ -889,6 +935,7 @@ def run_battery(workdir: Path, scale: Scale, log: Callable[[str], None] = print)
                 kills=scale.kill_count,
                 every_s=scale.kill_every_s,
                 long_steps=scale.kill_long_steps,
+                long_step_s=scale.kill_long_step_s,
             ),  # fmt: skip
             "schemathesis": lambda: schemathesis(
                 main,

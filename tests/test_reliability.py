@@ -27,7 +27,8 @@ TINY = Scale(
     kill_long=1,
     kill_count=1,
     kill_every_s=1.0,
-    kill_long_steps=6,
+    kill_long_steps=8,
+    kill_long_step_s=0.25,
     ssrf_limit=3,
 )
 
