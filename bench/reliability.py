@@ -41,8 +41,9 @@ def report(families: list[Family], scale: Scale, seconds: float) -> str:
     gates = all(f.gates_met for f in families)
     total = Family("total")
     for f in families:
-        for name in ("requests", "server_errors", "lost", "duplicates", "leaks", "canary_hits"):
+        for name in ("requests", "server_errors", "lost", "duplicates", "leaks", "canary_hits", "seconds"):
             setattr(total, name, getattr(total, name) + getattr(f, name))
+        total.defects += f.defects
     rows = "\n".join(
         f"| {f.name} | {f.requests} | {f.seconds:.0f} s | {f.server_errors} | {f.lost} | {f.duplicates} | {f.leaks} "
         f"| {f.canary_hits} | {len(f.defects)} |"

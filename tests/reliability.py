@@ -693,13 +693,16 @@ def kill_loop(
     longs = list(expected)
     progress: dict[str, list[str]] = {tid: [] for tid in longs}
     hit: Counter[str] = Counter()  # tasks running when the server died
+    lead_s = min(0.6, every_s / 2)  # each batch goes in just before a kill, so that the kill lands on some of it
     for n in range(kills + 1):
+        if n < kills:
+            time.sleep(every_s - lead_s)
         with target.client() as c:
             for _ in range(batches[n]):
                 expected[submit(c, fam, 3, 0.3)] = 3
         if n == kills:
             break
-        time.sleep(every_s)
+        time.sleep(lead_s)
         with target.client() as c:  # where each task stood when its worker died
             running = c.get("/v1/tasks", params={"status": "running", "limit": 200}).json()["items"]
             by_id = {t["id"]: t for t in running}
