@@ -74,7 +74,7 @@ bench-local: $(LOCAL_STAMP)
 	$(BIN)/python bench/eval_local_models.py   # every candidate on 20 generated sets: about 2 hours on 2 cores
 
 # The outside battery of issue 21 on loopback (Schemathesis, BOLA, SSE resume, kill -9, races, hostile input, slow
-# clients, SSRF): about 12 minutes on 2 cores; writes its figures to docs/reliability.md, exits 1 on a failed gate.
+# clients, SSRF): about 9 minutes on 2 cores; writes its figures to docs/reliability.md, exits 1 on a failed gate.
 reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py
 

@@ -4,7 +4,7 @@ over 100 tasks with long ones that must survive, idempotency races, hostile bodi
 with a canary. The families live in ``tests/reliability.py`` (``tests/test_reliability.py`` runs a few cases of
 each); this script runs them and writes their figures into docs/reliability.md.
 
-Run: ``make reliability`` or ``.venv/bin/python bench/reliability.py`` (about 12 minutes on 2 cores; ``--only
+Run: ``make reliability`` or ``.venv/bin/python bench/reliability.py`` (about 9 minutes on 2 cores; ``--only
 sse,kill`` for some families, ``--no-doc``). Exits 1 when a gate fails: a server error, a lost task, a duplicate,
 a cross-tenant leak or a canary hit.
 """
