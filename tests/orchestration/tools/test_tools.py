@@ -360,6 +360,14 @@ async def test_bad_tool_calls_go_back_to_the_model_and_are_recorded() -> None:
     assert steps["agent:charge"] == "failed" and steps["agent:teleport"] == "failed"
 
 
+async def test_an_agent_offered_no_tools_answers_with_the_models_text() -> None:
+    # Found by `make reliability` (Schemathesis on /v1/agent): with no tool to offer, ctx.generate asked without
+    # tools and returned bare text, and the agent crashed on `answer.tool_calls` (AttributeError).
+    task = await run_agent_task(scripted_agent([]), [])
+    assert task.status is TaskStatus.succeeded, task.envelope
+    assert task.envelope is not None and task.envelope["result"] == {"output": "done: go", "invalid": 0, "calls": []}
+
+
 async def test_too_many_bad_tool_calls_end_the_loop_with_a_typed_error() -> None:
     model = scripted_agent([[("charge", "not json")]] * 5)
     task = await run_agent_task(model, [charge_tool(Sink())])

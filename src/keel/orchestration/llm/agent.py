@@ -59,7 +59,10 @@ async def run_agent(
     result = AgentResult(output="", turns=0)
     for turn in range(1, max_turns + 1):
         result.turns = turn
-        answer: ModelTurn = await ctx.generate(f"{name}:turn", model, messages, tools=specs)
+        answer: ModelTurn | str = await ctx.generate(f"{name}:turn", model, messages, tools=specs)
+        if isinstance(answer, str):  # no tool to offer: generate asked without tools, and its answer is the text
+            result.output = answer
+            return result
         if not answer.tool_calls:
             result.output = answer.text
             return result
