@@ -54,6 +54,20 @@ def test_non_strict_json_is_a_422_at_every_edge(live: LiveServer, path: str, tem
     assert task_count(live) == before, "a refused body stored a task"
 
 
+@pytest.mark.parametrize(
+    "method,path",
+    [("POST", "/v1/keys"), ("PUT", "/v1/tenants/acme/limits"), ("POST", "/v1/memory/search"),
+     ("POST", "/v1/chat/completions"), ("POST", "/v1/tasks/tsk_x/approvals/call_x"), ("POST", "/v1/tasks")],
+)  # fmt: skip
+def test_a_body_that_is_not_utf8_is_a_422_not_a_bare_400(live: LiveServer, method: str, path: str) -> None:
+    """Found by the reliability battery (Schemathesis ST103): FastAPI answers bytes that are not UTF-8 with an
+    undocumented 400 ``about:blank``; keel refuses them as it refuses any malformed JSON."""
+    with live.client() as c:
+        r = c.request(method, path, content=b'{"a": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["type"] == "urn:keel:problem:malformed_json"
+
+
 def test_the_problem_points_at_the_number_out_of_range(live: LiveServer) -> None:
     body = b'{"workflow": "diagnostic", "metadata": {"ok": 1.5e300, "list": [1, 1e999]}}'
     with live.client() as c:
@@ -136,6 +150,7 @@ def test_a_bad_stored_row_never_breaks_a_listing_or_a_get(live: LiveServer) -> N
 def test_check_is_a_pure_function() -> None:
     assert check(b'{"a": [1, 2.5, "x"]}') is None
     assert check(b"{not json") is None  # left to the route's own malformed-JSON answer
+    assert check(b'{"a": "\xff\xfe"}') == ("", "the body is not UTF-8 (RFC 8259 JSON is)")
     assert check(b'{"a": "\\udc00"}') is not None
     assert check(b'{"a": NaN}') is not None
     assert check(b'{"a": {"b": 1e400}}') == ("/a/b", "number out of range: larger than a double can hold")

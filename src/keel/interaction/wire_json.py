@@ -53,8 +53,12 @@ def check(body: bytes) -> tuple[str, str] | None:
     except ValueError as exc:
         try:
             json.loads(body)
-        except (ValueError, RecursionError):
-            return None  # not JSON for anyone: the route's own malformed-JSON answer
+        except json.JSONDecodeError:
+            return None  # not JSON for anyone: the route's own malformed-JSON answer (a 422 json_invalid)
+        except UnicodeDecodeError:
+            return "", "the body is not UTF-8 (RFC 8259 JSON is)"  # FastAPI would answer an undocumented 400
+        except RecursionError:
+            return "", "the body nests too deeply"
         return "", str(exc)  # JSON to Python, not to RFC 8259: a lone surrogate, NaN, Infinity, bad UTF-8
     if _HUGE_NUMBER.search(body):
         pointer = _non_finite(value, "")
