@@ -141,6 +141,7 @@ async def test_an_idle_stream_polls_less_and_less_and_a_wakeup_still_reaches_it_
         tools=unused,
         memory=unused,
         webhook_allow=unused,
+        secrets=unused,
     )
     created = await store.create_task(NewTask(tenant="t", workflow="w", input={}), None, 1.0)
     assert created.task is not None
