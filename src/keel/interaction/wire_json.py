@@ -59,8 +59,8 @@ def check(body: bytes) -> tuple[str, str] | None:
             return "", "the body is not UTF-8 (RFC 8259 JSON is)"  # FastAPI would answer an undocumented 400
         except RecursionError:
             return "", "the body nests too deeply"
-        except ValueError as exc:  # e.g. an integer of more digits than Python converts (4,300)
-            return "", str(exc)
+        except ValueError as unreadable:  # e.g. an integer of more digits than Python converts (4,300)
+            return "", str(unreadable)
         return "", str(exc)  # JSON to Python, not to RFC 8259: a lone surrogate, NaN, Infinity, bad UTF-8
     if _HUGE_NUMBER.search(body):
         pointer = _non_finite(value, "")
