@@ -389,10 +389,16 @@ def fsync_commit_ms(directory: Path, n: int = 100) -> float:
     return 1000 * statistics.median(times)
 
 
-async def drive(servers: list[tuple[Server, str]], repeats: int, run: Run, probe_dir: Path) -> None:
+SHORT = ["submit", "done", "done32", "chain", "burst", "paced", "fanout", "resume"]  # --only's names, in order
+
+
+async def drive(
+    servers: list[tuple[Server, str]], repeats: int, run: Run, probe_dir: Path, only: set[str] | None = None
+) -> None:
+    chosen = [w for short, w in zip(SHORT, WORKLOADS, strict=True) if only is None or short in only]
     for rep in range(repeats):
         order = servers if rep % 2 == 0 else servers[::-1]
-        for label, workload in WORKLOADS:
+        for label, workload in chosen:
             run.add("disk", {"fsync_commit_ms": fsync_commit_ms(probe_dir)})
             for server, key in order:
                 say(f"repeat {rep + 1}/{repeats}: {label} on {server.name}")
@@ -408,7 +414,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md")
+    parser.add_argument(
+        "--only", help=f"comma-separated workloads ({', '.join(SHORT)}); implies --no-write", default=None
+    )
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    if only and (unknown := only - set(SHORT)):
+        parser.error(f"unknown workloads {sorted(unknown)}: choose from {', '.join(SHORT)}")
     langgraph = importlib.util.find_spec("langgraph_cli") is not None
     if langgraph:
         say("langgraph-cli is installed, but this script does not drive LangGraph yet: two columns only")
@@ -427,12 +439,12 @@ def main() -> None:
         floor = stack.enter_context(serve("floor", floor_cmd, workdir, "/healthz"))
         import uvloop
 
-        uvloop.run(drive([(keel, key), (floor, "floor")], args.repeats, run, workdir))
+        uvloop.run(drive([(keel, key), (floor, "floor")], args.repeats, run, workdir, only))
     elapsed = time.monotonic() - started
     say(f"done in {elapsed:.0f} s")
     section = render(run, args.repeats, elapsed, langgraph)
     print(section)
-    if not args.no_write:
+    if not args.no_write and only is None:
         write_section(section, START_MARK, END_MARK)
 
 

@@ -33,26 +33,37 @@ BY_NAME = {
     "burst": WORKLOADS[4][1],
     "paced": WORKLOADS[5][1],
 }
-LOOP = "_run (asyncio/events.py"  # a frame every callback and task step of the event loop runs under
+# The frame every callback and task step of the event loop runs under: asyncio's Handle._run, or, under uvloop
+# (which runs callbacks from C), the asyncio.Runner frame that entered the loop. A sample with nothing below it
+# is the loop idle, waiting in epoll.
+LOOPS = ("_run (asyncio/events.py", "run (asyncio/runners.py")
 STARTUP = ("lifespan (", "_find_and_load (")  # the server starting, not serving
 
 
 def top(path: Path, n: int = 30) -> str:
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
-    total = 0
+    total = idle = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if LOOP not in stack or any(skip in stack for skip in STARTUP):
+        if "MainThread" not in stack or not any(loop in stack for loop in LOOPS):
+            continue
+        if any(skip in stack for skip in STARTUP):
+            continue
+        below = stack.split(";")
+        below = below[max(i for i, f in enumerate(below) if f.startswith(LOOPS)) + 1 :]
+        if not below:
+            idle += int(count)
             continue
         total += int(count)
-        below = stack.split(";")
-        below = below[max(i for i, f in enumerate(below) if f.startswith(LOOP)) + 1 :] or ["(the loop itself)"]
         frames = [re.sub(r":\d+\)", ")", f) for f in below]
         for frame in set(frames):
             inclusive[frame] += int(count)
         own[frames[-1]] += int(count)
-    lines = [f"{total} event-loop samples (start-up left out), by function below the loop's callback frame"]
+    lines = [
+        f"{total} busy event-loop samples ({idle} more idle; start-up left out), by function below the loop's "
+        "callback frame"
+    ]
     lines += ["-- inclusive"]
     lines += [f"{c / total:6.1%} {f}" for f, c in inclusive.most_common(n)]
     lines += ["-- self"] + [f"{c / total:6.1%} {f}" for f, c in own.most_common(n // 2)]
