@@ -453,7 +453,13 @@ def main() -> None:
 # figure, label, unit, format, lower is better, goal (text, test on keel's value and the ratio) or None
 Goal = tuple[str, Callable[[float, float], bool]] | None
 FIGURES: list[tuple[str, str, str, bool, Goal]] = [
-    ("submit_p50_ms", "`POST /v1/tasks` p50, 1 client", "ms", True, ("≤ 1.5 ms", lambda k, r: k <= 1.5)),
+    (
+        "submit_p50_ms",
+        "`POST /v1/tasks` p50, 1 client",
+        "ms",
+        True,
+        ("≤ 2× the floor (1.5 ms on the issue's machine)", lambda k, r: r <= 2.0),
+    ),
     ("submit_p99_ms", "`POST /v1/tasks` p99, 1 client", "ms", True, None),
     ("done_p50_ms", "no-op run, submit → done, p50", "ms", True, None),
     ("done_rps_1", "completed no-op runs/s, 1 client", "/s", False, None),
