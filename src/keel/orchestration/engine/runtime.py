@@ -191,20 +191,18 @@ class EmbeddedEngine:
             await self._execute(lease)
 
     async def _execute(self, lease: Lease) -> None:
-        task = await self.store.get_task(lease.task_id)
+        # Four independent reads at once: a run starts after the slowest, not after the four in turn (each is a
+        # hop to a reader thread on SQLite, a round trip on Postgres).
+        store, task_id = self.store, lease.task_id
+        task, history, state, decisions = await asyncio.gather(
+            store.get_task(task_id), store.load_steps(task_id), store.load_state(task_id), store.load_decisions(task_id)
+        )
         if task is None:
             return
         journal = StoreJournal(
             self.store, lease, self.clock, self.notifier.notify, tenant=task.tenant, deliver=self.notifier.committed
         )
-        ctx = self.runner.context(
-            task,
-            journal,
-            clock=self.clock,
-            history=await self.store.load_steps(task.id),
-            state=await self.store.load_state(task.id),
-            decisions=await self.store.load_decisions(task.id),
-        )
+        ctx = self.runner.context(task, journal, clock=self.clock, history=history, state=state, decisions=decisions)
         try:
             await self.runner.run(task, ctx, _EmbeddedRun(self, journal))
         finally:
