@@ -12,6 +12,7 @@ the tenant's usage. The queue side both engines share (leasing, wake-ups, the sw
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -570,23 +571,41 @@ class TaskQueue:
     """The memory layer whose expired sessions and chunks the sweep deletes (None: the store's own)."""
     task_retention_s: float | None = None
     """How long ended tasks are kept (None: until deleted)."""
-    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _idle: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque, init=False)
+    """Workers waiting for work, oldest first: a wake-up goes to one of them, not to all."""
+    _wakes: int = field(default=0, init=False)
+    """Wake-ups so far: a worker that found nothing looks again, instead of waiting, if one came meanwhile."""
 
     def wake(self) -> None:
-        self._wake.set()
+        """A task was queued: one idle worker looks for it. Waking every idle worker made each of them try to
+        lease the one task (a write each; 5 lease writes a task with 4 workers, where 1 is needed)."""
+        self._wakes += 1
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def next_lease(self) -> Lease | None:
         """The next queued task, leased to this process; None after waiting up to ``poll_s`` (or a wake-up) when
         there is none, or when leasing failed (logged: the caller simply asks again)."""
+        wakes = self._wakes
         try:
             lease = await self.store.lease_next(self.owner, self.clock(), self.lease_s, self.max_attempts)
         except Exception:
             log.exception("leasing failed; retrying")
             lease = None
-        if lease is None:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+        if lease is None and self._wakes == wakes:  # nothing queued since the lease was tried: wait for news
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, self.poll_s)
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._idle.remove(waiter)
         return lease
 
     async def sweep_once(self) -> None:
@@ -600,8 +619,7 @@ class TaskQueue:
         )
         for task_id in requeued:
             self.notify(task_id)
-        if requeued:
-            self.wake()
+            self.wake()  # one idle worker per task
 
     async def sweep_forever(self) -> None:
         """Sweep every ``sweep_s`` for as long as the engine runs; a failed sweep is logged and tried again."""
