@@ -110,7 +110,11 @@ def test_connections_past_the_limit_get_503_until_the_slow_ones_are_gone(server:
         for sock in held:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: keel\r\n")
         time.sleep(0.2)
-        assert httpx.get(server.url + "/healthz").status_code == 503  # 3 held + this one: the limit of 4
+        refused = httpx.get(server.url + "/healthz")  # 3 held + this one: the limit of 4
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["type"] == "urn:keel:problem:over_capacity"
     finally:
         for sock in held:
             sock.close()

@@ -13,6 +13,9 @@ arrive, before any ASGI app sees the request:
   connection is closed, so the app reading it sees a disconnect.
 
 A response being *written* (an SSE stream, for hours) is no request being read: neither deadline applies to it.
+
+Past uvicorn's connection cap (``limit_concurrency``) a request gets keel's ``503`` problem+json with
+``Retry-After``, not uvicorn's plain-text one.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
     Base = H11Protocol  # type: ignore[assignment,misc]
 
@@ -34,6 +40,27 @@ def _answer(status: int, reason: str) -> bytes:
         f"HTTP/1.1 {status} {reason.replace('_', ' ').title()}\r\ncontent-type: application/problem+json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n{body}"
     ).encode()
+
+
+OVER_CAPACITY_RETRY_S = 1
+"""``Retry-After`` of the 503 past the connection cap: connections free up as requests end."""
+
+
+async def over_capacity(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """The ASGI app uvicorn runs for a request past its connection cap, answering as keel answers errors."""
+    body = (
+        b'{"type":"urn:keel:problem:over_capacity","title":"Over capacity","status":503,'
+        b'"detail":"this server holds as many connections as it is configured for (KEEL_HTTP_MAX_CONNECTIONS); '
+        b'retry shortly"}'
+    )
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(OVER_CAPACITY_RETRY_S).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class GuardedProtocol(Base):
@@ -95,6 +122,11 @@ class GuardedProtocol(Base):
             cycle.disconnected = True  # the app's reads end, and its answer is not written after ours
             cycle.message_event.set()
             self._refuse(408 if not cycle.response_started else 0, "request_timeout")
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # uvicorn picked its plain-text 503 for a request past the connection cap; keel's answer goes instead.
+        # (httptools only: uvicorn's h11 protocol has no such hook and keeps its own 503.)
+        super()._start_asgi_task(cycle, over_capacity if app is service_unavailable else app)
 
     def _refuse(self, status: int, reason: str) -> None:
         self._read(None)
