@@ -198,7 +198,7 @@ class KeelApi:
     ends_with_close = False
 
     def run_span(self, wall: float, events: list[Received], t0: float) -> float:
-        """What a chain's per-step figure differences: submit → done."""
+        """One run's time, as the chain's per-step figure subtracts it: submit → done."""
         return wall
 
 
