@@ -12,11 +12,12 @@ On a shared machine only the ratios mean much: both columns saw the same load at
   ``Last-Event-ID``) from memory, the workloads as plain asyncio coroutines; it stores nothing and survives nothing.
 * LangGraph's Agent Server (``langgraph dev``, in-memory runtime) is a third column if ``langgraph-cli[inmem]`` is
   found (``KEEL_BENCH_LANGGRAPH=/path/to/langgraph``, else ``langgraph`` on PATH, else ``langgraph_cli`` importable
-  here), with the same workloads as graphs (``bench/peer_langgraph/``). Install it apart from keel's dependencies::
+  here, else the virtualenv below), with the same workloads as graphs (``bench/peer_langgraph/``). Install it apart
+  from keel's dependencies (the versions the published figures used)::
 
     python3 -m venv ~/.cache/keel/langgraph-venv
-    ~/.cache/keel/langgraph-venv/bin/pip install 'langgraph-cli[inmem]'
-    KEEL_BENCH_LANGGRAPH=~/.cache/keel/langgraph-venv/bin/langgraph .venv/bin/python bench/bench_peer.py
+    ~/.cache/keel/langgraph-venv/bin/pip install 'langgraph-cli[inmem]==0.4.40' langgraph-api==0.16.7 \\
+        langgraph-runtime-inmem==0.36.7 langgraph==1.2.24
 
 The client is httpx (one keep-alive connection per user) with httpx_sse; "done" is the ``end`` event on the stream
 opened right after the 202 (on LangGraph, the run's joined stream closing after its last chunk).
@@ -519,10 +520,11 @@ async def drive(targets: list[Target], repeats: int, run: Run, probe_dir: Path, 
 
 LANGGRAPH = "LangGraph"
 LANGGRAPH_VENV = "~/.cache/keel/langgraph-venv"
-LANGGRAPH_HINT = (
-    f"python3 -m venv {LANGGRAPH_VENV} && {LANGGRAPH_VENV}/bin/pip install 'langgraph-cli[inmem]', "
-    f"then run with KEEL_BENCH_LANGGRAPH={LANGGRAPH_VENV}/bin/langgraph"
+# The versions the published figures used; a newer langgraph-cli[inmem] works too (the Method section names what ran).
+LANGGRAPH_PINS = (
+    "'langgraph-cli[inmem]==0.4.40' langgraph-api==0.16.7 langgraph-runtime-inmem==0.36.7 langgraph==1.2.24"
 )
+LANGGRAPH_HINT = f"python3 -m venv {LANGGRAPH_VENV} && {LANGGRAPH_VENV}/bin/pip install {LANGGRAPH_PINS}"
 # `langgraph dev --help` says 10 jobs at once is the default, but the CLI passes 1 when the flag is absent
 # (langgraph_api.cli.run_server), which would run the 32 clients' runs one at a time. 10 is the Agent Server's
 # own default (N_JOBS_PER_WORKER); keel runs with its default KEEL_WORKERS=4.
@@ -530,7 +532,8 @@ LANGGRAPH_JOBS = 10
 
 
 def langgraph_command() -> list[str] | None:
-    """The ``langgraph`` command: ``KEEL_BENCH_LANGGRAPH``, else on PATH, else ``langgraph_cli`` in this Python."""
+    """The ``langgraph`` command: ``KEEL_BENCH_LANGGRAPH``, else on PATH, else ``langgraph_cli`` in this Python, else
+    in ``LANGGRAPH_VENV``."""
     if configured := os.environ.get("KEEL_BENCH_LANGGRAPH"):
         path = Path(configured).expanduser()
         if not path.is_file():
@@ -540,6 +543,8 @@ def langgraph_command() -> list[str] | None:
         return [found]
     if importlib.util.find_spec("langgraph_cli") is not None:
         return [sys.executable, "-m", "langgraph_cli"]
+    if (installed := Path(LANGGRAPH_VENV).expanduser() / "bin" / "langgraph").is_file():  # where the hint installs
+        return [str(installed)]
     return None
 
 
@@ -783,8 +788,8 @@ def render(run: Run, repeats: int, elapsed: float, langgraph: str | None) -> str
         lg = f"LangGraph's Agent Server (`langgraph dev`: {langgraph}) is the third column."
         method += "\n" + textwrap.dedent(
             f"""\
-            - LangGraph runs at the same time, from its own virtualenv (`{LANGGRAPH_VENV}`, `pip install
-              'langgraph-cli[inmem]'`), as `langgraph dev --no-browser --no-reload --n-jobs-per-worker {LANGGRAPH_JOBS}
+            - LangGraph runs at the same time, from its own virtualenv (`{LANGGRAPH_VENV}`: `pip install
+              {LANGGRAPH_PINS}`), as `langgraph dev --no-browser --no-reload --n-jobs-per-worker {LANGGRAPH_JOBS}
               --server-log-level warning` in a copy of `bench/peer_langgraph/` ({langgraph}; telemetry off). Its
               in-memory runtime keeps runs, checkpoints and stream chunks in memory and pickles them to disk every
               10 s: like the floor, it makes nothing durable per request. `--n-jobs-per-worker {LANGGRAPH_JOBS}` is the
