@@ -788,12 +788,13 @@ def render(run: Run, repeats: int, elapsed: float, langgraph: str | None) -> str
         lg = f"LangGraph's Agent Server (`langgraph dev`: {langgraph}) is the third column."
         method += "\n" + textwrap.dedent(
             f"""\
-            - LangGraph runs at the same time, from its own virtualenv (`{LANGGRAPH_VENV}`: `pip install
-              {LANGGRAPH_PINS}`), as `langgraph dev --no-browser --no-reload --n-jobs-per-worker {LANGGRAPH_JOBS}
-              --server-log-level warning` in a copy of `bench/peer_langgraph/` ({langgraph}; telemetry off). Its
-              in-memory runtime keeps runs, checkpoints and stream chunks in memory and pickles them to disk every
-              10 s: like the floor, it makes nothing durable per request. `--n-jobs-per-worker {LANGGRAPH_JOBS}` is the
-              Agent Server's own default; `langgraph dev` without it runs one run at a time.
+            - LangGraph runs at the same time ({langgraph}; telemetry off) from its own virtualenv
+              (`{LANGGRAPH_VENV}`, installed with `pip install {LANGGRAPH_PINS}`), as
+              `langgraph dev --no-browser --no-reload --n-jobs-per-worker {LANGGRAPH_JOBS} --server-log-level warning`
+              in a copy of `bench/peer_langgraph/`. Its in-memory runtime keeps runs, checkpoints and stream chunks
+              in memory and pickles them to disk every 10 s: like the floor, it makes nothing durable per request.
+              `--n-jobs-per-worker {LANGGRAPH_JOBS}` is the Agent Server's own default; `langgraph dev` without it
+              runs one run at a time.
             - LangGraph's workloads are graphs (`bench/peer_langgraph/peer_graphs.py`) of the same names, inputs and
               shapes: the chain is `steps` nodes in sequence (each a superstep LangGraph checkpoints; `durability=sync`
               saves it before the next starts, as keel does); tokens come from one node through
