@@ -135,16 +135,25 @@ def stop(server: Server) -> None:
 
 
 @contextlib.contextmanager
-def serve(name: str, cmd: list[str], workdir: Path, health: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """Start a server subprocess, wait until ``health`` answers 200, and always stop it."""
+def serve(
+    name: str,
+    cmd: list[str],
+    workdir: Path,
+    health: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    ready_s: float = 30,
+) -> Iterator[Server]:
+    """Start a server subprocess (in ``cwd``, else this one's), wait up to ``ready_s`` until ``health`` answers 200,
+    and always stop it."""
     port = free_port()
     cmd = [part.replace("{port}", str(port)) for part in cmd]
     log = workdir / f"{name}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
     server = Server(name=name, proc=proc, url=f"http://127.0.0.1:{port}", log=log)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + ready_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{server.log_tail()}")
@@ -152,7 +161,7 @@ def serve(name: str, cmd: list[str], workdir: Path, health: str, env: dict[str, 
                 if httpx.get(server.url + health, timeout=1).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become ready in 30 s:\n{server.log_tail()}")
+                raise RuntimeError(f"{name} did not become ready in {ready_s:g} s:\n{server.log_tail()}")
             time.sleep(0.05)
         yield server
     finally:

@@ -10,11 +10,17 @@ On a shared machine only the ratios mean much: both columns saw the same load at
   every step is checkpointed, every token is a durable event), with the workloads of ``bench/peer_workflows.py``.
 * the floor: one FastAPI app answering the same routes (``POST /v1/tasks``, ``GET /v1/tasks/{id}/events`` with
   ``Last-Event-ID``) from memory, the workloads as plain asyncio coroutines; it stores nothing and survives nothing.
-* LangGraph's dev server is a third column only if ``langgraph-cli[inmem]`` is installed; it is not run otherwise
-  (and this script does not drive it yet: see the printed note).
+* LangGraph's Agent Server (``langgraph dev``, in-memory runtime) is a third column if ``langgraph-cli[inmem]`` is
+  found (``KEEL_BENCH_LANGGRAPH=/path/to/langgraph``, else ``langgraph`` on PATH, else ``langgraph_cli`` importable
+  here, else the virtualenv below), with the same workloads as graphs (``bench/peer_langgraph/``). Install it apart
+  from keel's dependencies (the versions the published figures used)::
+
+    python3 -m venv ~/.cache/keel/langgraph-venv
+    ~/.cache/keel/langgraph-venv/bin/pip install 'langgraph-cli[inmem]==0.4.40' langgraph-api==0.16.7 \\
+        langgraph-runtime-inmem==0.36.7 langgraph==1.2.24
 
 The client is httpx (one keep-alive connection per user) with httpx_sse; "done" is the ``end`` event on the stream
-opened right after the 202.
+opened right after the 202 (on LangGraph, the run's joined stream closing after its last chunk).
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,7 +50,7 @@ from typing import Any
 import httpx
 from _doc import cpu_model, write_section
 from bench_api import Server, create_key, keel_command, percentile, serve
-from httpx_sse import aconnect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -160,43 +169,132 @@ async def events(task_id: str, authorization: str = Header(), last_event_id: str
 
 @dataclass
 class Received:
-    seq: int
+    id: str  # the SSE id: keel's and the floor's are the event's sequence number, LangGraph's its stream id
     type: str
     data: dict[str, Any]
     at: float
     wall: float  # time.time() on arrival, against a token's own ``t``
 
 
-async def submit(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
-    response = await client.post("/v1/tasks", json=body)
-    if response.status_code != 202:
-        raise RuntimeError(f"POST /v1/tasks answered {response.status_code}: {response.text[:300]}")
-    return str(response.json()["id"])
+class KeelApi:
+    """keel's routes, which the floor answers too: ``POST /v1/tasks`` (202), ``GET /v1/tasks/{id}/events``, whose
+    last event is ``end``."""
+
+    submit_path = "POST /v1/tasks"
+
+    def request(self, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return "/v1/tasks", body
+
+    def handle(self, response: httpx.Response) -> str:
+        if response.status_code != 202:
+            raise RuntimeError(f"POST /v1/tasks answered {response.status_code}: {response.text[:300]}")
+        return str(response.json()["id"])
+
+    def events_path(self, handle: str) -> str:
+        return f"/v1/tasks/{handle}/events"
+
+    def event(self, sse: ServerSentEvent) -> str:
+        return sse.event
+
+    ends_with_close = False
+
+    def run_span(self, wall: float, events: list[Received], t0: float) -> float:
+        """One run's time, as the chain's per-step figure subtracts it: submit → done."""
+        return wall
+
+
+class LangGraphApi(KeelApi):
+    """LangGraph's Agent Server: a background run on a fresh thread (``POST /threads/{id}/runs`` creates the thread
+    with the run, one request as keel's submit is), and the run's joined stream
+    (``GET /threads/{id}/runs/{run}/stream``), which resumes from ``Last-Event-ID`` because every run is created
+    with ``stream_resumable`` and ends by closing after the run's last chunk (it has no ``end`` event)."""
+
+    submit_path = "POST /threads/{id}/runs"
+
+    def request(self, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        run = {
+            "assistant_id": body["workflow"],  # the graph of the same name in bench/peer_langgraph/
+            "input": body["input"],
+            "if_not_exists": "create",
+            "stream_mode": ["custom"],  # the tokens' channel (get_stream_writer); "done" is the stream's close
+            "stream_resumable": True,  # keep the chunks so a client can resume, as keel's events are kept
+            "durability": "sync",  # each step's checkpoint saved before the next step starts, as keel does
+        }
+        return f"/threads/{uuid.uuid4()}/runs", run
+
+    def handle(self, response: httpx.Response) -> str:
+        if response.status_code != 200:
+            raise RuntimeError(f"{self.submit_path} answered {response.status_code}: {response.text[:300]}")
+        run = response.json()
+        return f"{run['thread_id']}/runs/{run['run_id']}"
+
+    def events_path(self, handle: str) -> str:
+        return f"/threads/{handle}/stream"
+
+    def event(self, sse: ServerSentEvent) -> str:
+        if sse.event == "error":
+            raise RuntimeError(f"LangGraph run failed: {sse.data[:300]}")
+        return "token" if sse.event == "custom" else sse.event
+
+    ends_with_close = True
+
+    def run_span(self, wall: float, events: list[Received], t0: float) -> float:
+        """Run started → done. The first event (``metadata``) is sent when a worker takes the run, and the queue
+        takes a pending run only at its next 0.5 s poll, so submit → done is a run's time plus a wait that swings
+        by up to a poll (and by more than a 20-step chain takes): the difference of two walls measures the poll's
+        phase, not the steps."""
+        return events[-1].at - events[0].at
+
+
+KEEL_API = KeelApi()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server under test, the key the client sends it, and the API it speaks."""
+
+    server: Server
+    key: str
+    api: KeelApi = KEEL_API
+
+
+async def submit(client: httpx.AsyncClient, body: dict[str, Any], api: KeelApi = KEEL_API) -> str:
+    path, json_body = api.request(body)
+    return api.handle(await client.post(path, json=json_body))
 
 
 async def stream(
-    client: httpx.AsyncClient, task_id: str, *, after: int = 0, stop_after_tokens: int | None = None
+    client: httpx.AsyncClient,
+    handle: str,
+    *,
+    after: str = "",
+    stop_after_tokens: int | None = None,
+    api: KeelApi = KEEL_API,
 ) -> list[Received]:
-    """The task's events after ``after`` up to ``end`` (or until ``stop_after_tokens`` tokens: then drop)."""
-    headers = {"Last-Event-ID": str(after)} if after else {}
+    """The run's events after ``after`` up to ``end`` (or until ``stop_after_tokens`` tokens: then drop)."""
+    headers = {"Last-Event-ID": after} if after else {}
     out: list[Received] = []
     tokens = 0
-    async with aconnect_sse(client, "GET", f"/v1/tasks/{task_id}/events", headers=headers) as source:
+    async with aconnect_sse(client, "GET", api.events_path(handle), headers=headers) as source:
         source.response.raise_for_status()
         async for sse in source.aiter_sse():
+            type_ = api.event(sse)
             if not sse.id:
                 continue
-            out.append(Received(int(sse.id), sse.event, json.loads(sse.data), time.perf_counter(), time.time()))
-            tokens += sse.event == "token"
-            if sse.event == "end" or (stop_after_tokens is not None and tokens >= stop_after_tokens):
+            out.append(Received(sse.id, type_, json.loads(sse.data), time.perf_counter(), time.time()))
+            tokens += type_ == "token"
+            if type_ == "end" or (stop_after_tokens is not None and tokens >= stop_after_tokens):
                 break
+        else:
+            if api.ends_with_close:  # the server closed the stream: the run is over
+                out.append(Received("", "end", {}, time.perf_counter(), time.time()))
     return out
 
 
-def client_for(server: Server, key: str) -> httpx.AsyncClient:
+def client_for(target: Target) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        base_url=server.url,
-        headers={"Authorization": f"Bearer {key}"},
+        base_url=target.server.url,
+        headers={"Authorization": f"Bearer {target.key}"},
         limits=httpx.Limits(max_connections=1),
         timeout=httpx.Timeout(30, read=120),
     )
@@ -205,43 +303,45 @@ def client_for(server: Server, key: str) -> httpx.AsyncClient:
 # -- the workloads: each returns {figure: value} for one repeat on one server -----------------------------------
 
 
-async def w_submit(server: Server, key: str) -> dict[str, float]:
-    async with client_for(server, key) as client:
+async def w_submit(target: Target) -> dict[str, float]:
+    async with client_for(target) as client:
         for _ in range(30):
-            await submit(client, NOOP)
+            await submit(client, NOOP, target.api)
         latencies = []
         for _ in range(SUBMIT_N):
             t0 = time.perf_counter()
-            await submit(client, NOOP)
+            await submit(client, NOOP, target.api)
             latencies.append(time.perf_counter() - t0)
     latencies.sort()
     return {"submit_p50_ms": 1000 * percentile(latencies, 0.5), "submit_p99_ms": 1000 * percentile(latencies, 0.99)}
 
 
-async def _run_to_end(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, list[Received], float]:
+async def _run_to_end(
+    client: httpx.AsyncClient, body: dict[str, Any], api: KeelApi
+) -> tuple[float, list[Received], float]:
     t0 = time.perf_counter()
-    events = await stream(client, await submit(client, body))
+    events = await stream(client, await submit(client, body, api), api=api)
     if not events or events[-1].type != "end":
         raise RuntimeError(f"stream ended without `end`: {[e.type for e in events][-5:]}")
     return time.perf_counter() - t0, events, t0
 
 
-async def w_done(server: Server, key: str) -> dict[str, float]:
-    async with client_for(server, key) as client:
+async def w_done(target: Target) -> dict[str, float]:
+    async with client_for(target) as client:
         for _ in range(5):
-            await _run_to_end(client, NOOP)
+            await _run_to_end(client, NOOP, target.api)
         walls = []
         t0 = time.perf_counter()
         for _ in range(DONE_N):
-            walls.append((await _run_to_end(client, NOOP))[0])
+            walls.append((await _run_to_end(client, NOOP, target.api))[0])
         rate1 = DONE_N / (time.perf_counter() - t0)
     walls.sort()
     return {"done_p50_ms": 1000 * percentile(walls, 0.5), "done_rps_1": rate1}
 
 
-async def w_done_concurrent(server: Server, key: str) -> dict[str, float]:
+async def w_done_concurrent(target: Target) -> dict[str, float]:
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(client_for(server, key)) for _ in range(DONE_C)]
+        clients = [await stack.enter_async_context(client_for(target)) for _ in range(DONE_C)]
         remaining = DONE_C_N
         walls: list[float] = []
 
@@ -249,7 +349,7 @@ async def w_done_concurrent(server: Server, key: str) -> dict[str, float]:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                walls.append((await _run_to_end(client, NOOP))[0])
+                walls.append((await _run_to_end(client, NOOP, target.api))[0])
 
         remaining = DONE_C * 2  # warm-up: two runs each
         await asyncio.gather(*(user(c) for c in clients))
@@ -262,34 +362,34 @@ async def w_done_concurrent(server: Server, key: str) -> dict[str, float]:
     return {"done_rps_32": DONE_C_N / elapsed, "done_p99_ms_32": 1000 * percentile(walls, 0.99)}
 
 
-async def w_chain(server: Server, key: str) -> dict[str, float]:
+async def w_chain(target: Target) -> dict[str, float]:
     body = {"workflow": "peer_chain", "input": {"steps": CHAIN_STEPS}}
-    async with client_for(server, key) as client:
-        await _run_to_end(client, body)
-        noop = sorted([(await _run_to_end(client, NOOP))[0] for _ in range(CHAIN_N)])
-        walls = sorted([(await _run_to_end(client, body))[0] for _ in range(CHAIN_N)])
-    per_step = (statistics.median(walls) - statistics.median(noop)) / CHAIN_STEPS
-    return {"chain_wall_ms": 1000 * statistics.median(walls), "chain_step_ms": 1000 * per_step}
+    async with client_for(target) as client:
+        await _run_to_end(client, body, target.api)
+        noop = sorted([target.api.run_span(*await _run_to_end(client, NOOP, target.api)) for _ in range(CHAIN_N)])
+        spans = sorted([target.api.run_span(*await _run_to_end(client, body, target.api)) for _ in range(CHAIN_N)])
+    per_step = (statistics.median(spans) - statistics.median(noop)) / CHAIN_STEPS
+    return {"chain_wall_ms": 1000 * statistics.median(spans), "chain_step_ms": 1000 * per_step}
 
 
 def _tokens(events: list[Received]) -> list[Received]:
     return [e for e in events if e.type == "token"]
 
 
-async def w_burst(server: Server, key: str) -> dict[str, float]:
+async def w_burst(target: Target) -> dict[str, float]:
     body = {"workflow": "peer_tokens", "input": {"n": BURST_N, "pace_ms": 0}}
     flood = {"workflow": "peer_tokens", "input": {"n": FLOOD_N, "pace_ms": 0}}
-    async with client_for(server, key) as client:
+    async with client_for(target) as client:
         firsts, distinct = [], []
         for _ in range(BURST_RUNS):
-            _, events, t0 = await _run_to_end(client, body)
+            _, events, t0 = await _run_to_end(client, body, target.api)
             tokens = _tokens(events)
             firsts.append(tokens[0].at - t0)
-            distinct.append(len({e.seq for e in tokens}))
-        _, events, _ = await _run_to_end(client, flood)
+            distinct.append(len({e.id for e in tokens}))
+        _, events, _ = await _run_to_end(client, flood, target.api)
         tokens = _tokens(events)
         if len(tokens) != FLOOD_N or [e.data["i"] for e in tokens] != list(range(FLOOD_N)):
-            raise RuntimeError(f"{server.name}: the flood lost or reordered tokens")
+            raise RuntimeError(f"{target.server.name}: the flood lost or reordered tokens")
         rate = (len(tokens) - 1) / max(tokens[-1].at - tokens[0].at, 1e-9)
     return {
         "burst_first_ms": 1000 * statistics.median(firsts),
@@ -298,12 +398,12 @@ async def w_burst(server: Server, key: str) -> dict[str, float]:
     }
 
 
-async def w_paced(server: Server, key: str) -> dict[str, float]:
+async def w_paced(target: Target) -> dict[str, float]:
     body = {"workflow": "peer_tokens", "input": {"n": PACED_N, "pace_ms": PACED_MS}}
-    async with client_for(server, key) as client:
+    async with client_for(target) as client:
         firsts, delays, gaps = [], [], []
         for _ in range(PACED_RUNS):
-            _, events, t0 = await _run_to_end(client, body)
+            _, events, t0 = await _run_to_end(client, body, target.api)
             tokens = _tokens(events)
             firsts.append(tokens[0].at - t0)
             delays.append(tokens[0].wall - tokens[0].data["t"])
@@ -316,30 +416,30 @@ async def w_paced(server: Server, key: str) -> dict[str, float]:
     }
 
 
-async def w_fanout(server: Server, key: str) -> dict[str, float]:
+async def w_fanout(target: Target) -> dict[str, float]:
     body = {"workflow": "peer_fanout", "input": FANOUT}
-    async with client_for(server, key) as client:
-        walls = [(await _run_to_end(client, body))[0] for _ in range(2)]
+    async with client_for(target) as client:
+        walls = [(await _run_to_end(client, body, target.api))[0] for _ in range(2)]
     return {"fanout_wall_s": statistics.median(walls)}
 
 
-async def w_resume(server: Server, key: str) -> dict[str, float]:
+async def w_resume(target: Target) -> dict[str, float]:
     body = {"workflow": "peer_tokens", "input": {"n": RESUME_N, "pace_ms": PACED_MS}}
-    async with client_for(server, key) as client:
-        task_id = await submit(client, body)
-        first = await stream(client, task_id, stop_after_tokens=RESUME_AT)
+    async with client_for(target) as client:
+        handle = await submit(client, body, target.api)
+        first = await stream(client, handle, stop_after_tokens=RESUME_AT, api=target.api)
     await asyncio.sleep(RESUME_GAP_S)  # the connection is closed: the client is gone for the gap
-    async with client_for(server, key) as client:
-        rest = await stream(client, task_id, after=first[-1].seq)
+    async with client_for(target) as client:
+        rest = await stream(client, handle, after=first[-1].id, api=target.api)
     seen = [e.data["i"] for e in _tokens(first + rest)]
     return {
         "resume_lost": RESUME_N - len(set(seen)),
         "resume_duplicated": len(seen) - len(set(seen)),
-        "resume_ids_distinct": float(len({e.seq for e in first + rest}) == len(first + rest)),
+        "resume_ids_distinct": float(len({e.id for e in first + rest}) == len(first + rest)),
     }
 
 
-WORKLOADS: list[tuple[str, Callable[[Server, str], Awaitable[dict[str, float]]]]] = [
+WORKLOADS: list[tuple[str, Callable[[Target], Awaitable[dict[str, float]]]]] = [
     ("submit", w_submit),
     ("submit → done", w_done),
     (f"submit → done, {DONE_C} clients", w_done_concurrent),
@@ -357,10 +457,15 @@ WORKLOADS: list[tuple[str, Callable[[Server, str], Awaitable[dict[str, float]]]]
 @dataclass
 class Run:
     figures: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # server -> figure -> repeats
+    failures: dict[str, dict[str, str]] = field(default_factory=dict)  # server -> workload -> why it failed
 
     def add(self, server: str, values: dict[str, float]) -> None:
         for name, value in values.items():
             self.figures.setdefault(server, {}).setdefault(name, []).append(value)
+
+    def fail(self, server: str, workload: str, why: str) -> None:
+        """``workload`` is its short name (``SHORT``); the first failure of it is the one kept."""
+        self.failures.setdefault(server, {}).setdefault(workload, why)
 
     def median(self, server: str, name: str) -> float | None:
         values = self.figures.get(server, {}).get(name)
@@ -392,17 +497,78 @@ def fsync_commit_ms(directory: Path, n: int = 100) -> float:
 SHORT = ["submit", "done", "done32", "chain", "burst", "paced", "fanout", "resume"]  # --only's names, in order
 
 
-async def drive(
-    servers: list[tuple[Server, str]], repeats: int, run: Run, probe_dir: Path, only: set[str] | None = None
-) -> None:
-    chosen = [w for short, w in zip(SHORT, WORKLOADS, strict=True) if only is None or short in only]
+async def drive(targets: list[Target], repeats: int, run: Run, probe_dir: Path, only: set[str] | None = None) -> None:
+    chosen = [(short, *w) for short, w in zip(SHORT, WORKLOADS, strict=True) if only is None or short in only]
     for rep in range(repeats):
-        order = servers if rep % 2 == 0 else servers[::-1]
-        for label, workload in chosen:
+        shift = rep % len(targets)  # with two servers, the order flips each repeat
+        order = targets[shift:] + targets[:shift]
+        for short, label, workload in chosen:
             run.add("disk", {"fsync_commit_ms": fsync_commit_ms(probe_dir)})
-            for server, key in order:
-                say(f"repeat {rep + 1}/{repeats}: {label} on {server.name}")
-                run.add(server.name, await workload(server, key))
+            for target in order:
+                say(f"repeat {rep + 1}/{repeats}: {label} on {target.server.name}")
+                if target.server.name != LANGGRAPH:
+                    run.add(target.server.name, await workload(target))
+                    continue
+                try:  # the peer failing a workload is a finding for the table, not a reason to lose the run
+                    run.add(LANGGRAPH, await workload(target))
+                except (RuntimeError, KeyError, ValueError, httpx.HTTPError) as exc:
+                    say(f"LangGraph failed {label}: {exc!r}")
+                    run.fail(LANGGRAPH, short, f"{type(exc).__name__}: {exc}"[:300])
+
+
+# -- LangGraph's dev server, when it is installed ---------------------------------------------------------------
+
+LANGGRAPH = "LangGraph"
+LANGGRAPH_VENV = "~/.cache/keel/langgraph-venv"
+# The versions the published figures used; a newer langgraph-cli[inmem] works too (the Method section names what ran).
+LANGGRAPH_PINS = (
+    "'langgraph-cli[inmem]==0.4.40' langgraph-api==0.16.7 langgraph-runtime-inmem==0.36.7 langgraph==1.2.24"
+)
+LANGGRAPH_HINT = f"python3 -m venv {LANGGRAPH_VENV} && {LANGGRAPH_VENV}/bin/pip install {LANGGRAPH_PINS}"
+# `langgraph dev --help` says 10 jobs at once is the default, but the CLI passes 1 when the flag is absent
+# (langgraph_api.cli.run_server), which would run the 32 clients' runs one at a time. 10 is the Agent Server's
+# own default (N_JOBS_PER_WORKER); keel runs with its default KEEL_WORKERS=4.
+LANGGRAPH_JOBS = 10
+
+
+def langgraph_command() -> list[str] | None:
+    """The ``langgraph`` command: ``KEEL_BENCH_LANGGRAPH``, else on PATH, else ``langgraph_cli`` in this Python, else
+    in ``LANGGRAPH_VENV``."""
+    if configured := os.environ.get("KEEL_BENCH_LANGGRAPH"):
+        path = Path(configured).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"KEEL_BENCH_LANGGRAPH={configured}: no such file (want the `langgraph` command)")
+        return [str(path)]
+    if found := shutil.which("langgraph"):
+        return [found]
+    if importlib.util.find_spec("langgraph_cli") is not None:
+        return [sys.executable, "-m", "langgraph_cli"]
+    if (installed := Path(LANGGRAPH_VENV).expanduser() / "bin" / "langgraph").is_file():  # where the hint installs
+        return [str(installed)]
+    return None
+
+
+def serve_langgraph(command: list[str], workdir: Path) -> contextlib.AbstractContextManager[Server]:
+    """``langgraph dev`` (in-memory runtime) on the graphs of ``bench/peer_langgraph/``, in a copy of that folder:
+    the dev server reads the config's paths from its working directory and keeps its state in ``.langgraph_api``
+    there, which must not land in the repository."""
+    home = workdir / "langgraph"
+    shutil.copytree(BENCH / "peer_langgraph", home, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [*command, "dev", "--no-browser", "--no-reload", "--host", "127.0.0.1", "--port", "{port}"]
+    cmd += ["--config", "langgraph.json", "--n-jobs-per-worker", str(LANGGRAPH_JOBS)]
+    cmd += ["--server-log-level", "warning"]
+    env = {"LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false", "PYTHONPATH": ""}
+    return serve(LANGGRAPH, cmd, workdir, "/ok", env, cwd=home, ready_s=180)
+
+
+def langgraph_versions(command: list[str], server: Server) -> str:
+    """The CLI's version (``langgraph --version``) and the server's own (``GET /info``), for the Method section."""
+    cli = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    info = httpx.get(server.url + "/info", timeout=10).json()
+    return (
+        f"langgraph-cli {cli.rsplit(' ', 1)[-1] or '?'}, langgraph-api {info.get('version', '?')}, "
+        f"langgraph {info.get('langgraph_py_version', '?')}"
+    )
 
 
 def keel_env() -> dict[str, str]:
@@ -421,9 +587,10 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     if only and (unknown := only - set(SHORT)):
         parser.error(f"unknown workloads {sorted(unknown)}: choose from {', '.join(SHORT)}")
-    langgraph = importlib.util.find_spec("langgraph_cli") is not None
-    if langgraph:
-        say("langgraph-cli is installed, but this script does not drive LangGraph yet: two columns only")
+    lg_command = langgraph_command()
+    if lg_command is None:
+        say(f"LangGraph's dev server is not installed: two columns only. For a third: {LANGGRAPH_HINT}")
+    lg_versions: str | None = None
     started = time.monotonic()
     run = Run()
     with tempfile.TemporaryDirectory(prefix="keel-peer-") as tmp, contextlib.ExitStack() as stack:
@@ -437,12 +604,22 @@ def main() -> None:
         floor_cmd = [sys.executable, "-m", "uvicorn", "floor_app:app", "--app-dir", str(workdir)]
         floor_cmd += ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
         floor = stack.enter_context(serve("floor", floor_cmd, workdir, "/healthz"))
+        targets = [Target(keel, key), Target(floor, "floor")]
+        if lg_command is not None:
+            try:
+                langgraph = stack.enter_context(serve_langgraph(lg_command, workdir))
+            except RuntimeError as exc:  # e.g. langgraph-cli without its [inmem] extra: keel and the floor still run
+                say(f"LangGraph's dev server did not start, two columns only ({LANGGRAPH_HINT}):\n{exc}")
+            else:
+                lg_versions = langgraph_versions(lg_command, langgraph)
+                say(f"LangGraph's dev server is the third column ({lg_versions})")
+                targets.insert(1, Target(langgraph, "langgraph", LangGraphApi()))
         import uvloop
 
-        uvloop.run(drive([(keel, key), (floor, "floor")], args.repeats, run, workdir, only))
+        uvloop.run(drive(targets, args.repeats, run, workdir, only))
     elapsed = time.monotonic() - started
     say(f"done in {elapsed:.0f} s")
-    section = render(run, args.repeats, elapsed, langgraph)
+    section = render(run, args.repeats, elapsed, lg_versions)
     print(section)
     if not args.no_write and only is None:
         write_section(section, START_MARK, END_MARK)
@@ -521,9 +698,31 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:.2f} {unit}" if unit == "ms" else f"{value:.3f} {unit}"
 
 
-def render(run: Run, repeats: int, elapsed: float, langgraph: bool) -> str:
+def workload_of(figure: str) -> str:
+    """The short name of the workload that measures ``figure`` (its name starts with the workload's)."""
+    prefixes = {"done_rps_32": "done32", "done_p99_ms_32": "done32", "token_events": "burst"}
+    for prefix, short in prefixes.items():
+        if figure.startswith(prefix):
+            return short
+    return figure.split("_", 1)[0]
+
+
+def langgraph_cell(run: Run, name: str, unit: str, notes: list[str]) -> str:
+    """LangGraph's median, or "—" with a footnote that says why there is none."""
+    value = run.median(LANGGRAPH, name)
+    if value is not None or run.median("keel", name) is None:  # no keel figure either: `--only` left it out
+        return fmt(value, unit)
+    why = run.failures.get(LANGGRAPH, {}).get(workload_of(name), "no figure")
+    if why not in notes:
+        notes.append(why)
+    return f"—[^lg{notes.index(why) + 1}]"
+
+
+def render(run: Run, repeats: int, elapsed: float, langgraph: str | None) -> str:
+    """The section for docs/benchmarks.md; ``langgraph``: its versions, if LangGraph was the third column."""
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rows = []
+    notes: list[str] = []
     for name, label, unit, _, goal in FIGURES:
         k, f = run.median("keel", name), run.median("floor", name)
         ratio = k / f if k is not None and f is not None and f > 0 and name not in NO_RATIO else None
@@ -534,9 +733,17 @@ def render(run: Run, repeats: int, elapsed: float, langgraph: bool) -> str:
         spread = run.figures.get("keel", {}).get(name, [])
         keel_cell = fmt(k, unit) + (f" ({fmt(min(spread), unit)}–{fmt(max(spread), unit)})" if len(spread) > 1 else "")
         floor_cell = fmt(f, unit) if name not in NO_RATIO else f"{fmt(f, unit)} (nothing to checkpoint)"
-        rows.append([label, keel_cell, floor_cell, f"{ratio:.2f}×" if ratio is not None else "—", verdict])
-    lines = ["| figure | keel (min–max) | floor | keel/floor | goal |", "|---|---|---|---|---|"]
+        row = [label, keel_cell, floor_cell, f"{ratio:.2f}×" if ratio is not None else "—", verdict]
+        if langgraph is not None:
+            row.insert(2, langgraph_cell(run, name, unit, notes))
+        rows.append(row)
+    if langgraph is None:
+        lines = ["| figure | keel (min–max) | floor | keel/floor | goal |", "|---|---|---|---|---|"]
+    else:
+        lines = ["| figure | keel (min–max) | LangGraph | floor | keel/floor | goal |", "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if notes:
+        lines += ["", *(f"[^lg{i}]: LangGraph: {why}" for i, why in enumerate(notes, 1))]
     disk = run.figures.get("disk", {}).get("fsync_commit_ms", [])
     if disk:
         lines += [
@@ -545,6 +752,10 @@ def render(run: Run, repeats: int, elapsed: float, langgraph: bool) -> str:
             f"{statistics.median(disk):.2f} ms (median; {min(disk):.2f}–{max(disk):.2f} ms): every keel figure "
             "that waits for durability pays at least that, and the floor never does.",
         ]
+    if langgraph is None:
+        order = f"on one server, then on the other; {repeats} repeats, the order flipped"
+    else:
+        order = f"on each of the three servers in turn; {repeats} repeats, the order rotated"
     method = textwrap.dedent(
         f"""\
         - Both servers run at once on loopback with uvicorn's defaults (uvloop, httptools, one process,
@@ -553,7 +764,7 @@ def render(run: Run, repeats: int, elapsed: float, langgraph: bool) -> str:
           (`bench/peer_workflows.py`); the floor as one FastAPI app (in this script) answering `POST /v1/tasks` and
           `GET /v1/tasks/{{id}}/events` (sse_starlette, `Last-Event-ID`) from memory, running the same workloads as
           plain coroutines. keel's key comes from `keel keys create`; the floor only requires the header.
-        - Every workload runs on one server, then on the other; {repeats} repeats, the order flipped each repeat;
+        - Every workload runs {order} each repeat;
           each cell is the median of the repeats (keel's min–max beside it). Ratios are of those medians.
         - Client: httpx on uvloop in this process, one keep-alive connection per user, httpx_sse for streams.
           "Done" is the `end` event on the stream opened right after the 202.
@@ -571,11 +782,33 @@ def render(run: Run, repeats: int, elapsed: float, langgraph: bool) -> str:
           waits {RESUME_GAP_S * 1000:.0f} ms and reconnects with `Last-Event-ID`; lost and duplicated are counted by
           the tokens' own index."""
     )
-    lg = (
-        "langgraph-cli is installed but this script does not drive LangGraph yet."
-        if langgraph
-        else "`langgraph-cli[inmem]` is not installed here, so there is no LangGraph column."
-    )
+    if langgraph is None:
+        lg = "`langgraph-cli[inmem]` is not installed here, so there is no LangGraph column."
+    else:
+        lg = f"LangGraph's Agent Server (`langgraph dev`: {langgraph}) is the third column."
+        method += "\n" + textwrap.dedent(
+            f"""\
+            - LangGraph runs at the same time ({langgraph}; telemetry off) from its own virtualenv
+              (`{LANGGRAPH_VENV}`, installed with `pip install {LANGGRAPH_PINS}`), as
+              `langgraph dev --no-browser --no-reload --n-jobs-per-worker {LANGGRAPH_JOBS} --server-log-level warning`
+              in a copy of `bench/peer_langgraph/`. Its in-memory runtime keeps runs, checkpoints and stream chunks
+              in memory and pickles them to disk every 10 s: like the floor, it makes nothing durable per request.
+              `--n-jobs-per-worker {LANGGRAPH_JOBS}` is the Agent Server's own default; `langgraph dev` without it
+              runs one run at a time.
+            - LangGraph's workloads are graphs (`bench/peer_langgraph/peer_graphs.py`) of the same names, inputs and
+              shapes: the chain is `steps` nodes in sequence (each a superstep LangGraph checkpoints; `durability=sync`
+              saves it before the next starts, as keel does); tokens come from one node through
+              `get_stream_writer` (stream mode `custom`), each carrying its index and emission wall clock; the fan-out
+              is {FANOUT["branches"]} `Send`s to a node that sleeps {FANOUT["seconds"]:g} s.
+            - LangGraph's submit is `POST /threads/{{id}}/runs` (a background run on a fresh thread id,
+              `if_not_exists=create`, `stream_resumable=true`), answered 200; "done" is that run's joined stream
+              (`GET /threads/{{id}}/runs/{{run}}/stream`) closing after its last chunk, as it has no `end` event; the
+              resume sends the last token's stream id as `Last-Event-ID`. Its queue looks for pending runs every
+              0.5 s when idle (langgraph-runtime-inmem's `Runs.next`): every LangGraph figure measured from the
+              submit includes that wait, as a user sees it. Its per step alone is measured from the run's start (its
+              first event, `metadata`, sent when a worker takes the run) to done, because that wait swings by more
+              than a {CHAIN_STEPS}-step chain takes."""
+        )
     parts = [
         START_MARK,
         "## keel against the floor (`bench/bench_peer.py`)",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import uvloop
 from bench_api import create_key, keel_command, serve
-from bench_peer import WORKLOADS, keel_env
+from bench_peer import WORKLOADS, Target, keel_env
 
 BY_NAME = {
     "submit": WORKLOADS[0][1],
@@ -86,7 +86,7 @@ def main() -> None:
         with serve("keel", cmd, work, "/readyz", keel_env()) as server:
             started = time.monotonic()
             while time.monotonic() - started < args.seconds:
-                print(uvloop.run(BY_NAME[args.workload](server, key)), file=sys.stderr)
+                print(uvloop.run(BY_NAME[args.workload](Target(server, key))), file=sys.stderr)
             server.proc.send_signal(signal.SIGINT)  # py-spy writes its file, then stops keel
             server.proc.wait(timeout=60)
     print(f"stacks: {out}\n{top(out)}")
