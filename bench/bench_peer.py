@@ -583,12 +583,15 @@ def main() -> None:
     parser.add_argument(
         "--only", help=f"comma-separated workloads ({', '.join(SHORT)}); implies --no-write", default=None
     )
+    parser.add_argument(
+        "--no-langgraph", action="store_true", help="keel and the floor only, even where LangGraph is installed"
+    )
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
     if only and (unknown := only - set(SHORT)):
         parser.error(f"unknown workloads {sorted(unknown)}: choose from {', '.join(SHORT)}")
-    lg_command = langgraph_command()
-    if lg_command is None:
+    lg_command = None if args.no_langgraph else langgraph_command()
+    if lg_command is None and not args.no_langgraph:
         say(f"LangGraph's dev server is not installed: two columns only. For a third: {LANGGRAPH_HINT}")
     lg_versions: str | None = None
     started = time.monotonic()
