@@ -355,11 +355,31 @@ async def w_done_concurrent(target: Target) -> dict[str, float]:
         await asyncio.gather(*(user(c) for c in clients))
         walls.clear()
         remaining = DONE_C_N
-        t0 = time.perf_counter()
+        cpu0, t0 = server_cpu_s(target.server), time.perf_counter()
         await asyncio.gather(*(user(c) for c in clients))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, server_cpu_s(target.server) - cpu0
     walls.sort()
-    return {"done_rps_32": DONE_C_N / elapsed, "done_p99_ms_32": 1000 * percentile(walls, 0.99)}
+    return {
+        "done_rps_32": DONE_C_N / elapsed,
+        "done_p99_ms_32": 1000 * percentile(walls, 0.99),
+        "done_cpu_ms_32": 1000 * cpu / DONE_C_N,
+    }
+
+
+def server_cpu_s(server: Server) -> float:
+    """User + system CPU seconds of the server's process and its children so far (Linux /proc): what a run costs
+    the machine, which the wall clock of a shared one hides. 0 where /proc is not there."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pending, total = [server.proc.pid], 0.0
+    while pending:
+        pid = pending.pop()
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    pending += [int(c) for c in (task / "children").read_text().split()]
+    return total
 
 
 async def w_chain(target: Target) -> dict[str, float]:
@@ -657,6 +677,7 @@ FIGURES: list[tuple[str, str, str, bool, Goal]] = [
         True,
         ("< 50 ms", lambda k, r: k < 50),
     ),
+    ("done_cpu_ms_32", f"server CPU per completed no-op run, {DONE_C} clients", "ms", True, None),
     ("chain_step_ms", f"per step, {CHAIN_STEPS}-step chain", "ms", True, None),
     ("burst_first_ms", f"submit → first token, {BURST_N}-token burst", "ms", True, None),
     ("burst_distinct", f"distinct event ids in a {BURST_N}-token burst", "", False, None),
@@ -703,7 +724,8 @@ def fmt(value: float | None, unit: str) -> str:
 
 def workload_of(figure: str) -> str:
     """The short name of the workload that measures ``figure`` (its name starts with the workload's)."""
-    prefixes = {"done_rps_32": "done32", "done_p99_ms_32": "done32", "token_events": "burst"}
+    prefixes = {"done_rps_32": "done32", "done_p99_ms_32": "done32", "done_cpu_ms_32": "done32"}
+    prefixes["token_events"] = "burst"
     for prefix, short in prefixes.items():
         if figure.startswith(prefix):
             return short
@@ -773,8 +795,9 @@ def render(run: Run, repeats: int, elapsed: float, langgraph: str | None) -> str
           "Done" is the `end` event on the stream opened right after the 202.
         - submit: {SUBMIT_N} sequential `POST /v1/tasks` of a no-op run (`peer_chain`, steps=0) after 30 warm-ups.
           submit → done: {DONE_N} sequential no-op runs; with {DONE_C} clients, {DONE_C_N} runs after 2 warm-ups
-          each. {CHAIN_STEPS}-step chain: per step = (median wall of {CHAIN_N} chains − median wall of
-          {CHAIN_N} no-op runs) / {CHAIN_STEPS}.
+          each; server CPU per run is the user + system time of the server's processes (/proc) over those runs,
+          divided by their number. {CHAIN_STEPS}-step chain: per step = (median wall of {CHAIN_N} chains − median
+          wall of {CHAIN_N} no-op runs) / {CHAIN_STEPS}.
         - Tokens (`peer_tokens`): one durable step emitting `token` events with `ctx.emit_nowait`, the path a model
           stream takes, yielding to the loop between tokens. Burst: {BURST_N} tokens, {BURST_RUNS} runs; events/s:
           one run of {FLOOD_N:,} tokens, (tokens − 1) / (last − first arrival), checked complete and in order.
