@@ -611,7 +611,8 @@ class PostgresStore(PostgresMemory):
         specs = [(ev[0], json.dumps(ev[1], separators=(",", ":")), at_of(ev, now)) for ev in events]
         n = len(specs)
         params: list[Any] = [n, lease.task_id, lease.token, lease.task_id, n]
-        params += [[x[0] for x in specs], [x[1] for x in specs], [x[2] for x in specs]]
+        # float(): psycopg types a list by its first element, and a time may come in as an int
+        params += [[x[0] for x in specs], [x[1] for x in specs], [float(x[2]) for x in specs]]
         query = _FENCED
         for write in writes:
             query += f", {write.name} AS ({write.sql})"
