@@ -66,9 +66,12 @@ def throughput(engine: str, workers: int, tasks: int) -> float:
     return tasks / elapsed
 
 
-async def per_step(engine: str, database: str, rounds: int, *, noop: bool = False) -> tuple[float, float]:
+async def per_step(
+    engine: str, database: str, rounds: int, *, noop: bool = False, poll_s: float = 0.01
+) -> tuple[float, float]:
     """Median ms per step of a 20-step task on ``engine``, and of the plain-loop baseline. ``diagnostic`` steps each
-    write 4 durable tokens, a partial result and progress; ``noop``: ``peer_chain``, steps that only checkpoint."""
+    write 4 durable tokens, a partial result and progress; ``noop``: ``peer_chain``, steps that only checkpoint.
+    ``poll_s``: how often the engine's idle workers poll the queue (keel's default is 0.5 s)."""
     from keel.backends import open_store
     from keel.memory.types import NewTask
     from keel.orchestration.engine.runtime import EmbeddedEngine
@@ -88,10 +91,10 @@ async def per_step(engine: str, database: str, rounds: int, *, noop: bool = Fals
             default_registry_and_peers(),
             address=service_url("temporal"),
             task_queue=f"bench-{uuid.uuid4().hex[:8]}",
-            poll_s=0.01,
+            poll_s=poll_s,
         )
     else:
-        runtime = EmbeddedEngine(store, default_registry_and_peers(), poll_s=0.01)
+        runtime = EmbeddedEngine(store, default_registry_and_peers(), poll_s=poll_s)
     await runtime.start(recover=False)  # type: ignore[attr-defined]
     try:
         per, base = [], []
