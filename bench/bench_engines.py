@@ -156,7 +156,7 @@ def sqlite_fsync_ms(directory: Path, n: int = 50) -> float:
     return statistics.median(times)
 
 
-def per_step_against_sqlite(rounds: int, tasks: int) -> dict[str, dict[str, list[float]]]:
+def per_step_against_sqlite(rounds: int, tasks: int, poll_s: float = 0.01) -> dict[str, dict[str, list[float]]]:
     """ms per step of a 20-step task on a durable Postgres and on SQLite, for ``peer_chain`` and ``diagnostic``:
     each round on a fresh database of each, the order flipped every round; ``tasks`` tasks a round (+1 to warm
     up). Returns {workload: {backend: [the round medians]}}, with the fsync probe under ``"fsync"``."""
@@ -173,18 +173,20 @@ def per_step_against_sqlite(rounds: int, tasks: int) -> dict[str, dict[str, list
                             out["fsync"]["sqlite"].append(sqlite_fsync_ms(Path(tmp)))
                         else:
                             db = fresh_database(admin)
-                        ms, _ = asyncio.run(per_step("embedded", db, tasks, noop=workload == "peer_chain"))
+                        ms, _ = asyncio.run(
+                            per_step("embedded", db, tasks, noop=workload == "peer_chain", poll_s=poll_s)
+                        )
                     out[workload][backend].append(ms)
                     print(f"round {r + 1} {workload} {backend}: {ms:.2f} ms a step", flush=True)
     return out
 
 
-def per_step_report(figures: dict[str, dict[str, list[float]]], rounds: int, tasks: int) -> str:
+def per_step_report(figures: dict[str, dict[str, list[float]]], rounds: int, tasks: int, poll_s: float) -> str:
     med = statistics.median
     lines = [
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {cpu_model()}, {os.cpu_count()} cores, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; {rounds} rounds of {tasks} twenty-step tasks, "
-        "a fresh database each round, Postgres and SQLite alternately.",
+        f"a fresh database each round, Postgres and SQLite alternately; idle workers poll every {poll_s:g} s.",
         "",
         "| 20-step task, per step (median of rounds; min–max) | Postgres | SQLite | Postgres / SQLite |",
         "|---|---|---|---|",
@@ -243,9 +245,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--per-step", action="store_true", help="only a step on durable Postgres against SQLite")
+    parser.add_argument("--poll-s", type=float, default=0.01, help="--per-step: the idle workers' poll interval")
     args = parser.parse_args()
     if args.per_step:
-        print(per_step_report(per_step_against_sqlite(args.rounds, args.tasks), args.rounds, args.tasks))
+        figures = per_step_against_sqlite(args.rounds, args.tasks, args.poll_s)
+        print(per_step_report(figures, args.rounds, args.tasks, args.poll_s))
         return 0
     rates = {(e, w): throughput(e, w, args.tasks) for e in ("embedded", "temporal") for w in (1, 2)}
     engines = ("embedded", "temporal")
