@@ -195,6 +195,38 @@ async def test_a_lost_lease_writes_nothing_of_a_one_statement_checkpoint(pg: Pos
     assert [e.seq for e in await pg.read(task_id, seq)] == [seq + 1]
 
 
+async def test_a_step_checkpoint_is_one_statement_without_begin(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The step path's writes are one round trip each (issue 20): a checkpoint with its events and its effect, a
+    # token batch, state, progress. Counted at psycopg's public seams: statements run, transactions opened.
+    (task_id,) = await _leased(pg)
+    lease = await pg.lease_next("w", T0, 60, 5)
+    assert lease is not None
+    await pg.begin_effect(lease, EffectRecord(key="fx", task_id=task_id, step="s", tool="t", args={}), T0)
+    statements: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def counted(self: psycopg.AsyncCursor[object], query: object, *args: object, **kw: object) -> object:
+        statements.append(str(query))
+        return await execute(self, query, *args, **kw)
+
+    def no_transaction(*args: object, **kw: object) -> object:
+        raise AssertionError("the step path opened a transaction block")
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", counted)
+    monkeypatch.setattr(psycopg.AsyncConnection, "transaction", no_transaction)
+    settled = EffectSettlement(key="fx", status=EffectStatus.applied, executions=1)
+    await pg.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f"), [("a", {}), ("b", {})], T0 + 1, effect=settled)
+    await pg.append_batch_nowait(lease, [("token", {"i": 0}), ("token", {"i": 1})], T0 + 2)
+    await pg.append(lease, "progress", {}, T0 + 2)
+    await pg.set_state(lease, "k", [1], ("partial_result", {"key": "k"}), T0 + 3)
+    await pg.set_progress(lease, 0.5, "s", T0 + 3)
+    assert len(statements) == 5, statements
+    monkeypatch.undo()
+    assert [e.type for e in await pg.read(task_id, 2)] == ["a", "b", "token", "token", "progress", "partial_result"]
+
+
 async def test_a_replaced_blob_goes_once_no_row_holds_it(pg: PostgresStore) -> None:
     (task_id,) = await _leased(pg)
     lease = await pg.lease_next("w", T0, 60, 5)
