@@ -227,6 +227,46 @@ async def test_a_step_checkpoint_is_one_statement_without_begin(
     assert [e.type for e in await pg.read(task_id, 2)] == ["a", "b", "token", "token", "progress", "partial_result"]
 
 
+async def test_appends_queued_behind_each_other_go_as_one_statement(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (task_id,) = await _leased(pg)
+    lease = await pg.lease_next("w", T0, 60, 5)
+    assert lease is not None
+    statements: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def counted(self: psycopg.AsyncCursor[object], query: object, *args: object, **kw: object) -> object:
+        statements.append(str(query))
+        return await execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", counted)
+    # A step's held step_started, then the events it awaits: queued before any went out, so one commit.
+    started = pg.append_batch_nowait(lease, [("step_started", {"step": "s"})], T0 + 1)
+    token = pg.append_nowait(lease, "token", {"i": 0}, T0 + 2)
+    more = pg.append_batch_nowait(lease, [("token", {"i": 1}), ("token", {"i": 2}, T0 + 2.5)], T0 + 3)
+    assert [(e.seq, e.type) for e in await started] == [(3, "step_started")]
+    assert ((await token).seq, (await token).data) == (4, {"i": 0})
+    assert [(e.seq, e.data, e.created_at) for e in await more] == [(5, {"i": 1}, T0 + 3), (6, {"i": 2}, T0 + 2.5)]
+    assert len(statements) == 1
+    # A write of another kind queued in between keeps its place: the appends around it do not merge across it.
+    before = pg.append_nowait(lease, "a", {}, T0 + 4)
+    progress = asyncio.ensure_future(pg.set_progress(lease, 0.5, "s", T0 + 4))
+    await asyncio.sleep(0)  # set_progress queues its write
+    after = pg.append_nowait(lease, "b", {}, T0 + 4)
+    await asyncio.gather(before, progress, after)
+    assert len(statements) == 4
+    monkeypatch.undo()
+    assert [e.type for e in await pg.read(task_id, 2)] == ["step_started", "token", "token", "token", "a", "b"]
+    # Under a lost lease every merged caller is told, and none of it is written.
+    new = await pg.lease_next("w2", T0 + 61, 60, 5)
+    assert new is not None
+    stale = [pg.append_nowait(lease, "x", {}, T0 + 62), pg.append_batch_nowait(lease, [("y", {})], T0 + 62)]
+    for result in await asyncio.gather(*stale, return_exceptions=True):
+        assert isinstance(result, LeaseLost), result
+    assert [e.type for e in await pg.read(task_id, 8)] == ["status"]  # only the new owner's running
+
+
 async def test_a_replaced_blob_goes_once_no_row_holds_it(pg: PostgresStore) -> None:
     (task_id,) = await _leased(pg)
     lease = await pg.lease_next("w", T0, 60, 5)

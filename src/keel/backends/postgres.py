@@ -16,7 +16,8 @@ processes share:
 * a task's event ``seq`` comes from ``UPDATE tasks SET last_seq = last_seq + 1 … RETURNING``: the row lock
   serialises appenders until commit, a rollback gives the number back, so seqs are gapless and commit in order;
 * writes one process makes for one task start in the order they were issued (``append_nowait`` then
-  ``record_step`` cannot swap), as SQLite's single writer queue guarantees;
+  ``record_step`` cannot swap), as SQLite's single writer queue guarantees; appends queued back to back, before
+  the first of them went out, go as one statement;
 * schema migrations are numbered in ``keel_schema_migrations`` and applied at open under ``pg_advisory_lock``.
 
 The pool opens on first use (``open_store`` is synchronous), or explicitly with ``await store.open()``.
@@ -359,6 +360,18 @@ class _Write:
     params: Sequence[Any]
 
 
+@dataclass(slots=True)
+class _Appends:
+    """Appends for one task, queued and not yet sent: one statement for all (``append_batch_nowait``)."""
+
+    lease: Lease
+    events: list[tuple[str, dict[str, Any], float]]
+    parts: list[tuple[int, int, asyncio.Future[list[Event]]]]
+    """Each caller's (first index, count, future) into ``events``."""
+    sent: bool = False
+    written_by: asyncio.Future[list[Event]] | None = None
+
+
 def _lost(lease: Lease) -> LeaseLost:
     return LeaseLost(f"lease on task {lease.task_id} is no longer held (token {lease.token})")
 
@@ -489,6 +502,7 @@ class PostgresStore(PostgresMemory):
         self._closed = False
         self._opening: asyncio.Lock | None = None
         self._tails: dict[str, asyncio.Future[Any]] = {}
+        self._appends: dict[str, _Appends] = {}
         self._space_dims = {}
         self._space_stats = {}
         self._analyzed = set()
@@ -1112,13 +1126,65 @@ class PostgresStore(PostgresMemory):
         return await self.append_nowait(lease, type, data, now)
 
     def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> asyncio.Future[Event]:
-        async def op(conn: Conn) -> Event:
-            return (await self._fenced(conn, lease, [(type, data)], now))[0]
+        batch = self.append_batch_nowait(lease, [(type, data)], now)
+        single: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
 
-        return self._after(lease.task_id, op, one=True)
+        def first(f: asyncio.Future[list[Event]]) -> None:
+            exc = None if f.cancelled() else f.exception()  # retrieved even if nobody waits any more
+            if single.done():  # its caller was cancelled: the write went on without it
+                return
+            if f.cancelled():
+                single.cancel()
+            elif exc is not None:
+                single.set_exception(exc)
+            else:
+                single.set_result(f.result()[0])
+
+        batch.add_done_callback(first)
+        return single
 
     def append_batch_nowait(self, lease: Lease, events: Sequence[EventSpec], now: float) -> asyncio.Future[list[Event]]:
-        return self._after(lease.task_id, lambda conn: self._fenced(conn, lease, events, now), one=True)
+        """Appended after this process's earlier writes for the task. Appends queued behind each other that have
+        not gone out yet go as one statement: one commit (a step's ``step_started`` and the first event it awaits,
+        say), each caller told its own events. Under one lease only, and only while nothing else was queued after
+        them, so the log's order is the order of the calls; a lost lease fails them all, as it would each."""
+        specs = [(ev[0], ev[1], at_of(ev, now)) for ev in events]
+        part: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        open_ = self._appends.get(lease.task_id)
+        if (
+            open_ is not None
+            and not open_.sent
+            and open_.lease == lease
+            and self._tails.get(lease.task_id) is open_.written_by
+        ):
+            open_.parts.append((len(open_.events), len(specs), part))
+            open_.events += specs
+            return part
+        batch = _Appends(lease=lease, events=specs, parts=[(0, len(specs), part)])
+
+        async def op(conn: Conn) -> list[Event]:
+            batch.sent = True  # from here on, a new append starts a statement of its own
+            return await self._fenced(conn, lease, batch.events, now)
+
+        written = self._after(lease.task_id, op, one=True)
+        batch.written_by = written
+        self._appends[lease.task_id] = batch
+
+        def settle(f: asyncio.Future[list[Event]]) -> None:
+            if self._appends.get(lease.task_id) is batch:
+                del self._appends[lease.task_id]
+            for start, count, waiting in batch.parts:
+                if waiting.done():  # its caller was cancelled: the write went on without it
+                    continue
+                if f.cancelled():
+                    waiting.cancel()
+                elif (exc := f.exception()) is not None:
+                    waiting.set_exception(exc)
+                else:
+                    waiting.set_result(f.result()[start : start + count])
+
+        written.add_done_callback(settle)
+        return part
 
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
         async def op(conn: Conn) -> list[Event]:
