@@ -13,9 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keel.errors import InputError, LeaseLost
+from keel.errors import InputError, LeaseLost, StoreError
+from keel.memory.blobs import INLINE_LIMIT
 from keel.memory.stores import Store
-from keel.memory.types import ChunkRecord, DocumentRecord, StepCheckpoint, TaskStatus
+from keel.memory.types import (
+    BlobRef,
+    ChunkRecord,
+    DocumentRecord,
+    EffectRecord,
+    EffectSettlement,
+    EffectStatus,
+    StepCheckpoint,
+    TaskStatus,
+)
 from keel.testing.conformance import T0, _new
 from postgres_server import fresh_postgres_store
 
@@ -144,6 +154,154 @@ async def test_append_nowait_commits_before_later_writes_of_the_task(pg: Postgre
     await pg.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f"), [("step_completed", {"step": "s"})], T0 + 2)
     assert (await started).seq == 3
     assert [e.type for e in await pg.read(task_id, 2)] == ["step_started", "step_completed"]
+
+
+async def _count(store: PostgresStore, query: str, *args: object) -> int:
+    async with await psycopg.AsyncConnection.connect(store.url) as conn:
+        cur = await conn.execute(query, args)
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_a_lost_lease_writes_nothing_of_a_one_statement_checkpoint(pg: PostgresStore) -> None:
+    # A checkpoint is one statement (fence, step row, blob, events, effect): with the lease lost, none of it lands.
+    (task_id,) = await _leased(pg)
+    old = await pg.lease_next("w1", T0, 10, 5)
+    assert old is not None
+    effect = EffectRecord(key="fx", task_id=task_id, step="s", tool="t", args={}, executions=1)
+    await pg.begin_effect(old, effect, T0 + 1)
+    new = await pg.lease_next("w2", T0 + 11, 10, 5)
+    assert new is not None
+    seq = await _count(pg, "SELECT last_seq FROM tasks WHERE id = %s", task_id)
+    big = {"text": "lorem ipsum " * (INLINE_LIMIT // 6)}
+    applied = EffectSettlement(key="fx", status=EffectStatus.applied, result={"ok": 1}, executions=1)
+    with pytest.raises(LeaseLost):
+        await pg.record_step(
+            old, StepCheckpoint(key="s", seq=1, fn="f", result=big), [("x", {})], T0 + 12, effect=applied
+        )
+    with pytest.raises(LeaseLost):
+        await pg.set_state(old, "partial", big, ("partial_result", {"key": "partial"}), T0 + 12)
+    assert await pg.load_steps(task_id) == [] and await pg.load_state(task_id) == {}
+    assert await _count(pg, "SELECT count(*) FROM blobs") == 0
+    assert await _count(pg, "SELECT last_seq FROM tasks WHERE id = %s", task_id) == seq
+    assert [e.seq for e in await pg.read(task_id, 0)] == list(range(1, seq + 1))
+    stored = await pg.get_effect("fx")
+    assert stored is not None and stored.status is EffectStatus.pending
+    # The new owner's checkpoint settles the effect in the same statement.
+    await pg.record_step(new, StepCheckpoint(key="s", seq=1, fn="f", result=big), [("x", {})], T0 + 13, effect=applied)
+    stored = await pg.get_effect("fx")
+    assert stored is not None and stored.status is EffectStatus.applied and stored.result == {"ok": 1}
+    assert [e.seq for e in await pg.read(task_id, seq)] == [seq + 1]
+
+
+async def test_a_step_checkpoint_is_one_statement_without_begin(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The step path's writes are one round trip each (issue 20): a checkpoint with its events and its effect, a
+    # token batch, state, progress. Counted at psycopg's public seams: statements run, transactions opened.
+    (task_id,) = await _leased(pg)
+    lease = await pg.lease_next("w", T0, 60, 5)
+    assert lease is not None
+    await pg.begin_effect(lease, EffectRecord(key="fx", task_id=task_id, step="s", tool="t", args={}), T0)
+    statements: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def counted(self: psycopg.AsyncCursor[object], query: object, *args: object, **kw: object) -> object:
+        statements.append(str(query))
+        return await execute(self, query, *args, **kw)
+
+    def no_transaction(*args: object, **kw: object) -> object:
+        raise AssertionError("the step path opened a transaction block")
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", counted)
+    monkeypatch.setattr(psycopg.AsyncConnection, "transaction", no_transaction)
+    settled = EffectSettlement(key="fx", status=EffectStatus.applied, executions=1)
+    await pg.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f"), [("a", {}), ("b", {})], T0 + 1, effect=settled)
+    await pg.append_batch_nowait(lease, [("token", {"i": 0}), ("token", {"i": 1})], T0 + 2)
+    await pg.append(lease, "progress", {}, T0 + 2)
+    await pg.set_state(lease, "k", [1], ("partial_result", {"key": "k"}), T0 + 3)
+    await pg.set_progress(lease, 0.5, "s", T0 + 3)
+    assert len(statements) == 5, statements
+    monkeypatch.undo()
+    assert [e.type for e in await pg.read(task_id, 2)] == ["a", "b", "token", "token", "progress", "partial_result"]
+
+
+async def test_appends_queued_behind_each_other_go_as_one_statement(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (task_id,) = await _leased(pg)
+    lease = await pg.lease_next("w", T0, 60, 5)
+    assert lease is not None
+    statements: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def counted(self: psycopg.AsyncCursor[object], query: object, *args: object, **kw: object) -> object:
+        statements.append(str(query))
+        return await execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", counted)
+    # A step's held step_started, then the events it awaits: queued before any went out, so one commit.
+    started = pg.append_batch_nowait(lease, [("step_started", {"step": "s"})], T0 + 1)
+    token = pg.append_nowait(lease, "token", {"i": 0}, T0 + 2)
+    more = pg.append_batch_nowait(lease, [("token", {"i": 1}), ("token", {"i": 2}, T0 + 2.5)], T0 + 3)
+    assert [(e.seq, e.type) for e in await started] == [(3, "step_started")]
+    assert ((await token).seq, (await token).data) == (4, {"i": 0})
+    assert [(e.seq, e.data, e.created_at) for e in await more] == [(5, {"i": 1}, T0 + 3), (6, {"i": 2}, T0 + 2.5)]
+    assert len(statements) == 1
+    # A write of another kind queued in between keeps its place: the appends around it do not merge across it.
+    before = pg.append_nowait(lease, "a", {}, T0 + 4)
+    progress = asyncio.ensure_future(pg.set_progress(lease, 0.5, "s", T0 + 4))
+    await asyncio.sleep(0)  # set_progress queues its write
+    after = pg.append_nowait(lease, "b", {}, T0 + 4)
+    await asyncio.gather(before, progress, after)
+    assert len(statements) == 4
+    monkeypatch.undo()
+    assert [e.type for e in await pg.read(task_id, 2)] == ["step_started", "token", "token", "token", "a", "b"]
+    # Under a lost lease every merged caller is told, and none of it is written.
+    new = await pg.lease_next("w2", T0 + 61, 60, 5)
+    assert new is not None
+    stale = [pg.append_nowait(lease, "x", {}, T0 + 62), pg.append_batch_nowait(lease, [("y", {})], T0 + 62)]
+    for result in await asyncio.gather(*stale, return_exceptions=True):
+        assert isinstance(result, LeaseLost), result
+    assert [e.type for e in await pg.read(task_id, 8)] == ["status"]  # only the new owner's running
+
+
+async def test_a_replaced_blob_goes_once_no_row_holds_it(pg: PostgresStore) -> None:
+    (task_id,) = await _leased(pg)
+    lease = await pg.lease_next("w", T0, 60, 5)
+    assert lease is not None
+    big = {"text": "lorem ipsum " * (INLINE_LIMIT // 6)}
+    await pg.record_step(lease, StepCheckpoint(key="a", seq=1, fn="f", result=big), [], T0 + 1)
+    await pg.set_state(lease, "s", big, None, T0 + 1)  # the same content: the same blob, held by two rows
+    (step,) = await pg.load_steps(task_id)
+    assert isinstance(step.result, BlobRef)
+    await pg.record_step(lease, StepCheckpoint(key="a", seq=1, fn="f", result=big), [], T0 + 2)  # same blob again
+    await pg.record_step(lease, StepCheckpoint(key="a", seq=1, fn="f", result={"n": 1}), [], T0 + 3)
+    assert await pg.load_blob(step.result) == big  # the state row still holds it
+    await pg.set_state(lease, "s", 1, None, T0 + 4)
+    with pytest.raises(StoreError, match="missing"):
+        await pg.load_blob(step.result)
+    assert await pg.load_state(task_id) == {"s": 1}
+    assert [s.result for s in await pg.load_steps(task_id)] == [{"n": 1}]
+
+
+async def test_a_connection_the_server_dropped_is_replaced_before_the_next_write(pg: PostgresStore) -> None:
+    # The pool hands out a connection without a round trip to check it; one the server closed (a restart, or
+    # here its backend terminated) is seen by its readable socket, probed and replaced, so no write fails.
+    (task_id,) = await _leased(pg)
+    lease = await pg.lease_next("w", T0, 60, 5)
+    assert lease is not None
+    async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as admin:
+        cur = await admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        row = await cur.fetchone()
+        assert row is not None and row[0] >= 1
+    await asyncio.sleep(0.2)  # the FATAL reaches the pooled sockets
+    await pg.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f"), [("step_completed", {})], T0 + 1)
+    assert [s.key for s in await pg.load_steps(task_id)] == ["s"]
 
 
 # -- vectors --------------------------------------------------------------------------------------------------------

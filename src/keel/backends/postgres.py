@@ -3,15 +3,21 @@
 Semantics are the SQLite store's (``keel.backends.sqlite``, the spec), carried over to a server that several
 processes share:
 
-* every write is one transaction; a write under a lease first locks the task row (``SELECT … FOR UPDATE``) and
-  checks its fencing token, so a superseded worker can never commit, and a lease taker cannot slip in between;
+* every write is one transaction; a write under a lease first locks the task row and checks its fencing token, so
+  a superseded worker can never commit, and a lease taker cannot slip in between. The writes a run makes at every
+  step (a checkpoint, an event, a batch of tokens, its state, its progress) are each **one statement**: the fence is
+  the ``UPDATE tasks … WHERE fencing_token = %s AND status = 'running'`` that also takes the event counter, and
+  every other write of the statement joins its result, so a lost lease writes nothing. One statement in autocommit
+  is one round trip and one fsync'd commit (``_run``); the rarer multi-statement writes take ``BEGIN … COMMIT``
+  (``_tx``);
 * ``lease_next`` picks with ``FOR UPDATE SKIP LOCKED``, so workers never queue behind each other;
 * an idempotency claim is an ``INSERT … ON CONFLICT`` on the key: of concurrent identical creates, one inserts and
   the others wait for its commit, then replay it;
 * a task's event ``seq`` comes from ``UPDATE tasks SET last_seq = last_seq + 1 … RETURNING``: the row lock
   serialises appenders until commit, a rollback gives the number back, so seqs are gapless and commit in order;
 * writes one process makes for one task start in the order they were issued (``append_nowait`` then
-  ``record_step`` cannot swap), as SQLite's single writer queue guarantees;
+  ``record_step`` cannot swap), as SQLite's single writer queue guarantees; appends queued back to back, before
+  the first of them went out, go as one statement;
 * schema migrations are numbered in ``keel_schema_migrations`` and applied at open under ``pg_advisory_lock``.
 
 The pool opens on first use (``open_store`` is synchronous), or explicitly with ``await store.open()``.
@@ -21,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
@@ -333,6 +341,102 @@ _TASK_COLS = (
 )
 
 
+_FENCED = (
+    "WITH f AS (UPDATE tasks SET last_seq = last_seq + %s::bigint WHERE id = %s AND fencing_token = %s "
+    "AND status = 'running' RETURNING last_seq), "
+    "ev AS (INSERT INTO events(task_id, seq, type, data, created_at) "
+    "SELECT %s::text, f.last_seq - %s::bigint + x.i, x.type, x.data, x.at FROM f, "
+    "unnest(%s::text[], %s::text[], %s::float8[]) WITH ORDINALITY AS x(type, data, at, i))"
+)
+"""The head of every fenced one-statement write (:meth:`PostgresStore._fenced`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One more write of a fenced statement: a CTE named ``name`` whose ``sql`` joins ``f`` (the fence's row)."""
+
+    name: str
+    sql: str
+    params: Sequence[Any]
+
+
+@dataclass(slots=True)
+class _Appends:
+    """Appends for one task, queued and not yet sent: one statement for all (``append_batch_nowait``)."""
+
+    lease: Lease
+    events: list[tuple[str, dict[str, Any], float]]
+    parts: list[tuple[int, int, asyncio.Future[list[Event]]]]
+    """Each caller's (first index, count, future) into ``events``."""
+    sent: bool = False
+    written_by: asyncio.Future[list[Event]] | None = None
+
+
+def _lost(lease: Lease) -> LeaseLost:
+    return LeaseLost(f"lease on task {lease.task_id} is no longer held (token {lease.token})")
+
+
+def _row_writes(table: str, columns: str, types: str, params: Sequence[Any], packed: Packed) -> list[_Write]:
+    """Upsert one ``(task_id, key)`` row of ``table`` (``steps`` or ``workflow_state``) holding ``packed``, under
+    the fence: its blob stored first, and the blob the row held before deleted when no other row refers to it
+    (blobs are shared by content). One statement sees one snapshot, so the replaced row is left out by its key."""
+    task_id, key = params[0], params[1]
+    other = "workflow_state" if table == "steps" else "steps"
+    casts = ", ".join(f"%s::{t}" for t in types.split(", "))
+    writes = [_Write("o", f"SELECT blob_id FROM {table} WHERE task_id = %s AND key = %s", (task_id, key))]
+    _, blob_id, _ = _stored(packed)
+    if blob_id is not None:
+        writes.append(
+            _Write(
+                "b",
+                "INSERT INTO blobs(id, size, data) SELECT %s::text, %s::bigint, %s::bytea FROM f "
+                "ON CONFLICT (id) DO NOTHING",
+                (packed.blob_id, packed.size, packed.blob),
+            )
+        )
+    writes += [
+        _Write(
+            "r",
+            f"INSERT INTO {table}({columns}) SELECT {casts} FROM f ON CONFLICT (task_id, key) DO UPDATE SET "
+            + rows.excluded(columns, keep=("task_id", "key")),
+            params,
+        ),
+        _Write(
+            "g",
+            "DELETE FROM blobs USING o, f WHERE blobs.id = o.blob_id AND o.blob_id IS DISTINCT FROM %s::text "
+            f"AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.blob_id = blobs.id "
+            "AND (t.task_id, t.key) <> (%s::text, %s::text)) "
+            f"AND NOT EXISTS (SELECT 1 FROM {other} t WHERE t.blob_id = blobs.id)",
+            (blob_id, task_id, key),
+        ),
+    ]
+    return writes
+
+
+def _stored(packed: Packed) -> tuple[str | None, str | None, int | None]:
+    """A row's (inline value, blob id, blob size) for ``packed``."""
+    if packed.blob_id is not None and packed.blob is not None:
+        return None, packed.blob_id, packed.size
+    return packed.inline, None, None
+
+
+_STEP_TYPES = "text, text, integer, text, text, text, integer, integer, text, text, bigint, text, text, float8, float8"
+"""The types of ``rows.STEP_INSERT``'s columns, in order."""
+
+
+async def _check(conn: Conn) -> None:
+    """The pool's check of a connection it hands out, without a round trip on the hot path: an idle connection has
+    nothing to read, so a readable socket means the server wrote to it (its FATAL on shutdown or a terminated
+    backend) or closed it. Only then is the connection probed (psycopg's own check), and dropped by the pool if
+    it fails, so a restarted server never fails the next write."""
+    if not conn.closed:
+        probe = select.poll()  # not select.select: a busy server's descriptors go past FD_SETSIZE
+        probe.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
+        if not probe.poll(0):
+            return
+    await AsyncConnectionPool.check_connection(conn)
+
+
 async def _one(conn: Conn, query: Any, args: Any = None) -> Row | None:
     cur = await conn.execute(query, args)
     return await cur.fetchone()
@@ -384,9 +488,11 @@ class PostgresStore(PostgresMemory):
         self._pool: AsyncConnectionPool[AsyncConnection[Row]] = AsyncConnectionPool(
             url,
             connection_class=AsyncConnection[Row],
-            kwargs={"row_factory": dict_row},
+            # Autocommit: a one-statement write or read is one round trip (psycopg would send BEGIN first, and
+            # COMMIT after); the writes of several statements open their transaction themselves (``_tx``).
+            kwargs={"row_factory": dict_row, "autocommit": True},
             configure=register_vector_async,
-            check=AsyncConnectionPool.check_connection,  # a server restart must not fail the next write
+            check=_check,  # a server restart must not fail the next write
             min_size=min_size,
             max_size=max_size,
             open=False,
@@ -396,6 +502,7 @@ class PostgresStore(PostgresMemory):
         self._closed = False
         self._opening: asyncio.Lock | None = None
         self._tails: dict[str, asyncio.Future[Any]] = {}
+        self._appends: dict[str, _Appends] = {}
         self._space_dims = {}
         self._space_stats = {}
         self._analyzed = set()
@@ -431,13 +538,15 @@ class PostgresStore(PostgresMemory):
         self._closed = True
         await self._pool.close()
 
-    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]], *, transaction: bool = True) -> T:
         """Run ``fn`` in one transaction, retried on a deadlock or serialization failure; driver errors become
-        :class:`StoreError`."""
+        :class:`StoreError`. ``transaction=False`` is :meth:`_run`."""
         await self.open()
         for attempt in range(_RETRIES):
             try:
                 async with self._pool.connection() as conn:
+                    if not transaction:
+                        return await fn(conn)
                     async with conn.transaction():
                         return await fn(conn)
             except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
@@ -450,17 +559,23 @@ class PostgresStore(PostgresMemory):
                 raise StoreError(f"Postgres: {exc}") from exc
         raise AssertionError("unreachable")
 
-    _read = _tx
+    async def _run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``fn`` on a pooled connection in autocommit: each statement it runs is a transaction of its own, so
+        ``fn`` runs one write statement at most (or reads). One round trip a statement, no ``BEGIN``/``COMMIT``."""
+        return await self._tx(fn, transaction=False)
 
-    def _after(self, task_id: str, fn: Callable[[Conn], Awaitable[T]]) -> asyncio.Future[T]:
+    _read = _run  # in READ COMMITTED each statement takes its own snapshot, in a transaction block or not
+
+    def _after(self, task_id: str, fn: Callable[[Conn], Awaitable[T]], *, one: bool = False) -> asyncio.Future[T]:
         """Start the write now, but only after this process's earlier writes for ``task_id`` (so a step's
-        ``step_started`` event never commits after its checkpoint's events)."""
+        ``step_started`` event never commits after its checkpoint's events). ``one``: ``fn`` is one statement
+        (:meth:`_run`)."""
         prev = self._tails.get(task_id)
 
         async def run() -> T:
             if prev is not None:
                 await asyncio.wait([prev])
-            return await self._tx(fn)
+            return await self._tx(fn, transaction=not one)
 
         coro: Coroutine[Any, Any, T] = run()
         future = asyncio.ensure_future(coro)
@@ -485,7 +600,7 @@ class PostgresStore(PostgresMemory):
     async def _fence(conn: Conn, lease: Lease) -> None:
         row = await _one(conn, "SELECT fencing_token, status FROM tasks WHERE id = %s FOR UPDATE", (lease.task_id,))
         if row is None or row["fencing_token"] != lease.token or row["status"] != TaskStatus.running.value:
-            raise LeaseLost(f"lease on task {lease.task_id} is no longer held (token {lease.token})")
+            raise _lost(lease)
 
     @staticmethod
     async def _append(conn: Conn, task_id: str, type: str, data: dict[str, Any], now: float) -> Event:
@@ -500,30 +615,30 @@ class PostgresStore(PostgresMemory):
         return Event(task_id=task_id, seq=seq, type=type, data=data, created_at=now)
 
     @staticmethod
-    async def _append_batch(conn: Conn, task_id: str, events: Sequence[EventSpec], now: float) -> list[Event]:
-        """Several events in two round trips (the counter, then one multi-row INSERT), not two each."""
-        if not events:
-            return []
-        row = await _one(
-            conn, "UPDATE tasks SET last_seq = last_seq + %s WHERE id = %s RETURNING last_seq", (len(events), task_id)
-        )
+    async def _fenced(
+        conn: Conn, lease: Lease, events: Sequence[EventSpec], now: float, writes: Sequence[_Write] = ()
+    ) -> list[Event]:
+        """One statement, so one round trip and one commit: the fence, ``events`` appended to the task's log, and
+        ``writes`` (more CTEs, each of which joins ``f``, the fence's row, so that a lost lease writes nothing).
+        The fence is the counter's ``UPDATE``: it locks the task row and takes the events' seqs only while
+        ``lease`` holds the task. Raises LeaseLost (and writes nothing) when it does not."""
+        specs = [(ev[0], json.dumps(ev[1], separators=(",", ":")), at_of(ev, now)) for ev in events]
+        n = len(specs)
+        params: list[Any] = [n, lease.task_id, lease.token, lease.task_id, n]
+        # float(): psycopg types a list by its first element, and a time may come in as an int
+        params += [[x[0] for x in specs], [x[1] for x in specs], [float(x[2]) for x in specs]]
+        query = _FENCED
+        for write in writes:
+            query += f", {write.name} AS ({write.sql})"
+            params += write.params
+        row = await _one(conn, query + " SELECT last_seq FROM f", params)
         if row is None:
-            raise StoreError(f"no task {task_id}")
-        first = int(row["last_seq"]) - len(events) + 1
-        out = [
-            Event(task_id=task_id, seq=first + i, type=ev[0], data=ev[1], created_at=at_of(ev, now))
-            for i, ev in enumerate(events)
+            raise _lost(lease)
+        first = int(row["last_seq"]) - n + 1
+        return [
+            Event(task_id=lease.task_id, seq=first + i, type=ev[0], data=ev[1], created_at=spec[2])
+            for i, (ev, spec) in enumerate(zip(events, specs, strict=True))
         ]
-        for start in range(0, len(out), 1000):  # 5 parameters a row, well under the protocol's 65,535
-            chunk = out[start : start + 1000]
-            values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(chunk))
-            params = [
-                x
-                for e in chunk
-                for x in (task_id, e.seq, e.type, json.dumps(e.data, separators=(",", ":")), e.created_at)
-            ]
-            await conn.execute(f"INSERT INTO events(task_id, seq, type, data, created_at) VALUES {values}", params)
-        return out
 
     @staticmethod
     async def _get(conn: Conn, task_id: str, *, tenant: str | None = None, lock: bool = False) -> Task | None:
@@ -633,6 +748,20 @@ class PostgresStore(PostgresMemory):
         return await self._read(op)
 
     async def lease_next(self, owner: str, now: float, lease_s: float, max_attempts: int) -> Lease | None:
+        # An idle worker polls: one read says whether there is anything to lease at all, in one round trip
+        # instead of a transaction's four. Only a hint: a task queued just after it is found at the next poll
+        # (or at once, by a wake-up), exactly as one queued just after the locking SELECT below would be.
+        probe = await self._run(
+            lambda conn: _one(
+                conn,
+                "SELECT EXISTS (SELECT 1 FROM tasks WHERE status = 'queued') OR EXISTS (SELECT 1 FROM tasks "
+                "WHERE status = 'running' AND lease_expires_at < %s) AS due",
+                (now,),
+            )
+        )
+        if probe is None or not probe["due"]:
+            return None
+
         async def op(conn: Conn) -> Lease | None:
             while True:
                 # Orphans (expired leases) first, so that a busy queue cannot starve recovery. SKIP LOCKED: a
@@ -683,7 +812,7 @@ class PostgresStore(PostgresMemory):
                 return LeaseState(held=False, cancel_requested=False)
             return LeaseState(held=True, cancel_requested=bool(row["cancel_requested"]))
 
-        return await self._tx(op)
+        return await self._run(op)
 
     async def release(self, lease: Lease) -> None:
         async def op(conn: Conn) -> None:
@@ -693,7 +822,7 @@ class PostgresStore(PostgresMemory):
                 (lease.task_id, lease.token),
             )
 
-        await self._after(lease.task_id, op)
+        await self._after(lease.task_id, op, one=True)
 
     async def requeue_running(self) -> int:
         async def op(conn: Conn) -> int:
@@ -707,13 +836,15 @@ class PostgresStore(PostgresMemory):
 
     async def set_progress(self, lease: Lease, progress: float, current_step: str | None, now: float) -> None:
         async def op(conn: Conn) -> None:
-            await self._fence(conn, lease)
-            await conn.execute(
-                "UPDATE tasks SET progress = %s, current_step = %s, updated_at = %s WHERE id = %s",
-                (progress, current_step, now, lease.task_id),
+            cur = await conn.execute(  # fenced by its own WHERE: one statement
+                "UPDATE tasks SET progress = %s, current_step = %s, updated_at = %s "
+                "WHERE id = %s AND fencing_token = %s AND status = 'running'",
+                (progress, current_step, now, lease.task_id, lease.token),
             )
+            if not cur.rowcount:
+                raise _lost(lease)
 
-        await self._after(lease.task_id, op)
+        await self._after(lease.task_id, op, one=True)
 
     async def finish(
         self, lease: Lease | None, task_id: str, status: TaskStatus, envelope: dict[str, Any], now: float
@@ -780,16 +911,6 @@ class PostgresStore(PostgresMemory):
     # -- WorkflowStore -----------------------------------------------------------------------------
 
     @staticmethod
-    async def _put(conn: Conn, packed: Packed) -> tuple[str | None, str | None, int | None]:
-        if packed.blob_id is not None and packed.blob is not None:
-            await conn.execute(
-                "INSERT INTO blobs(id, size, data) VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                (packed.blob_id, packed.size, packed.blob),
-            )
-            return None, packed.blob_id, packed.size
-        return packed.inline, None, None
-
-    @staticmethod
     async def _drop_blob_if_unused(conn: Conn, old: str | None, new: str | None) -> None:
         # Blobs are shared by content, so one is deleted only when no step or state row refers to it any more.
         if old is not None and old != new:
@@ -808,26 +929,19 @@ class PostgresStore(PostgresMemory):
         *,
         effect: EffectSettlement | None = None,
     ) -> None:
+        # The checkpoint, its events, its effect's settlement and the fence: one statement, one round trip.
         packed = await self._pack(step.result)
-
-        async def op(conn: Conn) -> None:
-            await self._fence(conn, lease)
-            old = await _one(
-                conn, "SELECT blob_id FROM steps WHERE task_id = %s AND key = %s", (lease.task_id, step.key)
+        params = rows.step_params(lease.task_id, step, *_stored(packed))
+        writes = _row_writes("steps", rows.STEP_INSERT, _STEP_TYPES, params, packed)
+        if effect is not None:
+            writes.append(
+                _Write(
+                    "z",
+                    f"UPDATE effects SET {rows.EFFECT_SETTLE.format('%s')} WHERE key = %s AND EXISTS (SELECT FROM f)",
+                    rows.settle_params(effect, now),
+                )
             )
-            inline, blob_id, blob_size = await self._put(conn, packed)
-            await conn.execute(
-                f"INSERT INTO steps{_values(rows.STEP_INSERT)} ON CONFLICT (task_id, key) DO UPDATE SET "
-                + rows.excluded(rows.STEP_INSERT, keep=("task_id", "key")),
-                rows.step_params(lease.task_id, step, inline, blob_id, blob_size),
-            )
-            if old is not None:
-                await self._drop_blob_if_unused(conn, old["blob_id"], blob_id)
-            if effect is not None:
-                await self._settle(conn, effect, now)
-            await self._append_batch(conn, lease.task_id, events, now)
-
-        await self._after(lease.task_id, op)
+        await self._after(lease.task_id, lambda conn: self._fenced(conn, lease, events, now, writes), one=True)
 
     async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
         async def op(conn: Conn) -> list[StepCheckpoint]:
@@ -850,25 +964,15 @@ class PostgresStore(PostgresMemory):
         self, lease: Lease, key: str, value: Any, event: tuple[str, dict[str, Any]] | None, now: float
     ) -> None:
         packed = await self._pack(value)
-
-        async def op(conn: Conn) -> None:
-            await self._fence(conn, lease)
-            old = await _one(
-                conn, "SELECT blob_id FROM workflow_state WHERE task_id = %s AND key = %s", (lease.task_id, key)
-            )
-            inline, blob_id, blob_size = await self._put(conn, packed)
-            await conn.execute(
-                "INSERT INTO workflow_state(task_id, key, value, blob_id, blob_size) VALUES (%s, %s, %s, %s, %s) "
-                "ON CONFLICT (task_id, key) DO UPDATE SET value = excluded.value, blob_id = excluded.blob_id, "
-                "blob_size = excluded.blob_size",
-                (lease.task_id, key, inline, blob_id, blob_size),
-            )
-            if old is not None:  # after the row moved on, so it no longer counts as a reference
-                await self._drop_blob_if_unused(conn, old["blob_id"], blob_id)
-            if event is not None:
-                await self._append(conn, lease.task_id, event[0], event[1], now)
-
-        await self._after(lease.task_id, op)
+        writes = _row_writes(
+            "workflow_state",
+            "task_id, key, value, blob_id, blob_size",
+            "text, text, text, text, bigint",
+            (lease.task_id, key, *_stored(packed)),
+            packed,
+        )
+        events = [] if event is None else [event]
+        await self._after(lease.task_id, lambda conn: self._fenced(conn, lease, events, now, writes), one=True)
 
     async def load_state(self, task_id: str) -> dict[str, Any]:
         async def op(conn: Conn) -> list[Row]:
@@ -1022,18 +1126,65 @@ class PostgresStore(PostgresMemory):
         return await self.append_nowait(lease, type, data, now)
 
     def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> asyncio.Future[Event]:
-        async def op(conn: Conn) -> Event:
-            await self._fence(conn, lease)
-            return await self._append(conn, lease.task_id, type, data, now)
+        batch = self.append_batch_nowait(lease, [(type, data)], now)
+        single: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
 
-        return self._after(lease.task_id, op)
+        def first(f: asyncio.Future[list[Event]]) -> None:
+            exc = None if f.cancelled() else f.exception()  # retrieved even if nobody waits any more
+            if single.done():  # its caller was cancelled: the write went on without it
+                return
+            if f.cancelled():
+                single.cancel()
+            elif exc is not None:
+                single.set_exception(exc)
+            else:
+                single.set_result(f.result()[0])
+
+        batch.add_done_callback(first)
+        return single
 
     def append_batch_nowait(self, lease: Lease, events: Sequence[EventSpec], now: float) -> asyncio.Future[list[Event]]:
-        async def op(conn: Conn) -> list[Event]:
-            await self._fence(conn, lease)
-            return await self._append_batch(conn, lease.task_id, events, now)
+        """Appended after this process's earlier writes for the task. Appends queued behind each other that have
+        not gone out yet go as one statement: one commit (a step's ``step_started`` and the first event it awaits,
+        say), each caller told its own events. Under one lease only, and only while nothing else was queued after
+        them, so the log's order is the order of the calls; a lost lease fails them all, as it would each."""
+        specs = [(ev[0], ev[1], at_of(ev, now)) for ev in events]
+        part: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        open_ = self._appends.get(lease.task_id)
+        if (
+            open_ is not None
+            and not open_.sent
+            and open_.lease == lease
+            and self._tails.get(lease.task_id) is open_.written_by
+        ):
+            open_.parts.append((len(open_.events), len(specs), part))
+            open_.events += specs
+            return part
+        batch = _Appends(lease=lease, events=specs, parts=[(0, len(specs), part)])
 
-        return self._after(lease.task_id, op)
+        async def op(conn: Conn) -> list[Event]:
+            batch.sent = True  # from here on, a new append starts a statement of its own
+            return await self._fenced(conn, lease, batch.events, now)
+
+        written = self._after(lease.task_id, op, one=True)
+        batch.written_by = written
+        self._appends[lease.task_id] = batch
+
+        def settle(f: asyncio.Future[list[Event]]) -> None:
+            if self._appends.get(lease.task_id) is batch:
+                del self._appends[lease.task_id]
+            for start, count, waiting in batch.parts:
+                if waiting.done():  # its caller was cancelled: the write went on without it
+                    continue
+                if f.cancelled():
+                    waiting.cancel()
+                elif (exc := f.exception()) is not None:
+                    waiting.set_exception(exc)
+                else:
+                    waiting.set_result(f.result()[start : start + count])
+
+        written.add_done_callback(settle)
+        return part
 
     async def read(self, task_id: str, after: int, limit: int = 500) -> list[Event]:
         async def op(conn: Conn) -> list[Event]:

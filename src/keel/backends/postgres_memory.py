@@ -190,6 +190,7 @@ class PostgresMemory:
         raise NotImplementedError
 
     async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Reads, in autocommit (no transaction block: each statement sees its own snapshot, as in one)."""
         raise NotImplementedError
 
     @staticmethod
@@ -504,7 +505,7 @@ class PostgresMemory:
             )
             return await cur.fetchall()
 
-        found = await self._read(op)
+        found = await self._tx(op)  # a transaction: the SET LOCALs hold for its statements only
         return [ChunkHit(chunk=_chunk(r), score=1.0 - float(r["distance"])) for r in found]
 
     async def chunk_count(self, space: str, *, tenant: str | None = None, now: float | None = None) -> int:
