@@ -1,10 +1,11 @@
 """Benchmark: the embedded engine against Temporal, on one Postgres (started by ``scripts/``).
 
-Run: ``.venv/bin/python bench/bench_engines.py`` (a few minutes; ``--tasks N``, ``--no-doc``).
+Run: ``.venv/bin/python bench/bench_engines.py`` (a few minutes; ``--tasks N``, ``--only throughput``, ``--no-doc``).
 
-1. **Throughput**: 1 API replica and 1 or 2 ``keel worker`` processes (Redis for fan-out), on each engine. N tasks
-   of the built-in ``diagnostic`` workflow (3 durable no-op steps) are submitted through the API, and the queue
-   drains; tasks/s runs from the first submission to the last finish.
+1. **Throughput**: 1 API replica and 1 or 2 ``keel worker`` processes (Redis for fan-out), on each engine, in
+   interleaved rounds. N tasks of each workload (a no-op task, and the built-in ``diagnostic``: 3 durable no-op
+   steps) are submitted through the API, and the queue drains; tasks/s runs from the first submission to the last
+   finish. Each task's phases come from keel's time stamps and, on Temporal, its workflow's history.
 2. **Per-step overhead**: in one process, a task of 20 no-op steps on each engine, against a plain loop of 20 awaited
    no-op coroutines run alongside. The per-step figure is the task's run time over 20.
 """
@@ -20,43 +21,175 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+BENCH = Path(__file__).resolve().parent
+TESTS = BENCH.parent / "tests"
+sys.path.insert(0, str(TESTS))
 
 from _doc import cpu_model, write_section  # noqa: E402
 
-from scaleout import cluster, fresh_database, service_url, stop_services  # noqa: E402
+from scaleout import Cluster, cluster, fresh_database, service_url, stop_services  # noqa: E402
 
 START, END = "<!-- bench_engines:start -->", "<!-- bench_engines:end -->"
 
 
-def throughput(engine: str, workers: int, tasks: int) -> float:
+WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
+    "no-op": ("peer_chain", {"steps": 0}),
+    "diagnostic": ("diagnostic", {"steps": 3, "step_seconds": 0}),
+}
+"""The throughput workloads: a true no-op task (leased, run, ended: ``peer_chain`` with no step), and ``diagnostic``
+(3 durable no-op steps, each with 4 durable tokens, a partial result and progress)."""
+
+
+@dataclass
+class Drain:
+    """One drain of N tasks of one workload."""
+
+    rate: float
+    """Tasks/s, from the first submission to the last task's end."""
+    latency_ms: float
+    """Submission to envelope stored, the median task."""
+    phases: dict[str, float]
+    """Where a task's time went, each phase's median in ms (see :func:`_phases`)."""
+    cpu_ms: dict[str, float]
+    """CPU time per task of each process group (see :func:`_cpu`) while the drain ran, and the machine's busy
+    share of its cores (``machine busy %``: every process on it, other users' too)."""
+
+
+def throughput(engine: str, workers: int, tasks: int, workloads: list[str]) -> dict[str, Drain]:
+    """Drain ``tasks`` tasks of each workload, one workload after the other, through 1 API replica and ``workers``
+    ``keel worker`` processes."""
+    env = {
+        "KEEL_WORKFLOWS": "effect_tools:WORKFLOWS,peer_workflows:WORKFLOWS",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), str(BENCH), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    out: dict[str, Drain] = {}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        cluster(Path(tmp), apis=1, workers=workers, sink_url="http://127.0.0.1:9", engine=engine) as c,
+        cluster(Path(tmp), apis=1, workers=workers, sink_url="http://127.0.0.1:9", engine=engine, extra_env=env) as c,
+        httpx.Client(base_url=c.apis[0].url or "", headers={"Authorization": f"Bearer {c.key}"}, timeout=30) as client,
     ):
-        api = c.apis[0]
-        headers = {"Authorization": f"Bearer {c.key}"}
-        body = {"workflow": "diagnostic", "input": {"steps": 3, "step_seconds": 0}}
-        with httpx.Client(base_url=api.url or "", headers=headers, timeout=30) as client:
-            time.sleep(2.0)  # the workers connect and start polling
+        time.sleep(2.0)  # the workers connect and start polling
+        for name in workloads:
+            workflow, inp = WORKLOADS[name]
+            cpu = _cpu(c)
             started = time.monotonic()
-            ids = [client.post("/v1/tasks", json=body).json()["id"] for _ in range(tasks)]
-            while True:
-                open_ = client.get("/v1/tasks", params={"status": ["queued", "running"], "limit": 1}).json()
-                if not open_["items"]:
-                    break
-                time.sleep(0.05)
+            ids = [
+                client.post("/v1/tasks", json={"workflow": workflow, "input": inp}).json()["id"] for _ in range(tasks)
+            ]
+            while client.get("/v1/tasks", params={"status": ["queued", "running"], "limit": 1}).json()["items"]:
+                time.sleep(0.02)
             elapsed = time.monotonic() - started
-            failed = [i for i in ids if client.get(f"/v1/tasks/{i}").json()["status"] != "succeeded"]
-    if failed:
-        raise SystemExit(f"{len(failed)} tasks did not succeed on {engine} with {workers} worker(s)")
-    return tasks / elapsed
+            cpu_ms = {k: (v - cpu[k]) * 1000 / tasks for k, v in _cpu(c).items()}
+            rows = [client.get(f"/v1/tasks/{i}").json() for i in ids]
+            if failed := [r["id"] for r in rows if r["status"] != "succeeded"]:
+                raise SystemExit(f"{len(failed)} {name} tasks did not succeed on {engine} with {workers} worker(s)")
+            out[name] = Drain(
+                rate=tasks / elapsed,
+                latency_ms=statistics.median((r["finished_at"] - r["created_at"]) * 1000 for r in rows),
+                phases=_phases(rows, c.env.get("KEEL_TEMPORAL_ADDRESS")),
+                cpu_ms=cpu_ms
+                | {"machine busy %": cpu_ms.pop("busy") / cpu_ms.pop("elapsed") / (os.cpu_count() or 1) * 100},
+            )
+    return out
+
+
+def _cpu(c: Cluster) -> dict[str, float]:
+    """CPU seconds used so far by each group of processes this run started (the keel API and workers, Postgres,
+    Redis and Temporal with every process under them, this client), and the machine's busy and elapsed CPU
+    seconds (``/proc/stat``: all cores, every user)."""
+    from scaleout import services_dir
+
+    def pid_file(path: Path) -> int | None:
+        try:
+            return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+
+    def tree(root: int | None) -> float:
+        if root is None:
+            return 0.0
+        pids, todo = set(), [root]
+        while todo:
+            pid = todo.pop()
+            pids.add(pid)
+            todo += [child for child, parent in parents.items() if parent == pid and child not in pids]
+        return sum(ticks.get(pid, 0) for pid in pids) / os.sysconf("SC_CLK_TCK")
+
+    services = services_dir()
+    me = os.times()
+    cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return {
+        "keel API": sum(tree(p.proc.pid) for p in c.apis),
+        "keel workers": sum(tree(p.proc.pid) for p in c.workers),
+        "Postgres": tree(pid_file(services / "postgres" / "data" / "postmaster.pid")) if services else 0.0,
+        "Redis": tree(pid_file(services / "redis" / "redis.pid")) if services else 0.0,
+        "Temporal server": tree(pid_file(services / "temporal" / "temporal.pid")) if services else 0.0,
+        "this client": me.user + me.system,
+        "busy": (sum(cpu) - cpu[3] - cpu[4]) / hz,
+        "elapsed": sum(cpu) / hz / (os.cpu_count() or 1),
+    }
+
+
+def _phases(rows: list[dict[str, Any]], temporal: str | None) -> dict[str, float]:
+    """Each phase's median (ms) from keel's own time stamps (submitted, leased, envelope stored) and, on Temporal,
+    the workflow's history: when Temporal started it, when a worker first picked up its workflow task, and when it
+    closed (after the envelope was stored, by the task that completed it)."""
+    stamps = [[r["created_at"], r["started_at"], r["finished_at"]] for r in rows]
+    names = ["submitted → leased", "leased → envelope stored"]
+    if temporal is not None:
+        history = asyncio.run(_histories(temporal, [r["id"] for r in rows]))
+        stamps = [
+            [c, leased, started, picked, done, closed]
+            for (c, leased, done), (started, picked, closed) in zip(stamps, history, strict=True)
+        ]
+        names = [
+            "submitted → leased (keel's queue)",
+            "leased → workflow started (start_workflow)",
+            "workflow started → first workflow task on a worker",
+            "first workflow task → envelope stored (the run)",
+            "envelope stored → workflow closed",
+        ]
+    return {name: statistics.median((s[i + 1] - s[i]) * 1000 for s in stamps) for i, name in enumerate(names)}
+
+
+async def _histories(address: str, ids: list[str]) -> list[tuple[float, float, float]]:
+    """(workflow started, first workflow task started, workflow closed) of each task's workflow, epoch seconds."""
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.client import Client
+
+    client = await Client.connect(address)
+    out = []
+    for task_id in ids:
+        history = await client.get_workflow_handle(task_id).fetch_history()
+        first: dict[int, float] = {}
+        for event in history.events:
+            first.setdefault(event.event_type, event.event_time.ToDatetime(UTC).timestamp())
+        out.append(
+            (
+                first[EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED],
+                first[EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED],
+                first[EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED],
+            )
+        )
+    return out
 
 
 async def per_step(engine: str, database: str, rounds: int, *, noop: bool = False) -> tuple[float, float]:
@@ -113,9 +246,55 @@ async def per_step(engine: str, database: str, rounds: int, *, noop: bool = Fals
         await store.aclose()
 
 
-def report(rates: dict[tuple[str, int], float], steps: dict[str, tuple[float, float]], tasks: int) -> str:
-    e1, e2 = rates[("embedded", 1)], rates[("embedded", 2)]
-    t1, t2 = rates[("temporal", 1)], rates[("temporal", 2)]
+Runs = dict[tuple[str, int], list[dict[str, Drain]]]
+"""(engine, workers) to the drains of each round."""
+
+
+def throughput_report(runs: Runs, tasks: int) -> str:
+    """The throughput tables: each workload's tasks/s (median of the rounds) on both engines, and where a task's
+    time went on each (the phases of the round with the median rate)."""
+    workloads = list(next(iter(runs.values()))[0])
+    workers = sorted({w for _, w in runs})
+    rounds = len(next(iter(runs.values())))
+
+    def median(engine: str, w: int, name: str) -> Drain:
+        drains = sorted((r[name] for r in runs[(engine, w)]), key=lambda d: d.rate)
+        return drains[len(drains) // 2]
+
+    lines = [
+        f"**Throughput**: {tasks} tasks of each workload through 1 API replica, drained by 1 or 2 `keel worker`s; "
+        f"{rounds} round(s), the engines and worker counts interleaved in each, medians. tasks/s runs from the first "
+        "submission to the last finish; latency is a task's submission to its envelope, the median task.",
+        "",
+        "| workload | workers | embedded | Temporal | Temporal / embedded | latency p50 embedded / Temporal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in workloads:
+        for w in workers:
+            e, t = median("embedded", w, name), median("temporal", w, name)
+            lines.append(
+                f"| {name} | {w} | {e.rate:.1f} tasks/s | {t.rate:.1f} tasks/s | {t.rate / e.rate:.2f}× "
+                f"| {e.latency_ms:.0f} / {t.latency_ms:.0f} ms |"
+            )
+    for engine in ("embedded", "temporal"):
+        w = max(workers)
+        lines += ["", f"Where a task's time goes on {engine}, {w} worker(s), medians (ms):", ""]
+        lines += ["| phase | " + " | ".join(workloads) + " |", "|---|" + "---|" * len(workloads)]
+        phases = median(engine, w, workloads[0]).phases
+        for phase in phases:
+            cells = " | ".join(f"{median(engine, w, n).phases[phase]:.1f}" for n in workloads)
+            lines.append(f"| {phase} | {cells} |")
+    lines += ["", f"CPU per task, {max(workers)} worker(s) (ms; the round with the median rate):", ""]
+    lines += ["| process | " + " | ".join(f"{n}, {e}" for n in workloads for e in ("embedded", "Temporal")) + " |"]
+    lines += ["|---|" + "---|" * (2 * len(workloads))]
+    w = max(workers)
+    for group in median("embedded", w, workloads[0]).cpu_ms:
+        cells = " | ".join(f"{median(e, w, n).cpu_ms[group]:.1f}" for n in workloads for e in ("embedded", "temporal"))
+        lines.append(f"| {group} | {cells} |")
+    return "\n".join(lines)
+
+
+def report(runs: Runs, steps: dict[str, tuple[float, float]], tasks: int) -> str:
     return f"""{START}
 ## Engines: embedded against Temporal (`bench/bench_engines.py`)
 
@@ -123,13 +302,7 @@ def report(rates: dict[tuple[str, int], float], steps: dict[str, tuple[float, fl
 (pgvector), one Redis and the Temporal dev server (SQLite-backed), all on loopback, sharing the 2 cores with
 the keel processes.
 
-**Throughput**: {tasks} tasks of `diagnostic` (3 durable no-op steps) through 1 API replica.
-
-| workers | embedded | Temporal | Temporal / embedded |
-|---|---|---|---|
-| 1 | {e1:.1f} tasks/s | {t1:.1f} tasks/s | {t1 / e1:.2f}× |
-| 2 | {e2:.1f} tasks/s | {t2:.1f} tasks/s | {t2 / e2:.2f}× |
-| 2 workers / 1 | {e2 / e1:.2f}× | {t2 / t1:.2f}× | |
+{throughput_report(runs, tasks)}
 
 **Per-step overhead**: one task of 20 no-op steps, in one process, on Postgres; the median of the rounds.
 
@@ -151,12 +324,28 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--throughput-rounds", type=int, default=3)
+    parser.add_argument("--workers", default="1,2", help="worker counts to drain with, comma-separated")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of " + ", ".join(WORKLOADS))
+    parser.add_argument("--only", choices=("throughput", "per_step"), help="run one part (printed, not written)")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
-    rates = {(e, w): throughput(e, w, args.tasks) for e in ("embedded", "temporal") for w in (1, 2)}
     engines = ("embedded", "temporal")
+    runs: Runs = {}
+    if args.only != "per_step":
+        workers, workloads = [int(w) for w in args.workers.split(",")], args.workloads.split(",")
+        for _ in range(args.throughput_rounds):  # interleaved: a shared machine's load weighs on every column
+            for w in workers:
+                for e in engines:
+                    runs.setdefault((e, w), []).append(throughput(e, w, args.tasks, workloads))
+        if args.only:
+            print(throughput_report(runs, args.tasks))
+            return 0
     steps = {e: asyncio.run(per_step(e, fresh_database(service_url("postgres")), args.rounds)) for e in engines}
-    text = report(rates, steps, args.tasks)
+    if args.only:
+        print(steps)
+        return 0
+    text = report(runs, steps, args.tasks)
     print(text)
     if not args.no_doc:
         write_section(text, START, END)

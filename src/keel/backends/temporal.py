@@ -76,6 +76,9 @@ _TASK = TypeAdapter(Task)
 _CHECKPOINT = TypeAdapter(StepCheckpoint)
 _DECISIONS = TypeAdapter(list[Decision])
 _LOCAL = timedelta(seconds=60)
+_WFT_POLLS = 2
+"""Workflow-task pollers per worker (sticky and normal queue): a process's own workflows start eagerly, so the
+pollers only take workflows handed over from other workers, and the rare workflow task that is not eager."""
 _OP_RETRY = TemporalRetry(initial_interval=timedelta(milliseconds=200), maximum_attempts=10)
 
 
@@ -555,7 +558,7 @@ class TemporalEngine:
         self._loops: list[asyncio.Task[None]] = []
         self._pending_cancels: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
-        """One per workflow this process started, freeing its dispatch slot when the workflow ends."""
+        """One per workflow this process starts, freeing its dispatch slot when the workflow ends."""
 
     async def start(self, *, recover: bool = True) -> None:
         """Connect, and with workers: serve the task queue and start dispatching. ``recover`` is accepted for the
@@ -581,10 +584,17 @@ class TemporalEngine:
             workflows=[KeelTask],
             activities=[run_step, journal_op],
             workflow_runner=UnsandboxedWorkflowRunner(),
-            max_concurrent_workflow_tasks=max(self.workers, 2),
+            # Room for this process's own workflows (started eagerly: their first workflow task takes a slot here,
+            # and is refused eager execution when none is free), as many handed over from other workers, and the
+            # pollers, which hold a slot each while they wait.
+            max_concurrent_workflow_tasks=self.workers * 2 + _WFT_POLLS,
+            max_concurrent_workflow_task_polls=_WFT_POLLS,
             # A workflow whose worker died waits this long on that worker's sticky queue before another takes it.
             sticky_queue_schedule_to_start_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
             max_concurrent_local_activities=max(self.workers * 8, 16),
+            # Every step and journal write is a local activity: polling for remote ones would only cost this process
+            # and the server a long poll each, all the time.
+            no_remote_activities=True,
             # On stop, running steps get this long to finish; then they are cancelled, and their workflows resume on
             # another worker (a step already recorded in keel's store is not run again).
             graceful_shutdown_timeout=timedelta(seconds=self.graceful_shutdown_s),
@@ -646,8 +656,11 @@ class TemporalEngine:
 
     async def _dispatch(self) -> None:
         """Start the workflows of queued tasks, as many at a time as this process runs (``workers``): the rest wait
-        in keel's queue, so a workflow Temporal hands over from a dead worker never queues behind a backlog."""
-        assert self._client is not None
+        in keel's queue, so a workflow Temporal hands over from a dead worker never queues behind a backlog.
+
+        Each lease is handed to a task of its own (:meth:`_start`) and the next one is taken at once: a start is a
+        round trip to Temporal, and waiting for it before leasing again capped a backlog's drain at one start per
+        round trip per process."""
         slots = asyncio.Semaphore(self.workers)
         while True:
             await slots.acquire()
@@ -655,32 +668,42 @@ class TemporalEngine:
             if lease is None:
                 slots.release()
                 continue
-            try:
-                handle = await self._client.start_workflow(
-                    "keel.task",
-                    {"lease": _lease_dict(lease)},
-                    id=lease.task_id,
-                    task_queue=self.task_queue,
-                    task_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
-                )
-            except WorkflowAlreadyStartedError:
-                # Its lease ran out while its workflow was away (all workers down); hand it the new one.
-                slots.release()
-                with contextlib.suppress(Exception):
-                    await self._client.get_workflow_handle(lease.task_id).signal("adopt", _lease_dict(lease))
-            except Exception:
-                slots.release()
-                log.exception("could not start the workflow of %s; it goes back to the queue", lease.task_id)
-                with contextlib.suppress(Exception):
-                    await self.store.release(lease)
-            else:
-                watcher = asyncio.create_task(self._until_done(handle, slots))
-                self._watchers.add(watcher)
-                watcher.add_done_callback(self._watchers.discard)
-            self.notifier.notify(lease.task_id)
+            starter = asyncio.create_task(self._start(lease, slots))
+            self._watchers.add(starter)
+            starter.add_done_callback(self._watchers.discard)
 
-    @staticmethod
-    async def _until_done(handle: Any, slots: asyncio.Semaphore) -> None:
+    async def _start(self, lease: Lease, slots: asyncio.Semaphore) -> None:
+        """Start the workflow of a leased task, then hold its dispatch slot until the workflow ends.
+
+        The start asks for eager execution: when this process's worker has a free workflow-task slot, Temporal
+        returns the first workflow task with the start's reply and this worker runs it at once, without a trip
+        through the task queue (a server that does not offer it simply queues the task, as before). Either way the
+        workflow task is Temporal's: if this process dies, it times out and another worker takes it."""
+        assert self._client is not None
+        try:
+            handle = await self._client.start_workflow(
+                "keel.task",
+                {"lease": _lease_dict(lease)},
+                id=lease.task_id,
+                task_queue=self.task_queue,
+                task_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
+                request_eager_start=True,
+            )
+        except WorkflowAlreadyStartedError:
+            # Its lease ran out while its workflow was away (all workers down); hand it the new one.
+            slots.release()
+            with contextlib.suppress(Exception):
+                await self._client.get_workflow_handle(lease.task_id).signal("adopt", _lease_dict(lease))
+            self.notifier.notify(lease.task_id)
+            return
+        except Exception:
+            slots.release()
+            log.exception("could not start the workflow of %s; it goes back to the queue", lease.task_id)
+            with contextlib.suppress(Exception):
+                await self.store.release(lease)
+            self.notifier.notify(lease.task_id)
+            return
+        self.notifier.notify(lease.task_id)
         try:
             with contextlib.suppress(Exception):
                 await handle.result()
