@@ -17,6 +17,7 @@ import asyncio
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from temporalio import workflow
 
 BENCH = Path(__file__).resolve().parent
 TESTS = BENCH.parent / "tests"
@@ -104,6 +106,13 @@ def _cpu(c: Cluster) -> dict[str, float]:
     """CPU seconds used so far by each group of processes this run started (the keel API and workers, Postgres,
     Redis and Temporal with every process under them, this client), and the machine's busy and elapsed CPU
     seconds (``/proc/stat``: all cores, every user)."""
+    return _cpu_of({"keel API": [p.proc.pid for p in c.apis], "keel workers": [p.proc.pid for p in c.workers]})
+
+
+def _cpu_of(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each group (its processes and every process under them), of the servers ``scripts/``
+    started, of this client, and the machine's busy and elapsed CPU seconds (``/proc/stat``: all cores, every
+    user)."""
     from scaleout import services_dir
 
     def pid_file(path: Path) -> int | None:
@@ -121,6 +130,7 @@ def _cpu(c: Cluster) -> dict[str, float]:
             continue
         pid = int(stat.parent.name)
         parents[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    hz = os.sysconf("SC_CLK_TCK")
 
     def tree(root: int | None) -> float:
         if root is None:
@@ -130,22 +140,84 @@ def _cpu(c: Cluster) -> dict[str, float]:
             pid = todo.pop()
             pids.add(pid)
             todo += [child for child, parent in parents.items() if parent == pid and child not in pids]
-        return sum(ticks.get(pid, 0) for pid in pids) / os.sysconf("SC_CLK_TCK")
+        return sum(ticks.get(pid, 0) for pid in pids) / hz
 
-    services = services_dir()
+    services = services_dir() or Path("/nonexistent")
     me = os.times()
     cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
     return {
-        "keel API": sum(tree(p.proc.pid) for p in c.apis),
-        "keel workers": sum(tree(p.proc.pid) for p in c.workers),
-        "Postgres": tree(pid_file(services / "postgres" / "data" / "postmaster.pid")) if services else 0.0,
-        "Redis": tree(pid_file(services / "redis" / "redis.pid")) if services else 0.0,
-        "Temporal server": tree(pid_file(services / "temporal" / "temporal.pid")) if services else 0.0,
+        **{name: sum(tree(pid) for pid in pids) for name, pids in groups.items()},
+        "Postgres": tree(pid_file(services / "postgres" / "data" / "postmaster.pid")),
+        "Redis": tree(pid_file(services / "redis" / "redis.pid")),
+        "Temporal server": tree(pid_file(services / "temporal" / "temporal.pid")),
         "this client": me.user + me.system,
         "busy": (sum(cpu) - cpu[3] - cpu[4]) / hz,
         "elapsed": sum(cpu) / hz / (os.cpu_count() or 1),
     }
+
+
+def temporal_floor(workers: int, tasks: int, concurrency: int) -> Drain:
+    """The floor under keel on Temporal, in the same run: ``tasks`` workflows that do nothing, started by a bare
+    Temporal client (at most ``concurrency`` at a time, as keel's dispatch slots allow) and run by ``workers``
+    processes of a bare Temporal worker. What the dev server and the SDK cost per workflow, with no keel at all."""
+    address, queue = service_url("temporal"), f"floor-{uuid.uuid4().hex[:8]}"
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--floor-worker", address, queue], stdout=subprocess.DEVNULL)
+        for _ in range(workers)
+    ]
+    try:
+        time.sleep(3.0)  # the workers connect and start polling
+        asyncio.run(_start_floor(address, queue, 20, concurrency))  # warm up
+        before = _cpu_of({"Temporal workers": [p.pid for p in procs]})
+        started = time.monotonic()
+        asyncio.run(_start_floor(address, queue, tasks, concurrency))
+        elapsed = time.monotonic() - started
+        cpu_ms = {
+            k: (v - before[k]) * 1000 / tasks for k, v in _cpu_of({"Temporal workers": [p.pid for p in procs]}).items()
+        }
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    busy = cpu_ms.pop("busy") / cpu_ms.pop("elapsed") / (os.cpu_count() or 1) * 100
+    return Drain(rate=tasks / elapsed, latency_ms=float("nan"), phases={}, cpu_ms=cpu_ms | {"machine busy %": busy})
+
+
+async def _start_floor(address: str, queue: str, tasks: int, concurrency: int) -> None:
+    from temporalio.client import Client
+
+    client = await Client.connect(address)
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with slots:
+            handle = await client.start_workflow("floor.noop", id=f"floor-{uuid.uuid4().hex}", task_queue=queue)
+            await handle.result()
+
+    await asyncio.gather(*(one() for _ in range(tasks)))
+
+
+@workflow.defn(name="floor.noop")
+class FloorNoop:
+    """The floor's workflow (:func:`temporal_floor`): it returns at once."""
+
+    @workflow.run
+    async def run(self) -> None:
+        return None
+
+
+def _floor_worker(address: str, queue: str) -> None:
+    """A bare Temporal worker for :func:`temporal_floor`."""
+    from temporalio.client import Client
+    from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
+    async def serve() -> None:
+        client = await Client.connect(address)
+        runner = UnsandboxedWorkflowRunner()
+        await Worker(client, task_queue=queue, workflows=[FloorNoop], workflow_runner=runner).run()
+
+    asyncio.run(serve())
 
 
 def _phases(rows: list[dict[str, Any]], temporal: str | None) -> dict[str, float]:
@@ -253,8 +325,8 @@ Runs = dict[tuple[str, int], list[dict[str, Drain]]]
 def throughput_report(runs: Runs, tasks: int) -> str:
     """The throughput tables: each workload's tasks/s (median of the rounds) on both engines, and where a task's
     time went on each (the phases of the round with the median rate)."""
-    workloads = list(next(iter(runs.values()))[0])
-    workers = sorted({w for _, w in runs})
+    workloads = list(runs[next(k for k in runs if k[0] == "embedded")][0])
+    workers = sorted({w for e, w in runs if e != "floor"})
     rounds = len(next(iter(runs.values())))
 
     def median(engine: str, w: int, name: str) -> Drain:
@@ -276,6 +348,14 @@ def throughput_report(runs: Runs, tasks: int) -> str:
                 f"| {name} | {w} | {e.rate:.1f} tasks/s | {t.rate:.1f} tasks/s | {t.rate / e.rate:.2f}× "
                 f"| {e.latency_ms:.0f} / {t.latency_ms:.0f} ms |"
             )
+    w = max(workers)
+    floor = median("floor", w, "no-op")
+    lines += [
+        "",
+        f"The floor under Temporal, in the same rounds: a bare Temporal worker ({w} processes, the SDK, no keel) runs "
+        f"{floor.rate:.1f} workflows/s that do nothing, started by a bare client {8 * w} at a time; keel's no-op "
+        f"task on Temporal runs at {median('temporal', w, 'no-op').rate / floor.rate:.2f}× that.",
+    ]
     for engine in ("embedded", "temporal"):
         w = max(workers)
         lines += ["", f"Where a task's time goes on {engine}, {w} worker(s), medians (ms):", ""]
@@ -285,11 +365,15 @@ def throughput_report(runs: Runs, tasks: int) -> str:
             cells = " | ".join(f"{median(engine, w, n).phases[phase]:.1f}" for n in workloads)
             lines.append(f"| {phase} | {cells} |")
     lines += ["", f"CPU per task, {max(workers)} worker(s) (ms; the round with the median rate):", ""]
-    lines += ["| process | " + " | ".join(f"{n}, {e}" for n in workloads for e in ("embedded", "Temporal")) + " |"]
-    lines += ["|---|" + "---|" * (2 * len(workloads))]
-    w = max(workers)
-    for group in median("embedded", w, workloads[0]).cpu_ms:
-        cells = " | ".join(f"{median(e, w, n).cpu_ms[group]:.1f}" for n in workloads for e in ("embedded", "temporal"))
+    columns = [(n, e) for n in workloads for e in ("embedded", "temporal")] + [("no-op", "floor")]
+    names = {"embedded": "embedded", "temporal": "Temporal", "floor": "bare Temporal"}
+    lines += ["| process | " + " | ".join(f"{n}, {names[e]}" for n, e in columns) + " |"]
+    lines += ["|---|" + "---|" * len(columns)]
+    groups = list(dict.fromkeys(g for n, e in columns for g in median(e, w, n).cpu_ms))
+    for group in groups:
+        cells = " | ".join(
+            f"{median(e, w, n).cpu_ms[group]:.1f}" if group in median(e, w, n).cpu_ms else "—" for n, e in columns
+        )
         lines.append(f"| {group} | {cells} |")
     return "\n".join(lines)
 
@@ -338,6 +422,8 @@ def main() -> int:
             for w in workers:
                 for e in engines:
                     runs.setdefault((e, w), []).append(throughput(e, w, args.tasks, workloads))
+            w = max(workers)
+            runs.setdefault(("floor", w), []).append({"no-op": temporal_floor(w, args.tasks, 8 * w)})
         if args.only:
             print(throughput_report(runs, args.tasks))
             return 0
@@ -353,6 +439,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--floor-worker"]:  # a process of temporal_floor's, not the benchmark
+        _floor_worker(*sys.argv[2:4])
+        sys.exit(0)
     try:
         code = main()
     finally:

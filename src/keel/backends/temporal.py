@@ -228,7 +228,7 @@ async def journal_op(request: dict[str, Any]) -> Any:
         elif op == "set_progress":
             await journal.set_progress(request["fraction"], request["step"])
         elif op == "load":
-            return await _load(host, lease)
+            return await _load(host.store, lease)
         elif op == "renew":
             state = await host.store.renew_lease(lease, time.time(), host.lease_s)
             return {"held": state.held, "cancel_requested": state.cancel_requested}
@@ -253,14 +253,15 @@ def _forget(host: _Host, lease: Lease) -> None:
     host.journals.pop((lease.task_id, lease.token), None)
 
 
-async def _load(host: _Host, lease: Lease) -> dict[str, Any]:
-    task = await host.store.get_task(lease.task_id)
+async def _load(store: Store, lease: Lease) -> dict[str, Any]:
+    """What a run starts from: the task, its state and the decisions people made (read under the run's lease)."""
+    task = await store.get_task(lease.task_id)
     if task is None:
         raise ApplicationError(f"no task {lease.task_id}", non_retryable=True)
     return {
         "task": _TASK.dump_python(task, mode="json"),
-        "state": pydantic_core.to_jsonable_python(await host.store.load_state(task.id)),
-        "decisions": _DECISIONS.dump_python(await host.store.load_decisions(task.id), mode="json"),
+        "state": pydantic_core.to_jsonable_python(await store.load_state(task.id)),
+        "decisions": _DECISIONS.dump_python(await store.load_decisions(task.id), mode="json"),
     }
 
 
@@ -434,7 +435,9 @@ class KeelTask:
         queue = workflow.info().task_queue
         self.lease = Lease(**start["lease"])
         journal = TemporalJournal(queue, self.lease, "")
-        snapshot = await journal._op("load")
+        # Read by the dispatcher with the start (in the workflow's input, so a replay reads the same); a workflow
+        # started without it (by an older keel) loads it with a local activity, as it did then.
+        snapshot = start.get("snapshot") or await journal._op("load")
         task = _TASK.validate_python(snapshot["task"])
         journal.tenant = task.tenant
         runner = _host(queue).runner
@@ -681,9 +684,12 @@ class TemporalEngine:
         workflow task is Temporal's: if this process dies, it times out and another worker takes it."""
         assert self._client is not None
         try:
+            # The run's first read goes in the start: a local activity in the workflow would cost a workflow
+            # activation and a marker in its history for the same read.
+            snapshot = await _load(self.store, lease)
             handle = await self._client.start_workflow(
                 "keel.task",
-                {"lease": _lease_dict(lease)},
+                {"lease": _lease_dict(lease), "snapshot": snapshot},
                 id=lease.task_id,
                 task_queue=self.task_queue,
                 task_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
