@@ -435,9 +435,7 @@ class KeelTask:
         queue = workflow.info().task_queue
         self.lease = Lease(**start["lease"])
         journal = TemporalJournal(queue, self.lease, "")
-        # Read by the dispatcher with the start (in the workflow's input, so a replay reads the same); a workflow
-        # started without it (by an older keel) loads it with a local activity, as it did then.
-        snapshot = start.get("snapshot") or await journal._op("load")
+        snapshot = await journal._op("load")
         task = _TASK.validate_python(snapshot["task"])
         journal.tenant = task.tenant
         runner = _host(queue).runner
@@ -561,7 +559,7 @@ class TemporalEngine:
         self._loops: list[asyncio.Task[None]] = []
         self._pending_cancels: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
-        """One per workflow this process starts, freeing its dispatch slot when the workflow ends."""
+        """One per workflow this process started, freeing its dispatch slot when the workflow ends."""
 
     async def start(self, *, recover: bool = True) -> None:
         """Connect, and with workers: serve the task queue and start dispatching. ``recover`` is accepted for the
@@ -661,9 +659,11 @@ class TemporalEngine:
         """Start the workflows of queued tasks, as many at a time as this process runs (``workers``): the rest wait
         in keel's queue, so a workflow Temporal hands over from a dead worker never queues behind a backlog.
 
-        Each lease is handed to a task of its own (:meth:`_start`) and the next one is taken at once: a start is a
-        round trip to Temporal, and waiting for it before leasing again capped a backlog's drain at one start per
-        round trip per process."""
+        One start at a time, and nothing else between the lease and the start (the run's first read is the
+        workflow's own): a task leased but not yet started is held by the store's long lease until it runs out
+        (``store_lease_s``), so a process killed in that window strands it that long. The scale-out crash test
+        stranded tasks when starts ran concurrently or the dispatcher read the task before starting it."""
+        assert self._client is not None
         slots = asyncio.Semaphore(self.workers)
         while True:
             await slots.acquire()
@@ -671,12 +671,14 @@ class TemporalEngine:
             if lease is None:
                 slots.release()
                 continue
-            starter = asyncio.create_task(self._start(lease, slots))
-            self._watchers.add(starter)
-            starter.add_done_callback(self._watchers.discard)
+            handle = await self._start(lease, slots)
+            if handle is not None:
+                watcher = asyncio.create_task(self._until_done(handle, slots))
+                self._watchers.add(watcher)
+                watcher.add_done_callback(self._watchers.discard)
 
-    async def _start(self, lease: Lease, slots: asyncio.Semaphore) -> None:
-        """Start the workflow of a leased task, then hold its dispatch slot until the workflow ends.
+    async def _start(self, lease: Lease, slots: asyncio.Semaphore) -> Any:
+        """Start the workflow of a leased task; its handle, or None when it was not started (its slot is free again).
 
         The start asks for eager execution: when this process's worker has a free workflow-task slot, Temporal
         returns the first workflow task with the start's reply and this worker runs it at once, without a trip
@@ -684,12 +686,9 @@ class TemporalEngine:
         workflow task is Temporal's: if this process dies, it times out and another worker takes it."""
         assert self._client is not None
         try:
-            # The run's first read goes in the start: a local activity in the workflow would cost a workflow
-            # activation and a marker in its history for the same read.
-            snapshot = await _load(self.store, lease)
             handle = await self._client.start_workflow(
                 "keel.task",
-                {"lease": _lease_dict(lease), "snapshot": snapshot},
+                {"lease": _lease_dict(lease)},
                 id=lease.task_id,
                 task_queue=self.task_queue,
                 task_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
@@ -701,15 +700,19 @@ class TemporalEngine:
             with contextlib.suppress(Exception):
                 await self._client.get_workflow_handle(lease.task_id).signal("adopt", _lease_dict(lease))
             self.notifier.notify(lease.task_id)
-            return
+            return None
         except Exception:
             slots.release()
             log.exception("could not start the workflow of %s; it goes back to the queue", lease.task_id)
             with contextlib.suppress(Exception):
                 await self.store.release(lease)
             self.notifier.notify(lease.task_id)
-            return
+            return None
         self.notifier.notify(lease.task_id)
+        return handle
+
+    @staticmethod
+    async def _until_done(handle: Any, slots: asyncio.Semaphore) -> None:
         try:
             with contextlib.suppress(Exception):
                 await handle.result()
