@@ -228,7 +228,7 @@ async def journal_op(request: dict[str, Any]) -> Any:
         elif op == "set_progress":
             await journal.set_progress(request["fraction"], request["step"])
         elif op == "load":
-            return await _load(host.store, lease)
+            return await _load(host, lease)
         elif op == "renew":
             state = await host.store.renew_lease(lease, time.time(), host.lease_s)
             return {"held": state.held, "cancel_requested": state.cancel_requested}
@@ -253,15 +253,14 @@ def _forget(host: _Host, lease: Lease) -> None:
     host.journals.pop((lease.task_id, lease.token), None)
 
 
-async def _load(store: Store, lease: Lease) -> dict[str, Any]:
-    """What a run starts from: the task, its state and the decisions people made (read under the run's lease)."""
-    task = await store.get_task(lease.task_id)
+async def _load(host: _Host, lease: Lease) -> dict[str, Any]:
+    task = await host.store.get_task(lease.task_id)
     if task is None:
         raise ApplicationError(f"no task {lease.task_id}", non_retryable=True)
     return {
         "task": _TASK.dump_python(task, mode="json"),
-        "state": pydantic_core.to_jsonable_python(await store.load_state(task.id)),
-        "decisions": _DECISIONS.dump_python(await store.load_decisions(task.id), mode="json"),
+        "state": pydantic_core.to_jsonable_python(await host.store.load_state(task.id)),
+        "decisions": _DECISIONS.dump_python(await host.store.load_decisions(task.id), mode="json"),
     }
 
 
@@ -659,10 +658,14 @@ class TemporalEngine:
         """Start the workflows of queued tasks, as many at a time as this process runs (``workers``): the rest wait
         in keel's queue, so a workflow Temporal hands over from a dead worker never queues behind a backlog.
 
-        One start at a time, and nothing else between the lease and the start (the run's first read is the
-        workflow's own): a task leased but not yet started is held by the store's long lease until it runs out
-        (``store_lease_s``), so a process killed in that window strands it that long. The scale-out crash test
-        stranded tasks when starts ran concurrently or the dispatcher read the task before starting it."""
+        The start asks for eager execution: when this process's worker has a free workflow-task slot, Temporal
+        returns the first workflow task with the start's reply and this worker runs it at once, without a trip
+        through the task queue (a server that does not offer it queues the task, as before). Either way the
+        workflow task is Temporal's: if this process dies, it times out and another worker takes it.
+
+        One start at a time, and nothing else between the lease and the start: a task leased but not yet started
+        is held by the store's long lease until it runs out (``store_lease_s``), so a process killed in that window
+        strands it that long. The scale-out crash test stranded tasks when starts ran concurrently."""
         assert self._client is not None
         slots = asyncio.Semaphore(self.workers)
         while True:
@@ -671,45 +674,30 @@ class TemporalEngine:
             if lease is None:
                 slots.release()
                 continue
-            handle = await self._start(lease, slots)
-            if handle is not None:
+            try:
+                handle = await self._client.start_workflow(
+                    "keel.task",
+                    {"lease": _lease_dict(lease)},
+                    id=lease.task_id,
+                    task_queue=self.task_queue,
+                    task_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
+                    request_eager_start=True,
+                )
+            except WorkflowAlreadyStartedError:
+                # Its lease ran out while its workflow was away (all workers down); hand it the new one.
+                slots.release()
+                with contextlib.suppress(Exception):
+                    await self._client.get_workflow_handle(lease.task_id).signal("adopt", _lease_dict(lease))
+            except Exception:
+                slots.release()
+                log.exception("could not start the workflow of %s; it goes back to the queue", lease.task_id)
+                with contextlib.suppress(Exception):
+                    await self.store.release(lease)
+            else:
                 watcher = asyncio.create_task(self._until_done(handle, slots))
                 self._watchers.add(watcher)
                 watcher.add_done_callback(self._watchers.discard)
-
-    async def _start(self, lease: Lease, slots: asyncio.Semaphore) -> Any:
-        """Start the workflow of a leased task; its handle, or None when it was not started (its slot is free again).
-
-        The start asks for eager execution: when this process's worker has a free workflow-task slot, Temporal
-        returns the first workflow task with the start's reply and this worker runs it at once, without a trip
-        through the task queue (a server that does not offer it simply queues the task, as before). Either way the
-        workflow task is Temporal's: if this process dies, it times out and another worker takes it."""
-        assert self._client is not None
-        try:
-            handle = await self._client.start_workflow(
-                "keel.task",
-                {"lease": _lease_dict(lease)},
-                id=lease.task_id,
-                task_queue=self.task_queue,
-                task_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
-                request_eager_start=True,
-            )
-        except WorkflowAlreadyStartedError:
-            # Its lease ran out while its workflow was away (all workers down); hand it the new one.
-            slots.release()
-            with contextlib.suppress(Exception):
-                await self._client.get_workflow_handle(lease.task_id).signal("adopt", _lease_dict(lease))
             self.notifier.notify(lease.task_id)
-            return None
-        except Exception:
-            slots.release()
-            log.exception("could not start the workflow of %s; it goes back to the queue", lease.task_id)
-            with contextlib.suppress(Exception):
-                await self.store.release(lease)
-            self.notifier.notify(lease.task_id)
-            return None
-        self.notifier.notify(lease.task_id)
-        return handle
 
     @staticmethod
     async def _until_done(handle: Any, slots: asyncio.Semaphore) -> None:
