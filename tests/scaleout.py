@@ -54,6 +54,8 @@ def _service_env(name: str) -> dict[str, str]:
     env = {**os.environ, _DIRS[name]: str(_SERVICES / name)}
     if name == "postgres":
         env["KEEL_PG_EPHEMERAL"] = "1"  # a throwaway server: no fsync
+    if name == "temporal":
+        env["KEEL_TEMPORAL_EPHEMERAL"] = "1"  # likewise
     return env
 
 
@@ -75,6 +77,11 @@ def service_url(name: str) -> str:
         raise Unavailable(f"{script.name} start exited {done.returncode}: {(done.stderr or done.stdout)[-500:]}")
     _STARTED.add(name)
     return done.stdout.strip().splitlines()[-1]
+
+
+def services_dir() -> Path | None:
+    """The directory of the servers :func:`service_url` started (``<name>/`` each: pid files, logs), if any."""
+    return _SERVICES
 
 
 def stop_services() -> None:

@@ -76,6 +76,9 @@ _TASK = TypeAdapter(Task)
 _CHECKPOINT = TypeAdapter(StepCheckpoint)
 _DECISIONS = TypeAdapter(list[Decision])
 _LOCAL = timedelta(seconds=60)
+_WFT_POLLS = 2
+"""Workflow-task pollers per worker (sticky and normal queue): a process's own workflows start eagerly, so the
+pollers only take workflows handed over from other workers, and the rare workflow task that is not eager."""
 _OP_RETRY = TemporalRetry(initial_interval=timedelta(milliseconds=200), maximum_attempts=10)
 
 
@@ -581,10 +584,17 @@ class TemporalEngine:
             workflows=[KeelTask],
             activities=[run_step, journal_op],
             workflow_runner=UnsandboxedWorkflowRunner(),
-            max_concurrent_workflow_tasks=max(self.workers, 2),
+            # Room for this process's own workflows (started eagerly: their first workflow task takes a slot here,
+            # and is refused eager execution when none is free), as many handed over from other workers, and the
+            # pollers, which hold a slot each while they wait.
+            max_concurrent_workflow_tasks=self.workers * 2 + _WFT_POLLS,
+            max_concurrent_workflow_task_polls=_WFT_POLLS,
             # A workflow whose worker died waits this long on that worker's sticky queue before another takes it.
             sticky_queue_schedule_to_start_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
             max_concurrent_local_activities=max(self.workers * 8, 16),
+            # Every step and journal write is a local activity: polling for remote ones would only cost this process
+            # and the server a long poll each, all the time.
+            no_remote_activities=True,
             # On stop, running steps get this long to finish; then they are cancelled, and their workflows resume on
             # another worker (a step already recorded in keel's store is not run again).
             graceful_shutdown_timeout=timedelta(seconds=self.graceful_shutdown_s),
@@ -646,7 +656,16 @@ class TemporalEngine:
 
     async def _dispatch(self) -> None:
         """Start the workflows of queued tasks, as many at a time as this process runs (``workers``): the rest wait
-        in keel's queue, so a workflow Temporal hands over from a dead worker never queues behind a backlog."""
+        in keel's queue, so a workflow Temporal hands over from a dead worker never queues behind a backlog.
+
+        The start asks for eager execution: when this process's worker has a free workflow-task slot, Temporal
+        returns the first workflow task with the start's reply and this worker runs it at once, without a trip
+        through the task queue (a server that does not offer it queues the task, as before). Either way the
+        workflow task is Temporal's: if this process dies, it times out and another worker takes it.
+
+        One start at a time, and nothing else between the lease and the start: a task leased but not yet started
+        is held by the store's long lease until it runs out (``store_lease_s``), so a process killed in that window
+        strands it that long. The scale-out crash test stranded tasks when starts ran concurrently."""
         assert self._client is not None
         slots = asyncio.Semaphore(self.workers)
         while True:
@@ -662,6 +681,7 @@ class TemporalEngine:
                     id=lease.task_id,
                     task_queue=self.task_queue,
                     task_timeout=timedelta(seconds=max(self.lease_s / 3, 2)),
+                    request_eager_start=True,
                 )
             except WorkflowAlreadyStartedError:
                 # Its lease ran out while its workflow was away (all workers down); hand it the new one.
