@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sqlite3
+import statistics
+import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -28,3 +31,25 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return "unknown CPU"
+
+
+def fsync_commit_times(path: Path, n: int) -> list[float]:
+    """Seconds per commit of one small row (WAL, synchronous=FULL) into the SQLite file ``path``: what any durable
+    write costs on that disk, right now, before keel does anything."""
+    out = []
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (x TEXT)")
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?)", ("x" * 200,))
+            conn.execute("COMMIT")
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def fsync_commit_ms(directory: Path, n: int = 100) -> float:
+    """The median of :func:`fsync_commit_times` in ``directory``, in ms: the probe under a table of durable figures."""
+    return 1000 * statistics.median(fsync_commit_times(directory / "fsync-probe.db", n))

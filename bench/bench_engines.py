@@ -40,7 +40,7 @@ BENCH = Path(__file__).resolve().parent
 TESTS = BENCH.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-from _doc import cpu_model, write_section  # noqa: E402
+from _doc import cpu_model, fsync_commit_ms, write_section  # noqa: E402
 
 from scaleout import Cluster, cluster, fresh_database, service_url, stop_services  # noqa: E402
 
@@ -343,23 +343,6 @@ def durable_postgres() -> Iterator[str]:
             subprocess.run([*script, "stop"], env=env, check=False, capture_output=True)
 
 
-def sqlite_fsync_ms(directory: Path, n: int = 50) -> float:
-    """The median of a bare fsync'd one-row SQLite commit in ``directory``: what the disk charges a commit now."""
-    import sqlite3
-
-    db = sqlite3.connect(directory / "probe.db", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        db.execute("INSERT INTO t VALUES (?)", (i,))
-        times.append((time.perf_counter() - t0) * 1000)
-    db.close()
-    return statistics.median(times)
-
-
 def per_step_against_sqlite(rounds: int, tasks: int, poll_s: float = 0.01) -> dict[str, dict[str, list[float]]]:
     """ms per step of a 20-step task on a durable Postgres and on SQLite, for ``peer_chain`` and ``diagnostic``:
     each round on a fresh database of each, the order flipped every round; ``tasks`` tasks a round (+1 to warm
@@ -374,7 +357,7 @@ def per_step_against_sqlite(rounds: int, tasks: int, poll_s: float = 0.01) -> di
                     with tempfile.TemporaryDirectory() as tmp:
                         if backend == "sqlite":
                             db = f"sqlite:///{tmp}/keel.db"
-                            out["fsync"]["sqlite"].append(sqlite_fsync_ms(Path(tmp)))
+                            out["fsync"]["sqlite"].append(fsync_commit_ms(Path(tmp)))
                         else:
                             db = fresh_database(admin)
                         ms, _ = asyncio.run(

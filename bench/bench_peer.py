@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _doc import cpu_model, write_section
+from _doc import cpu_model, fsync_commit_ms, write_section
 from bench_api import Server, create_key, keel_command, percentile, serve
 from httpx_sse import ServerSentEvent, aconnect_sse
 
@@ -494,24 +493,6 @@ class Run:
 
 def say(message: str) -> None:
     print(f"[bench_peer {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def fsync_commit_ms(directory: Path, n: int = 100) -> float:
-    """p50 of a bare fsync'd SQLite commit of one row (WAL, synchronous=FULL) on keel's disk: what any durable
-    write costs here, right now, before keel does anything."""
-    path = directory / "fsync-probe.db"
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE IF NOT EXISTS t (x TEXT)")
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT INTO t VALUES (?)", ("x" * 200,))
-            conn.execute("COMMIT")
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 SHORT = ["submit", "done", "done32", "chain", "burst", "paced", "fanout", "resume"]  # --only's names, in order

@@ -55,7 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _doc import cpu_model, write_section
+from _doc import cpu_model, fsync_commit_times, write_section
 from pydantic import BaseModel
 
 from keel.backends.sqlite import SQLiteStore
@@ -599,22 +599,6 @@ class StepBench:
         self.singles.setdefault(kind, []).extend(b - a for a, b in zip(marks, marks[1:], strict=False))
 
 
-def raw_commits(path: Path, n: int) -> list[float]:
-    """Seconds per commit of one small row, WAL + synchronous=FULL, on the same file system as the stores."""
-    out = []
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, data TEXT)")
-        for _ in range(n):
-            t0 = time.perf_counter()
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT INTO t(data) VALUES (?)", ("x" * 300,))
-            conn.execute("COMMIT")
-            out.append(time.perf_counter() - t0)
-    return out
-
-
 async def count_writes(store: SQLiteStore, n: int) -> WritePattern:
     """Writes and commits of one extra (untimed) ``n``-step no-op run."""
     task_id = await submit(store, noop_steps, {"steps": n})
@@ -725,7 +709,7 @@ async def bench_slow(store: SQLiteStore, reps: int) -> SlowBench:
 
 
 async def bench_steps(cfg: Config, workdir: Path) -> StepBench:
-    out = StepBench(raw_commit=raw_commits(workdir / "raw.db", RAW_COMMITS))
+    out = StepBench(raw_commit=fsync_commit_times(workdir / "raw.db", RAW_COMMITS))
     store = SQLiteStore(workdir / "steps" / "keel.db")
     try:
         for rep in range(-cfg.step_warmup, cfg.step_reps):
