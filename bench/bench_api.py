@@ -111,12 +111,23 @@ class Server:
     log: Path
 
     def cpu_seconds(self) -> float:
-        """user+system CPU of the server process (all its threads), from /proc."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """user+system CPU so far of the server process (all its threads) and of the processes it started (a dev
+        server may run its work in children), from /proc; NaN when the server's own entry cannot be read."""
+        tick = os.sysconf("SC_CLK_TCK")
+        pending, total = [self.proc.pid], 0.0
+        while pending:
+            pid = pending.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                if pid == self.proc.pid:
+                    return float("nan")
+                continue  # a child that ended meanwhile
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    pending += [int(c) for c in (task / "children").read_text().split()]
+        return total
 
     def log_tail(self, n: int = 30) -> str:
         with contextlib.suppress(OSError):

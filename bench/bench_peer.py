@@ -354,31 +354,15 @@ async def w_done_concurrent(target: Target) -> dict[str, float]:
         await asyncio.gather(*(user(c) for c in clients))
         walls.clear()
         remaining = DONE_C_N
-        cpu0, t0 = server_cpu_s(target.server), time.perf_counter()
+        cpu0, t0 = target.server.cpu_seconds(), time.perf_counter()
         await asyncio.gather(*(user(c) for c in clients))
-        elapsed, cpu = time.perf_counter() - t0, server_cpu_s(target.server) - cpu0
+        elapsed, cpu = time.perf_counter() - t0, target.server.cpu_seconds() - cpu0
     walls.sort()
     return {
         "done_rps_32": DONE_C_N / elapsed,
         "done_p99_ms_32": 1000 * percentile(walls, 0.99),
         "done_cpu_ms_32": 1000 * cpu / DONE_C_N,
     }
-
-
-def server_cpu_s(server: Server) -> float:
-    """User + system CPU seconds of the server's process and its children so far (Linux /proc): what a run costs
-    the machine, which the wall clock of a shared one hides. 0 where /proc is not there."""
-    tick = os.sysconf("SC_CLK_TCK")
-    pending, total = [server.proc.pid], 0.0
-    while pending:
-        pid = pending.pop()
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    pending += [int(c) for c in (task / "children").read_text().split()]
-    return total
 
 
 async def w_chain(target: Target) -> dict[str, float]:

@@ -78,11 +78,6 @@ async def open_stream(url: str, key: str, task_id: str) -> asyncio.StreamWriter:
     return writer
 
 
-def cpu_s(server: Server) -> float:
-    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def idle_streams(server: Server, key: str, task_ids: list[str]) -> dict[str, float]:
     before = rss_mb(server)
     writers: list[asyncio.StreamWriter] = []
@@ -91,9 +86,9 @@ async def idle_streams(server: Server, key: str, task_ids: list[str]) -> dict[st
         writers += await asyncio.gather(*(open_stream(server.url, key, t) for t in task_ids[start : start + 200]))
     opened_s = time.perf_counter() - t0
     await asyncio.sleep(2)
-    c0, w0 = cpu_s(server), time.perf_counter()
+    c0, w0 = server.cpu_seconds(), time.perf_counter()
     await asyncio.sleep(IDLE_S)
-    idle_cpu = (cpu_s(server) - c0) / (time.perf_counter() - w0)
+    idle_cpu = (server.cpu_seconds() - c0) / (time.perf_counter() - w0)
     after = rss_mb(server)
     for w in writers:
         w.close()
