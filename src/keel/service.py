@@ -95,8 +95,6 @@ class Wakeups(Protocol):
 
     def notify(self, task_id: str) -> None: ...
 
-    async def wait(self, task_id: str, timeout: float) -> None: ...
-
     def watch(self, task_id: str) -> AbstractContextManager[Watch]:
         """The task's wake-ups and the events this process committed for it, while the block runs (clear ``woken``,
         take or read, then wait on it)."""
