@@ -600,11 +600,9 @@ class TaskQueue:
             self._idle.append(waiter)
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, self.poll_s)
+                    await asyncio.wait_for(waiter, self.poll_s)  # cancels the waiter on a timeout or a stop
             finally:
-                if not waiter.done():
-                    waiter.cancel()
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError):  # a wake-up took it off already
                     self._idle.remove(waiter)
         return lease
 
