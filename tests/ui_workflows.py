@@ -1,11 +1,12 @@
 """Workflows for ``tests/interaction/test_ui.py``, loaded with ``KEEL_WORKFLOWS=ui_workflows:WORKFLOWS``: ``recall``
 searches vector memory over the given documents, so its trace has retrieval hits with scores and a confidence;
 ``flaky`` has a step that succeeds on its second try, so its trace has a retry; ``musing`` asks the model, then
-waits, so a page can show the model call while the task still runs."""
+waits until the test creates a file, so a page can show the model call while the task still runs."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -50,7 +51,9 @@ async def flaky(ctx: WorkflowContext, req: Nothing) -> dict[str, Any]:
 class Musing(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
-    then_wait_s: float
+    until_exists: str
+    """The task waits after the model call until this file exists (at most a minute), so the test decides when it
+    ends rather than racing a timer against a browser."""
 
 
 @workflow(name="musing")
@@ -58,7 +61,11 @@ async def musing(ctx: WorkflowContext, req: Musing) -> dict[str, Any]:
     answer = await ctx.generate("think", ctx.model(), req.prompt)
 
     async def wait() -> None:
-        await asyncio.sleep(req.then_wait_s)
+        release = Path(req.until_exists)
+        for _ in range(600):
+            if await asyncio.to_thread(release.exists):
+                return
+            await asyncio.sleep(0.1)
 
     await ctx.step("wait", wait)
     return {"answer": answer}

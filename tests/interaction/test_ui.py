@@ -387,16 +387,18 @@ def test_a_flagship_trace_shows_tool_calls_model_calls_cost_and_retrieval_confid
 
 
 @needs_chromium
-def test_a_model_call_shows_while_its_task_still_runs(live: LiveServer, watched: Watched) -> None:
+def test_a_model_call_shows_while_its_task_still_runs(live: LiveServer, watched: Watched, tmp_path: Path) -> None:
     page = watched.page
+    release = tmp_path / "release"
     with live.client() as c:
-        tid = submit(c, "musing", {"prompt": "Say hello.", "then_wait_s": 4})
+        tid = submit(c, "musing", {"prompt": "Say hello.", "until_exists": str(release)})
         page.goto(f"{live.url}/ui/#key={live.key}")
         page.goto(f"{live.url}/ui/#/tasks/{tid}")
         models = page.locator("#models tbody tr")
         expect(models).to_have_count(1, timeout=10_000)
         assert c.get(f"/v1/tasks/{tid}").json()["status"] == "running"  # so the row came from the stream
         expect(models.first).to_contain_text("ok")
+        release.touch()
         expect(page.locator("#t-status")).to_have_text("succeeded", timeout=15_000)
         done = wait_terminal(c, tid)
         (call,) = done["envelope"]["metadata"]["model_calls"]  # type: ignore[index]
