@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from keel.backends import open_store
+from keel.backends.postgres import PostgresStore
 from keel.backends.sqlite import SQLiteStore
+from keel.memory.blobs import INLINE_LIMIT
 from keel.memory.stores import Store
-from keel.testing.conformance import SUITES
+from keel.memory.types import StepCheckpoint, TaskStatus
+from keel.testing.conformance import SUITES, _new
 from keel.testing.inmemory import InMemoryStore
 from postgres_server import fresh_postgres_store
 
@@ -59,31 +64,47 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     await second.aclose()
 
 
-async def test_sqlite_replaced_state_blobs_are_collected_and_shared_ones_kept(tmp_path: Path) -> None:
-    """Overwriting a large partial result must not leave the old payload behind (the DB would grow with every
-    write); a blob still referenced by a step of the same content survives."""
-    import sqlite3
+@pytest.fixture(params=["sqlite", "postgres"])
+async def sql_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SQLiteStore | PostgresStore]:
+    s = await fresh_postgres_store(request.getfixturevalue("postgres_url")) if request.param == "postgres" else None
+    store = s if s is not None else SQLiteStore(tmp_path / "k.db")
+    assert isinstance(store, SQLiteStore | PostgresStore)
+    yield store
+    await store.aclose()
 
-    from keel.memory.blobs import INLINE_LIMIT
-    from keel.memory.types import StepCheckpoint
-    from keel.testing.conformance import _new
 
-    path = tmp_path / "k.db"
-    store = SQLiteStore(path)
+async def _blob_sizes(store: SQLiteStore | PostgresStore) -> list[int]:
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as conn:
+            return sorted(r[0] for r in conn.execute("SELECT size FROM blobs"))
+    async with await psycopg.AsyncConnection.connect(store.url) as pg:
+        return sorted(r[0] for r in await (await pg.execute("SELECT size FROM blobs")).fetchall())
+
+
+async def test_replaced_blobs_are_collected_and_shared_ones_kept(sql_store: SQLiteStore | PostgresStore) -> None:
+    """Overwriting a large partial result or step must not leave the old payload behind (the DB would grow with
+    every write), but a blob another row still refers to (by content) survives; a deleted task takes its blobs. One
+    rule (``rows.blob_unused``), which SQLite applies after a write and Postgres inside the write's statement."""
+    store = sql_store
     res = await store.create_task(_new(), None, 1.0)
     assert res.task
     lease = await store.lease_next("w", 1.0, 30, 5)
     assert lease
-    big = ["x" * (INLINE_LIMIT + i) for i in range(5)]
+    big = ["x" * (INLINE_LIMIT + i) for i in range(6)]
+    size = [len(b) + 2 for b in big]  # as JSON
     await store.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f", result=big[0]), [], 2.0)
-    for i, value in enumerate(big):
+    for i, value in enumerate(big[:5]):
         await store.set_state(lease, "partial:doc", value, None, 2.0 + i)
-    with sqlite3.connect(path) as conn:
-        sizes = sorted(r[0] for r in conn.execute("SELECT size FROM blobs"))
     # big[0] is still the step's result; big[1..3] were replaced; big[4] is the current state.
-    assert sizes == sorted({len(big[0]) + 2, len(big[4]) + 2})
+    assert await _blob_sizes(store) == [size[0], size[4]]
     assert (await store.load_state(res.task.id))["partial:doc"] == big[4]
-    await store.aclose()
+    await store.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f", result=big[4]), [], 8.0)
+    assert await _blob_sizes(store) == [size[4]]  # big[0] had no other holder; big[4] is now held twice
+    await store.set_state(lease, "partial:doc", big[5], None, 9.0)
+    assert await _blob_sizes(store) == [size[4], size[5]]  # the step still holds big[4]
+    await store.finish(lease, res.task.id, TaskStatus.succeeded, {"status": "success"}, 10.0)
+    assert await store.delete_task(res.task.id, res.task.tenant)
+    assert await _blob_sizes(store) == []
 
 
 def test_postgres_url_without_the_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

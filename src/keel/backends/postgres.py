@@ -381,7 +381,6 @@ def _row_writes(table: str, columns: str, types: str, params: Sequence[Any], pac
     the fence: its blob stored first, and the blob the row held before deleted when no other row refers to it
     (blobs are shared by content). One statement sees one snapshot, so the replaced row is left out by its key."""
     task_id, key = params[0], params[1]
-    other = "workflow_state" if table == "steps" else "steps"
     casts = ", ".join(f"%s::{t}" for t in types.split(", "))
     writes = [_Write("o", f"SELECT blob_id FROM {table} WHERE task_id = %s AND key = %s", (task_id, key))]
     _, blob_id, _ = _stored(packed)
@@ -403,10 +402,8 @@ def _row_writes(table: str, columns: str, types: str, params: Sequence[Any], pac
         ),
         _Write(
             "g",
-            "DELETE FROM blobs USING o, f WHERE blobs.id = o.blob_id AND o.blob_id IS DISTINCT FROM %s::text "
-            f"AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.blob_id = blobs.id "
-            "AND (t.task_id, t.key) <> (%s::text, %s::text)) "
-            f"AND NOT EXISTS (SELECT 1 FROM {other} t WHERE t.blob_id = blobs.id)",
+            "DELETE FROM blobs USING o, f WHERE blobs.id = o.blob_id AND o.blob_id IS DISTINCT FROM %s::text AND "
+            + rows.blob_unused("blobs.id", besides=(table, "%s::text", "%s::text")),
             (blob_id, task_id, key),
         ),
     ]
@@ -912,13 +909,8 @@ class PostgresStore(PostgresMemory):
 
     @staticmethod
     async def _drop_blob_if_unused(conn: Conn, old: str | None, new: str | None) -> None:
-        # Blobs are shared by content, so one is deleted only when no step or state row refers to it any more.
         if old is not None and old != new:
-            await conn.execute(
-                "DELETE FROM blobs WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM steps WHERE blob_id = %(id)s) "
-                "AND NOT EXISTS (SELECT 1 FROM workflow_state WHERE blob_id = %(id)s)",
-                {"id": old},
-            )
+            await conn.execute(f"DELETE FROM blobs WHERE id = %s AND {rows.blob_unused('blobs.id')}", (old,))
 
     async def record_step(
         self,

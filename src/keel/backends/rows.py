@@ -49,11 +49,27 @@ TASK_RECORDS = ("events", "steps", "workflow_state", "decisions", "effects", "id
 TASK_DELIVERIES = (("outbox", "status <> 'pending'"), ("emails", "status <> 'queued'"))
 """What the retention sweep also takes from an expired task: its settled deliveries (table, which rows). One still
 being tried stays, a promise made before the task expired."""
-TASK_BLOBS = (
-    "SELECT blob_id FROM steps WHERE task_id = {0} AND blob_id IS NOT NULL "
-    "UNION SELECT blob_id FROM workflow_state WHERE task_id = {0} AND blob_id IS NOT NULL"
+BLOB_HOLDERS = ("steps", "workflow_state")
+"""The tables whose rows refer to a blob (``blob_id``). Blobs are shared by content, so one is deleted only when no
+row of these refers to it any more: :func:`blob_unused`."""
+TASK_BLOBS = " UNION ".join(
+    f"SELECT blob_id FROM {t} WHERE task_id = {{0}} AND blob_id IS NOT NULL" for t in BLOB_HOLDERS
 )
 """The blobs a task's steps and state refer to (``.format(placeholder)``): deleted with it unless shared."""
+
+
+def blob_unused(blob: str, *, besides: tuple[str, str, str] | None = None) -> str:
+    """An SQL condition, true when no row of :data:`BLOB_HOLDERS` refers to the blob whose id is the expression
+    ``blob``. ``besides`` = (table, task id, key), as SQL expressions, leaves that row out: the row a statement
+    replaces, which its own snapshot still shows holding the old blob."""
+    tests = []
+    for table in BLOB_HOLDERS:
+        refers = f"t.blob_id = {blob}"
+        if besides is not None and besides[0] == table:
+            refers += f" AND (t.task_id, t.key) <> ({besides[1]}, {besides[2]})"
+        tests.append(f"NOT EXISTS (SELECT 1 FROM {table} t WHERE {refers})")
+    return " AND ".join(tests)
+
 
 CHUNK_COLS = "id, document_id, tenant, space, page, char_start, char_end, text, content_hash, created_at, expires_at"
 """The chunk columns read back without the vector."""

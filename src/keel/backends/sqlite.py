@@ -800,13 +800,8 @@ class SQLiteStore(SQLiteMemory):
 
     @staticmethod
     def _drop_blob_if_unused(conn: sqlite3.Connection, old: str | None, new: str | None) -> None:
-        # Blobs are shared by content, so one is deleted only when no step or state row refers to it any more.
         if old is not None and old != new:
-            conn.execute(
-                "DELETE FROM blobs WHERE id = ? AND NOT EXISTS (SELECT 1 FROM steps WHERE blob_id = ?) "
-                "AND NOT EXISTS (SELECT 1 FROM workflow_state WHERE blob_id = ?)",
-                (old, old, old),
-            )
+            conn.execute(f"DELETE FROM blobs WHERE id = ? AND {rows.blob_unused('blobs.id')}", (old,))
 
     async def record_step(
         self,
