@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keel.errors import ConfigError, ModelOutputError, UpstreamError
-from keel.orchestration.llm.intervals import Direction, two_proportion_z_test, verdict, wilson
+from keel.orchestration.llm.intervals import Direction, JudgedRate, RateVerdict, judge, two_proportion_z_test
 from keel.orchestration.llm.models.base import Message, Model, ModelResponse, ModelSettings
 from keel.orchestration.llm.models.structured import check_output, strip_fences
 
@@ -47,7 +47,6 @@ __all__ = [
     "Comparison",
     "EvalReport",
     "ModelRun",
-    "Rate",
     "Suite",
     "compare",
     "load_suite",
@@ -185,58 +184,19 @@ class CaseResult:
 
 
 @dataclass(kw_only=True, slots=True)
-class Rate:
-    check: Check
-    successes: int
-    n: int
-    low: float
-    high: float
-    threshold: float | None
-    verdict: str | None
-    """``ok``, ``uncertain`` or ``violated`` against the threshold; None without one."""
-
-    @property
-    def rate(self) -> float | None:
-        return self.successes / self.n if self.n else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "rate": self.rate,
-            "low": round(self.low, 6),
-            "high": round(self.high, 6),
-            "n": self.n,
-            "threshold": self.threshold,
-            "verdict": self.verdict,
-        }
-
-
-@dataclass(kw_only=True, slots=True)
 class ModelRun:
     """One model's results over the suite."""
 
     model: str
     results: list[CaseResult] = field(default_factory=list)
 
-    def rates(self, thresholds: dict[Check, float]) -> dict[Check, Rate]:
-        out: dict[Check, Rate] = {}
+    def rates(self, thresholds: dict[Check, float]) -> dict[Check, JudgedRate]:
+        out: dict[Check, JudgedRate] = {}
         for check in CHECKS:
             outcomes = [r.checks[check] for r in self.results if check in r.checks]
-            if not outcomes:
-                continue
-            successes, n = sum(outcomes), len(outcomes)
-            interval = wilson(successes, n)
-            low, high = interval.low, interval.high
-            threshold = thresholds.get(check)
-            out[check] = Rate(
-                check=check,
-                successes=successes,
-                n=n,
-                low=low,
-                high=high,
-                threshold=threshold,
+            if outcomes:
                 # every check is a rate of good answers, so its threshold is a floor
-                verdict=verdict(interval, threshold, Direction.floor).value if threshold is not None else None,
-            )
+                out[check] = judge(sum(outcomes), len(outcomes), thresholds.get(check), Direction.floor)
         return out
 
 
@@ -261,7 +221,7 @@ class EvalReport:
     baseline: ModelRun | None = None
 
     @property
-    def rates(self) -> dict[Check, Rate]:
+    def rates(self) -> dict[Check, JudgedRate]:
         return self.model.rates(self.suite.thresholds)
 
     @property
@@ -271,10 +231,10 @@ class EvalReport:
     def gate_failures(self) -> list[str]:
         """What makes ``--gate`` fail: each violated threshold and each significant regression, said in words."""
         failed = [
-            f"{r.check}: {r.successes}/{r.n} = {r.rate:.3f} (95% CI {r.low:.3f}-{r.high:.3f}) is below the "
+            f"{check}: {r.successes}/{r.n} = {r.rate:.3f} (95% CI {r.low:.3f}-{r.high:.3f}) is below the "
             f"threshold {r.threshold}"
-            for r in self.rates.values()
-            if r.verdict == "violated"
+            for check, r in self.rates.items()
+            if r.verdict is RateVerdict.violated
         ]
         failed += [
             f"{c.check}: {c.diff:+.3f} against the baseline, significant at alpha {self.suite.alpha} "
@@ -451,7 +411,7 @@ def summary_rows(report: EvalReport) -> Sequence[tuple[str, ...]]:
                 f"{r.rate:.3f} [{r.low:.3f}, {r.high:.3f}]" if r.rate is not None else "-",
                 str(r.n),
                 f"{r.threshold:g}" if r.threshold is not None else "-",
-                r.verdict or "-",
+                r.verdict.value if r.verdict else "-",
                 f"{b.rate:.3f} [{b.low:.3f}, {b.high:.3f}]" if b is not None and b.rate is not None else "-",
                 f"{c.diff:+.3f}" if c is not None else "-",
                 f"{c.p_value:.4f}{' *' if c.significant else ''}" if c is not None else "-",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 Z95 = 1.959963984540054
 """The two-sided 95% normal quantile, Φ⁻¹(0.975)."""
@@ -89,6 +90,39 @@ def verdict(interval: Interval, threshold: float, direction: Direction) -> RateV
     if interval.low >= threshold:
         return RateVerdict.ok
     return RateVerdict.violated if interval.high < threshold else RateVerdict.uncertain
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class JudgedRate(Interval):
+    """A measured rate, its interval, and the verdict its threshold gives it: what ``GET /v1/slo``, the circuit
+    breaker and ``keel eval`` report, in one shape."""
+
+    threshold: float | None
+    verdict: RateVerdict | None
+    """None without a threshold."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rate": self.rate,
+            "low": round(self.low, 6),
+            "high": round(self.high, 6),
+            "n": self.n,
+            "threshold": self.threshold,
+            "verdict": self.verdict.value if self.verdict else None,
+        }
+
+
+def judge(successes: int, n: int, threshold: float | None, direction: Direction) -> JudgedRate:
+    """``successes`` of ``n`` with its Wilson interval, and, given a ``threshold``, its :func:`verdict`."""
+    interval = wilson(successes, n)
+    return JudgedRate(
+        successes=interval.successes,
+        n=interval.n,
+        low=interval.low,
+        high=interval.high,
+        threshold=threshold,
+        verdict=verdict(interval, threshold, direction) if threshold is not None else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from keel.errors import ConfigError
 from keel.memory.types import ModelWindow
-from keel.orchestration.llm.intervals import Direction, RateVerdict, verdict, wilson
+from keel.orchestration.llm.intervals import Direction, JudgedRate, judge
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -65,47 +65,17 @@ def check_thresholds(raw: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-@dataclass(kw_only=True, slots=True, frozen=True)
-class RateReport:
-    rate: float | None
-    low: float
-    high: float
-    n: int
-    threshold: float | None
-    verdict: RateVerdict | None
-    """None without a threshold."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "rate": self.rate,
-            "low": round(self.low, 6),
-            "high": round(self.high, 6),
-            "n": self.n,
-            "threshold": self.threshold,
-            "verdict": self.verdict.value if self.verdict else None,
-        }
-
-
-def rate_reports(counts: Mapping[str, int], thresholds: Mapping[str, float]) -> dict[str, RateReport]:
+def rate_reports(counts: Mapping[str, int], thresholds: Mapping[str, float]) -> dict[str, JudgedRate]:
     """Every rate of :data:`METRICS` from a model's counters, with its interval and verdict."""
     totals = {
         "calls": counts["calls"],
         "settled": counts["calls"] - counts["cancelled"],
         "structured": counts["structured"],
     }
-    out: dict[str, RateReport] = {}
-    for name, metric in METRICS.items():
-        interval = wilson(counts[metric.counter], totals[metric.over])
-        threshold = thresholds.get(name)
-        out[name] = RateReport(
-            rate=interval.rate,
-            low=interval.low,
-            high=interval.high,
-            n=interval.n,
-            threshold=threshold,
-            verdict=verdict(interval, threshold, metric.direction) if threshold is not None else None,
-        )
-    return out
+    return {
+        name: judge(counts[metric.counter], totals[metric.over], thresholds.get(name), metric.direction)
+        for name, metric in METRICS.items()
+    }
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -114,7 +84,7 @@ class ModelReport:
 
     provider: str
     model_id: str
-    metrics: dict[str, RateReport]
+    metrics: dict[str, JudgedRate]
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     latency_n: int

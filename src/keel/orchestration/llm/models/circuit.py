@@ -28,8 +28,8 @@ from typing import Any
 
 from keel.memory.stores import ModelStatsStore
 from keel.memory.types import WINDOW_COUNTERS, ModelCallRecord, ModelWindow
-from keel.orchestration.llm.intervals import Direction, RateVerdict
-from keel.orchestration.llm.reliability import BREAKER_METRICS, METRICS, RateReport, rate_reports
+from keel.orchestration.llm.intervals import Direction, JudgedRate, RateVerdict
+from keel.orchestration.llm.reliability import BREAKER_METRICS, METRICS, rate_reports
 
 log = logging.getLogger("keel.models")
 
@@ -113,7 +113,7 @@ class _Circuit:
     successes: int = 0
 
 
-def _describe(name: str, r: RateReport) -> str:
+def _describe(name: str, r: JudgedRate) -> str:
     side = "below" if METRICS[name].direction is Direction.floor else "above"
     return f"{name} {r.rate:.3f} (95% interval {r.low:.3f}–{r.high:.3f} over {r.n} calls) is {side} {r.threshold}"
 
