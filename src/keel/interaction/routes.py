@@ -87,8 +87,7 @@ async def list_workflows(keel: App, key: Reader) -> list[dict[str, Any]]:
     """Every workflow `POST /v1/tasks` accepts, with its description and the JSON Schema of its `input` (with
     examples where the workflow gives them): what a client needs to build a valid request without guessing."""
     return [
-        {"name": wf.name, "description": wf.description, "input_schema": wf.input_model.model_json_schema()}
-        for wf in keel.workflows()
+        {"name": wf.name, "description": wf.description, "input_schema": wf.input_schema()} for wf in keel.workflows()
     ]
 
 
