@@ -303,6 +303,18 @@ def bola(target: Target) -> Family:
                 fam.lost += 1
                 fam.defect(f"after beta's attempts, alpha GET {path} -> {r.status_code} {r.text[:200]}")
         fam.saw(adm.get("/v1/keys"))
+        # alpha's own admin (no `operator`) reads alpha's limits, and can neither set them nor read beta's.
+        for method, path, body in (
+            ("PUT", "/v1/tenants/alpha/limits", {"rate_per_s": 1e6}),
+            ("DELETE", "/v1/tenants/alpha/limits", None),
+            ("GET", "/v1/tenants/beta/limits", None),
+            ("PUT", "/v1/tenants/beta/limits", {"rate_per_s": 0.001}),
+            ("POST", "/v1/keys", {"scopes": ["operator"]}),
+        ):
+            r = fam.saw(adm.request(method, path, json=body))
+            if r.status_code != 403:
+                fam.leaks += 1
+                fam.defect(f"alpha's admin {method} {path} -> {r.status_code}: {r.text[:200]}")
         fam.saw(a.post(f"/v1/tasks/{running}/cancel"))
     fam.facts["routes probed"] = len(probes)
     fam.seconds = time.monotonic() - t0

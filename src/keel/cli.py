@@ -20,6 +20,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from keel.scopes import SCOPES
+
 if TYPE_CHECKING:  # imported when a command needs it: `keel --help` stays fast
     from keel.orchestration.llm.evaluation import EvalReport, ModelRun
     from keel.orchestration.llm.evaluation import Suite as EvalSuite
@@ -304,7 +306,8 @@ def keys_create(
     scopes: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: tasks:read, tasks:write, tasks:approve, tools:net, tools:email, metrics, admin."
+            help=f"Comma-separated, of: {', '.join(sorted(SCOPES))}. admin holds every other but operator, which "
+            "reaches any tenant's limits."
         ),
     ] = "tasks:read,tasks:write,tasks:approve,tools:net",
     expires: Annotated[
@@ -314,8 +317,6 @@ def keys_create(
     data_dir: DataDir = None,
 ) -> None:
     """Create an API key and print it on stdout (and nothing else). It is shown only once."""
-    from keel.interaction.auth import SCOPES
-
     wanted = frozenset(s.strip() for s in scopes.split(",") if s.strip())
     unknown = wanted - SCOPES
     if unknown or not wanted:

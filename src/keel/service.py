@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -26,7 +26,15 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from keel import logs, observability
-from keel.errors import IdempotencyInFlight, IdempotencyKeyReused, InputError, NotFound, QuotaExceeded, TooManyTasks
+from keel.errors import (
+    Forbidden,
+    IdempotencyInFlight,
+    IdempotencyKeyReused,
+    InputError,
+    NotFound,
+    QuotaExceeded,
+    TooManyTasks,
+)
 from keel.memory.limits import RateDecision, TenantLimits, day_start, month_start, next_month_start
 from keel.memory.retrieval import Memory, Retrieval
 from keel.memory.stores import KeyStore, Stores
@@ -58,6 +66,7 @@ from keel.orchestration.engine.workflow import Workflow, WorkflowRegistry
 from keel.orchestration.llm.models.catalog import unpriced
 from keel.orchestration.llm.reliability import SloReport, report
 from keel.orchestration.tools import Tool, ToolCatalog, permitted
+from keel.scopes import holds
 from keel.secretbox import SecretBox
 from keel.settings import Settings
 
@@ -170,15 +179,24 @@ class Ingested:
 class Keys:
     """API key management, for the operator's CLI (on the data dir or store, no server needed) and any edge to
     come alike: what a key's life allows is :class:`~keel.memory.types.KeyRecord`'s, stored through the
-    :class:`~keel.memory.stores.KeyStore` seam. ``tenant`` limits an operation to one tenant's keys (None: any)."""
+    :class:`~keel.memory.stores.KeyStore` seam. ``tenant`` limits an operation to one tenant's keys (None: any);
+    ``by``, the scopes of the key asking (None: the operator's CLI), limits it to keys that hold nothing ``by`` does
+    not (:func:`~keel.scopes.holds`): a tenant's admin can neither make an ``operator`` key nor take one over by
+    rotating it."""
 
     store: KeyStore
     clock: Callable[[], float] = time.time
 
     async def create(
-        self, tenant: str, scopes: frozenset[str], *, expires_at: float | None = None
+        self,
+        tenant: str,
+        scopes: frozenset[str],
+        *,
+        expires_at: float | None = None,
+        by: frozenset[str] | None = None,
     ) -> tuple[KeyRecord, str]:
         """A new key: its record and its plaintext (shown once)."""
+        _within(by, scopes)
         now = self.clock()
         tenant = tenant.strip()
         if not tenant:
@@ -195,19 +213,23 @@ class Keys:
     async def list(self, tenant: str | None = None) -> list[KeyRecord]:
         return await self.store.list_keys(tenant)
 
-    async def revoke(self, key_id: str, *, tenant: str | None = None) -> KeyRecord:
+    async def revoke(self, key_id: str, *, tenant: str | None = None, by: frozenset[str] | None = None) -> KeyRecord:
         """Revoked at once: the next request with it is refused, on every replica (they verify against the
         store). Repeatable."""
+        await self._managed(key_id, tenant, by)
         key = await self.store.revoke_key(key_id, self.clock(), tenant=tenant)
         if key is None:
             raise NotFound(f"no key {key_id}")
         return key
 
-    async def rotate(self, key_id: str, *, grace_s: float = 0.0, tenant: str | None = None) -> tuple[KeyRecord, str]:
+    async def rotate(
+        self, key_id: str, *, grace_s: float = 0.0, tenant: str | None = None, by: frozenset[str] | None = None
+    ) -> tuple[KeyRecord, str]:
         """A new key (record, plaintext) with the old one's tenant, scopes and expiry; the old one is revoked at
         once, or expires after ``grace_s``."""
         if grace_s < 0:
             raise InputError("the grace period cannot be negative")
+        await self._managed(key_id, tenant, by)
         rotated = await self.store.rotate_key(key_id, self.clock(), grace_s=grace_s, tenant=tenant)
         if rotated is None:
             raise NotFound(f"no key {key_id}")
@@ -215,6 +237,18 @@ class Keys:
 
     async def verify(self, token: str) -> ApiKey | None:
         return await self.store.verify_key(token, self.clock())
+
+    async def _managed(self, key_id: str, tenant: str | None, by: frozenset[str] | None) -> None:
+        if by is not None:
+            found = next((k for k in await self.store.list_keys(tenant) if k.id == key_id), None)
+            if found is not None:  # an unknown key is the store's NotFound, as before
+                _within(by, found.scopes)
+
+
+def _within(by: frozenset[str] | None, scopes: Iterable[str]) -> None:
+    """Refuses (403) a key management that would give, or take over, a scope the asking key (``by``) lacks."""
+    if by is not None and (beyond := sorted(s for s in scopes if not holds(by, s))):
+        raise Forbidden(f"this API key cannot manage a key with the scopes {beyond}: it does not hold them itself")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -143,3 +143,11 @@ def test_a_tenants_admin_manages_its_keys_over_http(live: LiveServer) -> None:
         assert revoked.status_code == 200 and revoked.json()["state"] == "revoked"
         assert status(live.url, new) == 401
         assert c.post(f"/v1/keys/{body['id']}/rotate").status_code == 422  # revoked: make a new one instead
+
+
+def test_admin_holds_every_scope_of_its_tenant_but_not_operator() -> None:
+    from keel.scopes import ADMIN, OPERATOR, SCOPES, holds
+
+    assert all(holds({ADMIN}, s) for s in SCOPES - {OPERATOR})
+    assert not holds({ADMIN}, OPERATOR) and holds({OPERATOR}, OPERATOR)
+    assert not holds({"tasks:read"}, "tasks:write") and not holds({OPERATOR}, ADMIN)

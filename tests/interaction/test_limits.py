@@ -13,13 +13,14 @@ import pytest
 from conftest import LiveServer, wait_terminal
 from keel.backends import open_store
 from keel.memory.limits import TenantLimits, month_start, next_month_start, take_token
-from keel.memory.types import ModelCallRecord
+from keel.memory.types import KeySecret, ModelCallRecord
 
 LONG = {"workflow": "diagnostic", "input": {"steps": 40, "step_seconds": 0.25}}
 
 
 def _admin(live: LiveServer) -> httpx.Client:
-    return live.client(live.new_key("ops", "admin"))
+    """The operator's key: limits are theirs to set, for any tenant."""
+    return live.client(live.new_key("ops", "admin,operator"))
 
 
 def _set(live: LiveServer, tenant: str, **limits: Any) -> dict[str, Any]:
@@ -165,6 +166,36 @@ def test_the_monthly_quota_counts_the_whole_month(live: LiveServer) -> None:
     if now - month_start(now) >= 86400:  # the daily quota (0.3 today) is not spent; the month's is
         assert answer.json()["quota"] == "monthly"
         assert abs(int(answer.headers["Retry-After"]) - (next_month_start(now) - now)) <= 5
+
+
+def test_a_tenants_admin_reads_its_limits_but_only_the_operator_sets_them(live: LiveServer) -> None:
+    _set(live, "acme", max_tasks=3)
+    admin = live.new_key("acme", "admin")
+    with live.client(admin) as own:
+        view = own.get("/v1/tenants/acme/limits")
+        assert view.status_code == 200 and view.json()["effective"]["max_tasks"] == 3
+        for method, path in (("PUT", "/v1/tenants/acme/limits"), ("DELETE", "/v1/tenants/acme/limits")):
+            r = own.request(method, path, json={"max_tasks": 10**6} if method == "PUT" else None)
+            assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json", r.text
+            assert "operator" in r.json()["detail"]
+        assert own.get("/v1/tenants/globex/limits").status_code == 403  # another tenant's usage is not its to see
+        assert own.put("/v1/tenants/globex/limits", json={"rate_per_s": 0.001}).status_code == 403
+        # Nor can it mint the operator's scope, or take over a key that holds it.
+        assert own.post("/v1/keys", json={"scopes": ["operator"]}).status_code == 403
+        assert own.post("/v1/keys", json={"scopes": ["admin", "operator"]}).status_code == 403
+        ops_in_acme = live.new_key("acme", "admin,operator")
+        ops = KeySecret.parse(ops_in_acme)
+        assert ops is not None
+        ops_id = ops.id
+        for action in ("rotate", "revoke"):
+            r = own.post(f"/v1/keys/{ops_id}/{action}")
+            assert r.status_code == 403 and "operator" in r.json()["detail"], r.text
+    with live.client(ops_in_acme) as ops:
+        assert ops.get("/v1/tenants/acme/limits").json()["effective"]["max_tasks"] == 3  # still 3: nothing changed
+        assert ops.get("/v1/tenants/globex/limits").status_code == 200
+        assert ops.post("/v1/keys", json={"scopes": ["operator"]}).status_code == 201  # it holds what it grants
+    with live.client() as client:
+        assert client.get("/v1/tenants/acme/limits").status_code == 403
 
 
 def test_limits_are_admin_only_and_validated(live: LiveServer) -> None:

@@ -22,9 +22,9 @@ from openapi_spec_validator import validate
 
 from conftest import LiveServer
 from keel.app import create_app
-from keel.interaction.auth import SCOPES
 from keel.interaction.openapi import EVENTS, TaskWebhook, render
 from keel.memory.types import TaskStatus, webhook_payload
+from keel.scopes import SCOPES
 from keel.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

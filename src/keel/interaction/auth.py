@@ -21,18 +21,7 @@ from keel.errors import AuthError, Forbidden
 from keel.interaction.deps import keel_of
 from keel.interaction.ratelimit import charge
 from keel.memory.types import ApiKey
-
-SCOPES = frozenset(
-    {
-        "tasks:read",
-        "tasks:write",
-        "tasks:approve",  # decide on a paused task's tool calls
-        "tools:net",  # fetch_url: outbound HTTP to public addresses
-        "tools:email",  # send_email
-        "metrics",  # GET /metrics (Prometheus)
-        "admin",
-    }
-)
+from keel.scopes import holds
 
 BEARER = HTTPBearer(
     scheme_name="bearerAuth",
@@ -47,14 +36,14 @@ VerifyKey = Callable[[str], Awaitable[ApiKey | None]]
 
 
 async def authorize(token: str | None, verify_key: VerifyKey, scope: str) -> ApiKey:
-    """The key ``token`` names, if it holds ``scope`` (or ``admin``). Raises :class:`AuthError` (401) for a
+    """The key ``token`` names, if it :func:`~keel.scopes.holds` ``scope``. Raises :class:`AuthError` (401) for a
     missing or unknown key, :class:`Forbidden` (403) for a missing scope."""
     if not token:
         raise AuthError("missing bearer API key")
     key = await verify_key(token)
     if key is None:
         raise AuthError("invalid API key")
-    if scope not in key.scopes and "admin" not in key.scopes:
+    if not holds(key.scopes, scope):
         raise Forbidden(f"this API key lacks the scope {scope!r}")
     return key
 

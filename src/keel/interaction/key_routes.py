@@ -1,6 +1,7 @@
 """``/v1/keys``: a tenant's admin manages its own API keys over HTTP, through the same :class:`keel.service.Keys`
 operations as ``keel keys`` (create with an expiry, list, revoke, rotate). Another tenant's keys do not exist
-here; an operator manages every tenant's with the CLI."""
+here, and a key holding a scope the asking key lacks (``operator``) is not its to make, revoke or rotate; an
+operator manages every tenant's with the CLI."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Annotated
 from fastapi import APIRouter
 from pydantic import AwareDatetime, BaseModel, Field, field_validator
 
-from keel.interaction.auth import SCOPES, Admin
+from keel.interaction.auth import Admin
 from keel.interaction.deps import App, errors, problem
 from keel.interaction.schemas import RequestBody
 from keel.memory.types import KeyRecord
+from keel.scopes import SCOPES
 
 router = APIRouter(prefix="/v1", tags=["keys"])
 ERRORS = errors("No such key for this tenant")
@@ -84,7 +86,9 @@ async def list_keys(keel: App, key: Admin) -> list[KeyView]:
 async def create_key(body: CreateKey, keel: App, key: Admin) -> NewKey:
     """A new key of this tenant. The answer is the only place its secret ever appears."""
     scopes = frozenset(body.scopes)
-    record, plaintext = await keel.keys.create(key.tenant, scopes, expires_at=_timestamp(body.expires_at))
+    record, plaintext = await keel.keys.create(
+        key.tenant, scopes, expires_at=_timestamp(body.expires_at), by=key.scopes
+    )
     return NewKey(**record.public(keel.clock()), key=plaintext)
 
 
@@ -97,7 +101,7 @@ async def create_key(body: CreateKey, keel: App, key: Admin) -> NewKey:
 )
 async def revoke_key(key_id: str, keel: App, key: Admin) -> KeyView:
     """Refused from the next request on, on every replica. Repeatable (the first revocation time stays)."""
-    return KeyView.of(await keel.keys.revoke(key_id, tenant=key.tenant), keel.clock())
+    return KeyView.of(await keel.keys.revoke(key_id, tenant=key.tenant, by=key.scopes), keel.clock())
 
 
 @router.post(
@@ -110,5 +114,6 @@ async def revoke_key(key_id: str, keel: App, key: Admin) -> KeyView:
 )
 async def rotate_key(key_id: str, keel: App, key: Admin, body: RotateKey | None = None) -> NewKey:
     """A new key with the old one's scopes and expiry; the old one stops at once, or after `grace_s`."""
-    record, plaintext = await keel.keys.rotate(key_id, grace_s=body.grace_s if body else 0.0, tenant=key.tenant)
+    grace_s = body.grace_s if body else 0.0
+    record, plaintext = await keel.keys.rotate(key_id, grace_s=grace_s, tenant=key.tenant, by=key.scopes)
     return NewKey(**record.public(keel.clock()), key=plaintext)

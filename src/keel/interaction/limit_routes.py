@@ -1,4 +1,6 @@
-"""The admin API of per-tenant limits: read what applies to a tenant and where it stands, set its own, forget them."""
+"""The operator's API of per-tenant limits: read what applies to a tenant and where it stands, set its own, forget
+them. Setting limits, and reading another tenant's, needs a key with ``operator`` (:mod:`keel.scopes`) as well as
+``admin``: a tenant's own admin may read its limits and usage, never lift them."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
+from keel.errors import Forbidden
 from keel.interaction.auth import Admin
 from keel.interaction.deps import App, errors, problem
 from keel.interaction.schemas import RequestBody
 from keel.memory.limits import TenantLimits
+from keel.memory.types import ApiKey
+from keel.scopes import OPERATOR, holds
 from keel.service import LimitsView
 
 router = APIRouter(prefix="/v1")
@@ -60,6 +65,16 @@ class TenantLimitsView(BaseModel):
     usage: Usage
 
 
+def _governs(key: ApiKey, tenant: str, *, setting: bool) -> None:
+    """Refuses (403) what only the operator may do: set any tenant's limits, or read another tenant's."""
+    if holds(key.scopes, OPERATOR):
+        return
+    if setting:
+        raise Forbidden(f"setting a tenant's limits needs the scope {OPERATOR!r}: a tenant's admin cannot set its own")
+    if tenant != key.tenant:
+        raise Forbidden(f"another tenant's limits need the scope {OPERATOR!r}")
+
+
 def _view(v: LimitsView) -> TenantLimitsView:
     return TenantLimitsView(
         tenant=v.tenant,
@@ -79,7 +94,9 @@ def _view(v: LimitsView) -> TenantLimitsView:
     tags=TAGS,
 )
 async def get_limits(tenant: Tenant, keel: App, key: Admin) -> TenantLimitsView:
-    """The tenant's own limits, the defaults, what applies, and its usage against them. Needs `admin`."""
+    """The tenant's own limits, the defaults, what applies, and its usage against them. Needs `admin`, and for
+    another tenant's, `operator` too."""
+    _governs(key, tenant, setting=False)
     return _view(await keel.limits_view(tenant))
 
 
@@ -93,7 +110,8 @@ async def get_limits(tenant: Tenant, keel: App, key: Admin) -> TenantLimitsView:
 )
 async def set_limits(tenant: Tenant, body: Limits, keel: App, key: Admin) -> TenantLimitsView:
     """Replace the tenant's own limits (a field left out takes the default). Every replica applies them within a
-    second. Needs `admin`."""
+    second. Needs `admin` and `operator`: a tenant's own admin cannot lift its limits."""
+    _governs(key, tenant, setting=True)
     return _view(await keel.set_limits(tenant, body.limits()))
 
 
@@ -106,5 +124,6 @@ async def set_limits(tenant: Tenant, body: Limits, keel: App, key: Admin) -> Ten
     tags=TAGS,
 )
 async def delete_limits(tenant: Tenant, keel: App, key: Admin) -> TenantLimitsView:
-    """The tenant's own limits are forgotten: the defaults apply again. Needs `admin`."""
+    """The tenant's own limits are forgotten: the defaults apply again. Needs `admin` and `operator`."""
+    _governs(key, tenant, setting=True)
     return _view(await keel.set_limits(tenant, TenantLimits()))

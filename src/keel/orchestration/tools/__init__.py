@@ -34,6 +34,7 @@ import pydantic
 from pydantic import BaseModel
 
 from keel.errors import ConfigError, ToolArgsInvalid
+from keel.scopes import holds
 
 Effect = Literal["read", "write"]
 Approval = Literal["auto", "always", "never"]
@@ -242,4 +243,4 @@ class ToolCatalog:
 
 def permitted(tool: Tool, scopes: Iterable[str]) -> bool:
     held = set(scopes)
-    return "admin" in held or tool.scopes <= held
+    return all(holds(held, scope) for scope in tool.scopes)

@@ -1,0 +1,35 @@
+"""What an API key may do: its scopes, and the one rule of what a set of them holds.
+
+A key belongs to one tenant. ``admin`` holds every scope of its tenant (its tasks, tools, keys, metrics).
+``operator`` is the one scope ``admin`` does not hold: it reaches past the tenant, to any tenant's limits, so a
+tenant's own admin cannot lift its own rate, task cap or cost quotas. The server's operator holds it
+(``keel keys create --tenant ops --scopes admin,operator``); a key made over HTTP never gets a scope its maker lacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+ADMIN = "admin"
+OPERATOR = "operator"
+SCOPES = frozenset(
+    {
+        "tasks:read",
+        "tasks:write",
+        "tasks:approve",  # decide on a paused task's tool calls
+        "tools:net",  # fetch_url: outbound HTTP to public addresses
+        "tools:email",  # send_email
+        "metrics",  # GET /metrics (Prometheus)
+        ADMIN,
+        OPERATOR,
+    }
+)
+BEYOND_ADMIN = frozenset({OPERATOR})
+"""The scopes ``admin`` does not imply: they reach other tenants."""
+
+
+def holds(held: Iterable[str], scope: str) -> bool:
+    """Whether a key with the scopes ``held`` may do what ``scope`` allows: it has it, or it has ``admin`` and
+    ``scope`` stays within the tenant."""
+    have = set(held)
+    return scope in have or (ADMIN in have and scope not in BEYOND_ADMIN)
