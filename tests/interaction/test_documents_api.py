@@ -100,6 +100,11 @@ def test_every_bad_document_path_answers_with_its_reason(live: LiveServer) -> No
         assert no_file.status_code == 422 and no_file.headers["content-type"] == "application/problem+json"
         empty = c.post("/v1/documents", files={"file": ("e.pdf", b"")})
         assert empty.status_code == 422
+        # A multipart body Starlette will not parse (here: more parts than an upload has) is keel's 422 problem,
+        # which the OpenAPI document lists, not Starlette's bare 400.
+        crowded = c.post("/v1/documents", files={"file": ("c2.pdf", b"x")}, data={f"f{i}": "v" for i in range(5)})
+        assert crowded.status_code == 422 and crowded.headers["content-type"] == "application/problem+json"
+        assert "Too many fields" in crowded.json()["detail"]
         huge = c.post("/v1/documents", files={"file": ("big.pdf", b"%PDF-1.4\n" + b"0" * 2_100_000)})
         assert huge.status_code == 413 and huge.headers["content-type"] == "application/problem+json"
         ssrf = c.post("/v1/documents", json={"url": "http://169.254.169.254/latest/meta-data/"})

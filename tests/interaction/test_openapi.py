@@ -98,6 +98,7 @@ def test_every_v1_operation_names_the_bearer_scheme_and_its_scope(spec: dict[str
     assert scopes["post /v1/tasks/{task_id}/approvals/{call_id}"] == "tasks:approve"
     assert scopes["get /v1/models/stats"] == "admin"
     assert scopes["get /metrics"] == "metrics"
+    assert "429" in spec["paths"]["/metrics"]["get"]["responses"]  # a scrape spends the tenant's request rate
 
 
 def test_operation_ids_are_unique_method_names(spec: dict[str, Any]) -> None:

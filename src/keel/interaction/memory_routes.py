@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from keel.errors import InputError
 from keel.interaction.auth import Reader, Writer
@@ -79,7 +80,14 @@ async def _read_request(request: Request) -> tuple[bytes | None, str, str | None
     from a JSON body."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        async with request.form(max_files=1, max_fields=4) as form:  # closes the spooled upload afterwards
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except HTTPException as exc:  # Starlette's 400 for a multipart body it will not parse: too many parts, …
+            raise InputError(
+                f"multipart body refused: {exc.detail}",
+                detail={"errors": [{"pointer": "", "message": str(exc.detail)}]},
+            ) from None
+        try:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise InputError(
@@ -89,6 +97,8 @@ async def _read_request(request: Request) -> tuple[bytes | None, str, str | None
             data = await upload.read()
             password = form.get("password")
             filename, declared = upload.filename or "document", upload.content_type
+        finally:
+            await form.close()  # the spooled upload
         if not data:
             empty: dict[str, object] = {"errors": [{"pointer": "/file", "message": "empty"}]}
             raise InputError("the uploaded file is empty", detail=empty)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 
 from keel.interaction.auth import require
-from keel.interaction.deps import App
+from keel.interaction.deps import App, errors
 from keel.memory.types import ApiKey
 from keel.observability import Observer
 from keel.observability.metrics import CONTENT_TYPE
@@ -19,7 +19,10 @@ router = APIRouter(tags=["ops"])
     "/metrics",
     operation_id="metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text exposition format"}},
+    responses={
+        **errors(),  # the scrape is charged to the tenant's request rate like any request: a 429 too
+        200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text exposition format"},
+    },
 )
 async def metrics(request: Request, keel: App, _: Annotated[ApiKey, Depends(require("metrics"))]) -> Response:
     """Counters, gauges and histograms of this process, every name prefixed `keel_`."""
