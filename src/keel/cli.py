@@ -307,7 +307,7 @@ def keys_create(
         str,
         typer.Option(
             help=f"Comma-separated, of: {', '.join(sorted(SCOPES))}. admin holds every other but operator, which "
-            "reaches any tenant's limits."
+            "reaches past the tenant: any tenant's limits, the model counters and SLOs."
         ),
     ] = "tasks:read,tasks:write,tasks:approve,tools:net",
     expires: Annotated[

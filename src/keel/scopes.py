@@ -1,8 +1,9 @@
 """What an API key may do: its scopes, and the one rule of what a set of them holds.
 
 A key belongs to one tenant. ``admin`` holds every scope of its tenant (its tasks, tools, keys, metrics).
-``operator`` is the one scope ``admin`` does not hold: it reaches past the tenant, to any tenant's limits, so a
-tenant's own admin cannot lift its own rate, task cap or cost quotas. The server's operator holds it
+``operator`` is the one scope ``admin`` does not hold: it reaches past the tenant, to any tenant's limits (so a
+tenant's own admin cannot lift its own rate, task cap or cost quotas) and to what is counted over every tenant
+(``GET /v1/models/stats``, ``GET /v1/slo``). The server's operator holds it
 (``keel keys create --tenant ops --scopes admin,operator``); a key made over HTTP never gets a scope its maker lacks.
 """
 

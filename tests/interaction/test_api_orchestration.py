@@ -79,7 +79,7 @@ def test_default_model_answers_and_model_stats_are_served(settings: Settings, mo
         settings.workflows = ["api_workflows:WORKFLOWS"]
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         key = make_key(settings.data_dir, "acme", frozenset({"tasks:read", "tasks:write"}))
-        admin = make_key(settings.data_dir, "ops", frozenset({"admin"}))
+        admin = make_key(settings.data_dir, "ops", frozenset({"operator"}))
         server, thread = start_server(settings)
         live = LiveServer(
             url=f"http://127.0.0.1:{settings.port}", data_dir=settings.data_dir, settings=settings, key=key
@@ -88,7 +88,7 @@ def test_default_model_answers_and_model_stats_are_served(settings: Settings, mo
             with live.client() as c:
                 r = c.post("/v1/tasks", json={"workflow": "ask_default", "input": {"question": "Risks?"}})
                 done = wait_terminal(c, r.json()["id"])
-                assert c.get("/v1/models/stats").status_code == 403  # admin only
+                assert c.get("/v1/models/stats").status_code == 403  # the operator's only
             with live.client(admin) as c:
                 stats = c.get("/v1/models/stats").json()
                 one = c.get("/v1/models/stats", params={"model_id": "nope"}).json()

@@ -96,7 +96,8 @@ def test_every_v1_operation_names_the_bearer_scheme_and_its_scope(spec: dict[str
         scopes[f"{method} {path}"] = scope
     assert scopes["post /v1/tasks"] == "tasks:write" and scopes["get /v1/tasks/{task_id}"] == "tasks:read"
     assert scopes["post /v1/tasks/{task_id}/approvals/{call_id}"] == "tasks:approve"
-    assert scopes["get /v1/models/stats"] == "admin"
+    assert scopes["get /v1/models/stats"] == "operator" and scopes["put /v1/tenants/{tenant}/limits"] == "operator"
+    assert scopes["get /v1/tenants/{tenant}/limits"] == "admin" and scopes["post /v1/keys"] == "admin"
     assert scopes["get /metrics"] == "metrics"
     assert "429" in spec["paths"]["/metrics"]["get"]["responses"]  # a scrape spends the tenant's request rate
 

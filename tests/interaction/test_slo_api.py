@@ -1,7 +1,7 @@
 """Every model call counted, over a live server with scripted providers on loopback: /v1/reason's answers count as
 structured output; a refused, a cancelled and a failed fallback call are in ``metadata.model_calls`` and the
 stats; a fallback chain's failing primary is counted under its own provider, its circuit opens on its verdict
-(``GET /v1/slo``, admin), and the chain then answers without asking it. The bugs of issue 19, one test each."""
+(``GET /v1/slo``, the operator's), and the chain then answers without asking it. The bugs of issue 19, one test each."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def settings(settings: Settings, llm: FakeOpenAIServer, claude: FakeAnthropicSer
 
 
 def admin(live: LiveServer) -> str:
-    return make_key(live.data_dir, "ops", frozenset({"admin"}))
+    """The operator's key: the SLOs count every tenant's calls."""
+    return make_key(live.data_dir, "ops", frozenset({"admin", "operator"}))
 
 
 def slo_of(live: LiveServer, provider: str, model_id: str) -> dict[str, Any]:
@@ -59,9 +60,11 @@ def slo_of(live: LiveServer, provider: str, model_id: str) -> dict[str, Any]:
     return model  # type: ignore[no-any-return]
 
 
-def test_slo_is_admin_only(live: LiveServer) -> None:
+def test_slo_is_the_operators(live: LiveServer) -> None:
     with live.client() as c:
         assert c.get("/v1/slo").status_code == 403
+    with live.client(make_key(live.data_dir, "acme", frozenset({"admin"}))) as c:  # a tenant's admin: not its to see
+        assert c.get("/v1/slo").status_code == 403 and c.get("/v1/models/stats").status_code == 403
     with live.client(admin(live)) as c:
         assert c.get("/v1/slo").json() == {"window_s": 24 * 3600, "models": []}
 

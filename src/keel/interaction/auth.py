@@ -77,3 +77,5 @@ Reader = Annotated[ApiKey, Depends(require("tasks:read"))]
 Writer = Annotated[ApiKey, Depends(require("tasks:write"))]
 Approver = Annotated[ApiKey, Depends(require("tasks:approve"))]
 Admin = Annotated[ApiKey, Depends(require("admin"))]
+Operator = Annotated[ApiKey, Depends(require("operator"))]
+"""What reaches past the key's tenant: any tenant's limits, counters over every tenant (:mod:`keel.scopes`)."""

@@ -1,6 +1,6 @@
 """The operator's API of per-tenant limits: read what applies to a tenant and where it stands, set its own, forget
-them. Setting limits, and reading another tenant's, needs a key with ``operator`` (:mod:`keel.scopes`) as well as
-``admin``: a tenant's own admin may read its limits and usage, never lift them."""
+them. Setting limits, and reading another tenant's, needs a key with ``operator`` (:mod:`keel.scopes`): a tenant's
+own admin may read its limits and usage, never lift them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from keel.errors import Forbidden
-from keel.interaction.auth import Admin
+from keel.interaction.auth import Admin, Operator
 from keel.interaction.deps import App, errors, problem
 from keel.interaction.schemas import RequestBody
 from keel.memory.limits import TenantLimits
@@ -65,13 +65,9 @@ class TenantLimitsView(BaseModel):
     usage: Usage
 
 
-def _governs(key: ApiKey, tenant: str, *, setting: bool) -> None:
-    """Refuses (403) what only the operator may do: set any tenant's limits, or read another tenant's."""
-    if holds(key.scopes, OPERATOR):
-        return
-    if setting:
-        raise Forbidden(f"setting a tenant's limits needs the scope {OPERATOR!r}: a tenant's admin cannot set its own")
-    if tenant != key.tenant:
+def _may_read(key: ApiKey, tenant: str) -> None:
+    """Refuses (403) another tenant's limits and usage to a key without ``operator``."""
+    if tenant != key.tenant and not holds(key.scopes, OPERATOR):
         raise Forbidden(f"another tenant's limits need the scope {OPERATOR!r}")
 
 
@@ -96,7 +92,7 @@ def _view(v: LimitsView) -> TenantLimitsView:
 async def get_limits(tenant: Tenant, keel: App, key: Admin) -> TenantLimitsView:
     """The tenant's own limits, the defaults, what applies, and its usage against them. Needs `admin`, and for
     another tenant's, `operator` too."""
-    _governs(key, tenant, setting=False)
+    _may_read(key, tenant)
     return _view(await keel.limits_view(tenant))
 
 
@@ -108,10 +104,9 @@ async def get_limits(tenant: Tenant, keel: App, key: Admin) -> TenantLimitsView:
     operation_id="setTenantLimits",
     tags=TAGS,
 )
-async def set_limits(tenant: Tenant, body: Limits, keel: App, key: Admin) -> TenantLimitsView:
+async def set_limits(tenant: Tenant, body: Limits, keel: App, key: Operator) -> TenantLimitsView:
     """Replace the tenant's own limits (a field left out takes the default). Every replica applies them within a
-    second. Needs `admin` and `operator`: a tenant's own admin cannot lift its limits."""
-    _governs(key, tenant, setting=True)
+    second. Needs `operator`: a tenant's own admin cannot lift its limits."""
     return _view(await keel.set_limits(tenant, body.limits()))
 
 
@@ -123,7 +118,6 @@ async def set_limits(tenant: Tenant, body: Limits, keel: App, key: Admin) -> Ten
     operation_id="deleteTenantLimits",
     tags=TAGS,
 )
-async def delete_limits(tenant: Tenant, keel: App, key: Admin) -> TenantLimitsView:
-    """The tenant's own limits are forgotten: the defaults apply again. Needs `admin` and `operator`."""
-    _governs(key, tenant, setting=True)
+async def delete_limits(tenant: Tenant, keel: App, key: Operator) -> TenantLimitsView:
+    """The tenant's own limits are forgotten: the defaults apply again. Needs `operator`."""
     return _view(await keel.set_limits(tenant, TenantLimits()))

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response
 
 from keel.errors import InputError
-from keel.interaction.auth import Admin, Reader, Writer
+from keel.interaction.auth import Operator, Reader, Writer
 from keel.interaction.deps import App, errors, problem
 from keel.interaction.openapi import EventStream, event_stream
 from keel.interaction.schemas import (
@@ -189,12 +189,13 @@ async def events(
 )
 async def model_stats(
     keel: App,
-    key: Admin,
+    key: Operator,
     model_id: Annotated[str | None, Query(description="One pinned model id; all models when omitted.")] = None,
     hours: Annotated[float, Query(gt=0, le=24 * 90, description="How far back, in hours.")] = 24,
 ) -> list[ModelStatsView]:
     """Per pinned model and hour: calls, errors, JSON- and schema-valid rates, refusals, truncations, latency,
-    tokens and cost. The raw material for statistical SLAs on a model that may drift under a stable name."""
+    tokens and cost. The raw material for statistical SLAs on a model that may drift under a stable name. Counted
+    over every tenant, so it needs the `operator` scope."""
     return [ModelStatsView.of(r) for r in await keel.model_stats(model_id, hours=hours)]
 
 
@@ -206,9 +207,10 @@ async def model_stats(
     tags=["models"],
     operation_id="getSlo",
 )
-async def slo(keel: App, key: Admin) -> SloView:
+async def slo(keel: App, key: Operator) -> SloView:
     """Per (provider, model id), over the last `KEEL_SLO_WINDOW_H` hours: JSON validity, schema adherence, refusals,
     truncations, errors by class (429, 5xx, timeout, cut stream), repairs, fallbacks and cancellations, each with
     its Wilson 95% interval, its `n` and, where `KEEL_SLO` sets a threshold, a verdict (ok, uncertain, violated);
-    and latency p50 and p95. A violated error or validity rate opens the model's circuit in fallback chains."""
+    and latency p50 and p95. A violated error or validity rate opens the model's circuit in fallback chains.
+    Counted over every tenant, so it needs the `operator` scope."""
     return SloView.of(await keel.slo())
