@@ -176,7 +176,7 @@ def schemathesis(
     labels: tuple[str, ...] = ("normal", "admin", "admin: key revocation"),
 ) -> Family:
     """Schemathesis with every check over the whole OpenAPI document the server serves: with a normal key, then with
-    the operator's (``admin`` and ``operator``: every route, the limits too), each a fresh key of its own tenant.
+    the operator's (``admin``, ``operator``, ``metrics``: every route), each a fresh key of its own tenant.
     The admin run leaves out revoking and rotating keys (its stateful phase would revoke the key it runs with, and
     every later request would be a 401); a short last run covers those two with another fresh key of the same
     scopes. Every failure it reports is listed; a 5xx also counts as a server error."""
@@ -185,7 +185,7 @@ def schemathesis(
     st = str(Path(sys.executable).parent / "schemathesis")
     revocation = r"^/v1/keys/[^/]+/(revoke|rotate)$"
     for label in labels:
-        scopes = READ_WRITE if label == "normal" else "admin,operator"
+        scopes = READ_WRITE if label == "normal" else "admin,operator,metrics"
         key = make_key(target.data_dir, f"fuzz-{label.split(':')[0]}", frozenset(scopes.split(",")))
         budget = max_time if label != "admin: key revocation" else max(5, max_time // 10)
         report = report_dir / f"schemathesis-{label.split(':')[0]}-{len(fam.facts)}.json"

@@ -38,13 +38,15 @@ def submit(client: httpx.Client, workflow: str, inp: dict[str, object], **extra:
     return task_id
 
 
-def test_metrics_need_the_metrics_or_admin_scope(live: LiveServer) -> None:
+def test_metrics_need_the_metrics_scope_which_a_tenants_admin_lacks(live: LiveServer) -> None:
     assert httpx.get(f"{live.url}/metrics").status_code == 401
     forbidden = httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {live.key}"})
     assert forbidden.status_code == 403
     assert forbidden.headers["content-type"].startswith("application/problem+json")
-    admin = make_key(live.data_dir, "ops", frozenset({"admin"}))
-    assert httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+    admin = make_key(live.data_dir, "acme", frozenset({"admin"}))  # the figures are the whole server's
+    assert httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {admin}"}).status_code == 403
+    scraper = make_key(live.data_dir, "ops", frozenset({"metrics"}))
+    assert httpx.get(f"{live.url}/metrics", headers={"Authorization": f"Bearer {scraper}"}).status_code == 200
 
 
 def test_counters_move_as_tasks_run(live: LiveServer, receiver: Receiver) -> None:

@@ -306,8 +306,8 @@ def keys_create(
     scopes: Annotated[
         str,
         typer.Option(
-            help=f"Comma-separated, of: {', '.join(sorted(SCOPES))}. admin holds every other but operator, which "
-            "reaches past the tenant: any tenant's limits, the model counters and SLOs."
+            help=f"Comma-separated, of: {', '.join(sorted(SCOPES))}. admin holds every other but "
+            "operator and metrics, which reach past the tenant (any tenant's limits, server-wide figures)."
         ),
     ] = "tasks:read,tasks:write,tasks:approve,tools:net",
     expires: Annotated[

@@ -1,10 +1,11 @@
 """What an API key may do: its scopes, and the one rule of what a set of them holds.
 
-A key belongs to one tenant. ``admin`` holds every scope of its tenant (its tasks, tools, keys, metrics).
-``operator`` is the one scope ``admin`` does not hold: it reaches past the tenant, to any tenant's limits (so a
-tenant's own admin cannot lift its own rate, task cap or cost quotas) and to what is counted over every tenant
-(``GET /v1/models/stats``, ``GET /v1/slo``). The server's operator holds it
-(``keel keys create --tenant ops --scopes admin,operator``); a key made over HTTP never gets a scope its maker lacks.
+A key belongs to one tenant. ``admin`` holds every scope that stays within its tenant (its tasks, tools, approvals
+and keys). Two scopes reach past the tenant, so ``admin`` does not hold them: ``operator``, for any tenant's limits
+(a tenant's own admin cannot lift its own rate, task cap or cost quotas) and what is counted over every tenant
+(``GET /v1/models/stats``, ``GET /v1/slo``); and ``metrics``, for Prometheus's scrape of the whole server. The
+server's operator holds them (``keel keys create --tenant ops --scopes admin,operator,metrics``); a key made over
+HTTP never gets a scope its maker lacks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 
 ADMIN = "admin"
 OPERATOR = "operator"
+METRICS = "metrics"
 SCOPES = frozenset(
     {
         "tasks:read",
@@ -20,13 +22,13 @@ SCOPES = frozenset(
         "tasks:approve",  # decide on a paused task's tool calls
         "tools:net",  # fetch_url: outbound HTTP to public addresses
         "tools:email",  # send_email
-        "metrics",  # GET /metrics (Prometheus)
+        METRICS,  # GET /metrics (Prometheus)
         ADMIN,
         OPERATOR,
     }
 )
-BEYOND_ADMIN = frozenset({OPERATOR})
-"""The scopes ``admin`` does not imply: they reach other tenants."""
+BEYOND_ADMIN = frozenset({OPERATOR, METRICS})
+"""The scopes ``admin`` does not imply: they reach past its tenant."""
 
 
 def holds(held: Iterable[str], scope: str) -> bool:

@@ -145,9 +145,9 @@ def test_a_tenants_admin_manages_its_keys_over_http(live: LiveServer) -> None:
         assert c.post(f"/v1/keys/{body['id']}/rotate").status_code == 422  # revoked: make a new one instead
 
 
-def test_admin_holds_every_scope_of_its_tenant_but_not_operator() -> None:
+def test_admin_holds_every_scope_of_its_tenant_but_not_those_past_it() -> None:
     from keel.scopes import ADMIN, OPERATOR, SCOPES, holds
 
-    assert all(holds({ADMIN}, s) for s in SCOPES - {OPERATOR})
-    assert not holds({ADMIN}, OPERATOR) and holds({OPERATOR}, OPERATOR)
+    assert all(holds({ADMIN}, s) for s in SCOPES - {OPERATOR, "metrics"})
+    assert not holds({ADMIN}, OPERATOR) and holds({OPERATOR}, OPERATOR) and not holds({ADMIN}, "metrics")
     assert not holds({"tasks:read"}, "tasks:write") and not holds({OPERATOR}, ADMIN)

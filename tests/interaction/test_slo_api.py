@@ -47,7 +47,7 @@ def settings(settings: Settings, llm: FakeOpenAIServer, claude: FakeAnthropicSer
 
 def admin(live: LiveServer) -> str:
     """The operator's key: the SLOs count every tenant's calls."""
-    return make_key(live.data_dir, "ops", frozenset({"admin", "operator"}))
+    return make_key(live.data_dir, "ops", frozenset({"admin", "operator", "metrics"}))
 
 
 def slo_of(live: LiveServer, provider: str, model_id: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``GET /metrics``: the app's Prometheus metrics, for a key with the ``metrics`` (or ``admin``) scope."""
+"""``GET /metrics``: the app's Prometheus metrics, for a key with the ``metrics`` scope (server-wide figures, so a
+tenant's ``admin`` does not imply it: :mod:`keel.scopes`)."""
 
 from __future__ import annotations
 

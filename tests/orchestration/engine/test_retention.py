@@ -69,7 +69,7 @@ def settings(settings: Settings) -> Settings:
 
 
 def test_a_task_stays_readable_and_resumable_until_it_expires(live: LiveServer) -> None:
-    admin = make_key(live.data_dir, "ops", frozenset({"admin"}))
+    admin = make_key(live.data_dir, "ops", frozenset({"metrics"}))
     with live.client() as c:
         r = c.post(
             "/v1/tasks", json={"workflow": "diagnostic", "input": {"steps": 2}}, headers={"Idempotency-Key": "k1"}
