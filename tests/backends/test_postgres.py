@@ -164,6 +164,19 @@ async def _count(store: PostgresStore, query: str, *args: object) -> int:
         return int(row[0])
 
 
+def _statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement psycopg runs from now on, until ``monkeypatch.undo()``: counted at its public seam."""
+    statements: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def counted(self: psycopg.AsyncCursor[object], query: object, *args: object, **kw: object) -> object:
+        statements.append(str(query))
+        return await execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", counted)
+    return statements
+
+
 async def test_a_lost_lease_writes_nothing_of_a_one_statement_checkpoint(pg: PostgresStore) -> None:
     # A checkpoint is one statement (fence, step row, blob, events, effect): with the lease lost, none of it lands.
     (task_id,) = await _leased(pg)
@@ -199,22 +212,18 @@ async def test_a_step_checkpoint_is_one_statement_without_begin(
     pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The step path's writes are one round trip each (issue 20): a checkpoint with its events and its effect, a
-    # token batch, state, progress. Counted at psycopg's public seams: statements run, transactions opened.
+    # token batch, state, progress, an effect settled on its own. Counted at psycopg's public seams: statements
+    # run, transactions opened.
     (task_id,) = await _leased(pg)
     lease = await pg.lease_next("w", T0, 60, 5)
     assert lease is not None
-    await pg.begin_effect(lease, EffectRecord(key="fx", task_id=task_id, step="s", tool="t", args={}), T0)
-    statements: list[str] = []
-    execute = psycopg.AsyncCursor.execute
-
-    async def counted(self: psycopg.AsyncCursor[object], query: object, *args: object, **kw: object) -> object:
-        statements.append(str(query))
-        return await execute(self, query, *args, **kw)
+    for key in ("fx", "fy"):
+        await pg.begin_effect(lease, EffectRecord(key=key, task_id=task_id, step="s", tool="t", args={}), T0)
+    statements = _statements(monkeypatch)
 
     def no_transaction(*args: object, **kw: object) -> object:
         raise AssertionError("the step path opened a transaction block")
 
-    monkeypatch.setattr(psycopg.AsyncCursor, "execute", counted)
     monkeypatch.setattr(psycopg.AsyncConnection, "transaction", no_transaction)
     settled = EffectSettlement(key="fx", status=EffectStatus.applied, executions=1)
     await pg.record_step(lease, StepCheckpoint(key="s", seq=1, fn="f"), [("a", {}), ("b", {})], T0 + 1, effect=settled)
@@ -222,7 +231,8 @@ async def test_a_step_checkpoint_is_one_statement_without_begin(
     await pg.append(lease, "progress", {}, T0 + 2)
     await pg.set_state(lease, "k", [1], ("partial_result", {"key": "k"}), T0 + 3)
     await pg.set_progress(lease, 0.5, "s", T0 + 3)
-    assert len(statements) == 5, statements
+    await pg.settle_effect(lease, EffectSettlement(key="fy", status=EffectStatus.failed, executions=1), T0 + 3)
+    assert len(statements) == 6, statements
     monkeypatch.undo()
     assert [e.type for e in await pg.read(task_id, 2)] == ["a", "b", "token", "token", "progress", "partial_result"]
 
@@ -233,14 +243,7 @@ async def test_appends_queued_behind_each_other_go_as_one_statement(
     (task_id,) = await _leased(pg)
     lease = await pg.lease_next("w", T0, 60, 5)
     assert lease is not None
-    statements: list[str] = []
-    execute = psycopg.AsyncCursor.execute
-
-    async def counted(self: psycopg.AsyncCursor[object], query: object, *args: object, **kw: object) -> object:
-        statements.append(str(query))
-        return await execute(self, query, *args, **kw)
-
-    monkeypatch.setattr(psycopg.AsyncCursor, "execute", counted)
+    statements = _statements(monkeypatch)
     # A step's held step_started, then the events it awaits: queued before any went out, so one commit.
     started = pg.append_batch_nowait(lease, [("step_started", {"step": "s"})], T0 + 1)
     token = pg.append_nowait(lease, "token", {"i": 0}, T0 + 2)

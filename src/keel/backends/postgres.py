@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import operator
 import select
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -372,6 +373,20 @@ class _Appends:
     written_by: asyncio.Future[list[Event]] | None = None
 
 
+def _relay(done: asyncio.Future[list[Event]], waiting: asyncio.Future[T], pick: Callable[[list[Event]], T]) -> None:
+    """Hand a caller (``waiting``) its part (``pick``) of a write's outcome: its events, the write's error, or its
+    cancellation. The outcome is retrieved even when the caller was cancelled and the write went on without it."""
+    exc = None if done.cancelled() else done.exception()
+    if waiting.done():
+        return
+    if done.cancelled():
+        waiting.cancel()
+    elif exc is not None:
+        waiting.set_exception(exc)
+    else:
+        waiting.set_result(pick(done.result()))
+
+
 def _lost(lease: Lease) -> LeaseLost:
     return LeaseLost(f"lease on task {lease.task_id} is no longer held (token {lease.token})")
 
@@ -408,6 +423,15 @@ def _row_writes(table: str, columns: str, types: str, params: Sequence[Any], pac
         ),
     ]
     return writes
+
+
+def _settle_write(s: EffectSettlement, now: float) -> _Write:
+    """An effect's settlement, under the fence: alone (``settle_effect``) or in its step's checkpoint."""
+    return _Write(
+        "z",
+        f"UPDATE effects SET {rows.EFFECT_SETTLE.format('%s')} WHERE key = %s AND EXISTS (SELECT FROM f)",
+        rows.settle_params(s, now),
+    )
 
 
 def _stored(packed: Packed) -> tuple[str | None, str | None, int | None]:
@@ -879,8 +903,8 @@ class PostgresStore(PostgresMemory):
         for table in rows.TASK_RECORDS:
             await conn.execute(f"DELETE FROM {table} WHERE task_id = %s", (task_id,))
         await conn.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
-        for blob in blobs:
-            await self._drop_blob_if_unused(conn, blob, None)
+        if blobs:  # shared by content: each goes only if no other task's row refers to it
+            await conn.execute(f"DELETE FROM blobs WHERE id = ANY(%s) AND {rows.blob_unused('blobs.id')}", (blobs,))
 
     async def sweep_tasks(self, finished_before: float, limit: int) -> int:
         async def op(conn: Conn) -> int:
@@ -907,11 +931,6 @@ class PostgresStore(PostgresMemory):
 
     # -- WorkflowStore -----------------------------------------------------------------------------
 
-    @staticmethod
-    async def _drop_blob_if_unused(conn: Conn, old: str | None, new: str | None) -> None:
-        if old is not None and old != new:
-            await conn.execute(f"DELETE FROM blobs WHERE id = %s AND {rows.blob_unused('blobs.id')}", (old,))
-
     async def record_step(
         self,
         lease: Lease,
@@ -926,13 +945,7 @@ class PostgresStore(PostgresMemory):
         params = rows.step_params(lease.task_id, step, *_stored(packed))
         writes = _row_writes("steps", rows.STEP_INSERT, _STEP_TYPES, params, packed)
         if effect is not None:
-            writes.append(
-                _Write(
-                    "z",
-                    f"UPDATE effects SET {rows.EFFECT_SETTLE.format('%s')} WHERE key = %s AND EXISTS (SELECT FROM f)",
-                    rows.settle_params(effect, now),
-                )
-            )
+            writes.append(_settle_write(effect, now))
         await self._after(lease.task_id, lambda conn: self._fenced(conn, lease, events, now, writes), one=True)
 
     async def load_steps(self, task_id: str) -> list[StepCheckpoint]:
@@ -1120,19 +1133,7 @@ class PostgresStore(PostgresMemory):
     def append_nowait(self, lease: Lease, type: str, data: dict[str, Any], now: float) -> asyncio.Future[Event]:
         batch = self.append_batch_nowait(lease, [(type, data)], now)
         single: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-
-        def first(f: asyncio.Future[list[Event]]) -> None:
-            exc = None if f.cancelled() else f.exception()  # retrieved even if nobody waits any more
-            if single.done():  # its caller was cancelled: the write went on without it
-                return
-            if f.cancelled():
-                single.cancel()
-            elif exc is not None:
-                single.set_exception(exc)
-            else:
-                single.set_result(f.result()[0])
-
-        batch.add_done_callback(first)
+        batch.add_done_callback(lambda f: _relay(f, single, lambda events: events[0]))
         return single
 
     def append_batch_nowait(self, lease: Lease, events: Sequence[EventSpec], now: float) -> asyncio.Future[list[Event]]:
@@ -1166,14 +1167,7 @@ class PostgresStore(PostgresMemory):
             if self._appends.get(lease.task_id) is batch:
                 del self._appends[lease.task_id]
             for start, count, waiting in batch.parts:
-                if waiting.done():  # its caller was cancelled: the write went on without it
-                    continue
-                if f.cancelled():
-                    waiting.cancel()
-                elif (exc := f.exception()) is not None:
-                    waiting.set_exception(exc)
-                else:
-                    waiting.set_result(f.result()[start : start + count])
+                _relay(f, waiting, operator.itemgetter(slice(start, start + count)))
 
         written.add_done_callback(settle)
         return part
@@ -1384,17 +1378,8 @@ class PostgresStore(PostgresMemory):
         return await self._after(lease.task_id, op)
 
     async def settle_effect(self, lease: Lease, settlement: EffectSettlement, now: float) -> None:
-        async def op(conn: Conn) -> None:
-            await self._fence(conn, lease)
-            await self._settle(conn, settlement, now)
-
-        await self._after(lease.task_id, op)
-
-    @staticmethod
-    async def _settle(conn: Conn, s: EffectSettlement, now: float) -> None:
-        await conn.execute(
-            f"UPDATE effects SET {rows.EFFECT_SETTLE.format('%s')} WHERE key = %s", rows.settle_params(s, now)
-        )
+        writes = [_settle_write(settlement, now)]
+        await self._after(lease.task_id, lambda conn: self._fenced(conn, lease, [], now, writes), one=True)
 
     async def get_effect(self, key: str) -> EffectRecord | None:
         return await self._read(lambda conn: self._effect_row(conn, key))
