@@ -27,6 +27,8 @@ from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallab
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from keel.interaction.problems import problem
+
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
@@ -48,19 +50,14 @@ OVER_CAPACITY_RETRY_S = 1
 
 async def over_capacity(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
     """The ASGI app uvicorn runs for a request past its connection cap, answering as keel answers errors."""
-    body = (
-        b'{"type":"urn:keel:problem:over_capacity","title":"Over capacity","status":503,'
-        b'"detail":"this server holds as many connections as it is configured for (KEEL_HTTP_MAX_CONNECTIONS); '
-        b'retry shortly"}'
+    answer = problem(
+        503,
+        "Over capacity",
+        "this server holds as many connections as it is configured for (KEEL_HTTP_MAX_CONNECTIONS); retry shortly",
+        type="urn:keel:problem:over_capacity",
+        headers={"Retry-After": str(OVER_CAPACITY_RETRY_S), "Connection": "close"},
     )
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(OVER_CAPACITY_RETRY_S).encode()),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await answer(scope, receive, send)  # type: ignore[arg-type]  # uvicorn's and Starlette's ASGI types, one protocol
 
 
 class GuardedProtocol(Base):
