@@ -228,7 +228,7 @@ async def journal_op(request: dict[str, Any]) -> Any:
         elif op == "set_progress":
             await journal.set_progress(request["fraction"], request["step"])
         elif op == "load":
-            return await _load(host, lease)
+            return await _load(host.store, lease)
         elif op == "renew":
             state = await host.store.renew_lease(lease, time.time(), host.lease_s)
             return {"held": state.held, "cancel_requested": state.cancel_requested}
@@ -253,14 +253,15 @@ def _forget(host: _Host, lease: Lease) -> None:
     host.journals.pop((lease.task_id, lease.token), None)
 
 
-async def _load(host: _Host, lease: Lease) -> dict[str, Any]:
-    task = await host.store.get_task(lease.task_id)
+async def _load(store: Store, lease: Lease) -> dict[str, Any]:
+    """What a run starts from: the task, its state and the decisions people made (read under the run's lease)."""
+    task = await store.get_task(lease.task_id)
     if task is None:
         raise ApplicationError(f"no task {lease.task_id}", non_retryable=True)
     return {
         "task": _TASK.dump_python(task, mode="json"),
-        "state": pydantic_core.to_jsonable_python(await host.store.load_state(task.id)),
-        "decisions": _DECISIONS.dump_python(await host.store.load_decisions(task.id), mode="json"),
+        "state": pydantic_core.to_jsonable_python(await store.load_state(task.id)),
+        "decisions": _DECISIONS.dump_python(await store.load_decisions(task.id), mode="json"),
     }
 
 
